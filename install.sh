@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Sets up everything kubenet-lab needs on a Debian or Ubuntu machine, as root, idempotently:
+# the Debian packages (Mininet for mnexec and its Python module, iproute2, FRR, ...) and a Python
+# virtual environment in .venv with the project installed in it. Used by the README, .ci/run and the
+# Vagrantfile alike.
+#
+# Why a venv of Debian's own python3, seeing Mininet through a .pth file: Mininet's Python module only
+# comes with Debian's `mininet` package (PyPI has a 2020 pre-release without mnexec). A venv made with
+# --system-site-packages would also expose every other Debian Python package and make the environment
+# depend on whatever the machine has; a .pth pointing at a folder that holds nothing but a link to the
+# `mininet` package exposes exactly that one module.
+#
+# ./install.sh          what labs need
+# ./install.sh --test   also what the test suite needs (vagrant, to validate the Vagrantfile)
+set -euo pipefail
+cd "$(dirname "$0")"
+here=$(pwd)
+with_tests=0
+[ "${1:-}" = "--test" ] && with_tests=1
+
+if [ "$(id -u)" -ne 0 ]; then
+  echo "install.sh: run as root (sudo ./install.sh): it installs Debian packages" >&2
+  exit 3
+fi
+
+packages=(
+  mininet bridge-utils net-tools iproute2 iputils-ping procps psmisc coreutils util-linux
+  python3 python3-venv python3-pip
+  iptables nftables conntrack ipset tcpdump iperf3 curl frr
+)
+[ "$with_tests" = 1 ] && packages+=(vagrant)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q
+  # No recommends: Mininet recommends Open vSwitch, which this project does not use (LinuxBridge).
+  apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+# FRR's packaged daemons are not used: each lab node runs its own zebra/bgpd in its namespace.
+if command -v systemctl >/dev/null 2>&1 && systemctl is-enabled frr >/dev/null 2>&1; then
+  systemctl disable --now frr >/dev/null 2>&1 || true
+fi
+
+python=/usr/bin/python3
+if [ ! -x .venv/bin/python ]; then
+  "$python" -m venv .venv
+fi
+site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+mnsrc=$("$python" -c 'import mininet, os; print(os.path.dirname(mininet.__file__))')
+mkdir -p .venv/mininet-only
+ln -sfn "$mnsrc" .venv/mininet-only/mininet
+echo "$here/.venv/mininet-only" > "$site/debian-mininet.pth"
+
+.venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]"
+.venv/bin/python -c 'import mininet.net, pyroute2, yaml, pydantic' 
+echo "install.sh: ready. Run labs with $here/.venv/bin/lab (or: source .venv/bin/activate)"

@@ -1,0 +1,182 @@
+"""Carry out a plan on the kernel, and take a lab apart again.
+
+Thin on purpose: every decision is already in the plan. What is here is the order of operations and the
+speed tricks: one netlink handle per node reused for all its pods, namespaces entered in-process.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from cni.plugin import BridgePlugin, memory_session
+from lab import runtime, state
+from lab.plan import NodeOps, Plan, PodOps
+from topo import names, netns, underlay
+from topo.errors import ApplyError
+from topo.rtnl import IF_OPER_UNKNOWN, IF_OPER_UP, RTPROT_STATIC, Rtnl
+
+
+class NodeHandles:
+    """Open netlink handles, one per node namespace, closed together (an open handle pins a namespace)."""
+
+    def __init__(self) -> None:
+        self._handles: dict[str, Rtnl] = {}
+
+    def get(self, ns: str) -> Rtnl:
+        if ns not in self._handles:
+            self._handles[ns] = netns.rtnl_in(ns)
+        return self._handles[ns]
+
+    def close(self) -> None:
+        for handle in self._handles.values():
+            with contextlib.suppress(Exception):
+                handle.close()
+        self._handles.clear()
+
+
+@contextlib.contextmanager
+def node_handles() -> Iterator[NodeHandles]:
+    handles = NodeHandles()
+    try:
+        yield handles
+    finally:
+        handles.close()
+
+
+def write_sysctls(ns: str, values: tuple[tuple[str, str], ...]) -> None:
+    """/proc/sys/net shows the namespace of the thread that opens it, so write from inside."""
+    with netns.entered(ns):
+        for key, value in values:
+            with open(f"/proc/sys/{key}", "w") as fh:
+                fh.write(value)
+
+
+def setup_node(node: NodeOps, handles: NodeHandles) -> BridgePlugin:
+    write_sysctls(node.netns, node.sysctls)
+    host = handles.get(node.netns)
+    plugin = BridgePlugin(node.netconf, host)
+    plugin.ensure_bridge()
+    devices: dict[str, int] = {}
+    for route in node.routes:
+        if route.dev not in devices:
+            link = host.link(route.dev)
+            if link is None:
+                raise ApplyError(f"node {node.name} has no {route.dev}")
+            devices[route.dev] = link.index
+        host.replace_route(route.dst, gateway=route.via, oif=devices[route.dev], protocol=RTPROT_STATIC)
+    return plugin
+
+
+def add_pod(op: PodOps, plugin: BridgePlugin, pause: str, logs: Path) -> state.PodState:
+    netns.create(op.netns)
+    pause_pid = runtime.start_sandbox(op.netns, op.pod.name, pause)
+    result = plugin.add(op.args)
+    got = result["ips"][0]["address"]
+    if got != str(op.address):
+        raise ApplyError(f"pod {op.pod.key}: CNI gave {got}, the plan said {op.address}")
+    containers = runtime.start_pod_containers(op.pod, op.netns, pause_pid, logs)
+    return state.PodState(node=op.node, ip=str(op.address.ip), netns=op.netns, pause_pid=pause_pid,
+                          containers=containers, owner=op.pod.owner, labels=op.pod.label_map)
+
+
+def apply(plan: Plan, st: state.LabState) -> None:
+    netns.ensure_dir()
+    underlay.build(plan.underlay)
+    pause = runtime.pause_binary(state.RUN_DIR / "bin")
+    logs = state.log_dir(plan.lab.name)
+    with node_handles() as handles:
+        plugins: dict[str, BridgePlugin] = {}
+        for node in plan.nodes:
+            plugins[node.name] = setup_node(node, handles)
+        for node_name, plugin in plugins.items():
+            ipam = plan.ipam[node_name]
+            plugin.ipam = lambda ipam=ipam: memory_session(ipam)
+        try:
+            for op in plan.pods:
+                st.pods[op.pod.key] = add_pod(op, plugins[op.node], pause, logs)
+        finally:
+            for node in plan.nodes:
+                node.netconf.lease_file().write(plan.ipam[node.name])
+        wait_carrier([handles.get(n.netns) for n in plan.nodes] + [handles.get(plan.underlay.switch_netns)])
+
+
+def wait_carrier(handles: list[Rtnl], timeout: float = 5.0) -> None:
+    """Return once every link is operationally up.
+
+    The kernel reports a new veth's carrier asynchronously (link watch, up to a second later) and a
+    bridge forwards on a port only after that, so a lab used the moment `lab up` returns would drop its
+    first packets. Waiting here makes the first ping after `lab up` succeed.
+    """
+    deadline = time.monotonic() + timeout
+    pending = list(handles)
+    while pending and time.monotonic() < deadline:
+        pending = [h for h in pending if any(l.operstate not in (IF_OPER_UP, IF_OPER_UNKNOWN) and l.name != "lo"
+                                             for l in h.links())]
+        if pending:
+            time.sleep(0.01)
+
+
+# ---- teardown -------------------------------------------------------------------------------
+
+def lab_namespaces(lab: str) -> list[str]:
+    return netns.list_names(f"{names.NETNS_PREFIX}{lab}{names.SEP}")
+
+
+def teardown(lab: str, wait: bool = True) -> list[str]:
+    """Remove every namespace, link and process of a lab, found by name and namespace (crash-safe).
+
+    With `wait`, return only once the kernel has destroyed the pod namespaces and the nodes (seen as
+    their veth peers disappearing), so a lab of the same name can be built again at once.
+    """
+    spaces = lab_namespaces(lab)
+    inodes = [i for ns in spaces if (i := netns.inode(ns)) is not None]
+    runtime.kill_all(runtime.pids_in_netns(inodes))
+    kinds = {"p": [], "n": [], "u": []}  # type: dict[str, list[str]]
+    for ns in spaces:
+        kind = ns[len(names.NETNS_PREFIX) + len(lab) + 1:].split(names.SEP, 1)[0]
+        kinds.setdefault(kind, []).append(ns)
+    # Pods first, watched from their nodes; then nodes, watched from the underlay switch.
+    _delete_watched(kinds["p"], kinds["n"], "veth", wait)
+    others = [ns for kind, spaces_of in kinds.items() if kind not in ("p", "n", "u") for ns in spaces_of]
+    _delete_watched(kinds["n"] + others, kinds["u"], f"{underlay.SWITCH}-", wait)
+    for ns in kinds["u"]:
+        netns.delete(ns)
+    return spaces
+
+
+def _delete_watched(doomed: list[str], watchers: list[str], peer_prefix: str, wait: bool,
+                    timeout: float = 30.0) -> None:
+    """Unpin `doomed` and wait until the links named `peer_prefix*` (their veth peers) vanish from `watchers`."""
+    if not doomed:
+        return
+    with node_handles() as handles:
+        before = {}
+        if wait:
+            for ns in watchers:
+                with contextlib.suppress(OSError):
+                    before[ns] = _peer_count(handles.get(ns), peer_prefix)
+        for ns in doomed:
+            netns.delete(ns)
+        deadline = time.monotonic() + timeout
+        while wait and before and time.monotonic() < deadline:
+            if all(_peer_count(handles.get(ns), peer_prefix) == 0 for ns in before):
+                break
+            time.sleep(0.02)
+
+
+def _peer_count(handle: Rtnl, prefix: str) -> int:
+    return sum(1 for link in handle.links() if link.name.startswith(prefix))
+
+
+def remove_files(lab: str) -> None:
+    """The lab's state folder and lock; the run folder itself once no lab is left."""
+    shutil.rmtree(state.lab_dir(lab), ignore_errors=True)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(state.RUN_DIR / f"{lab}.lock")
+    if not state.known_labs() and not any(state.RUN_DIR.glob("*.lock")):
+        shutil.rmtree(state.RUN_DIR, ignore_errors=True)

@@ -1,0 +1,54 @@
+"""`lab exec`: become a process inside a node or a pod, like `kubectl exec` or `docker exec`.
+
+The calling process enters the target's namespaces and then replaces itself with the command, so a
+shell gets the terminal directly and the exit code is the command's own.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+
+from lab import state
+from lab.status import model_of
+from topo import netns
+from topo.errors import StateError
+
+
+def find_target(st: state.LabState, target: str) -> tuple[str, int | None]:
+    """(network namespace, pause pid or None for a node) of a node name, `ns/pod` or a unique pod name."""
+    lab = model_of(st)
+    if "/" in target:
+        pod = st.pods.get(target)
+        if pod is None:
+            raise StateError(f"no pod {target} in lab {st.name}")
+        return pod.netns, pod.pause_pid
+    if any(n.name == target for n in lab.nodes):
+        return lab.node_netns(target), None
+    matches = [key for key in st.pods if key.split("/", 1)[1] == target]
+    if len(matches) > 1:
+        raise StateError(f"pod name {target} is in several namespaces ({', '.join(sorted(matches))}): "
+                         "give it as NAMESPACE/NAME")
+    if not matches:
+        known = ", ".join([n.name for n in lab.nodes] + sorted(k.split("/", 1)[1] for k in st.pods))
+        raise StateError(f"no node or pod named {target} in lab {st.name} (known: {known})")
+    pod = st.pods[matches[0]]
+    return pod.netns, pod.pause_pid
+
+
+def exec_in(lab: str | None, target: str, command: list[str]) -> None:
+    st = state.resolve(lab)
+    ns, pause_pid = find_target(st, target)
+    exe = shutil.which(command[0])
+    if exe is None:
+        raise StateError(f"command {command[0]!r} not found")
+    fd = netns.open_fd(ns)
+    netns.setns(fd, netns.CLONE_NEWNET)
+    os.close(fd)
+    if pause_pid is not None:
+        try:
+            uts = os.open(f"/proc/{pause_pid}/ns/uts", os.O_RDONLY)
+        except FileNotFoundError as exc:
+            raise StateError(f"pod {target} is not running (its pause process {pause_pid} is gone)") from exc
+        netns.setns(uts, netns.CLONE_NEWUTS)
+        os.close(uts)
+    os.execv(exe, command)

@@ -1,0 +1,154 @@
+"""`lab apply -f` and `lab delete`: change the objects of a running lab, as kubectl changes a cluster.
+
+A pod added later goes through exactly the path a pod of `lab up` takes (sandbox, CNI ADD with the
+node's persisted IPAM leases, containers); a deleted pod through CNI DEL, so its IP returns to the pool.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+from cni.plugin import BridgePlugin
+from lab import apply, plan, runtime, state
+from lab.status import model_of
+from topo import netns
+from topo.errors import SpecError, SpecIssue, StateError
+from topo.model import Lab, Pod
+from topo.spec import parse_objects, pods_from_objects
+
+
+def current_lab(st: state.LabState) -> Lab:
+    """The lab's model with the pods it runs now (spec pods plus applied, minus deleted)."""
+    base = model_of(st)
+    by_key = {p.key: p for p in base.pods}
+    pods = []
+    for key, ps in st.pods.items():
+        namespace, name = key.split("/", 1)
+        known = by_key.get(key)
+        pods.append(known if known is not None else
+                    Pod(name=name, namespace=namespace, node=ps.node, labels=tuple(sorted(ps.labels.items())),
+                        owner=ps.owner))
+    return dataclasses.replace(base, pods=tuple(pods))
+
+
+def apply_file(name: str | None, file: str) -> list[str]:
+    """Create what the manifests add; report each object as created, unchanged or scaled."""
+    try:
+        text = Path(file).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError(file, [SpecIssue("", f"cannot read: {exc}")]) from exc
+    st = state.resolve(name)
+    with state.locked(st.name):
+        st = state.load(st.name) or st
+        lab = current_lab(st)
+        existing = {p.key: p for p in lab.pods}
+        # Re-applying a manifest is not a name clash (kubectl reports it unchanged): validate the file
+        # against the lab without the pods it names, so capacity and placement still count the rest.
+        named = {p.key for p in pods_from_objects(parse_objects(text, dataclasses.replace(lab, pods=()), file),
+                                                  dataclasses.replace(lab, pods=()), file)}
+        others = dataclasses.replace(lab, pods=tuple(p for p in lab.pods if p.key not in named))
+        objects = parse_objects(text, others, file)
+        wanted = pods_from_objects(objects, others, file)
+        new = [p for p in wanted if p.key not in existing]
+        report = [f"pod {p.key} unchanged" for p in wanted if p.key in existing]
+        doomed = _scaled_away(objects, wanted, st)
+        for key in doomed:
+            _delete_pod(st, lab, key)
+            report.append(f"pod {key} deleted (scaled down)")
+        lab = dataclasses.replace(lab, pods=lab.pods + tuple(new))
+        try:
+            for pod in new:
+                _add_pod(st, lab, pod)
+                report.append(f"pod {pod.key} created ({pod.node}, {st.pods[pod.key].ip})")
+        finally:
+            st.objects.extend(objects)
+            state.save(st)
+    return report
+
+
+def _scaled_away(objects: list[dict], wanted: list[Pod], st: state.LabState) -> list[str]:
+    keep = {p.key for p in wanted}
+    doomed = []
+    for obj in objects:
+        if obj.get("kind") != "Deployment":
+            continue
+        meta = obj.get("metadata", {})
+        owner, namespace = meta.get("name"), meta.get("namespace", "default")
+        doomed += [key for key, ps in st.pods.items()
+                   if ps.owner == owner and key.startswith(f"{namespace}/") and key not in keep]
+    return doomed
+
+
+def _plugin(lab: Lab, node: str, host) -> BridgePlugin:  # host: topo.rtnl.Rtnl
+    return BridgePlugin(plan.netconf(lab, node, state.ipam_dir(lab.name)), host)
+
+
+def _add_pod(st: state.LabState, lab: Lab, pod: Pod) -> None:
+    """One pod the way `lab up` makes it; a failure removes what was made of it."""
+    ns = lab.pod_netns(pod)
+    args = plan.cni_args(lab, pod)
+    pause = runtime.pause_binary(state.RUN_DIR / "bin")
+    with netns.rtnl_in(lab.node_netns(pod.node)) as host:
+        plugin = _plugin(lab, pod.node, host)
+        netns.create(ns)
+        try:
+            pause_pid = runtime.start_sandbox(ns, pod.name, pause)
+            result = plugin.add(args)
+            containers = runtime.start_pod_containers(pod, ns, pause_pid, state.log_dir(lab.name))
+        except BaseException:
+            _remove_pod_objects(ns)
+            raise
+        apply.wait_carrier([host])
+    st.pods[pod.key] = state.PodState(node=pod.node, ip=result["ips"][0]["address"].split("/")[0], netns=ns,
+                                      pause_pid=pause_pid, containers=containers, owner=pod.owner,
+                                      labels=pod.label_map)
+
+
+def _remove_pod_objects(ns: str) -> None:
+    inode = netns.inode(ns)
+    if inode is not None:
+        runtime.kill_all(runtime.pids_in_netns([inode]))
+    netns.delete(ns)
+
+
+def _delete_pod(st: state.LabState, lab: Lab, key: str) -> None:
+    ps = st.pods.get(key)
+    if ps is None:
+        raise StateError(f"no pod {key} in lab {st.name}")
+    namespace, name = key.split("/", 1)
+    pod = Pod(name=name, namespace=namespace, node=ps.node)
+    args = plan.cni_args(lab, pod)
+    _remove_pod_objects(ps.netns)
+    with netns.rtnl_in(lab.node_netns(ps.node)) as host:
+        _plugin(lab, ps.node, host).delete(args)
+        # A deleted veth's name stays taken for a few tens of ms; wait so the pod can come back at once.
+        deadline = time.monotonic() + 2.0
+        while host.link(args.host_ifname) is not None and time.monotonic() < deadline:
+            time.sleep(0.01)
+    del st.pods[key]
+
+
+def delete(name: str | None, kind: str, target: str, namespace: str = "default") -> list[str]:
+    """`lab delete pod NAME` / `lab delete deployment NAME` (its replicas)."""
+    st = state.resolve(name)
+    with state.locked(st.name):
+        st = state.load(st.name) or st
+        lab = current_lab(st)
+        kind = kind.lower().rstrip("s")
+        if kind in ("pod", "po"):
+            keys = [f"{namespace}/{target}"]
+            if keys[0] not in st.pods:
+                raise StateError(f"no pod {keys[0]} in lab {st.name}")
+        elif kind in ("deployment", "deploy"):
+            keys = [k for k, ps in st.pods.items() if ps.owner == target and k.startswith(f"{namespace}/")]
+            if not keys:
+                raise StateError(f"no deployment {namespace}/{target} in lab {st.name}")
+        else:
+            raise StateError(f"lab delete: kind {kind} is not supported (pod, deployment)")
+        for key in keys:
+            _delete_pod(st, lab, key)
+        state.save(st)
+    return [f"pod {k} deleted" for k in keys]
+
+

@@ -1,0 +1,83 @@
+"""From the validated model to the list of kernel objects a lab consists of, without touching the kernel.
+
+The plan is where every per-pod and per-node decision (IP, interface names, routes, sysctls) is made,
+so it can be unit-tested without root; `lab/apply.py` only carries it out.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from ipaddress import IPv4Interface
+from pathlib import Path
+
+from cni.ipam import NodeIpam
+from cni.plugin import CniArgs, NetConf
+from routing import host_gw
+from topo import netns, underlay
+from topo.model import POD_IFNAME, Lab, Pod
+
+# Set inside every node namespace (never in the root one). A new namespace starts with forwarding off,
+# and a node that routes for its pods must forward; rp_filter off so replies on asymmetric paths pass.
+# bridge-nf-call-iptables stays 1 so bridged pod-to-pod traffic meets the service rules of later layers.
+NODE_SYSCTLS: tuple[tuple[str, str], ...] = (
+    ("net/ipv4/ip_forward", "1"),
+    ("net/ipv4/conf/all/rp_filter", "0"),
+    ("net/ipv4/conf/default/rp_filter", "0"),
+)
+
+
+@dataclass(frozen=True)
+class NodeOps:
+    name: str
+    netns: str
+    netconf: NetConf
+    routes: tuple[host_gw.Route, ...]
+    sysctls: tuple[tuple[str, str], ...] = NODE_SYSCTLS
+
+
+@dataclass(frozen=True)
+class PodOps:
+    pod: Pod
+    netns: str
+    node: str
+    args: CniArgs
+    address: IPv4Interface
+
+
+@dataclass(frozen=True)
+class Plan:
+    lab: Lab
+    underlay: underlay.UnderlayPlan
+    nodes: tuple[NodeOps, ...]
+    pods: tuple[PodOps, ...]
+    ipam: dict[str, NodeIpam]
+
+
+def container_id(lab: Lab, pod: Pod) -> str:
+    """The pod sandbox id handed to CNI (and recorded in IPAM leases)."""
+    return f"{lab.name}.{pod.namespace}.{pod.name}"
+
+
+def netconf(lab: Lab, node: str, ipam_dir: Path) -> NetConf:
+    return NetConf(node=node, subnet=lab.node(node).pod_cidr, data_dir=str(ipam_dir), mtu=lab.network.mtu)
+
+
+def cni_args(lab: Lab, pod: Pod) -> CniArgs:
+    """What kubelet would pass the plugin for this pod (CNI_CONTAINERID, CNI_NETNS, CNI_IFNAME, CNI_ARGS)."""
+    return CniArgs(container_id=container_id(lab, pod), netns=netns.path(lab.pod_netns(pod)), ifname=POD_IFNAME,
+                   pod_namespace=pod.namespace, pod_name=pod.name)
+
+
+def pod_ops(lab: Lab, pod: Pod, ipam: NodeIpam) -> PodOps:
+    args = cni_args(lab, pod)
+    address = ipam.allocate(args.container_id, args.ifname, args.pod)
+    return PodOps(pod=pod, netns=lab.pod_netns(pod), node=pod.node, args=args, address=address)
+
+
+def build(lab: Lab, ipam_dir: Path) -> Plan:
+    routes = host_gw.routes(lab)
+    nodes = tuple(NodeOps(name=n.name, netns=lab.node_netns(n.name), netconf=netconf(lab, n.name, ipam_dir),
+                          routes=tuple(r for r in routes if r.node == n.name))
+                  for n in lab.nodes)
+    ipam = {n.name: NodeIpam(n.name, n.pod_cidr) for n in lab.nodes}
+    pods = tuple(pod_ops(lab, pod, ipam[pod.node]) for pod in lab.pods)
+    return Plan(lab=lab, underlay=underlay.plan(lab), nodes=nodes, pods=pods, ipam=ipam)

@@ -1,0 +1,31 @@
+"""Capability gates shared by every test.
+
+Outside CI a test that needs root or a tool this machine lacks is skipped with the reason. Under CI=true
+the same gap is a failure: CI runs on the machine the project targets, where these capabilities exist,
+so a skip there would hide a broken install. Kernel features this kernel genuinely lacks (IPVS, netem)
+are gated separately, by probing, and skip everywhere.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+IN_CI = os.environ.get("CI") == "true"
+
+
+def require(ok: bool, reason: str) -> None:
+    if ok:
+        return
+    if IN_CI:
+        pytest.fail(f"CI=true, and this machine should have it: {reason}")
+    pytest.skip(reason)
+
+
+def require_root() -> None:
+    require(os.geteuid() == 0, "needs root (network namespaces, netlink)")
+
+
+def require_tool(name: str) -> None:
+    require(shutil.which(name) is not None, f"needs {name} (./install.sh installs it)")

@@ -1,0 +1,84 @@
+"""Helpers for tests that build real labs: unique lab names, the CLI as a user runs it, leftover checks."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import require_root, require_tool
+
+REPO = Path(__file__).resolve().parents[2]
+SEED = REPO / "labs" / "00-seed" / "lab.yaml"
+
+
+@pytest.fixture(autouse=True)
+def _needs_root_and_mininet() -> None:
+    require_root()
+    require_tool("mnexec")
+
+
+def unique(prefix: str) -> str:
+    """A lab name no developer's lab and no other test uses (labs are keyed by name)."""
+    return f"{prefix}-{uuid.uuid4().hex[:6]}"
+
+
+def lab(*args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run the `lab` CLI exactly as a user would (a separate process)."""
+    proc = subprocess.run([sys.executable, "-m", "lab.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"lab {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def in_lab(name: str, target: str, *cmd: str, check: bool = True, timeout: float = 30) -> str:
+    return lab("exec", "--lab", name, target, "--", *cmd, check=check, timeout=timeout).stdout
+
+
+def write_spec(tmp: Path, data: dict) -> Path:
+    path = tmp / f"{data['metadata']['name']}.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def seed_spec(name: str) -> dict:
+    data = yaml.safe_load(SEED.read_text())
+    data["metadata"]["name"] = name
+    return data
+
+
+def pause_pod(name: str, node: str | None = None, namespace: str = "default", **labels: str) -> dict:
+    spec: dict = {"containers": [{"name": "pause", "image": "pause"}]}
+    if node:
+        spec["nodeName"] = node
+    return {"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": namespace, "labels": labels or {"app": "x"}}, "spec": spec}
+
+
+def leftovers(name: str) -> dict[str, list]:
+    """Everything of a lab still on the machine: namespaces, processes in them, state files."""
+    prefix = f"klab_{name}_"
+    spaces = sorted(n for n in os.listdir("/run/netns") if n.startswith(prefix)) if os.path.isdir("/run/netns") else []
+    state_dir = Path("/run/kubenet-lab") / name
+    return {"netns": spaces, "state": [str(state_dir)] if state_dir.exists() else []}
+
+
+@pytest.fixture
+def lab_up(tmp_path: Path) -> Iterator:
+    """Bring up labs from spec dicts; every lab brought up is taken down (and checked) at the end."""
+    made: list[str] = []
+
+    def up(data: dict, *extra: str) -> subprocess.CompletedProcess[str]:
+        made.append(data["metadata"]["name"])
+        return lab("up", str(write_spec(tmp_path, data)), *extra)
+
+    yield up
+    for name in made:
+        lab("down", name, check=False)
+        assert leftovers(name) == {"netns": [], "state": []}

@@ -1,0 +1,173 @@
+"""A lab's life: side by side with another, crashed mid-build, cleaned, changed while running."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.integration.conftest import (REPO, in_lab, lab, leftovers, pause_pod, seed_spec, unique,
+                                        write_spec)
+
+pytestmark = pytest.mark.integration
+
+
+def agnhost_pod(name: str, node: str, *ports: int) -> dict:
+    containers = [{"name": f"c{p}", "image": "agnhost", "args": ["netexec", f"--http-port={p}"]} for p in ports]
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "labels": {"app": name}},
+            "spec": {"nodeName": node, "containers": containers}}
+
+
+def two_node_spec(name: str, pods: list[dict], mask: int = 24) -> dict:
+    return {"apiVersion": "kubenet-lab/v1alpha1", "kind": "Lab", "metadata": {"name": name},
+            "spec": {"cluster": {"podCIDR": "10.244.0.0/16", "nodeCIDRMaskSize": mask},
+                     "nodes": [{"name": "node1", "ip": "192.168.1.10"}, {"name": "node2", "ip": "192.168.1.11"}],
+                     "objects": pods}}
+
+
+def test_containers_of_a_pod_share_localhost(lab_up) -> None:
+    name = unique("lo")
+    lab_up(two_node_spec(name, [agnhost_pod("duo", "node1", 8080, 9090)]))
+    # The container on 9090 dials the one on 8080 over 127.0.0.1: only possible in one network namespace.
+    out = in_lab(name, "duo", "curl", "-s", "--max-time", "5",
+                 "http://127.0.0.1:9090/dial?request=hostname&protocol=http&host=127.0.0.1&port=8080&tries=1")
+    assert json.loads(out)["responses"] == ["duo"]
+
+
+def test_two_labs_with_the_same_cidrs_do_not_interfere(lab_up) -> None:
+    a, b = unique("twin-a"), unique("twin-b")
+    lab_up(two_node_spec(a, [agnhost_pod("a1", "node1", 8080), agnhost_pod("a2", "node2", 8080)]))
+    lab_up(two_node_spec(b, [agnhost_pod("b1", "node1", 8080), agnhost_pod("b2", "node2", 8080)]))
+    # Same addresses in both labs; each lab's pod reaches its own twin only.
+    assert in_lab(a, "a1", "curl", "-s", "--max-time", "5", "http://10.244.2.2:8080/hostname") == "a2"
+    assert in_lab(b, "b1", "curl", "-s", "--max-time", "5", "http://10.244.2.2:8080/hostname") == "b2"
+    lab("down", b)
+    assert leftovers(b) == {"netns": [], "state": []}
+    assert in_lab(a, "a2", "curl", "-s", "--max-time", "5", "http://10.244.1.2:8080/hostname") == "a1"
+
+
+def test_name_is_needed_when_two_labs_run(lab_up) -> None:
+    a, b = unique("pick-a"), unique("pick-b")
+    lab_up(two_node_spec(a, []))
+    lab_up(two_node_spec(b, []))
+    proc = lab("status", check=False)
+    assert proc.returncode == 2 and "name one" in proc.stderr
+
+
+def test_up_twice_is_refused_and_down_of_unknown_lab_is_clear(lab_up) -> None:
+    name = unique("twice")
+    spec = two_node_spec(name, [])
+    lab_up(spec)
+    again = lab("up", str(Path("/run/kubenet-lab") / "nonexistent.yaml"), check=False)
+    assert again.returncode == 2 and "Traceback" not in again.stderr
+    down = lab("down", unique("ghost"), check=False)
+    assert down.returncode == 2 and "is not running" in down.stderr
+
+
+def test_kill_9_mid_up_then_clean_leaves_nothing(tmp_path: Path) -> None:
+    name = unique("crash")
+    pods = [pause_pod(f"p{i}", node=f"node{i % 2 + 1}") for i in range(400)]
+    spec = write_spec(tmp_path, two_node_spec(name, pods))
+    proc = subprocess.Popen([sys.executable, "-m", "lab.cli", "up", str(spec)], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and len(leftovers(name)["netns"]) < 60:
+            time.sleep(0.005)
+        assert proc.poll() is None, "lab up finished before it could be killed: make the lab bigger"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        made = leftovers(name)["netns"]
+        assert len(made) >= 60
+        pids = _pids_in(made)
+        assert pids, "pause processes should have survived the crash"
+        out = lab("clean").stdout
+        assert name in out
+        assert leftovers(name) == {"netns": [], "state": []}
+        assert not [p for p in pids if _running(p)]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        lab("clean", check=False)
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (a killed orphan waits for PID 1 to reap it; that is not a leftover)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+def _pids_in(spaces: list[str]) -> list[int]:
+    inodes = {os.stat(f"/run/netns/{n}").st_ino for n in spaces if os.path.exists(f"/run/netns/{n}")}
+    out = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if os.stat(f"/proc/{pid}/ns/net").st_ino in inodes:
+                out.append(int(pid))
+        except OSError:
+            pass
+    return out
+
+
+def test_clean_spares_running_labs(lab_up) -> None:
+    name = unique("spare")
+    lab_up(two_node_spec(name, [pause_pod("p", node="node1")]))
+    lab("clean")
+    assert leftovers(name)["netns"], "lab clean removed a running lab"
+    in_lab(name, "p", "true")
+
+
+def test_invalid_spec_exits_2_with_one_line_and_creates_nothing(tmp_path: Path) -> None:
+    before = sorted(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else []
+    name = unique("bad")
+    bad = two_node_spec(name, [pause_pod("a;reboot", node="node1")])
+    spec = write_spec(tmp_path, bad)
+    proc = lab("up", str(spec), check=False)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "a;reboot" in lines[0] and spec.name in lines[0] and "Traceback" not in proc.stderr
+    after = sorted(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else []
+    assert after == before
+    assert leftovers(name) == {"netns": [], "state": []}
+
+
+def test_apply_and_delete_follow_host_local_ipam(lab_up, tmp_path: Path) -> None:
+    name = unique("churn")
+    lab_up(two_node_spec(name, [pause_pod("first", node="node1")]))
+    extra = tmp_path / "extra.yaml"
+    extra.write_text(json.dumps(agnhost_pod("web", "node2", 8080)))
+    out = lab("apply", "--lab", name, "-f", str(extra)).stdout
+    assert "pod default/web created (node2, 10.244.2.2)" in out
+    assert in_lab(name, "first", "curl", "-s", "--max-time", "5", "http://10.244.2.2:8080/hostname") == "web"
+    assert "unchanged" in lab("apply", "--lab", name, "-f", str(extra)).stdout
+    lab("delete", "--lab", name, "pod", "web")
+    assert "web" not in lab("status", name).stdout
+    # host-local resumes after the last address it handed out: the recreated pod gets .3, not .2.
+    assert "10.244.2.3" in lab("apply", "--lab", name, "-f", str(extra)).stdout
+    leases = json.loads(Path(f"/run/kubenet-lab/{name}/ipam/node2.json").read_text())["leases"]
+    assert list(leases) == ["10.244.2.3"]
+
+
+def test_ipam_exhaustion_on_a_slash_24_fails_cleanly_at_pod_254(lab_up, tmp_path: Path) -> None:
+    name = unique("full")
+    spec = {"apiVersion": "kubenet-lab/v1alpha1", "kind": "Lab", "metadata": {"name": name},
+            "spec": {"nodes": [{"name": "node1", "ip": "192.168.1.10"}],
+                     "objects": [pause_pod(f"p{i}") for i in range(253)]}}
+    lab_up(spec)
+    info = json.loads(lab("status", name, "--json").stdout)
+    assert len(info["pods"]) == 253
+    assert {p["ip"] for p in info["pods"]} == {f"10.244.1.{i}" for i in range(2, 255)}
+    one_more = tmp_path / "one-more.yaml"
+    one_more.write_text(json.dumps(pause_pod("p253")))
+    before = leftovers(name)["netns"]
+    proc = lab("apply", "--lab", name, "-f", str(one_more), check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "10.244.1.0/24" in proc.stderr and "253" in proc.stderr and "node1" in proc.stderr
+    assert leftovers(name)["netns"] == before

@@ -1,0 +1,85 @@
+"""The explainer's cluster, built for real: every pod reaches every pod, and nobody NATs."""
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import require_root, require_tool
+from tests.integration.conftest import in_lab, lab, leftovers, seed_spec, unique, write_spec
+
+pytestmark = pytest.mark.integration
+
+PODS = {"node1-pod1": "10.244.1.2", "node1-pod2": "10.244.1.3", "node2-pod1": "10.244.2.2"}
+
+
+@pytest.fixture(scope="module")
+def seed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    require_root()
+    require_tool("mnexec")
+    name = unique("seed")
+    spec = write_spec(tmp_path_factory.mktemp("seed"), seed_spec(name))
+    out = lab("up", str(spec)).stdout
+    assert "node1" in out and "10.244.2.2" in out
+    yield name
+    lab("down", name)
+    assert leftovers(name) == {"netns": [], "state": []}
+
+
+def test_status_shows_the_explainer_addresses(seed: str) -> None:
+    info = json.loads(lab("status", seed, "--json").stdout)
+    nodes = {n["name"]: (n["ip"], n["podCIDR"]) for n in info["nodes"]}
+    assert nodes == {"node1": ("192.168.1.10", "10.244.1.0/24"), "node2": ("192.168.1.11", "10.244.2.0/24")}
+    assert {p["name"]: p["ip"] for p in info["pods"]} == PODS
+    assert all(p["status"] == "Running" for p in info["pods"])
+
+
+def test_every_pod_pings_every_pod(seed: str) -> None:
+    for src in PODS:
+        for dst, ip in PODS.items():
+            if src != dst:
+                in_lab(seed, src, "ping", "-c1", "-W2", ip)
+
+
+def test_receiver_sees_the_senders_pod_ip_across_nodes(seed: str) -> None:
+    for src, dst in (("node1-pod1", "node2-pod1"), ("node2-pod1", "node1-pod2"), ("node1-pod1", "node1-pod2")):
+        seen = in_lab(seed, src, "curl", "-s", "--max-time", "5", f"http://{PODS[dst]}:8080/clientip")
+        assert seen.split(":")[0] == PODS[src], f"{src} -> {dst}: receiver saw {seen}"
+
+
+def test_pod_has_its_own_hostname_and_node_does_not(seed: str) -> None:
+    assert in_lab(seed, "node1-pod1", "hostname").strip() == "node1-pod1"
+    assert in_lab(seed, "default/node2-pod1", "hostname").strip() == "node2-pod1"
+    assert in_lab(seed, "node2-pod1", "curl", "-s", f"http://{PODS['node1-pod2']}:8080/hostname") == "node1-pod2"
+
+
+def test_node_plumbing_is_cni0_veths_and_host_gw_routes(seed: str) -> None:
+    routes = in_lab(seed, "node1", "ip", "-4", "route")
+    assert "10.244.2.0/24 via 192.168.1.11 dev eth0" in routes
+    assert "10.244.1.0/24 dev cni0" in routes
+    cni0 = in_lab(seed, "node1", "ip", "-4", "-o", "addr", "show", "cni0")
+    assert "10.244.1.1/24" in cni0
+    ports = in_lab(seed, "node1", "ip", "-o", "link", "show", "master", "cni0")
+    assert ports.count("veth") == 2
+    assert in_lab(seed, "node1", "cat", "/proc/sys/net/ipv4/ip_forward").strip() == "1"
+    pod_route = in_lab(seed, "node1-pod1", "ip", "-4", "route")
+    assert "default via 10.244.1.1 dev eth0" in pod_route
+
+
+def test_nothing_of_the_lab_is_in_the_root_namespace(seed: str) -> None:
+    root = Path("/proc/net/route").read_text() + Path("/proc/net/fib_trie").read_text()
+    for addr in ("10.244.1.0", "10.244.2.0", "192.168.1.10", "192.168.1.11"):
+        assert addr not in root
+
+
+def test_exec_names_an_unknown_target(seed: str) -> None:
+    proc = lab("exec", "--lab", seed, "nosuchpod", "--", "true", check=False)
+    assert proc.returncode == 2
+    assert "no node or pod named nosuchpod" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_exec_returns_the_commands_exit_code(seed: str) -> None:
+    assert lab("exec", "--lab", seed, "node1", "--", "sh", "-c", "exit 7", check=False).returncode == 7

@@ -1,0 +1,24 @@
+"""The files that set a machine up: the Vagrantfile is valid, the scripts are the ones the README names."""
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+from tests.conftest import require_tool
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_vagrantfile_validates() -> None:
+    require_tool("vagrant")
+    proc = subprocess.run(["vagrant", "validate", "--ignore-provider"], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_ci_runs_the_readme_test_command() -> None:
+    readme = (REPO / "README.md").read_text()
+    ci = (REPO / ".ci" / "run").read_text()
+    assert "sudo ./run-tests.sh" in readme and "./run-tests.sh" in ci
+    assert "sudo ./install.sh && sudo .venv/bin/lab up" in readme
+    assert "./install.sh" in (REPO / "Vagrantfile").read_text()

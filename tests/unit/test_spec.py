@@ -1,0 +1,516 @@
+"""Tests of the spec loader: valid labs build the right model, every invalid one fails with a clear message.
+
+Invalid specs live in specs/invalid/NN-what.yaml, each with NN-what.err holding the exact expected lines
+(file shown as the basename: the test loads each spec from inside that folder). To rewrite the goldens
+after a deliberate message change, run with KUBENET_UPDATE_GOLDEN=1 and read every diff before committing.
+No test needs root.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+import re
+import sys
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+
+import pytest
+import yaml
+
+from topo import names, spec
+from topo.errors import SpecError
+from topo.model import Lab
+from topo.spec import load_spec, parse_objects, parse_spec_text, pods_from_objects
+
+ROOT = Path(__file__).resolve().parents[2]
+SPECS = Path(__file__).resolve().parent / "specs"
+INVALID = sorted(p.name for p in (SPECS / "invalid").glob("*.yaml"))
+VALID = sorted(p.name for p in (SPECS / "valid").glob("*.yaml"))
+SEED = ROOT / "labs" / "00-seed" / "lab.yaml"
+
+
+def _agnhost_available() -> bool:
+    try:
+        from lab.images import agnhost  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def _errors(text: str, file: str = "t.yaml") -> list[str]:
+    with pytest.raises(SpecError) as info:
+        parse_spec_text(text, file)
+    return info.value.lines()
+
+
+HEADER = """\
+apiVersion: kubenet-lab/v1alpha1
+kind: Lab
+metadata: {name: t}
+spec:
+"""
+
+
+# ------------------------------------------------------------------ valid labs
+
+
+def test_seed_lab_loads_with_the_explainers_numbers() -> None:
+    lab = load_spec(ROOT / "labs" / "00-seed")
+    assert lab.name == "seed"
+    assert [(n.name, n.ip, n.pod_cidr, n.index) for n in lab.nodes] == [
+        ("node1", IPv4Address("192.168.1.10"), IPv4Network("10.244.1.0/24"), 0),
+        ("node2", IPv4Address("192.168.1.11"), IPv4Network("10.244.2.0/24"), 1),
+    ]
+    assert [(p.name, p.node) for p in lab.pods] == [
+        ("node1-pod1", "node1"), ("node1-pod2", "node1"), ("node2-pod1", "node2")]
+    assert all(p.namespace == "default" and p.label_map == {"app": "web"} for p in lab.pods)
+    assert lab.pods[0].containers[0].argv == (
+        sys.executable, "-m", "lab.images.agnhost", "netexec", "--http-port=8080", "--udp-port=8081")
+    assert lab.cluster.service_cidr == IPv4Network("10.96.0.0/12")
+    assert lab.network.backend == "host-gw" and lab.network.mtu == 1500
+    assert lab.namespaces == {"default": {}, "kube-system": {}}
+    assert len(lab.objects) == 3
+    assert lab.source == str(SEED) and lab.exercise == str(SEED.parent)
+
+
+def test_a_spec_file_given_directly_has_no_exercise() -> None:
+    lab = load_spec(str(SEED))
+    assert lab.source == str(SEED) and lab.exercise is None
+
+
+@pytest.mark.parametrize("name", VALID)
+def test_valid_specs_load(name: str) -> None:
+    assert isinstance(load_spec(SPECS / "valid" / name), Lab)
+
+
+def test_defaults_apply_when_sections_are_left_out() -> None:
+    lab = load_spec(SPECS / "valid" / "01-minimal.yaml")
+    assert lab.cluster == spec.Cluster()
+    assert lab.underlay == spec.Underlay()
+    assert lab.network == spec.Network()
+    assert lab.nodes[0].pod_cidr == IPv4Network("10.244.1.0/24")
+    assert lab.pods == () and lab.objects == ()
+
+
+def test_podcidr_allocation_skips_blocks_given_explicitly() -> None:
+    lab = load_spec(SPECS / "valid" / "02-explicit-podcidr.yaml")
+    assert [str(n.pod_cidr) for n in lab.nodes] == ["10.244.2.0/24", "10.244.1.0/24", "10.244.3.0/24"]
+
+
+def test_podcidr_allocation_skips_a_later_nodes_explicit_block_and_block_zero() -> None:
+    text = HEADER + """\
+  cluster: {podCIDR: 10.10.0.0/22, nodeCIDRMaskSize: 24}
+  nodes:
+    - {name: a, ip: 192.168.1.10}
+    - {name: b, ip: 192.168.1.11}
+    - {name: c, ip: 192.168.1.12, podCIDR: 10.10.2.0/24}
+    - {name: d, ip: 192.168.1.13, podCIDR: 10.10.0.0/24}
+"""
+    lab = parse_spec_text(text)
+    assert [str(n.pod_cidr) for n in lab.nodes] == ["10.10.1.0/24", "10.10.3.0/24", "10.10.2.0/24", "10.10.0.0/24"]
+
+
+def test_deployments_spread_over_nodes_with_deterministic_names() -> None:
+    lab = load_spec(SPECS / "valid" / "03-deployments.yaml")
+    replicas = [p for p in lab.pods if p.owner == "web"]
+    assert len(replicas) == 5
+    assert [p.node for p in replicas] == ["node1", "node2", "node3", "node1", "node2"]
+    for index, pod in enumerate(replicas):
+        assert pod.name == f"web-{names.short_hash('shop', 'web', str(index), length=5)}"
+        assert re.fullmatch(r"web-[0-9a-f]{5}", pod.name)
+        assert pod.namespace == "shop" and pod.label_map == {"app": "web", "tier": "front"}
+        assert pod.containers[0].ports[0] == spec.ContainerPort(8080, "TCP", "http")
+    # Deployments expand where they stand; the bare pod after them goes to the least loaded node.
+    assert [p.name for p in lab.pods][5:] == ["client"]
+    assert lab.pods[5].node == "node3" and lab.pods[5].owner is None
+    assert lab.namespaces["shop"] == {"team": "checkout", "app.kubernetes.io/part-of": "shop"}
+    assert [str(n.pod_cidr) for n in lab.nodes] == ["10.200.0.64/26", "10.200.0.128/26", "10.200.0.192/26"]
+    assert load_spec(SPECS / "valid" / "03-deployments.yaml").pods == lab.pods
+
+
+def test_normalized_objects_fill_in_defaults_and_keep_dns_fields() -> None:
+    lab = load_spec(SPECS / "valid" / "03-deployments.yaml")
+    deployment = lab.objects[1]
+    assert deployment["metadata"] == {"name": "web", "namespace": "shop", "labels": {"app": "web"}}
+    assert deployment["spec"]["replicas"] == 5
+    port = deployment["spec"]["template"]["spec"]["containers"][0]["ports"][0]
+    assert port == {"containerPort": 8080, "protocol": "TCP", "name": "http"}
+    assert lab.objects[3]["metadata"]["namespace"] == "default"
+    pod = load_spec(SPECS / "valid" / "04-images-and-extras.yaml").objects[0]
+    assert pod["spec"]["dnsPolicy"] == "None"
+    assert pod["spec"]["dnsConfig"]["nameservers"] == ["10.96.0.10"]
+
+
+def test_bare_pods_go_to_the_node_with_fewest_pods() -> None:
+    pods = "".join(f"""\
+    - apiVersion: v1
+      kind: Pod
+      metadata: {{name: p{i}}}
+      spec: {{{node}containers: [{{name: c, image: pause}}]}}
+""" for i, node in enumerate(["nodeName: a, ", "nodeName: a, ", "", "", "", ""]))
+    text = HEADER + "  nodes: [{name: a, ip: 192.168.1.10}, {name: b, ip: 192.168.1.11}]\n  objects:\n" + pods
+    lab = parse_spec_text(text)
+    assert [p.node for p in lab.pods] == ["a", "a", "b", "b", "a", "b"]
+
+
+def test_container_argv_for_built_in_and_local_programs() -> None:
+    lab = load_spec(SPECS / "valid" / "04-images-and-extras.yaml")
+    (pod,) = lab.pods
+    argv = {c.name: c.argv for c in pod.containers}
+    assert argv["server"] == (sys.executable, "-m", "lab.images.agnhost", "netexec", "--http-port=8080",
+                              "--udp-port=8081")
+    assert argv["holder"] == ()
+    assert argv["sleeper"] == ("sleep", "infinity")
+    assert argv["own-agnhost"] == ("/usr/bin/env", "python3", "-c", "print(1)")
+    assert pod.node == "node2" and pod.label_map == {"app": "mixed", "empty": ""}
+    assert [n.name for n in lab.nodes] == ["node1", "node2"]  # merge key kept, name overridden
+
+
+@pytest.mark.parametrize("image, base", [
+    ("agnhost", "agnhost"), ("agnhost:2.47", "agnhost"), ("registry.k8s.io/e2e-test-images/agnhost:2.47", "agnhost"),
+    ("localhost:5000/pause", "pause"), ("pause@sha256:abc", "pause"), ("nginx", "nginx"),
+])
+def test_image_base_name(image: str, base: str) -> None:
+    assert spec.image_base(image) == base
+
+
+def test_agnhost_args_are_accepted_unchecked_when_the_stand_in_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "lab.images.agnhost", None)  # makes the import fail
+    text = HEADER + """\
+  nodes: [{name: node1, ip: 192.168.1.10}]
+  objects:
+    - {apiVersion: v1, kind: Pod, metadata: {name: p}, spec: {containers: [{name: c, image: agnhost, args: [netexc]}]}}
+"""
+    assert parse_spec_text(text).pods[0].containers[0].argv[-1] == "netexc"
+
+
+# ------------------------------------------------------------------ invalid labs
+
+
+def test_there_are_enough_invalid_specs_each_with_a_golden_file() -> None:
+    assert len(INVALID) >= 25
+    for name in INVALID:
+        assert (SPECS / "invalid" / name).with_suffix(".err").is_file(), name
+
+
+@pytest.mark.parametrize("name", INVALID)
+def test_invalid_spec_fails_with_the_golden_message(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    if "agnhost" in name and not _agnhost_available():
+        pytest.skip("lab.images.agnhost is not importable here")
+    folder = SPECS / "invalid"
+    monkeypatch.chdir(folder)
+    with pytest.raises(SpecError) as info:
+        load_spec(name)
+    got = info.value.lines()
+    golden = folder / name.replace(".yaml", ".err")
+    if os.environ.get("KUBENET_UPDATE_GOLDEN") == "1":
+        golden.write_text("\n".join(got) + "\n")
+    assert got == golden.read_text().splitlines()
+    assert info.value.file == name
+    assert all(line.startswith(name) for line in got)
+    assert spec.INTERNAL_ERROR not in str(info.value)
+
+
+def test_many_problems_are_reported_together() -> None:
+    text = HEADER + """\
+  cluster: {podCIDR: 10.244.0.5/16}
+  network: {backend: bgp, mtu: 100}
+  nodes:
+    - {name: Node1, ip: 192.168.1.300}
+    - {name: node2, ip: 192.168.1.11, podCidr: 10.244.2.0/24}
+  objects:
+    - apiVersion: v1
+      kind: Pod
+      metadata: {name: a;reboot}
+      spec: {containers: [{name: c, image: nginx}]}
+    - {apiVersion: networking.k8s.io/v1, kind: NetworkPolicy, metadata: {name: deny}}
+"""
+    assert _errors(text) == [
+        "t.yaml:9: spec.nodes[1].podCidr: unknown field 'podCidr' (did you mean 'podCIDR'?)",
+        "t.yaml:13: spec.objects[0].metadata.name: 'a;reboot' is not a valid name: use lower-case letters, digits "
+        "and '-', starting and ending with a letter or digit",
+        "t.yaml:14: spec.objects[0].spec.containers[0].image: image nginx is not built in (built-ins: agnhost, "
+        "pause): give command: [...] to run a program from this machine",
+        "t.yaml:15: spec.objects[1].kind: kind NetworkPolicy (networking.k8s.io/v1) is not supported by this "
+        "version of kubenet-lab (supported: v1 Namespace, v1 Pod, apps/v1 Deployment)",
+    ]
+    # Once the structure is right, the semantic problems all come out at once too.
+    fixed = text.replace("podCidr", "podCIDR")
+    assert _errors(fixed) == [
+        "t.yaml:5: spec.cluster.podCIDR: 10.244.0.5/16 has host bits set (did you mean 10.244.0.0/16?)",
+        "t.yaml:6: spec.network.backend: backend bgp is not implemented yet; supported: host-gw",
+        "t.yaml:6: spec.network.mtu: mtu 100 is out of range: use 576..9000 (1500 is Ethernet's usual size)",
+        "t.yaml:8: spec.nodes[0].name: 'Node1' is not a valid name: use lower-case letters, digits and '-', "
+        "starting and ending with a letter or digit",
+        "t.yaml:8: spec.nodes[0].ip: '192.168.1.300' is not an IPv4 address: write it like 192.168.1.10",
+        "t.yaml:13: spec.objects[0].metadata.name: 'a;reboot' is not a valid name: use lower-case letters, "
+        "digits and '-', starting and ending with a letter or digit",
+        "t.yaml:14: spec.objects[0].spec.containers[0].image: image nginx is not built in (built-ins: agnhost, "
+        "pause): give command: [...] to run a program from this machine",
+        "t.yaml:15: spec.objects[1].kind: kind NetworkPolicy (networking.k8s.io/v1) is not supported by this "
+        "version of kubenet-lab (supported: v1 Namespace, v1 Pod, apps/v1 Deployment)",
+    ]
+
+
+def test_spec_error_file_is_none_for_text_without_a_name() -> None:
+    with pytest.raises(SpecError) as info:
+        parse_spec_text("kind: Lab\n")
+    assert info.value.file is None
+    assert info.value.lines()[0].startswith("<spec>:1: ")
+
+
+# ------------------------------------------------------------------ files
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(SpecError, match="no such file"):
+        load_spec(tmp_path / "nope.yaml")
+
+
+def test_folder_without_lab_yaml(tmp_path: Path) -> None:
+    with pytest.raises(SpecError, match="folder without lab.yaml"):
+        load_spec(tmp_path)
+
+
+def test_non_utf8_file_names_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_bytes(b"apiVersion: kubenet-lab/v1alpha1\nkind: Lab\nmetadata: {name: \xff}\n")
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    assert info.value.lines() == [f"{path}:3: the file is not UTF-8 text (byte 0xff cannot be decoded): save it as UTF-8"]
+
+
+def test_exercise_folder_sets_exercise(tmp_path: Path) -> None:
+    folder = tmp_path / "07-thing"
+    folder.mkdir()
+    (folder / "lab.yaml").write_text(SEED.read_text())
+    lab = load_spec(folder)
+    assert lab.exercise == str(folder.resolve())
+    assert lab.source == str((folder / "lab.yaml").resolve())
+
+
+# ------------------------------------------------------------------ robustness: only SpecError comes out
+
+MALFORMED = [
+    "", "   \n", "# only a comment\n", "~", "null", "42", "'text'", "[]", "[1, 2]", "{}", "- a\n- b\n",
+    "apiVersion: [\n", "a: b: c\n", "\t- x\n", "\x00", "\x07abc", "key: \"unterminated\n", "&a [*a]", "a: *missing\n",
+    "? [a, b]\n: c\n", "!!set {a, b}\n", "!!python/object:os.system {}\n", "!custom x\n", "{1: 2}\n", "on: yes\n",
+    "apiVersion: kubenet-lab/v1alpha1\nkind: Lab\nmetadata: null\nspec: null\n",
+    "apiVersion: kubenet-lab/v1alpha1\nkind: Lab\nmetadata: {name: null}\nspec: {nodes: null}\n",
+    "apiVersion: kubenet-lab/v1alpha1\nkind: Lab\nmetadata: {name: x}\nspec: {nodes: [null, 1, [], {}]}\n",
+    "apiVersion: kubenet-lab/v1alpha1\nkind: Lab\nmetadata: {name: x}\nspec: {nodes: [{name: a, ip: 1}], "
+    "objects: [null, 1, [], {}, {kind: null}, {apiVersion: v1, kind: Pod}, {apiVersion: v1, kind: Pod, "
+    "metadata: null, spec: null}, {apiVersion: v1, kind: Pod, metadata: {name: p}, spec: {containers: null}}]}\n",
+    "apiVersion: kubenet-lab/v1alpha1\nkind: Lab\nmetadata: {name: x}\nspec:\n  network: {mtu: 0x" + "f" * 5000 + "}\n"
+    "  nodes: [{name: a, ip: 192.168.1.10}]\n",
+    "apiVersion: kubenet-lab/v1alpha1\nkind: Lab\nmetadata: {name: x}\nspec:\n  network: {mtu: " + "9" * 5000 + "}\n",
+    "apiVersion: kubenet-lab/v1alpha1\nkind: Lab\nmetadata: {name: x}\nspec:\n  cluster: {nodeCIDRMaskSize: -99999999999}\n"
+    "  nodes: [{name: a, ip: 192.168.1.10}]\n",
+    "apiVersion: kubenet-lab/v1alpha1\nkind: Lab\nmetadata: {name: x}\nspec:\n  cluster: {podCIDR: 0.0.0.0/0, "
+    "serviceCIDR: 255.255.255.255/32}\n  underlay: {subnet: 1.2.3.4/32}\n  nodes: [{name: a, ip: 1.2.3.4}]\n",
+    "apiVersion: kubenet-lab/v1alpha1\nkind: Lab\nmetadata: {name: x}\nspec:\n  cluster: {podCIDR: 10.0.0.0/29, "
+    "nodeCIDRMaskSize: 30}\n  nodes: [{name: a, ip: 192.168.1.10, podCIDR: 10.0.0.0/30}, {name: b, ip: 192.168.1.11},\n"
+    "    {name: c, ip: 192.168.1.12}]\n",
+    "apiVersion: kubenet-lab/v1alpha1\nkind: Lab\nmetadata: {name: x}\nspec:\n  nodes: [{name: a, ip: 2001:db8::1, "
+    "podCIDR: 10.244.999.0/24}, {name: b, ip: '', podCIDR: ''}]\n",
+    "apiVersion: kubenet-lab/v1alpha1\nkind: Lab\nmetadata: {name: x}\nspec:\n  nodes: [{name: a, ip: 192.168.1.10}]\n"
+    "  objects:\n    - {apiVersion: apps/v1, kind: Deployment, metadata: {name: d}, spec: {replicas: 99999999999999, "
+    "selector: {matchLabels: {}}, template: {metadata: {}, spec: {containers: [{name: c, image: agnhost, "
+    "command: [], args: [\"\\0\"]}]}}}}\n",
+    "a: &a\n  b: *a\n",
+    "a: &x {<<: *x}\n",
+    "[" * 5000 + "]" * 5000,
+    "- " * 3000 + "x\n",
+    "x: " + "\U0001F600" * 10 + "\n",
+    "\ufeffapiVersion: kubenet-lab/v1alpha1\n",
+]
+
+
+@pytest.mark.parametrize("text", MALFORMED, ids=range(len(MALFORMED)))
+def test_malformed_input_raises_only_spec_error(text: str) -> None:
+    with pytest.raises(SpecError) as info:
+        parse_spec_text(text, "m.yaml")
+    message = str(info.value)
+    assert message and spec.INTERNAL_ERROR not in message
+    assert len(info.value.issues) <= spec.MAX_ISSUES + 1
+
+
+def test_billion_laughs_is_refused_quickly() -> None:
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [*a{i-1}, *a{i-1}, *a{i-1}, *a{i-1}, *a{i-1}, *a{i-1}, *a{i-1}, *a{i-1}, *a{i-1}, *a{i-1}]"
+              for i in range(1, 9)]
+    with pytest.raises(SpecError, match="more than"):
+        parse_spec_text("\n".join(lines) + "\n")
+
+
+def _outcome(text: str) -> None:
+    try:
+        parse_spec_text(text, "f.yaml")
+    except SpecError as exc:
+        assert spec.INTERNAL_ERROR not in str(exc), str(exc)
+
+
+def test_randomly_damaged_seed_specs_raise_only_spec_error() -> None:
+    rng = random.Random(1234)
+    seed = SEED.read_text()
+    alphabet = [":", "-", " ", "\n", "{", "}", "[", "]", "'", '"', "&", "*", "!", "#", "/", "0", "9", "x", "\t", "|"]
+    for _ in range(400):
+        chars = list(seed)
+        for _ in range(rng.randint(1, 6)):
+            pos = rng.randrange(len(chars))
+            action = rng.random()
+            if action < 0.4:
+                del chars[pos]
+            elif action < 0.8:
+                chars[pos] = rng.choice(alphabet)
+            else:
+                chars.insert(pos, rng.choice(alphabet))
+        _outcome("".join(chars))
+
+
+WEIRD_VALUES = [None, True, 0, -1, 2**40, 1.5, "", "x", "on", "A;B", "10.244.1.5/24", "::1", [], [None], {}, {"x": 1},
+                "9" * 300]
+
+
+def _subtrees(data: object, path: tuple = ()) -> list[tuple]:
+    found = [path]
+    if isinstance(data, dict):
+        for key, value in data.items():
+            found += _subtrees(value, path + (key,))
+    elif isinstance(data, list):
+        for index, value in enumerate(data):
+            found += _subtrees(value, path + (index,))
+    return found
+
+
+def _replaced(data: object, path: tuple, value: object) -> object:
+    if not path:
+        return value
+    copy = dict(data) if isinstance(data, dict) else list(data)  # type: ignore[call-overload]
+    copy[path[0]] = _replaced(copy[path[0]], path[1:], value)
+    return copy
+
+
+def test_every_field_of_the_seed_replaced_by_odd_values_raises_only_spec_error() -> None:
+    data = yaml.safe_load(SEED.read_text())
+    for path in _subtrees(data):
+        for value in WEIRD_VALUES:
+            _outcome(yaml.safe_dump(_replaced(data, path, value)))
+
+
+def test_public_functions_refuse_garbage_objects_with_spec_error() -> None:
+    lab = load_spec(SEED)
+    for objects in ([None], [1], [{"kind": 1}], [{"apiVersion": "v1", "kind": "Pod", (1, 2): 3}], "notalist",
+                    [{"apiVersion": "v1", "kind": "Pod", "metadata": {"name": 2**5000}}]):
+        with pytest.raises(SpecError) as info:
+            pods_from_objects(objects, lab, "o.yaml")  # type: ignore[arg-type]
+        assert spec.INTERNAL_ERROR not in str(info.value)
+    for text in ("", "---\n---\n", "kind: List\nitems: 3\n", "- 1\n", "a: [\n", "--- 1\n--- {}\n"):
+        with pytest.raises(SpecError) as info:
+            parse_objects(text, lab, "o.yaml")
+        assert spec.INTERNAL_ERROR not in str(info.value)
+
+
+# ------------------------------------------------------------------ objects applied to a running lab
+
+
+POD = """\
+apiVersion: v1
+kind: Pod
+metadata: {{name: {name}{extra}}}
+spec:
+  {node}
+  containers: [{{name: c, image: agnhost, args: [netexec], ports: [{{containerPort: 8080}}]}}]
+"""
+
+
+def test_parse_objects_reads_documents_and_lists_and_normalizes() -> None:
+    lab = load_spec(SEED)
+    text = POD.format(name="extra", extra="", node="") + "---\n" + """\
+apiVersion: v1
+kind: List
+items:
+  - {apiVersion: v1, kind: Namespace, metadata: {name: shop}}
+  - apiVersion: apps/v1
+    kind: Deployment
+    metadata: {name: cart, namespace: shop}
+    spec:
+      selector: {matchLabels: {app: cart}}
+      template:
+        metadata: {labels: {app: cart}}
+        spec: {containers: [{name: c, image: pause}]}
+"""
+    objects = parse_objects(text, lab, "apply.yaml")
+    assert [o["kind"] for o in objects] == ["Pod", "Namespace", "Deployment"]
+    assert objects[0]["metadata"]["namespace"] == "default"
+    assert objects[0]["spec"]["containers"][0]["ports"] == [{"containerPort": 8080, "protocol": "TCP"}]
+    assert objects[2]["spec"]["replicas"] == 1
+    pods = pods_from_objects(objects, lab, "apply.yaml")
+    assert [(p.key, p.node, p.owner) for p in pods] == [
+        ("default/extra", "node2", None),  # node2 had one pod, node1 two
+        (f"shop/cart-{names.short_hash('shop', 'cart', '0', length=5)}", "node1", "cart"),
+    ]
+
+
+def test_parse_objects_checks_against_the_running_lab() -> None:
+    lab = load_spec(SEED)
+    text = (POD.format(name="node1-pod1", extra="", node="") + "---\n"
+            + POD.format(name="x", extra=", namespace: shop", node="nodeName: node9"))
+    with pytest.raises(SpecError) as info:
+        parse_objects(text, lab, "apply.yaml")
+    assert info.value.lines() == [
+        "apply.yaml:3: documents[0].metadata.name: pod default/node1-pod1 clashes with a pod already running in "
+        "lab seed: rename one",
+        "apply.yaml:10: documents[1].metadata.namespace: namespace shop does not exist: add a v1 Namespace object "
+        "named shop",
+        "apply.yaml:12: documents[1].spec.nodeName: nodeName node9 is not a node of this lab (nodes: node1, node2)",
+    ]
+
+
+def test_applied_pods_count_against_capacity_with_the_running_ones() -> None:
+    text = HEADER + """\
+  cluster: {nodeCIDRMaskSize: 29}
+  nodes: [{name: node1, ip: 192.168.1.10}]
+  objects:
+    - apiVersion: apps/v1
+      kind: Deployment
+      metadata: {name: web}
+      spec:
+        replicas: 4
+        selector: {matchLabels: {app: web}}
+        template: {metadata: {labels: {app: web}}, spec: {containers: [{name: c, image: pause}]}}
+"""
+    lab = parse_spec_text(text)
+    assert lab.nodes[0].pod_capacity == 5 and len(lab.pods) == 4
+    assert len(pods_from_objects([{"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "one"},
+                                   "spec": {"containers": [{"name": "c", "image": "pause"}]}}], lab, None)) == 1
+    two = [{"apiVersion": "v1", "kind": "Pod", "metadata": {"name": n},
+            "spec": {"containers": [{"name": "c", "image": "pause"}]}} for n in ("one", "two")]
+    with pytest.raises(SpecError) as info:
+        pods_from_objects(two, lab, "apply.yaml")
+    assert info.value.lines() == [
+        "apply.yaml: objects[1]: node1 would have 6 pods but its PodCIDR 10.244.0.8/29 holds 5 (.1 is the gateway): "
+        "give nodes larger PodCIDRs with a smaller cluster.nodeCIDRMaskSize (28 holds 13), or put fewer pods on node1"]
+
+
+def test_pods_from_objects_uses_the_labs_namespaces() -> None:
+    lab = dataclasses.replace(load_spec(SEED), namespaces={"default": {}, "kube-system": {}, "shop": {}})
+    obj = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p", "namespace": "shop"},
+           "spec": {"nodeName": "node1", "containers": [{"name": "c", "image": "pause"}]}}
+    (pod,) = pods_from_objects([obj], lab, None)
+    assert (pod.key, pod.node, pod.containers[0].argv) == ("shop/p", "node1", ())
+
+
+def test_the_kind_registry_takes_new_kinds(monkeypatch: pytest.MonkeyPatch) -> None:
+    def read_service(obj: object, loc: tuple, issues: object) -> spec._Parsed:
+        assert isinstance(obj, dict)
+        return spec._Parsed("v1", "Service", loc, dict(obj), obj["metadata"]["name"], "default", {})
+
+    monkeypatch.setitem(spec.KINDS, ("v1", "Service"), read_service)
+    text = HEADER + """\
+  nodes: [{name: node1, ip: 192.168.1.10}]
+  objects: [{apiVersion: v1, kind: Service, metadata: {name: web}}]
+"""
+    lab = parse_spec_text(text)
+    assert lab.objects == ({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web"}},) and lab.pods == ()

@@ -1,0 +1,68 @@
+"""The project's own error types.
+
+Every failure a user can cause carries enough context (file, line, field path) for the CLI to print one
+line that says what is wrong and where, instead of a traceback.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+class LabError(Exception):
+    """Base of every error the CLI reports as a one-line message (exit code 1 unless overridden)."""
+
+    exit_code = 1
+
+
+@dataclass
+class SpecIssue:
+    """One problem in a spec: where it is and what to do about it."""
+
+    path: str  # field path, e.g. "spec.nodes[1].podCIDR"
+    message: str
+    line: int | None = None
+
+    def format(self, file: str | None) -> str:
+        where = file or "<spec>"
+        if self.line is not None:
+            where = f"{where}:{self.line}"
+        prefix = f"{self.path}: " if self.path else ""
+        return f"{where}: {prefix}{self.message}"
+
+
+@dataclass
+class SpecError(LabError):
+    """A spec (or an object applied to a running lab) is invalid. Nothing was created."""
+
+    file: str | None
+    issues: list[SpecIssue] = field(default_factory=list)
+    exit_code = 2
+
+    def __post_init__(self) -> None:
+        super().__init__(str(self))
+
+    def lines(self) -> list[str]:
+        return [issue.format(self.file) for issue in self.issues]
+
+    def __str__(self) -> str:
+        return "\n".join(self.lines())
+
+
+class StateError(LabError):
+    """The lab named on the command line is not running, or several are and none was named."""
+
+    exit_code = 2
+
+
+class ApplyError(LabError):
+    """A kernel operation failed while building or changing a lab."""
+
+
+class IpamExhausted(ApplyError):
+    """A node's PodCIDR has no free address left (host-local semantics: .1 is the gateway)."""
+
+
+class FeatureMissing(LabError):
+    """The running kernel (or machine) lacks something the lab needs; the message names it."""
+
+    exit_code = 3

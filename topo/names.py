@@ -1,0 +1,82 @@
+"""Names: what a spec may call things, and the short kernel names derived from them.
+
+Every name that reaches a kernel object or a command comes from a spec, and the tool runs as root, so
+names are checked against strict patterns before anything uses them. Kernel interface names are limited
+to 15 characters, so, like real CNIs, the lab derives short unique names from hashes.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+
+# Kubernetes' DNS-1123 label: what object names, namespaces and node names must match.
+DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+DNS1123_LABEL_MAX = 63
+# Lab names are shorter: they appear inside every namespace name of the lab.
+LAB_NAME_MAX = 40
+IFNAMSIZ = 15  # usable characters of a Linux interface name
+
+# Everything the lab creates at machine level starts with this, so `lab clean` can find it.
+NETNS_PREFIX = "klab_"
+# The namespace name's separator cannot appear in a DNS-1123 label, so names never collide.
+SEP = "_"
+
+
+def is_dns_label(value: str, max_len: int = DNS1123_LABEL_MAX) -> bool:
+    return len(value) <= max_len and DNS1123_LABEL.match(value) is not None
+
+
+def dns_label_problem(value: object, max_len: int = DNS1123_LABEL_MAX) -> str | None:
+    """Why `value` is not a valid name, or None. The message tells the fix."""
+    if not isinstance(value, str):
+        return f"must be a string, got {type(value).__name__}"
+    if value == "":
+        return "must not be empty"
+    if len(value) > max_len:
+        return f"{value!r} is {len(value)} characters; at most {max_len} are allowed"
+    if DNS1123_LABEL.match(value) is None:
+        return (f"{value!r} is not a valid name: use lower-case letters, digits and '-', "
+                "starting and ending with a letter or digit")
+    return None
+
+
+def short_hash(*parts: str, length: int = 8) -> str:
+    digest = hashlib.sha256("\0".join(parts).encode()).hexdigest()
+    return digest[:length]
+
+
+def lab_tag(lab: str) -> str:
+    """Six hex digits that stand for the lab wherever its full name does not fit."""
+    return short_hash("lab", lab, length=6)
+
+
+def node_netns(lab: str, node: str) -> str:
+    return f"{NETNS_PREFIX}{lab}{SEP}n{SEP}{node}"
+
+
+def pod_netns(lab: str, namespace: str, pod: str) -> str:
+    return f"{NETNS_PREFIX}{lab}{SEP}p{SEP}{namespace}{SEP}{pod}"
+
+
+def underlay_netns(lab: str, segment: str = "ul") -> str:
+    return f"{NETNS_PREFIX}{lab}{SEP}u{SEP}{segment}"
+
+
+def lab_of_netns(name: str) -> str | None:
+    """The lab a namespace belongs to, from its name alone (for crash-safe cleanup)."""
+    if not name.startswith(NETNS_PREFIX):
+        return None
+    rest = name[len(NETNS_PREFIX):]
+    lab, sep, _ = rest.partition(SEP)
+    return lab if sep and is_dns_label(lab, LAB_NAME_MAX) else None
+
+
+def host_veth(namespace: str, pod: str) -> str:
+    """Node-side veth name: 'veth' + 8 hex digits, unique per pod and well under 15 characters.
+
+    Derived from the pod's identity (as the reference CNI plugins derive theirs from the container id), so
+    the name is stable across ADD retries and CHECK can find the link again.
+    """
+    name = "veth" + short_hash("pod", namespace, pod, length=8)
+    assert len(name) <= IFNAMSIZ
+    return name

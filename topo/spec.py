@@ -1,0 +1,1780 @@
+"""The lab spec: read a YAML file, check every rule, and build the `topo.model.Lab` the other layers use.
+
+The tool runs as root and turns every name and address of a spec into kernel objects, so nothing reaches
+the model unchecked. Checking happens in three passes, and each pass collects every problem it finds
+before the whole lot is raised as one `SpecError` (a learner fixes a file in one go, not one line per run):
+
+1. YAML -> plain data, remembering the line of every field (`_Source`), so each message points at a line.
+2. Structure: types, required and unknown fields, by pydantic models with `extra="forbid"` (`_Strict`).
+3. Meaning: addresses, names, PodCIDR allocation, object references, pod placement and capacity.
+
+Kubernetes objects (`spec.objects`, or a file given to `lab apply -f`) are read through `KINDS`, a registry
+from (apiVersion, kind) to a reader, so later layers add Services, NetworkPolicies, ... in one place.
+"""
+from __future__ import annotations
+
+import difflib
+import importlib
+import ipaddress
+import json
+import re
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from datetime import date
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from topo import names
+from topo.errors import SpecError, SpecIssue
+from topo.model import BACKENDS, DEFAULT_MTU, Cluster, Container, ContainerPort, Lab, Network, Node, Pod, Underlay
+
+API_VERSION = "kubenet-lab/v1alpha1"
+LAB_KIND = "Lab"
+SPEC_FILE = "lab.yaml"  # what an exercise folder under labs/ holds
+
+# Backends that later versions will add: named so a learner who asks for one hears "not yet", not "unknown".
+PLANNED_BACKENDS = ("vxlan", "bgp", "ipip")
+MTU_MIN = 576  # the smallest datagram every IPv4 host must accept (RFC 791)
+MTU_MAX = 9000  # a common jumbo-frame size
+DEFAULTS = Cluster(), Underlay(), Network()
+# kube-apiserver refuses a Service range larger than /12 (2^20 addresses) for IPv4.
+SERVICE_CIDR_MIN_PREFIX = 12
+# The smallest node block that still holds a pod: a /30 has 4 addresses minus network, broadcast, gateway.
+NODE_MASK_MAX = 30
+
+BUILTIN_IMAGES = ("agnhost", "pause")
+AGNHOST_MODULE = "lab.images.agnhost"
+# Namespaces every cluster has before any object is created.
+SYSTEM_NAMESPACES = ("default", "kube-system")
+DEPLOYMENT_NAME_MAX = names.DNS1123_LABEL_MAX - 6  # replicas are "<deployment>-<5 hex>" and must stay labels
+
+# Ranges that never belong to a pod, Service or node network.
+_RESERVED = (
+    (IPv4Network("0.0.0.0/8"), "'this network'"),
+    (IPv4Network("127.0.0.0/8"), "loopback"),
+    (IPv4Network("169.254.0.0/16"), "link-local"),
+    (IPv4Network("224.0.0.0/4"), "multicast"),
+    (IPv4Network("240.0.0.0/4"), "reserved"),
+)
+
+MAX_VALUES = 1_000_000  # YAML values after alias expansion: stops "billion laughs" documents
+MAX_DEPTH = 64  # nesting depth of YAML values; real manifests stay under 15
+MAX_ISSUES = 50  # issues shown; more only bury the first ones
+INT_LIMIT = 2**63  # Kubernetes numbers are int64 at most; larger ones are almost surely typos
+INTERNAL_ERROR = "please report this as a bug of kubenet-lab"
+
+Loc = tuple[Any, ...]  # a field's position: keys and list indexes from the document's top
+
+
+# ============================================================================ public API
+
+
+def load_spec(path: str | Path) -> Lab:
+    """Read a lab from a YAML file, or from an exercise folder holding lab.yaml.
+
+    Messages name the file as the caller gave it; Lab.source and Lab.exercise are absolute, so a lab's
+    recorded origin stays valid whatever the current directory is later.
+    """
+    given = Path(path)
+    file = str(given)
+    exercise: Path | None = None
+    try:
+        if given.is_dir():
+            exercise = given
+            given = given / SPEC_FILE
+            file = str(given)
+            if not given.is_file():
+                raise _file_error(file, f"{exercise} is a folder without {SPEC_FILE}: give a lab spec file or an "
+                                        f"exercise folder such as labs/00-seed")
+        if not given.exists():
+            raise _file_error(file, "no such file: give the path of a lab spec (e.g. labs/00-seed/lab.yaml) "
+                                    "or of an exercise folder")
+        if not given.is_file():
+            raise _file_error(file, "not a regular file: give the path of a lab spec YAML file")
+        data = given.read_bytes()
+        text = _decode(data, file)
+        lab = parse_spec_text(text, file)
+        lab.source = str(given.resolve())
+        lab.exercise = str(exercise.resolve()) if exercise is not None else None
+        return lab
+    except SpecError:
+        raise
+    except OSError as exc:
+        raise _file_error(file, f"cannot read the file: {exc.strerror or exc}") from None
+    except Exception as exc:  # the promise: only SpecError leaves this module
+        raise _internal(file, exc) from exc
+
+
+def parse_spec_text(text: str, file: str | None = None) -> Lab:
+    """Validate a lab spec given as text; `file` is only used in messages and as Lab.source."""
+    try:
+        return _parse_lab(text, file)
+    except SpecError:
+        raise
+    except RecursionError:
+        raise SpecError(file, [SpecIssue("", "the YAML is nested too deeply to be a lab spec")]) from None
+    except Exception as exc:
+        raise _internal(file, exc) from exc
+
+
+def parse_objects(text: str, lab: Lab, file: str | None = None) -> list[dict]:
+    """Validate Kubernetes manifests for `lab apply -f FILE` against the object rules and the running lab.
+
+    The file holds one or more YAML documents (separated by ---), each an object or a `kind: List` with
+    `items`. Returns the normalized manifests (defaults filled in), in file order, List items flattened.
+    """
+    try:
+        source = _Source()
+        issues = _Issues(source)
+        entries = _object_documents(text, source, issues)
+        if not issues and not entries:
+            issues.add((), "the file holds no objects: give one or more Kubernetes manifests "
+                            "(apiVersion, kind, metadata, spec), separated by ---")
+        parsed = _read_objects(entries, issues)
+        _objects_against_lab(parsed, lab, issues)
+        issues.raise_if_any(file)
+        return [p.manifest for p in parsed]
+    except SpecError:
+        raise
+    except RecursionError:
+        raise SpecError(file, [SpecIssue("", "the YAML is nested too deeply to hold Kubernetes objects")]) from None
+    except Exception as exc:
+        raise _internal(file, exc) from exc
+
+
+def pods_from_objects(objects: list[dict], lab: Lab, file: str | None) -> list[Pod]:
+    """The pods that `objects` add to `lab`: Pods as they are, Deployments expanded into replicas.
+
+    Shared by spec loading and `lab apply`, so a pod is named and placed the same way both times.
+    Existing pods of `lab` count when placing new ones, and their names may not be reused.
+    Issues name the objects as `objects[i]`, since manifests carry no line numbers.
+    """
+    try:
+        issues = _Issues(_Source())
+        if not isinstance(objects, (list, tuple)):
+            issues.add((), "objects must be a list of Kubernetes manifests")
+            issues.raise_if_any(file)
+        parsed = _read_objects([(("objects", i), obj) for i, obj in enumerate(objects)], issues)
+        pods = _objects_against_lab(parsed, lab, issues)
+        issues.raise_if_any(file)
+        return pods
+    except SpecError:
+        raise
+    except RecursionError:
+        raise SpecError(file, [SpecIssue("", "an object is nested too deeply")]) from None
+    except Exception as exc:
+        raise _internal(file, exc) from exc
+
+
+def _file_error(file: str, message: str) -> SpecError:
+    return SpecError(file, [SpecIssue("", message)])
+
+
+def _internal(file: str | None, exc: BaseException) -> SpecError:
+    """Last resort: a bug of ours still reaches the user as a SpecError, with a pointer to report it."""
+    detail = _short(" ".join(f"{type(exc).__name__}: {exc}".split()), 200)
+    return SpecError(file, [SpecIssue("", f"kubenet-lab could not check this spec ({detail}); {INTERNAL_ERROR}")])
+
+
+def _decode(data: bytes, file: str) -> str:
+    """Spec files are UTF-8 (YAML's default); a leading byte-order mark is allowed."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        byte = data[exc.start]
+        raise SpecError(file, [SpecIssue("", f"the file is not UTF-8 text (byte 0x{byte:02x} cannot be decoded): "
+                                             "save it as UTF-8", line)]) from None
+
+
+# ============================================================================ YAML with line numbers
+
+
+@dataclass
+class _Source:
+    """Where each value of a YAML text was written: the line of every field, the text of every scalar."""
+
+    lines: dict[Loc, int] = field(default_factory=dict)
+    raw: dict[Loc, str] = field(default_factory=dict)
+    bad: set[Loc] = field(default_factory=set)  # values already reported while reading the YAML
+
+    def line(self, loc: Loc) -> int | None:
+        """The line of `loc`, or of the nearest enclosing value that exists (for a missing field)."""
+        for end in range(len(loc), -1, -1):
+            try:
+                hit = self.lines.get(tuple(loc[:end]))
+            except TypeError:  # an unhashable key from a caller's dict
+                hit = None
+            if hit is not None:
+                return hit
+        return None
+
+
+class _Issues:
+    """Collects every problem found, so one run reports them all."""
+
+    def __init__(self, source: _Source) -> None:
+        self.source = source
+        self.items: list[SpecIssue] = []
+
+    def add(self, loc: Loc, message: str, line: int | None = None) -> None:
+        if loc in self.source.bad:
+            return  # the YAML reader already said what is wrong with this value
+        self.items.append(SpecIssue(_path(loc), message, line if line is not None else self.source.line(loc)))
+
+    def __bool__(self) -> bool:
+        return bool(self.items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def raise_if_any(self, file: str | None) -> None:
+        if not self.items:
+            return
+        unique: list[SpecIssue] = []
+        seen: set[tuple[str, str, int | None]] = set()
+        for issue in self.items:
+            if (issue.path, issue.message, issue.line) not in seen:
+                seen.add((issue.path, issue.message, issue.line))
+                unique.append(issue)
+        unique.sort(key=lambda i: i.line if i.line is not None else 0)  # stable: same line keeps order
+        if len(unique) > MAX_ISSUES:
+            rest = len(unique) - MAX_ISSUES
+            unique = unique[:MAX_ISSUES] + [SpecIssue("", f"... and {rest} more problems; fix these first")]
+        raise SpecError(file, unique)
+
+
+class _Abort(Exception):
+    """Stops reading a YAML document that is too big or too deep; the issue is already recorded."""
+
+
+_TAG = "tag:yaml.org,2002:"
+_PLAIN_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
+_BRACKET_KEY = re.compile(r"^[A-Za-z0-9_./-]+$")
+
+
+def _path(loc: Loc) -> str:
+    """Field path as Kubernetes prints it: spec.nodes[1].podCIDR, metadata.labels[app.kubernetes.io/name]."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int) and not isinstance(part, bool):
+            out += f"[{part}]"
+        elif isinstance(part, str) and _PLAIN_KEY.match(part):
+            out += f".{part}" if out else part
+        elif isinstance(part, str) and _BRACKET_KEY.match(part):
+            out += f"[{part}]"
+        else:
+            out += f"[{_short(json.dumps(part, ensure_ascii=True, default=repr), 60)}]"
+    return out
+
+
+class _Walker:
+    """Builds plain data from a composed YAML node tree, recording each field's line as it goes.
+
+    It gives what yaml.safe_load gives, with three deliberate differences that Kubernetes' own YAML
+    reading also has: keys must be strings, a key may not be given twice, and numbers beyond int64 are
+    refused (rather than silently becoming huge Python ints).
+    """
+
+    def __init__(self, loader: yaml.SafeLoader, source: _Source, issues: _Issues) -> None:
+        self.loader = loader
+        self.source = source
+        self.issues = issues
+        self.count = 0
+        self.active: set[int] = set()  # nodes being built: an alias to one of them is a cycle
+
+    def value(self, node: yaml.Node, loc: Loc, depth: int = 0) -> Any:
+        self.count += 1
+        if self.count > MAX_VALUES:
+            self._stop(node, loc, f"the YAML expands to more than {MAX_VALUES} values (too many repeated "
+                                  "aliases?): a lab spec is far smaller")
+        if depth > MAX_DEPTH:
+            self._stop(node, loc, f"the YAML is nested more than {MAX_DEPTH} levels deep: a lab spec is far flatter")
+        if id(node) in self.active:
+            self._problem(node, loc, "this alias repeats a value that contains it; YAML may repeat a value "
+                                     "with an alias, but not inside itself")
+            return None
+        if isinstance(node, yaml.ScalarNode):
+            return self._scalar(node, loc)
+        self.active.add(id(node))
+        try:
+            if isinstance(node, yaml.SequenceNode):
+                return self._sequence(node, loc, depth)
+            return self._mapping(node, loc, depth)
+        finally:
+            self.active.discard(id(node))
+
+    def _stop(self, node: yaml.Node, loc: Loc, message: str) -> None:
+        self._problem(node, loc, message)
+        raise _Abort()
+
+    def _problem(self, node: yaml.Node, loc: Loc, message: str) -> None:
+        self.issues.add(loc, message, node.start_mark.line + 1)
+        self.source.bad.add(loc)
+
+    def _scalar(self, node: yaml.ScalarNode, loc: Loc) -> Any:
+        self.source.raw[loc] = node.value
+        try:
+            value = self.loader.construct_object(node, deep=True)
+        except yaml.constructor.ConstructorError as exc:
+            self._problem(node, loc, f"YAML tag {_short(node.tag, 40)} is not supported here: remove it "
+                                     f"({_short(str(exc.problem), 80)})")
+            return None
+        except Exception:  # int() beyond Python's digit limit, impossible dates, ...
+            what = "a number this large" if node.tag == _TAG + "int" else _short(repr(node.value), 40)
+            self._problem(node, loc, f"cannot read {what}: check the value (quote it if it is text)")
+            return None
+        if isinstance(value, int) and not isinstance(value, bool) and not -INT_LIMIT <= value < INT_LIMIT:
+            self._problem(node, loc, f"the number {_short(node.value, 30)} is too large: Kubernetes numbers are "
+                                     "64-bit at most")
+            return None
+        return value
+
+    def _sequence(self, node: yaml.SequenceNode, loc: Loc, depth: int) -> list[Any] | None:
+        if node.tag != _TAG + "seq":
+            self._problem(node, loc, f"YAML tag {_short(node.tag, 40)} is not supported here: write a plain list")
+            return None
+        items = []
+        for index, child in enumerate(node.value):
+            self.source.lines[loc + (index,)] = child.start_mark.line + 1
+            items.append(self.value(child, loc + (index,), depth + 1))
+        return items
+
+    def _mapping(self, node: yaml.MappingNode, loc: Loc, depth: int) -> dict[str, Any] | None:
+        if node.tag != _TAG + "map":
+            self._problem(node, loc, f"YAML tag {_short(node.tag, 40)} is not supported here: write a plain mapping")
+            return None
+        result: dict[str, Any] = {}
+        merges = [value for key, value in node.value if key.tag == _TAG + "merge"]
+        for merged in self._merged(merges, loc, depth):
+            result.update(merged)
+        first_line: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == _TAG + "merge":
+                continue
+            key = self._key(key_node, loc)
+            if key is None:
+                continue
+            key_line = key_node.start_mark.line + 1
+            if key in first_line:
+                self.issues.add(loc + (key,), f"key {key!r} is given twice (first on line {first_line[key]}): "
+                                              "keep one", key_line)
+            first_line.setdefault(key, key_line)
+            self.source.lines[loc + (key,)] = key_line
+            result[key] = self.value(value_node, loc + (key,), depth + 1)
+        return result
+
+    def _merged(self, merges: list[yaml.Node], loc: Loc, depth: int) -> list[dict[str, Any]]:
+        """YAML merge keys (<<: *base): earlier sources win over later ones, explicit keys over all."""
+        sources: list[yaml.Node] = []
+        for merge in merges:
+            parts = merge.value if isinstance(merge, yaml.SequenceNode) else [merge]
+            for part in parts:
+                if isinstance(part, yaml.MappingNode):
+                    sources.append(part)
+                else:
+                    self._problem(part, loc, "'<<' merges a mapping (or a list of mappings) into this one")
+        built = [self.value(part, loc, depth + 1) for part in reversed(sources)]
+        return [b for b in built if isinstance(b, dict)]
+
+    def _key(self, node: yaml.Node, loc: Loc) -> str | None:
+        line = node.start_mark.line + 1
+        if not isinstance(node, yaml.ScalarNode):
+            self.issues.add(loc, "a key must be a plain string, not a list or mapping", line)
+            return None
+        try:
+            key = self.loader.construct_object(node, deep=True)
+        except Exception:
+            key = None
+        if isinstance(key, str):
+            return key
+        text = _short(node.value, 40)
+        self.issues.add(loc, f"key {text or '(empty)'} is read by YAML as {_describe(key)}, but keys must be "
+                             f"strings: quote it ({json.dumps(node.value)})", line)
+        return None
+
+
+def _yaml_error(exc: yaml.YAMLError, text: str) -> SpecIssue:
+    """One issue for a YAML syntax error, at the line where the reader noticed it, with a likely fix."""
+    if isinstance(exc, yaml.reader.ReaderError):
+        line = text[: max(exc.position, 0)].count("\n") + 1
+        char = exc.character
+        code = f"#x{char:04x}" if isinstance(char, int) else f"#x{ord(char):04x}" if isinstance(char, str) and char else "?"
+        return SpecIssue("", f"the text holds a character YAML does not allow ({code}, {exc.reason}): remove it", line)
+    problem = str(getattr(exc, "problem", None) or exc)
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    line = mark.line + 1 if mark is not None else None
+    if "but found another document" in problem:
+        return SpecIssue("", "a lab spec is a single YAML document, but a second one starts here: remove the "
+                             "'---' (Kubernetes objects go under spec.objects)", line)
+    return SpecIssue("", f"YAML syntax error: {_short(problem, 120)}: {_yaml_hint(problem)}", line)
+
+
+def _yaml_hint(problem: str) -> str:
+    if "\\t" in problem or "tab" in problem:
+        return "indent with spaces; YAML does not allow tabs"
+    if "mapping values are not allowed" in problem:
+        return "a ': ' inside a value starts a new key; quote the value or fix the indentation"
+    if "could not find expected ':'" in problem:
+        return "every line of a mapping needs 'key: value'; check the indentation of this line and the one before"
+    if "undefined alias" in problem:
+        return "an alias *name needs an anchor &name defined before it"
+    if "expected <block end>" in problem:
+        return "this line is indented differently from the entries around it; align it"
+    if "found unexpected end of stream" in problem or "found unexpected" in problem:
+        return "a quote or bracket is not closed; close it"
+    return "check the indentation and quoting here"
+
+
+def _compose(text: str, source: _Source, issues: _Issues, prefix: Callable[[int, int], Loc] | None
+             ) -> list[Any] | None:
+    """Read the YAML documents of `text` into plain data (None: a syntax error, already recorded).
+
+    With prefix None the text must hold one document; otherwise every document is read and prefix(index,
+    count) gives the path under which its fields are recorded.
+    """
+    if not isinstance(text, str):
+        issues.add((), "the spec must be text")
+        return None
+    try:
+        loader = yaml.SafeLoader(text)  # the reader already rejects control characters here
+    except yaml.YAMLError as exc:
+        issue = _yaml_error(exc, text)
+        issues.add((), issue.message, issue.line)
+        return None
+    try:
+        try:
+            if prefix is None:
+                nodes = [loader.get_single_node()]
+            else:
+                nodes = []
+                while loader.check_node():
+                    nodes.append(loader.get_node())
+        except yaml.YAMLError as exc:
+            issue = _yaml_error(exc, text)
+            issues.add((), issue.message, issue.line)
+            return None
+        real = [n for n in nodes if n is not None and not _is_null(n)]
+        walker = _Walker(loader, source, issues)
+        documents: list[Any] = []
+        for index, node in enumerate(real):
+            base = prefix(index, len(real)) if prefix is not None else ()
+            source.lines[base] = node.start_mark.line + 1
+            try:
+                documents.append(walker.value(node, base))
+            except _Abort:
+                return None
+        return documents
+    finally:
+        loader.dispose()
+
+
+def _is_null(node: yaml.Node) -> bool:
+    return isinstance(node, yaml.ScalarNode) and node.tag == _TAG + "null"
+
+
+# ============================================================================ structure: pydantic models
+
+
+class _Strict(BaseModel):
+    """Structural rules shared by every model: no unknown keys, no type coercion.
+
+    Strict mode is what makes a YAML 1.1 surprise an error instead of a silent conversion: `name: on`
+    is a boolean, `name: 0123` an integer, and neither becomes a string behind the learner's back.
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class _LabMetaIn(_Strict):
+    name: str = Field(examples=["name: seed"])
+
+
+class _ClusterIn(_Strict):
+    pod_cidr: str | None = Field(None, alias="podCIDR")
+    service_cidr: str | None = Field(None, alias="serviceCIDR")
+    node_cidr_mask_size: int | None = Field(None, alias="nodeCIDRMaskSize")
+
+
+class _UnderlayIn(_Strict):
+    subnet: str | None = None
+
+
+class _NetworkIn(_Strict):
+    backend: str | None = None
+    mtu: int | None = None
+
+
+class _NodeIn(_Strict):
+    name: str = Field(examples=["name: node1"])
+    ip: str = Field(examples=["ip: 192.168.1.10"])
+    pod_cidr: str | None = Field(None, alias="podCIDR")
+
+
+class _SpecIn(_Strict):
+    cluster: _ClusterIn | None = None
+    underlay: _UnderlayIn | None = None
+    network: _NetworkIn | None = None
+    nodes: list[_NodeIn] = Field(examples=["nodes: [{name: node1, ip: 192.168.1.10}]"])
+    objects: list[Any] | None = None
+
+
+class _LabIn(_Strict):
+    api_version: str = Field(alias="apiVersion", examples=[f"apiVersion: {API_VERSION}"])
+    kind: str = Field(examples=[f"kind: {LAB_KIND}"])
+    metadata: _LabMetaIn = Field(examples=["metadata: {name: mylab}"])
+    spec: _SpecIn = Field(examples=["spec: {nodes: [{name: node1, ip: 192.168.1.10}]}"])
+
+
+class _ObjectMetaIn(_Strict):
+    name: str = Field(examples=["name: web"])
+    namespace: str | None = None
+    labels: dict[str, str] | None = None
+    annotations: dict[str, str] | None = None
+
+
+class _TemplateMetaIn(_Strict):
+    labels: dict[str, str] | None = None
+    annotations: dict[str, str] | None = None
+
+
+class _PortIn(_Strict):
+    container_port: int = Field(alias="containerPort", examples=["containerPort: 8080"])
+    protocol: str | None = None
+    name: str | None = None
+
+
+class _EnvIn(_Strict):
+    name: str = Field(examples=["name: MODE"])
+    value: str | None = None
+
+
+class _ContainerIn(_Strict):
+    name: str = Field(examples=["name: app"])
+    image: str = Field(examples=["image: agnhost"])
+    command: list[str] | None = None
+    args: list[str] | None = None
+    ports: list[_PortIn] | None = None
+    env: list[_EnvIn] | None = None
+
+
+class _DnsOptionIn(_Strict):
+    name: str = Field(examples=["name: ndots"])
+    value: str | None = None
+
+
+class _DnsConfigIn(_Strict):
+    nameservers: list[str] | None = None
+    searches: list[str] | None = None
+    options: list[_DnsOptionIn] | None = None
+
+
+class _PodSpecIn(_Strict):
+    """The Pod spec subset a lab runs. restartPolicy ... subdomain are accepted and do not change the
+    emulation; dnsPolicy/dnsConfig/hostname/subdomain stay in the normalized manifest for the DNS layer."""
+
+    node_name: str | None = Field(None, alias="nodeName")
+    containers: list[_ContainerIn] = Field(examples=["containers: [{name: app, image: agnhost, args: [netexec]}]"])
+    restart_policy: str | None = Field(None, alias="restartPolicy")
+    termination_grace_period_seconds: int | None = Field(None, alias="terminationGracePeriodSeconds")
+    dns_policy: str | None = Field(None, alias="dnsPolicy")
+    dns_config: _DnsConfigIn | None = Field(None, alias="dnsConfig")
+    hostname: str | None = None
+    subdomain: str | None = None
+
+
+class _NamespaceIn(_Strict):
+    api_version: str = Field(alias="apiVersion")
+    kind: str
+    metadata: _ObjectMetaIn = Field(examples=["metadata: {name: shop}"])
+
+
+class _PodIn(_Strict):
+    api_version: str = Field(alias="apiVersion")
+    kind: str
+    metadata: _ObjectMetaIn = Field(examples=["metadata: {name: web}"])
+    spec: _PodSpecIn = Field(examples=["spec: {containers: [{name: app, image: agnhost, args: [netexec]}]}"])
+
+
+class _SelectorIn(_Strict):
+    match_labels: dict[str, str] = Field(alias="matchLabels", examples=["matchLabels: {app: web}"])
+
+
+class _TemplateIn(_Strict):
+    metadata: _TemplateMetaIn = Field(examples=["metadata: {labels: {app: web}}"])
+    spec: _PodSpecIn = Field(examples=["spec: {containers: [{name: app, image: agnhost, args: [netexec]}]}"])
+
+
+class _DeploymentSpecIn(_Strict):
+    replicas: int | None = None
+    selector: _SelectorIn = Field(examples=["selector: {matchLabels: {app: web}}"])
+    template: _TemplateIn = Field(examples=["template: {metadata: {labels: {app: web}}, spec: {containers: [...]}}"])
+
+
+class _DeploymentIn(_Strict):
+    api_version: str = Field(alias="apiVersion")
+    kind: str
+    metadata: _ObjectMetaIn = Field(examples=["metadata: {name: web}"])
+    spec: _DeploymentSpecIn = Field(examples=["spec: {replicas: 2, selector: ..., template: ...}"])
+
+
+_M = typing.TypeVar("_M", bound=BaseModel)
+
+
+def _validate(model: type[_M], value: Any, loc: Loc, issues: _Issues) -> _M | None:
+    """Validate `value` against `model`, turning each pydantic error into an issue at its own path."""
+    try:
+        return model.model_validate(value)
+    except ValidationError as exc:
+        for err in exc.errors(include_url=False, include_context=False):
+            rel = tuple(err["loc"])
+            if rel and rel[-1] == "[key]":
+                issues.add(loc + rel[:-1], "keys must be strings")
+                continue
+            issues.add(loc + rel, _pydantic_message(model, rel, err, issues.source.raw.get(loc + rel)))
+        return None
+
+
+_EXPECTED = {
+    "string_type": "a string",
+    "int_type": "an integer",
+    "bool_type": "true or false",
+    "float_type": "a number",
+    "list_type": "a list",
+    "dict_type": "a mapping (key: value)",
+    "model_type": "a mapping (key: value)",
+    "model_attributes_type": "a mapping (key: value)",
+}
+
+
+def _pydantic_message(model: type[BaseModel], rel: Loc, err: Any, raw: str | None) -> str:
+    kind = err["type"]
+    if kind == "missing":
+        example = _field_example(model, rel)
+        return f"missing; add it, e.g. {example}" if example else "missing; add it"
+    if kind == "extra_forbidden":
+        return _unknown_field(str(rel[-1]), _allowed_fields(model, rel[:-1]))
+    if kind == "invalid_key":
+        return "keys must be strings"
+    if kind in _EXPECTED:
+        return _wrong_type(_EXPECTED[kind], err.get("input"), raw)
+    return str(err.get("msg", "invalid value"))
+
+
+def _unknown_field(key: str, allowed: list[str]) -> str:
+    """Unknown-key message with a suggestion; the match ignores case, the usual slip (podCidr)."""
+    lowered = {a.lower(): a for a in allowed}
+    close = difflib.get_close_matches(key.lower(), list(lowered), n=1, cutoff=0.75)
+    shown = _short(repr(key), 60)
+    if close:
+        return f"unknown field {shown} (did you mean {lowered[close[0]]!r}?)"
+    if allowed:
+        return f"unknown field {shown} (allowed here: {', '.join(allowed)})"
+    return f"unknown field {shown}"
+
+
+def _wrong_type(expected: str, value: Any, raw: str | None) -> str:
+    """Type mismatch message; for YAML's implicit typing it says how YAML read the text and how to fix it."""
+    text = raw if raw is not None and "\n" not in raw and raw != "" else None
+    if value is None and raw == "":
+        return f"must be {expected}, but no value is given: write one after the colon"
+    if value is None:
+        return f"must be {expected}, got null"
+    if expected == "a string" and isinstance(value, (bool, int, float, date)):
+        shown = text if text is not None else _show(value)
+        return f"must be a string, but YAML reads {shown} as {_describe(value)}: quote it ({json.dumps(shown)})"
+    if isinstance(value, str) and expected in ("an integer", "a number") and _looks_numeric(value):
+        return f"must be {expected}, got the string {_short(repr(value), 30)}: remove the quotes"
+    if isinstance(value, bool) and expected != "true or false":
+        shown = text if text is not None else _show(value)
+        return f"must be {expected}, but YAML reads {shown} as a boolean"
+    return f"must be {expected}, got {_describe(value)}"
+
+
+def _looks_numeric(value: str) -> bool:
+    return re.fullmatch(r"\s*-?\d+(\.\d*)?\s*", value) is not None
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a number"
+    if isinstance(value, date):
+        return "a date"
+    if isinstance(value, str):
+        return f"the string {_short(repr(value), 40)}"
+    if isinstance(value, (bytes, bytearray)):
+        return "binary data"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    if isinstance(value, dict):
+        return "a mapping"
+    return type(value).__name__
+
+
+def _show(value: Any) -> str:
+    """A value for a message, never long and never failing (str() of a huge int raises in Python 3.11)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value) if -INT_LIMIT <= value < INT_LIMIT else "a very large number"
+    if isinstance(value, str):
+        return _short(value, 60)
+    return _short(repr(value), 60)
+
+
+def _short(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _unwrap(annotation: Any) -> Any:
+    """X | None -> X (pydantic reports errors of an optional field at the field itself)."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return args[0] if len(args) == 1 else annotation
+    return annotation
+
+
+def _model_at(model: type[BaseModel], rel: Loc) -> type[BaseModel] | None:
+    """The model class that validates the value at `rel` inside `model`, if it is one."""
+    current: Any = model
+    for part in rel:
+        current = _unwrap(current)
+        if isinstance(part, int):
+            if typing.get_origin(current) is not list:
+                return None
+            current = typing.get_args(current)[0]
+        elif isinstance(current, type) and issubclass(current, BaseModel):
+            info = _field_by_alias(current, part)
+            if info is None:
+                return None
+            current = info.annotation
+        elif typing.get_origin(current) is dict:
+            current = typing.get_args(current)[1]
+        else:
+            return None
+    current = _unwrap(current)
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def _field_by_alias(model: type[BaseModel], key: Any) -> Any:
+    for name, info in model.model_fields.items():
+        if (info.alias or name) == key:
+            return info
+    return None
+
+
+def _allowed_fields(model: type[BaseModel], rel: Loc) -> list[str]:
+    target = _model_at(model, rel)
+    return [info.alias or name for name, info in target.model_fields.items()] if target else []
+
+
+def _field_example(model: type[BaseModel], rel: Loc) -> str | None:
+    parent = _model_at(model, rel[:-1])
+    info = _field_by_alias(parent, rel[-1]) if parent is not None and rel else None
+    return info.examples[0] if info is not None and info.examples else None
+
+
+# ============================================================================ the lab spec
+
+
+def _parse_lab(text: str, file: str | None) -> Lab:
+    source = _Source()
+    issues = _Issues(source)
+    documents = _compose(text, source, issues, None)
+    issues.raise_if_any(file)
+    if not documents:
+        issues.add((), f"the file is empty: a lab spec needs apiVersion: {API_VERSION}, kind: {LAB_KIND}, "
+                        "metadata and spec (see labs/00-seed/lab.yaml)")
+        issues.raise_if_any(file)
+    data = documents[0]
+    if not isinstance(data, dict):
+        issues.add((), f"the top level must be a mapping (apiVersion: {API_VERSION}, kind: {LAB_KIND}, "
+                        f"metadata, spec), not {_describe(data)}")
+        issues.raise_if_any(file)
+    if _not_a_lab(data, issues):
+        issues.raise_if_any(file)
+    lab_in = _validate(_LabIn, data, (), issues)
+    if lab_in is None:
+        _read_raw_objects(data, issues)  # structure errors elsewhere do not hide the objects' own problems
+        issues.raise_if_any(file)
+    assert lab_in is not None
+    lab = _build_lab(lab_in, issues)
+    issues.raise_if_any(file)
+    lab.source = file
+    return lab
+
+
+def _not_a_lab(data: dict[str, Any], issues: _Issues) -> bool:
+    """A file whose kind is not Lab (say, a Pod manifest) gets one clear message, not a field-by-field list."""
+    kind = data.get("kind")
+    if not isinstance(kind, str) or kind == LAB_KIND:
+        return False
+    hint = ""
+    if data.get("apiVersion") != API_VERSION:
+        hint = (": this looks like a Kubernetes manifest; put it under spec.objects of a lab spec, or give it to "
+                "a running lab with `lab apply -f`")
+    issues.add(("kind",), f"must be {LAB_KIND}, got {_short(repr(kind), 40)}{hint}")
+    return True
+
+
+def _read_raw_objects(data: dict[str, Any], issues: _Issues) -> None:
+    spec = data.get("spec")
+    objects = spec.get("objects") if isinstance(spec, dict) else None
+    if isinstance(objects, list):
+        _read_objects([(("spec", "objects", i), obj) for i, obj in enumerate(objects)], issues)
+
+
+def _build_lab(lab_in: _LabIn, issues: _Issues) -> Lab:
+    """Semantic checks of a structurally valid spec, then the model with its pods."""
+    if lab_in.api_version != API_VERSION:
+        issues.add(("apiVersion",), f"must be {API_VERSION} (the version this tool reads), got "
+                                    f"{_short(repr(lab_in.api_version), 40)}")
+    name_problem = names.dns_label_problem(lab_in.metadata.name, names.LAB_NAME_MAX)
+    if name_problem:
+        issues.add(("metadata", "name"), name_problem)
+    spec = lab_in.spec
+    cluster = _check_cluster(spec.cluster or _ClusterIn(), issues)
+    underlay = _check_underlay(spec.underlay or _UnderlayIn(), issues)
+    network = _check_network(spec.network or _NetworkIn(), issues)
+    if cluster is not None and underlay is not None:
+        _check_disjoint(spec, cluster, underlay, issues)
+    nodes = _check_nodes(spec.nodes, cluster, underlay, issues)
+    entries = [(("spec", "objects", i), obj) for i, obj in enumerate(spec.objects or [])]
+    parsed = _read_objects(entries, issues)
+    namespaces = _namespaces(parsed, {}, issues)
+    lab = Lab(name=lab_in.metadata.name, cluster=cluster or DEFAULTS[0], underlay=underlay or DEFAULTS[1],
+              network=network or DEFAULTS[2], nodes=tuple(nodes or ()), namespaces=namespaces,
+              objects=tuple(p.manifest for p in parsed))
+    lab.pods = tuple(_expand(parsed, lab, set(namespaces), issues, place=nodes is not None and not issues))
+    return lab
+
+
+# ---------------------------------------------------------------------------- addresses
+
+
+_CIDR_TEXT = re.compile(r"^\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}/\d{1,2}$")
+_ADDRESS_TEXT = re.compile(r"^\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}$")
+
+
+def _network(text: str, loc: Loc, example: str, issues: _Issues) -> IPv4Network | None:
+    """An IPv4 network written ADDRESS/PREFIX with no host bits set (what Kubernetes' CIDR flags demand)."""
+    shown = _short(text, 60)
+    if ":" in text:
+        issues.add(loc, f"{shown} is IPv6; kubenet-lab labs are IPv4 only: use a network like {example}")
+        return None
+    if _ADDRESS_TEXT.match(text):
+        issues.add(loc, f"{shown} has no prefix length: write ADDRESS/PREFIX, e.g. {example}")
+        return None
+    if not _CIDR_TEXT.match(text):
+        issues.add(loc, f"{shown!r} is not an IPv4 network: write ADDRESS/PREFIX, e.g. {example}")
+        return None
+    try:
+        loose = IPv4Network(text, strict=False)
+    except ValueError:
+        issues.add(loc, f"{shown} is not an IPv4 network (each address part is 0..255 without leading zeros, "
+                        f"the prefix 0..32): write ADDRESS/PREFIX, e.g. {example}")
+        return None
+    if str(loose.network_address) != text.split("/")[0]:
+        issues.add(loc, f"{shown} has host bits set (did you mean {loose}?)")
+        return None
+    for reserved, what in _RESERVED:
+        if loose.overlaps(reserved):
+            issues.add(loc, f"{loose} overlaps {reserved} ({what} addresses): choose a private range such as "
+                            f"{example}")
+            return None
+    return loose
+
+
+def _address(text: str, loc: Loc, issues: _Issues) -> IPv4Address | None:
+    if "/" in text and _ADDRESS_TEXT.match(text.split("/")[0]):
+        issues.add(loc, f"{_short(text, 40)} must be an address without a prefix: write {text.split('/')[0]} "
+                        "(the prefix comes from underlay.subnet)")
+        return None
+    try:
+        if not _ADDRESS_TEXT.match(text):
+            raise ValueError
+        return IPv4Address(text)
+    except ValueError:
+        issues.add(loc, f"{_short(repr(text), 40)} is not an IPv4 address: write it like 192.168.1.10")
+        return None
+
+
+def _given(value: str | None, default: IPv4Network) -> str:
+    return value if value is not None else str(default)
+
+
+def _default_note(given: str | None) -> str:
+    return "" if given is not None else " (the default)"
+
+
+def _check_cluster(cluster_in: _ClusterIn, issues: _Issues) -> Cluster | None:
+    base = ("spec", "cluster")
+    default = Cluster()
+    pod = _network(_given(cluster_in.pod_cidr, default.pod_cidr), base + ("podCIDR",), "10.244.0.0/16", issues)
+    service = _network(_given(cluster_in.service_cidr, default.service_cidr), base + ("serviceCIDR",),
+                       "10.96.0.0/12", issues)
+    mask = cluster_in.node_cidr_mask_size
+    mask = default.node_cidr_mask_size if mask is None else mask
+    ok = pod is not None and service is not None
+    if service is not None and service.prefixlen < SERVICE_CIDR_MIN_PREFIX:
+        issues.add(base + ("serviceCIDR",), f"{service} is larger than Kubernetes allows for Services: use a prefix "
+                                            f"of /{SERVICE_CIDR_MIN_PREFIX} or longer, e.g. 10.96.0.0/12")
+        ok = False
+    if pod is not None:
+        ok = _check_mask(pod, mask, cluster_in, issues) and ok
+    if pod is not None and service is not None and pod.overlaps(service):
+        _overlap(("spec", "cluster", "podCIDR"), pod, cluster_in.pod_cidr,
+                 ("spec", "cluster", "serviceCIDR"), service, cluster_in.service_cidr,
+                 "pod and Service addresses must come from separate ranges; change one of them (the defaults "
+                 f"{default.pod_cidr} and {default.service_cidr} do not overlap)", issues)
+        ok = False
+    if not ok or pod is None or service is None:
+        return None
+    return Cluster(pod_cidr=pod, service_cidr=service, node_cidr_mask_size=mask)
+
+
+def _check_mask(pod: IPv4Network, mask: int, cluster_in: _ClusterIn, issues: _Issues) -> bool:
+    """Each node's PodCIDR is a /mask block cut out of the cluster's podCIDR (kube-controller-manager's
+    --node-cidr-mask-size), so the mask must be longer than the cluster prefix and leave room for a pod."""
+    loc = ("spec", "cluster")
+    if pod.prefixlen > NODE_MASK_MAX - 1:
+        issues.add(loc + ("podCIDR",), f"{pod} is too small to be split into node PodCIDRs: use a prefix of "
+                                       f"/{NODE_MASK_MAX - 1} or shorter, e.g. 10.244.0.0/16")
+        return False
+    low, high = pod.prefixlen + 1, NODE_MASK_MAX
+    if not low <= mask <= high:
+        issues.add(loc + ("nodeCIDRMaskSize",),
+                   f"{_show(mask)} is out of range: use {low}..{high}; each node gets a /nodeCIDRMaskSize block of "
+                   f"podCIDR {pod}{_default_note(cluster_in.pod_cidr)}, so it must be longer than /{pod.prefixlen}, "
+                   f"and /{high} is the smallest block that still holds a pod (.1 is the gateway)")
+        return False
+    return True
+
+
+def _check_underlay(underlay_in: _UnderlayIn, issues: _Issues) -> Underlay | None:
+    loc = ("spec", "underlay", "subnet")
+    subnet = _network(_given(underlay_in.subnet, Underlay().subnet), loc, "192.168.1.0/24", issues)
+    if subnet is None:
+        return None
+    if subnet.prefixlen > NODE_MASK_MAX:
+        issues.add(loc, f"{subnet} leaves no room for node addresses: use a prefix of /{NODE_MASK_MAX} or shorter, "
+                        "e.g. 192.168.1.0/24")
+        return None
+    return Underlay(subnet=subnet)
+
+
+def _check_network(network_in: _NetworkIn, issues: _Issues) -> Network | None:
+    base = ("spec", "network")
+    backend = network_in.backend if network_in.backend is not None else Network().backend
+    mtu = network_in.mtu if network_in.mtu is not None else DEFAULT_MTU
+    ok = True
+    if backend not in BACKENDS:
+        supported = ", ".join(BACKENDS)
+        if backend in PLANNED_BACKENDS:
+            issues.add(base + ("backend",), f"backend {backend} is not implemented yet; supported: {supported}")
+        else:
+            issues.add(base + ("backend",), f"unknown backend {_short(repr(backend), 40)}; supported: {supported}")
+        ok = False
+    if not MTU_MIN <= mtu <= MTU_MAX:
+        issues.add(base + ("mtu",), f"mtu {_show(mtu)} is out of range: use {MTU_MIN}..{MTU_MAX} "
+                                    f"({DEFAULT_MTU} is Ethernet's usual size)")
+        ok = False
+    return Network(backend=backend, mtu=mtu) if ok else None
+
+
+def _check_disjoint(spec: _SpecIn, cluster: Cluster, underlay: Underlay, issues: _Issues) -> None:
+    """Pod, Service and node addresses must be told apart by destination alone, so their ranges are disjoint."""
+    given_subnet = spec.underlay.subnet if spec.underlay else None
+    given = spec.cluster or _ClusterIn()
+    for other, key, given_other in ((cluster.pod_cidr, "podCIDR", given.pod_cidr),
+                                    (cluster.service_cidr, "serviceCIDR", given.service_cidr)):
+        if underlay.subnet.overlaps(other):
+            _overlap(("spec", "cluster", key), other, given_other, ("spec", "underlay", "subnet"), underlay.subnet,
+                     given_subnet, "node addresses must not come from the pod or Service ranges; pick a separate "
+                     f"underlay.subnet (the default {Underlay().subnet} is one)", issues)
+
+
+def _overlap(first: Loc, first_net: IPv4Network, first_given: str | None, second: Loc, second_net: IPv4Network,
+             second_given: str | None, why: str, issues: _Issues) -> None:
+    """Report two overlapping ranges at the one the user wrote (the later one if both were written)."""
+    here, there = (second, first) if second_given is not None or first_given is None else (first, second)
+    nets = {first: (first_net, first_given), second: (second_net, second_given)}
+    here_net, here_given = nets[here]
+    there_net, there_given = nets[there]
+    issues.add(here, f"{here_net}{_default_note(here_given)} overlaps {_path(there[1:])} {there_net}"
+                     f"{_default_note(there_given)}: {why}")
+
+
+# ---------------------------------------------------------------------------- nodes
+
+
+def _check_nodes(nodes_in: list[_NodeIn], cluster: Cluster | None, underlay: Underlay | None,
+                 issues: _Issues) -> list[Node] | None:
+    """Names, addresses and PodCIDRs of the nodes; None when any of them is wrong."""
+    before = len(issues)
+    if not nodes_in:
+        issues.add(("spec", "nodes"), "no nodes: a lab needs at least one, e.g. nodes: [{name: node1, ip: 192.168.1.10}]")
+        return None
+    seen_names: dict[str, int] = {}
+    seen_ips: dict[IPv4Address, int] = {}
+    ips: list[IPv4Address | None] = []
+    for index, node in enumerate(nodes_in):
+        loc = ("spec", "nodes", index)
+        problem = names.dns_label_problem(node.name)
+        if problem:
+            issues.add(loc + ("name",), problem)
+        elif node.name in seen_names:
+            issues.add(loc + ("name",), f"node name {node.name} is already used by spec.nodes[{seen_names[node.name]}]: "
+                                        "give each node its own name")
+        seen_names.setdefault(node.name, index)
+        ip = _check_node_ip(node.ip, loc + ("ip",), underlay, issues)
+        if ip is not None and ip in seen_ips:
+            first = seen_ips[ip]
+            issues.add(loc + ("ip",), f"{ip} is already the address of {nodes_in[first].name} (spec.nodes[{first}]): "
+                                      "give each node its own IP")
+            ip = None
+        if ip is not None:
+            seen_ips[ip] = index
+        ips.append(ip)
+    cidrs = _node_pod_cidrs(nodes_in, cluster, issues) if cluster is not None else None
+    if cidrs is None or underlay is None or len(issues) > before:
+        return None
+    return [Node(name=n.name, ip=ip, pod_cidr=cidr, index=i)  # type: ignore[arg-type]
+            for i, (n, ip, cidr) in enumerate(zip(nodes_in, ips, cidrs))]
+
+
+def _check_node_ip(text: str, loc: Loc, underlay: Underlay | None, issues: _Issues) -> IPv4Address | None:
+    ip = _address(text, loc, issues)
+    if ip is None or underlay is None:
+        return ip
+    subnet = underlay.subnet
+    hosts = f"{subnet.network_address + 1}..{subnet.broadcast_address - 1}"
+    if ip not in subnet:
+        issues.add(loc, f"{ip} is outside underlay.subnet {subnet}: pick an address in {hosts}")
+        return None
+    if ip == subnet.network_address:
+        issues.add(loc, f"{ip} is the network address of underlay.subnet {subnet}, not a host address: pick one of {hosts}")
+        return None
+    if ip == subnet.broadcast_address:
+        issues.add(loc, f"{ip} is the broadcast address of underlay.subnet {subnet}, not a host address: pick one "
+                        f"of {hosts}")
+        return None
+    return ip
+
+
+def _node_pod_cidrs(nodes_in: list[_NodeIn], cluster: Cluster, issues: _Issues) -> list[IPv4Network] | None:
+    """Every node's PodCIDR: the one given, or the next free block. This is the only place it is computed.
+
+    Kubernetes' range allocator hands each node a /nodeCIDRMaskSize block of the cluster podCIDR; on a
+    real cluster the first node usually gets block 0 (10.244.0.0/24). Here block N goes to the Nth node
+    without one, counting from 1, so node1 gets 10.244.1.0/24 as in the explainer's picture; block 0 is
+    never handed out, and blocks given explicitly to other nodes are skipped.
+    """
+    explicit: dict[int, IPv4Network] = {}
+    owner: dict[IPv4Network, int] = {}
+    for index, node in enumerate(nodes_in):
+        if node.pod_cidr is None:
+            continue
+        cidr = _check_given_pod_cidr(node.pod_cidr, ("spec", "nodes", index, "podCIDR"), cluster, issues)
+        if cidr is None:
+            continue
+        if cidr in owner:
+            first = owner[cidr]
+            issues.add(("spec", "nodes", index, "podCIDR"),
+                       f"{cidr} is already the PodCIDR of {nodes_in[first].name} (spec.nodes[{first}]): each node "
+                       "needs its own block")
+            continue
+        owner[cidr] = index
+        explicit[index] = cidr
+    allocated = _allocate(nodes_in, explicit, cluster, issues)
+    if allocated is None or len(explicit) + len(allocated) != len(nodes_in):
+        return None
+    return [explicit[i] if i in explicit else allocated[i] for i in range(len(nodes_in))]
+
+
+def _check_given_pod_cidr(text: str, loc: Loc, cluster: Cluster, issues: _Issues) -> IPv4Network | None:
+    mask = cluster.node_cidr_mask_size
+    cidr = _network(text, loc, f"10.244.1.0/{mask}", issues)
+    if cidr is None:
+        return None
+    if not cidr.subnet_of(cluster.pod_cidr):
+        issues.add(loc, f"{cidr} is outside cluster.podCIDR {cluster.pod_cidr}: a node's PodCIDR is a block of the "
+                        f"cluster's, e.g. {_block(cluster, 1)}")
+        return None
+    if cidr.prefixlen != mask:
+        fixed = IPv4Network(f"{cidr.network_address}/{mask}", strict=False)
+        issues.add(loc, f"{cidr} is a /{cidr.prefixlen} but cluster.nodeCIDRMaskSize is {mask}: use a /{mask} such as "
+                        f"{fixed}, or change cluster.nodeCIDRMaskSize")
+        return None
+    return cidr
+
+
+def _block(cluster: Cluster, index: int) -> IPv4Network:
+    size = 2 ** (32 - cluster.node_cidr_mask_size)
+    return IPv4Network(f"{cluster.pod_cidr.network_address + index * size}/{cluster.node_cidr_mask_size}")
+
+
+def _allocate(nodes_in: list[_NodeIn], explicit: dict[int, IPv4Network], cluster: Cluster,
+              issues: _Issues) -> dict[int, IPv4Network] | None:
+    taken = set(explicit.values())
+    blocks = 2 ** (cluster.node_cidr_mask_size - cluster.pod_cidr.prefixlen)
+    allocated: dict[int, IPv4Network] = {}
+    next_block = 1
+    for index, node in enumerate(nodes_in):
+        if node.pod_cidr is not None:
+            continue
+        while next_block < blocks and _block(cluster, next_block) in taken:
+            next_block += 1
+        if next_block >= blocks:
+            fits = blocks - 1 + (1 if _block(cluster, 0) in taken else 0)
+            issues.add(("spec", "nodes", index),
+                       f"no PodCIDR left for {node.name}: cluster.podCIDR {cluster.pod_cidr} has room for {fits} node "
+                       f"PodCIDR{'' if fits == 1 else 's'} of /{cluster.node_cidr_mask_size} (block 0, "
+                       f"{_block(cluster, 0)}, is not handed "
+                       f"out) but the lab has {len(nodes_in)} nodes; use a larger cluster.podCIDR (a shorter prefix) "
+                       "or a larger cluster.nodeCIDRMaskSize")
+            return None
+        allocated[index] = _block(cluster, next_block)
+        next_block += 1
+    return allocated
+
+
+# ============================================================================ Kubernetes objects
+
+
+@dataclass(frozen=True)
+class _PodTemplate:
+    """What a Pod, or every replica of a Deployment, runs: the part of a Pod that does not depend on placement."""
+
+    labels: tuple[tuple[str, str], ...]
+    containers: tuple[Container, ...]
+    node_name: str | None
+    node_loc: Loc  # where nodeName is (or would be) written, for messages
+
+
+@dataclass
+class _Parsed:
+    """One object after its own checks, before the checks that involve other objects or the lab."""
+
+    api_version: str
+    kind: str
+    loc: Loc
+    manifest: dict[str, Any]
+    name: str
+    namespace: str | None  # None for cluster-scoped kinds (Namespace)
+    labels: dict[str, str]
+    template: _PodTemplate | None = None  # objects that make pods
+    replicas: int | None = None  # None: one pod named like the object (a bare Pod)
+
+
+Reader = Callable[[Any, Loc, "_Issues"], "_Parsed | None"]
+
+
+def _object_documents(text: str, source: _Source, issues: _Issues) -> list[tuple[Loc, Any]]:
+    """The objects of an apply file: each document, or each item of a `kind: List` document."""
+    documents = _compose(text, source, issues, lambda i, n: ("documents", i) if n > 1 else ())
+    if documents is None:
+        return []
+    entries: list[tuple[Loc, Any]] = []
+    for index, doc in enumerate(documents):
+        base: Loc = ("documents", index) if len(documents) > 1 else ()
+        if isinstance(doc, dict) and doc.get("kind") == "List":
+            items = doc.get("items")
+            if not isinstance(items, list):
+                issues.add(base + ("items",), "a kind: List document needs items: a list of objects")
+                continue
+            entries.extend((base + ("items", i), item) for i, item in enumerate(items))
+        else:
+            entries.append((base, doc))
+    return entries
+
+
+def _read_objects(entries: list[tuple[Loc, Any]], issues: _Issues) -> list[_Parsed]:
+    """Each object's own checks, through the KINDS registry; objects with problems are left out."""
+    parsed = []
+    for loc, obj in entries:
+        result = _read_object(obj, loc, issues)
+        if result is not None:
+            parsed.append(result)
+    return parsed
+
+
+def _read_object(obj: Any, loc: Loc, issues: _Issues) -> _Parsed | None:
+    if not isinstance(obj, dict):
+        issues.add(loc, f"an object must be a mapping with apiVersion, kind, metadata (and spec), not {_describe(obj)}")
+        return None
+    api_version, kind = obj.get("apiVersion"), obj.get("kind")
+    ok = True
+    for key, value, example in (("apiVersion", api_version, "apiVersion: v1"), ("kind", kind, "kind: Pod")):
+        if key not in obj:
+            issues.add(loc + (key,), f"missing; every object needs apiVersion and kind, e.g. {example}")
+            ok = False
+        elif not isinstance(value, str):
+            issues.add(loc + (key,), _wrong_type("a string", value, issues.source.raw.get(loc + (key,))))
+            ok = False
+    if not ok:
+        return None
+    reader = KINDS.get((api_version, kind))
+    if reader is None and (api_version, kind) == (API_VERSION, LAB_KIND):
+        issues.add(loc + ("kind",), "a Lab is a kubenet-lab spec, not a Kubernetes object: bring it up as a lab "
+                                    "(lab up FILE); only Kubernetes objects go here")
+        return None
+    if reader is None:
+        wrong_version = any(known == kind for _, known in KINDS)
+        issues.add(loc + ("apiVersion" if wrong_version else "kind",), _unsupported_kind(api_version, kind))
+        return None
+    return reader(obj, loc, issues)
+
+
+def _unsupported_kind(api_version: str, kind: str) -> str:
+    supported = ", ".join(f"{a} {k}" for a, k in KINDS)
+    for known_api, known_kind in KINDS:
+        if known_kind == kind:
+            return f"kind {kind} is served by apiVersion {known_api} here, not {_short(api_version, 40)}: set apiVersion: {known_api}"
+    close = difflib.get_close_matches(kind.lower(), [k.lower() for _, k in KINDS], n=1, cutoff=0.8)
+    if close:
+        match = next(k for _, k in KINDS if k.lower() == close[0])
+        return f"unknown kind {_short(repr(kind), 40)} (did you mean {match}?)"
+    return (f"kind {_short(kind, 40)} ({_short(api_version, 40)}) is not supported by this version of kubenet-lab "
+            f"(supported: {supported})")
+
+
+# ---------------------------------------------------------------------------- metadata
+
+
+_LABEL_NAME = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
+_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_LABEL_MAX = 63
+_SUBDOMAIN_MAX = 253
+
+
+def _label_key_problem(key: str) -> str | None:
+    """Kubernetes label key syntax: [prefix/]name, prefix a DNS-1123 subdomain, name at most 63 characters."""
+    parts = key.split("/")
+    if len(parts) > 2:
+        return f"label key {_short(repr(key), 60)} has more than one '/': write [prefix/]name, e.g. app.kubernetes.io/name"
+    if len(parts) == 2:
+        prefix = parts[0]
+        if not prefix or len(prefix) > _SUBDOMAIN_MAX or not _DNS_SUBDOMAIN.match(prefix):
+            return (f"label key prefix {_short(repr(prefix), 60)} is not a DNS subdomain: use lower-case letters, "
+                    "digits, '-' and '.', e.g. example.com/")
+    name = parts[-1]
+    if not name or len(name) > _LABEL_MAX or not _LABEL_NAME.match(name):
+        return (f"label key {_short(repr(key), 60)} is not valid: the name part must be 1..63 letters, digits, '-', "
+                "'_' or '.', starting and ending with a letter or digit")
+    return None
+
+
+def _label_value_problem(value: str) -> str | None:
+    if value == "" or (len(value) <= _LABEL_MAX and _LABEL_NAME.match(value)):
+        return None
+    return (f"label value {_short(repr(value), 60)} is not valid: use at most 63 letters, digits, '-', '_' or '.', "
+            "starting and ending with a letter or digit (or leave it empty)")
+
+
+def _check_labels(labels: dict[str, str] | None, loc: Loc, issues: _Issues) -> bool:
+    ok = True
+    for key, value in (labels or {}).items():
+        problem = _label_key_problem(key) or _label_value_problem(value)
+        if problem:
+            issues.add(loc + (key,), problem)
+            ok = False
+    return ok
+
+
+def _check_meta(meta: _ObjectMetaIn, loc: Loc, issues: _Issues, name_max: int = names.DNS1123_LABEL_MAX) -> bool:
+    """Object names and namespaces are DNS-1123 labels: they become parts of network namespace names."""
+    ok = True
+    problem = names.dns_label_problem(meta.name, name_max)
+    if problem:
+        issues.add(loc + ("name",), problem)
+        ok = False
+    if meta.namespace is not None:
+        problem = names.dns_label_problem(meta.namespace)
+        if problem:
+            issues.add(loc + ("namespace",), problem)
+            ok = False
+    return _check_labels(meta.labels, loc + ("labels",), issues) and ok
+
+
+def _manifest(model: BaseModel) -> dict[str, Any]:
+    """The normalized manifest: what was given, in Kubernetes' spelling, without nulls."""
+    return model.model_dump(by_alias=True, exclude_none=True)
+
+
+# ---------------------------------------------------------------------------- pods and containers
+
+
+_RESTART_POLICIES = ("Always", "OnFailure", "Never")
+_DNS_POLICIES = ("ClusterFirst", "ClusterFirstWithHostNet", "Default", "None")
+_PROTOCOLS = ("TCP", "UDP", "SCTP")
+_ENV_NAME = re.compile(r"^[-._a-zA-Z][-._a-zA-Z0-9]*$")  # Kubernetes' env var name rule
+_PORT_NAME = re.compile(r"^[-a-z0-9]+$")
+_PORT_NAME_MAX = 15  # IANA service names
+_MAX_NAMESERVERS = 3  # glibc's resolver uses three at most; Kubernetes enforces it
+_MAX_SEARCHES = 32
+
+
+def _check_pod_spec(spec: _PodSpecIn, loc: Loc, labels: dict[str, str], issues: _Issues) -> _PodTemplate | None:
+    before = len(issues)
+    if not spec.containers:
+        issues.add(loc + ("containers",), "no containers: a pod needs at least one, e.g. "
+                                          "containers: [{name: app, image: agnhost, args: [netexec]}]")
+    containers = []
+    seen: dict[str, int] = {}
+    port_names: dict[str, Loc] = {}
+    for index, container_in in enumerate(spec.containers):
+        cloc = loc + ("containers", index)
+        if container_in.name in seen:
+            issues.add(cloc + ("name",), f"container name {container_in.name} is already used by containers"
+                                         f"[{seen[container_in.name]}]: give each container of a pod its own name")
+        seen.setdefault(container_in.name, index)
+        container = _check_container(container_in, cloc, port_names, issues)
+        if container is not None:
+            containers.append(container)
+    _check_pod_extras(spec, loc, issues)
+    if len(issues) > before:
+        return None
+    return _PodTemplate(labels=tuple(labels.items()), containers=tuple(containers), node_name=spec.node_name,
+                        node_loc=loc + ("nodeName",))
+
+
+def _check_pod_extras(spec: _PodSpecIn, loc: Loc, issues: _Issues) -> None:
+    """Fields that do not change the emulation are still checked, so a typo in them is not silently kept."""
+    if spec.restart_policy is not None and spec.restart_policy not in _RESTART_POLICIES:
+        issues.add(loc + ("restartPolicy",), f"restartPolicy must be one of {', '.join(_RESTART_POLICIES)}, "
+                                             f"got {_short(repr(spec.restart_policy), 40)}")
+    if spec.dns_policy is not None and spec.dns_policy not in _DNS_POLICIES:
+        issues.add(loc + ("dnsPolicy",), f"dnsPolicy must be one of {', '.join(_DNS_POLICIES)}, "
+                                         f"got {_short(repr(spec.dns_policy), 40)}")
+    if spec.dns_policy == "None" and not (spec.dns_config and spec.dns_config.nameservers):
+        issues.add(loc + ("dnsPolicy",), "dnsPolicy None takes all DNS settings from dnsConfig: add dnsConfig with "
+                                         "at least one nameserver")
+    if spec.termination_grace_period_seconds is not None and spec.termination_grace_period_seconds < 0:
+        issues.add(loc + ("terminationGracePeriodSeconds",), "must be 0 or more")
+    for key, value in (("hostname", spec.hostname), ("subdomain", spec.subdomain)):
+        problem = names.dns_label_problem(value) if value is not None else None
+        if problem:
+            issues.add(loc + (key,), problem)
+    if spec.dns_config is not None:
+        _check_dns_config(spec.dns_config, loc + ("dnsConfig",), issues)
+
+
+def _check_dns_config(config: _DnsConfigIn, loc: Loc, issues: _Issues) -> None:
+    servers = config.nameservers or []
+    if len(servers) > _MAX_NAMESERVERS:
+        issues.add(loc + ("nameservers",), f"{len(servers)} nameservers given; the resolver uses at most "
+                                           f"{_MAX_NAMESERVERS}: remove some")
+    for index, server in enumerate(servers):
+        try:
+            ipaddress.ip_address(server)
+        except ValueError:
+            issues.add(loc + ("nameservers", index), f"{_short(repr(server), 40)} is not an IP address: write one like 10.96.0.10")
+    if len(config.searches or []) > _MAX_SEARCHES:
+        issues.add(loc + ("searches",), f"at most {_MAX_SEARCHES} search domains are allowed")
+    for index, option in enumerate(config.options or []):
+        if not option.name:
+            issues.add(loc + ("options", index, "name"), "must not be empty (e.g. ndots)")
+
+
+def _check_container(container: _ContainerIn, loc: Loc, port_names: dict[str, Loc],
+                     issues: _Issues) -> Container | None:
+    before = len(issues)
+    problem = names.dns_label_problem(container.name)
+    if problem:
+        issues.add(loc + ("name",), problem)
+    if not container.image or any(ch.isspace() or not ch.isprintable() for ch in container.image):
+        issues.add(loc + ("image",), f"{_short(repr(container.image), 60)} is not an image name: write one like agnhost "
+                                     "or registry.k8s.io/e2e-test-images/agnhost:2.47")
+    for key in ("command", "args"):
+        for index, arg in enumerate(getattr(container, key) or []):
+            if "\0" in arg:
+                issues.add(loc + (key, index), "contains a NUL character, which no program argument can hold: remove it")
+    for index, env in enumerate(container.env or []):
+        if not _ENV_NAME.match(env.name):
+            issues.add(loc + ("env", index, "name"), f"{_short(repr(env.name), 40)} is not a valid variable name: use "
+                                                     "letters, digits, '_', '-' and '.', not starting with a digit")
+    ports = _check_ports(container.ports or [], loc + ("ports",), port_names, issues)
+    argv = _argv(container, loc, issues) if len(issues) == before else None
+    if argv is None or len(issues) > before:
+        return None
+    return Container(name=container.name, image=container.image, argv=argv, ports=ports)
+
+
+def _check_ports(ports_in: list[_PortIn], loc: Loc, port_names: dict[str, Loc],
+                 issues: _Issues) -> tuple[ContainerPort, ...]:
+    ports = []
+    for index, port in enumerate(ports_in):
+        ploc = loc + (index,)
+        protocol = port.protocol if port.protocol is not None else "TCP"
+        if not 1 <= port.container_port <= 65535:
+            issues.add(ploc + ("containerPort",), f"{_show(port.container_port)} is not a port number: use 1..65535")
+        if protocol not in _PROTOCOLS:
+            hint = f" (write {protocol.upper()})" if protocol.upper() in _PROTOCOLS else ""
+            issues.add(ploc + ("protocol",), f"protocol must be one of {', '.join(_PROTOCOLS)}, got "
+                                             f"{_short(repr(protocol), 30)}{hint}")
+        if port.name is not None:
+            problem = _port_name_problem(port.name)
+            if problem:
+                issues.add(ploc + ("name",), problem)
+            elif port.name in port_names:
+                issues.add(ploc + ("name",), f"port name {port.name} is already used at {_path(port_names[port.name])}: "
+                                             "port names must be unique within a pod")
+            else:
+                port_names[port.name] = ploc + ("name",)
+        ports.append(ContainerPort(container_port=port.container_port, protocol=protocol, name=port.name))
+    return tuple(ports)
+
+
+def _port_name_problem(name: str) -> str | None:
+    """IANA service name rules, as Kubernetes applies them to port names."""
+    if (len(name) <= _PORT_NAME_MAX and _PORT_NAME.match(name) and re.search("[a-z]", name)
+            and "--" not in name and not name.startswith("-") and not name.endswith("-")):
+        return None
+    return (f"{_short(repr(name), 40)} is not a valid port name: at most {_PORT_NAME_MAX} lower-case letters, digits "
+            "and single '-', with at least one letter, e.g. http")
+
+
+def image_base(image: str) -> str:
+    """The image's own name: the last path component, without tag or digest.
+
+    `registry.k8s.io/e2e-test-images/agnhost:2.47` and `agnhost@sha256:...` both name agnhost.
+    """
+    without_digest = image.split("@", 1)[0]
+    return without_digest.rsplit("/", 1)[-1].split(":", 1)[0]
+
+
+def _argv(container: _ContainerIn, loc: Loc, issues: _Issues) -> tuple[str, ...] | None:
+    """What the container runs on this machine (never through a shell).
+
+    A built-in image without `command` runs its stand-in: agnhost as a Python module, pause as nothing at
+    all (the pod's own pause process holds the namespaces, so an empty argv means "nothing to start").
+    `command` replaces the image's entrypoint, as in Kubernetes, and `args` follow it.
+    """
+    args = tuple(container.args or ())
+    if container.command is not None:
+        if not container.command or not container.command[0]:
+            issues.add(loc + ("command",), "command is empty: give the program to run, e.g. command: [sleep, infinity]")
+            return None
+        return (*container.command, *args)
+    base = image_base(container.image)
+    if base == "agnhost":
+        where, problem = _agnhost_problem(args)
+        if problem:
+            issues.add(loc + where, problem)
+            return None
+        return (sys.executable, "-m", AGNHOST_MODULE, *args)
+    if base == "pause":
+        if args:
+            issues.add(loc + ("args",), "image pause runs nothing and takes no args: remove args (or give "
+                                        "command: [...] to run a program)")
+            return None
+        return ()
+    issues.add(loc + ("image",), f"image {_short(container.image, 60)} is not built in (built-ins: "
+                                 f"{', '.join(BUILTIN_IMAGES)}): give command: [...] to run a program from this machine")
+    return None
+
+
+def _agnhost_problem(args: tuple[str, ...]) -> tuple[Loc, str | None]:
+    """Check agnhost args with the stand-in's own rules, so a typo fails at validation, not inside a pod.
+
+    The stand-in is imported only here: the spec layer must load even where the lab layer is absent.
+    """
+    if not args:
+        return ("args",), "agnhost needs a subcommand as its first arg, e.g. args: [netexec, --http-port=8080]"
+    try:
+        agnhost = importlib.import_module(AGNHOST_MODULE)
+    except Exception:  # absent or broken: accept the args unchecked rather than refuse every lab
+        return ("args",), None
+    subcommands = getattr(agnhost, "SUBCOMMANDS", None)
+    try:
+        if subcommands is not None and args[0] not in subcommands:
+            known = sorted(str(s) for s in subcommands)
+            close = difflib.get_close_matches(args[0], known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else f"; supported: {', '.join(known)}"
+            return ("args", 0), f"agnhost has no subcommand {_short(repr(args[0]), 40)}{hint}"
+        problem = agnhost.validate_args(list(args))
+    except Exception:
+        return ("args",), None
+    return ("args",), (_short(problem, 200) if isinstance(problem, str) and problem else None)
+
+
+# ---------------------------------------------------------------------------- the kinds
+
+
+def _read_namespace(obj: Any, loc: Loc, issues: _Issues) -> _Parsed | None:
+    model = _validate(_NamespaceIn, obj, loc, issues)
+    if model is None:
+        return None
+    ok = _check_meta(model.metadata, loc + ("metadata",), issues)
+    if model.metadata.namespace is not None:
+        issues.add(loc + ("metadata", "namespace"), "a Namespace is not inside a namespace: remove metadata.namespace")
+        ok = False
+    if not ok:
+        return None
+    return _Parsed(model.api_version, model.kind, loc, _manifest(model), model.metadata.name, None,
+                   dict(model.metadata.labels or {}))
+
+
+def _read_pod(obj: Any, loc: Loc, issues: _Issues) -> _Parsed | None:
+    model = _validate(_PodIn, obj, loc, issues)
+    if model is None:
+        return None
+    labels = dict(model.metadata.labels or {})
+    ok = _check_meta(model.metadata, loc + ("metadata",), issues)
+    template = _check_pod_spec(model.spec, loc + ("spec",), labels, issues)
+    if not ok or template is None:
+        return None
+    manifest = _manifest(model)
+    manifest["metadata"].setdefault("namespace", "default")
+    _fill_pod_spec_defaults(manifest["spec"])
+    return _Parsed(model.api_version, model.kind, loc, manifest, model.metadata.name,
+                   model.metadata.namespace or "default", labels, template=template)
+
+
+def _read_deployment(obj: Any, loc: Loc, issues: _Issues) -> _Parsed | None:
+    model = _validate(_DeploymentIn, obj, loc, issues)
+    if model is None:
+        return None
+    spec, sloc = model.spec, loc + ("spec",)
+    ok = _check_meta(model.metadata, loc + ("metadata",), issues, DEPLOYMENT_NAME_MAX)
+    replicas = spec.replicas if spec.replicas is not None else 1
+    if replicas < 0:
+        issues.add(sloc + ("replicas",), f"replicas {_show(replicas)} must be 0 or more")
+        ok = False
+    template_labels = dict(spec.template.metadata.labels or {})
+    ok = _check_labels(template_labels, sloc + ("template", "metadata", "labels"), issues) and ok
+    ok = _check_selector(spec.selector.match_labels, template_labels, sloc, issues) and ok
+    template = _check_pod_spec(spec.template.spec, sloc + ("template", "spec"), template_labels, issues)
+    if not ok or template is None:
+        return None
+    manifest = _manifest(model)
+    manifest["metadata"].setdefault("namespace", "default")
+    manifest["spec"]["replicas"] = replicas
+    _fill_pod_spec_defaults(manifest["spec"]["template"]["spec"])
+    return _Parsed(model.api_version, model.kind, loc, manifest, model.metadata.name,
+                   model.metadata.namespace or "default", dict(model.metadata.labels or {}),
+                   template=template, replicas=replicas)
+
+
+def _check_selector(match_labels: dict[str, str], template_labels: dict[str, str], loc: Loc,
+                    issues: _Issues) -> bool:
+    """A Deployment owns the pods its selector matches, so the selector must match its own template."""
+    sel = loc + ("selector", "matchLabels")
+    if not match_labels:
+        issues.add(sel, "matchLabels is empty: a Deployment selects its pods by labels, e.g. matchLabels: {app: web}")
+        return False
+    if not _check_labels(match_labels, sel, issues):
+        return False
+    shown = ", ".join(f"{k}={v}" for k, v in template_labels.items()) or "none"
+    for key, value in match_labels.items():
+        if template_labels.get(key) != value:
+            wanted = value or '""'
+            issues.add(sel + (key,), f"selector {key}={value} does not match the pod template's labels ({shown}): "
+                                     f"set spec.template.metadata.labels.{key}: {wanted}, or change the selector")
+            return False
+    return True
+
+
+def _fill_pod_spec_defaults(spec: dict[str, Any]) -> None:
+    for container in spec.get("containers", []):
+        for port in container.get("ports", []):
+            port.setdefault("protocol", "TCP")
+
+
+# Registry of the object kinds a lab understands: (apiVersion, kind) -> reader. A reader validates one
+# object and returns it parsed (or None after recording issues). Later layers add kinds here.
+KINDS: dict[tuple[str, str], Reader] = {
+    ("v1", "Namespace"): _read_namespace,
+    ("v1", "Pod"): _read_pod,
+    ("apps/v1", "Deployment"): _read_deployment,
+}
+
+
+# ============================================================================ objects against the lab
+
+
+def _objects_against_lab(parsed: list[_Parsed], lab: Lab, issues: _Issues) -> list[Pod]:
+    namespaces = _namespaces(parsed, lab.namespaces, issues)
+    place = bool(lab.nodes) and not issues
+    return _expand(parsed, lab, set(namespaces), issues, place=place)
+
+
+def _namespaces(parsed: list[_Parsed], existing: dict[str, dict[str, str]],
+                issues: _Issues) -> dict[str, dict[str, str]]:
+    """Lab.namespaces: the ones every cluster has, those already in the lab, and the Namespace objects."""
+    result: dict[str, dict[str, str]] = {name: {} for name in SYSTEM_NAMESPACES}
+    result.update({name: dict(labels) for name, labels in existing.items()})
+    defined: dict[str, Loc] = {}
+    for obj in parsed:
+        if (obj.api_version, obj.kind) != ("v1", "Namespace"):
+            continue
+        if obj.name in defined:
+            issues.add(obj.loc + ("metadata", "name"), f"Namespace {obj.name} is already defined at "
+                                                       f"{_where(defined[obj.name], issues)}: remove one")
+            continue
+        defined[obj.name] = obj.loc
+        result.setdefault(obj.name, {}).update(obj.labels)
+    return result
+
+
+def _where(loc: Loc, issues: _Issues) -> str:
+    line = issues.source.line(loc)
+    return f"{_path(loc) or 'the top'}" + (f" (line {line})" if line is not None else "")
+
+
+@dataclass
+class _Draft:
+    """A pod before placement."""
+
+    name: str
+    namespace: str
+    template: _PodTemplate
+    obj: _Parsed
+    replica: int | None
+
+
+def _expand(parsed: list[_Parsed], lab: Lab, namespaces: set[str], issues: _Issues, place: bool) -> list[Pod]:
+    """Pods in spec order (a Deployment's replicas where the Deployment is), then placed on nodes.
+
+    With place False (the nodes themselves are wrong) only the checks that need no node run.
+    """
+    drafts: list[_Draft] = []
+    owners: dict[tuple[str, str, str], Loc] = {}
+    taken: dict[str, str] = {pod.key: f"a pod already running in lab {lab.name}" for pod in lab.pods}
+    for obj in parsed:
+        if obj.template is None:
+            continue
+        if not _object_ok(obj, lab, namespaces, owners, issues):
+            continue
+        for draft in _drafts(obj, lab, issues, place):
+            key = f"{draft.namespace}/{draft.name}"
+            if key in taken:
+                issues.add(obj.loc + ("metadata", "name"), f"pod {key} clashes with {taken[key]}: rename one")
+                continue
+            taken[key] = _describe_origin(draft, issues)
+            drafts.append(draft)
+    if not place:
+        return []
+    return _place(drafts, lab, issues)
+
+
+def _object_ok(obj: _Parsed, lab: Lab, namespaces: set[str], owners: dict[tuple[str, str, str], Loc],
+               issues: _Issues) -> bool:
+    ok = True
+    assert obj.namespace is not None and obj.template is not None
+    if obj.namespace not in namespaces:
+        issues.add(obj.loc + ("metadata", "namespace"),
+                   f"namespace {obj.namespace} does not exist: add a v1 Namespace object named {obj.namespace}")
+        ok = False
+    node = obj.template.node_name
+    if node is not None and lab.nodes and node not in {n.name for n in lab.nodes}:
+        issues.add(obj.template.node_loc, f"nodeName {_short(node, 60)} is not a node of this lab "
+                                          f"(nodes: {', '.join(n.name for n in lab.nodes)})")
+        ok = False
+    ident = (obj.kind, obj.namespace, obj.name)
+    if obj.replicas is not None and ident in owners:
+        issues.add(obj.loc + ("metadata", "name"), f"{obj.kind} {obj.namespace}/{obj.name} is already defined at "
+                                                   f"{_where(owners[ident], issues)}: rename one")
+        ok = False
+    owners.setdefault(ident, obj.loc)
+    return ok
+
+
+def _describe_origin(draft: _Draft, issues: _Issues) -> str:
+    where = _where(draft.obj.loc, issues)
+    if draft.replica is None:
+        return f"the pod at {where}"
+    return f"replica {draft.replica} of {draft.obj.kind} {draft.obj.name} at {where}"
+
+
+def _drafts(obj: _Parsed, lab: Lab, issues: _Issues, place: bool) -> list[_Draft]:
+    assert obj.template is not None and obj.namespace is not None
+    if obj.replicas is None:
+        return [_Draft(obj.name, obj.namespace, obj.template, obj, None)]
+    if not place:
+        return []  # replica names only matter once the lab is otherwise valid
+    room = sum(node.pod_capacity for node in lab.nodes)
+    if obj.replicas > room:
+        issues.add(obj.loc + ("spec", "replicas"), f"replicas {obj.replicas} is more than this lab's nodes can hold "
+                                                   f"({room} pods in all): lower replicas, or give nodes larger "
+                                                   "PodCIDRs with a smaller cluster.nodeCIDRMaskSize")
+        return []
+    used: set[str] = set()
+    drafts = []
+    for index in range(obj.replicas):
+        name = _replica_name(obj.namespace, obj.name, index, used)
+        used.add(name)
+        drafts.append(_Draft(name, obj.namespace, obj.template, obj, index))
+    return drafts
+
+
+def _replica_name(namespace: str, deployment: str, index: int, used: set[str]) -> str:
+    """`<deployment>-<5 hex>`, like the random suffix of a ReplicaSet's pods, but derived from the
+    replica's identity so every load of a spec gives the same names. A clash between two replicas of the
+    same Deployment (likely past a few hundred replicas) is resolved by rehashing, still deterministically."""
+    attempt = 0
+    while True:
+        parts = (namespace, deployment, str(index)) + ((str(attempt),) if attempt else ())
+        name = f"{deployment}-{names.short_hash(*parts, length=5)}"
+        if name not in used:
+            return name
+        attempt += 1
+
+
+def _place(drafts: list[_Draft], lab: Lab, issues: _Issues) -> list[Pod]:
+    """Pick each pod's node: its nodeName; for replica i, nodes[i mod count]; otherwise the node with the
+    fewest pods so far (earlier node on a tie), a stand-in for the scheduler's spreading. Existing pods count."""
+    counts = {node.name: len(lab.pods_on(node.name)) for node in lab.nodes}
+    overflow_at: dict[str, Loc] = {}
+    veths: dict[tuple[str, str], str] = {(pod.node, names.host_veth(pod.namespace, pod.name)): pod.key for pod in lab.pods}
+    pods = []
+    for draft in drafts:
+        node = _node_for(draft, lab, counts)
+        counts[node] += 1
+        if counts[node] == lab.node(node).pod_capacity + 1:
+            overflow_at[node] = draft.obj.loc
+        veth = names.host_veth(draft.namespace, draft.name)
+        key = f"{draft.namespace}/{draft.name}"
+        if (node, veth) in veths:
+            issues.add(draft.obj.loc + ("metadata", "name"),
+                       f"pods {veths[(node, veth)]} and {key} on {node} would get the same host veth name {veth} "
+                       "(a hash collision): rename one of them")
+        veths[(node, veth)] = key
+        pods.append(Pod(name=draft.name, namespace=draft.namespace, node=node, labels=draft.template.labels,
+                        containers=draft.template.containers,
+                        owner=draft.obj.name if draft.replica is not None else None))
+    for node_name, loc in overflow_at.items():
+        issues.add(loc, _capacity_message(lab, lab.node(node_name), counts[node_name]))
+    return pods
+
+
+def _node_for(draft: _Draft, lab: Lab, counts: dict[str, int]) -> str:
+    if draft.template.node_name is not None:
+        return draft.template.node_name
+    if draft.replica is not None:
+        return lab.nodes[draft.replica % len(lab.nodes)].name
+    return min(lab.nodes, key=lambda n: (counts[n.name], n.index)).name
+
+
+def _capacity_message(lab: Lab, node: Node, count: int) -> str:
+    """host-local IPAM hands out the PodCIDR minus network, broadcast and the bridge's .1 gateway."""
+    mask = lab.cluster.node_cidr_mask_size
+    bigger = ""
+    if mask - 1 > lab.cluster.pod_cidr.prefixlen:
+        bigger = f" ({mask - 1} holds {2 ** (32 - mask + 1) - 3})"
+    return (f"{node.name} would have {count} pods but its PodCIDR {node.pod_cidr} holds {node.pod_capacity} "
+            f"(.1 is the gateway): give nodes larger PodCIDRs with a smaller cluster.nodeCIDRMaskSize{bigger}, "
+            f"or put fewer pods on {node.name}")
