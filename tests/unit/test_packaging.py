@@ -19,6 +19,6 @@ def test_vagrantfile_validates() -> None:
 def test_ci_runs_the_readme_test_command() -> None:
     readme = (REPO / "README.md").read_text()
     ci = (REPO / ".ci" / "run").read_text()
-    assert "sudo ./run-tests.sh" in readme and "./run-tests.sh" in ci
-    assert "sudo ./install.sh && sudo .venv/bin/lab up" in readme
+    assert "\n    ./run-tests.sh\n" in readme and "./run-tests.sh" in ci
+    assert "\n    ./install.sh && .venv/bin/lab up\n" in readme
     assert "./install.sh" in (REPO / "Vagrantfile").read_text()
