@@ -17,6 +17,7 @@ from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from pathlib import Path
 
 from topo.errors import IpamExhausted
+from topo.model import gateway_of
 
 
 @dataclass
@@ -37,7 +38,7 @@ class NodeIpam:
 
     @property
     def gateway(self) -> IPv4Address:
-        return self.subnet.network_address + 1
+        return gateway_of(self.subnet).ip
 
     @property
     def first(self) -> IPv4Address:

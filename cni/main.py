@@ -37,6 +37,8 @@ def run(command: str, stdin: str) -> dict[str, Any] | None:
         config = json.loads(stdin)
     except ValueError as exc:
         raise CniError(6, "network configuration is not JSON", str(exc)) from exc
+    if not isinstance(config, dict):
+        raise CniError(6, "network configuration must be a JSON object")
     conf = NetConf.from_json(config)
     extra = _k8s_args(os.environ.get("CNI_ARGS", ""))
     args = CniArgs(container_id=_env("CNI_CONTAINERID"), netns=_env("CNI_NETNS", required=command != "DEL"),
@@ -63,6 +65,9 @@ def main() -> int:
         return 1
     except LabError as exc:
         print(json.dumps(CniError(11, str(exc)).to_json()))
+        return 1
+    except Exception as exc:  # a bug or an odd input: still a CNI error object, never a bare traceback
+        print(json.dumps(CniError(999, "internal error", f"{type(exc).__name__}: {exc}").to_json()))
         return 1
     if result is not None:
         print(json.dumps(result, indent=1))

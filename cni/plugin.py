@@ -18,12 +18,14 @@ from typing import Any
 
 from cni.ipam import LeaseFile, NodeIpam
 from topo import names, netns
+from topo.model import gateway_of
 from topo.rtnl import Link, NetlinkError, Rtnl
 from topo.errors import ApplyError, LabError
 
 CNI_VERSION = "1.0.0"
-SUPPORTED_VERSIONS = ("0.4.0", "1.0.0")
+SUPPORTED_VERSIONS = ("1.0.0",)  # results are written in 1.0.0's format only
 PLUGIN_TYPE = "kubenet-bridge"
+CHECK_FAILED = 100  # the spec leaves codes 100+ to plugins; 11 ("try again later") is for transient trouble
 
 
 class CniError(LabError):
@@ -51,7 +53,7 @@ class NetConf:
 
     @property
     def gateway(self) -> IPv4Interface:
-        return IPv4Interface(f"{self.subnet.network_address + 1}/{self.subnet.prefixlen}")
+        return gateway_of(self.subnet)
 
     def lease_file(self) -> LeaseFile:
         return LeaseFile(Path(self.data_dir) / f"{self.node}.json", self.node, self.subnet)
@@ -97,9 +99,9 @@ class CniArgs:
 
     @property
     def host_ifname(self) -> str:
-        if self.pod_name:
-            return names.host_veth(self.pod_namespace, self.pod_name)
-        return "veth" + names.short_hash("cid", self.container_id, self.ifname, length=8)
+        """Derived from the sandbox (container id), not the pod: a recreated sandbox of the same pod
+        gets its own veth, and a late DEL of the old one cannot touch the new one's."""
+        return names.host_veth(self.container_id, self.ifname)
 
 
 IpamSession = Callable[[], AbstractContextManager[NodeIpam]]
@@ -140,12 +142,14 @@ class BridgePlugin:
         bridge = self.ensure_bridge()
         with self.ipam() as ipam:
             address = ipam.allocate(args.container_id, args.ifname, args.pod)
+        created = self.host.link(args.host_ifname) is None
         try:
             return self._wire(args, bridge, address)
         except Exception as exc:
-            self._unwire(args)
-            with self.ipam() as ipam:
-                ipam.release(args.container_id, args.ifname)
+            if created:  # undo only what this call made, never a veth an earlier ADD left working
+                self._unwire(args)
+                with self.ipam() as ipam:
+                    ipam.release(args.container_id, args.ifname)
             if isinstance(exc, LabError):
                 raise
             raise ApplyError(f"CNI ADD for {args.pod or args.container_id} failed: {exc}") from exc
@@ -195,8 +199,10 @@ class BridgePlugin:
 
     # ---- DEL ---------------------------------------------------------------------------------
     def delete(self, args: CniArgs) -> None:
-        """Unwire a pod. Whatever is already gone (veth, namespace, lease) is not an error."""
+        """Unwire a pod. Whatever is already gone (veth, namespace, lease, the lease file) is not an error."""
         self._unwire(args)
+        if self.ipam == self.conf.lease_file().locked and not self.conf.lease_file().path.exists():
+            return  # nothing was ever leased here: do not create lease files (e.g. after `lab down`)
         with self.ipam() as ipam:
             ipam.release(args.container_id, args.ifname)
 
@@ -218,24 +224,24 @@ class BridgePlugin:
         with self.ipam() as ipam:
             leased = ipam.lookup(args.container_id, args.ifname)
         if leased != want.ip:
-            raise CniError(11, f"IPAM lease of {args.container_id} is {leased}, prevResult says {want.ip}")
+            raise CniError(CHECK_FAILED, f"IPAM lease of {args.container_id} is {leased}, prevResult says {want.ip}")
         host = self.host.link(args.host_ifname)
         bridge = self.host.link(self.conf.bridge)
         if host is None or bridge is None or host.master != bridge.index:
-            raise CniError(11, f"{args.host_ifname} is missing or not attached to {self.conf.bridge}")
+            raise CniError(CHECK_FAILED, f"{args.host_ifname} is missing or not attached to {self.conf.bridge}")
         try:
             pod = netns.rtnl_in(args.netns)
         except OSError as exc:
-            raise CniError(11, f"pod namespace {args.netns} is gone") from exc
+            raise CniError(CHECK_FAILED, f"pod namespace {args.netns} is gone") from exc
         with pod:
             link = pod.link(args.ifname)
             if link is None:
-                raise CniError(11, f"{args.ifname} is missing in {args.netns}")
+                raise CniError(CHECK_FAILED, f"{args.ifname} is missing in {args.netns}")
             if want not in [a for _i, a in pod.addrs(link.index)]:
-                raise CniError(11, f"{args.ifname} in {args.netns} does not hold {want}")
+                raise CniError(CHECK_FAILED, f"{args.ifname} in {args.netns} does not hold {want}")
             gw = self.conf.gateway.ip
             if not any(r.dst.prefixlen == 0 and r.gateway == gw for r in pod.routes()):
-                raise CniError(11, f"no default route via {gw} in {args.netns}")
+                raise CniError(CHECK_FAILED, f"no default route via {gw} in {args.netns}")
 
 
 @contextlib.contextmanager

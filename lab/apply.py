@@ -6,8 +6,6 @@ speed tricks: one netlink handle per node reused for all its pods, namespaces en
 from __future__ import annotations
 
 import contextlib
-import os
-import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,8 +13,9 @@ from typing import Any
 
 from cni.plugin import BridgePlugin, memory_session
 from lab import runtime, state
-from lab.plan import NodeOps, Plan, PodOps
-from topo import names, netns, underlay
+from lab.plan import HOST_SYSCTLS, SWITCH_SYSCTLS, NodeOps, Plan, PodOps
+from routing import bgp, frr, vxlan
+from topo import names, netns, process, underlay
 from topo.errors import ApplyError
 from topo.rtnl import IF_OPER_UNKNOWN, IF_OPER_UP, RTPROT_STATIC, Rtnl
 
@@ -57,7 +56,6 @@ def write_sysctls(ns: str, values: tuple[tuple[str, str], ...]) -> None:
 
 
 def setup_node(node: NodeOps, handles: NodeHandles) -> BridgePlugin:
-    write_sysctls(node.netns, node.sysctls)
     host = handles.get(node.netns)
     plugin = BridgePlugin(node.netconf, host)
     plugin.ensure_bridge()
@@ -69,6 +67,8 @@ def setup_node(node: NodeOps, handles: NodeHandles) -> BridgePlugin:
                 raise ApplyError(f"node {node.name} has no {route.dev}")
             devices[route.dev] = link.index
         host.replace_route(route.dst, gateway=route.via, oif=devices[route.dev], protocol=RTPROT_STATIC)
+    if node.vxlan is not None:
+        vxlan.apply(host, node.vxlan)
     return plugin
 
 
@@ -84,12 +84,29 @@ def add_pod(op: PodOps, plugin: BridgePlugin, pause: str, logs: Path) -> state.P
                           containers=containers, owner=op.pod.owner, labels=op.pod.label_map)
 
 
+def start_bgp(speakers: tuple[bgp.Speaker, ...], lab: str) -> None:
+    for speaker in speakers:
+        frr.start(speaker, frr_folder(lab, speaker.name))
+
+
+def frr_folder(lab: str, name: str) -> Path:
+    return state.lab_dir(lab) / "frr" / name
+
+
 def apply(plan: Plan, st: state.LabState) -> None:
+    if plan.routers or plan.speakers:
+        frr.require_frr()
     netns.ensure_dir()
     underlay.build(plan.underlay)
-    pause = runtime.pause_binary(state.RUN_DIR / "bin")
+    pause = runtime.pause_binary(state.RUN_DIR / state.BIN)
     logs = state.log_dir(plan.lab.name)
     with node_handles() as handles:
+        underlay.configure(plan.underlay, handles.get)
+        for host in plan.underlay.hosts:
+            write_sysctls(host.netns, HOST_SYSCTLS)
+        for ns in plan.underlay.switch_netns:
+            write_sysctls(ns, SWITCH_SYSCTLS)
+        start_bgp(plan.routers, plan.lab.name)
         plugins: dict[str, BridgePlugin] = {}
         for node in plan.nodes:
             plugins[node.name] = setup_node(node, handles)
@@ -102,7 +119,17 @@ def apply(plan: Plan, st: state.LabState) -> None:
         finally:
             for node in plan.nodes:
                 node.netconf.lease_file().write(plan.ipam[node.name])
-        wait_carrier([handles.get(n.netns) for n in plan.nodes] + [handles.get(plan.underlay.switch_netns)])
+        start_bgp(plan.speakers, plan.lab.name)
+        wait_carrier([handles.get(h.netns) for h in plan.underlay.hosts] +
+                     [handles.get(ns) for ns in plan.underlay.switch_netns])
+        speakers = plan.routers + plan.speakers
+        if speakers:
+            folders = {s.name: frr_folder(plan.lab.name, s.name) for s in speakers}
+            frr.wait_converged(list(speakers), {s.netns: handles.get(s.netns) for s in speakers}, folders,
+                               timeout=BGP_TIMEOUT)
+
+
+BGP_TIMEOUT = 30.0  # a few seconds is normal here; thirty means something is broken
 
 
 def wait_carrier(handles: list[Rtnl], timeout: float = 5.0) -> None:
@@ -123,6 +150,14 @@ def wait_carrier(handles: list[Rtnl], timeout: float = 5.0) -> None:
 
 # ---- teardown -------------------------------------------------------------------------------
 
+def remove_namespace(ns: str) -> None:
+    """Stop every process in a namespace, then unpin it."""
+    inode = netns.inode(ns)
+    if inode is not None:
+        process.kill_all(process.pids_in_netns([inode]))
+    netns.delete(ns)
+
+
 def lab_namespaces(lab: str) -> list[str]:
     return netns.list_names(f"{names.NETNS_PREFIX}{lab}{names.SEP}")
 
@@ -135,7 +170,7 @@ def teardown(lab: str, wait: bool = True) -> list[str]:
     """
     spaces = lab_namespaces(lab)
     inodes = [i for ns in spaces if (i := netns.inode(ns)) is not None]
-    runtime.kill_all(runtime.pids_in_netns(inodes))
+    process.kill_all(process.pids_in_netns(inodes))
     kinds = {"p": [], "n": [], "u": []}  # type: dict[str, list[str]]
     for ns in spaces:
         kind = ns[len(names.NETNS_PREFIX) + len(lab) + 1:].split(names.SEP, 1)[0]
@@ -143,15 +178,16 @@ def teardown(lab: str, wait: bool = True) -> list[str]:
     # Pods first, watched from their nodes; then nodes, watched from the underlay switch.
     _delete_watched(kinds["p"], kinds["n"], "veth", wait)
     others = [ns for kind, spaces_of in kinds.items() if kind not in ("p", "n", "u") for ns in spaces_of]
-    _delete_watched(kinds["n"] + others, kinds["u"], f"{underlay.SWITCH}-", wait)
+    _delete_watched(kinds["n"] + others, kinds["u"], "-eth", wait)  # switch ports: <switch>-eth<N>
     for ns in kinds["u"]:
         netns.delete(ns)
     return spaces
 
 
-def _delete_watched(doomed: list[str], watchers: list[str], peer_prefix: str, wait: bool,
+def _delete_watched(doomed: list[str], watchers: list[str], peer_mark: str, wait: bool,
                     timeout: float = 30.0) -> None:
-    """Unpin `doomed` and wait until the links named `peer_prefix*` (their veth peers) vanish from `watchers`."""
+    """Unpin `doomed` and wait until the links whose names hold `peer_mark` (their veth peers) vanish from
+    `watchers`."""
     if not doomed:
         return
     with node_handles() as handles:
@@ -159,24 +195,15 @@ def _delete_watched(doomed: list[str], watchers: list[str], peer_prefix: str, wa
         if wait:
             for ns in watchers:
                 with contextlib.suppress(OSError):
-                    before[ns] = _peer_count(handles.get(ns), peer_prefix)
+                    before[ns] = _peer_count(handles.get(ns), peer_mark)
         for ns in doomed:
             netns.delete(ns)
         deadline = time.monotonic() + timeout
         while wait and before and time.monotonic() < deadline:
-            if all(_peer_count(handles.get(ns), peer_prefix) == 0 for ns in before):
+            if all(_peer_count(handles.get(ns), peer_mark) == 0 for ns in before):
                 break
             time.sleep(0.02)
 
 
-def _peer_count(handle: Rtnl, prefix: str) -> int:
-    return sum(1 for link in handle.links() if link.name.startswith(prefix))
-
-
-def remove_files(lab: str) -> None:
-    """The lab's state folder and lock; the run folder itself once no lab is left."""
-    shutil.rmtree(state.lab_dir(lab), ignore_errors=True)
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(state.RUN_DIR / f"{lab}.lock")
-    if not state.known_labs() and not any(state.RUN_DIR.glob("*.lock")):
-        shutil.rmtree(state.RUN_DIR, ignore_errors=True)
+def _peer_count(handle: Rtnl, mark: str) -> int:
+    return sum(1 for link in handle.links() if mark in link.name)

@@ -67,7 +67,9 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 def _cmd_exec(args: argparse.Namespace) -> int:
     from lab import execute
+    from lab.lifecycle import require_root
 
+    require_root()
     command = list(args.command)
     if command and command[0] == "--":
         command = command[1:]
@@ -79,7 +81,9 @@ def _cmd_exec(args: argparse.Namespace) -> int:
 
 def _cmd_apply(args: argparse.Namespace) -> int:
     from lab import objects
+    from lab.lifecycle import require_root
 
+    require_root()
     for line in objects.apply_file(args.lab, args.filename):
         print(line)
     return 0
@@ -87,7 +91,9 @@ def _cmd_apply(args: argparse.Namespace) -> int:
 
 def _cmd_delete(args: argparse.Namespace) -> int:
     from lab import objects
+    from lab.lifecycle import require_root
 
+    require_root()
     for line in objects.delete(args.lab, args.kind, args.name, args.namespace):
         print(line)
     return 0
@@ -155,6 +161,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except OSError as exc:
         print(f"lab {args.command_name}: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # a bug: still one line, and the traceback on request
+        if os.environ.get("KUBENET_LAB_DEBUG"):
+            raise
+        print(f"lab {args.command_name}: internal error: {type(exc).__name__}: {exc} "
+              "(set KUBENET_LAB_DEBUG=1 for the traceback, and please report it)", file=sys.stderr)
         return 1
 
 

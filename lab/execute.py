@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import shutil
 
-from lab import state
+from lab import runtime, state
 from lab.status import model_of
 from topo import netns
 from topo.errors import StateError
@@ -22,33 +22,52 @@ def find_target(st: state.LabState, target: str) -> tuple[str, int | None]:
         if pod is None:
             raise StateError(f"no pod {target} in lab {st.name}")
         return pod.netns, pod.pause_pid
-    if any(n.name == target for n in lab.nodes):
+    if any(n.name == target for n in lab.nodes) or target in lab.routers:
         return lab.node_netns(target), None
     matches = [key for key in st.pods if key.split("/", 1)[1] == target]
     if len(matches) > 1:
         raise StateError(f"pod name {target} is in several namespaces ({', '.join(sorted(matches))}): "
                          "give it as NAMESPACE/NAME")
     if not matches:
-        known = ", ".join([n.name for n in lab.nodes] + sorted(k.split("/", 1)[1] for k in st.pods))
-        raise StateError(f"no node or pod named {target} in lab {st.name} (known: {known})")
+        known = ", ".join([n.name for n in lab.nodes] + lab.routers + sorted(k.split("/", 1)[1] for k in st.pods))
+        raise StateError(f"no node, router or pod named {target} in lab {st.name} (known: {known})")
     pod = st.pods[matches[0]]
     return pod.netns, pod.pause_pid
 
 
+def _show_frr_as_default(lab: str, host: str) -> None:
+    """Make plain `vtysh` talk to this node's (or router's) own FRR instance.
+
+    Each instance keeps its sockets in the lab's state folder; in a private mount namespace for this
+    command only, that folder is bind-mounted over /run/frr, where vtysh looks, as `ip netns exec` does
+    for /etc/netns/NAME files.
+    """
+    folder = state.lab_dir(lab) / "frr" / host
+    if folder.is_dir() and os.path.isdir(FRR_RUN):
+        netns.bind_mount(str(folder), FRR_RUN)
+
+
+FRR_RUN = "/run/frr"
+
+
 def exec_in(lab: str | None, target: str, command: list[str]) -> None:
-    st = state.resolve(lab)
+    st = state.resolve(lab, any_phase=lab is not None)  # a kept failed build can be inspected by name
     ns, pause_pid = find_target(st, target)
     exe = shutil.which(command[0])
     if exe is None:
         raise StateError(f"command {command[0]!r} not found")
+    if pause_pid is not None and not runtime.sandbox_alive(ns, pause_pid):
+        raise StateError(f"pod {target} is not running (its pause process {pause_pid} is gone)")
     fd = netns.open_fd(ns)
     netns.setns(fd, netns.CLONE_NEWNET)
     os.close(fd)
+    netns.unshare(netns.CLONE_NEWNS)  # a private mount namespace for this command only
+    netns.make_private("/")
+    netns.remount_sys()
+    if pause_pid is None:
+        _show_frr_as_default(st.name, target)
     if pause_pid is not None:
-        try:
-            uts = os.open(f"/proc/{pause_pid}/ns/uts", os.O_RDONLY)
-        except FileNotFoundError as exc:
-            raise StateError(f"pod {target} is not running (its pause process {pause_pid} is gone)") from exc
+        uts = os.open(f"/proc/{pause_pid}/ns/uts", os.O_RDONLY)
         netns.setns(uts, netns.CLONE_NEWUTS)
         os.close(uts)
     os.execv(exe, command)

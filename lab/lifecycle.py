@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lab import apply, plan, state
-from topo import names, netns
+from topo import kernel, names, netns
 from topo.errors import FeatureMissing, StateError
 from topo.model import Lab
 from topo.spec import load_spec
@@ -47,55 +47,73 @@ def up(spec: str | None, keep_on_failure: bool = False) -> UpResult:
     started = time.monotonic()
     lab = load_spec(resolve_spec(spec))
     require_root()
-    with state.locked(lab.name):
+    require_kernel_features(lab)
+    with state.locked():
         existing = state.load(lab.name)
         if state.is_live(existing):
             raise StateError(f"lab {lab.name} is already up: 'lab down {lab.name}' first")
         leftovers = bool(apply.lab_namespaces(lab.name)) or existing is not None
-        if leftovers:  # a crashed run of this same lab: ours by name, and dead
+        if leftovers:  # a crashed or kept run of this same lab: ours by name, and not running
             apply.teardown(lab.name)
-            apply.remove_files(lab.name)
+            state.remove(lab.name)
         st = state.LabState(name=lab.name, phase="building", pid=os.getpid(), spec_file=lab.source,
-                            spec_text=Path(lab.source).read_text() if lab.source else "",
-                            exercise=lab.exercise)
+                            spec_text=lab.text, exercise=lab.exercise)
         state.save(st)
         try:
             apply.apply(plan.build(lab, state.ipam_dir(lab.name)), st)
             st.phase = "up"
             state.save(st)
         except BaseException:
-            if not keep_on_failure:
+            if keep_on_failure:
+                st.phase = "failed"
+                state.save(st)
+            else:
                 apply.teardown(lab.name)
-                apply.remove_files(lab.name)
+                state.remove(lab.name)
             raise
     return UpResult(lab, st, time.monotonic() - started, leftovers)
 
 
+def require_kernel_features(lab: Lab) -> None:
+    """What a spec asks of the kernel, checked before anything is built."""
+    links = [lab.underlay.link] + [n.link for n in lab.nodes]
+    if any(link.delay_ms or link.loss_percent for link in links) and not kernel.has_netem():
+        raise FeatureMissing("link delay and loss need the kernel's netem qdisc (CONFIG_NET_SCH_NETEM), which "
+                             "this kernel lacks: remove delay/loss from the spec, or run the lab in the "
+                             "Vagrant VM (a full kernel)")
+
+
 def down(name: str | None) -> tuple[str, float]:
+    """Take a lab apart: a running one, or one kept after a failed build."""
     started = time.monotonic()
     require_root()
-    st = state.resolve(name)
-    with state.locked(st.name):
+    st = state.resolve(name, any_phase=True)
+    with state.locked():
         apply.teardown(st.name)
-        apply.remove_files(st.name)
+        state.remove(st.name)
     return st.name, time.monotonic() - started
 
 
 def clean(everything: bool = False) -> list[str]:
     """Remove what crashed or half-built labs left; with `everything`, running labs too.
 
-    Found by prefix (namespace names, state folders), never by guessing at process names.
+    Found by prefix (namespace names, state folders), never by guessing at process names. Liveness is
+    judged under the lock, so a lab being built right now is never mistaken for a crash.
     """
     require_root()
-    labs = {names.lab_of_netns(ns) for ns in netns.list_names(names.NETNS_PREFIX)}
-    labs |= set(state.known_labs())
-    labs.discard(None)
     removed = []
-    for lab in sorted(labs):  # type: ignore[type-var]
-        if not everything and state.is_live(state.load(lab)):
-            continue
-        with state.locked(lab):
+    with state.locked():
+        labs = {names.lab_of_netns(ns) for ns in netns.list_names(names.NETNS_PREFIX)}
+        labs |= set(state.known_labs())
+        labs.discard(None)
+        for lab in sorted(labs):  # type: ignore[type-var]
+            try:
+                live = state.is_live(state.load(lab))
+            except StateError:
+                live = False  # unreadable state: a leftover like any other
+            if live and not everything:
+                continue
             apply.teardown(lab)
-            apply.remove_files(lab)
-        removed.append(lab)
+            state.remove(lab)
+            removed.append(lab)
     return removed

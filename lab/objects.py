@@ -19,8 +19,13 @@ from topo.spec import parse_objects, pods_from_objects
 
 
 def current_lab(st: state.LabState) -> Lab:
-    """The lab's model with the pods it runs now (spec pods plus applied, minus deleted)."""
+    """The lab's model as it runs now: spec pods plus applied minus deleted, spec and applied namespaces."""
     base = model_of(st)
+    namespaces = dict(base.namespaces)
+    for obj in st.objects:
+        if obj.get("kind") == "Namespace":
+            meta = obj.get("metadata", {})
+            namespaces.setdefault(meta["name"], {}).update(meta.get("labels") or {})
     by_key = {p.key: p for p in base.pods}
     pods = []
     for key, ps in st.pods.items():
@@ -29,7 +34,36 @@ def current_lab(st: state.LabState) -> Lab:
         pods.append(known if known is not None else
                     Pod(name=name, namespace=namespace, node=ps.node, labels=tuple(sorted(ps.labels.items())),
                         owner=ps.owner))
-    return dataclasses.replace(base, pods=tuple(pods))
+    return dataclasses.replace(base, pods=tuple(pods), namespaces=namespaces)
+
+
+def _object_key(obj: dict) -> tuple[str, str, str]:
+    meta = obj.get("metadata", {})
+    return obj.get("kind", ""), meta.get("namespace", ""), meta.get("name", "")
+
+
+def _remember(st: state.LabState, objects: list[dict]) -> list[str]:
+    """Keep applied manifests (the newest of each object); report namespaces that are new."""
+    known = {_object_key(o): i for i, o in enumerate(st.objects)}
+    report = []
+    for obj in objects:
+        key = _object_key(obj)
+        if key in known:
+            st.objects[known[key]] = obj
+        else:
+            known[key] = len(st.objects)
+            st.objects.append(obj)
+            if key[0] == "Namespace":
+                report.append(f"namespace {key[2]} created")
+    return report
+
+
+def _locked_state(st: state.LabState) -> state.LabState:
+    """The lab's state re-read under the lock: it may have gone down while we waited."""
+    fresh = state.load(st.name)
+    if fresh is None or fresh.phase != "up":
+        raise StateError(f"lab {st.name} is not running any more")
+    return fresh
 
 
 def apply_file(name: str | None, file: str) -> list[str]:
@@ -39,8 +73,8 @@ def apply_file(name: str | None, file: str) -> list[str]:
     except (OSError, UnicodeDecodeError) as exc:
         raise SpecError(file, [SpecIssue("", f"cannot read: {exc}")]) from exc
     st = state.resolve(name)
-    with state.locked(st.name):
-        st = state.load(st.name) or st
+    with state.locked():
+        st = _locked_state(st)
         lab = current_lab(st)
         existing = {p.key: p for p in lab.pods}
         # Re-applying a manifest is not a name clash (kubectl reports it unchanged): validate the file
@@ -51,19 +85,18 @@ def apply_file(name: str | None, file: str) -> list[str]:
         objects = parse_objects(text, others, file)
         wanted = pods_from_objects(objects, others, file)
         new = [p for p in wanted if p.key not in existing]
-        report = [f"pod {p.key} unchanged" for p in wanted if p.key in existing]
-        doomed = _scaled_away(objects, wanted, st)
-        for key in doomed:
-            _delete_pod(st, lab, key)
-            report.append(f"pod {key} deleted (scaled down)")
-        lab = dataclasses.replace(lab, pods=lab.pods + tuple(new))
+        report = _remember(st, objects)
+        report += [f"pod {p.key} unchanged" for p in wanted if p.key in existing]
+        lab = dataclasses.replace(lab, namespaces=current_lab(st).namespaces, pods=lab.pods + tuple(new))
         try:
+            for key in _scaled_away(objects, wanted, st):
+                _delete_pod(st, lab, key)
+                report.append(f"pod {key} deleted (scaled down)")
             for pod in new:
                 _add_pod(st, lab, pod)
                 report.append(f"pod {pod.key} created ({pod.node}, {st.pods[pod.key].ip})")
         finally:
-            st.objects.extend(objects)
-            state.save(st)
+            state.save(st)  # whatever happened so far, the state says so
     return report
 
 
@@ -88,7 +121,7 @@ def _add_pod(st: state.LabState, lab: Lab, pod: Pod) -> None:
     """One pod the way `lab up` makes it; a failure removes what was made of it."""
     ns = lab.pod_netns(pod)
     args = plan.cni_args(lab, pod)
-    pause = runtime.pause_binary(state.RUN_DIR / "bin")
+    pause = runtime.pause_binary(state.RUN_DIR / state.BIN)
     with netns.rtnl_in(lab.node_netns(pod.node)) as host:
         plugin = _plugin(lab, pod.node, host)
         netns.create(ns)
@@ -97,19 +130,13 @@ def _add_pod(st: state.LabState, lab: Lab, pod: Pod) -> None:
             result = plugin.add(args)
             containers = runtime.start_pod_containers(pod, ns, pause_pid, state.log_dir(lab.name))
         except BaseException:
-            _remove_pod_objects(ns)
+            apply.remove_namespace(ns)
+            plugin.delete(args)  # the lease (and veth) of an ADD that succeeded before a later step failed
             raise
         apply.wait_carrier([host])
     st.pods[pod.key] = state.PodState(node=pod.node, ip=result["ips"][0]["address"].split("/")[0], netns=ns,
                                       pause_pid=pause_pid, containers=containers, owner=pod.owner,
                                       labels=pod.label_map)
-
-
-def _remove_pod_objects(ns: str) -> None:
-    inode = netns.inode(ns)
-    if inode is not None:
-        runtime.kill_all(runtime.pids_in_netns([inode]))
-    netns.delete(ns)
 
 
 def _delete_pod(st: state.LabState, lab: Lab, key: str) -> None:
@@ -119,7 +146,7 @@ def _delete_pod(st: state.LabState, lab: Lab, key: str) -> None:
     namespace, name = key.split("/", 1)
     pod = Pod(name=name, namespace=namespace, node=ps.node)
     args = plan.cni_args(lab, pod)
-    _remove_pod_objects(ps.netns)
+    apply.remove_namespace(ps.netns)
     with netns.rtnl_in(lab.node_netns(ps.node)) as host:
         _plugin(lab, ps.node, host).delete(args)
         # A deleted veth's name stays taken for a few tens of ms; wait so the pod can come back at once.
@@ -132,8 +159,8 @@ def _delete_pod(st: state.LabState, lab: Lab, key: str) -> None:
 def delete(name: str | None, kind: str, target: str, namespace: str = "default") -> list[str]:
     """`lab delete pod NAME` / `lab delete deployment NAME` (its replicas)."""
     st = state.resolve(name)
-    with state.locked(st.name):
-        st = state.load(st.name) or st
+    with state.locked():
+        st = _locked_state(st)
         lab = current_lab(st)
         kind = kind.lower().rstrip("s")
         if kind in ("pod", "po"):
@@ -146,9 +173,11 @@ def delete(name: str | None, kind: str, target: str, namespace: str = "default")
                 raise StateError(f"no deployment {namespace}/{target} in lab {st.name}")
         else:
             raise StateError(f"lab delete: kind {kind} is not supported (pod, deployment)")
-        for key in keys:
-            _delete_pod(st, lab, key)
-        state.save(st)
+        try:
+            for key in keys:
+                _delete_pod(st, lab, key)
+        finally:
+            state.save(st)
     return [f"pod {k} deleted" for k in keys]
 
 

@@ -11,17 +11,28 @@ from pathlib import Path
 
 from cni.ipam import NodeIpam
 from cni.plugin import CniArgs, NetConf
-from routing import host_gw
-from topo import netns, underlay
+from routing import bgp, host_gw, vxlan
+from topo import names, netns, underlay
 from topo.model import POD_IFNAME, Lab, Pod
 
-# Set inside every node namespace (never in the root one). A new namespace starts with forwarding off,
-# and a node that routes for its pods must forward; rp_filter off so replies on asymmetric paths pass.
-# bridge-nf-call-iptables stays 1 so bridged pod-to-pod traffic meets the service rules of later layers.
-NODE_SYSCTLS: tuple[tuple[str, str], ...] = (
+# Set inside every node and router namespace (never in the root one). A new namespace starts with
+# forwarding off, and a node that routes for its pods must forward; rp_filter off so replies on asymmetric
+# paths pass. bridge-nf-call-iptables stays 1 so bridged pod-to-pod traffic meets the service rules of
+# later layers.
+HOST_SYSCTLS: tuple[tuple[str, str], ...] = (
     ("net/ipv4/ip_forward", "1"),
     ("net/ipv4/conf/all/rp_filter", "0"),
     ("net/ipv4/conf/default/rp_filter", "0"),
+)
+
+
+# Set in every underlay switch namespace. A switch is L2 only; with bridge netfilter on (the default in a
+# new namespace) the kernel would defragment and refragment IPv4 crossing the bridge, quietly rescuing
+# the MTU mismatches a real switch turns into black holes.
+SWITCH_SYSCTLS: tuple[tuple[str, str], ...] = (
+    ("net/bridge/bridge-nf-call-iptables", "0"),
+    ("net/bridge/bridge-nf-call-ip6tables", "0"),
+    ("net/bridge/bridge-nf-call-arptables", "0"),
 )
 
 
@@ -30,8 +41,8 @@ class NodeOps:
     name: str
     netns: str
     netconf: NetConf
-    routes: tuple[host_gw.Route, ...]
-    sysctls: tuple[tuple[str, str], ...] = NODE_SYSCTLS
+    routes: tuple[host_gw.Route, ...]  # host-gw
+    vxlan: vxlan.VxlanPlan | None = None  # vxlan
 
 
 @dataclass(frozen=True)
@@ -50,11 +61,8 @@ class Plan:
     nodes: tuple[NodeOps, ...]
     pods: tuple[PodOps, ...]
     ipam: dict[str, NodeIpam]
-
-
-def container_id(lab: Lab, pod: Pod) -> str:
-    """The pod sandbox id handed to CNI (and recorded in IPAM leases)."""
-    return f"{lab.name}.{pod.namespace}.{pod.name}"
+    routers: tuple[bgp.Speaker, ...] = ()  # the fabric's BGP speakers (routed underlays)
+    speakers: tuple[bgp.Speaker, ...] = ()  # the nodes' BGP speakers (backend bgp)
 
 
 def netconf(lab: Lab, node: str, ipam_dir: Path) -> NetConf:
@@ -63,7 +71,7 @@ def netconf(lab: Lab, node: str, ipam_dir: Path) -> NetConf:
 
 def cni_args(lab: Lab, pod: Pod) -> CniArgs:
     """What kubelet would pass the plugin for this pod (CNI_CONTAINERID, CNI_NETNS, CNI_IFNAME, CNI_ARGS)."""
-    return CniArgs(container_id=container_id(lab, pod), netns=netns.path(lab.pod_netns(pod)), ifname=POD_IFNAME,
+    return CniArgs(container_id=names.sandbox_id(lab.name, pod.namespace, pod.name), netns=netns.path(lab.pod_netns(pod)), ifname=POD_IFNAME,
                    pod_namespace=pod.namespace, pod_name=pod.name)
 
 
@@ -74,10 +82,13 @@ def pod_ops(lab: Lab, pod: Pod, ipam: NodeIpam) -> PodOps:
 
 
 def build(lab: Lab, ipam_dir: Path) -> Plan:
-    routes = host_gw.routes(lab)
+    backend = lab.network.backend
+    routes = host_gw.routes(lab) if backend == "host-gw" else []
+    tunnels = {p.vtep.node: p for p in vxlan.plan(lab)} if backend == "vxlan" else {}
     nodes = tuple(NodeOps(name=n.name, netns=lab.node_netns(n.name), netconf=netconf(lab, n.name, ipam_dir),
-                          routes=tuple(r for r in routes if r.node == n.name))
+                          routes=tuple(r for r in routes if r.node == n.name), vxlan=tunnels.get(n.name))
                   for n in lab.nodes)
     ipam = {n.name: NodeIpam(n.name, n.pod_cidr) for n in lab.nodes}
     pods = tuple(pod_ops(lab, pod, ipam[pod.node]) for pod in lab.pods)
-    return Plan(lab=lab, underlay=underlay.plan(lab), nodes=nodes, pods=pods, ipam=ipam)
+    return Plan(lab=lab, underlay=underlay.plan(lab), nodes=nodes, pods=pods, ipam=ipam,
+                routers=tuple(bgp.router_speakers(lab)), speakers=tuple(bgp.node_speakers(lab)))

@@ -11,12 +11,14 @@ import contextlib
 import fcntl
 import json
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from topo import names
 from topo.errors import StateError
 
 RUN_DIR = Path(os.environ.get("KUBENET_LAB_RUN_DIR", "/run/kubenet-lab"))
@@ -54,8 +56,20 @@ class LabState:
         return cls(**data, pods=pods)
 
 
+LOCK = ".lock"  # names starting with a dot can never be lab names
+BIN = ".bin"
+
+
+def check_name(name: str) -> str:
+    """A lab name reaches paths (state folder) and namespace names: only DNS labels get through."""
+    if not names.is_dns_label(name, names.LAB_NAME_MAX):
+        raise StateError(f"{name!r} is not a lab name (lower-case letters, digits and '-', at most "
+                         f"{names.LAB_NAME_MAX} characters)")
+    return name
+
+
 def lab_dir(name: str) -> Path:
-    return RUN_DIR / name
+    return RUN_DIR / check_name(name)
 
 
 def state_path(name: str) -> Path:
@@ -80,11 +94,15 @@ def save(state: LabState) -> None:
 
 def load(name: str) -> LabState | None:
     try:
-        return LabState.from_json(json.loads(state_path(name).read_text()))
+        data = json.loads(state_path(name).read_text())
+        st = LabState.from_json(data)
     except FileNotFoundError:
         return None
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, AttributeError, KeyError) as exc:
         raise StateError(f"state of lab {name} is unreadable ({exc}): run 'lab clean'") from exc
+    if st.name != name:
+        raise StateError(f"state of lab {name} names another lab ({st.name!r}): run 'lab clean'")
+    return st
 
 
 def pid_alive(pid: int) -> bool:
@@ -106,7 +124,8 @@ def is_live(state: LabState | None) -> bool:
 
 def known_labs() -> list[str]:
     try:
-        return sorted(p.name for p in RUN_DIR.iterdir() if (p / "state.json").exists())
+        return sorted(p.name for p in RUN_DIR.iterdir()
+                      if names.is_dns_label(p.name, names.LAB_NAME_MAX) and (p / "state.json").exists())
     except FileNotFoundError:
         return []
 
@@ -115,11 +134,14 @@ def live_labs() -> list[str]:
     return [name for name in known_labs() if is_live(load(name))]
 
 
-def resolve(name: str | None) -> LabState:
-    """The lab a command means: the one named, or the only one running."""
+def resolve(name: str | None, any_phase: bool = False) -> LabState:
+    """The lab a command means: the one named, or the only one running.
+
+    `any_phase` also finds a lab whose build failed and was kept (`lab up --keep-on-failure`).
+    """
     if name:
-        state = load(name)
-        if state is None or state.phase != "up":
+        state = load(check_name(name))
+        if state is None or (state.phase != "up" and not any_phase):
             running = ", ".join(live_labs()) or "none"
             raise StateError(f"lab {name} is not running (running: {running})")
         return state
@@ -132,9 +154,31 @@ def resolve(name: str | None) -> LabState:
 
 
 @contextlib.contextmanager
-def locked(name: str) -> Iterator[None]:
-    """One command at a time changes a lab (two `lab up` of one name must not interleave)."""
-    RUN_DIR.mkdir(parents=True, exist_ok=True)
-    with open(RUN_DIR / f"{name}.lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
+def locked() -> Iterator[None]:
+    """One command at a time changes labs (builds, teardowns and cleans must not interleave).
+
+    The lock file may be removed by whoever holds the lock (when the last lab goes, the run folder
+    goes), so after waiting, check that the file locked is still the one at the path; if not, retry.
+    """
+    while True:
+        RUN_DIR.mkdir(parents=True, exist_ok=True)
+        fd = os.open(RUN_DIR / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            current = os.stat(RUN_DIR / LOCK).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            current = False
+        if current:
+            break
+        os.close(fd)
+    try:
         yield
+    finally:
+        os.close(fd)
+
+
+def remove(name: str) -> None:
+    """A lab's state folder; the whole run folder once no lab is left. Call with the lock held."""
+    shutil.rmtree(lab_dir(name), ignore_errors=True)
+    if not known_labs():
+        shutil.rmtree(RUN_DIR, ignore_errors=True)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from lab import state
+from lab import runtime, state
 from topo.model import Lab
 from topo.spec import parse_spec_text
 
@@ -20,7 +20,7 @@ def describe(st: state.LabState) -> dict[str, Any]:
     pods = []
     for key, pod in sorted(st.pods.items(), key=lambda kv: (kv[1].node, kv[0])):
         namespace, name = key.split("/", 1)
-        running = state.pid_alive(pod.pause_pid)
+        running = runtime.sandbox_alive(pod.netns, pod.pause_pid)
         pods.append({"namespace": namespace, "name": name, "node": pod.node, "ip": pod.ip,
                      "netns": pod.netns, "status": "Running" if running else "Dead",
                      "containers": pod.containers})

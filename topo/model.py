@@ -12,11 +12,20 @@ from typing import Any
 
 from topo import names
 
-BACKENDS = ("host-gw",)
+BACKENDS = ("host-gw", "vxlan", "bgp")
 DEFAULT_MTU = 1500
+VXLAN_OVERHEAD = 50  # outer Ethernet 14 + IP 20 + UDP 8 + VXLAN 8: why Flannel's vxlan MTU is 1450
+CALICO_AS = 64512  # Calico's default AS number for the cluster
+SPINE_AS = 65000
+SPINE = "spine"  # the spine router's name (a reserved router name)
 BRIDGE = "cni0"  # the bridge name Flannel and the reference bridge plugin give every node
 POD_IFNAME = "eth0"  # the interface name kubelet asks the CNI plugin for inside the pod
 NODE_IFNAME = "eth0"  # the node's underlay interface, as on a cloud VM
+
+
+def gateway_of(pod_cidr: IPv4Network) -> IPv4Interface:
+    """cni0's address: the first host of a PodCIDR, as host-local and Flannel use (the `.1`)."""
+    return IPv4Interface(f"{pod_cidr.network_address + 1}/{pod_cidr.prefixlen}")
 
 
 @dataclass(frozen=True)
@@ -34,6 +43,7 @@ class Container:
     image: str | None
     argv: tuple[str, ...]
     ports: tuple[ContainerPort, ...] = ()
+    env: tuple[tuple[str, str], ...] = ()  # the container's `env`, set on its process
 
 
 @dataclass(frozen=True)
@@ -55,16 +65,32 @@ class Pod:
 
 
 @dataclass(frozen=True)
+class LinkSpec:
+    """Properties of one underlay link (a node's, or the default for all). None: the kernel's default."""
+
+    mtu: int | None = None
+    bandwidth_mbit: float | None = None  # shaped with HTB on both ends
+    delay_ms: float | None = None  # needs netem: refused at `lab up` on a kernel without it
+    loss_percent: float | None = None  # likewise
+
+    def merged(self, default: LinkSpec) -> LinkSpec:
+        return LinkSpec(*(mine if mine is not None else theirs for mine, theirs in
+                          zip((self.mtu, self.bandwidth_mbit, self.delay_ms, self.loss_percent),
+                              (default.mtu, default.bandwidth_mbit, default.delay_ms, default.loss_percent))))
+
+
+@dataclass(frozen=True)
 class Node:
     name: str
     ip: IPv4Address
     pod_cidr: IPv4Network
     index: int  # position in the spec, 0-based; names the node's underlay switch port
+    rack: str | None = None  # routed underlays: the rack (subnet behind one top-of-rack router)
+    link: LinkSpec = LinkSpec()  # this node's underlay link, defaults from underlay.link already merged in
 
     @property
     def gateway(self) -> IPv4Interface:
-        """cni0's address: the first host of the PodCIDR, as host-local and Flannel use."""
-        return IPv4Interface(f"{self.pod_cidr.network_address + 1}/{self.pod_cidr.prefixlen}")
+        return gateway_of(self.pod_cidr)
 
     @property
     def pod_capacity(self) -> int:
@@ -80,14 +106,56 @@ class Cluster:
 
 
 @dataclass(frozen=True)
+class Rack:
+    """A rack: its own subnet, one L2 segment, behind a top-of-rack router (FRR) that is its gateway."""
+
+    name: str
+    subnet: IPv4Network
+    router: str  # the ToR's name (a Mininet host running FRR)
+    router_ip: IPv4Address  # the ToR's address in the rack: the nodes' default gateway
+    asn: int  # the rack's AS: the ToR's, and with bgp peering "tor" its nodes' (iBGP, ToR as route reflector)
+    index: int
+
+
+@dataclass(frozen=True)
+class Fabric:
+    """How the ToR routers are joined: `spine` (one spine router, a point-to-point /30 to each ToR) or
+    `direct` (all ToRs on one shared segment). Routers exchange rack subnets with eBGP."""
+
+    mode: str = "spine"
+    cidr: IPv4Network = IPv4Network("10.255.0.0/24")
+    spine_asn: int = SPINE_AS
+
+
+@dataclass(frozen=True)
 class Underlay:
-    subnet: IPv4Network = IPv4Network("192.168.1.0/24")
+    subnet: IPv4Network | None = IPv4Network("192.168.1.0/24")  # the flat segment; None when routed
+    racks: tuple[Rack, ...] = ()
+    fabric: Fabric | None = None  # set when racks are
+    link: LinkSpec = LinkSpec()  # default for every node link
+
+    @property
+    def routed(self) -> bool:
+        return bool(self.racks)
+
+    def rack(self, name: str) -> Rack:
+        for rack in self.racks:
+            if rack.name == name:
+                return rack
+        raise KeyError(name)
+
+
+@dataclass(frozen=True)
+class Bgp:
+    asn: int = CALICO_AS
+    peering: str = "mesh"  # "mesh": iBGP full mesh of nodes; "tor": each node peers with its rack's router
 
 
 @dataclass(frozen=True)
 class Network:
     backend: str = "host-gw"
-    mtu: int = DEFAULT_MTU
+    mtu: int = DEFAULT_MTU  # pod-facing MTU (pods' eth0, cni0); vxlan defaults to underlay MTU - 50
+    bgp: Bgp = Bgp()
 
 
 @dataclass
@@ -102,6 +170,7 @@ class Lab:
     source: str | None = None  # the spec file, for messages and `lab status`
     exercise: str | None = None  # the labs/<NN-slug> folder when the spec came from one
     objects: tuple[dict[str, Any], ...] = ()  # the manifests as given, for later layers
+    text: str = ""  # the spec text this model was parsed from (kept so later commands re-derive it)
 
     # --- names of kernel objects, derived here only -------------------------------------------
     @property
@@ -126,5 +195,22 @@ class Lab:
     def pods_on(self, node: str) -> list[Pod]:
         return [p for p in self.pods if p.node == node]
 
+    def node_subnet(self, node: Node) -> IPv4Network:
+        if node.rack is not None:
+            return self.underlay.rack(node.rack).subnet
+        assert self.underlay.subnet is not None
+        return self.underlay.subnet
+
     def node_interface(self, node: Node) -> IPv4Interface:
-        return IPv4Interface(f"{node.ip}/{self.underlay.subnet.prefixlen}")
+        return IPv4Interface(f"{node.ip}/{self.node_subnet(node).prefixlen}")
+
+    def router_netns(self, router: str) -> str:
+        return names.node_netns(self.name, router)
+
+    @property
+    def routers(self) -> list[str]:
+        """The underlay's routers: each rack's ToR, and the spine when the fabric has one."""
+        found = [r.router for r in self.underlay.racks]
+        if self.underlay.fabric is not None and self.underlay.fabric.mode == "spine":
+            found.append(SPINE)
+        return found

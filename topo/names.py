@@ -71,12 +71,17 @@ def lab_of_netns(name: str) -> str | None:
     return lab if sep and is_dns_label(lab, LAB_NAME_MAX) else None
 
 
-def host_veth(namespace: str, pod: str) -> str:
-    """Node-side veth name: 'veth' + 8 hex digits, unique per pod and well under 15 characters.
+def sandbox_id(lab: str, namespace: str, pod: str) -> str:
+    """The pod sandbox id the lab hands CNI as CNI_CONTAINERID (dots cannot occur in the parts)."""
+    return f"{lab}.{namespace}.{pod}"
 
-    Derived from the pod's identity (as the reference CNI plugins derive theirs from the container id), so
-    the name is stable across ADD retries and CHECK can find the link again.
+
+def host_veth(container_id: str, ifname: str = "eth0") -> str:
+    """Node-side veth name: 'veth' + 8 hex digits of the sandbox id, well under 15 characters.
+
+    Derived from the container id (as real CNI plugins derive theirs), so it is stable across ADD
+    retries, CHECK finds the link again, and a new sandbox never reuses an old one's name.
     """
-    name = "veth" + short_hash("pod", namespace, pod, length=8)
+    name = "veth" + short_hash("sandbox", container_id, ifname, length=8)
     assert len(name) <= IFNAMSIZ
     return name

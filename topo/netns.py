@@ -19,8 +19,10 @@ from topo.rtnl import Rtnl
 NETNS_DIR = "/run/netns"
 CLONE_NEWNET = 0x40000000
 CLONE_NEWUTS = 0x04000000
+CLONE_NEWNS = 0x00020000
 MS_BIND = 0x1000
 MS_REC = 0x4000
+MS_PRIVATE = 1 << 18
 MS_SHARED = 1 << 20
 MNT_DETACH = 2
 
@@ -49,6 +51,26 @@ def sethostname(name: str) -> None:
 
 def _mount(src: str, target: str, fstype: str | None, flags: int) -> int:
     return _libc.mount(src.encode(), target.encode(), fstype.encode() if fstype else None, flags, None)
+
+
+def make_private(target: str) -> None:
+    """Stop mounts made from here on propagating back (after unshare(CLONE_NEWNS))."""
+    _check(_mount("", target, "none", MS_REC | MS_PRIVATE), f"mount --make-rprivate {target}")
+
+
+def remount_sys() -> None:
+    """Give this process a /sys of its current network namespace, as `ip netns exec` does.
+
+    sysfs shows the devices of the namespace that mounted it, so without this `ls /sys/class/net` or
+    `brctl show` inside a node would list the machine's own interfaces. Call after unshare(CLONE_NEWNS)
+    and make_private("/"), so the change stays private to this process.
+    """
+    _libc.umount2(b"/sys", MNT_DETACH)
+    _check(_mount("sysfs", "/sys", "sysfs", 0), "mount sysfs")
+
+
+def bind_mount(source: str, target: str) -> None:
+    _check(_mount(source, target, "none", MS_BIND), f"mount --bind {source} {target}")
 
 
 def home_fd() -> int:
@@ -89,8 +111,25 @@ def _pin(source: str, name: str) -> None:
 
 
 def pin_pid(name: str, pid: int) -> None:
-    """Keep a process's namespace alive under a name (what `ip netns attach NAME PID` does)."""
-    _pin(f"/proc/{pid}/ns/net", name)
+    """Keep a process's namespace alive under a name (what `ip netns attach NAME PID` does).
+
+    Refuses the machine's own namespace: should the process have died and its pid been reused, the
+    pin would otherwise name the root namespace, and tearing the lab down would stop every process there.
+    """
+    source = f"/proc/{pid}/ns/net"
+    if os.stat(source).st_ino in protected_inodes():
+        raise OSError(errno.EINVAL, f"refusing to pin the root network namespace as {name} (pid {pid})")
+    _pin(source, name)
+
+
+def protected_inodes() -> set[int]:
+    """Namespaces no lab may ever own: the one this process started in, and PID 1's where readable."""
+    inodes = {os.fstat(home_fd()).st_ino}
+    try:
+        inodes.add(os.stat("/proc/1/ns/net").st_ino)
+    except OSError:
+        pass  # some sandboxes hide PID 1's namespaces even from root
+    return inodes
 
 
 def create(name: str) -> None:
@@ -123,10 +162,15 @@ def list_names(prefix: str = "") -> list[str]:
 
 
 def inode(name: str) -> int | None:
+    """The namespace a pin holds, or None: missing, not a namespace (a pin file left empty by a crash
+    between its creation and its mount), or a protected namespace."""
     try:
-        return os.stat(path(name)).st_ino
+        st = os.stat(path(name))
     except OSError:
         return None
+    if st.st_dev != os.fstat(home_fd()).st_dev or st.st_ino in protected_inodes():
+        return None
+    return st.st_ino
 
 
 def entered(name: str) -> contextlib.AbstractContextManager[None]:
@@ -134,9 +178,13 @@ def entered(name: str) -> contextlib.AbstractContextManager[None]:
     return entered_path(path(name))
 
 
+def _resolve(name_or_path: str) -> str:
+    """A pinned namespace's name (under /run/netns) or any namespace file's path (CNI_NETNS, /proc/PID/ns/net)."""
+    return name_or_path if name_or_path.startswith("/") else path(name_or_path)
+
+
 def open_fd(name_or_path: str) -> int:
-    target = name_or_path if name_or_path.startswith("/") else path(name_or_path)
-    return os.open(target, os.O_RDONLY | os.O_CLOEXEC)
+    return os.open(_resolve(name_or_path), os.O_RDONLY | os.O_CLOEXEC)
 
 
 def rtnl_in(name_or_path: str) -> Rtnl:
@@ -146,8 +194,7 @@ def rtnl_in(name_or_path: str) -> Rtnl:
     belongs to the namespace it was created in. Close it when done: an open handle keeps a deleted
     namespace (and its veth) alive.
     """
-    target = name_or_path if name_or_path.startswith("/") else path(name_or_path)
-    with entered_path(target):
+    with entered_path(_resolve(name_or_path)):
         return Rtnl()
 
 

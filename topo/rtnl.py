@@ -22,6 +22,7 @@ NLMSG_ERROR, NLMSG_DONE = 2, 3
 RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK, RTM_SETLINK = 16, 17, 18, 19
 RTM_NEWADDR, RTM_GETADDR = 20, 22
 RTM_NEWROUTE, RTM_DELROUTE, RTM_GETROUTE = 24, 25, 26
+RTM_NEWNEIGH, RTM_DELNEIGH, RTM_GETNEIGH = 28, 29, 30
 NLM_F_REQUEST, NLM_F_MULTI, NLM_F_ACK = 0x1, 0x2, 0x4
 NLM_F_DUMP, NLM_F_REPLACE, NLM_F_EXCL, NLM_F_CREATE = 0x300, 0x100, 0x200, 0x400
 NLM_F_ACK_TLVS = 0x200  # on an error message: extended-ack attributes follow
@@ -35,6 +36,11 @@ IFLA_INFO_KIND, IFLA_INFO_DATA = 1, 2
 VETH_INFO_PEER = 1
 IFLA_BRPORT_MODE = 4  # hairpin
 IFA_ADDRESS, IFA_LOCAL = 1, 2
+IFLA_VXLAN_ID, IFLA_VXLAN_LINK, IFLA_VXLAN_LOCAL, IFLA_VXLAN_LEARNING, IFLA_VXLAN_PORT = 1, 3, 4, 7, 15
+NDA_DST, NDA_LLADDR = 1, 2
+NUD_PERMANENT = 0x80
+NTF_SELF = 0x02
+RTNH_F_ONLINK = 0x4
 RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_TABLE = 1, 4, 5, 15
 IFF_UP = 0x1
 AF_BRIDGE = 7
@@ -46,6 +52,7 @@ NLHDR = struct.Struct("=IHHII")
 IFINFO = struct.Struct("=BxHiII")
 IFADDR = struct.Struct("=BBBBI")
 RTMSG = struct.Struct("=BBBBBBBBI")
+NDMSG = struct.Struct("=BxxxiHBB")
 
 
 class NetlinkError(OSError):
@@ -78,6 +85,10 @@ def parse_attrs(data: bytes, offset: int = 0) -> dict[int, bytes]:
         attrs[kind & 0x3FFF] = data[offset + 4:offset + length]
         offset += (length + 3) & ~3
     return attrs
+
+
+def _mac(mac: str) -> bytes:
+    return bytes(int(part, 16) for part in mac.split(":"))
 
 
 def _cstr(raw: bytes) -> str:
@@ -212,6 +223,17 @@ class Rtnl:
                   _nest(IFLA_INFO_DATA, _attr(VETH_INFO_PEER, peer_msg)))
         self.request(RTM_NEWLINK, body, NLM_F_CREATE | NLM_F_EXCL)
 
+    def add_vxlan(self, name: str, vni: int, local: IPv4Address, port: int, underlay_index: int, mtu: int,
+                  mac: str, learning: bool = False) -> None:
+        """A VXLAN device (a VTEP): frames sent to it leave as UDP datagrams from `local` to `port`."""
+        data = _u32(IFLA_VXLAN_ID, vni) + _u32(IFLA_VXLAN_LINK, underlay_index) + \
+            _attr(IFLA_VXLAN_LOCAL, local.packed) + _attr(IFLA_VXLAN_LEARNING, bytes([int(learning)])) + \
+            _attr(IFLA_VXLAN_PORT, struct.pack("!H", port))
+        body = IFINFO.pack(0, 0, 0, 0, 0) + _str(IFLA_IFNAME, name) + _u32(IFLA_MTU, mtu) + \
+            _attr(IFLA_ADDRESS, _mac(mac)) + \
+            _nest(IFLA_LINKINFO, _str(IFLA_INFO_KIND, "vxlan"), _nest(IFLA_INFO_DATA, data))
+        self.request(RTM_NEWLINK, body, NLM_F_CREATE | NLM_F_EXCL)
+
     def set_link(self, index: int, up: bool | None = None, master: int | None = None,
                  mtu: int | None = None) -> None:
         flags = IFF_UP if up else 0
@@ -253,11 +275,25 @@ class Rtnl:
                 out.append((ifindex, IPv4Interface(f"{IPv4Address(raw)}/{prefixlen}")))
         return out
 
+    # ---- neighbours and forwarding database ---------------------------------------------------
+    def replace_neigh(self, index: int, ip: IPv4Address, mac: str) -> None:
+        """A permanent ARP entry: what `ip neigh replace IP lladdr MAC dev DEV nud permanent` makes."""
+        body = NDMSG.pack(socket.AF_INET, index, NUD_PERMANENT, 0, 0) + _attr(NDA_DST, ip.packed) + \
+            _attr(NDA_LLADDR, _mac(mac))
+        self.request(RTM_NEWNEIGH, body, NLM_F_CREATE | NLM_F_REPLACE)
+
+    def replace_fdb(self, index: int, mac: str, dst: IPv4Address) -> None:
+        """A VXLAN forwarding entry: frames for `mac` go to the VTEP at `dst` (`bridge fdb replace ... self`)."""
+        body = NDMSG.pack(AF_BRIDGE, index, NUD_PERMANENT, NTF_SELF, 0) + _attr(NDA_LLADDR, _mac(mac)) + \
+            _attr(NDA_DST, dst.packed)
+        self.request(RTM_NEWNEIGH, body, NLM_F_CREATE | NLM_F_REPLACE)
+
     # ---- routes ------------------------------------------------------------------------------
     def replace_route(self, dst: IPv4Network, gateway: IPv4Address | None = None, oif: int | None = None,
-                      protocol: int = RTPROT_BOOT) -> None:
+                      protocol: int = RTPROT_BOOT, onlink: bool = False) -> None:
         scope = RT_SCOPE_UNIVERSE if gateway is not None else RT_SCOPE_LINK
-        body = RTMSG.pack(socket.AF_INET, dst.prefixlen, 0, 0, RT_TABLE_MAIN, protocol, scope, RTN_UNICAST, 0)
+        flags = RTNH_F_ONLINK if onlink else 0
+        body = RTMSG.pack(socket.AF_INET, dst.prefixlen, 0, 0, RT_TABLE_MAIN, protocol, scope, RTN_UNICAST, flags)
         if dst.prefixlen:
             body += _attr(RTA_DST, dst.network_address.packed)
         if gateway is not None:

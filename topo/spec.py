@@ -6,7 +6,8 @@ before the whole lot is raised as one `SpecError` (a learner fixes a file in one
 
 1. YAML -> plain data, remembering the line of every field (`_Source`), so each message points at a line.
 2. Structure: types, required and unknown fields, by pydantic models with `extra="forbid"` (`_Strict`).
-3. Meaning: addresses, names, PodCIDR allocation, object references, pod placement and capacity.
+3. Meaning: addresses, names, PodCIDR allocation, racks and their routers, whether the pod backend can
+   cross the underlay, link shaping, object references, pod placement and capacity.
 
 Kubernetes objects (`spec.objects`, or a file given to `lab apply -f`) are read through `KINDS`, a registry
 from (apiVersion, kind) to a reader, so later layers add Services, NetworkPolicies, ... in one place.
@@ -17,11 +18,12 @@ import difflib
 import importlib
 import ipaddress
 import json
+import math
 import re
 import sys
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import date
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
@@ -32,14 +34,17 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from topo import names
 from topo.errors import SpecError, SpecIssue
-from topo.model import BACKENDS, DEFAULT_MTU, Cluster, Container, ContainerPort, Lab, Network, Node, Pod, Underlay
+from topo.model import (BACKENDS, CALICO_AS, DEFAULT_MTU, SPINE_AS, VXLAN_OVERHEAD, Bgp, Cluster, Container,
+                        ContainerPort, Fabric, Lab, LinkSpec, Network, Node, Pod, Rack, Underlay)
 
 API_VERSION = "kubenet-lab/v1alpha1"
 LAB_KIND = "Lab"
 SPEC_FILE = "lab.yaml"  # what an exercise folder under labs/ holds
 
-# Backends that later versions will add: named so a learner who asks for one hears "not yet", not "unknown".
-PLANNED_BACKENDS = ("vxlan", "bgp", "ipip")
+# Backends that later versions may add: named so a learner who asks for one hears "not yet", not "unknown".
+PLANNED_BACKENDS = ("ipip", "wireguard")
+# Names learners reach for that are a CNI, not a backend: the hint names the backend that does the same.
+BACKEND_HINTS = {"calico": "bgp", "flannel": "vxlan", "hostgw": "host-gw", "host-gateway": "host-gw"}
 MTU_MIN = 576  # the smallest datagram every IPv4 host must accept (RFC 791)
 MTU_MAX = 9000  # a common jumbo-frame size
 DEFAULTS = Cluster(), Underlay(), Network()
@@ -53,6 +58,18 @@ AGNHOST_MODULE = "lab.images.agnhost"
 # Namespaces every cluster has before any object is created.
 SYSTEM_NAMESPACES = ("default", "kube-system")
 DEPLOYMENT_NAME_MAX = names.DNS1123_LABEL_MAX - 6  # replicas are "<deployment>-<5 hex>" and must stay labels
+
+# Routed underlays. The spine and the direct fabric's segment are named like this by topo.underlay (which
+# the spec layer does not import: it needs Mininet), so no router, node or rack may take these names.
+SPINE_ROUTER = "spine"
+FABRIC_SEGMENT = "fabric"
+FABRIC_MODES = ("spine", "direct")
+PEERINGS = ("mesh", "tor")
+TOR_AS_BASE = SPINE_AS + 1  # rack i's router defaults to AS 65001 + i: eBGP to the spine (65000) needs distinct ASes
+ASN_MAX = 2**32 - 1  # 4-byte AS numbers (RFC 6793)
+ASN_HINT = "the private ranges 64512-65534 and 4200000000-4294967294 are the usual choice"
+BANDWIDTH_MAX_MBIT = 100_000.0  # 100 Gbit/s: far above what a veth pair carries
+DELAY_MAX_MS = 60_000.0  # a minute: anything longer only makes every TCP connection time out
 
 # Ranges that never belong to a pod, Service or node network.
 _RESERVED = (
@@ -114,7 +131,9 @@ def load_spec(path: str | Path) -> Lab:
 def parse_spec_text(text: str, file: str | None = None) -> Lab:
     """Validate a lab spec given as text; `file` is only used in messages and as Lab.source."""
     try:
-        return _parse_lab(text, file)
+        lab = _parse_lab(text, file)
+        lab.text = text
+        return lab
     except SpecError:
         raise
     except RecursionError:
@@ -502,19 +521,58 @@ class _ClusterIn(_Strict):
     node_cidr_mask_size: int | None = Field(None, alias="nodeCIDRMaskSize")
 
 
+class _LinkIn(_Strict):
+    """An underlay link. bandwidth, delay and loss take a number or a string with a unit, so they are read
+    as Any here and checked by `_quantity`, which says which units exist (pydantic's union errors would not)."""
+
+    mtu: int | None = None
+    bandwidth: Any = None
+    delay: Any = None
+    loss: Any = None
+
+
+class _RouterIn(_Strict):
+    name: str | None = None
+    ip: str | None = None
+    as_number: int | None = Field(None, alias="asNumber")
+
+
+class _RackIn(_Strict):
+    name: str = Field(examples=["name: rack1"])
+    subnet: str = Field(examples=["subnet: 192.168.1.0/24"])
+    router: _RouterIn | None = None
+
+
+class _FabricIn(_Strict):
+    mode: str | None = None
+    cidr: str | None = None
+    spine_as_number: int | None = Field(None, alias="spineASNumber")
+
+
 class _UnderlayIn(_Strict):
     subnet: str | None = None
+    link: _LinkIn | None = None
+    racks: list[_RackIn] | None = None
+    fabric: _FabricIn | None = None
+
+
+class _BgpIn(_Strict):
+    as_number: int | None = Field(None, alias="asNumber")
+    peering: str | None = None
 
 
 class _NetworkIn(_Strict):
     backend: str | None = None
     mtu: int | None = None
+    bgp: _BgpIn | None = None
 
 
 class _NodeIn(_Strict):
     name: str = Field(examples=["name: node1"])
     ip: str = Field(examples=["ip: 192.168.1.10"])
     pod_cidr: str | None = Field(None, alias="podCIDR")
+    rack: str | None = None
+    link: _LinkIn | None = None
 
 
 class _SpecIn(_Strict):
@@ -845,12 +903,18 @@ def _build_lab(lab_in: _LabIn, issues: _Issues) -> Lab:
     if name_problem:
         issues.add(("metadata", "name"), name_problem)
     spec = lab_in.spec
+    underlay_in = spec.underlay or _UnderlayIn()
+    network_in = spec.network or _NetworkIn()
+    racks = _rack_names(underlay_in)
     cluster = _check_cluster(spec.cluster or _ClusterIn(), issues)
-    underlay = _check_underlay(spec.underlay or _UnderlayIn(), issues)
-    network = _check_network(spec.network or _NetworkIn(), issues)
+    underlay = _check_underlay(underlay_in, issues)
+    network = _check_network(network_in, underlay, issues)
     if cluster is not None and underlay is not None:
         _check_disjoint(spec, cluster, underlay, issues)
-    nodes = _check_nodes(spec.nodes, cluster, underlay, issues)
+    nodes = _check_nodes(spec.nodes, cluster, underlay, racks, issues)
+    _check_host_names(spec.nodes, underlay_in, issues)
+    if network is not None:
+        _check_routing(network_in, network, spec.nodes, racks, issues)
     entries = [(("spec", "objects", i), obj) for i, obj in enumerate(spec.objects or [])]
     parsed = _read_objects(entries, issues)
     namespaces = _namespaces(parsed, {}, issues)
@@ -897,10 +961,10 @@ def _network(text: str, loc: Loc, example: str, issues: _Issues) -> IPv4Network 
     return loose
 
 
-def _address(text: str, loc: Loc, issues: _Issues) -> IPv4Address | None:
+def _address(text: str, loc: Loc, issues: _Issues, prefix_from: str = "underlay.subnet") -> IPv4Address | None:
     if "/" in text and _ADDRESS_TEXT.match(text.split("/")[0]):
         issues.add(loc, f"{_short(text, 40)} must be an address without a prefix: write {text.split('/')[0]} "
-                        "(the prefix comes from underlay.subnet)")
+                        f"(the prefix comes from {prefix_from})")
         return None
     try:
         if not _ADDRESS_TEXT.match(text):
@@ -915,7 +979,7 @@ def _given(value: str | None, default: IPv4Network) -> str:
     return value if value is not None else str(default)
 
 
-def _default_note(given: str | None) -> str:
+def _default_note(given: object) -> str:
     return "" if given is not None else " (the default)"
 
 
@@ -963,7 +1027,29 @@ def _check_mask(pod: IPv4Network, mask: int, cluster_in: _ClusterIn, issues: _Is
     return True
 
 
+# ---------------------------------------------------------------------------- underlay
+
+
 def _check_underlay(underlay_in: _UnderlayIn, issues: _Issues) -> Underlay | None:
+    """A flat segment (subnet) or a routed underlay (racks), with the default link of every node."""
+    link = _check_link(underlay_in.link, ("spec", "underlay", "link"), issues)
+    if underlay_in.racks is None:
+        underlay = _check_flat(underlay_in, issues)
+    else:
+        if underlay_in.subnet is not None:
+            issues.add(("spec", "underlay", "subnet"),
+                       "give either subnet (one flat segment for every node) or racks (a subnet per rack, behind its "
+                       "top-of-rack router), not both: remove subnet, or remove racks")
+        underlay = _check_routed(underlay_in, issues)
+    if underlay is None or link is None:
+        return None
+    return replace(underlay, link=link)
+
+
+def _check_flat(underlay_in: _UnderlayIn, issues: _Issues) -> Underlay | None:
+    if underlay_in.fabric is not None:
+        issues.add(("spec", "underlay", "fabric"), "fabric joins top-of-rack routers: it needs underlay.racks; "
+                                                   "remove fabric for a flat underlay")
     loc = ("spec", "underlay", "subnet")
     subnet = _network(_given(underlay_in.subnet, Underlay().subnet), loc, "192.168.1.0/24", issues)
     if subnet is None:
@@ -975,35 +1061,489 @@ def _check_underlay(underlay_in: _UnderlayIn, issues: _Issues) -> Underlay | Non
     return Underlay(subnet=subnet)
 
 
-def _check_network(network_in: _NetworkIn, issues: _Issues) -> Network | None:
+def _rack_names(underlay_in: _UnderlayIn) -> tuple[str, ...] | None:
+    """The racks as written (None: a flat underlay), so nodes can be checked even when a rack is wrong."""
+    return None if underlay_in.racks is None else tuple(r.name for r in underlay_in.racks)
+
+
+def _rack_loc(index: int) -> Loc:
+    return ("spec", "underlay", "racks", index)
+
+
+def _check_routed(underlay_in: _UnderlayIn, issues: _Issues) -> Underlay | None:
+    """Racks, each an L2 segment with its own subnet behind a top-of-rack router, and the fabric joining them."""
+    racks_in = underlay_in.racks or []
+    if not racks_in:
+        issues.add(("spec", "underlay", "racks"), "no racks: give at least one, e.g. racks: [{name: rack1, subnet: "
+                                                  "192.168.1.0/24}], or remove racks for one flat segment")
+        return None
+    before = len(issues)
+    fabric = _check_fabric(underlay_in.fabric or _FabricIn(), len(racks_in), issues)
+    racks = [rack for i, r in enumerate(racks_in) if (rack := _check_rack(r, i, issues)) is not None]
+    _check_rack_names(racks_in, racks, issues)
+    _check_rack_subnets(racks, fabric, underlay_in.fabric, issues)
+    _check_rack_asns(racks_in, racks, underlay_in.fabric or _FabricIn(), issues)
+    if len(issues) > before or fabric is None or len(racks) != len(racks_in):
+        return None
+    return Underlay(subnet=None, racks=tuple(racks), fabric=fabric)
+
+
+def _check_rack(rack_in: _RackIn, index: int, issues: _Issues) -> Rack | None:
+    loc = _rack_loc(index)
+    before = len(issues)
+    problem = names.dns_label_problem(rack_in.name)
+    if problem:
+        issues.add(loc + ("name",), problem)
+    elif rack_in.name == FABRIC_SEGMENT:
+        issues.add(loc + ("name",), f"rack name {FABRIC_SEGMENT} is taken by the segment of a direct fabric: "
+                                    "pick another")
+    example = f"192.168.{index + 1 if index < 255 else 1}.0/24"
+    subnet = _network(rack_in.subnet, loc + ("subnet",), example, issues)
+    if subnet is not None and subnet.prefixlen > NODE_MASK_MAX:
+        issues.add(loc + ("subnet",), f"{subnet} leaves no room for a router and a node: use a prefix of "
+                                      f"/{NODE_MASK_MAX} or shorter, e.g. {example}")
+        subnet = None
+    router_in = rack_in.router or _RouterIn()
+    router = _router_name(rack_in, loc, issues)
+    router_ip = _router_ip(router_in, rack_in.name, subnet, loc + ("router", "ip"), issues)
+    # Calico's AS-per-rack model: every rack is an AS of its own, its ToR speaking eBGP upstream.
+    asn = router_in.as_number if router_in.as_number is not None else TOR_AS_BASE + index
+    _check_asn(asn, "asNumber", loc + ("router", "asNumber"), issues)
+    if len(issues) > before or subnet is None or router_ip is None:
+        return None
+    return Rack(name=rack_in.name, subnet=subnet, router=router, router_ip=router_ip, asn=asn, index=index)
+
+
+def _router_name(rack_in: _RackIn, loc: Loc, issues: _Issues) -> str:
+    """The ToR's name: given, or tor-<rack>. It names a host (and its namespace) like a node's name does."""
+    name = _router_name_of(rack_in)
+    if rack_in.router is not None and rack_in.router.name is not None:
+        problem = names.dns_label_problem(name)
+        if problem:
+            issues.add(loc + ("router", "name"), problem)
+    elif names.is_dns_label(rack_in.name) and not names.is_dns_label(name):
+        issues.add(loc + ("name",), f"the rack's router would be named {name}, which is {len(name)} characters; at "
+                                    f"most {names.DNS1123_LABEL_MAX} are allowed: shorten the rack name or give "
+                                    "router.name")
+    return name
+
+
+def _router_name_of(rack_in: _RackIn) -> str:
+    """The ToR's name as written: router.name, or tor-<rack>."""
+    given = rack_in.router.name if rack_in.router is not None else None
+    return given if given is not None else f"tor-{rack_in.name}"
+
+
+def _router_ip(router_in: _RouterIn, rack: str, subnet: IPv4Network | None, loc: Loc,
+               issues: _Issues) -> IPv4Address | None:
+    """The ToR's address in its rack, the nodes' gateway: given, or the subnet's first host."""
+    if router_in.ip is None:
+        return subnet.network_address + 1 if subnet is not None else None
+    ip = _address(router_in.ip, loc, issues, "the rack's subnet")
+    if ip is None or subnet is None:
+        return None
+    problem = _host_problem(ip, subnet, f"rack {rack}'s subnet {subnet}")
+    if problem:
+        issues.add(loc, problem)
+        return None
+    return ip
+
+
+def _check_asn(asn: int, key: str, loc: Loc, issues: _Issues) -> bool:
+    if 1 <= asn <= ASN_MAX:
+        return True
+    issues.add(loc, f"{key} {_show(asn)} is out of range: use 1..{ASN_MAX} ({ASN_HINT})")
+    return False
+
+
+def _check_rack_names(racks_in: list[_RackIn], racks: list[Rack], issues: _Issues) -> None:
+    """Rack names and router names are each unique; routers are hosts, so none may be called like the spine."""
+    first: dict[str, int] = {}
+    for index, rack_in in enumerate(racks_in):
+        if rack_in.name in first:
+            issues.add(_rack_loc(index) + ("name",), f"rack name {rack_in.name} is already used by "
+                                                     f"spec.underlay.racks[{first[rack_in.name]}]: give each rack "
+                                                     "its own name")
+        first.setdefault(rack_in.name, index)
+    routers: dict[str, Rack] = {}
+    for rack in racks:
+        given = _router_given(racks_in, rack.index, "name")
+        loc = _rack_loc(rack.index) + (("router", "name") if given else ("name",))
+        other = routers.get(rack.router)
+        if rack.router == SPINE_ROUTER:
+            issues.add(loc, f"router name {SPINE_ROUTER} is the name of the fabric's spine router: pick another")
+        elif other is not None and (given or _router_given(racks_in, other.index, "name")):
+            issues.add(loc, f"router name {rack.router}{'' if given else ' (the default tor-<rack>)'} is already "
+                            f"used by the router of rack {other.name} (spec.underlay.racks[{other.index}]): give "
+                            "each router its own name")
+        routers.setdefault(rack.router, rack)
+
+
+def _router_given(racks_in: list[_RackIn], index: int, key: str) -> bool:
+    """Whether rack `index` sets router.<key> itself (messages then point at it, not at a default)."""
+    router = racks_in[index].router
+    return router is not None and getattr(router, key) is not None
+
+
+def _check_rack_subnets(racks: list[Rack], fabric: Fabric | None, fabric_in: _FabricIn | None,
+                        issues: _Issues) -> None:
+    """Each rack is its own L2 segment reached by routing, so rack subnets and the fabric never overlap."""
+    for later, rack in enumerate(racks):
+        loc = _rack_loc(rack.index) + ("subnet",)
+        for earlier in racks[:later]:
+            if rack.subnet.overlaps(earlier.subnet):
+                _overlap(_rack_loc(earlier.index) + ("subnet",), earlier.subnet, "given", loc, rack.subnet, "given",
+                         "each rack is its own segment behind its own router, so racks need separate subnets; "
+                         f"pick another subnet for rack {rack.name}", issues)
+        if fabric is not None and rack.subnet.overlaps(fabric.cidr):
+            _overlap(loc, rack.subnet, "given", ("spec", "underlay", "fabric", "cidr"), fabric.cidr,
+                     fabric_in.cidr if fabric_in is not None else None,
+                     "the fabric's links between routers need a range of their own; pick ranges that do not "
+                     "overlap", issues)
+
+
+def _check_rack_asns(racks_in: list[_RackIn], racks: list[Rack], fabric_in: _FabricIn, issues: _Issues) -> None:
+    """Routers of different racks peer by eBGP (with the spine, or each other on a direct fabric), and eBGP
+    needs a different AS at each end: every rack's AS is its own and differs from the spine's."""
+    seen: dict[int, Rack] = {}
+    spine = _spine_asn(fabric_in)
+    used = {r.asn for r in racks} | ({spine} if spine is not None else set())
+    for rack in racks:
+        given = _router_given(racks_in, rack.index, "as_number")
+        loc = _rack_loc(rack.index) + ("router", "asNumber")
+        note = "" if given else f" (the default, {TOR_AS_BASE} + rack index)"
+        if rack.asn in seen:
+            issues.add(loc, f"asNumber {rack.asn}{note} is already the AS of rack {seen[rack.asn].name}: each rack is "
+                            f"an AS of its own, its router peering by eBGP; pick another, e.g. {_free_asn(used)}")
+        elif rack.asn == spine and (given or fabric_in.spine_as_number is None):
+            issues.add(loc, f"asNumber {rack.asn}{note} is also the spine's AS (fabric.spineASNumber): the spine "
+                            f"and the top-of-rack routers peer by eBGP, which needs different ASes; pick another, "
+                            f"e.g. {_free_asn(used)}")
+        elif rack.asn == spine:
+            issues.add(("spec", "underlay", "fabric", "spineASNumber"),
+                       f"spineASNumber {spine} is also the AS of rack {rack.name}'s router{note}: the spine and the "
+                       f"top-of-rack routers peer by eBGP, which needs different ASes; pick another, e.g. {SPINE_AS}")
+        seen.setdefault(rack.asn, rack)
+
+
+def _spine_asn(fabric_in: _FabricIn) -> int | None:
+    """The spine's AS as written or defaulted (even if another fabric field is wrong); None without a spine."""
+    mode = fabric_in.mode if fabric_in.mode is not None else Fabric().mode
+    if mode != "spine":
+        return None
+    return fabric_in.spine_as_number if fabric_in.spine_as_number is not None else Fabric().spine_asn
+
+
+def _free_asn(used: set[int]) -> int:
+    asn = TOR_AS_BASE
+    while asn in used:
+        asn += 1
+    return asn
+
+
+def _check_fabric(fabric_in: _FabricIn, rack_count: int, issues: _Issues) -> Fabric | None:
+    """How the ToRs are joined; its addresses come from fabric.cidr as topo.underlay.fabric_links cuts it."""
+    loc = ("spec", "underlay", "fabric")
+    default = Fabric()
+    before = len(issues)
+    mode = fabric_in.mode if fabric_in.mode is not None else default.mode
+    if mode not in FABRIC_MODES:
+        issues.add(loc + ("mode",), f"mode must be spine (one spine router, a point-to-point link to each "
+                                    f"top-of-rack router) or direct (every top-of-rack router on one segment), got "
+                                    f"{_short(repr(mode), 40)}")
+    cidr = _network(_given(fabric_in.cidr, default.cidr), loc + ("cidr",), str(default.cidr), issues)
+    spine_asn = fabric_in.spine_as_number if fabric_in.spine_as_number is not None else default.spine_asn
+    _check_asn(spine_asn, "spineASNumber", loc + ("spineASNumber",), issues)
+    if mode == "direct" and fabric_in.spine_as_number is not None:
+        issues.add(loc + ("spineASNumber",), "spineASNumber is only used by mode spine (with mode direct the "
+                                             "top-of-rack routers peer with each other): remove it")
+    if cidr is not None and mode in FABRIC_MODES:
+        _check_fabric_room(mode, cidr, fabric_in.cidr, rack_count, loc + ("cidr",), issues)
+    if len(issues) > before or cidr is None:
+        return None
+    return Fabric(mode=mode, cidr=cidr, spine_asn=spine_asn)
+
+
+def _fabric_room(mode: str, prefixlen: int) -> int:
+    """Racks a fabric range of this size joins: spine, one /30 per ToR (spine .1, ToR .2); direct, one
+    address per ToR on a shared segment, less the network and broadcast addresses."""
+    addresses = 2 ** (32 - prefixlen)
+    if mode == "spine":
+        return addresses // 4 if prefixlen <= 30 else 0
+    return max(addresses - 2, 0)
+
+
+def _check_fabric_room(mode: str, cidr: IPv4Network, given: str | None, racks: int, loc: Loc,
+                       issues: _Issues) -> None:
+    room = _fabric_room(mode, cidr.prefixlen)
+    if room >= racks:
+        return
+    needed = max(p for p in range(0, 31) if _fabric_room(mode, p) >= racks)
+    example = IPv4Network(f"{cidr.network_address}/{needed}", strict=False)
+    why = ("mode spine gives each top-of-rack router its own /30 link to the spine (4 addresses)" if mode == "spine"
+           else "mode direct puts every top-of-rack router on one segment (an address each, plus the network and "
+                "broadcast addresses)")
+    issues.add(loc, f"{cidr}{_default_note(given)} is too small for {_count(racks, 'rack')}: {why}, so a "
+                    f"/{cidr.prefixlen} holds {_count(room, 'rack')}; use a /{needed} or larger, e.g. {example}")
+
+
+def _count(number: int, noun: str) -> str:
+    return f"no {noun}" if number == 0 else f"{number} {noun}{'' if number == 1 else 's'}"
+
+
+# ---------------------------------------------------------------------------- links
+
+
+@dataclass(frozen=True)
+class _Unit:
+    """How one link property is written: a bare number counts in `suffix`, a string carries one of `units`."""
+
+    field: str
+    suffix: str  # what a bare number means, e.g. Mbit
+    units: dict[str, float]  # lower-case unit -> factor to `suffix`
+    shown: str  # the units, for messages
+    example: str
+    maximum: float  # in `suffix`
+    maximum_text: str
+    absent: str  # what leaving the field out means
+
+
+_BANDWIDTH = _Unit("bandwidth", "Mbit",
+                   {"kbit": 1e-3, "kbps": 1e-3, "mbit": 1.0, "mbps": 1.0, "gbit": 1e3, "gbps": 1e3}, "kbit, Mbit or Gbit", "100Mbit", BANDWIDTH_MAX_MBIT, "100Gbit", "an unshaped link")
+_DELAY = _Unit("delay", "ms", {"us": 1e-3, "usec": 1e-3, "ms": 1.0, "msec": 1.0, "s": 1e3, "sec": 1e3},
+               "us, ms or s", "10ms", DELAY_MAX_MS, "60s", "no added delay")
+_LOSS = _Unit("loss", "%", {"%": 1.0}, "%", "1%", 100.0, "100%", "no loss")
+_QUANTITY_TEXT = re.compile(r"^\s*([-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?)\s*(\S*)\s*$")
+_QUANTITY_MAX_TEXT = 40  # "100Mbit" needs far less; longer text is refused before any regex runs
+# Byte units (MB, KiB/s, MBps): the capital B, or a spelled-out byte, is what tells them from bits.
+_BYTES_UNIT = re.compile(r"^([kmg])(i?)(b|bytes?)(/s|ps)?$", re.IGNORECASE)
+
+
+def _check_link(link_in: _LinkIn | None, loc: Loc, issues: _Issues) -> LinkSpec | None:
+    """A link's MTU and shaping. delay and loss need the kernel's netem, which `lab up` checks, not the spec."""
+    if link_in is None:
+        return LinkSpec()
+    before = len(issues)
+    if link_in.mtu is not None and not MTU_MIN <= link_in.mtu <= MTU_MAX:
+        issues.add(loc + ("mtu",), f"mtu {_show(link_in.mtu)} is out of range: use {MTU_MIN}..{MTU_MAX} "
+                                   f"({DEFAULT_MTU} is Ethernet's usual size)")
+    bandwidth = _quantity(link_in.bandwidth, _BANDWIDTH, loc + ("bandwidth",), issues)
+    delay = _quantity(link_in.delay, _DELAY, loc + ("delay",), issues)
+    loss = _quantity(link_in.loss, _LOSS, loc + ("loss",), issues)
+    if len(issues) > before:
+        return None
+    return LinkSpec(mtu=link_in.mtu, bandwidth_mbit=bandwidth, delay_ms=delay, loss_percent=loss)
+
+
+def _quantity(value: Any, unit: _Unit, loc: Loc, issues: _Issues) -> float | None:
+    """A number in unit.suffix, or a string with a unit, as a float in unit.suffix; None if absent or wrong."""
+    if value is None:
+        return None
+    raw = issues.source.raw.get(loc)
+    number, problem = _read_quantity(value, unit, raw)
+    if problem is None and number is not None:
+        shown = _shown_quantity(value, unit, raw)
+        if not number > 0:
+            problem = f"{unit.field} {shown} must be more than 0: leave {unit.field} out for {unit.absent}"
+        elif number > unit.maximum:
+            problem = f"{unit.field} {shown} is more than {unit.maximum_text}: use at most {unit.maximum_text}"
+    if problem is not None:
+        issues.add(loc, problem)
+        return None
+    return number
+
+
+def _shown_quantity(value: float | str, unit: _Unit, raw: str | None) -> str:
+    """The value as written: a string as it is, a bare number with the unit it implies (10 -> 10Mbit)."""
+    if isinstance(value, str):
+        return _short(value, 40)
+    if not math.isfinite(value):
+        return _short(raw or str(value), 40)
+    return f"{_num(value)}{unit.suffix}"
+
+
+def _read_quantity(value: Any, unit: _Unit, raw: str | None) -> tuple[float | None, str | None]:
+    expected = f"a number ({unit.suffix}) or a string with a unit ({unit.shown}), e.g. {unit.example}"
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return None, _wrong_type(expected, value, raw)
+    if not isinstance(value, str):
+        return (None, f"must be {expected}, got {value}") if math.isnan(value) else (float(value), None)
+    match = _QUANTITY_TEXT.match(value) if len(value) <= _QUANTITY_MAX_TEXT else None
+    if match is None:
+        return None, f"{_short(repr(value), 40)} is not a {unit.field}: write {expected}"
+    number, suffix = float(match[1]), match[2]
+    if unit is _BANDWIDTH:
+        problem = _bytes_problem(number, suffix, value)
+        if problem:
+            return None, problem
+    factor = unit.units.get(suffix.lower())
+    if factor is not None:
+        return number * factor, None
+    if suffix == "":
+        return None, (f"{_short(repr(value), 40)} has no unit: write {match[1]}{unit.suffix}, or the number "
+                      f"{match[1]} without quotes")
+    return None, (f"unknown unit {_short(repr(suffix), 20)} in {_short(repr(value), 40)}: use {unit.shown}, "
+                  f"e.g. {unit.example}")
+
+
+def _bytes_problem(number: float, suffix: str, value: str) -> str | None:
+    """tc and link speeds count bits; a size unit in bytes is the usual slip (10MB meant as 10 Mbit/s).
+    kbps/mbps/gbps count bits here, as on network gear (tc would read them as bytes); MBps stays bytes."""
+    match = _BYTES_UNIT.match(suffix)
+    if match is None or (suffix.lower() in _BANDWIDTH.units and "B" not in suffix):
+        return None
+    prefix = {"k": "k", "m": "M", "g": "G"}[match[1].lower()]
+    binary = (1.024 ** "kmg".index(match[1].lower()) * 1.024) if match[2] else 1.0
+    return (f"{_short(repr(value), 40)} is in bytes, but bandwidth counts bits: write "
+            f"{_num(number * 8 * binary)}{prefix}bit (a byte is 8 bits)")
+
+
+def _num(value: float) -> str:
+    """A number for a message: 10, not 10.0; 0.5 as it is."""
+    return str(int(value)) if math.isfinite(value) and value == int(value) and abs(value) < 1e15 else f"{value:g}"
+
+
+# ---------------------------------------------------------------------------- network
+
+
+def _check_network(network_in: _NetworkIn, underlay: Underlay | None, issues: _Issues) -> Network | None:
     base = ("spec", "network")
     backend = network_in.backend if network_in.backend is not None else Network().backend
-    mtu = network_in.mtu if network_in.mtu is not None else DEFAULT_MTU
-    ok = True
-    if backend not in BACKENDS:
-        supported = ", ".join(BACKENDS)
-        if backend in PLANNED_BACKENDS:
-            issues.add(base + ("backend",), f"backend {backend} is not implemented yet; supported: {supported}")
-        else:
-            issues.add(base + ("backend",), f"unknown backend {_short(repr(backend), 40)}; supported: {supported}")
-        ok = False
+    ok = _check_backend(backend, issues)
+    link_mtu = underlay.link.mtu if underlay is not None else None
+    mtu = network_in.mtu if network_in.mtu is not None else _default_mtu(backend, link_mtu)
     if not MTU_MIN <= mtu <= MTU_MAX:
-        issues.add(base + ("mtu",), f"mtu {_show(mtu)} is out of range: use {MTU_MIN}..{MTU_MAX} "
-                                    f"({DEFAULT_MTU} is Ethernet's usual size)")
+        if network_in.mtu is not None:
+            issues.add(base + ("mtu",), f"mtu {_show(mtu)} is out of range: use {MTU_MIN}..{MTU_MAX} "
+                                        f"({DEFAULT_MTU} is Ethernet's usual size)")
+        else:
+            issues.add(("spec", "underlay", "link", "mtu"),
+                       f"mtu {link_mtu} leaves pods {mtu} bytes once vxlan adds its {VXLAN_OVERHEAD} bytes of "
+                       f"headers, below the minimum {MTU_MIN}: use {MTU_MIN + VXLAN_OVERHEAD} or more, or set "
+                       "network.mtu")
         ok = False
-    return Network(backend=backend, mtu=mtu) if ok else None
+    bgp = _check_bgp(network_in.bgp, backend, issues)
+    if not ok or bgp is None:
+        return None
+    return Network(backend=backend, mtu=mtu, bgp=bgp)
+
+
+def _check_backend(backend: str, issues: _Issues) -> bool:
+    if backend in BACKENDS:
+        return True
+    loc = ("spec", "network", "backend")
+    supported = ", ".join(BACKENDS)
+    if backend in PLANNED_BACKENDS:
+        issues.add(loc, f"backend {backend} is not implemented yet; supported: {supported}")
+    elif backend.lower() in BACKEND_HINTS:
+        hint = BACKEND_HINTS[backend.lower()]
+        issues.add(loc, f"unknown backend {_short(repr(backend), 40)} (did you mean {hint}?); supported: {supported}")
+    else:
+        issues.add(loc, f"unknown backend {_short(repr(backend), 40)}; supported: {supported}")
+    return False
+
+
+def _default_mtu(backend: str, link_mtu: int | None) -> int:
+    """The pods' MTU when none is given. Flannel's vxlan wraps every pod packet in 50 bytes of outer headers,
+    so pods get the underlay's MTU minus 50 (1450 on a 1500-byte underlay); host-gw and Calico's BGP mode
+    (without IPIP) route pod packets as they are, so pods get the underlay's MTU."""
+    underlay = link_mtu if link_mtu is not None else DEFAULT_MTU
+    return underlay - VXLAN_OVERHEAD if backend == "vxlan" else underlay
+
+
+def _check_bgp(bgp_in: _BgpIn | None, backend: str, issues: _Issues) -> Bgp | None:
+    loc = ("spec", "network", "bgp")
+    if bgp_in is None:
+        return Bgp()
+    if backend != "bgp":
+        if backend in BACKENDS:
+            issues.add(loc, "network.bgp is only used by backend bgp: remove it, or set backend: bgp")
+        return None
+    ok = True
+    peering = bgp_in.peering if bgp_in.peering is not None else Bgp().peering
+    if peering not in PEERINGS:
+        issues.add(loc + ("peering",), f"peering must be mesh (every node peers with every other) or tor (each node "
+                                       f"peers with its rack's router), got {_short(repr(peering), 40)}")
+        ok = False
+    # Calico's default AS for the cluster's nodes; with peering tor the nodes take their rack's AS instead.
+    asn = bgp_in.as_number if bgp_in.as_number is not None else CALICO_AS
+    ok = _check_asn(asn, "asNumber", loc + ("asNumber",), issues) and ok
+    if peering == "tor" and bgp_in.as_number is not None:
+        issues.add(loc + ("asNumber",), "asNumber is not used with peering tor: as in Calico's AS-per-rack model, "
+                                        "each node takes its rack's AS (underlay.racks[].router.asNumber); remove it, "
+                                        "or use peering: mesh")
+        ok = False
+    return Bgp(asn=asn, peering=peering) if ok else None
+
+
+def _check_routing(network_in: _NetworkIn, network: Network, nodes_in: list[_NodeIn], racks: tuple[str, ...] | None,
+                   issues: _Issues) -> None:
+    """Whether the pod backend can carry traffic between nodes over this underlay."""
+    base = ("spec", "network")
+    spread = _two_racks(nodes_in, racks)
+    if network.backend == "host-gw" and spread is not None:
+        # Flannel's host-gw installs "PodCIDR via <node IP>" routes: the next hop must be on the same L2 segment.
+        (first, first_rack), (other, other_rack) = spread
+        issues.add(base + ("backend",),
+                   f"backend host-gw{_default_note(network_in.backend)} needs every node on one L2 segment: Flannel's "
+                   "host-gw routes a PodCIDR straight to the other node's IP, which must be on-link, but "
+                   f"{first} is in {first_rack} and {other} in {other_rack}; use backend vxlan or bgp, or put all "
+                   "nodes in one rack")
+    if network.backend != "bgp":
+        return
+    given = (network_in.bgp or _BgpIn()).peering
+    if network.bgp.peering == "tor" and not racks:
+        issues.add(base + ("bgp", "peering"), "peering tor needs top-of-rack routers: give underlay.racks, or use "
+                                              "peering: mesh")
+    if network.bgp.peering == "mesh" and spread is not None:
+        # A node mesh keeps pod routes among the nodes; the ToRs only know rack subnets, and a pod packet for
+        # another rack is routed by them (the next hop, a node of another rack, is not on-link).
+        (first, first_rack), (other, other_rack) = spread
+        issues.add(base + ("bgp", "peering"),
+                   f"peering mesh{_default_note(given)} leaves the racks' routers without pod routes: the nodes "
+                   f"announce their PodCIDRs only to each other, so a packet from a pod on {first} ({first_rack}) "
+                   f"to a pod on {other} ({other_rack}) goes to {first_rack}'s router, which has no route to "
+                   f"{other}'s PodCIDR and drops it; use peering: tor (each node peers with its rack's router, "
+                   "the route reflector of Calico's AS-per-rack model)")
+
+
+def _two_racks(nodes_in: list[_NodeIn], racks: tuple[str, ...] | None
+               ) -> tuple[tuple[str, str], tuple[str, str]] | None:
+    """The first two nodes (with their racks) that sit in different racks, or None if all share one."""
+    placed = [(n.name, n.rack) for n in nodes_in if racks and n.rack in racks]
+    for name, rack in placed[1:]:
+        if rack != placed[0][1]:
+            return (placed[0][0], placed[0][1]), (name, rack)  # type: ignore[return-value]
+    return None
+
+
+# ---------------------------------------------------------------------------- address ranges apart
 
 
 def _check_disjoint(spec: _SpecIn, cluster: Cluster, underlay: Underlay, issues: _Issues) -> None:
     """Pod, Service and node addresses must be told apart by destination alone, so their ranges are disjoint."""
-    given_subnet = spec.underlay.subnet if spec.underlay else None
     given = spec.cluster or _ClusterIn()
     for other, key, given_other in ((cluster.pod_cidr, "podCIDR", given.pod_cidr),
                                     (cluster.service_cidr, "serviceCIDR", given.service_cidr)):
-        if underlay.subnet.overlaps(other):
-            _overlap(("spec", "cluster", key), other, given_other, ("spec", "underlay", "subnet"), underlay.subnet,
-                     given_subnet, "node addresses must not come from the pod or Service ranges; pick a separate "
-                     f"underlay.subnet (the default {Underlay().subnet} is one)", issues)
+        for loc, net, given_net, why in _underlay_ranges(spec.underlay or _UnderlayIn(), underlay):
+            if net.overlaps(other):
+                _overlap(("spec", "cluster", key), other, given_other, loc, net, given_net, why, issues)
+
+
+def _underlay_ranges(underlay_in: _UnderlayIn, underlay: Underlay) -> list[tuple[Loc, IPv4Network, str | None, str]]:
+    """The underlay's ranges: where each is written, the range, whether it was given, and how to fix an overlap."""
+    why = "node addresses must not come from the pod or Service ranges; pick a separate "
+    if underlay.subnet is not None:
+        return [(("spec", "underlay", "subnet"), underlay.subnet, underlay_in.subnet,
+                 why + f"underlay.subnet (the default {Underlay().subnet} is one)")]
+    ranges = [(_rack_loc(r.index) + ("subnet",), r.subnet, "given", why + f"subnet for rack {r.name}")
+              for r in underlay.racks]
+    if underlay.fabric is not None:
+        fabric_in = underlay_in.fabric or _FabricIn()
+        ranges.append((("spec", "underlay", "fabric", "cidr"), underlay.fabric.cidr, fabric_in.cidr,
+                       "the routers' fabric links must not use pod or Service addresses; pick a separate fabric.cidr "
+                       f"(the default {Fabric().cidr} is one)"))
+    return ranges
 
 
 def _overlap(first: Loc, first_net: IPv4Network, first_given: str | None, second: Loc, second_net: IPv4Network,
@@ -1021,8 +1561,8 @@ def _overlap(first: Loc, first_net: IPv4Network, first_given: str | None, second
 
 
 def _check_nodes(nodes_in: list[_NodeIn], cluster: Cluster | None, underlay: Underlay | None,
-                 issues: _Issues) -> list[Node] | None:
-    """Names, addresses and PodCIDRs of the nodes; None when any of them is wrong."""
+                 racks: tuple[str, ...] | None, issues: _Issues) -> list[Node] | None:
+    """Names, addresses, racks, links and PodCIDRs of the nodes; None when any of them is wrong."""
     before = len(issues)
     if not nodes_in:
         issues.add(("spec", "nodes"), "no nodes: a lab needs at least one, e.g. nodes: [{name: node1, ip: 192.168.1.10}]")
@@ -1030,6 +1570,7 @@ def _check_nodes(nodes_in: list[_NodeIn], cluster: Cluster | None, underlay: Und
     seen_names: dict[str, int] = {}
     seen_ips: dict[IPv4Address, int] = {}
     ips: list[IPv4Address | None] = []
+    links: list[LinkSpec | None] = []
     for index, node in enumerate(nodes_in):
         loc = ("spec", "nodes", index)
         problem = names.dns_label_problem(node.name)
@@ -1039,7 +1580,7 @@ def _check_nodes(nodes_in: list[_NodeIn], cluster: Cluster | None, underlay: Und
             issues.add(loc + ("name",), f"node name {node.name} is already used by spec.nodes[{seen_names[node.name]}]: "
                                         "give each node its own name")
         seen_names.setdefault(node.name, index)
-        ip = _check_node_ip(node.ip, loc + ("ip",), underlay, issues)
+        ip = _check_node_ip(node, loc, underlay, racks, issues)
         if ip is not None and ip in seen_ips:
             first = seen_ips[ip]
             issues.add(loc + ("ip",), f"{ip} is already the address of {nodes_in[first].name} (spec.nodes[{first}]): "
@@ -1048,30 +1589,113 @@ def _check_nodes(nodes_in: list[_NodeIn], cluster: Cluster | None, underlay: Und
         if ip is not None:
             seen_ips[ip] = index
         ips.append(ip)
+        links.append(_check_link(node.link, loc + ("link",), issues))
     cidrs = _node_pod_cidrs(nodes_in, cluster, issues) if cluster is not None else None
     if cidrs is None or underlay is None or len(issues) > before:
         return None
-    return [Node(name=n.name, ip=ip, pod_cidr=cidr, index=i)  # type: ignore[arg-type]
-            for i, (n, ip, cidr) in enumerate(zip(nodes_in, ips, cidrs))]
+    return [Node(name=n.name, ip=ip, pod_cidr=cidr, index=i, rack=n.rack,  # type: ignore[arg-type]
+                 link=link.merged(underlay.link))  # type: ignore[union-attr]
+            for i, (n, ip, cidr, link) in enumerate(zip(nodes_in, ips, cidrs, links))]
 
 
-def _check_node_ip(text: str, loc: Loc, underlay: Underlay | None, issues: _Issues) -> IPv4Address | None:
-    ip = _address(text, loc, issues)
-    if ip is None or underlay is None:
+def _check_node_ip(node: _NodeIn, loc: Loc, underlay: Underlay | None, racks: tuple[str, ...] | None,
+                   issues: _Issues) -> IPv4Address | None:
+    segment = _node_segment(node, loc, underlay, racks, issues)
+    ip = _address(node.ip, loc + ("ip",), issues, "underlay.subnet" if racks is None else "its rack's subnet")
+    if ip is None or segment is None:
         return ip
-    subnet = underlay.subnet
-    hosts = f"{subnet.network_address + 1}..{subnet.broadcast_address - 1}"
-    if ip not in subnet:
-        issues.add(loc, f"{ip} is outside underlay.subnet {subnet}: pick an address in {hosts}")
-        return None
-    if ip == subnet.network_address:
-        issues.add(loc, f"{ip} is the network address of underlay.subnet {subnet}, not a host address: pick one of {hosts}")
-        return None
-    if ip == subnet.broadcast_address:
-        issues.add(loc, f"{ip} is the broadcast address of underlay.subnet {subnet}, not a host address: pick one "
-                        f"of {hosts}")
+    subnet, where, rack = segment
+    taken = rack.router_ip if rack is not None else None
+    problem = _host_problem(ip, subnet, where, taken)
+    if problem and rack is not None and ip not in subnet:
+        problem += _other_rack_hint(ip, underlay)
+    if problem is None and rack is not None and ip == rack.router_ip:
+        problem = (f"{ip} is the address of {rack.router}, the router of rack {rack.name} (its nodes' gateway): "
+                   f"pick another address in {_hosts(subnet, taken)}")
+    if problem:
+        issues.add(loc + ("ip",), problem)
         return None
     return ip
+
+
+def _node_segment(node: _NodeIn, loc: Loc, underlay: Underlay | None, racks: tuple[str, ...] | None,
+                  issues: _Issues) -> tuple[IPv4Network, str, Rack | None] | None:
+    """The subnet a node's IP must be in, how messages name it, and the node's rack; None when unknown."""
+    if racks is None:
+        if node.rack is not None:
+            issues.add(loc + ("rack",), "rack needs underlay.racks; this lab's underlay is one flat segment: remove "
+                                        "rack, or give underlay.racks")
+        if underlay is None or underlay.subnet is None:
+            return None
+        return underlay.subnet, f"underlay.subnet {underlay.subnet}", None
+    if not racks:
+        return None  # "no racks" is reported at underlay.racks
+    if node.rack is None:
+        issues.add(loc + ("rack",), f"missing; this lab's underlay has racks, so every node names the rack it sits in, "
+                                    f"e.g. rack: {racks[0]} (racks: {', '.join(racks)})")
+        return None
+    if node.rack not in racks:
+        issues.add(loc + ("rack",), f"rack {_short(node.rack, 60)} is not a rack of this lab "
+                                    f"(racks: {', '.join(racks)})")
+        return None
+    if underlay is None or not underlay.routed:
+        return None
+    rack = underlay.rack(node.rack)
+    return rack.subnet, f"rack {rack.name}'s subnet {rack.subnet}", rack
+
+
+def _hosts(subnet: IPv4Network, taken: IPv4Address | None = None) -> str:
+    """The host addresses of `subnet`, for a message; `taken` (a router's address) left out."""
+    first, last = subnet.network_address + 1, subnet.broadcast_address - 1
+    if taken == first and first < last:
+        first += 1
+    elif taken == last and first < last:
+        last -= 1
+    elif taken is not None and first < taken < last:
+        return f"{first}..{last} except {taken}"
+    return f"{first}..{last}"
+
+
+def _host_problem(ip: IPv4Address, subnet: IPv4Network, where: str, taken: IPv4Address | None = None) -> str | None:
+    """Why `ip` cannot be a host of `subnet` (named `where` in the message), or None."""
+    hosts = _hosts(subnet, taken)
+    if ip not in subnet:
+        return f"{ip} is outside {where}: pick an address in {hosts}"
+    if ip == subnet.network_address:
+        return f"{ip} is the network address of {where}, not a host address: pick one of {hosts}"
+    if ip == subnet.broadcast_address:
+        return f"{ip} is the broadcast address of {where}, not a host address: pick one of {hosts}"
+    return None
+
+
+def _other_rack_hint(ip: IPv4Address, underlay: Underlay | None) -> str:
+    for rack in underlay.racks if underlay is not None else ():
+        if ip in rack.subnet:
+            return f" ({ip} is in rack {rack.name}'s subnet: did you mean rack: {rack.name}?)"
+    return ""
+
+
+def _check_host_names(nodes_in: list[_NodeIn], underlay_in: _UnderlayIn, issues: _Issues) -> None:
+    """Routers are hosts of the lab like nodes (each has a namespace named after it), so their names differ.
+    Checked on the racks as written, so a clash shows up even while another rack field is wrong."""
+    racks_in = underlay_in.racks or []
+    routers: dict[str, int] = {}
+    for index, rack_in in enumerate(racks_in):
+        routers.setdefault(_router_name_of(rack_in), index)
+    spine = _spine_asn(underlay_in.fabric or _FabricIn()) is not None
+    for index, node in enumerate(nodes_in):
+        loc = ("spec", "nodes", index, "name")
+        rack = routers.get(node.name)
+        if racks_in and spine and node.name == SPINE_ROUTER:
+            issues.add(loc, f"node name {SPINE_ROUTER} is the name of the fabric's spine router: rename the node")
+        elif rack is not None and _router_given(racks_in, rack, "name"):
+            issues.add(_rack_loc(rack) + ("router", "name"),
+                       f"router name {node.name} is also the name of node spec.nodes[{index}]: routers and nodes "
+                       "are hosts of one lab and need different names; rename one")
+        elif rack is not None:
+            issues.add(loc, f"node name {node.name} is the default name of rack {racks_in[rack].name}'s router "
+                            f"(tor-<rack>): rename the node, or give the router another name with "
+                            f"underlay.racks[{rack}].router.name")
 
 
 def _node_pod_cidrs(nodes_in: list[_NodeIn], cluster: Cluster, issues: _Issues) -> list[IPv4Network] | None:
@@ -1410,7 +2034,8 @@ def _check_container(container: _ContainerIn, loc: Loc, port_names: dict[str, Lo
     argv = _argv(container, loc, issues) if len(issues) == before else None
     if argv is None or len(issues) > before:
         return None
-    return Container(name=container.name, image=container.image, argv=argv, ports=ports)
+    env = tuple((e.name, e.value or "") for e in container.env or [])
+    return Container(name=container.name, image=container.image, argv=argv, ports=ports, env=env)
 
 
 def _check_ports(ports_in: list[_PortIn], loc: Loc, port_names: dict[str, Loc],
@@ -1739,14 +2364,17 @@ def _place(drafts: list[_Draft], lab: Lab, issues: _Issues) -> list[Pod]:
     fewest pods so far (earlier node on a tie), a stand-in for the scheduler's spreading. Existing pods count."""
     counts = {node.name: len(lab.pods_on(node.name)) for node in lab.nodes}
     overflow_at: dict[str, Loc] = {}
-    veths: dict[tuple[str, str], str] = {(pod.node, names.host_veth(pod.namespace, pod.name)): pod.key for pod in lab.pods}
+    def veth_of(namespace: str, name: str) -> str:
+        return names.host_veth(names.sandbox_id(lab.name, namespace, name))
+
+    veths: dict[tuple[str, str], str] = {(pod.node, veth_of(pod.namespace, pod.name)): pod.key for pod in lab.pods}
     pods = []
     for draft in drafts:
         node = _node_for(draft, lab, counts)
         counts[node] += 1
         if counts[node] == lab.node(node).pod_capacity + 1:
             overflow_at[node] = draft.obj.loc
-        veth = names.host_veth(draft.namespace, draft.name)
+        veth = veth_of(draft.namespace, draft.name)
         key = f"{draft.namespace}/{draft.name}"
         if (node, veth) in veths:
             issues.add(draft.obj.loc + ("metadata", "name"),

@@ -1,38 +1,163 @@
-"""The physical side of the lab: Kubernetes nodes as Mininet hosts on one Mininet LinuxBridge switch.
+"""The physical side of the lab: Kubernetes nodes (and routers) as Mininet hosts on Mininet LinuxBridge
+switches.
 
-Mininet builds what a datacenter would have (machines with an `eth0` and an IP on a shared segment);
-the lab then pins each node's namespace under /run/netns and lets Mininet's shells go, so the lab
-outlives the command that built it and every later step works from the root mount namespace.
+Mininet builds what a datacenter would have: machines with an `eth0` on a shared segment, or, for a
+routed underlay, racks (a segment each) behind top-of-rack routers joined by a spine or by one shared
+fabric segment. The lab then pins every host's namespace under /run/netns and lets Mininet's shells go,
+so the lab outlives the command that built it and every later step works from the root mount namespace.
 
-The switch itself also lives in a namespace of its own (not in the root namespace, where Mininet puts
-switches by default): nothing of the lab, not even a port name, can collide with another lab or touch
-the machine's real uplink, and the host's own firewall and bridge-netfilter settings never see lab
-traffic.
+Every switch lives in a namespace of its own (Mininet puts switches in the root namespace by default):
+nothing of the lab, not even a port name, can collide with another lab or touch the machine's real
+uplink, and the host's own firewall and bridge-netfilter settings never see lab traffic.
 """
 from __future__ import annotations
 
 import shutil
 from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 
-from topo import netns
+from topo import names, netns
 from topo.errors import FeatureMissing
-from topo.model import NODE_IFNAME, Lab
+from topo.model import NODE_IFNAME, SPINE, Lab, LinkSpec
 
-SWITCH = "ul"  # Mininet's LinuxBridge only enslaves ports whose names contain the switch's name
+FLAT_SWITCH = "ul"  # Mininet's LinuxBridge only enslaves ports whose names contain the switch's name
+FABRIC = "fabric"
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One L2 segment: a LinuxBridge (named `switch`, short, unique in the lab) in its own namespace."""
+
+    switch: str
+    netns: str
+
+
+@dataclass(frozen=True)
+class Host:
+    name: str
+    netns: str
+    router: bool = False
+    gateway: IPv4Address | None = None  # default route (nodes of a routed underlay: their ToR)
+
+
+@dataclass(frozen=True)
+class Link:
+    """A host interface wired either to a segment's switch (`segment`) or straight to another host."""
+
+    host: str
+    intf: str
+    address: IPv4Interface
+    segment: str | None = None  # switch name
+    port: str | None = None  # the switch's port name
+    peer: str | None = None  # host at the other end of a point-to-point link
+    peer_intf: str | None = None
+    peer_address: IPv4Interface | None = None
+    spec: LinkSpec = LinkSpec()
 
 
 @dataclass(frozen=True)
 class UnderlayPlan:
-    switch_netns: str
-    nodes: tuple[tuple[str, str, str, str], ...]  # (node name, node netns, eth0 address/prefix, switch port)
+    segments: tuple[Segment, ...]
+    hosts: tuple[Host, ...]
+    links: tuple[Link, ...]
+
+    @property
+    def switch_netns(self) -> tuple[str, ...]:
+        return tuple(s.netns for s in self.segments)
 
 
 def plan(lab: Lab) -> UnderlayPlan:
-    return UnderlayPlan(
-        switch_netns=lab.underlay_netns(),
-        nodes=tuple((n.name, lab.node_netns(n.name), str(lab.node_interface(n)), f"{SWITCH}-eth{n.index}")
-                    for n in lab.nodes),
-    )
+    return _routed(lab) if lab.underlay.routed else _flat(lab)
+
+
+def _flat(lab: Lab) -> UnderlayPlan:
+    segment = Segment(FLAT_SWITCH, names.underlay_netns(lab.name, FLAT_SWITCH))
+    hosts = tuple(Host(n.name, lab.node_netns(n.name)) for n in lab.nodes)
+    links = tuple(Link(n.name, NODE_IFNAME, lab.node_interface(n), FLAT_SWITCH, f"{FLAT_SWITCH}-eth{n.index}",
+                       spec=n.link) for n in lab.nodes)
+    return UnderlayPlan((segment,), hosts, links)
+
+
+@dataclass(frozen=True)
+class FabricLink:
+    """A ToR's uplink: the ToR's address and, with a spine, the spine's end of their /30."""
+
+    tor: str
+    tor_ip: IPv4Interface
+    spine_ip: IPv4Interface | None  # None with a direct fabric (one shared segment)
+
+
+def fabric_links(lab: Lab) -> list[FabricLink]:
+    """Spine: one /30 per rack (spine .1, ToR .2). Direct: every ToR on one segment, rack i's ToR at host i+1."""
+    fabric = lab.underlay.fabric
+    if fabric is None:
+        return []
+    if fabric.mode == "spine":
+        blocks = list(fabric.cidr.subnets(new_prefix=30))
+        return [FabricLink(r.router, IPv4Interface(f"{blocks[r.index].network_address + 2}/30"),
+                           IPv4Interface(f"{blocks[r.index].network_address + 1}/30")) for r in lab.underlay.racks]
+    prefix = fabric.cidr.prefixlen
+    return [FabricLink(r.router, IPv4Interface(f"{fabric.cidr.network_address + r.index + 1}/{prefix}"), None)
+            for r in lab.underlay.racks]
+
+
+def _routed(lab: Lab) -> UnderlayPlan:
+    """A segment per rack with its ToR on it, and the ToRs' uplinks to a spine or a fabric segment."""
+    fabric = lab.underlay.fabric
+    assert fabric is not None
+    segments = [Segment(f"r{r.index}", names.underlay_netns(lab.name, r.name)) for r in lab.underlay.racks]
+    hosts = [Host(n.name, lab.node_netns(n.name), gateway=lab.underlay.rack(n.rack).router_ip)  # type: ignore[arg-type]
+             for n in lab.nodes]
+    hosts += [Host(r.router, lab.router_netns(r.router), router=True) for r in lab.underlay.racks]
+    ports: dict[str, int] = {}
+
+    def port(switch: str) -> str:
+        ports[switch] = ports.get(switch, -1) + 1
+        return f"{switch}-eth{ports[switch]}"
+
+    links = []
+    for n in lab.nodes:
+        rack = lab.underlay.rack(n.rack)  # type: ignore[arg-type]
+        links.append(Link(n.name, NODE_IFNAME, lab.node_interface(n), f"r{rack.index}", port(f"r{rack.index}"),
+                          spec=n.link))
+    for r in lab.underlay.racks:
+        links.append(Link(r.router, "eth0", IPv4Interface(f"{r.router_ip}/{r.subnet.prefixlen}"), f"r{r.index}",
+                          port(f"r{r.index}"), spec=lab.underlay.link))
+    uplinks = fabric_links(lab)
+    if fabric.mode == "spine":
+        hosts.append(Host(SPINE, lab.router_netns(SPINE), router=True))
+        for up, r in zip(uplinks, lab.underlay.racks):
+            links.append(Link(up.tor, "eth1", up.tor_ip, peer=SPINE, peer_intf=f"eth{r.index}",
+                              peer_address=up.spine_ip, spec=lab.underlay.link))
+    else:
+        segments.append(Segment("fab", names.underlay_netns(lab.name, FABRIC)))
+        for up in uplinks:
+            links.append(Link(up.tor, "eth1", up.tor_ip, "fab", port("fab"), spec=lab.underlay.link))
+    return UnderlayPlan(tuple(segments), tuple(hosts), tuple(links))
+
+
+def configure(up: UnderlayPlan, handle_of) -> None:  # handle_of: netns name -> topo.rtnl.Rtnl
+    """Addresses, MTUs and default routes of every underlay interface, by netlink, after `build`."""
+    hosts = {h.name: h for h in up.hosts}
+    seg_ns = {s.switch: s.netns for s in up.segments}
+    for link in up.links:
+        ends = [(hosts[link.host].netns, link.intf, link.address)]
+        if link.peer is not None:
+            ends.append((hosts[link.peer].netns, link.peer_intf, link.peer_address))
+        else:
+            ends.append((seg_ns[link.segment], link.port, None))  # type: ignore[index]
+        for ns, intf, address in ends:
+            rt = handle_of(ns)
+            dev = rt.link(intf)
+            assert dev is not None, (ns, intf)
+            if address is not None:
+                rt.add_addr(dev.index, address)
+            rt.set_link(dev.index, up=True, mtu=link.spec.mtu)
+    for h in up.hosts:
+        lo = handle_of(h.netns).link("lo")
+        handle_of(h.netns).set_link(lo.index, up=True)
+        if h.gateway is not None:
+            handle_of(h.netns).replace_route(IPv4Network("0.0.0.0/0"), gateway=h.gateway)
 
 
 def require_mininet() -> None:
@@ -44,40 +169,47 @@ def require_mininet() -> None:
         raise FeatureMissing(f"the Mininet Python module is not importable ({exc}): run ./install.sh") from exc
 
 
-def build(up: UnderlayPlan) -> list[str]:
-    """Create nodes and switch with Mininet, pin their namespaces, end Mininet's shells.
-
-    Returns the namespaces pinned, so a caller can undo a half-built lab.
-    """
+def build(up: UnderlayPlan) -> None:
+    """Create hosts, switches and links with Mininet, pin their namespaces, end Mininet's shells."""
     require_mininet()
+    from mininet.link import Link as MnLink
+    from mininet.link import TCIntf, TCLink
     from mininet.log import setLogLevel
     from mininet.net import Mininet
     from mininet.nodelib import LinuxBridge
 
-    setLogLevel("critical")  # Mininet's bridge-nf warnings concern its root-namespace switches, not ours
+    setLogLevel("critical")  # Mininet's bridge-nf warnings concern root-namespace switches, not ours
+    # Mininet's one-time init raises the ROOT namespace's sysctls (socket buffers, neighbour tables) and
+    # never restores them; a lab must not touch the machine's own network settings, so skip it.
+    Mininet.inited = True
+    TCIntf.bwParamMax = 100_000  # Mininet silently ignores rates above 1 Gbit/s; the spec allows 100
     net = Mininet(topo=None, switch=LinuxBridge, controller=None, build=False, autoSetMacs=False,
                   autoStaticArp=False, waitConnected=False)
-    pinned: list[str] = []
     try:
-        switch = net.addSwitch(SWITCH, inNamespace=True, dpid="1")
-        # A veth whose ifindex equals its peer's counts as a non-urgent link event, and the kernel then
-        # reports its carrier up to a second late. Switch ports and node eth0s would both be index 2
-        # in their fresh namespaces; a placeholder link taken first shifts the ports' indexes. (The
-        # bridge is re-created by LinuxBridge.start.)
-        switch.cmd(f"ip link add {SWITCH} type bridge")
-        hosts = []
-        for name, _ns, address, port in up.nodes:
-            host = net.addHost(name, ip=address)
-            net.addLink(host, switch, intfName1=NODE_IFNAME, intfName2=port)
-            hosts.append(host)
+        switches = {}
+        for i, seg in enumerate(up.segments):
+            switches[seg.switch] = sw = net.addSwitch(seg.switch, inNamespace=True, dpid=str(i + 1))
+            # A veth whose ifindex equals its peer's counts as a non-urgent link event, and the kernel
+            # then reports its carrier up to a second late. Switch ports and hosts' eth0 would both be
+            # index 2 in their fresh namespaces; a placeholder taken first shifts the ports' indexes.
+            # (LinuxBridge.start deletes and re-creates the bridge.)
+            sw.cmd(f"ip link add {seg.switch} type bridge")
+        hosts = {h.name: net.addHost(h.name, ip=None) for h in up.hosts}
+        for link in up.links:
+            cls, params = (TCLink, {"bw": link.spec.bandwidth_mbit}) if link.spec.bandwidth_mbit else (MnLink, {})
+            if link.segment is not None:
+                net.addLink(hosts[link.host], switches[link.segment], intfName1=link.intf, intfName2=link.port,
+                            cls=cls, **params)
+            else:
+                assert link.peer is not None
+                net.addLink(hosts[link.host], hosts[link.peer], intfName1=link.intf, intfName2=link.peer_intf,
+                            cls=cls, **params)
         net.build()
         net.start()
-        for host, (_name, ns, _address, _port) in zip(hosts, up.nodes):
-            netns.pin_pid(ns, host.pid)
-            pinned.append(ns)
-        netns.pin_pid(up.switch_netns, switch.pid)
-        pinned.append(up.switch_netns)
+        for h in up.hosts:
+            netns.pin_pid(h.netns, hosts[h.name].pid)
+        for seg in up.segments:
+            netns.pin_pid(seg.netns, switches[seg.switch].pid)
     finally:
         for node in net.hosts + net.switches:
             node.terminate()
-    return pinned

@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from tests.conftest import require_root, require_tool
+from topo import netns, process
 
 REPO = Path(__file__).resolve().parents[2]
 SEED = REPO / "labs" / "00-seed" / "lab.yaml"
@@ -62,11 +63,23 @@ def pause_pod(name: str, node: str | None = None, namespace: str = "default", **
 
 
 def leftovers(name: str) -> dict[str, list]:
-    """Everything of a lab still on the machine: namespaces, processes in them, state files."""
+    """Everything of a lab still on the machine: namespaces, processes (in them, or naming the lab, as
+    FRR daemons' paths do), state files."""
     prefix = f"klab_{name}_"
     spaces = sorted(n for n in os.listdir("/run/netns") if n.startswith(prefix)) if os.path.isdir("/run/netns") else []
+    inodes = [i for n in spaces if (i := netns.inode(n)) is not None]
+    pids = [p for p in process.pids_in_netns(inodes) if process.alive(p)]
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if f"/run/kubenet-lab/{name}/" in Path(f"/proc/{pid}/cmdline").read_text() and process.alive(int(pid)):
+                pids.append(int(pid))
+        except OSError:
+            pass
     state_dir = Path("/run/kubenet-lab") / name
-    return {"netns": spaces, "state": [str(state_dir)] if state_dir.exists() else []}
+    found = {"netns": spaces, "state": [str(state_dir)] if state_dir.exists() else []}
+    if pids:
+        found["processes"] = sorted(set(pids))
+    return found
 
 
 @pytest.fixture

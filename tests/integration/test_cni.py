@@ -48,7 +48,7 @@ def test_add_check_del_speak_the_spec(spaces: dict) -> None:
     rc, result = cni(node, "ADD", conf, pod, "p0")
     assert rc == 0, result
     assert result["ips"] == [{"address": "10.244.7.2/29", "gateway": "10.244.7.1", "interface": 2}]
-    assert [i["name"] for i in result["interfaces"]] == ["cni0", names.host_veth("default", "p0"), "eth0"]
+    assert [i["name"] for i in result["interfaces"]] == ["cni0", names.host_veth("test.p0"), "eth0"]
     assert result["interfaces"][2]["sandbox"] == f"/run/netns/{pod}"
     assert result["routes"] == [{"dst": "0.0.0.0/0", "gw": "10.244.7.1"}]
     assert "10.244.7.2/29" in sh(pod, "ip", "-4", "-o", "addr", "show", "eth0")
@@ -64,7 +64,7 @@ def test_add_check_del_speak_the_spec(spaces: dict) -> None:
     assert cni(node, "DEL", conf, pod, "p0") == (0, None)
     assert cni(node, "DEL", conf, pod, "p0") == (0, None)  # DEL tolerates what is already gone
     assert cni(node, "DEL", conf, None, "p0") == (0, None)
-    assert names.host_veth("default", "p0") not in sh(node, "ip", "-o", "link")
+    assert names.host_veth("test.p0") not in sh(node, "ip", "-o", "link")
     leases = json.loads((spaces["dir"] / "node.json").read_text())["leases"]
     assert leases == {}
 
@@ -85,11 +85,11 @@ def test_exhaustion_and_failed_add_roll_back(spaces: dict) -> None:
     rc, err = cni(node, "ADD", conf, spaces["pods"][5], "p5")
     assert rc == 1 and "10.244.7.0/29" in err["msg"] and "5 pod IPs" in err["msg"]
     assert "eth0" not in sh(spaces["pods"][5], "ip", "-o", "link")
-    assert names.host_veth("default", "p5") not in sh(node, "ip", "-o", "link")
+    assert names.host_veth("test.p5") not in sh(node, "ip", "-o", "link")
     # A namespace that does not exist: the ADD fails, and neither a lease nor a veth stays behind.
     assert cni(node, "DEL", conf, spaces["pods"][4], "p4")[0] == 0
     rc, err = cni(node, "ADD", conf, "klab_nonexistent_p_x_y", "p6")
     assert rc == 1
     leases = json.loads((spaces["dir"] / "node.json").read_text())["leases"]
     assert len(leases) == 4 and all(v["pod"] != "default/p6" for v in leases.values())
-    assert names.host_veth("default", "p6") not in sh(node, "ip", "-o", "link")
+    assert names.host_veth("test.p6") not in sh(node, "ip", "-o", "link")

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from topo import process
+
 from tests.integration.conftest import (REPO, in_lab, lab, leftovers, pause_pod, seed_spec, unique,
                                         write_spec)
 
@@ -59,14 +61,19 @@ def test_name_is_needed_when_two_labs_run(lab_up) -> None:
     assert proc.returncode == 2 and "name one" in proc.stderr
 
 
-def test_up_twice_is_refused_and_down_of_unknown_lab_is_clear(lab_up) -> None:
+def test_up_twice_is_refused_and_down_of_unknown_lab_is_clear(lab_up, tmp_path: Path) -> None:
     name = unique("twice")
-    spec = two_node_spec(name, [])
+    spec = two_node_spec(name, [pause_pod("p", node="node1")])
     lab_up(spec)
-    again = lab("up", str(Path("/run/kubenet-lab") / "nonexistent.yaml"), check=False)
-    assert again.returncode == 2 and "Traceback" not in again.stderr
+    before = leftovers(name)
+    again = lab("up", str(write_spec(tmp_path, spec)), check=False)
+    assert again.returncode == 2 and f"lab {name} is already up" in again.stderr and "Traceback" not in again.stderr
+    assert leftovers(name) == before
+    in_lab(name, "p", "true")
     down = lab("down", unique("ghost"), check=False)
     assert down.returncode == 2 and "is not running" in down.stderr
+    bad = lab("down", "../../etc", check=False)
+    assert bad.returncode == 2 and "not a lab name" in bad.stderr
 
 
 def test_kill_9_mid_up_then_clean_leaves_nothing(tmp_path: Path) -> None:
@@ -82,38 +89,18 @@ def test_kill_9_mid_up_then_clean_leaves_nothing(tmp_path: Path) -> None:
         assert proc.poll() is None, "lab up finished before it could be killed: make the lab bigger"
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
-        made = leftovers(name)["netns"]
-        assert len(made) >= 60
-        pids = _pids_in(made)
+        made = leftovers(name)
+        assert len(made["netns"]) >= 60
+        pids = made.get("processes", [])
         assert pids, "pause processes should have survived the crash"
         out = lab("clean").stdout
         assert name in out
         assert leftovers(name) == {"netns": [], "state": []}
-        assert not [p for p in pids if _running(p)]
+        assert not [p for p in pids if process.alive(p)]
     finally:
         if proc.poll() is None:
             proc.kill()
         lab("clean", check=False)
-
-
-def _running(pid: int) -> bool:
-    """Alive and not a zombie (a killed orphan waits for PID 1 to reap it; that is not a leftover)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, IndexError):
-        return False
-
-
-def _pids_in(spaces: list[str]) -> list[int]:
-    inodes = {os.stat(f"/run/netns/{n}").st_ino for n in spaces if os.path.exists(f"/run/netns/{n}")}
-    out = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            if os.stat(f"/proc/{pid}/ns/net").st_ino in inodes:
-                out.append(int(pid))
-        except OSError:
-            pass
-    return out
 
 
 def test_clean_spares_running_labs(lab_up) -> None:
@@ -155,7 +142,9 @@ def test_apply_and_delete_follow_host_local_ipam(lab_up, tmp_path: Path) -> None
     assert list(leases) == ["10.244.2.3"]
 
 
-def test_ipam_exhaustion_on_a_slash_24_fails_cleanly_at_pod_254(lab_up, tmp_path: Path) -> None:
+def test_a_slash_24_node_takes_253_pods_and_refuses_the_254th(lab_up, tmp_path: Path) -> None:
+    """The 254th pod is refused before any kernel work (the node's capacity is known); the runtime
+    IPAM path (host-local exhaustion and rollback) is exercised in test_cni."""
     name = unique("full")
     spec = {"apiVersion": "kubenet-lab/v1alpha1", "kind": "Lab", "metadata": {"name": name},
             "spec": {"nodes": [{"name": "node1", "ip": "192.168.1.10"}],
@@ -168,6 +157,6 @@ def test_ipam_exhaustion_on_a_slash_24_fails_cleanly_at_pod_254(lab_up, tmp_path
     one_more.write_text(json.dumps(pause_pod("p253")))
     before = leftovers(name)["netns"]
     proc = lab("apply", "--lab", name, "-f", str(one_more), check=False)
-    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "10.244.1.0/24" in proc.stderr and "253" in proc.stderr and "node1" in proc.stderr
     assert leftovers(name)["netns"] == before

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from lab import plan
-from topo import names, rtnl, underlay
+from topo import names, rtnl
 from topo.spec import load_spec
 
 SEED = Path(__file__).resolve().parents[2] / "labs" / "00-seed"
@@ -19,10 +19,11 @@ def seed_plan() -> plan.Plan:
 
 
 def test_host_veth_names_fit_the_kernel_and_are_stable() -> None:
-    name = names.host_veth("default", "a" * 63)
+    sandbox = names.sandbox_id("a" * 40, "default", "b" * 63)
+    name = names.host_veth(sandbox)
     assert len(name) <= names.IFNAMSIZ and name.startswith("veth")
-    assert name == names.host_veth("default", "a" * 63)
-    assert name != names.host_veth("default2", "a" * 63)
+    assert name == names.host_veth(sandbox)
+    assert name != names.host_veth(names.sandbox_id("a" * 40, "default2", "b" * 63))
 
 
 def test_namespace_names_carry_the_lab_and_parse_back() -> None:
@@ -50,15 +51,18 @@ def test_seed_nodes_get_cni0_at_dot_1_and_host_gw_routes(seed_plan: plan.Plan) -
     assert [(r.dst, r.via, r.dev) for r in node1.routes] == [
         (IPv4Network("10.244.2.0/24"), IPv4Address("192.168.1.11"), "eth0")]
     assert [(r.dst, r.via) for r in node2.routes] == [(IPv4Network("10.244.1.0/24"), IPv4Address("192.168.1.10"))]
-    assert ("net/ipv4/ip_forward", "1") in node1.sysctls
+    assert ("net/ipv4/ip_forward", "1") in plan.HOST_SYSCTLS
+    assert node1.vxlan is None and seed_plan.speakers == () and seed_plan.routers == ()
 
 
 def test_underlay_plan_puts_every_node_on_one_switch(seed_plan: plan.Plan) -> None:
     up = seed_plan.underlay
-    assert up.switch_netns == "klab_seed_u_ul"
-    assert up.nodes == (("node1", "klab_seed_n_node1", "192.168.1.10/24", "ul-eth0"),
-                        ("node2", "klab_seed_n_node2", "192.168.1.11/24", "ul-eth1"))
-    assert all(underlay.SWITCH in port for *_, port in up.nodes)  # LinuxBridge only enslaves such ports
+    assert up.switch_netns == ("klab_seed_u_ul",)
+    assert [(h.name, h.netns, h.gateway) for h in up.hosts] == [("node1", "klab_seed_n_node1", None),
+                                                               ("node2", "klab_seed_n_node2", None)]
+    assert [(l.host, l.intf, str(l.address), l.segment, l.port) for l in up.links] == [
+        ("node1", "eth0", "192.168.1.10/24", "ul", "ul-eth0"), ("node2", "eth0", "192.168.1.11/24", "ul", "ul-eth1")]
+    assert all(l.segment in l.port for l in up.links)  # LinuxBridge only enslaves such ports
 
 
 def test_netlink_attributes_pack_and_parse_back() -> None:

@@ -1,0 +1,105 @@
+"""Processes inside lab namespaces: started from this process, found and stopped by namespace.
+
+Anything a lab runs (pause, containers, FRR daemons) is spawned after setns(2) into the target namespace
+(posix_spawn inherits the calling thread's namespaces), in a new session so it outlives the command
+that started it, and is later found by the namespace it lives in, never by its name.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import time
+from collections.abc import Iterable
+
+from topo import netns
+from topo.errors import ApplyError
+
+
+def spawn(argv: tuple[str, ...] | list[str], log: str | None, env: dict[str, str] | None = None) -> int:
+    """Start `argv` (never through a shell) in the calling thread's namespaces, output to `log`.
+
+    The environment is a small fixed one plus `env` (a container's own variables), not this process's.
+    """
+    exe = argv[0] if "/" in argv[0] else shutil.which(argv[0])
+    if exe is None:
+        raise ApplyError(f"command {argv[0]!r} not found on this machine")
+    out = log or os.devnull
+    actions = [
+        (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+        (os.POSIX_SPAWN_OPEN, 1, out, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644),
+        (os.POSIX_SPAWN_DUP2, 1, 2),
+    ]
+    base = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), "HOME": "/root", "LANG": "C.UTF-8"}
+    if os.environ.get("PYTHONPATH"):
+        base["PYTHONPATH"] = os.environ["PYTHONPATH"]
+    return os.posix_spawn(exe, list(argv), {**base, **(env or {})}, file_actions=actions, setsid=True)
+
+
+def spawn_in(ns: str, argv: tuple[str, ...] | list[str], log: str | None) -> int:
+    """Start a process inside a named network namespace."""
+    with netns.entered(ns):
+        return spawn(argv, log)
+
+
+def pids_in_netns(inodes: Iterable[int]) -> list[int]:
+    """Every process whose network namespace is one of `inodes` (found via /proc, not by name).
+
+    The root namespace is never a match, whatever the caller passes.
+    """
+    wanted = set(inodes) - netns.protected_inodes()
+    found = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            if os.stat(f"/proc/{entry.name}/ns/net").st_ino in wanted:
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def kill_all(pids: list[int], grace: float = 1.0) -> None:
+    """SIGTERM, wait up to `grace` seconds, then SIGKILL what is left; reap our own children."""
+    me = os.getpid()
+    pids = [p for p in pids if p != me]
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + grace
+    left = pids
+    while left and time.monotonic() < deadline:
+        _reap()
+        left = [p for p in left if alive(p)]
+        if left:
+            time.sleep(0.01)
+    for pid in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    while left:
+        _reap()
+        left = [p for p in left if alive(p)]
+        if left:
+            time.sleep(0.005)
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie, waiting for its parent or PID 1 to reap it, no longer counts)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+
+
+def _reap() -> None:
+    try:
+        while os.waitpid(-1, os.WNOHANG)[0] > 0:
+            pass
+    except ChildProcessError:
+        pass
