@@ -93,7 +93,8 @@ def frr_folder(lab: str, name: str) -> Path:
     return state.lab_dir(lab) / "frr" / name
 
 
-def apply(plan: Plan, st: state.LabState) -> None:
+def apply(plan: Plan, st: state.LabState) -> float | None:
+    """Build the lab; returns how long BGP took to converge (None without BGP)."""
     if plan.routers or plan.speakers:
         frr.require_frr()
     netns.ensure_dir()
@@ -125,8 +126,9 @@ def apply(plan: Plan, st: state.LabState) -> None:
         speakers = plan.routers + plan.speakers
         if speakers:
             folders = {s.name: frr_folder(plan.lab.name, s.name) for s in speakers}
-            frr.wait_converged(list(speakers), {s.netns: handles.get(s.netns) for s in speakers}, folders,
-                               timeout=BGP_TIMEOUT)
+            return frr.wait_converged(list(speakers), {s.netns: handles.get(s.netns) for s in speakers},
+                                      folders, timeout=BGP_TIMEOUT)
+    return None
 
 
 BGP_TIMEOUT = 30.0  # a few seconds is normal here; thirty means something is broken

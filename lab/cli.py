@@ -33,7 +33,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
         print(f"removed leftovers of an earlier run of lab {result.lab.name}", file=sys.stderr)
     print(status.render(status.describe(result.state)))
     target = result.lab.pods[0].name if result.lab.pods else result.lab.nodes[0].name
-    print(f"\nlab {result.lab.name} is up ({result.seconds:.2f} s). Try: lab exec {target} -- ip addr; "
+    bgp = f"; BGP converged in {result.bgp_seconds:.2f} s" if result.bgp_seconds is not None else ""
+    print(f"\nlab {result.lab.name} is up ({result.seconds:.2f} s{bgp}). Try: lab exec {target} -- ip addr; "
           f"lab down {result.lab.name}")
     return 0
 

@@ -41,6 +41,7 @@ class UpResult:
     state: state.LabState
     seconds: float
     cleaned_leftovers: bool
+    bgp_seconds: float | None = None  # from the last BGP speaker started to every route installed
 
 
 def up(spec: str | None, keep_on_failure: bool = False) -> UpResult:
@@ -60,7 +61,7 @@ def up(spec: str | None, keep_on_failure: bool = False) -> UpResult:
                             spec_text=lab.text, exercise=lab.exercise)
         state.save(st)
         try:
-            apply.apply(plan.build(lab, state.ipam_dir(lab.name)), st)
+            bgp_seconds = apply.apply(plan.build(lab, state.ipam_dir(lab.name)), st)
             st.phase = "up"
             state.save(st)
         except BaseException:
@@ -71,7 +72,7 @@ def up(spec: str | None, keep_on_failure: bool = False) -> UpResult:
                 apply.teardown(lab.name)
                 state.remove(lab.name)
             raise
-    return UpResult(lab, st, time.monotonic() - started, leftovers)
+    return UpResult(lab, st, time.monotonic() - started, leftovers, bgp_seconds)
 
 
 def require_kernel_features(lab: Lab) -> None:

@@ -61,15 +61,18 @@ def _daemon_argv(daemon: str, folder: Path) -> list[str]:
 def start(speaker: Speaker, folder: Path) -> list[int]:
     """Start zebra, wait for its socket, then bgpd. Returns their pids."""
     write_config(folder, speaker)
-    log = str(folder / "frr.log")
-    zebra = process.spawn_in(speaker.netns, _daemon_argv("zebra", folder), log)
+    zebra = start_daemon(speaker.netns, folder, "zebra")
     deadline = time.monotonic() + 10
     while not (folder / "zserv.api").exists():
         if time.monotonic() > deadline:
-            raise ApplyError(f"zebra in {speaker.name} did not start (see {log})")
+            raise ApplyError(f"zebra in {speaker.name} did not start (see {folder / 'frr.log'})")
         time.sleep(0.01)
-    bgpd = process.spawn_in(speaker.netns, _daemon_argv("bgpd", folder), log)
-    return [zebra, bgpd]
+    return [zebra, start_daemon(speaker.netns, folder, "bgpd")]
+
+
+def start_daemon(ns: str, folder: Path, daemon: str) -> int:
+    """One FRR daemon of an instance whose config is already written (also how a stopped one restarts)."""
+    return process.spawn_in(ns, _daemon_argv(daemon, folder), str(folder / "frr.log"))
 
 
 def vtysh(folder: Path, command: str, timeout: float = 10) -> str:

@@ -6,7 +6,9 @@ who put them there, what the receiver sees as the source address.
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -214,3 +216,44 @@ def test_host_gw_across_racks_is_refused_before_anything_is_built(tmp_path: Path
     proc = lab("up", str(write_spec(tmp_path, routed_lab(name, "host-gw"))), check=False)
     assert proc.returncode == 2 and "host-gw" in proc.stderr and "L2" in proc.stderr
     assert leftovers(name) == {"netns": [], "state": []}
+
+
+# ---- link properties ------------------------------------------------------------------------------
+
+def test_link_bandwidth_is_shaped_with_htb(lab_up) -> None:
+    name = unique("bw")
+    lab_up(flat_lab(name, "host-gw", node2_link={"bandwidth": "50Mbit"}))
+    assert "htb" in in_lab(name, "node2", "tc", "qdisc", "show", "dev", "eth0")
+    out = lab("exec", "--lab", name, "a", "--", "iperf3", "-c", "10.244.2.2", "-t", "2", "-J", timeout=60).stdout
+    mbps = json.loads(out)["end"]["sum_received"]["bits_per_second"] / 1e6
+    assert 25 < mbps < 60, f"{mbps:.1f} Mbit/s through a 50 Mbit/s link"
+
+
+def test_delay_and_loss_are_refused_where_the_kernel_has_no_netem(tmp_path: Path) -> None:
+    from tests.integration.conftest import write_spec
+    from topo import kernel
+
+    if kernel.has_netem():
+        pytest.skip("this kernel has netem: delay and loss are applied, not refused")
+    name = unique("netem")
+    spec = flat_lab(name, "host-gw", node2_link={"delay": "10ms"})
+    proc = lab("up", str(write_spec(tmp_path, spec)), check=False)
+    assert proc.returncode == 3 and "netem" in proc.stderr and "NET_SCH_NETEM" in proc.stderr
+    assert leftovers(name) == {"netns": [], "state": []}
+
+
+def test_bgp_withdraws_and_restores_routes_when_bgpd_stops_and_starts(lab_up) -> None:
+    from routing import frr
+
+    name = unique("bgpd")
+    lab_up(flat_lab(name, "bgp"))
+    folder = Path(f"/run/kubenet-lab/{name}/frr/node2")
+    pid = int((folder / "bgpd.pid").read_text())
+    route = ["ip", "route", "show", "10.244.2.0/24", "proto", "bgp"]
+    os.kill(pid, signal.SIGTERM)
+    assert _wait(lambda: "10.244.2.0/24" not in in_lab(name, "node1", *route), 10), "route not withdrawn"
+    started = time.monotonic()
+    frr.start_daemon(f"klab_{name}_n_node2", folder, "bgpd")
+    assert _wait(lambda: "10.244.2.0/24" in in_lab(name, "node1", *route), 20), "route not restored"
+    print(f"BGP reconvergence after bgpd restart: {time.monotonic() - started:.2f} s")
+    assert ping_ok(name, "a", "10.244.2.2")

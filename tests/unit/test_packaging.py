@@ -22,3 +22,12 @@ def test_ci_runs_the_readme_test_command() -> None:
     assert "\n    ./run-tests.sh\n" in readme and "./run-tests.sh" in ci
     assert "\n    ./install.sh && .venv/bin/lab up\n" in readme
     assert "./install.sh" in (REPO / "Vagrantfile").read_text()
+
+
+def test_every_lab_spec_in_the_repository_is_valid() -> None:
+    from topo.spec import load_spec
+
+    specs = sorted(REPO.glob("labs/**/*.yaml"))
+    assert len(specs) >= 5
+    for spec in specs:
+        load_spec(spec)
