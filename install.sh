@@ -26,7 +26,7 @@ fi
 packages=(
   mininet bridge-utils net-tools iproute2 iputils-ping procps psmisc coreutils util-linux
   python3 python3-venv python3-pip
-  iptables nftables conntrack ipset tcpdump iperf3 curl frr
+  iptables nftables conntrack ipset ipvsadm tcpdump iperf3 curl frr ethtool
 )
 [ "$with_tests" = 1 ] && packages+=(vagrant)
 missing=()

@@ -6,6 +6,7 @@ speed tricks: one netlink handle per node reused for all its pods, namespaces en
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +16,9 @@ from cni.plugin import BridgePlugin, memory_session
 from lab import runtime, state
 from lab.plan import HOST_SYSCTLS, SWITCH_SYSCTLS, NodeOps, Plan, PodOps
 from routing import bgp, frr, vxlan
+from services import kube_proxy
+from services.endpoints import RunningPod
+from topo.model import NODE_IFNAME, Lab
 from topo import names, netns, process, underlay
 from topo.errors import ApplyError
 from topo.rtnl import IF_OPER_UNKNOWN, IF_OPER_UP, RTPROT_STATIC, Rtnl
@@ -69,6 +73,8 @@ def setup_node(node: NodeOps, handles: NodeHandles) -> BridgePlugin:
         host.replace_route(route.dst, gateway=route.via, oif=devices[route.dev], protocol=RTPROT_STATIC)
     if node.vxlan is not None:
         vxlan.apply(host, node.vxlan)
+    if node.service_route is not None:
+        host.replace_route(node.service_route, oif=host.link(NODE_IFNAME).index)
     return plugin
 
 
@@ -80,8 +86,16 @@ def add_pod(op: PodOps, plugin: BridgePlugin, pause: str, logs: Path) -> state.P
     if got != str(op.address):
         raise ApplyError(f"pod {op.pod.key}: CNI gave {got}, the plan said {op.address}")
     containers = runtime.start_pod_containers(op.pod, op.netns, pause_pid, logs)
-    return state.PodState(node=op.node, ip=str(op.address.ip), netns=op.netns, pause_pid=pause_pid,
-                          containers=containers, owner=op.pod.owner, labels=op.pod.label_map)
+    return state.pod_state(op.pod, str(op.address.ip), op.netns, pause_pid, containers)
+
+
+def start_external(lab: Lab) -> None:
+    """What the external hosts serve: `http` is agnhost netexec on port 80, whose /clientip shows the
+    source address a request arrived with (a node's IP, for pods behind their node's masquerade)."""
+    for ext in lab.external:
+        if "http" in ext.serves:
+            argv = [sys.executable, "-m", "lab.images.agnhost", "netexec", "--http-port=80"]
+            process.spawn_in(lab.external_netns(ext.name), argv, str(state.log_dir(lab.name) / f"{ext.name}.log"))
 
 
 def start_bgp(speakers: tuple[bgp.Speaker, ...], lab: str) -> None:
@@ -104,7 +118,8 @@ def apply(plan: Plan, st: state.LabState) -> float | None:
     with node_handles() as handles:
         underlay.configure(plan.underlay, handles.get)
         for host in plan.underlay.hosts:
-            write_sysctls(host.netns, HOST_SYSCTLS)
+            if not host.external:
+                write_sysctls(host.netns, HOST_SYSCTLS)
         for ns in plan.underlay.switch_netns:
             write_sysctls(ns, SWITCH_SYSCTLS)
         start_bgp(plan.routers, plan.lab.name)
@@ -120,6 +135,9 @@ def apply(plan: Plan, st: state.LabState) -> float | None:
         finally:
             for node in plan.nodes:
                 node.netconf.lease_file().write(plan.ipam[node.name])
+        start_external(plan.lab)
+        kube_proxy.sync(plan.lab, [RunningPod(op.pod, op.address.ip) for op in plan.pods],
+                        state.lab_dir(plan.lab.name) / "kube-proxy")
         start_bgp(plan.speakers, plan.lab.name)
         wait_carrier([handles.get(h.netns) for h in plan.underlay.hosts] +
                      [handles.get(ns) for ns in plan.underlay.switch_netns])

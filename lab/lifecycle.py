@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lab import apply, plan, state
+from services import kube_proxy
 from topo import kernel, names, netns
 from topo.errors import FeatureMissing, StateError
 from topo.model import Lab
@@ -77,6 +78,7 @@ def up(spec: str | None, keep_on_failure: bool = False) -> UpResult:
 
 def require_kernel_features(lab: Lab) -> None:
     """What a spec asks of the kernel, checked before anything is built."""
+    kube_proxy.require(lab)
     links = [lab.underlay.link] + [n.link for n in lab.nodes]
     if any(link.delay_ms or link.loss_percent for link in links) and not kernel.has_netem():
         raise FeatureMissing("link delay and loss need the kernel's netem qdisc (CONFIG_NET_SCH_NETEM), which "

@@ -9,13 +9,17 @@ import dataclasses
 import time
 from pathlib import Path
 
+from ipaddress import IPv4Address
+
 from cni.plugin import BridgePlugin
 from lab import apply, plan, runtime, state
 from lab.status import model_of
+from services import kube_proxy
+from services.endpoints import RunningPod
 from topo import netns
 from topo.errors import SpecError, SpecIssue, StateError
-from topo.model import Lab, Pod
-from topo.spec import parse_objects, pods_from_objects
+from topo.model import Container, ContainerPort, Lab, Pod
+from topo.spec import parse_objects, pods_from_objects, services_from_objects
 
 
 def current_lab(st: state.LabState) -> Lab:
@@ -31,10 +35,34 @@ def current_lab(st: state.LabState) -> Lab:
     for key, ps in st.pods.items():
         namespace, name = key.split("/", 1)
         known = by_key.get(key)
+        ports = tuple(ContainerPort(number, proto, port_name) for port_name, number, proto in ps.ports)
         pods.append(known if known is not None else
                     Pod(name=name, namespace=namespace, node=ps.node, labels=tuple(sorted(ps.labels.items())),
-                        owner=ps.owner))
-    return dataclasses.replace(base, pods=tuple(pods), namespaces=namespaces)
+                        containers=(Container("ports", None, (), ports),) if ports else (), owner=ps.owner))
+    applied = [o for o in st.objects if o.get("kind") == "Service"]
+    services = [svc for svc in list(base.services) + services_from_objects(applied, base, None)
+                if f"Service/{svc.key}" not in st.deleted]
+    return dataclasses.replace(base, pods=tuple(pods), namespaces=namespaces, services=tuple(services))
+
+
+def running_pods(st: state.LabState, lab: Lab) -> list[RunningPod]:
+    """The lab's pods with their IPs, ready while their sandbox lives (what the endpoints controller sees)."""
+    out = []
+    for pod in lab.pods:
+        ps = st.pods[pod.key]
+        out.append(RunningPod(pod, IPv4Address(ps.ip), runtime.sandbox_alive(ps.netns, ps.pause_pid)))
+    return out
+
+
+def resync(st: state.LabState) -> kube_proxy.SyncReport:
+    """Reprogram every node's service rules for the lab as it is now (after any change of pods or services)."""
+    lab = current_lab(st)
+    return kube_proxy.sync(lab, running_pods(st, lab), state.lab_dir(st.name) / "kube-proxy")
+
+
+def _service_key(obj: dict) -> str:
+    meta = obj.get("metadata", {})
+    return f"{meta.get('namespace', 'default')}/{meta.get('name')}"
 
 
 def _object_key(obj: dict) -> tuple[str, str, str]:
@@ -79,13 +107,16 @@ def apply_file(name: str | None, file: str) -> list[str]:
         existing = {p.key: p for p in lab.pods}
         # Re-applying a manifest is not a name clash (kubectl reports it unchanged): validate the file
         # against the lab without the pods it names, so capacity and placement still count the rest.
-        named = {p.key for p in pods_from_objects(parse_objects(text, dataclasses.replace(lab, pods=()), file),
-                                                  dataclasses.replace(lab, pods=()), file)}
-        others = dataclasses.replace(lab, pods=tuple(p for p in lab.pods if p.key not in named))
+        bare = dataclasses.replace(lab, pods=(), services=())
+        named = {p.key for p in pods_from_objects(parse_objects(text, bare, file), bare, file)}
+        named_services = {_service_key(o) for o in parse_objects(text, bare, file) if o.get("kind") == "Service"}
+        others = dataclasses.replace(lab, pods=tuple(p for p in lab.pods if p.key not in named),
+                                     services=tuple(s for s in lab.services if s.key not in named_services))
         objects = parse_objects(text, others, file)
         wanted = pods_from_objects(objects, others, file)
         new = [p for p in wanted if p.key not in existing]
-        report = _remember(st, objects)
+        report = _apply_services(st, lab, objects, file)
+        report += _remember(st, objects)
         report += [f"pod {p.key} unchanged" for p in wanted if p.key in existing]
         lab = dataclasses.replace(lab, namespaces=current_lab(st).namespaces, pods=lab.pods + tuple(new))
         try:
@@ -97,6 +128,29 @@ def apply_file(name: str | None, file: str) -> list[str]:
                 report.append(f"pod {pod.key} created ({pod.node}, {st.pods[pod.key].ip})")
         finally:
             state.save(st)  # whatever happened so far, the state says so
+            resync(st)
+    return report
+
+
+def _apply_services(st: state.LabState, lab: Lab, objects: list[dict], file: str) -> list[str]:
+    """Allocate ClusterIPs and NodePorts for the file's new services and write them into the stored
+    manifests, so a service keeps its addresses whatever is applied or deleted later."""
+    keys = {_service_key(o) for o in objects if o.get("kind") == "Service"}
+    if not keys:
+        return []
+    st.deleted = [d for d in st.deleted if d.split("/", 1)[1] not in keys or not d.startswith("Service/")]
+    others = dataclasses.replace(lab, services=tuple(s for s in lab.services if s.key not in keys))
+    report = []
+    for svc in services_from_objects([o for o in objects if o.get("kind") == "Service"], others, file):
+        manifest = next(o for o in objects if o.get("kind") == "Service" and _service_key(o) == svc.key)
+        spec = manifest.setdefault("spec", {})
+        spec["clusterIP"] = str(svc.cluster_ip) if svc.cluster_ip is not None else "None"
+        for port_manifest, port in zip(spec.get("ports", []), svc.ports):
+            if port.node_port is not None:
+                port_manifest["nodePort"] = port.node_port
+        before = next((s for s in lab.services if s.key == svc.key), None)
+        verb = "created" if before is None else ("unchanged" if before == svc else "configured")
+        report.append(f"service {svc.key} {verb} ({svc.cluster_ip or 'headless'})")
     return report
 
 
@@ -134,9 +188,7 @@ def _add_pod(st: state.LabState, lab: Lab, pod: Pod) -> None:
             plugin.delete(args)  # the lease (and veth) of an ADD that succeeded before a later step failed
             raise
         apply.wait_carrier([host])
-    st.pods[pod.key] = state.PodState(node=pod.node, ip=result["ips"][0]["address"].split("/")[0], netns=ns,
-                                      pause_pid=pause_pid, containers=containers, owner=pod.owner,
-                                      labels=pod.label_map)
+    st.pods[pod.key] = state.pod_state(pod, result["ips"][0]["address"].split("/")[0], ns, pause_pid, containers)
 
 
 def _delete_pod(st: state.LabState, lab: Lab, key: str) -> None:
@@ -167,6 +219,16 @@ def delete(name: str | None, kind: str, target: str, namespace: str = "default")
             keys = [f"{namespace}/{target}"]
             if keys[0] not in st.pods:
                 raise StateError(f"no pod {keys[0]} in lab {st.name}")
+        elif kind in ("service", "svc"):
+            svc_key = f"{namespace}/{target}"
+            if not any(s.key == svc_key for s in lab.services):
+                raise StateError(f"no service {svc_key} in lab {st.name}")
+            st.objects = [o for o in st.objects if not (o.get("kind") == "Service" and _service_key(o) == svc_key)]
+            if any(s.key == svc_key for s in model_of(st).services):
+                st.deleted.append(f"Service/{svc_key}")
+            state.save(st)
+            resync(st)
+            return [f"service {svc_key} deleted"]
         elif kind in ("deployment", "deploy"):
             keys = [k for k, ps in st.pods.items() if ps.owner == target and k.startswith(f"{namespace}/")]
             if not keys:
@@ -178,6 +240,7 @@ def delete(name: str | None, kind: str, target: str, namespace: str = "default")
                 _delete_pod(st, lab, key)
         finally:
             state.save(st)
+            resync(st)
     return [f"pod {k} deleted" for k in keys]
 
 

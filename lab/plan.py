@@ -6,7 +6,7 @@ so it can be unit-tested without root; `lab/apply.py` only carries it out.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from ipaddress import IPv4Interface
+from ipaddress import IPv4Interface, IPv4Network
 from pathlib import Path
 
 from cni.ipam import NodeIpam
@@ -43,6 +43,9 @@ class NodeOps:
     netconf: NetConf
     routes: tuple[host_gw.Route, ...]  # host-gw
     vxlan: vxlan.VxlanPlan | None = None  # vxlan
+    # A route covering the service CIDR, so connections a node itself opens to a ClusterIP get past the
+    # route lookup to the DNAT rules (a real node has a default route for that; a flat lab's do not).
+    service_route: IPv4Network | None = None
 
 
 @dataclass(frozen=True)
@@ -85,8 +88,10 @@ def build(lab: Lab, ipam_dir: Path) -> Plan:
     backend = lab.network.backend
     routes = host_gw.routes(lab) if backend == "host-gw" else []
     tunnels = {p.vtep.node: p for p in vxlan.plan(lab)} if backend == "vxlan" else {}
+    service_route = None if lab.underlay.routed else lab.cluster.service_cidr
     nodes = tuple(NodeOps(name=n.name, netns=lab.node_netns(n.name), netconf=netconf(lab, n.name, ipam_dir),
-                          routes=tuple(r for r in routes if r.node == n.name), vxlan=tunnels.get(n.name))
+                          routes=tuple(r for r in routes if r.node == n.name), vxlan=tunnels.get(n.name),
+                          service_route=service_route)
                   for n in lab.nodes)
     ipam = {n.name: NodeIpam(n.name, n.pod_cidr) for n in lab.nodes}
     pods = tuple(pod_ops(lab, pod, ipam[pod.node]) for pod in lab.pods)

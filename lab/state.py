@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from topo import names
+from topo.model import Pod
 from topo.errors import StateError
 
 RUN_DIR = Path(os.environ.get("KUBENET_LAB_RUN_DIR", "/run/kubenet-lab"))
@@ -33,6 +34,7 @@ class PodState:
     containers: dict[str, int] = field(default_factory=dict)  # container name -> pid
     owner: str | None = None  # the Deployment a replica belongs to
     labels: dict[str, str] = field(default_factory=dict)
+    ports: list[list] = field(default_factory=list)  # [name, number, protocol] of its container ports
 
 
 @dataclass
@@ -45,6 +47,7 @@ class LabState:
     exercise: str | None = None
     created: float = field(default_factory=time.time)
     objects: list[dict[str, Any]] = field(default_factory=list)  # manifests added by `lab apply`
+    deleted: list[str] = field(default_factory=list)  # "Kind/ns/name" of spec objects removed by `lab delete`
     pods: dict[str, PodState] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
@@ -66,6 +69,13 @@ def check_name(name: str) -> str:
         raise StateError(f"{name!r} is not a lab name (lower-case letters, digits and '-', at most "
                          f"{names.LAB_NAME_MAX} characters)")
     return name
+
+
+def pod_state(pod: Pod, ip: str, netns: str, pause_pid: int, containers: dict[str, int]) -> PodState:
+    """What later commands need to know of a running pod (its model is not stored, only these facts)."""
+    ports = [[p.name, p.container_port, p.protocol] for c in pod.containers for p in c.ports]
+    return PodState(node=pod.node, ip=ip, netns=netns, pause_pid=pause_pid, containers=containers,
+                    owner=pod.owner, labels=pod.label_map, ports=ports)
 
 
 def lab_dir(name: str) -> Path:

@@ -24,8 +24,20 @@ def describe(st: state.LabState) -> dict[str, Any]:
         pods.append({"namespace": namespace, "name": name, "node": pod.node, "ip": pod.ip,
                      "netns": pod.netns, "status": "Running" if running else "Dead",
                      "containers": pod.containers})
+    services = []
+    if lab.services or st.objects:
+        from lab.objects import current_lab, running_pods  # services need the lab as it runs now
+        from services import endpoints
+
+        now = current_lab(st)
+        for sp in endpoints.resolve(now.services, running_pods(st, now)):
+            services.append({"namespace": sp.service.namespace, "name": sp.service.name, "type": sp.service.type,
+                             "clusterIP": str(sp.service.cluster_ip), "port": sp.port.port,
+                             "protocol": sp.port.protocol, "nodePort": sp.port.node_port,
+                             "endpoints": [str(e) for e in sp.endpoints]})
     return {"name": st.name, "phase": st.phase, "spec": st.spec_file, "exercise": st.exercise,
-            "backend": lab.network.backend, "mtu": lab.network.mtu,
+            "backend": lab.network.backend, "mtu": lab.network.mtu, "kubeProxy": lab.kube_proxy.mode,
+            "services": services, "external": [{"name": e.name, "ip": str(e.ip)} for e in lab.external],
             "underlay": str(lab.underlay.subnet), "podCIDR": str(lab.cluster.pod_cidr),
             "serviceCIDR": str(lab.cluster.service_cidr), "nodes": nodes, "pods": pods}
 
@@ -37,9 +49,18 @@ def table(rows: list[list[str]]) -> str:
 
 def render(info: dict[str, Any]) -> str:
     head = (f"lab {info['name']} ({info['phase']}): backend {info['backend']}, MTU {info['mtu']}, "
+            f"kube-proxy {info['kubeProxy']}, "
             f"underlay {info['underlay']}, pods {info['podCIDR']}, services {info['serviceCIDR']}")
     nodes = [["NODE", "IP", "PODCIDR", "CNI0"]] + [
         [n["name"], n["ip"], n["podCIDR"], n["gateway"]] for n in info["nodes"]]
     pods = [["POD", "NAMESPACE", "NODE", "IP", "STATUS"]] + [
         [p["name"], p["namespace"], p["node"], p["ip"], p["status"]] for p in info["pods"]]
-    return "\n\n".join([head, table(nodes), table(pods) if info["pods"] else "(no pods)"])
+    parts = [head, table(nodes), table(pods) if info["pods"] else "(no pods)"]
+    if info["services"]:
+        parts.append(table([["SERVICE", "NAMESPACE", "TYPE", "CLUSTER-IP", "PORT", "ENDPOINTS"]] + [
+            [s["name"], s["namespace"], s["type"], s["clusterIP"],
+             f"{s['port']}{':' + str(s['nodePort']) if s['nodePort'] else ''}/{s['protocol']}",
+             ", ".join(s["endpoints"]) or "<none>"] for s in info["services"]]))
+    if info["external"]:
+        parts.append(table([["EXTERNAL", "IP"]] + [[e["name"], e["ip"]] for e in info["external"]]))
+    return "\n\n".join(parts)

@@ -158,6 +158,58 @@ class Network:
     bgp: Bgp = Bgp()
 
 
+@dataclass(frozen=True)
+class ServicePort:
+    name: str  # "" for a service's single unnamed port
+    port: int
+    target_port: int | str  # a number, or the name of a container port
+    protocol: str = "TCP"
+    node_port: int | None = None  # NodePort services: given or allocated from 30000-32767
+
+
+@dataclass(frozen=True)
+class Service:
+    """A v1 Service: a stable virtual IP (or a node port) in front of the pods its selector matches."""
+
+    name: str
+    namespace: str
+    cluster_ip: IPv4Address | None  # None: headless (`clusterIP: None`)
+    ports: tuple[ServicePort, ...]
+    selector: tuple[tuple[str, str], ...] = ()
+    type: str = "ClusterIP"  # or NodePort
+    session_affinity: str = "None"  # or ClientIP
+    affinity_timeout: int = 10800  # seconds; Kubernetes' default for ClientIP affinity
+    external_traffic_policy: str = "Cluster"  # or Local (NodePort only)
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    def selects(self, labels: dict[str, str]) -> bool:
+        """A service without a selector selects nothing (its endpoints would be managed by hand)."""
+        return bool(self.selector) and all(labels.get(k) == v for k, v in self.selector)
+
+
+@dataclass(frozen=True)
+class KubeProxy:
+    mode: str = "iptables"  # Kubernetes' default; or nftables, ipvs
+
+
+@dataclass(frozen=True)
+class ExternalHost:
+    """A machine outside the cluster on the underlay (the explainer's "External Web")."""
+
+    name: str
+    ip: IPv4Address
+    serves: tuple[str, ...] = ("http",)  # http: agnhost netexec on port 80 (shows the client IP it sees)
+    rack: str | None = None  # routed underlays: the rack segment it is plugged into
+    index: int = 0
+
+
+PROXY_MODES = ("iptables", "nftables", "ipvs")
+NODE_PORT_RANGE = (30000, 32767)  # Kubernetes' default --service-node-port-range
+
+
 @dataclass
 class Lab:
     name: str
@@ -170,6 +222,9 @@ class Lab:
     source: str | None = None  # the spec file, for messages and `lab status`
     exercise: str | None = None  # the labs/<NN-slug> folder when the spec came from one
     objects: tuple[dict[str, Any], ...] = ()  # the manifests as given, for later layers
+    services: tuple[Service, ...] = ()
+    kube_proxy: KubeProxy = KubeProxy()
+    external: tuple[ExternalHost, ...] = ()
     text: str = ""  # the spec text this model was parsed from (kept so later commands re-derive it)
 
     # --- names of kernel objects, derived here only -------------------------------------------
@@ -206,6 +261,9 @@ class Lab:
 
     def router_netns(self, router: str) -> str:
         return names.node_netns(self.name, router)
+
+    def external_netns(self, host: str) -> str:
+        return names.node_netns(self.name, host)
 
     @property
     def routers(self) -> list[str]:

@@ -7,10 +7,12 @@ before the whole lot is raised as one `SpecError` (a learner fixes a file in one
 1. YAML -> plain data, remembering the line of every field (`_Source`), so each message points at a line.
 2. Structure: types, required and unknown fields, by pydantic models with `extra="forbid"` (`_Strict`).
 3. Meaning: addresses, names, PodCIDR allocation, racks and their routers, whether the pod backend can
-   cross the underlay, link shaping, object references, pod placement and capacity.
+   cross the underlay, link shaping, kube-proxy's mode, external hosts, object references, pod placement
+   and capacity, Services' cluster IPs and node ports (given ones checked, the rest allocated).
 
 Kubernetes objects (`spec.objects`, or a file given to `lab apply -f`) are read through `KINDS`, a registry
-from (apiVersion, kind) to a reader, so later layers add Services, NetworkPolicies, ... in one place.
+from (apiVersion, kind) to a reader (Namespace, Pod, Deployment, Service so far), so later layers add
+NetworkPolicies, ... in one place.
 """
 from __future__ import annotations
 
@@ -34,8 +36,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from topo import names
 from topo.errors import SpecError, SpecIssue
-from topo.model import (BACKENDS, CALICO_AS, DEFAULT_MTU, SPINE_AS, VXLAN_OVERHEAD, Bgp, Cluster, Container,
-                        ContainerPort, Fabric, Lab, LinkSpec, Network, Node, Pod, Rack, Underlay)
+from topo.model import (BACKENDS, CALICO_AS, DEFAULT_MTU, NODE_PORT_RANGE, PROXY_MODES, SPINE_AS, VXLAN_OVERHEAD,
+                        Bgp, Cluster, Container, ContainerPort, ExternalHost, Fabric, KubeProxy, Lab, LinkSpec, Network,
+                        Node, Pod, Rack, Service, ServicePort, Underlay)
 
 API_VERSION = "kubenet-lab/v1alpha1"
 LAB_KIND = "Lab"
@@ -158,7 +161,7 @@ def parse_objects(text: str, lab: Lab, file: str | None = None) -> list[dict]:
         parsed = _read_objects(entries, issues)
         _objects_against_lab(parsed, lab, issues)
         issues.raise_if_any(file)
-        return [p.manifest for p in parsed]
+        return [p.manifest for p in parsed]  # with allocated cluster IPs and node ports filled in
     except SpecError:
         raise
     except RecursionError:
@@ -180,9 +183,34 @@ def pods_from_objects(objects: list[dict], lab: Lab, file: str | None) -> list[P
             issues.add((), "objects must be a list of Kubernetes manifests")
             issues.raise_if_any(file)
         parsed = _read_objects([(("objects", i), obj) for i, obj in enumerate(objects)], issues)
-        pods = _objects_against_lab(parsed, lab, issues)
+        pods, _ = _objects_against_lab(parsed, lab, issues, services=False)
         issues.raise_if_any(file)
         return pods
+    except SpecError:
+        raise
+    except RecursionError:
+        raise SpecError(file, [SpecIssue("", "an object is nested too deeply")]) from None
+    except Exception as exc:
+        raise _internal(file, exc) from exc
+
+
+def services_from_objects(objects: list[dict], lab: Lab, file: str | None) -> list[Service]:
+    """The Services that `objects` add to `lab`, with their cluster IPs and node ports.
+
+    Shared by spec loading and `lab apply`, so a service gets its addresses the same way both times.
+    What a manifest leaves out is allocated against the services already in `lab.services` (the next
+    free cluster IP and node port), and their names, cluster IPs and node ports may not be reused.
+    Issues name the objects as `objects[i]`, since manifests carry no line numbers.
+    """
+    try:
+        issues = _Issues(_Source())
+        if not isinstance(objects, (list, tuple)):
+            issues.add((), "objects must be a list of Kubernetes manifests")
+            issues.raise_if_any(file)
+        parsed = _read_objects([(("objects", i), obj) for i, obj in enumerate(objects)], issues)
+        _, services = _objects_against_lab(parsed, lab, issues, pods=False)
+        issues.raise_if_any(file)
+        return services
     except SpecError:
         raise
     except RecursionError:
@@ -575,11 +603,24 @@ class _NodeIn(_Strict):
     link: _LinkIn | None = None
 
 
+class _KubeProxyIn(_Strict):
+    mode: str | None = None
+
+
+class _ExternalIn(_Strict):
+    name: str = Field(examples=["name: web"])
+    ip: str = Field(examples=["ip: 192.168.1.200"])
+    serves: list[str] | None = None
+    rack: str | None = None
+
+
 class _SpecIn(_Strict):
     cluster: _ClusterIn | None = None
     underlay: _UnderlayIn | None = None
     network: _NetworkIn | None = None
+    kube_proxy: _KubeProxyIn | None = Field(None, alias="kubeProxy")
     nodes: list[_NodeIn] = Field(examples=["nodes: [{name: node1, ip: 192.168.1.10}]"])
+    external: list[_ExternalIn] | None = None
     objects: list[Any] | None = None
 
 
@@ -680,6 +721,48 @@ class _DeploymentIn(_Strict):
     kind: str
     metadata: _ObjectMetaIn = Field(examples=["metadata: {name: web}"])
     spec: _DeploymentSpecIn = Field(examples=["spec: {replicas: 2, selector: ..., template: ...}"])
+
+
+class _ServicePortIn(_Strict):
+    """targetPort is a number or a container port's name (Kubernetes' IntOrString), so it is read as Any and
+    checked by `_target_port`, which can say which of the two was meant."""
+
+    name: str | None = None
+    port: int = Field(examples=["port: 80"])
+    target_port: Any = Field(None, alias="targetPort")
+    protocol: str | None = None
+    node_port: int | None = Field(None, alias="nodePort")
+
+
+class _ClientIPConfigIn(_Strict):
+    timeout_seconds: int | None = Field(None, alias="timeoutSeconds")
+
+
+class _AffinityConfigIn(_Strict):
+    client_ip: _ClientIPConfigIn | None = Field(None, alias="clientIP")
+
+
+class _ServiceSpecIn(_Strict):
+    """The Service spec subset a lab runs. ipFamilies, ipFamilyPolicy and internalTrafficPolicy are accepted
+    only with Kubernetes' default values (an IPv4 single-stack lab; traffic policy Cluster)."""
+
+    type: str | None = None
+    cluster_ip: str | None = Field(None, alias="clusterIP")
+    selector: dict[str, str] | None = None
+    ports: list[_ServicePortIn] | None = None
+    session_affinity: str | None = Field(None, alias="sessionAffinity")
+    session_affinity_config: _AffinityConfigIn | None = Field(None, alias="sessionAffinityConfig")
+    external_traffic_policy: str | None = Field(None, alias="externalTrafficPolicy")
+    internal_traffic_policy: str | None = Field(None, alias="internalTrafficPolicy")
+    ip_families: list[str] | None = Field(None, alias="ipFamilies")
+    ip_family_policy: str | None = Field(None, alias="ipFamilyPolicy")
+
+
+class _ServiceIn(_Strict):
+    api_version: str = Field(alias="apiVersion")
+    kind: str
+    metadata: _ObjectMetaIn = Field(examples=["metadata: {name: web}"])
+    spec: _ServiceSpecIn = Field(examples=["spec: {selector: {app: web}, ports: [{port: 80, targetPort: 8080}]}"])
 
 
 _M = typing.TypeVar("_M", bound=BaseModel)
@@ -915,12 +998,17 @@ def _build_lab(lab_in: _LabIn, issues: _Issues) -> Lab:
     _check_host_names(spec.nodes, underlay_in, issues)
     if network is not None:
         _check_routing(network_in, network, spec.nodes, racks, issues)
+    kube_proxy = _check_kube_proxy(spec.kube_proxy or _KubeProxyIn(), issues)
+    external = _check_external(spec.external or [], spec.nodes, underlay_in, underlay, racks, issues)
     entries = [(("spec", "objects", i), obj) for i, obj in enumerate(spec.objects or [])]
     parsed = _read_objects(entries, issues)
     namespaces = _namespaces(parsed, {}, issues)
     lab = Lab(name=lab_in.metadata.name, cluster=cluster or DEFAULTS[0], underlay=underlay or DEFAULTS[1],
               network=network or DEFAULTS[2], nodes=tuple(nodes or ()), namespaces=namespaces,
-              objects=tuple(p.manifest for p in parsed))
+              kube_proxy=kube_proxy or KubeProxy(), external=tuple(external or ()))
+    service_cidr = cluster.service_cidr if cluster is not None else None
+    lab.services = tuple(_services(parsed, lab, service_cidr, set(namespaces), issues))
+    lab.objects = tuple(p.manifest for p in parsed)  # after _services: it fills in allocated addresses and ports
     lab.pods = tuple(_expand(parsed, lab, set(namespaces), issues, place=nodes is not None and not issues))
     return lab
 
@@ -961,7 +1049,8 @@ def _network(text: str, loc: Loc, example: str, issues: _Issues) -> IPv4Network 
     return loose
 
 
-def _address(text: str, loc: Loc, issues: _Issues, prefix_from: str = "underlay.subnet") -> IPv4Address | None:
+def _address(text: str, loc: Loc, issues: _Issues, prefix_from: str = "underlay.subnet",
+             example: str = "192.168.1.10") -> IPv4Address | None:
     if "/" in text and _ADDRESS_TEXT.match(text.split("/")[0]):
         issues.add(loc, f"{_short(text, 40)} must be an address without a prefix: write {text.split('/')[0]} "
                         f"(the prefix comes from {prefix_from})")
@@ -971,7 +1060,7 @@ def _address(text: str, loc: Loc, issues: _Issues, prefix_from: str = "underlay.
             raise ValueError
         return IPv4Address(text)
     except ValueError:
-        issues.add(loc, f"{_short(repr(text), 40)} is not an IPv4 address: write it like 192.168.1.10")
+        issues.add(loc, f"{_short(repr(text), 40)} is not an IPv4 address: write it like {example}")
         return None
 
 
@@ -1600,7 +1689,7 @@ def _check_nodes(nodes_in: list[_NodeIn], cluster: Cluster | None, underlay: Und
 
 def _check_node_ip(node: _NodeIn, loc: Loc, underlay: Underlay | None, racks: tuple[str, ...] | None,
                    issues: _Issues) -> IPv4Address | None:
-    segment = _node_segment(node, loc, underlay, racks, issues)
+    segment = _node_segment(node.rack, loc, underlay, racks, issues)
     ip = _address(node.ip, loc + ("ip",), issues, "underlay.subnet" if racks is None else "its rack's subnet")
     if ip is None or segment is None:
         return ip
@@ -1618,11 +1707,12 @@ def _check_node_ip(node: _NodeIn, loc: Loc, underlay: Underlay | None, racks: tu
     return ip
 
 
-def _node_segment(node: _NodeIn, loc: Loc, underlay: Underlay | None, racks: tuple[str, ...] | None,
-                  issues: _Issues) -> tuple[IPv4Network, str, Rack | None] | None:
-    """The subnet a node's IP must be in, how messages name it, and the node's rack; None when unknown."""
+def _node_segment(rack_name: str | None, loc: Loc, underlay: Underlay | None, racks: tuple[str, ...] | None,
+                  issues: _Issues, what: str = "node") -> tuple[IPv4Network, str, Rack | None] | None:
+    """The subnet a host's IP must be in, how messages name it, and the host's rack; None when unknown.
+    `what` names the kind of host (a node, an external host) in messages."""
     if racks is None:
-        if node.rack is not None:
+        if rack_name is not None:
             issues.add(loc + ("rack",), "rack needs underlay.racks; this lab's underlay is one flat segment: remove "
                                         "rack, or give underlay.racks")
         if underlay is None or underlay.subnet is None:
@@ -1630,17 +1720,17 @@ def _node_segment(node: _NodeIn, loc: Loc, underlay: Underlay | None, racks: tup
         return underlay.subnet, f"underlay.subnet {underlay.subnet}", None
     if not racks:
         return None  # "no racks" is reported at underlay.racks
-    if node.rack is None:
-        issues.add(loc + ("rack",), f"missing; this lab's underlay has racks, so every node names the rack it sits in, "
-                                    f"e.g. rack: {racks[0]} (racks: {', '.join(racks)})")
+    if rack_name is None:
+        issues.add(loc + ("rack",), f"missing; this lab's underlay has racks, so every {what} names the rack it sits "
+                                    f"in, e.g. rack: {racks[0]} (racks: {', '.join(racks)})")
         return None
-    if node.rack not in racks:
-        issues.add(loc + ("rack",), f"rack {_short(node.rack, 60)} is not a rack of this lab "
+    if rack_name not in racks:
+        issues.add(loc + ("rack",), f"rack {_short(rack_name, 60)} is not a rack of this lab "
                                     f"(racks: {', '.join(racks)})")
         return None
     if underlay is None or not underlay.routed:
         return None
-    rack = underlay.rack(node.rack)
+    rack = underlay.rack(rack_name)
     return rack.subnet, f"rack {rack.name}'s subnet {rack.subnet}", rack
 
 
@@ -1775,6 +1865,141 @@ def _allocate(nodes_in: list[_NodeIn], explicit: dict[int, IPv4Network], cluster
     return allocated
 
 
+# ---------------------------------------------------------------------------- kube-proxy and external hosts
+
+
+# kube-proxy modes that are gone or belong to another platform: named so the message says why, not "unknown".
+PROXY_MODE_HINTS = {
+    "userspace": "the userspace mode was removed from kube-proxy in Kubernetes 1.26",
+    "kernelspace": "kernelspace is kube-proxy's mode on Windows nodes",
+}
+# What an external host can run: http is agnhost netexec on port 80 (it shows the client IP it sees).
+EXTERNAL_SERVES = ("http",)
+PLANNED_SERVES = ("dns",)
+
+
+def _check_kube_proxy(proxy_in: _KubeProxyIn, issues: _Issues) -> KubeProxy | None:
+    """kube-proxy's mode. Whether the kernel has what ipvs (or nftables) needs is checked at `lab up`."""
+    mode = proxy_in.mode if proxy_in.mode is not None else KubeProxy().mode
+    if mode in PROXY_MODES:
+        return KubeProxy(mode=mode)
+    loc = ("spec", "kubeProxy", "mode")
+    supported = ", ".join(PROXY_MODES)
+    if mode.lower() in PROXY_MODE_HINTS:
+        issues.add(loc, f"{PROXY_MODE_HINTS[mode.lower()]}: use one of {supported}")
+        return None
+    close = _close_match(mode, PROXY_MODES)
+    hint = f" (did you mean {close}?)" if close else ""
+    issues.add(loc, f"unknown kube-proxy mode {_short(repr(mode), 40)}{hint}; supported: {supported} "
+                    f"(iptables is Kubernetes' default)")
+    return None
+
+
+def _close_match(value: str, allowed: tuple[str, ...] | list[str], cutoff: float = 0.6) -> str | None:
+    """The allowed value `value` was probably meant to be (case ignored), or None."""
+    lowered = {a.lower(): a for a in allowed}
+    close = difflib.get_close_matches(value.lower(), list(lowered), n=1, cutoff=cutoff)
+    if close:
+        return lowered[close[0]]
+    starts = [a for low, a in lowered.items() if len(value) >= 3 and low.startswith(value.lower())]
+    return starts[0] if len(starts) == 1 else None  # an abbreviation: nft for nftables
+
+
+def _check_external(hosts_in: list[_ExternalIn], nodes_in: list[_NodeIn], underlay_in: _UnderlayIn,
+                    underlay: Underlay | None, racks: tuple[str, ...] | None,
+                    issues: _Issues) -> list[ExternalHost] | None:
+    """Machines outside the cluster, plugged into the underlay like a node (a flat segment, or a rack), so
+    their names and addresses share the nodes' and routers' rules and may not clash with them."""
+    before = len(issues)
+    taken_names = _host_names(nodes_in, underlay_in)
+    taken_ips: dict[IPv4Address, str] = {}
+    for index, node in enumerate(nodes_in):
+        if _ADDRESS_TEXT.match(node.ip):
+            try:
+                taken_ips.setdefault(IPv4Address(node.ip), f"the address of node {node.name} (spec.nodes[{index}])")
+            except ValueError:
+                pass
+    seen: dict[str, int] = {}
+    hosts = []
+    for index, host in enumerate(hosts_in):
+        loc = ("spec", "external", index)
+        problem = names.dns_label_problem(host.name)
+        if problem:
+            issues.add(loc + ("name",), problem)
+        elif host.name in seen:
+            issues.add(loc + ("name",), f"external host name {host.name} is already used by spec.external"
+                                        f"[{seen[host.name]}]: give each external host its own name")
+        elif host.name in taken_names:
+            issues.add(loc + ("name",), f"external host name {host.name} is {taken_names[host.name]}: nodes, routers "
+                                        "and external hosts are hosts of one lab and need different names; rename "
+                                        "the external host")
+        seen.setdefault(host.name, index)
+        ip = _check_external_ip(host, loc, underlay, racks, taken_ips, issues)
+        if ip is not None:
+            taken_ips[ip] = f"the address of external host {host.name} (spec.external[{index}])"
+        serves = _check_serves(host.serves, loc + ("serves",), issues)
+        if ip is not None and serves is not None:
+            hosts.append(ExternalHost(name=host.name, ip=ip, serves=serves, rack=host.rack, index=index))
+    return hosts if len(issues) == before else None
+
+
+def _host_names(nodes_in: list[_NodeIn], underlay_in: _UnderlayIn) -> dict[str, str]:
+    """Names of the lab's nodes and routers, each with how a message names its owner."""
+    taken: dict[str, str] = {}
+    for index, node in enumerate(nodes_in):
+        taken.setdefault(node.name, f"also the name of node spec.nodes[{index}]")
+    for index, rack_in in enumerate(underlay_in.racks or []):
+        taken.setdefault(_router_name_of(rack_in), f"the name of rack {rack_in.name}'s router "
+                                                   f"(spec.underlay.racks[{index}])")
+    if underlay_in.racks and _spine_asn(underlay_in.fabric or _FabricIn()) is not None:
+        taken.setdefault(SPINE_ROUTER, "the name of the fabric's spine router")
+    return taken
+
+
+def _check_external_ip(host: _ExternalIn, loc: Loc, underlay: Underlay | None, racks: tuple[str, ...] | None,
+                       taken: dict[IPv4Address, str], issues: _Issues) -> IPv4Address | None:
+    segment = _node_segment(host.rack, loc, underlay, racks, issues, what="external host")
+    ip = _address(host.ip, loc + ("ip",), issues, "underlay.subnet" if racks is None else "its rack's subnet")
+    if ip is None or segment is None:
+        return None
+    subnet, where, rack = segment
+    router_ip = rack.router_ip if rack is not None else None
+    problem = _host_problem(ip, subnet, where, router_ip)
+    if problem and rack is not None and ip not in subnet:
+        problem += _other_rack_hint(ip, underlay)
+    if problem is None and rack is not None and ip == router_ip:
+        problem = (f"{ip} is the address of {rack.router}, the router of rack {rack.name}: pick another address "
+                   f"in {_hosts(subnet, router_ip)}")
+    if problem is None and ip in taken:
+        problem = f"{ip} is already {taken[ip]}: give the external host an address of its own in {where}"
+    if problem:
+        issues.add(loc + ("ip",), problem)
+        return None
+    return ip
+
+
+def _check_serves(serves: list[str] | None, loc: Loc, issues: _Issues) -> tuple[str, ...] | None:
+    """What the host runs; an empty list makes it a bare client (to reach NodePorts from outside, say)."""
+    if serves is None:
+        return ExternalHost.serves  # the model's default: a dataclass keeps it as the class attribute
+    ok = True
+    supported = ", ".join(EXTERNAL_SERVES)
+    for index, item in enumerate(serves):
+        if item in serves[:index]:
+            issues.add(loc + (index,), f"{_short(item, 40)} is listed twice: keep one")
+            ok = False
+        elif item in PLANNED_SERVES:
+            issues.add(loc + (index,), f"an external host cannot serve {item} yet; supported: {supported}")
+            ok = False
+        elif item not in EXTERNAL_SERVES:
+            close = _close_match(item, EXTERNAL_SERVES)
+            hint = f" (did you mean {close}?)" if close else ""
+            issues.add(loc + (index,), f"unknown service {_short(repr(item), 40)} for an external host{hint}; "
+                                       f"supported: {supported} (or [] for a host that only acts as a client)")
+            ok = False
+    return tuple(serves) if ok else None
+
+
 # ============================================================================ Kubernetes objects
 
 
@@ -1801,6 +2026,16 @@ class _Parsed:
     labels: dict[str, str]
     template: _PodTemplate | None = None  # objects that make pods
     replicas: int | None = None  # None: one pod named like the object (a bare Pod)
+    service: _ServiceDraft | None = None  # Services
+
+
+@dataclass(frozen=True)
+class _ServiceDraft:
+    """A Service after its own checks, before the lab gives it what was left out: its `service` holds the
+    clusterIP and nodePorts as given (None: to be allocated, unless `headless`)."""
+
+    service: Service
+    headless: bool
 
 
 Reader = Callable[[Any, Loc, "_Issues"], "_Parsed | None"]
@@ -1918,10 +2153,12 @@ def _check_labels(labels: dict[str, str] | None, loc: Loc, issues: _Issues) -> b
     return ok
 
 
-def _check_meta(meta: _ObjectMetaIn, loc: Loc, issues: _Issues, name_max: int = names.DNS1123_LABEL_MAX) -> bool:
-    """Object names and namespaces are DNS-1123 labels: they become parts of network namespace names."""
+def _check_meta(meta: _ObjectMetaIn, loc: Loc, issues: _Issues, name_max: int = names.DNS1123_LABEL_MAX,
+                service: bool = False) -> bool:
+    """Object names and namespaces are DNS-1123 labels: they become parts of network namespace names.
+    Service names are stricter (DNS-1035 labels), see `_service_name_problem`."""
     ok = True
-    problem = names.dns_label_problem(meta.name, name_max)
+    problem = _service_name_problem(meta.name) if service else names.dns_label_problem(meta.name, name_max)
     if problem:
         issues.add(loc + ("name",), problem)
         ok = False
@@ -2046,10 +2283,9 @@ def _check_ports(ports_in: list[_PortIn], loc: Loc, port_names: dict[str, Loc],
         protocol = port.protocol if port.protocol is not None else "TCP"
         if not 1 <= port.container_port <= 65535:
             issues.add(ploc + ("containerPort",), f"{_show(port.container_port)} is not a port number: use 1..65535")
-        if protocol not in _PROTOCOLS:
-            hint = f" (write {protocol.upper()})" if protocol.upper() in _PROTOCOLS else ""
-            issues.add(ploc + ("protocol",), f"protocol must be one of {', '.join(_PROTOCOLS)}, got "
-                                             f"{_short(repr(protocol), 30)}{hint}")
+        problem = _protocol_problem(protocol)
+        if problem:
+            issues.add(ploc + ("protocol",), problem)
         if port.name is not None:
             problem = _port_name_problem(port.name)
             if problem:
@@ -2061,6 +2297,13 @@ def _check_ports(ports_in: list[_PortIn], loc: Loc, port_names: dict[str, Loc],
                 port_names[port.name] = ploc + ("name",)
         ports.append(ContainerPort(container_port=port.container_port, protocol=protocol, name=port.name))
     return tuple(ports)
+
+
+def _protocol_problem(protocol: str) -> str | None:
+    if protocol in _PROTOCOLS:
+        return None
+    hint = f" (write {protocol.upper()})" if protocol.upper() in _PROTOCOLS else ""
+    return f"protocol must be one of {', '.join(_PROTOCOLS)}, got {_short(repr(protocol), 30)}{hint}"
 
 
 def _port_name_problem(name: str) -> str | None:
@@ -2219,22 +2462,465 @@ def _fill_pod_spec_defaults(spec: dict[str, Any]) -> None:
             port.setdefault("protocol", "TCP")
 
 
+# ---------------------------------------------------------------------------- services
+
+
+SERVICE_TYPES = ("ClusterIP", "NodePort")
+# Types Kubernetes has and a lab cannot build: named so a learner hears why and what to use instead.
+UNSUPPORTED_SERVICE_TYPES = {
+    "LoadBalancer": "type LoadBalancer is not supported: a lab has no cloud to provision a load balancer; use type "
+                    "NodePort (a LoadBalancer service is a NodePort service with a load balancer in front of the "
+                    "nodes) and reach it at a node's IP",
+    "ExternalName": "type ExternalName is not supported: it is only a DNS alias (CNAME) that kube-proxy never "
+                    "programs; use type ClusterIP",
+}
+HEADLESS = "None"  # clusterIP: None (the string) makes a headless service: DNS names, no virtual IP
+SESSION_AFFINITIES = ("None", "ClientIP")
+TRAFFIC_POLICIES = ("Cluster", "Local")
+AFFINITY_TIMEOUT_DEFAULT = 10800  # Kubernetes' default for ClientIP affinity: three hours
+AFFINITY_TIMEOUT_MAX = 86400  # Kubernetes' limit: a day
+DUAL_STACK_POLICIES = ("PreferDualStack", "RequireDualStack")
+# ClusterIP allocation (see `_cluster_ips`): offsets from the serviceCIDR's network address.
+KUBERNETES_SERVICE_OFFSET = 1  # 10.96.0.1: the `kubernetes` service, the API server's cluster IP
+DNS_SERVICE_OFFSET = 10  # 10.96.0.10: the cluster DNS (kube-dns), by convention
+CLUSTER_IP_OFFSET = 100  # the first allocated cluster IP: 10.96.0.100, the explainer's example
+_DNS1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+
+
+def _service_name_problem(value: object) -> str | None:
+    """Kubernetes requires Service names to be DNS-1035 labels: a DNS-1123 label that starts with a letter
+    (a Service name becomes a DNS name and the prefix of its environment variables in pods)."""
+    problem = names.dns_label_problem(value)
+    if problem is None and _DNS1035_LABEL.match(value):  # type: ignore[arg-type]
+        return None
+    if problem is None:
+        return (f"{value!r} starts with a digit, but Kubernetes requires a Service name to start with a letter "
+                f"(a DNS-1035 label): rename it, e.g. svc-{value}")
+    if isinstance(value, str) and 0 < len(value) <= names.DNS1123_LABEL_MAX:
+        return (f"{_short(repr(value), 60)} is not a valid Service name: use lower-case letters, digits and '-', "
+                "starting with a letter and ending with a letter or digit")
+    return problem
+
+
+def _read_service(obj: Any, loc: Loc, issues: _Issues) -> _Parsed | None:
+    """A v1 Service's own rules; what depends on the lab (serviceCIDR, other services) is `_services`'s."""
+    model = _validate(_ServiceIn, obj, loc, issues)
+    if model is None:
+        return None
+    before = len(issues)
+    meta, spec, sloc = model.metadata, model.spec, loc + ("spec",)
+    _check_meta(meta, loc + ("metadata",), issues, service=True)
+    service_type = _service_type(spec.type, sloc + ("type",), issues)
+    headless, cluster_ip = _given_cluster_ip(spec.cluster_ip, service_type, sloc + ("clusterIP",), issues)
+    ports = _service_ports(spec.ports or [], service_type, headless, sloc + ("ports",), issues)
+    selector = dict(spec.selector or {})
+    _check_labels(selector, sloc + ("selector",), issues)
+    affinity, timeout = _session_affinity(spec, sloc, issues)
+    policy = _external_traffic_policy(spec.external_traffic_policy, service_type, sloc, issues)
+    _check_defaults_only(spec, sloc, issues)
+    if len(issues) > before or service_type is None or affinity is None or policy is None:
+        return None
+    namespace = meta.namespace or "default"
+    manifest = _manifest(model)
+    manifest["metadata"].setdefault("namespace", "default")
+    _fill_service_defaults(manifest["spec"], service_type, affinity, timeout)
+    service = Service(name=meta.name, namespace=namespace, cluster_ip=cluster_ip, ports=ports,
+                      selector=tuple(selector.items()), type=service_type, session_affinity=affinity,
+                      affinity_timeout=timeout, external_traffic_policy=policy)
+    return _Parsed(model.api_version, model.kind, loc, manifest, meta.name, namespace, dict(meta.labels or {}),
+                   service=_ServiceDraft(service, headless))
+
+
+def _service_type(given: str | None, loc: Loc, issues: _Issues) -> str | None:
+    service_type = given if given is not None else SERVICE_TYPES[0]
+    if service_type in SERVICE_TYPES:
+        return service_type
+    if service_type in UNSUPPORTED_SERVICE_TYPES:
+        issues.add(loc, UNSUPPORTED_SERVICE_TYPES[service_type])
+        return None
+    close = _close_match(service_type, SERVICE_TYPES + tuple(UNSUPPORTED_SERVICE_TYPES))
+    hint = f" (did you mean {close}?)" if close else ""
+    issues.add(loc, f"unknown type {_short(repr(service_type), 40)}{hint}; supported: {', '.join(SERVICE_TYPES)}")
+    return None
+
+
+def _given_cluster_ip(text: str | None, service_type: str | None, loc: Loc,
+                      issues: _Issues) -> tuple[bool, IPv4Address | None]:
+    """(headless, the address given). Absent or "" (as in Kubernetes): one is allocated."""
+    if text is None or text == "":
+        return False, None
+    if text == HEADLESS:
+        if service_type == "NodePort":
+            issues.add(loc, "clusterIP None makes a headless service, which has no cluster IP for node ports to "
+                            "forward to, so Kubernetes refuses it for type NodePort: remove clusterIP: None, or use "
+                            "type: ClusterIP")
+        return True, None
+    if text.lower() == HEADLESS.lower():
+        issues.add(loc, f"{_short(repr(text), 40)} is not an address: write None, with a capital N, for a headless "
+                        "service (Kubernetes matches it exactly)")
+        return False, None
+    return False, _address(text, loc, issues, "cluster.serviceCIDR", "10.96.0.50")
+
+
+def _service_ports(ports_in: list[_ServicePortIn], service_type: str | None, headless: bool, loc: Loc,
+                   issues: _Issues) -> tuple[ServicePort, ...]:
+    if not ports_in and not headless:
+        issues.add(loc, "no ports: a service needs at least one, e.g. ports: [{port: 80, targetPort: 8080}] (only a "
+                        "headless service, clusterIP: None, may have none)")
+    named: dict[str, int] = {}
+    served: dict[tuple[int, str], int] = {}
+    node_ports: dict[tuple[int, str], int] = {}
+    ports = []
+    for index, port_in in enumerate(ports_in):
+        ploc = loc + (index,)
+        name = port_in.name or ""
+        protocol = port_in.protocol if port_in.protocol is not None else "TCP"
+        if name:
+            problem = names.dns_label_problem(name)
+            if problem:
+                issues.add(ploc + ("name",), problem)
+            elif name in named:
+                issues.add(ploc + ("name",), f"port name {name} is already used by ports[{named[name]}]: give each "
+                                             "port of a service its own name")
+            named.setdefault(name, index)
+        elif len(ports_in) > 1:
+            issues.add(ploc + ("name",), "missing; a service with more than one port needs a name for each (its "
+                                         "endpoints and kube-proxy's rules tell the ports apart by name): add one, "
+                                         f"e.g. name: {_port_example(port_in.port)}")
+        problem = _protocol_problem(protocol)
+        if problem:
+            issues.add(ploc + ("protocol",), problem)
+        if not 1 <= port_in.port <= 65535:
+            issues.add(ploc + ("port",), f"{_show(port_in.port)} is not a port number: use 1..65535")
+        elif (port_in.port, protocol) in served:
+            issues.add(ploc + ("port",), f"port {port_in.port}/{protocol} is already served by ports"
+                                         f"[{served[(port_in.port, protocol)]}]: a service serves each port and "
+                                         "protocol once; remove one, or change its port")
+        served.setdefault((port_in.port, protocol), index)
+        target = _target_port(port_in.target_port, port_in.port, ploc + ("targetPort",), issues)
+        node_port = port_in.node_port
+        if node_port is not None and service_type is not None:
+            _check_node_port(node_port, protocol, service_type, node_ports, ploc + ("nodePort",), issues)
+            node_ports.setdefault((node_port, protocol), index)
+        ports.append(ServicePort(name=name, port=port_in.port, target_port=target if target is not None else 0,
+                                 protocol=protocol, node_port=node_port))
+    return tuple(ports)
+
+
+def _port_example(port: int) -> str:
+    return {53: "dns", 80: "http", 443: "https"}.get(port, f"port-{port}" if 1 <= port <= 65535 else "http")
+
+
+def _target_port(value: Any, port: int, loc: Loc, issues: _Issues) -> int | str | None:
+    """targetPort: a number, or the name of a container port (looked up in each endpoint pod); the service's
+    port when left out."""
+    if value is None:
+        return port
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        issues.add(loc, _wrong_type("a port number or the name of a container port", value,
+                                    issues.source.raw.get(loc)))
+        return None
+    if isinstance(value, int):
+        if 1 <= value <= 65535:
+            return value
+        issues.add(loc, f"{_show(value)} is not a port number: use 1..65535, or the name of a container port")
+        return None
+    if _looks_numeric(value):
+        issues.add(loc, f"{_short(repr(value), 30)} is a string, so it would name a container port, and port names "
+                        f"need a letter: remove the quotes for port number {value.strip()}")
+        return None
+    problem = _port_name_problem(value)
+    if problem:
+        issues.add(loc, problem + " (targetPort names a port of the pods' containers)")
+        return None
+    return value
+
+
+def _check_node_port(node_port: int, protocol: str, service_type: str, seen: dict[tuple[int, str], int], loc: Loc,
+                     issues: _Issues) -> None:
+    low, high = NODE_PORT_RANGE
+    if service_type != "NodePort":
+        issues.add(loc, f"nodePort is only used by type NodePort, and this service is type {service_type}: remove "
+                        "nodePort, or set type: NodePort")
+    elif not low <= node_port <= high:
+        issues.add(loc, f"nodePort {_show(node_port)} is outside the node port range {low}-{high} (kube-apiserver's "
+                        f"--service-node-port-range): pick one in it, or leave nodePort out to have one allocated")
+    elif (node_port, protocol) in seen:
+        issues.add(loc, f"nodePort {node_port}/{protocol} is already used by ports[{seen[(node_port, protocol)]}]: "
+                        "give each port its own, or leave nodePort out to have one allocated")
+
+
+def _session_affinity(spec: _ServiceSpecIn, loc: Loc, issues: _Issues) -> tuple[str | None, int]:
+    affinity = spec.session_affinity if spec.session_affinity is not None else SESSION_AFFINITIES[0]
+    timeout = AFFINITY_TIMEOUT_DEFAULT
+    if affinity not in SESSION_AFFINITIES:
+        close = _close_match(affinity, SESSION_AFFINITIES)
+        hint = f" (did you mean {close}?)" if close else ""
+        issues.add(loc + ("sessionAffinity",), f"sessionAffinity must be None or ClientIP, got "
+                                               f"{_short(repr(affinity), 40)}{hint}")
+        return None, timeout
+    config = spec.session_affinity_config
+    if config is None:
+        return affinity, timeout
+    if affinity != "ClientIP":
+        note = "" if spec.session_affinity is not None else " (the default)"
+        issues.add(loc + ("sessionAffinityConfig",),
+                   f"sessionAffinityConfig only applies to sessionAffinity ClientIP, but sessionAffinity is "
+                   f"{affinity}{note}: set sessionAffinity: ClientIP, or remove sessionAffinityConfig")
+        return None, timeout
+    given = config.client_ip.timeout_seconds if config.client_ip is not None else None
+    if given is not None and not 1 <= given <= AFFINITY_TIMEOUT_MAX:
+        issues.add(loc + ("sessionAffinityConfig", "clientIP", "timeoutSeconds"),
+                   f"timeoutSeconds {_show(given)} is out of range: use 1..{AFFINITY_TIMEOUT_MAX} (a day); "
+                   f"Kubernetes' default is {AFFINITY_TIMEOUT_DEFAULT} (three hours)")
+        return None, timeout
+    return affinity, given if given is not None else timeout
+
+
+def _external_traffic_policy(given: str | None, service_type: str | None, loc: Loc, issues: _Issues) -> str | None:
+    loc = loc + ("externalTrafficPolicy",)
+    if given is None:
+        return TRAFFIC_POLICIES[0]
+    if given not in TRAFFIC_POLICIES:
+        close = _close_match(given, TRAFFIC_POLICIES)
+        hint = f" (did you mean {close}?)" if close else ""
+        issues.add(loc, f"externalTrafficPolicy must be Cluster or Local, got {_short(repr(given), 40)}{hint}")
+        return None
+    if service_type == "ClusterIP":
+        issues.add(loc, "externalTrafficPolicy is about traffic from outside the cluster, and Kubernetes allows it "
+                        "only for services reachable from outside (here: type NodePort); this service is type "
+                        "ClusterIP: remove externalTrafficPolicy, or set type: NodePort")
+        return None
+    return given
+
+
+def _check_defaults_only(spec: _ServiceSpecIn, loc: Loc, issues: _Issues) -> None:
+    """Fields a lab does not vary: accepted (manifests copied from a cluster carry them) with Kubernetes'
+    defaults for an IPv4 single-stack cluster only, so a value that would change the behaviour is not ignored."""
+    if spec.ip_families is not None and spec.ip_families != ["IPv4"]:
+        issues.add(loc + ("ipFamilies",), f"ipFamilies {_short(json.dumps(spec.ip_families), 40)} is not supported: "
+                                          "kubenet-lab labs are IPv4 only; remove ipFamilies, or write [IPv4]")
+    policy = spec.ip_family_policy
+    if policy is not None and policy != "SingleStack":
+        why = "asks for dual-stack, but" if policy in DUAL_STACK_POLICIES else "is not a policy here:"
+        issues.add(loc + ("ipFamilyPolicy",), f"ipFamilyPolicy {_short(repr(policy), 40)} {why} kubenet-lab labs are "
+                                              "IPv4 only; remove ipFamilyPolicy, or write SingleStack")
+    internal = spec.internal_traffic_policy
+    if internal == "Local":
+        issues.add(loc + ("internalTrafficPolicy",), "internalTrafficPolicy Local is not supported by kubenet-lab: "
+                                                     "remove it (the default, Cluster, sends traffic to ready "
+                                                     "endpoints on every node)")
+    elif internal is not None and internal != "Cluster":
+        close = _close_match(internal, TRAFFIC_POLICIES)
+        hint = f" (did you mean {close}?)" if close else ""
+        issues.add(loc + ("internalTrafficPolicy",), f"internalTrafficPolicy must be Cluster, got "
+                                                     f"{_short(repr(internal), 40)}{hint}: remove it, or write Cluster")
+
+
+def _fill_service_defaults(spec: dict[str, Any], service_type: str, affinity: str, timeout: int) -> None:
+    """Kubernetes' defaults, as kube-apiserver stores them; the allocated clusterIP and nodePorts come later."""
+    spec["type"] = service_type
+    spec["sessionAffinity"] = affinity
+    for port in spec.get("ports", []):
+        port.setdefault("protocol", "TCP")
+        port.setdefault("targetPort", port["port"])
+    if service_type == "NodePort":
+        spec.setdefault("externalTrafficPolicy", TRAFFIC_POLICIES[0])
+    if affinity == "ClientIP":
+        config = spec.setdefault("sessionAffinityConfig", {})
+        config.setdefault("clientIP", {})["timeoutSeconds"] = timeout
+
+
 # Registry of the object kinds a lab understands: (apiVersion, kind) -> reader. A reader validates one
-# object and returns it parsed (or None after recording issues). Later layers add kinds here.
+# object and returns it parsed (or None after recording issues), recording each problem in the Issues it is
+# given. Later layers add kinds here; Parsed and Issues are the public names of what a reader deals with.
 KINDS: dict[tuple[str, str], Reader] = {
     ("v1", "Namespace"): _read_namespace,
     ("v1", "Pod"): _read_pod,
     ("apps/v1", "Deployment"): _read_deployment,
+    ("v1", "Service"): _read_service,
 }
+Parsed = _Parsed
+Issues = _Issues
 
 
 # ============================================================================ objects against the lab
 
 
-def _objects_against_lab(parsed: list[_Parsed], lab: Lab, issues: _Issues) -> list[Pod]:
+def _objects_against_lab(parsed: list[_Parsed], lab: Lab, issues: _Issues, pods: bool = True,
+                         services: bool = True) -> tuple[list[Pod], list[Service]]:
+    """The checks of objects that involve each other and the lab: the pods they make (placed on nodes) and
+    the services (with what is allocated to them), each only if asked for."""
     namespaces = _namespaces(parsed, lab.namespaces, issues)
     place = bool(lab.nodes) and not issues
-    return _expand(parsed, lab, set(namespaces), issues, place=place)
+    found_services = _services(parsed, lab, lab.cluster.service_cidr, set(namespaces), issues) if services else []
+    found_pods = _expand(parsed, lab, set(namespaces), issues, place=place) if pods else []
+    return found_pods, found_services
+
+
+def _services(parsed: list[_Parsed], lab: Lab, service_cidr: IPv4Network | None, namespaces: set[str],
+              issues: _Issues) -> list[Service]:
+    """The Services among `parsed`, checked against each other and the lab's services, with their cluster IPs
+    and node ports allocated; the allocated values are written into the normalized manifests, as kube-apiserver
+    stores them. service_cidr None: the cluster is wrong, so cluster IPs are neither checked nor allocated."""
+    objs = [p for p in parsed if p.service is not None]
+    if not objs:
+        return []
+    defined = {s.key: f"service {s.key}, already in lab {lab.name}" for s in lab.services}
+    for obj in objs:
+        key = f"{obj.namespace}/{obj.name}"
+        if obj.namespace not in namespaces:
+            issues.add(obj.loc + ("metadata", "namespace"),
+                       f"namespace {obj.namespace} does not exist: add a v1 Namespace object named {obj.namespace}")
+        if key in defined:
+            issues.add(obj.loc + ("metadata", "name"), f"service {key} clashes with {defined[key]}: rename one")
+        defined.setdefault(key, f"the service at {_where(obj.loc, issues)}")
+    ips = _cluster_ips(objs, lab, service_cidr, issues)
+    ports = _node_ports(objs, lab, issues)
+    services = []
+    for index, obj in enumerate(objs):
+        assert obj.service is not None
+        service = replace(obj.service.service, cluster_ip=ips.get(index), ports=ports[index])
+        spec = obj.manifest["spec"]
+        if obj.service.headless:
+            spec["clusterIP"] = HEADLESS
+        elif service.cluster_ip is not None:
+            spec["clusterIP"] = str(service.cluster_ip)
+        if service.type == "NodePort":
+            for port, manifest_port in zip(service.ports, spec.get("ports", [])):
+                if port.node_port is not None:
+                    manifest_port["nodePort"] = port.node_port
+        services.append(service)
+    return services
+
+
+def _cluster_ip_problem(ip: IPv4Address, cidr: IPv4Network) -> str | None:
+    """Why `ip` cannot be a given clusterIP in serviceCIDR `cidr`, or None. The DNS address (.10) may be given."""
+    usable = f"{cidr.network_address + 2}..{cidr.broadcast_address - 1}"
+    fix = f"pick one in {usable}, or leave clusterIP out to have one allocated"
+    if ip not in cidr:
+        return f"{ip} is outside cluster.serviceCIDR {cidr}, where cluster IPs come from: {fix}"
+    if ip == cidr.network_address:
+        return f"{ip} is the network address of cluster.serviceCIDR {cidr}, not a usable address: {fix}"
+    if ip == cidr.broadcast_address:
+        return f"{ip} is the broadcast address of cluster.serviceCIDR {cidr}, not a usable address: {fix}"
+    if ip == cidr.network_address + KUBERNETES_SERVICE_OFFSET:
+        return (f"{ip} is the first address of cluster.serviceCIDR {cidr}, which Kubernetes reserves for the "
+                f"`kubernetes` service (the API server's cluster IP): {fix}")
+    return None
+
+
+def _cluster_ip_candidates(cidr: IPv4Network) -> typing.Iterator[IPv4Address]:
+    """The addresses a service without clusterIP may get, in the order they are handed out.
+
+    kube-apiserver picks a random free address; a lab picks deterministically, so a spec always gives the
+    same addresses: from network + 100 upward (10.96.0.100, .101, ...: the explainer's example ClusterIP
+    is 10.96.0.100), then, in a range too small for that, from network + 2. Never the network address,
+    .1 (the `kubernetes` service), .10 (the cluster DNS, kube-dns) or the broadcast address.
+    """
+    network, broadcast = int(cidr.network_address), int(cidr.broadcast_address)
+    reserved = {network + KUBERNETES_SERVICE_OFFSET, network + DNS_SERVICE_OFFSET}
+    start = min(network + CLUSTER_IP_OFFSET, broadcast)
+    for address in [*range(start, broadcast), *range(network + 2, start)]:
+        if address not in reserved:
+            yield IPv4Address(address)
+
+
+def _cluster_ips(objs: list[_Parsed], lab: Lab, cidr: IPv4Network | None, issues: _Issues) -> dict[int, IPv4Address]:
+    """Each non-headless service's cluster IP (by position in `objs`): the one given, checked, else the lowest
+    free candidate. Given addresses are taken first, so a later service's address is never handed out earlier."""
+    owners = {s.cluster_ip: f"service {s.key}, already in lab {lab.name}" for s in lab.services
+              if s.cluster_ip is not None}
+    result: dict[int, IPv4Address] = {}
+    for index, obj in enumerate(objs):
+        assert obj.service is not None
+        ip = obj.service.service.cluster_ip
+        if ip is None:
+            continue
+        loc = obj.loc + ("spec", "clusterIP")
+        problem = _cluster_ip_problem(ip, cidr) if cidr is not None else None
+        if problem is None and ip in owners:
+            problem = (f"clusterIP {ip} is already the cluster IP of {owners[ip]}: give each service its own, or "
+                       "leave clusterIP out to have one allocated")
+        if problem:
+            issues.add(loc, problem)
+            continue
+        owners[ip] = f"service {obj.namespace}/{obj.name} at {_where(obj.loc, issues)}"
+        result[index] = ip
+    if cidr is None:
+        return result
+    candidates = _cluster_ip_candidates(cidr)  # one pass: every address before the last one handed out is taken
+    for index, obj in enumerate(objs):
+        assert obj.service is not None
+        if obj.service.headless or obj.service.service.cluster_ip is not None:
+            continue
+        ip = next((c for c in candidates if c not in owners), None)
+        if ip is None:
+            issues.add(obj.loc + ("spec",), f"no address of cluster.serviceCIDR {cidr} is left for this service's "
+                                            "cluster IP (.1 and .10 are reserved): use a larger serviceCIDR (a "
+                                            "shorter prefix), or give fewer services a cluster IP")
+            return result
+        owners[ip] = f"service {obj.namespace}/{obj.name}"
+        result[index] = ip
+    return result
+
+
+def _node_ports(objs: list[_Parsed], lab: Lab, issues: _Issues) -> dict[int, tuple[ServicePort, ...]]:
+    """Each service's ports with their node ports: given ones checked (a node port belongs to one service,
+    since every node listens on it), missing ones of NodePort services allocated, lowest free from 30000 up
+    in spec order (kube-apiserver picks at random). As kube-apiserver does, ports of one service with the
+    same number (53/TCP and 53/UDP) share one allocated node port."""
+    owners: dict[int, str] = {}
+    for service in lab.services:
+        for port in service.ports:
+            if port.node_port is not None:
+                owners.setdefault(port.node_port, f"service {service.key}, already in lab {lab.name}")
+    for obj in objs:
+        assert obj.service is not None
+        mine: set[int] = set()
+        for index, port in enumerate(obj.service.service.ports):
+            if port.node_port is None:
+                continue
+            if port.node_port in owners and port.node_port not in mine:
+                issues.add(obj.loc + ("spec", "ports", index, "nodePort"),
+                           f"nodePort {port.node_port} is already used by {owners[port.node_port]}: every node "
+                           "listens on a node port for one service only; pick another, or leave nodePort out to "
+                           "have one allocated")
+                continue
+            mine.add(port.node_port)
+            owners[port.node_port] = f"service {obj.namespace}/{obj.name} at {_where(obj.loc, issues)}"
+    low, high = NODE_PORT_RANGE
+    free = iter(range(low, high + 1))  # one pass, as for cluster IPs
+    result: dict[int, tuple[ServicePort, ...]] = {}
+    for position, obj in enumerate(objs):
+        assert obj.service is not None
+        ports = list(obj.service.service.ports)
+        if obj.service.service.type == "NodePort":
+            for index, port in enumerate(ports):
+                if port.node_port is not None:
+                    continue
+                number = _shared_node_port(ports, port)
+                if number is None:
+                    number = next((n for n in free if n not in owners), None)
+                    if number is None:
+                        issues.add(obj.loc + ("spec", "ports", index),
+                                   f"no node port is left in {low}-{high} for this port: every node port is taken; "
+                                   "use type ClusterIP for some services")
+                        break
+                    owners[number] = f"service {obj.namespace}/{obj.name}"
+                ports[index] = replace(port, node_port=number)
+        result[position] = tuple(ports)
+    return result
+
+
+def _shared_node_port(ports: list[ServicePort], port: ServicePort) -> int | None:
+    """The node port another port of the same service with the same number already has, if this port's
+    protocol is still free on it."""
+    for other in ports:
+        if other.port == port.port and other.node_port is not None and not any(
+                p.node_port == other.node_port and p.protocol == port.protocol for p in ports):
+            return other.node_port
+    return None
 
 
 def _namespaces(parsed: list[_Parsed], existing: dict[str, dict[str, str]],

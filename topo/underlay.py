@@ -38,6 +38,7 @@ class Host:
     netns: str
     router: bool = False
     gateway: IPv4Address | None = None  # default route (nodes of a routed underlay: their ToR)
+    external: bool = False  # a machine outside the cluster (the explainer's "External Web")
 
 
 @dataclass(frozen=True)
@@ -72,10 +73,15 @@ def plan(lab: Lab) -> UnderlayPlan:
 
 def _flat(lab: Lab) -> UnderlayPlan:
     segment = Segment(FLAT_SWITCH, names.underlay_netns(lab.name, FLAT_SWITCH))
-    hosts = tuple(Host(n.name, lab.node_netns(n.name)) for n in lab.nodes)
-    links = tuple(Link(n.name, NODE_IFNAME, lab.node_interface(n), FLAT_SWITCH, f"{FLAT_SWITCH}-eth{n.index}",
-                       spec=n.link) for n in lab.nodes)
-    return UnderlayPlan((segment,), hosts, links)
+    hosts = [Host(n.name, lab.node_netns(n.name)) for n in lab.nodes]
+    links = [Link(n.name, NODE_IFNAME, lab.node_interface(n), FLAT_SWITCH, f"{FLAT_SWITCH}-eth{n.index}",
+                  spec=n.link) for n in lab.nodes]
+    prefix = lab.underlay.subnet.prefixlen if lab.underlay.subnet else 24
+    for i, ext in enumerate(lab.external):
+        hosts.append(Host(ext.name, lab.external_netns(ext.name), external=True))
+        links.append(Link(ext.name, NODE_IFNAME, IPv4Interface(f"{ext.ip}/{prefix}"), FLAT_SWITCH,
+                          f"{FLAT_SWITCH}-eth{len(lab.nodes) + i}", spec=lab.underlay.link))
+    return UnderlayPlan((segment,), tuple(hosts), tuple(links))
 
 
 @dataclass(frozen=True)
@@ -120,6 +126,11 @@ def _routed(lab: Lab) -> UnderlayPlan:
         rack = lab.underlay.rack(n.rack)  # type: ignore[arg-type]
         links.append(Link(n.name, NODE_IFNAME, lab.node_interface(n), f"r{rack.index}", port(f"r{rack.index}"),
                           spec=n.link))
+    for ext in lab.external:
+        rack = lab.underlay.rack(ext.rack)  # type: ignore[arg-type]
+        hosts.append(Host(ext.name, lab.external_netns(ext.name), external=True, gateway=rack.router_ip))
+        links.append(Link(ext.name, NODE_IFNAME, IPv4Interface(f"{ext.ip}/{rack.subnet.prefixlen}"),
+                          f"r{rack.index}", port(f"r{rack.index}"), spec=lab.underlay.link))
     for r in lab.underlay.racks:
         links.append(Link(r.router, "eth0", IPv4Interface(f"{r.router_ip}/{r.subnet.prefixlen}"), f"r{r.index}",
                           port(f"r{r.index}"), spec=lab.underlay.link))

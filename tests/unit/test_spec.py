@@ -20,8 +20,9 @@ import yaml
 
 from topo import model, names, spec
 from topo.errors import SpecError
-from topo.model import Bgp, Fabric, Lab, LinkSpec, Network, Rack, Underlay
-from topo.spec import load_spec, parse_objects, parse_spec_text, pods_from_objects
+from topo.model import (Bgp, ExternalHost, Fabric, KubeProxy, Lab, LinkSpec, Network, Rack, Service, ServicePort,
+                        Underlay)
+from topo.spec import load_spec, parse_objects, parse_spec_text, pods_from_objects, services_from_objects
 
 ROOT = Path(__file__).resolve().parents[2]
 SPECS = Path(__file__).resolve().parent / "specs"
@@ -447,7 +448,7 @@ def test_many_problems_are_reported_together() -> None:
         "t.yaml:14: spec.objects[0].spec.containers[0].image: image nginx is not built in (built-ins: agnhost, "
         "pause): give command: [...] to run a program from this machine",
         "t.yaml:15: spec.objects[1].kind: kind NetworkPolicy (networking.k8s.io/v1) is not supported by this "
-        "version of kubenet-lab (supported: v1 Namespace, v1 Pod, apps/v1 Deployment)",
+        "version of kubenet-lab (supported: v1 Namespace, v1 Pod, apps/v1 Deployment, v1 Service)",
     ]
     # Once the structure is right, the semantic problems all come out at once too.
     fixed = text.replace("podCidr", "podCIDR")
@@ -463,7 +464,7 @@ def test_many_problems_are_reported_together() -> None:
         "t.yaml:14: spec.objects[0].spec.containers[0].image: image nginx is not built in (built-ins: agnhost, "
         "pause): give command: [...] to run a program from this machine",
         "t.yaml:15: spec.objects[1].kind: kind NetworkPolicy (networking.k8s.io/v1) is not supported by this "
-        "version of kubenet-lab (supported: v1 Namespace, v1 Pod, apps/v1 Deployment)",
+        "version of kubenet-lab (supported: v1 Namespace, v1 Pod, apps/v1 Deployment, v1 Service)",
     ]
 
 
@@ -607,7 +608,8 @@ def _replaced(data: object, path: tuple, value: object) -> object:
 
 
 @pytest.mark.parametrize("path", [SEED, SPECS / "valid" / "07-routed-spine-bgp-tor.yaml",
-                                  SPECS / "valid" / "09-links.yaml"], ids=["seed", "routed", "links"])
+                                  SPECS / "valid" / "09-links.yaml", SPECS / "valid" / "11-services-routed.yaml"],
+                         ids=["seed", "routed", "links", "services"])
 def test_every_field_of_the_seed_replaced_by_odd_values_raises_only_spec_error(path: Path) -> None:
     data = yaml.safe_load(path.read_text())
     for path in _subtrees(data):
@@ -619,9 +621,10 @@ def test_public_functions_refuse_garbage_objects_with_spec_error() -> None:
     lab = load_spec(SEED)
     for objects in ([None], [1], [{"kind": 1}], [{"apiVersion": "v1", "kind": "Pod", (1, 2): 3}], "notalist",
                     [{"apiVersion": "v1", "kind": "Pod", "metadata": {"name": 2**5000}}]):
-        with pytest.raises(SpecError) as info:
-            pods_from_objects(objects, lab, "o.yaml")  # type: ignore[arg-type]
-        assert spec.INTERNAL_ERROR not in str(info.value)
+        for function in (pods_from_objects, services_from_objects):
+            with pytest.raises(SpecError) as info:
+                function(objects, lab, "o.yaml")  # type: ignore[arg-type]
+            assert spec.INTERNAL_ERROR not in str(info.value)
     for text in ("", "---\n---\n", "kind: List\nitems: 3\n", "- 1\n", "a: [\n", "--- 1\n--- {}\n"):
         with pytest.raises(SpecError) as info:
             parse_objects(text, lab, "o.yaml")
@@ -719,14 +722,226 @@ def test_pods_from_objects_uses_the_labs_namespaces() -> None:
 
 
 def test_the_kind_registry_takes_new_kinds(monkeypatch: pytest.MonkeyPatch) -> None:
-    def read_service(obj: object, loc: tuple, issues: object) -> spec._Parsed:
+    def read_config_map(obj: object, loc: tuple, issues: spec.Issues) -> spec.Parsed:
         assert isinstance(obj, dict)
-        return spec._Parsed("v1", "Service", loc, dict(obj), obj["metadata"]["name"], "default", {})
+        return spec.Parsed("v1", "ConfigMap", loc, dict(obj), obj["metadata"]["name"], "default", {})
 
-    monkeypatch.setitem(spec.KINDS, ("v1", "Service"), read_service)
+    monkeypatch.setitem(spec.KINDS, ("v1", "ConfigMap"), read_config_map)
     text = HEADER + """\
   nodes: [{name: node1, ip: 192.168.1.10}]
-  objects: [{apiVersion: v1, kind: Service, metadata: {name: web}}]
+  objects: [{apiVersion: v1, kind: ConfigMap, metadata: {name: web}}]
 """
     lab = parse_spec_text(text)
-    assert lab.objects == ({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web"}},) and lab.pods == ()
+    assert lab.objects == ({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "web"}},)
+    assert lab.pods == () and lab.services == ()
+
+
+# ------------------------------------------------------------------ services, kube-proxy, external hosts
+
+IP = IPv4Address
+
+
+def _service(namespace: str, name: str, services: tuple[Service, ...] | list[Service]) -> Service:
+    return next(s for s in services if s.namespace == namespace and s.name == name)
+
+
+def test_labs_without_services_get_the_defaults() -> None:
+    lab = load_spec(SPECS / "valid" / "01-minimal.yaml")
+    assert lab.services == () and lab.external == ()
+    assert lab.kube_proxy == KubeProxy(mode="iptables") and model.PROXY_MODES[0] == "iptables"
+
+
+def test_services_of_every_kind_with_allocated_cluster_ips_and_node_ports() -> None:
+    lab = load_spec(SPECS / "valid" / "10-services-flat.yaml")
+    assert lab.kube_proxy == KubeProxy(mode="nftables")
+    # Allocated from serviceCIDR + 100 in spec order; 10.96.0.101 is given to "pinned" (written later), so skipped.
+    assert [(s.key, s.cluster_ip) for s in lab.services] == [
+        ("shop/web", IP("10.96.0.100")), ("shop/pinned", IP("10.96.0.101")), ("shop/web-np", IP("10.96.0.102")),
+        ("default/sticky", IP("10.96.0.103")), ("shop/web-headless", None), ("default/manual", IP("10.96.0.104")),
+    ]
+    services = lab.services
+    assert _service("shop", "web", services) == Service(
+        name="web", namespace="shop", cluster_ip=IP("10.96.0.100"),
+        ports=(ServicePort(name="", port=80, target_port="http", protocol="TCP", node_port=None),),
+        selector=(("app", "web"),), type="ClusterIP", session_affinity="None", affinity_timeout=10800,
+        external_traffic_policy="Cluster")
+    assert _service("shop", "pinned", services).ports == (
+        ServicePort("http", 80, 8080, "TCP"), ServicePort("udp", 81, "udp", "UDP"))
+    # Node ports: 30001 is given, so the first allocated one is 30000 and the next 30002.
+    web_np = _service("shop", "web-np", services)
+    assert web_np.type == "NodePort" and web_np.external_traffic_policy == "Local"
+    assert [(p.name, p.node_port) for p in web_np.ports] == [("http", 30001), ("alt", 30000)]
+    sticky = _service("default", "sticky", services)
+    assert (sticky.session_affinity, sticky.affinity_timeout, sticky.external_traffic_policy) == ("ClientIP", 60,
+                                                                                                   "Cluster")
+    # 53/TCP and 53/UDP of one service share a node port, as kube-apiserver allocates them.
+    assert [(p.port, p.protocol, p.node_port) for p in sticky.ports] == [(53, "TCP", 30002), (53, "UDP", 30002)]
+    headless = _service("shop", "web-headless", services)
+    assert headless.cluster_ip is None and headless.ports == () and headless.selects({"app": "web"})
+    manual = _service("default", "manual", services)
+    assert manual.selector == () and not manual.selects({"app": "web"})
+    assert manual.ports == (ServicePort("", 5432, 5432, "TCP"),)
+    assert lab.external == (ExternalHost("web-ext", IP("192.168.1.200"), ("http",), None, 0),
+                            ExternalHost("client", IP("192.168.1.201"), (), None, 1))
+    assert load_spec(SPECS / "valid" / "10-services-flat.yaml").services == services  # reproducible
+
+
+def test_service_manifests_are_stored_with_defaults_and_allocations() -> None:
+    lab = load_spec(SPECS / "valid" / "10-services-flat.yaml")
+    stored = {o["metadata"]["name"]: o for o in lab.objects if o["kind"] == "Service"}
+    assert stored["web"]["spec"] == {"selector": {"app": "web"}, "type": "ClusterIP", "sessionAffinity": "None",
+                                     "clusterIP": "10.96.0.100",
+                                     "ports": [{"port": 80, "targetPort": "http", "protocol": "TCP"}]}
+    assert stored["web-np"]["spec"]["ports"][1] == {"name": "alt", "port": 8080, "targetPort": 8080,
+                                                    "protocol": "TCP", "nodePort": 30000}
+    assert stored["sticky"]["metadata"]["namespace"] == "default"
+    assert stored["sticky"]["spec"]["externalTrafficPolicy"] == "Cluster"
+    assert stored["web-headless"]["spec"]["clusterIP"] == "None"
+    # The stored manifests read back into the same services, whatever order the allocations came in.
+    bare = dataclasses.replace(lab, services=())
+    assert services_from_objects(list(reversed(lab.objects)), bare, None) == list(reversed(lab.services))
+
+
+def test_external_hosts_on_a_routed_underlay_sit_in_a_rack() -> None:
+    lab = load_spec(SPECS / "valid" / "11-services-routed.yaml")
+    assert lab.kube_proxy.mode == "ipvs"
+    assert lab.external == (ExternalHost("outside", IP("192.168.2.200"), ("http",), "rack2", 0),)
+    (service,) = lab.services
+    assert service.cluster_ip == IP("10.100.0.100") and service.ports[0].node_port == 30000
+
+
+def test_services_from_objects_allocates_after_the_labs_services() -> None:
+    lab = load_spec(SPECS / "valid" / "10-services-flat.yaml")
+    new = [{"apiVersion": "v1", "kind": "Service", "metadata": {"name": "more"},
+            "spec": {"type": "NodePort", "selector": {"app": "web"}, "ports": [{"port": 80}]}},
+           {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "fixed"},
+            "spec": {"clusterIP": "10.96.0.105", "ports": [{"port": 80}]}}]
+    more, fixed = services_from_objects(new, lab, "apply.yaml")
+    assert (more.cluster_ip, more.ports[0].node_port, more.ports[0].target_port) == (IP("10.96.0.106"), 30003, 80)
+    assert fixed.cluster_ip == IP("10.96.0.105") and fixed.ports[0].node_port is None
+    assert lab.services[0].key == "shop/web"  # the lab itself is not changed
+
+
+def test_services_from_objects_catches_clashes_with_the_labs_services() -> None:
+    lab = load_spec(SPECS / "valid" / "10-services-flat.yaml")
+    clashing = [{"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web", "namespace": "shop"},
+                 "spec": {"ports": [{"port": 80}]}},
+                {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "other"},
+                 "spec": {"clusterIP": "10.96.0.101", "type": "NodePort", "ports": [{"port": 80, "nodePort": 30001}]}}]
+    with pytest.raises(SpecError) as info:
+        services_from_objects(clashing, lab, "apply.yaml")
+    assert info.value.lines() == [
+        "apply.yaml: objects[0].metadata.name: service shop/web clashes with service shop/web, already in lab "
+        "services: rename one",
+        "apply.yaml: objects[1].spec.clusterIP: clusterIP 10.96.0.101 is already the cluster IP of service "
+        "shop/pinned, already in lab services: give each service its own, or leave clusterIP out to have one "
+        "allocated",
+        "apply.yaml: objects[1].spec.ports[0].nodePort: nodePort 30001 is already used by service shop/web-np, "
+        "already in lab services: every node listens on a node port for one service only; pick another, or leave "
+        "nodePort out to have one allocated",
+    ]
+
+
+def test_services_from_objects_ignores_pods_and_pods_from_objects_ignores_services() -> None:
+    lab = load_spec(SEED)
+    objects = parse_objects(POD.format(name="extra", extra=", labels: {app: web}", node="") + """\
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec: {selector: {app: web}, ports: [{port: 80, targetPort: 8080}]}
+""", lab, "apply.yaml")
+    assert objects[1]["spec"]["clusterIP"] == "10.96.0.100"
+    assert [p.key for p in pods_from_objects(objects, lab, None)] == ["default/extra"]
+    assert [s.key for s in services_from_objects(objects, lab, None)] == ["default/web"]
+    # Each function checks only its own kind against the lab: a pod clashing with a running one is no
+    # concern of services_from_objects (lab apply runs both, and parse_objects checks everything).
+    clash = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "node1-pod1"},
+             "spec": {"containers": [{"name": "c", "image": "pause"}]}}
+    assert [s.key for s in services_from_objects([clash, objects[1]], lab, None)] == ["default/web"]
+    with pytest.raises(SpecError, match="clashes with a pod already running"):
+        pods_from_objects([clash, objects[1]], lab, None)
+
+
+def test_parse_objects_reports_service_clashes_with_lines() -> None:
+    lab = load_spec(SPECS / "valid" / "10-services-flat.yaml")
+    text = """\
+apiVersion: v1
+kind: Service
+metadata: {name: sticky}
+spec:
+  clusterIP: 10.96.0.100
+  ports: [{port: 80}]
+"""
+    with pytest.raises(SpecError) as info:
+        parse_objects(text, lab, "apply.yaml")
+    assert info.value.lines() == [
+        "apply.yaml:3: metadata.name: service default/sticky clashes with service default/sticky, already in lab "
+        "services: rename one",
+        "apply.yaml:5: spec.clusterIP: clusterIP 10.96.0.100 is already the cluster IP of service shop/web, already "
+        "in lab services: give each service its own, or leave clusterIP out to have one allocated",
+    ]
+
+
+def _services_lab(cidr: str, count: int, extra: str = "") -> Lab:
+    objects = "".join(f"    - {{apiVersion: v1, kind: Service, metadata: {{name: s{i}}}, spec: {{ports: [{{port: 80}}]}}}}\n"
+                      for i in range(count))
+    return parse_spec_text(HEADER + f"  cluster: {{serviceCIDR: {cidr}}}\n" + ONE_NODE + "  objects:\n" + extra + objects)
+
+
+def test_cluster_ip_allocation_never_hands_out_the_reserved_addresses() -> None:
+    # A range too small to start at + 100 starts at + 2, skipping .10 (kube-dns) and the broadcast address.
+    lab = _services_lab("10.96.0.0/28", 12)
+    assert [str(s.cluster_ip) for s in lab.services] == [f"10.96.0.{i}" for i in (2, 3, 4, 5, 6, 7, 8, 9, 11, 12,
+                                                                                  13, 14)]
+    with pytest.raises(SpecError, match=r"no address of cluster.serviceCIDR 10.96.0.0/28 is left"):
+        _services_lab("10.96.0.0/28", 13)
+    # In a range large enough, allocation wraps to the low addresses once + 100 .. broadcast are used.
+    lab = _services_lab("10.96.0.0/25", 29)  # + 100 .. + 126 holds 27
+    assert [str(s.cluster_ip) for s in lab.services][-3:] == ["10.96.0.126", "10.96.0.2", "10.96.0.3"]
+
+
+def test_the_dns_address_may_be_given_and_an_empty_cluster_ip_is_allocated() -> None:
+    extra = ("    - {apiVersion: v1, kind: Service, metadata: {name: kube-dns, namespace: kube-system}, "
+             "spec: {clusterIP: 10.96.0.10, ports: [{name: dns, port: 53, protocol: UDP}]}}\n"
+             "    - {apiVersion: v1, kind: Service, metadata: {name: empty}, spec: {clusterIP: '', ports: [{port: 1}]}}\n")
+    lab = _services_lab("10.96.0.0/12", 1, extra)
+    assert [(s.key, str(s.cluster_ip)) for s in lab.services] == [
+        ("kube-system/kube-dns", "10.96.0.10"), ("default/empty", "10.96.0.100"), ("default/s0", "10.96.0.101")]
+
+
+@pytest.mark.parametrize("mode, message", [
+    ("IPVS", "unknown kube-proxy mode 'IPVS' (did you mean ipvs?)"),
+    ("nft", "unknown kube-proxy mode 'nft' (did you mean nftables?)"),
+    ("ebpf", "unknown kube-proxy mode 'ebpf'; supported: iptables, nftables, ipvs"),
+    ("kernelspace", "kernelspace is kube-proxy's mode on Windows nodes: use one of iptables, nftables, ipvs"),
+])
+def test_kube_proxy_mode_problems(mode: str, message: str) -> None:
+    (line,) = _errors(HEADER + f"  kubeProxy: {{mode: {mode}}}\n" + ONE_NODE)
+    assert line.startswith("t.yaml:5: spec.kubeProxy.mode: ") and message in line
+
+
+@pytest.mark.parametrize("mode", model.PROXY_MODES)
+def test_every_kube_proxy_mode_loads(mode: str) -> None:
+    assert parse_spec_text(HEADER + f"  kubeProxy: {{mode: {mode}}}\n" + ONE_NODE).kube_proxy == KubeProxy(mode)
+
+
+def test_services_and_external_hosts_are_checked_while_the_cluster_is_wrong() -> None:
+    text = HEADER + """\
+  cluster: {serviceCIDR: 10.96.0.0/33}
+  nodes: [{name: a, ip: 192.168.1.10}]
+  external: [{name: a, ip: 192.168.1.10}]
+  objects:
+    - {apiVersion: v1, kind: Service, metadata: {name: Web}, spec: {ports: [{port: 80}]}}
+    - {apiVersion: v1, kind: Service, metadata: {name: ok}, spec: {clusterIP: 1.2.3.4, ports: [{port: 80}]}}
+"""
+    assert _errors(text) == [
+        "t.yaml:5: spec.cluster.serviceCIDR: 10.96.0.0/33 is not an IPv4 network (each address part is 0..255 "
+        "without leading zeros, the prefix 0..32): write ADDRESS/PREFIX, e.g. 10.96.0.0/12",
+        "t.yaml:7: spec.external[0].name: external host name a is also the name of node spec.nodes[0]: nodes, "
+        "routers and external hosts are hosts of one lab and need different names; rename the external host",
+        "t.yaml:7: spec.external[0].ip: 192.168.1.10 is already the address of node a (spec.nodes[0]): give the "
+        "external host an address of its own in underlay.subnet 192.168.1.0/24",
+        "t.yaml:9: spec.objects[0].metadata.name: 'Web' is not a valid Service name: use lower-case letters, "
+        "digits and '-', starting with a letter and ending with a letter or digit",
+    ]  # objects[1]'s clusterIP is not checked against a serviceCIDR that is itself wrong

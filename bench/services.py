@@ -1,0 +1,165 @@
+#!/usr/bin/env python3
+"""Service rules at scale, per kube-proxy mode: full sync time, one-service update time, and connect
+latency to the first- and last-created service, for 10 / 100 / 1,000 / 10,000 services (2 endpoints each).
+
+Measured in a throwaway "node" namespace with the very renderers and loaders a lab uses, against two real
+endpoint servers in a "pod" namespace behind a veth pair. Every service DNATs to those two servers, so what
+differs between services is only where their rules sit in the lookup: iptables walks KUBE-SERVICES rule
+by rule (O(N)); nftables looks the address up in a verdict map (O(1)).
+
+    .venv/bin/python bench/services.py [--counts 10 100 1000 10000] [--connects 200] [--json FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from services import kube_proxy, kube_proxy_iptables, kube_proxy_nftables  # noqa: E402
+from services.endpoints import Endpoint, ServicePortEndpoints  # noqa: E402
+from topo import names, netns, process  # noqa: E402
+from topo.model import Cluster, Node, Service, ServicePort  # noqa: E402
+
+CLUSTER = Cluster()
+NODE = Node("node1", IPv4Address("192.168.1.10"), IPv4Network("10.244.1.0/24"), 0)
+SERVERS = (IPv4Address("10.244.1.2"), IPv4Address("10.244.1.3"))
+
+
+def vip(i: int) -> IPv4Address:
+    return CLUSTER.service_cidr.network_address + 100 + i
+
+
+def service_ports(count: int) -> list[ServicePortEndpoints]:
+    out = []
+    for i in range(count):
+        svc = Service(f"svc-{i}", "default", vip(i), (ServicePort("", 80, 8080),), (("app", f"s{i}"),))
+        eps = tuple(Endpoint(ip, 8080, "node1", f"default/ep-{i}-{j}") for j, ip in enumerate(SERVERS))
+        out.append(ServicePortEndpoints(svc, svc.ports[0], eps))
+    return out
+
+
+class Bed:
+    """node namespace (client + rules) <-veth-> pod namespace holding both endpoint addresses."""
+
+    def __init__(self) -> None:
+        tag = f"svcbench{uuid.uuid4().hex[:6]}"  # lab-shaped names: `lab clean` removes them after a crash
+        self.node, self.pod = names.node_netns(tag, "node"), names.node_netns(tag, "pod")
+        netns.ensure_dir()
+        for ns in (self.node, self.pod):
+            netns.create(ns)
+        with netns.rtnl_in(self.node) as rt:
+            fd = netns.open_fd(self.pod)
+            rt.add_veth("veth0", "eth0", fd, 1500)
+            os.close(fd)
+            for dev in ("lo", "veth0"):
+                rt.set_link(rt.link(dev).index, up=True)
+            rt.add_addr(rt.link("veth0").index, IPv4Interface("10.244.1.1/24"))
+            rt.replace_route(CLUSTER.service_cidr, oif=rt.link("veth0").index)
+        with netns.rtnl_in(self.pod) as rt:
+            for dev in ("lo", "eth0"):
+                rt.set_link(rt.link(dev).index, up=True)
+            for ip in SERVERS:
+                rt.add_addr(rt.link("eth0").index, IPv4Interface(f"{ip}/24"))
+        argv = [sys.executable, "-m", "lab.images.agnhost", "netexec", "--http-port=8080"]
+        self.server = process.spawn_in(self.pod, argv, None)
+        time.sleep(0.5)
+
+    def load(self, argv: list[str], script: str) -> None:
+        kube_proxy.load(self.node, argv, script)
+
+    def connect_us(self, ip: IPv4Address, count: int) -> list[float]:
+        samples = []
+        with netns.entered(self.node):
+            for _ in range(count):
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                started = time.perf_counter()
+                sock.connect((str(ip), 80))
+                samples.append((time.perf_counter() - started) * 1e6)
+                sock.close()
+        return samples
+
+    def close(self) -> None:
+        process.kill_all([self.server])
+        netns.delete(self.node)
+        netns.delete(self.pod)
+
+
+def pct(samples: list[float], p: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
+
+
+def run_mode(mode: str, counts: list[int], connects: int) -> list[dict]:
+    rows = []
+    for count in counts:
+        bed = Bed()
+        try:
+            sps = service_ports(count)
+            sps2 = sps + service_ports(count + 1)[count:]
+            # Each time covers what one node's sync costs: rendering the rules in Python plus loading them.
+            if mode == "iptables":
+                started = time.perf_counter()
+                bed.load(kube_proxy.IPTABLES_RESTORE, kube_proxy_iptables.render(NODE, sps, CLUSTER))
+                full = time.perf_counter() - started
+                started = time.perf_counter()
+                bed.load(kube_proxy.IPTABLES_RESTORE, kube_proxy_iptables.render(NODE, sps2, CLUSTER))
+                one = time.perf_counter() - started
+            else:
+                started = time.perf_counter()
+                rs = kube_proxy_nftables.build(NODE, sps, CLUSTER)
+                bed.load(kube_proxy.NFT, kube_proxy_nftables.render_full(rs))
+                full = time.perf_counter() - started
+                started = time.perf_counter()
+                rs2 = kube_proxy_nftables.build(NODE, sps2, CLUSTER)
+                bed.load(kube_proxy.NFT, kube_proxy_nftables.render_delta(rs, rs2))
+                one = time.perf_counter() - started
+            first = bed.connect_us(vip(0), connects)
+            last = bed.connect_us(vip(count - 1), connects)
+        finally:
+            bed.close()
+        row = {"mode": mode, "services": count, "full_sync_s": full, "one_service_update_s": one,
+               "first_p50_us": pct(first, 50), "first_p99_us": pct(first, 99),
+               "last_p50_us": pct(last, 50), "last_p99_us": pct(last, 99)}
+        print(f"{mode:9} {count:>6} services: sync {full:6.2f} s, +1 service {one:6.3f} s, connect p50/p99 "
+              f"first {row['first_p50_us']:6.0f}/{row['first_p99_us']:6.0f} us, "
+              f"last {row['last_p50_us']:6.0f}/{row['last_p99_us']:6.0f} us", file=sys.stderr)
+        rows.append(row)
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--counts", type=int, nargs="+", default=[10, 100, 1000, 10000])
+    parser.add_argument("--modes", nargs="+", default=["iptables", "nftables"])
+    parser.add_argument("--connects", type=int, default=200)
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        print("bench: needs root", file=sys.stderr)
+        return 3
+    rows = [r for mode in args.modes for r in run_mode(mode, args.counts, args.connects)]
+    print(f"\n{'mode':9} {'services':>8} {'full sync':>10} {'+1 service':>11} {'first p50/p99 us':>17} "
+          f"{'last p50/p99 us':>16}")
+    for r in rows:
+        print(f"{r['mode']:9} {r['services']:>8} {r['full_sync_s']:9.2f}s {r['one_service_update_s']:10.3f}s "
+              f"{r['first_p50_us']:8.0f}/{r['first_p99_us']:<8.0f} {r['last_p50_us']:7.0f}/{r['last_p99_us']:<8.0f}")
+    if args.json:
+        machine = {"kernel": platform.release(), "cores": os.cpu_count(), "python": platform.python_version()}
+        Path(args.json).write_text(json.dumps({"machine": machine, "results": rows}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

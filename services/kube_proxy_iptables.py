@@ -1,0 +1,423 @@
+"""kube-proxy's iptables mode, rendered for one node as a complete `iptables-restore` input.
+
+Pure: no kernel, no root. `render()` returns the text that `iptables-legacy-restore` (without --noflush)
+loads into a node's namespace. The lab owns the node's `nat` and `filter` tables, so each load replaces
+both atomically: rules of services that are gone vanish with the chains that held them, and no
+`-X` bookkeeping is needed (real kube-proxy uses --noflush and deletes its stale chains one by one,
+because it shares those tables with other software on the node).
+
+Layout, chain names and comments are those of kube-proxy's `pkg/proxy/iptables/proxier.go` (current,
+EndpointSlice-era versions), written in the form `iptables-save` prints, so a learner running
+`iptables-save` in a lab node sees what a real node shows:
+
+  nat      PREROUTING, OUTPUT -> KUBE-SERVICES ("kubernetes service portals")
+           KUBE-SERVICES:  one rule per service port with endpoints: ClusterIP:port -> KUBE-SVC-X,
+                           and last, addrtype LOCAL -> KUBE-NODEPORTS
+           KUBE-NODEPORTS: NodePort -> KUBE-EXT-X
+           KUBE-SVC-X:     masquerade off-cluster sources, then (ClientIP affinity "recent" checks and)
+                           one random-probability jump per endpoint -> KUBE-SEP-Y
+           KUBE-EXT-X:     externalTrafficPolicy Cluster: mark for masquerade, -> KUBE-SVC-X;
+                           Local: pods and the node itself short-circuit to KUBE-SVC-X, everyone
+                           else -> KUBE-SVL-X (this node's endpoints only, client IP kept)
+           KUBE-SEP-Y:     hairpin masquerade, then DNAT to the endpoint
+           POSTROUTING -> KUBE-POSTROUTING (MASQUERADE what KUBE-MARK-MASQ marked), then the CNI's
+                           own egress NAT (Flannel's FLANNEL-POSTRTG, see egress_masquerade)
+  filter   KUBE-SERVICES / KUBE-EXTERNAL-SERVICES: REJECT for service ports with no endpoints at all,
+           DROP for a Local NodePort on a node without a local endpoint; KUBE-FORWARD, KUBE-FIREWALL.
+
+Two spellings differ from what `iptables-save` prints back, on purpose: they are the values kube-proxy
+itself writes into iptables-restore. `MARK --or-mark 0x4000` and `--xor-mark 0x4000` come back as
+`--set-xmark 0x4000/0x4000` and `--set-xmark 0x4000/0x0`; a probability written as `%0.10f` of 1/n
+(`0.3333333333`) comes back as the kernel's 31-bit fixed-point value printed with 11 decimals
+(`0.33333333349`).
+"""
+from __future__ import annotations
+
+import base64
+import functools
+import hashlib
+import shlex
+from ipaddress import IPv4Network
+
+from services.endpoints import Endpoint, ServicePortEndpoints
+from topo.model import Cluster, Node
+
+MASQ_MARK = "0x4000"  # kube-proxy's default --iptables-masquerade-bit 14
+
+KUBE_SERVICES = "KUBE-SERVICES"
+KUBE_EXTERNAL_SERVICES = "KUBE-EXTERNAL-SERVICES"
+KUBE_NODEPORTS = "KUBE-NODEPORTS"
+KUBE_POSTROUTING = "KUBE-POSTROUTING"
+KUBE_MARK_MASQ = "KUBE-MARK-MASQ"
+KUBE_FORWARD = "KUBE-FORWARD"
+KUBE_PROXY_FIREWALL = "KUBE-PROXY-FIREWALL"
+KUBE_FIREWALL = "KUBE-FIREWALL"  # kubelet's chain; kube-proxy keeps a copy of its localnet rule
+EGRESS_CHAIN = "FLANNEL-POSTRTG"
+
+NAT_BUILTINS = ("PREROUTING", "INPUT", "OUTPUT", "POSTROUTING")
+FILTER_BUILTINS = ("INPUT", "FORWARD", "OUTPUT")
+
+# Targets that are kernel extensions, not chains: a jump to anything else must name a declared chain.
+TARGETS = frozenset({
+    "ACCEPT", "DROP", "RETURN", "REJECT", "QUEUE", "NFQUEUE", "DNAT", "SNAT", "MASQUERADE", "REDIRECT",
+    "MARK", "CONNMARK", "LOG", "NFLOG", "CT", "NOTRACK", "TPROXY", "TRACE", "CLASSIFY", "TCPMSS",
+})
+
+PROBABILITY_DIGITS = 10  # kube-proxy formats 1/n with %0.10f
+
+
+# ------------------------------------------------------------------------------------------ names
+
+
+@functools.lru_cache(maxsize=1 << 17)  # a long-running sync recomputes the same names every time
+def port_proto_hash(service_port_name: str, protocol: str) -> str:
+    """16 characters of base32(sha256(name + protocol)): short enough for iptables' 28-character chain
+    names. `service_port_name` is kube-proxy's ServicePortName string (`ns/name` or `ns/name:port`),
+    `protocol` lower case (`tcp`, `udp`, `sctp`)."""
+    digest = hashlib.sha256((service_port_name + protocol).encode()).digest()
+    return base64.b32encode(digest).decode()[:16]
+
+
+def service_chain(service_port_name: str, protocol: str) -> str:
+    """KUBE-SVC-X: dispatch to all endpoints (Cluster traffic policy)."""
+    return "KUBE-SVC-" + port_proto_hash(service_port_name, protocol)
+
+
+def local_chain(service_port_name: str, protocol: str) -> str:
+    """KUBE-SVL-X: dispatch to this node's endpoints only (Local traffic policy)."""
+    return "KUBE-SVL-" + port_proto_hash(service_port_name, protocol)
+
+
+def external_chain(service_port_name: str, protocol: str) -> str:
+    """KUBE-EXT-X: where NodePort (and external/LB IP) traffic enters before its traffic policy."""
+    return "KUBE-EXT-" + port_proto_hash(service_port_name, protocol)
+
+
+def endpoint_chain(service_port_name: str, protocol: str, endpoint: str) -> str:
+    """KUBE-SEP-Y: one endpoint (`ip:port`) of one service port; the same hash with the endpoint appended."""
+    digest = hashlib.sha256((service_port_name + protocol + endpoint).encode()).digest()
+    return "KUBE-SEP-" + base64.b32encode(digest).decode()[:16]
+
+
+def probability(n: int) -> str:
+    """The --probability of the rule choosing among the n endpoints still left: 1/n, as kube-proxy prints it."""
+    return f"{1.0 / n:0.{PROBABILITY_DIGITS}f}"
+
+
+# ------------------------------------------------------------------------------------ rule text
+
+_SAFE = frozenset("_-0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+
+
+def _quote(text: str) -> str:
+    """A string argument as iptables-save writes it: bare when only [A-Za-z0-9_-], else double-quoted."""
+    if text and all(c in _SAFE for c in text):
+        return text
+    escaped = "".join("\\" + c if c in "\"\\'" else c for c in text)
+    return f'"{escaped}"'
+
+
+def _c(text: str) -> str:
+    return f"-m comment --comment {_quote(text)}"
+
+
+class _Table:
+    """One table of the restore input: its chains (built-ins first) and their rules, in order."""
+
+    def __init__(self, name: str, builtins: tuple[str, ...]) -> None:
+        self.name = name
+        self.builtins = builtins
+        self.rules: dict[str, list[str]] = {chain: [] for chain in builtins}
+
+    def chain(self, *names: str) -> None:
+        for name in names:
+            self.rules.setdefault(name, [])
+
+    def add(self, chain: str, spec: str) -> None:
+        if chain not in self.rules:
+            raise KeyError(f"{self.name}: chain {chain} used before it was declared")
+        self.rules[chain].append(spec)
+
+    def add_line(self, line: str) -> None:
+        """Add a `-A CHAIN spec` line (what egress_masquerade returns)."""
+        flag, chain, spec = line.split(" ", 2)
+        assert flag == "-A", line
+        self.add(chain, spec)
+
+    def lines(self) -> list[str]:
+        # iptables-save's order: built-in chains in hook order, then user chains by name; the rules
+        # chain by chain in that same order.
+        user = sorted(c for c in self.rules if c not in self.builtins)
+        out = [f"*{self.name}"]
+        out += [f":{chain} ACCEPT [0:0]" for chain in self.builtins]
+        out += [f":{chain} - [0:0]" for chain in user]
+        for chain in (*self.builtins, *user):
+            out += [f"-A {chain} {spec}" for spec in self.rules[chain]]
+        out.append("COMMIT")
+        return out
+
+
+# ------------------------------------------------------------------------------------ rendering
+
+
+def egress_masquerade(pod_cidr: IPv4Network, node_pod_cidr: IPv4Network | None = None) -> list[str]:
+    """The CNI's own egress NAT, as Flannel's `MasqRules` installs it (comment "flanneld masq"): the
+    POSTROUTING jump and the rules of FLANNEL-POSTRTG, as `-A` lines (the caller declares the chain).
+
+    Traffic kube-proxy marked is left to KUBE-POSTROUTING; pod to pod (anywhere in the cluster's pod
+    CIDR) is never NATed; pods reaching anything else, except multicast, leave with the node's address.
+    With `node_pod_cidr` (this node's PodCIDR) Flannel's two host rules follow: traffic from outside the
+    pod network to this node's own pods keeps its source (an external client of a Local NodePort keeps
+    its IP), and the node's own traffic to other nodes' pods is masqueraded.
+
+    Service IPs need no exception here: POSTROUTING runs after the DNAT of PREROUTING/OUTPUT, so a pod's
+    connection to a ClusterIP is already addressed to a pod IP and meets the pod-to-pod RETURN.
+    """
+    n = str(pod_cidr)
+    masq = _c("flanneld masq")
+    lines = [
+        f"-A POSTROUTING {masq} -j {EGRESS_CHAIN}",
+        f"-A {EGRESS_CHAIN} -m mark --mark {MASQ_MARK}/{MASQ_MARK} {masq} -j RETURN",
+        f"-A {EGRESS_CHAIN} -s {n} -d {n} {masq} -j RETURN",
+        f"-A {EGRESS_CHAIN} -s {n} ! -d 224.0.0.0/4 {masq} -j MASQUERADE --random-fully",
+    ]
+    if node_pod_cidr is not None:
+        lines += [
+            f"-A {EGRESS_CHAIN} ! -s {n} -d {node_pod_cidr} {masq} -j RETURN",
+            f"-A {EGRESS_CHAIN} ! -s {n} -d {n} {masq} -j MASQUERADE --random-fully",
+        ]
+    return lines
+
+
+def _skeleton(filt: _Table, nat: _Table) -> None:
+    """The chains kube-proxy always creates and the jumps into them. kube-proxy prepends each jump, so
+    in a built-in chain they end up in the reverse of the order it ensures them."""
+    filt.chain(KUBE_EXTERNAL_SERVICES, KUBE_FIREWALL, KUBE_FORWARD, KUBE_NODEPORTS, KUBE_PROXY_FIREWALL,
+               KUBE_SERVICES)
+    new = "-m conntrack --ctstate NEW"
+    lb_firewall = f"{new} {_c('kubernetes load balancer firewall')} -j {KUBE_PROXY_FIREWALL}"
+    external = f"{new} {_c('kubernetes externally-visible service portals')} -j {KUBE_EXTERNAL_SERVICES}"
+    portals = f"{new} {_c('kubernetes service portals')} -j {KUBE_SERVICES}"
+    filt.add("INPUT", lb_firewall)
+    filt.add("INPUT", f"{_c('kubernetes health check service ports')} -j {KUBE_NODEPORTS}")
+    filt.add("INPUT", external)
+    filt.add("INPUT", f"-j {KUBE_FIREWALL}")
+    filt.add("FORWARD", lb_firewall)
+    filt.add("FORWARD", f"{_c('kubernetes forwarding rules')} -j {KUBE_FORWARD}")
+    filt.add("FORWARD", portals)
+    filt.add("FORWARD", external)
+    filt.add("OUTPUT", lb_firewall)
+    filt.add("OUTPUT", portals)
+    filt.add("OUTPUT", f"-j {KUBE_FIREWALL}")
+    # route_localnet makes NodePorts answer on 127.0.0.1 (kube-proxy's default); this rule keeps other
+    # hosts from reaching the node's loopback services through it.
+    filt.add(KUBE_FIREWALL, f"! -s 127.0.0.0/8 -d 127.0.0.0/8 {_c('block incoming localnet connections')} "
+                            "-m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP")
+
+    nat.chain(KUBE_MARK_MASQ, KUBE_NODEPORTS, KUBE_POSTROUTING, KUBE_SERVICES, EGRESS_CHAIN)
+    nat.add("PREROUTING", f"{_c('kubernetes service portals')} -j {KUBE_SERVICES}")
+    nat.add("OUTPUT", f"{_c('kubernetes service portals')} -j {KUBE_SERVICES}")
+    nat.add("POSTROUTING", f"{_c('kubernetes postrouting rules')} -j {KUBE_POSTROUTING}")
+    nat.add(KUBE_POSTROUTING, f"-m mark ! --mark {MASQ_MARK}/{MASQ_MARK} -j RETURN")
+    # Clear the mark so a packet that traverses the stack again is not masqueraded twice.
+    nat.add(KUBE_POSTROUTING, f"-j MARK --xor-mark {MASQ_MARK}")
+    nat.add(KUBE_POSTROUTING, f"{_c('kubernetes service traffic requiring SNAT')} -j MASQUERADE --random-fully")
+    nat.add(KUBE_MARK_MASQ, f"-j MARK --or-mark {MASQ_MARK}")
+
+
+def _forward_rules(filt: _Table) -> None:
+    filt.add(KUBE_FORWARD, "-m conntrack --ctstate INVALID -j DROP")
+    # Forward what kube-proxy marked (NodePort traffic) even where FORWARD's policy is DROP.
+    filt.add(KUBE_FORWARD, f"{_c('kubernetes forwarding rules')} -m mark --mark {MASQ_MARK}/{MASQ_MARK} -j ACCEPT")
+    filt.add(KUBE_FORWARD, f"{_c('kubernetes forwarding conntrack rule')} "
+                           "-m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT")
+
+
+def _to_endpoints(nat: _Table, sp: ServicePortEndpoints, chain: str, endpoints: tuple[Endpoint, ...]) -> None:
+    """A KUBE-SVC or KUBE-SVL chain's jumps: affinity first, then 1/n, 1/(n-1), ... and a last sure one."""
+    name, proto = sp.name, sp.protocol
+    if sp.service.session_affinity == "ClientIP":
+        for e in endpoints:
+            sep = endpoint_chain(name, proto, str(e))
+            nat.add(chain, f"{_c(f'{name} -> {e}')} -m recent --rcheck --seconds {sp.service.affinity_timeout} "
+                           f"--reap --name {sep} --mask 255.255.255.255 --rsource -j {sep}")
+    n = len(endpoints)
+    for i, e in enumerate(endpoints):
+        sep = endpoint_chain(name, proto, str(e))
+        chance = f" -m statistic --mode random --probability {probability(n - i)}" if i < n - 1 else ""
+        nat.add(chain, f"{_c(f'{name} -> {e}')}{chance} -j {sep}")
+
+
+def _service_port(filt: _Table, nat: _Table, node: Node, sp: ServicePortEndpoints, cluster: Cluster) -> None:
+    service, port = sp.service, sp.port
+    name, p = sp.name, sp.protocol
+    vip = f"{service.cluster_ip}/32"
+    node_port = port.node_port if service.type != "ClusterIP" else None
+    local_policy = node_port is not None and service.external_traffic_policy == "Local"
+    endpoints = sp.endpoints
+    local = sp.local(node.name)
+    svc, svl, ext = service_chain(name, p), local_chain(name, p), external_chain(name, p)
+
+    if not endpoints:
+        # No endpoints anywhere: no nat chains at all, and a filter REJECT so clients fail fast
+        # ("connection refused") instead of waiting for a timeout.
+        refused = _c(f"{name} has no endpoints")
+        filt.add(KUBE_SERVICES, f"-d {vip} -p {p} {refused} -m {p} --dport {port.port} "
+                                "-j REJECT --reject-with icmp-port-unreachable")
+        if node_port is not None:
+            filt.add(KUBE_EXTERNAL_SERVICES, f"-p {p} {refused} -m addrtype --dst-type LOCAL -m {p} "
+                                             f"--dport {node_port} -j REJECT --reject-with icmp-port-unreachable")
+        return
+
+    nat.add(KUBE_SERVICES, f"-d {vip} -p {p} {_c(f'{name} cluster IP')} -m {p} --dport {port.port} -j {svc}")
+    if node_port is not None:
+        nat.add(KUBE_NODEPORTS, f"-p {p} {_c(name)} -m {p} --dport {node_port} -j {ext}")
+        if local_policy and not local:
+            # Traffic that the EXT chain did not short-circuit finds no DNAT and is dropped here.
+            filt.add(KUBE_EXTERNAL_SERVICES, f"-p {p} {_c(f'{name} has no local endpoints')} "
+                                             f"-m addrtype --dst-type LOCAL -m {p} --dport {node_port} -j DROP")
+
+    nat.chain(svc)
+    # Masquerade a ClusterIP connection from outside the pod network (the node itself, or a host routed
+    # to the service range), since its endpoint may be on another node.
+    nat.add(svc, f"! -s {cluster.pod_cidr} -d {vip} -p {p} {_c(f'{name} cluster IP')} -m {p} "
+                 f"--dport {port.port} -j {KUBE_MARK_MASQ}")
+
+    if node_port is not None:
+        nat.chain(ext)
+        if not local_policy:
+            nat.add(ext, f"{_c(f'masquerade traffic for {name} external destinations')} -j {KUBE_MARK_MASQ}")
+            nat.add(ext, f"-j {svc}")
+        else:
+            # Pods and the node itself are not "external": they use the whole service, as if they had
+            # gone out to a load balancer and come back in.
+            nat.add(ext, f"-s {cluster.pod_cidr} {_c(f'pod traffic for {name} external destinations')} -j {svc}")
+            nat.add(ext, f"{_c(f'masquerade LOCAL traffic for {name} external destinations')} "
+                         f"-m addrtype --src-type LOCAL -j {KUBE_MARK_MASQ}")
+            nat.add(ext, f"{_c(f'route LOCAL traffic for {name} external destinations')} "
+                         f"-m addrtype --src-type LOCAL -j {svc}")
+            if local:
+                nat.add(ext, f"-j {svl}")
+
+    _to_endpoints(nat, sp, svc, endpoints)
+    if local_policy and local:
+        nat.chain(svl)
+        _to_endpoints(nat, sp, svl, local)
+
+    for e in endpoints:
+        sep = endpoint_chain(name, p, str(e))
+        nat.chain(sep)
+        # Hairpin: a pod reaching itself through its service must see another source address, or its
+        # reply would skip the reverse NAT.
+        nat.add(sep, f"-s {e.ip}/32 {_c(name)} -j {KUBE_MARK_MASQ}")
+        sticky = ""
+        if service.session_affinity == "ClientIP":
+            sticky = f" -m recent --set --name {sep} --mask 255.255.255.255 --rsource"
+        nat.add(sep, f"-p {p} {_c(name)}{sticky} -m {p} -j DNAT --to-destination {e}")
+
+
+def render(node: Node, sps: list[ServicePortEndpoints], cluster: Cluster) -> str:
+    """The complete iptables-restore input (filter and nat) programming `node` as kube-proxy would.
+
+    Service ports come in the order given (that is the order of their rules in KUBE-SERVICES and
+    KUBE-NODEPORTS), endpoints likewise; headless services (no ClusterIP) are skipped.
+    """
+    filt = _Table("filter", FILTER_BUILTINS)
+    nat = _Table("nat", NAT_BUILTINS)
+    _skeleton(filt, nat)
+    for sp in sps:
+        if sp.service.cluster_ip is not None:
+            _service_port(filt, nat, node, sp, cluster)
+    nat.add(KUBE_SERVICES, f"{_c('kubernetes service nodeports; NOTE: this must be the last rule in this chain')} "
+                           f"-m addrtype --dst-type LOCAL -j {KUBE_NODEPORTS}")
+    _forward_rules(filt)
+    for line in egress_masquerade(cluster.pod_cidr, node.pod_cidr):
+        nat.add_line(line)
+    header = f"# kubenet-lab: kube-proxy (iptables mode) and flannel egress NAT for node {node.name}"
+    return "\n".join([header, *filt.lines(), *nat.lines()]) + "\n"
+
+
+# --------------------------------------------------------------------------------- reading back
+
+
+def tables(text: str) -> dict[str, dict[str, list[str]]]:
+    """Parse restore/save text: table -> chain -> its rules (what follows `-A CHAIN `), declared chains
+    included even when empty. Counters, comments and COMMIT lines are dropped."""
+    out: dict[str, dict[str, list[str]]] = {}
+    current: dict[str, list[str]] | None = None
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#") or line == "COMMIT":
+            continue
+        if line.startswith("*"):
+            current = out.setdefault(line[1:], {})
+        elif current is None:
+            raise ValueError(f"line outside any table: {line}")
+        elif line.startswith(":"):
+            current.setdefault(line[1:].split()[0], [])
+        elif line.startswith("-A "):
+            _, chain, *rest = line.split(" ", 2)
+            current.setdefault(chain, []).append(rest[0] if rest else "")
+        else:
+            raise ValueError(f"not a chain or -A line: {line}")
+    return out
+
+
+def chains(text: str, table: str = "nat") -> dict[str, list[str]]:
+    """One table's chains and rules (see tables())."""
+    return tables(text).get(table, {})
+
+
+def _jump(spec: str) -> str | None:
+    words = shlex.split(spec)
+    for flag in ("-j", "--jump", "-g", "--goto"):
+        if flag in words:
+            i = words.index(flag)
+            return words[i + 1] if i + 1 < len(words) else ""
+    return None
+
+
+def check_jumps(text: str) -> list[str]:
+    """Problems that would make iptables-restore refuse the text or leave a dead end: a rule appended to
+    a chain its table does not declare, a jump to a chain its table does not declare, a table without
+    COMMIT. Empty when all is well."""
+    problems: list[str] = []
+    table: str | None = None
+    declared: set[str] = set()
+    builtins = {"nat": set(NAT_BUILTINS), "filter": set(FILTER_BUILTINS),
+                "mangle": {"PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"},
+                "raw": {"PREROUTING", "OUTPUT"}}
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("*"):
+            if table is not None:
+                problems.append(f"line {number}: table {table} has no COMMIT before *{line[1:]}")
+            table, declared = line[1:], set()
+            continue
+        if table is None:
+            problems.append(f"line {number}: outside any table: {line}")
+            continue
+        if line == "COMMIT":
+            table = None
+            continue
+        if line.startswith(":"):
+            name = line[1:].split()[0]
+            if name in declared:
+                problems.append(f"line {number}: {table}: chain {name} declared twice")
+            declared.add(name)
+            continue
+        if line.startswith("-A "):
+            _, chain, *rest = line.split(" ", 2)
+            if chain not in declared and chain not in builtins.get(table, set()):
+                problems.append(f"line {number}: {table}: rule in undeclared chain {chain}")
+            target = _jump(rest[0] if rest else "")
+            if target is not None and target not in TARGETS and target not in declared:
+                kind = "built-in chain" if target in builtins.get(table, set()) else "undeclared chain"
+                problems.append(f"line {number}: {table}: {chain} jumps to {kind} {target}")
+            continue
+        problems.append(f"line {number}: {table}: not a chain or -A line: {line}")
+    if table is not None:
+        problems.append(f"table {table} has no COMMIT")
+    return problems

@@ -1,0 +1,417 @@
+"""Tests of services/kube_proxy_iptables.py: the iptables-restore text kube-proxy's iptables mode would load.
+
+Golden files live in golden/iptables/NAME.rules, one per hand-built case; to rewrite them after a
+deliberate change run with KUBENET_UPDATE_GOLDEN=1 and read every diff before committing. Chain names are
+checked against values that appear in kube-proxy's own tests (pkg/proxy/iptables/proxier_test.go) and on
+every real cluster (kube-dns, the kubernetes API service). The tests at the end need root and
+iptables-legacy: they load each golden into a throwaway network namespace (`unshare -n`), once with
+`--test` (parse only) and once for real, reading it back with iptables-save.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+import subprocess
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+
+import pytest
+
+from services import kube_proxy_iptables as kp
+from services.endpoints import Endpoint, ServicePortEndpoints
+from tests.conftest import require_root, require_tool
+from topo.model import Cluster, Node, Service, ServicePort
+
+GOLDEN = Path(__file__).resolve().parent / "golden" / "iptables"
+
+CLUSTER = Cluster()  # pods 10.244.0.0/16, services 10.96.0.0/12
+NODE1 = Node("node1", IPv4Address("192.168.1.10"), IPv4Network("10.244.1.0/24"), 0)
+NODE2 = Node("node2", IPv4Address("192.168.1.11"), IPv4Network("10.244.2.0/24"), 1)
+
+
+def ep(ip: str, port: int, node: str, pod: str) -> Endpoint:
+    return Endpoint(IPv4Address(ip), port, node, f"default/{pod}")
+
+
+def svc(name: str, ip: str, *ports: ServicePort, namespace: str = "default", **kw) -> Service:
+    return Service(name, namespace, IPv4Address(ip), tuple(ports), selector=(("app", name),), **kw)
+
+
+def sp(service: Service, index: int, *endpoints: Endpoint) -> ServicePortEndpoints:
+    return ServicePortEndpoints(service, service.ports[index], tuple(endpoints))
+
+
+WEB = svc("web", "10.96.0.20", ServicePort("", 80, 8080))
+WEB_EPS = (ep("10.244.1.2", 8080, "node1", "web-1"), ep("10.244.2.2", 8080, "node2", "web-2"))
+
+APP = svc("app", "10.96.0.30", ServicePort("http", 80, "http"), ServicePort("metrics", 9090, "metrics"))
+
+STICKY = svc("sticky", "10.96.0.40", ServicePort("", 80, 8080), session_affinity="ClientIP")
+
+NP_CLUSTER = svc("np", "10.96.0.50", ServicePort("", 80, 8080, node_port=30080), type="NodePort")
+NP_LOCAL = svc("np-local", "10.96.0.60", ServicePort("", 80, 8080, node_port=30081), type="NodePort",
+               external_traffic_policy="Local")
+
+DNS = svc("kube-dns", "10.96.0.10", ServicePort("dns", 53, 53, "UDP"), ServicePort("dns-tcp", 53, 53, "TCP"),
+          namespace="kube-system")
+DNS_EPS = (Endpoint(IPv4Address("10.244.1.5"), 53, "node1", "kube-system/coredns-1"),
+           Endpoint(IPv4Address("10.244.2.5"), 53, "node2", "kube-system/coredns-2"))
+
+
+def _cases() -> dict[str, tuple[Node, list[ServicePortEndpoints]]]:
+    empty = svc("empty", "10.96.0.21", ServicePort("", 80, 8080))
+    empty_np = svc("empty-np", "10.96.0.22", ServicePort("", 80, 8080, node_port=30022), type="NodePort")
+    return {
+        "clusterip-two-endpoints": (NODE1, [sp(WEB, 0, *WEB_EPS)]),
+        "no-endpoints": (NODE1, [sp(empty, 0), sp(empty_np, 0)]),
+        "multiport-named": (NODE1, [
+            sp(APP, 0, ep("10.244.1.3", 8080, "node1", "app-1"), ep("10.244.2.3", 8080, "node2", "app-2")),
+            sp(APP, 1, ep("10.244.1.3", 9100, "node1", "app-1"), ep("10.244.2.3", 9100, "node2", "app-2")),
+        ]),
+        "affinity-clientip": (NODE1, [sp(STICKY, 0, *WEB_EPS)]),
+        "nodeport-cluster": (NODE1, [sp(NP_CLUSTER, 0, *WEB_EPS)]),
+        "nodeport-local-with-local-endpoint": (NODE1, [sp(NP_LOCAL, 0, *WEB_EPS)]),
+        "nodeport-local-without-local-endpoint": (NODE2, [sp(NP_LOCAL, 0, WEB_EPS[0])]),
+        "udp": (NODE1, [sp(DNS, 0, *DNS_EPS), sp(DNS, 1, *DNS_EPS)]),
+    }
+
+
+CASES = _cases()
+
+
+def _render(case: str) -> str:
+    node, sps = CASES[case]
+    return kp.render(node, sps, CLUSTER)
+
+
+# ------------------------------------------------------------------------------------ golden files
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_golden(case: str) -> None:
+    text = _render(case)
+    path = GOLDEN / f"{case}.rules"
+    if os.environ.get("KUBENET_UPDATE_GOLDEN") == "1":
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    assert path.exists(), f"no golden file {path.name}: run with KUBENET_UPDATE_GOLDEN=1 and read it"
+    assert text == path.read_text()
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_every_jump_lands_on_a_declared_chain(case: str) -> None:
+    assert kp.check_jumps(_render(case)) == []
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_output_is_deterministic_and_well_formed(case: str) -> None:
+    text = _render(case)
+    assert text == _render(case)
+    assert text.endswith("COMMIT\n")
+    assert [line for line in text.splitlines() if line.startswith("*")] == ["*filter", "*nat"]
+    assert text.count("COMMIT\n") == 2
+    for table in kp.tables(text).values():
+        for chain in table:
+            assert len(chain) <= 28, chain  # iptables' limit on chain names
+
+
+# ------------------------------------------------------------------------------------ chain names
+
+
+def test_chain_names_match_kube_proxys_own_tests() -> None:
+    # From pkg/proxy/iptables/proxier_test.go (TestOverallIPTablesRules and friends).
+    assert kp.service_chain("ns1/svc1:p80", "tcp") == "KUBE-SVC-XPGD46QRK7WJZT7O"
+    assert kp.endpoint_chain("ns1/svc1:p80", "tcp", "10.180.0.1:80") == "KUBE-SEP-SXIVWICOYRO3J4NJ"
+    assert kp.service_chain("ns2/svc2:p80", "tcp") == "KUBE-SVC-GNZBNJ2PO5MGZ6GT"
+    assert kp.external_chain("ns2/svc2:p80", "tcp") == "KUBE-EXT-GNZBNJ2PO5MGZ6GT"
+    assert kp.local_chain("ns2/svc2:p80", "tcp") == "KUBE-SVL-GNZBNJ2PO5MGZ6GT"
+    assert kp.endpoint_chain("ns2/svc2:p80", "tcp", "10.180.0.2:80") == "KUBE-SEP-RS4RBKLTHTF2IUXJ"
+    assert kp.service_chain("ns4/svc4:p80", "tcp") == "KUBE-SVC-4SW47YFZTEDKD3PK"
+    assert kp.endpoint_chain("ns4/svc4:p80", "tcp", "10.180.0.4:80") == "KUBE-SEP-UKSFD7AGPMPPLUHC"
+    assert kp.endpoint_chain("ns4/svc4:p80", "tcp", "10.180.0.5:80") == "KUBE-SEP-C6EBXVWJJZMIWKLZ"
+
+
+def test_chain_names_every_real_cluster_shows() -> None:
+    assert kp.service_chain("default/kubernetes:https", "tcp") == "KUBE-SVC-NPX46M4PTMTKRN6Y"
+    assert kp.service_chain("kube-system/kube-dns:dns", "udp") == "KUBE-SVC-TCOU7JCQXEZGVUNU"
+    assert kp.service_chain("kube-system/kube-dns:dns-tcp", "tcp") == "KUBE-SVC-ERIFXISQEP7F7OF4"
+    assert kp.service_chain("kube-system/kube-dns:metrics", "tcp") == "KUBE-SVC-JD5MR3NA4I4DYORP"
+
+
+def test_the_udp_golden_uses_kube_dns_chain_names() -> None:
+    nat = kp.chains(_render("udp"))
+    assert "KUBE-SVC-TCOU7JCQXEZGVUNU" in nat and "KUBE-SVC-ERIFXISQEP7F7OF4" in nat
+
+
+def test_protocol_is_part_of_the_hash() -> None:
+    assert kp.service_chain("ns/a:p", "tcp") != kp.service_chain("ns/a:p", "udp")
+
+
+# --------------------------------------------------------------- the layout, rule by rule
+
+
+def test_kube_proxys_reference_service_in_iptables_save_form() -> None:
+    """kube-proxy's ns1/svc1:p80 fixture (cluster CIDR 10.0.0.0/8), as iptables-save prints it."""
+    service = Service("svc1", "ns1", IPv4Address("172.30.0.41"), (ServicePort("p80", 80, 80),))
+    endpoint = Endpoint(IPv4Address("10.180.0.1"), 80, "test-node", "ns1/pod1")
+    node = Node("test-node", IPv4Address("192.168.0.2"), IPv4Network("10.180.0.0/24"), 0)
+    text = kp.render(node, [ServicePortEndpoints(service, service.ports[0], (endpoint,))],
+                     Cluster(pod_cidr=IPv4Network("10.0.0.0/8")))
+    nat = kp.chains(text)
+    assert nat["KUBE-SERVICES"] == [
+        '-d 172.30.0.41/32 -p tcp -m comment --comment "ns1/svc1:p80 cluster IP" -m tcp --dport 80 '
+        "-j KUBE-SVC-XPGD46QRK7WJZT7O",
+        '-m comment --comment "kubernetes service nodeports; NOTE: this must be the last rule in this chain" '
+        "-m addrtype --dst-type LOCAL -j KUBE-NODEPORTS",
+    ]
+    assert nat["KUBE-SVC-XPGD46QRK7WJZT7O"] == [
+        '! -s 10.0.0.0/8 -d 172.30.0.41/32 -p tcp -m comment --comment "ns1/svc1:p80 cluster IP" -m tcp '
+        "--dport 80 -j KUBE-MARK-MASQ",
+        '-m comment --comment "ns1/svc1:p80 -> 10.180.0.1:80" -j KUBE-SEP-SXIVWICOYRO3J4NJ',
+    ]
+    assert nat["KUBE-SEP-SXIVWICOYRO3J4NJ"] == [
+        '-s 10.180.0.1/32 -m comment --comment "ns1/svc1:p80" -j KUBE-MARK-MASQ',
+        '-p tcp -m comment --comment "ns1/svc1:p80" -m tcp -j DNAT --to-destination 10.180.0.1:80',
+    ]
+    assert nat["KUBE-POSTROUTING"] == [
+        "-m mark ! --mark 0x4000/0x4000 -j RETURN",
+        "-j MARK --xor-mark 0x4000",
+        '-m comment --comment "kubernetes service traffic requiring SNAT" -j MASQUERADE --random-fully',
+    ]
+    assert nat["KUBE-MARK-MASQ"] == ["-j MARK --or-mark 0x4000"]
+    assert nat["PREROUTING"] == nat["OUTPUT"] == [
+        '-m comment --comment "kubernetes service portals" -j KUBE-SERVICES']
+    assert nat["POSTROUTING"][0] == '-m comment --comment "kubernetes postrouting rules" -j KUBE-POSTROUTING'
+
+
+def _probabilities(rules: list[str]) -> list[str | None]:
+    found = [re.search(r"--probability (\S+)", r) for r in rules]
+    return [m.group(1) if m else None for m in found]
+
+
+def test_probabilities_are_one_over_the_endpoints_left() -> None:
+    three = WEB_EPS + (ep("10.244.2.3", 8080, "node2", "web-3"),)
+    nat = kp.chains(kp.render(NODE1, [sp(WEB, 0, *three)], CLUSTER))
+    rules = nat[kp.service_chain("default/web", "tcp")][1:]  # after the masquerade rule
+    assert _probabilities(rules) == ["0.3333333333", "0.5000000000", None]
+    assert [r.split("-j ")[-1] for r in rules] == [kp.endpoint_chain("default/web", "tcp", str(e)) for e in three]
+    assert kp.probability(7) == "0.1428571429"
+
+
+def test_named_ports_make_one_chain_set_each() -> None:
+    nat = kp.chains(_render("multiport-named"))
+    http, metrics = kp.service_chain("default/app:http", "tcp"), kp.service_chain("default/app:metrics", "tcp")
+    assert http != metrics and http in nat and metrics in nat
+    assert nat[kp.endpoint_chain("default/app:metrics", "tcp", "10.244.1.3:9100")][-1].endswith(
+        "--to-destination 10.244.1.3:9100")
+    assert [r.split("-j ")[-1] for r in nat["KUBE-SERVICES"][:2]] == [http, metrics]
+    assert '"default/app:metrics cluster IP"' in nat["KUBE-SERVICES"][1]
+
+
+def test_no_endpoints_rejects_in_filter_and_leaves_no_nat_chains() -> None:
+    text = _render("no-endpoints")
+    nat, filt = kp.chains(text, "nat"), kp.chains(text, "filter")
+    assert not [c for c in nat if c.startswith(("KUBE-SVC-", "KUBE-SEP-", "KUBE-EXT-", "KUBE-SVL-"))]
+    assert nat["KUBE-SERVICES"] == [nat["KUBE-SERVICES"][-1]]  # only the nodeports rule
+    assert nat["KUBE-NODEPORTS"] == []
+    assert filt["KUBE-SERVICES"] == [
+        '-d 10.96.0.21/32 -p tcp -m comment --comment "default/empty has no endpoints" -m tcp --dport 80 '
+        "-j REJECT --reject-with icmp-port-unreachable",
+        '-d 10.96.0.22/32 -p tcp -m comment --comment "default/empty-np has no endpoints" -m tcp --dport 80 '
+        "-j REJECT --reject-with icmp-port-unreachable",
+    ]
+    assert filt["KUBE-EXTERNAL-SERVICES"] == [
+        '-p tcp -m comment --comment "default/empty-np has no endpoints" -m addrtype --dst-type LOCAL '
+        "-m tcp --dport 30022 -j REJECT --reject-with icmp-port-unreachable"]
+
+
+def test_client_ip_affinity_checks_before_choosing_and_records_on_dnat() -> None:
+    nat = kp.chains(_render("affinity-clientip"))
+    chain = kp.service_chain("default/sticky", "tcp")
+    seps = [kp.endpoint_chain("default/sticky", "tcp", str(e)) for e in WEB_EPS]
+    rules = nat[chain]
+    assert "KUBE-MARK-MASQ" in rules[0]
+    for rule, sep, e in zip(rules[1:3], seps, WEB_EPS):
+        assert rule == (f'-m comment --comment "default/sticky -> {e}" -m recent --rcheck --seconds 10800 --reap '
+                        f"--name {sep} --mask 255.255.255.255 --rsource -j {sep}")
+    assert _probabilities(rules[3:]) == ["0.5000000000", None]
+    assert nat[seps[0]][1] == ('-p tcp -m comment --comment "default/sticky" -m recent --set --name '
+                               f"{seps[0]} --mask 255.255.255.255 --rsource -m tcp -j DNAT "
+                               "--to-destination 10.244.1.2:8080")
+
+
+def test_nodeport_cluster_policy_masquerades_then_uses_every_endpoint() -> None:
+    nat = kp.chains(_render("nodeport-cluster"))
+    svc_chain, ext = kp.service_chain("default/np", "tcp"), kp.external_chain("default/np", "tcp")
+    assert nat["KUBE-NODEPORTS"] == [f'-p tcp -m comment --comment "default/np" -m tcp --dport 30080 -j {ext}']
+    assert nat[ext] == ['-m comment --comment "masquerade traffic for default/np external destinations" '
+                        "-j KUBE-MARK-MASQ", f"-j {svc_chain}"]
+    assert len(nat[svc_chain]) == 3
+    assert kp.local_chain("default/np", "tcp") not in nat
+
+
+def test_nodeport_local_policy_keeps_client_ip_and_uses_local_endpoints_only() -> None:
+    text = _render("nodeport-local-with-local-endpoint")
+    nat = kp.chains(text)
+    name = "default/np-local"
+    svc_chain, svl, ext = (kp.service_chain(name, "tcp"), kp.local_chain(name, "tcp"),
+                           kp.external_chain(name, "tcp"))
+    assert nat[ext] == [
+        f'-s 10.244.0.0/16 -m comment --comment "pod traffic for {name} external destinations" -j {svc_chain}',
+        f'-m comment --comment "masquerade LOCAL traffic for {name} external destinations" '
+        "-m addrtype --src-type LOCAL -j KUBE-MARK-MASQ",
+        f'-m comment --comment "route LOCAL traffic for {name} external destinations" '
+        f"-m addrtype --src-type LOCAL -j {svc_chain}",
+        f"-j {svl}",
+    ]
+    local_sep = kp.endpoint_chain(name, "tcp", "10.244.1.2:8080")
+    assert nat[svl] == [f'-m comment --comment "{name} -> 10.244.1.2:8080" -j {local_sep}']
+    assert not any("KUBE-MARK-MASQ" in rule for rule in nat[svl])
+    # The ClusterIP still balances over every endpoint, so both endpoint chains exist.
+    assert len([c for c in nat if c.startswith("KUBE-SEP-")]) == 2
+    assert kp.chains(text, "filter")["KUBE-EXTERNAL-SERVICES"] == []
+
+
+def test_nodeport_local_policy_without_local_endpoint_drops_outsiders() -> None:
+    text = _render("nodeport-local-without-local-endpoint")
+    nat, filt = kp.chains(text), kp.chains(text, "filter")
+    name = "default/np-local"
+    ext = kp.external_chain(name, "tcp")
+    assert kp.local_chain(name, "tcp") not in nat
+    assert len(nat[ext]) == 3 and not any("KUBE-SVL-" in rule for rule in nat[ext])
+    assert nat["KUBE-NODEPORTS"] == [f'-p tcp -m comment --comment "{name}" -m tcp --dport 30081 -j {ext}']
+    assert filt["KUBE-EXTERNAL-SERVICES"] == [
+        f'-p tcp -m comment --comment "{name} has no local endpoints" -m addrtype --dst-type LOCAL '
+        "-m tcp --dport 30081 -j DROP"]
+
+
+def test_udp_and_sctp_use_their_own_match() -> None:
+    nat = kp.chains(_render("udp"))
+    assert nat["KUBE-SERVICES"][0].startswith("-d 10.96.0.10/32 -p udp ")
+    assert "-m udp --dport 53" in nat["KUBE-SERVICES"][0]
+    assert "-m tcp --dport 53" in nat["KUBE-SERVICES"][1]
+    sctp = svc("s", "10.96.0.70", ServicePort("", 9999, 9999, "SCTP"))
+    nat = kp.chains(kp.render(NODE1, [sp(sctp, 0, WEB_EPS[0])], CLUSTER))
+    sep = kp.endpoint_chain("default/s", "sctp", "10.244.1.2:8080")
+    assert nat[sep][1] == '-p sctp -m comment --comment "default/s" -m sctp -j DNAT --to-destination 10.244.1.2:8080'
+
+
+def test_headless_services_are_skipped() -> None:
+    headless = Service("h", "default", None, (ServicePort("", 80, 80),))
+    assert kp.render(NODE1, [sp(headless, 0, WEB_EPS[0])], CLUSTER) == kp.render(NODE1, [], CLUSTER)
+
+
+def test_services_keep_the_order_given() -> None:
+    order = [sp(WEB, 0, *WEB_EPS), sp(STICKY, 0, *WEB_EPS)]
+    first = kp.chains(kp.render(NODE1, order, CLUSTER))["KUBE-SERVICES"]
+    second = kp.chains(kp.render(NODE1, order[::-1], CLUSTER))["KUBE-SERVICES"]
+    assert first[:2] == second[:2][::-1]
+
+
+# --------------------------------------------------------------------------------- egress NAT
+
+
+def test_egress_masquerade_follows_flannel() -> None:
+    pods, mine = IPv4Network("10.244.0.0/16"), IPv4Network("10.244.1.0/24")
+    masq = '-m comment --comment "flanneld masq"'
+    assert kp.egress_masquerade(pods, mine) == [
+        f"-A POSTROUTING {masq} -j FLANNEL-POSTRTG",
+        f"-A FLANNEL-POSTRTG -m mark --mark 0x4000/0x4000 {masq} -j RETURN",
+        f"-A FLANNEL-POSTRTG -s 10.244.0.0/16 -d 10.244.0.0/16 {masq} -j RETURN",
+        f"-A FLANNEL-POSTRTG -s 10.244.0.0/16 ! -d 224.0.0.0/4 {masq} -j MASQUERADE --random-fully",
+        f"-A FLANNEL-POSTRTG ! -s 10.244.0.0/16 -d 10.244.1.0/24 {masq} -j RETURN",
+        f"-A FLANNEL-POSTRTG ! -s 10.244.0.0/16 -d 10.244.0.0/16 {masq} -j MASQUERADE --random-fully",
+    ]
+    assert kp.egress_masquerade(pods) == kp.egress_masquerade(pods, mine)[:4]
+
+
+def test_render_runs_kube_postrouting_before_the_cni_egress_chain() -> None:
+    nat = kp.chains(_render("clusterip-two-endpoints"))
+    assert [rule.split("-j ")[-1] for rule in nat["POSTROUTING"]] == ["KUBE-POSTROUTING", "FLANNEL-POSTRTG"]
+    assert nat["FLANNEL-POSTRTG"] == [line.split(" ", 2)[2] for line in
+                                      kp.egress_masquerade(CLUSTER.pod_cidr, NODE1.pod_cidr)[1:]]
+    # Nothing in the egress chain mentions the service CIDR: it runs after DNAT.
+    assert not any("10.96." in rule for rule in nat["FLANNEL-POSTRTG"])
+
+
+# ------------------------------------------------------------------------------ the parse helpers
+
+
+def test_check_jumps_finds_what_iptables_restore_would_refuse() -> None:
+    bad = "\n".join([
+        "*nat",
+        ":PREROUTING ACCEPT [0:0]",
+        ":KUBE-SERVICES - [0:0]",
+        ":KUBE-SERVICES - [0:0]",
+        "-A PREROUTING -j KUBE-SERVICES",
+        '-A KUBE-SERVICES -m comment --comment "a -j b" -j KUBE-SVC-NOPE',
+        "-A KUBE-SVC-NOPE -j DNAT --to-destination 10.0.0.1:80",
+        "-A KUBE-SERVICES -j OUTPUT",
+        "COMMIT",
+        "*filter",
+        "-A INPUT -j ACCEPT",
+    ])
+    problems = kp.check_jumps(bad)
+    assert problems == [
+        "line 4: nat: chain KUBE-SERVICES declared twice",
+        "line 6: nat: KUBE-SERVICES jumps to undeclared chain KUBE-SVC-NOPE",
+        "line 7: nat: rule in undeclared chain KUBE-SVC-NOPE",
+        "line 8: nat: KUBE-SERVICES jumps to built-in chain OUTPUT",
+        "table filter has no COMMIT",
+    ]
+
+
+def test_tables_reads_iptables_save_output() -> None:
+    saved = "\n".join([
+        "# Generated by iptables-save v1.8.9",
+        "*nat",
+        ":PREROUTING ACCEPT [12:720]",
+        ":KUBE-SVC-X - [0:0]",
+        "-A PREROUTING -j KUBE-SVC-X",
+        "COMMIT",
+        "# Completed",
+    ])
+    assert kp.tables(saved) == {"nat": {"PREROUTING": ["-j KUBE-SVC-X"], "KUBE-SVC-X": []}}
+
+
+# ------------------------------------------------------- loading into a throwaway namespace (root)
+
+
+def _in_scratch_netns(script: str, text: str) -> subprocess.CompletedProcess[str]:
+    require_root()
+    require_tool("iptables-legacy-restore")
+    require_tool("unshare")
+    return subprocess.run(["unshare", "-n", "sh", "-c", script], input=text, capture_output=True, text=True,
+                          timeout=30)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_iptables_legacy_restore_parses_the_golden(case: str) -> None:
+    proc = _in_scratch_netns("iptables-legacy-restore -w 5 --test", (GOLDEN / f"{case}.rules").read_text())
+    assert proc.returncode == 0, proc.stderr
+
+
+def _as_saved(spec: str) -> str:
+    """A rule as iptables-save prints it back: MARK shorthands and the probability in kernel fixed point."""
+    spec = re.sub(r"--or-mark (\S+)", r"--set-xmark \1/\1", spec)
+    spec = re.sub(r"--xor-mark (\S+)", r"--set-xmark \1/0x0", spec)
+
+    def fixed(m: re.Match[str]) -> str:  # xt_statistic keeps lround(p * 2^31), printed with %.11f
+        return f"--probability {math.floor(float(m.group(1)) * 0x80000000 + 0.5) / 0x80000000:.11f}"
+
+    return re.sub(r"--probability (\S+)", fixed, spec)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_the_kernel_holds_exactly_the_rendered_rules(case: str) -> None:
+    """Load for real and read back: iptables-save shows the same chains and rules, in the same order."""
+    text = (GOLDEN / f"{case}.rules").read_text()
+    proc = _in_scratch_netns("iptables-legacy-restore -w 5 && iptables-legacy-save", text)
+    assert proc.returncode == 0, proc.stderr
+    expected = {table: {chain: [_as_saved(rule) for rule in rules] for chain, rules in content.items()}
+                for table, content in kp.tables(text).items()}
+    saved = kp.tables(proc.stdout)
+    assert {t: saved[t] for t in expected} == expected
+    # Chains in the order iptables-save lists them, too.
+    assert [list(saved[t]) for t in expected] == [list(c) for c in expected.values()]
