@@ -26,7 +26,7 @@ fi
 packages=(
   mininet bridge-utils net-tools iproute2 iputils-ping procps psmisc coreutils util-linux
   python3 python3-venv python3-pip
-  iptables nftables conntrack ipset ipvsadm tcpdump iperf3 curl frr ethtool
+  iptables nftables conntrack ipset ipvsadm tcpdump iperf3 curl frr ethtool dnsmasq-base nginx-light bind9-dnsutils
 )
 [ "$with_tests" = 1 ] && packages+=(vagrant)
 missing=()
@@ -36,12 +36,21 @@ done
 if [ "${#missing[@]}" -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -q
+  # The lab runs FRR, nginx and dnsmasq inside its own namespaces; their packaged services must not
+  # start in the machine's own namespace on install (policy-rc.d refuses every service start).
+  policy=/usr/sbin/policy-rc.d
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\nexit 101\n' > "$policy" && chmod +x "$policy"
+    trap 'rm -f "$policy"' EXIT
+  fi
   # No recommends: Mininet recommends Open vSwitch, which this project does not use (LinuxBridge).
   apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
-# FRR's packaged daemons are not used: each lab node runs its own zebra/bgpd in its namespace.
-if command -v systemctl >/dev/null 2>&1 && systemctl is-enabled frr >/dev/null 2>&1; then
-  systemctl disable --now frr >/dev/null 2>&1 || true
+# The packaged services are not used: each lab node runs its own zebra/bgpd, nginx, dnsmasq.
+if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
+  for unit in frr nginx; do
+    systemctl disable --now "$unit" >/dev/null 2>&1 || true
+  done
 fi
 
 python=/usr/bin/python3

@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from cni.plugin import BridgePlugin, memory_session
-from lab import runtime, state
+from lab import addons, runtime, state
 from lab.plan import HOST_SYSCTLS, SWITCH_SYSCTLS, NodeOps, Plan, PodOps
 from routing import bgp, frr, vxlan
-from services import kube_proxy
+from services import dns, kube_proxy
 from services.endpoints import RunningPod
 from topo.model import NODE_IFNAME, Lab
 from topo import names, netns, process, underlay
@@ -78,13 +78,16 @@ def setup_node(node: NodeOps, handles: NodeHandles) -> BridgePlugin:
     return plugin
 
 
-def add_pod(op: PodOps, plugin: BridgePlugin, pause: str, logs: Path) -> state.PodState:
+def add_pod(lab: Lab, op: PodOps, plugin: BridgePlugin, pause: str, logs: Path) -> state.PodState:
+    files = state.pod_dir(lab.name, op.pod)
+    runtime.write_pod_files(files, addons.pod_resolv_conf(lab, op.pod), addons.pod_hosts(op.pod, None))
     netns.create(op.netns)
-    pause_pid = runtime.start_sandbox(op.netns, op.pod.name, pause)
+    pause_pid = runtime.start_sandbox(op.netns, op.pod.name, pause, files)
     result = plugin.add(op.args)
     got = result["ips"][0]["address"]
     if got != str(op.address):
         raise ApplyError(f"pod {op.pod.key}: CNI gave {got}, the plan said {op.address}")
+    runtime.write_pod_files(files, addons.pod_resolv_conf(lab, op.pod), addons.pod_hosts(op.pod, op.address.ip))
     containers = runtime.start_pod_containers(op.pod, op.netns, pause_pid, logs)
     return state.pod_state(op.pod, str(op.address.ip), op.netns, pause_pid, containers)
 
@@ -93,9 +96,15 @@ def start_external(lab: Lab) -> None:
     """What the external hosts serve: `http` is agnhost netexec on port 80, whose /clientip shows the
     source address a request arrived with (a node's IP, for pods behind their node's masquerade)."""
     for ext in lab.external:
+        log = str(state.log_dir(lab.name) / f"{ext.name}.log")
         if "http" in ext.serves:
             argv = [sys.executable, "-m", "lab.images.agnhost", "netexec", "--http-port=80"]
-            process.spawn_in(lab.external_netns(ext.name), argv, str(state.log_dir(lab.name) / f"{ext.name}.log"))
+            process.spawn_in(lab.external_netns(ext.name), argv, log)
+        if "dns" in ext.serves:
+            folder = state.lab_dir(lab.name) / "upstream-dns"
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "dnsmasq.conf").write_text(dns.upstream_conf(list(lab.external), folder / "queries.log"))
+            process.spawn_in(lab.external_netns(ext.name), dns.dnsmasq_argv(folder / "dnsmasq.conf"), log)
 
 
 def start_bgp(speakers: tuple[bgp.Speaker, ...], lab: str) -> None:
@@ -129,15 +138,16 @@ def apply(plan: Plan, st: state.LabState) -> float | None:
         for node_name, plugin in plugins.items():
             ipam = plan.ipam[node_name]
             plugin.ipam = lambda ipam=ipam: memory_session(ipam)
+        running = [RunningPod(op.pod, op.address.ip) for op in plan.pods]
+        addons.write_configs(plan.lab, running, state.lab_dir(plan.lab.name))
         try:
             for op in plan.pods:
-                st.pods[op.pod.key] = add_pod(op, plugins[op.node], pause, logs)
+                st.pods[op.pod.key] = add_pod(plan.lab, op, plugins[op.node], pause, logs)
         finally:
             for node in plan.nodes:
                 node.netconf.lease_file().write(plan.ipam[node.name])
         start_external(plan.lab)
-        kube_proxy.sync(plan.lab, [RunningPod(op.pod, op.address.ip) for op in plan.pods],
-                        state.lab_dir(plan.lab.name) / "kube-proxy")
+        kube_proxy.sync(plan.lab, running, state.lab_dir(plan.lab.name) / "kube-proxy")
         start_bgp(plan.speakers, plan.lab.name)
         wait_carrier([handles.get(h.netns) for h in plan.underlay.hosts] +
                      [handles.get(ns) for ns in plan.underlay.switch_netns])

@@ -100,6 +100,16 @@ def _cmd_delete(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_dns_count(args: argparse.Namespace) -> int:
+    from lab import dnscount
+    from lab.lifecycle import require_root
+
+    require_root()
+    result = dnscount.count(args.lab, args.pod, args.name, args.family)
+    print(json.dumps(result.to_json(), indent=2) if args.json else dnscount.render(result))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lab", description="Real, running emulations of Kubernetes networking.")
     sub = parser.add_subparsers(dest="command_name", required=True, metavar="COMMAND")
@@ -140,6 +150,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", "--namespace", default="default")
     p.add_argument("--lab", help="the lab, when more than one is running")
     p.set_defaults(func=_cmd_delete)
+
+    p = sub.add_parser("dns-count", help="resolve NAME inside POD and count the DNS queries it cost")
+    p.add_argument("pod", help="a pod name or namespace/pod")
+    p.add_argument("name", help="the name to resolve, e.g. api.example.com (a trailing dot makes it absolute)")
+    p.add_argument("--family", choices=["any", "inet", "inet6"], default="any",
+                   help="any: A and AAAA as most programs ask (getent ahosts); inet: A only")
+    p.add_argument("--lab", help="the lab, when more than one is running")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_dns_count)
 
     p = sub.add_parser("validate", help="check a spec without building anything (no root needed)")
     p.add_argument("spec", nargs="?")

@@ -63,13 +63,16 @@ def exec_in(lab: str | None, target: str, command: list[str]) -> None:
     fd = netns.open_fd(ns)
     netns.setns(fd, netns.CLONE_NEWNET)
     os.close(fd)
-    netns.unshare(netns.CLONE_NEWNS)  # a private mount namespace for this command only
-    netns.make_private("/")
-    netns.remount_sys()
-    if pause_pid is None:
-        _show_frr_as_default(st.name, target)
     if pause_pid is not None:
-        uts = os.open(f"/proc/{pause_pid}/ns/uts", os.O_RDONLY)
-        netns.setns(uts, netns.CLONE_NEWUTS)
-        os.close(uts)
+        # Join the pod as its containers are joined: its UTS (host name) and mount namespace (its own
+        # /etc/resolv.conf, /etc/hosts and /sys).
+        for kind, flag in (("uts", netns.CLONE_NEWUTS), ("mnt", netns.CLONE_NEWNS)):
+            fd = os.open(f"/proc/{pause_pid}/ns/{kind}", os.O_RDONLY | os.O_CLOEXEC)
+            netns.setns(fd, flag)
+            os.close(fd)
+    else:
+        netns.unshare(netns.CLONE_NEWNS)  # a private mount namespace for this command only
+        netns.make_private("/")
+        netns.remount_sys()
+        _show_frr_as_default(st.name, target)
     os.execv(exe, command)

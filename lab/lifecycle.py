@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from lab import apply, plan, state
+from lab import addons, apply, plan, state
 from services import kube_proxy
 from topo import kernel, names, netns
 from topo.errors import FeatureMissing, StateError
@@ -48,6 +48,7 @@ class UpResult:
 def up(spec: str | None, keep_on_failure: bool = False) -> UpResult:
     started = time.monotonic()
     lab = load_spec(resolve_spec(spec))
+    lab = addons.with_addons(lab, state.lab_dir(lab.name))
     require_root()
     require_kernel_features(lab)
     with state.locked():

@@ -6,20 +6,21 @@ node's persisted IPAM leases, containers); a deleted pod through CNI DEL, so its
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import time
 from pathlib import Path
 
 from ipaddress import IPv4Address
 
 from cni.plugin import BridgePlugin
-from lab import apply, plan, runtime, state
+from lab import addons, apply, plan, runtime, state
 from lab.status import model_of
 from services import kube_proxy
 from services.endpoints import RunningPod
-from topo import netns
+from topo import netns, process
 from topo.errors import SpecError, SpecIssue, StateError
 from topo.model import Container, ContainerPort, Lab, Pod
-from topo.spec import parse_objects, pods_from_objects, services_from_objects
+from topo.spec import ingresses_from_objects, parse_objects, pods_from_objects, services_from_objects
 
 
 def current_lab(st: state.LabState) -> Lab:
@@ -42,7 +43,11 @@ def current_lab(st: state.LabState) -> Lab:
     applied = [o for o in st.objects if o.get("kind") == "Service"]
     services = [svc for svc in list(base.services) + services_from_objects(applied, base, None)
                 if f"Service/{svc.key}" not in st.deleted]
-    return dataclasses.replace(base, pods=tuple(pods), namespaces=namespaces, services=tuple(services))
+    with_services = dataclasses.replace(base, pods=tuple(pods), namespaces=namespaces, services=tuple(services))
+    applied_ingresses = [o for o in st.objects if o.get("kind") == "Ingress"]
+    ingresses = [ing for ing in list(base.ingresses) + ingresses_from_objects(applied_ingresses, base, None)
+                 if f"Ingress/{ing.key}" not in st.deleted]
+    return dataclasses.replace(with_services, ingresses=tuple(ingresses))
 
 
 def running_pods(st: state.LabState, lab: Lab) -> list[RunningPod]:
@@ -55,9 +60,32 @@ def running_pods(st: state.LabState, lab: Lab) -> list[RunningPod]:
 
 
 def resync(st: state.LabState) -> kube_proxy.SyncReport:
-    """Reprogram every node's service rules for the lab as it is now (after any change of pods or services)."""
+    """Bring everything derived from the lab's objects up to date after a change of pods or services:
+    every node's service rules, the cluster DNS's records, the ingress controller's routes."""
     lab = current_lab(st)
-    return kube_proxy.sync(lab, running_pods(st, lab), state.lab_dir(st.name) / "kube-proxy")
+    running = running_pods(st, lab)
+    report = kube_proxy.sync(lab, running, state.lab_dir(st.name) / "kube-proxy")
+    todo = addons.write_configs(lab, running, state.lab_dir(st.name))
+    dns_key = f"{addons.DNS_NAMESPACE}/{addons.DNS_POD}"
+    if todo.get("dns") == "restart":
+        _restart_container(st, lab, dns_key)
+    for key, action in ((dns_key, todo.get("dns")), (f"{addons.INGRESS_NAMESPACE}/{addons.INGRESS_POD}",
+                                                     todo.get("ingress"))):
+        if action == "hup" and key in st.pods:
+            for pid in st.pods[key].containers.values():
+                addons.hangup(pid)
+    state.save(st)
+    return report
+
+
+def _restart_container(st: state.LabState, lab: Lab, key: str) -> None:
+    """Stop a pod's containers and start them again (dnsmasq reads its records only at start)."""
+    ps = st.pods.get(key)
+    pod = next((p for p in lab.pods if p.key == key), None)
+    if ps is None or pod is None:
+        return
+    process.kill_all(list(ps.containers.values()))
+    ps.containers = runtime.start_pod_containers(pod, ps.netns, ps.pause_pid, state.log_dir(lab.name))
 
 
 def _service_key(obj: dict) -> str:
@@ -109,13 +137,19 @@ def apply_file(name: str | None, file: str) -> list[str]:
         # against the lab without the pods it names, so capacity and placement still count the rest.
         bare = dataclasses.replace(lab, pods=(), services=())
         named = {p.key for p in pods_from_objects(parse_objects(text, bare, file), bare, file)}
-        named_services = {_service_key(o) for o in parse_objects(text, bare, file) if o.get("kind") == "Service"}
+        parsed = parse_objects(text, bare, file)
+        named_services = {_service_key(o) for o in parsed if o.get("kind") == "Service"}
+        named_ingresses = {_service_key(o) for o in parsed if o.get("kind") == "Ingress"}
         others = dataclasses.replace(lab, pods=tuple(p for p in lab.pods if p.key not in named),
-                                     services=tuple(s for s in lab.services if s.key not in named_services))
+                                     services=tuple(s for s in lab.services if s.key not in named_services),
+                                     ingresses=tuple(i for i in lab.ingresses if i.key not in named_ingresses))
         objects = parse_objects(text, others, file)
         wanted = pods_from_objects(objects, others, file)
         new = [p for p in wanted if p.key not in existing]
         report = _apply_services(st, lab, objects, file)
+        report += [f"ingress {i.key} {'configured' if i.key in named_ingresses & {x.key for x in lab.ingresses} else 'created'}"
+                   for i in ingresses_from_objects([o for o in objects if o.get("kind") == "Ingress"], others, file)]
+        st.deleted = [d for d in st.deleted if not (d.startswith("Ingress/") and d.split("/", 1)[1] in named_ingresses)]
         report += _remember(st, objects)
         report += [f"pod {p.key} unchanged" for p in wanted if p.key in existing]
         lab = dataclasses.replace(lab, namespaces=current_lab(st).namespaces, pods=lab.pods + tuple(new))
@@ -176,12 +210,16 @@ def _add_pod(st: state.LabState, lab: Lab, pod: Pod) -> None:
     ns = lab.pod_netns(pod)
     args = plan.cni_args(lab, pod)
     pause = runtime.pause_binary(state.RUN_DIR / state.BIN)
+    files = state.pod_dir(lab.name, pod)
+    runtime.write_pod_files(files, addons.pod_resolv_conf(lab, pod), addons.pod_hosts(pod, None))
     with netns.rtnl_in(lab.node_netns(pod.node)) as host:
         plugin = _plugin(lab, pod.node, host)
         netns.create(ns)
         try:
-            pause_pid = runtime.start_sandbox(ns, pod.name, pause)
+            pause_pid = runtime.start_sandbox(ns, pod.name, pause, files)
             result = plugin.add(args)
+            runtime.write_pod_files(files, addons.pod_resolv_conf(lab, pod),
+                                    addons.pod_hosts(pod, result["ips"][0]["address"].split("/")[0]))
             containers = runtime.start_pod_containers(pod, ns, pause_pid, state.log_dir(lab.name))
         except BaseException:
             apply.remove_namespace(ns)
@@ -199,6 +237,7 @@ def _delete_pod(st: state.LabState, lab: Lab, key: str) -> None:
     pod = Pod(name=name, namespace=namespace, node=ps.node)
     args = plan.cni_args(lab, pod)
     apply.remove_namespace(ps.netns)
+    shutil.rmtree(state.pod_dir(lab.name, pod), ignore_errors=True)
     with netns.rtnl_in(lab.node_netns(ps.node)) as host:
         _plugin(lab, ps.node, host).delete(args)
         # A deleted veth's name stays taken for a few tens of ms; wait so the pod can come back at once.

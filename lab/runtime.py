@@ -39,30 +39,80 @@ def pause_binary(bin_dir: Path) -> str:
     return str(link)
 
 
+POD_FILES = ("resolv.conf", "hosts")  # what kubelet writes for each pod and mounts into its containers
+_template: int | None = None
+
+
+def _mount_template() -> int:
+    """A mount namespace to copy pod mount namespaces from: the machine's, minus /run/netns.
+
+    A new mount namespace copies every mount of the one it comes from, and each pinned network namespace
+    is a mount under /run/netns: with a thousand pods, copying the machine's table would cost
+    milliseconds per pod (quadratic overall). Pods never need those pins, so they copy this one.
+    """
+    global _template
+    if _template is None:
+        home = os.open("/proc/thread-self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            netns.unshare(netns.CLONE_NEWNS)
+            netns.make_private("/")
+            netns.umount_detached(netns.NETNS_DIR)
+            _template = os.open("/proc/thread-self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+        finally:
+            netns.setns(home, netns.CLONE_NEWNS)
+            os.close(home)
+    return _template
+
+
 @contextlib.contextmanager
-def _pod_uts(pod_netns: str, join: int | None, hostname: str | None = None) -> Iterator[None]:
-    """Inside the pod's network namespace and its UTS namespace: a new one named `hostname`, or the one
-    `join` (an fd) refers to. The calling thread always returns to where it was."""
-    uts_home = os.open("/proc/thread-self/ns/uts", os.O_RDONLY | os.O_CLOEXEC)
+def _in_pod(pod_netns: str, pause_pid: int | None = None, hostname: str | None = None,
+            files: Path | None = None) -> Iterator[None]:
+    """Inside a pod's network, UTS and mount namespaces: those of its pause process (`pause_pid`), or,
+    for the pause process itself, new ones: the host name set to the pod's name, and a private mount
+    namespace with the pod's own /etc/resolv.conf and /etc/hosts (from `files`) and a /sys showing the
+    pod's interfaces. The calling thread always returns to where it was."""
+    homes = {flag: os.open(f"/proc/thread-self/ns/{kind}", os.O_RDONLY | os.O_CLOEXEC)
+             for kind, flag in (("uts", netns.CLONE_NEWUTS), ("mnt", netns.CLONE_NEWNS))}
+    joined: list[int] = []
     try:
         with netns.entered(pod_netns):
-            if join is not None:
-                netns.setns(join, netns.CLONE_NEWUTS)
-            else:
-                netns.unshare(netns.CLONE_NEWUTS)
             try:
-                if hostname is not None:
-                    netns.sethostname(hostname)
+                if pause_pid is not None:
+                    for kind, flag in (("uts", netns.CLONE_NEWUTS), ("mnt", netns.CLONE_NEWNS)):
+                        fd = os.open(f"/proc/{pause_pid}/ns/{kind}", os.O_RDONLY | os.O_CLOEXEC)
+                        joined.append(fd)
+                        netns.setns(fd, flag)
+                else:
+                    netns.setns(_mount_template(), netns.CLONE_NEWNS)
+                    netns.unshare(netns.CLONE_NEWUTS | netns.CLONE_NEWNS)
+                    if hostname is not None:
+                        netns.sethostname(hostname)
+                    netns.remount_sys()
+                    for name in POD_FILES if files is not None else ():
+                        target = os.path.realpath(f"/etc/{name}")
+                        if os.path.isfile(target):
+                            netns.bind_mount(str(files / name), target)  # type: ignore[operator]
                 yield
             finally:
-                netns.setns(uts_home, netns.CLONE_NEWUTS)
+                for flag, fd in homes.items():
+                    netns.setns(fd, flag)
     finally:
-        os.close(uts_home)
+        for fd in [*homes.values(), *joined]:
+            os.close(fd)
 
 
-def start_sandbox(pod_netns: str, hostname: str, pause: str) -> int:
-    """Start the pause process in the pod's network namespace and a new UTS namespace named after the pod."""
-    with _pod_uts(pod_netns, None, hostname):
+def write_pod_files(folder: Path, resolv_conf: str, hosts: str | None = None) -> None:
+    """The pod's resolv.conf and hosts, written in place: containers see the bind-mounted files change."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, text in (("resolv.conf", resolv_conf), ("hosts", hosts)):
+        if text is not None or not (folder / name).exists():
+            with open(folder / name, "w") as fh:  # same inode: a bind mount keeps showing it
+                fh.write(text or "")
+
+
+def start_sandbox(pod_netns: str, hostname: str, pause: str, files: Path | None = None) -> int:
+    """Start the pause process in the pod's network namespace and new UTS and mount namespaces."""
+    with _in_pod(pod_netns, hostname=hostname, files=files):
         return process.spawn((pause, "infinity"), None)
 
 
@@ -72,13 +122,9 @@ def start_container(pod_netns: str, pause_pid: int, container: Container, log: P
         return None  # the `pause` image: the sandbox's own pause process is the container
     if not sandbox_alive(pod_netns, pause_pid):
         raise ApplyError(f"pause process {pause_pid} of {pod_netns} is gone")
-    uts = os.open(f"/proc/{pause_pid}/ns/uts", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        with _pod_uts(pod_netns, uts):
-            log.parent.mkdir(parents=True, exist_ok=True)
-            return process.spawn(container.argv, str(log), dict(container.env))
-    finally:
-        os.close(uts)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with _in_pod(pod_netns, pause_pid):
+        return process.spawn(container.argv, str(log), dict(container.env))
 
 
 def sandbox_alive(pod_netns: str, pause_pid: int) -> bool:

@@ -78,6 +78,11 @@ def pod_state(pod: Pod, ip: str, netns: str, pause_pid: int, containers: dict[st
                     owner=pod.owner, labels=pod.label_map, ports=ports)
 
 
+def pod_dir(lab: str, pod: Pod) -> Path:
+    """Where kubelet's files for a pod live (its resolv.conf and hosts, bind-mounted into the pod)."""
+    return lab_dir(lab) / "pods" / f"{pod.namespace}_{pod.name}"
+
+
 def lab_dir(name: str) -> Path:
     return RUN_DIR / check_name(name)
 

@@ -9,8 +9,10 @@ from topo.spec import parse_spec_text
 
 
 def model_of(st: state.LabState) -> Lab:
-    """The model of a running lab, re-derived from the spec text it was built from."""
-    return parse_spec_text(st.spec_text, st.spec_file)
+    """The model of a running lab, re-derived from the spec text it was built from (with its addons)."""
+    from lab.addons import with_addons
+
+    return with_addons(parse_spec_text(st.spec_text, st.spec_file), state.lab_dir(st.name))
 
 
 def describe(st: state.LabState) -> dict[str, Any]:

@@ -47,6 +47,15 @@ class Container:
 
 
 @dataclass(frozen=True)
+class DnsConfig:
+    """A pod's `dnsConfig`: merged into what its dnsPolicy gives, as kubelet merges it."""
+
+    nameservers: tuple[str, ...] = ()
+    searches: tuple[str, ...] = ()
+    options: tuple[tuple[str, str | None], ...] = ()  # (name, value): ndots=2 -> ("ndots", "2")
+
+
+@dataclass(frozen=True)
 class Pod:
     name: str
     namespace: str
@@ -54,6 +63,8 @@ class Pod:
     labels: tuple[tuple[str, str], ...] = ()
     containers: tuple[Container, ...] = ()
     owner: str | None = None  # the Deployment a replica came from
+    dns_policy: str = "ClusterFirst"  # Kubernetes' default; Default, None, ClusterFirstWithHostNet
+    dns_config: DnsConfig | None = None
 
     @property
     def key(self) -> str:
@@ -201,9 +212,63 @@ class ExternalHost:
 
     name: str
     ip: IPv4Address
-    serves: tuple[str, ...] = ("http",)  # http: agnhost netexec on port 80 (shows the client IP it sees)
+    serves: tuple[str, ...] = ("http",)  # http: agnhost netexec on port 80 (shows the client IP it sees);
+    # dns: an authoritative DNS server for `names`, the cluster DNS's upstream
     rack: str | None = None  # routed underlays: the rack segment it is plugged into
     index: int = 0
+    names: tuple[str, ...] = ()  # DNS names (served by whichever external host serves dns) for this host
+
+
+@dataclass(frozen=True)
+class ClusterDns:
+    """The cluster DNS addon (the CoreDNS role): a pod behind the kube-dns Service at serviceCIDR .10."""
+
+    enabled: bool = True
+    node: str | None = None  # where its pod runs; None: the last node (node2 in the explainer's picture)
+    domain: str = "cluster.local"
+
+
+@dataclass(frozen=True)
+class IngressBackend:
+    service: str
+    port: int | str  # number, or the service port's name
+
+
+@dataclass(frozen=True)
+class IngressPath:
+    path: str
+    path_type: str  # Prefix, Exact, ImplementationSpecific (treated as Prefix, as ingress-nginx does)
+    backend: IngressBackend
+
+
+@dataclass(frozen=True)
+class IngressRule:
+    host: str | None  # None: any host
+    paths: tuple[IngressPath, ...]
+
+
+@dataclass(frozen=True)
+class Ingress:
+    """A networking.k8s.io/v1 Ingress: host and path rules routing HTTP to services of its namespace."""
+
+    name: str
+    namespace: str
+    rules: tuple[IngressRule, ...]
+    default_backend: IngressBackend | None = None
+    class_name: str | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True)
+class IngressController:
+    """The ingress controller addon (ingress-nginx's role): nginx in a pod, a NodePort on every node."""
+
+    enabled: bool | None = None  # None: when the lab has Ingress objects
+    node: str | None = None  # None: the first node
+    node_port: int = 30080
 
 
 PROXY_MODES = ("iptables", "nftables", "ipvs")
@@ -225,6 +290,9 @@ class Lab:
     services: tuple[Service, ...] = ()
     kube_proxy: KubeProxy = KubeProxy()
     external: tuple[ExternalHost, ...] = ()
+    dns: ClusterDns = ClusterDns()
+    ingresses: tuple[Ingress, ...] = ()
+    ingress_controller: IngressController = IngressController()
     text: str = ""  # the spec text this model was parsed from (kept so later commands re-derive it)
 
     # --- names of kernel objects, derived here only -------------------------------------------

@@ -69,6 +69,11 @@ def remount_sys() -> None:
     _check(_mount("sysfs", "/sys", "sysfs", 0), "mount sysfs")
 
 
+def umount_detached(target: str) -> None:
+    if _libc.umount2(target.encode(), MNT_DETACH) != 0 and ctypes.get_errno() not in (errno.EINVAL, errno.ENOENT):
+        _check(-1, f"umount {target}")
+
+
 def bind_mount(source: str, target: str) -> None:
     _check(_mount(source, target, "none", MS_BIND), f"mount --bind {source} {target}")
 
@@ -145,8 +150,7 @@ def create(name: str) -> None:
 def delete(name: str) -> bool:
     """Unpin a namespace; the kernel frees it once no process or socket holds it. Missing is fine."""
     target = path(name)
-    if _libc.umount2(target.encode(), MNT_DETACH) != 0 and ctypes.get_errno() not in (errno.EINVAL, errno.ENOENT):
-        _check(-1, f"umount {target}")
+    umount_detached(target)
     try:
         os.unlink(target)
     except FileNotFoundError:

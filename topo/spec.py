@@ -7,18 +7,21 @@ before the whole lot is raised as one `SpecError` (a learner fixes a file in one
 1. YAML -> plain data, remembering the line of every field (`_Source`), so each message points at a line.
 2. Structure: types, required and unknown fields, by pydantic models with `extra="forbid"` (`_Strict`).
 3. Meaning: addresses, names, PodCIDR allocation, racks and their routers, whether the pod backend can
-   cross the underlay, link shaping, kube-proxy's mode, external hosts, object references, pod placement
-   and capacity, Services' cluster IPs and node ports (given ones checked, the rest allocated).
+   cross the underlay, link shaping, kube-proxy's mode, the cluster DNS and ingress controller addons,
+   external hosts (and the DNS names they serve), object references, pod placement and capacity, pods' DNS
+   settings, Services' cluster IPs and node ports (given ones checked, the rest allocated), and Ingresses'
+   backends (Services of their namespace, and ports those Services have).
 
 Kubernetes objects (`spec.objects`, or a file given to `lab apply -f`) are read through `KINDS`, a registry
-from (apiVersion, kind) to a reader (Namespace, Pod, Deployment, Service so far), so later layers add
-NetworkPolicies, ... in one place.
+from (apiVersion, kind) to a reader (Namespace, Pod, Deployment, Service, Ingress so far), so later layers
+add NetworkPolicies, ... in one place.
 """
 from __future__ import annotations
 
 import difflib
 import importlib
 import ipaddress
+import itertools
 import json
 import math
 import re
@@ -37,7 +40,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from topo import names
 from topo.errors import SpecError, SpecIssue
 from topo.model import (BACKENDS, CALICO_AS, DEFAULT_MTU, NODE_PORT_RANGE, PROXY_MODES, SPINE_AS, VXLAN_OVERHEAD,
-                        Bgp, Cluster, Container, ContainerPort, ExternalHost, Fabric, KubeProxy, Lab, LinkSpec, Network,
+                        Bgp, Cluster, ClusterDns, Container, ContainerPort, DnsConfig, ExternalHost, Fabric, Ingress,
+                        IngressBackend, IngressController, IngressPath, IngressRule, KubeProxy, Lab, LinkSpec, Network,
                         Node, Pod, Rack, Service, ServicePort, Underlay)
 
 API_VERSION = "kubenet-lab/v1alpha1"
@@ -183,7 +187,7 @@ def pods_from_objects(objects: list[dict], lab: Lab, file: str | None) -> list[P
             issues.add((), "objects must be a list of Kubernetes manifests")
             issues.raise_if_any(file)
         parsed = _read_objects([(("objects", i), obj) for i, obj in enumerate(objects)], issues)
-        pods, _ = _objects_against_lab(parsed, lab, issues, services=False)
+        pods, _, _ = _objects_against_lab(parsed, lab, issues, services=False, ingresses=False)
         issues.raise_if_any(file)
         return pods
     except SpecError:
@@ -208,9 +212,33 @@ def services_from_objects(objects: list[dict], lab: Lab, file: str | None) -> li
             issues.add((), "objects must be a list of Kubernetes manifests")
             issues.raise_if_any(file)
         parsed = _read_objects([(("objects", i), obj) for i, obj in enumerate(objects)], issues)
-        _, services = _objects_against_lab(parsed, lab, issues, pods=False)
+        _, services, _ = _objects_against_lab(parsed, lab, issues, pods=False, ingresses=False)
         issues.raise_if_any(file)
         return services
+    except SpecError:
+        raise
+    except RecursionError:
+        raise SpecError(file, [SpecIssue("", "an object is nested too deeply")]) from None
+    except Exception as exc:
+        raise _internal(file, exc) from exc
+
+
+def ingresses_from_objects(objects: list[dict], lab: Lab, file: str | None) -> list[Ingress]:
+    """The Ingresses that `objects` add to `lab`, for `lab apply` (spec loading fills Lab.ingresses itself).
+
+    Backends are checked against the Services among `objects` and those in `lab.services`; names and routes
+    may not clash with `lab.ingresses` (drop an Ingress being replaced from the lab first). Issues name the
+    objects as `objects[i]`, since manifests carry no line numbers.
+    """
+    try:
+        issues = _Issues(_Source())
+        if not isinstance(objects, (list, tuple)):
+            issues.add((), "objects must be a list of Kubernetes manifests")
+            issues.raise_if_any(file)
+        parsed = _read_objects([(("objects", i), obj) for i, obj in enumerate(objects)], issues)
+        _, _, ingresses = _objects_against_lab(parsed, lab, issues, pods=False, services=False)
+        issues.raise_if_any(file)
+        return ingresses
     except SpecError:
         raise
     except RecursionError:
@@ -269,6 +297,8 @@ class _Issues:
     def __init__(self, source: _Source) -> None:
         self.source = source
         self.items: list[SpecIssue] = []
+        # (kind, namespace, name) of objects a reader refused: references to them are not reported again
+        self.refused: set[tuple[str, str, str]] = set()
 
     def add(self, loc: Loc, message: str, line: int | None = None) -> None:
         if loc in self.source.bad:
@@ -612,6 +642,23 @@ class _ExternalIn(_Strict):
     ip: str = Field(examples=["ip: 192.168.1.200"])
     serves: list[str] | None = None
     rack: str | None = None
+    names: list[str] | None = None
+
+
+class _DnsIn(_Strict):
+    """The cluster DNS addon: whether it runs, on which node, and the cluster domain it answers for."""
+
+    enabled: bool | None = None
+    node: str | None = None
+    domain: str | None = None
+
+
+class _IngressControllerIn(_Strict):
+    """The ingress controller addon; enabled left out: it runs when the lab has Ingress objects."""
+
+    enabled: bool | None = None
+    node: str | None = None
+    node_port: int | None = Field(None, alias="nodePort")
 
 
 class _SpecIn(_Strict):
@@ -619,6 +666,8 @@ class _SpecIn(_Strict):
     underlay: _UnderlayIn | None = None
     network: _NetworkIn | None = None
     kube_proxy: _KubeProxyIn | None = Field(None, alias="kubeProxy")
+    dns: _DnsIn | None = None
+    ingress_controller: _IngressControllerIn | None = Field(None, alias="ingressController")
     nodes: list[_NodeIn] = Field(examples=["nodes: [{name: node1, ip: 192.168.1.10}]"])
     external: list[_ExternalIn] | None = None
     objects: list[Any] | None = None
@@ -675,8 +724,9 @@ class _DnsConfigIn(_Strict):
 
 
 class _PodSpecIn(_Strict):
-    """The Pod spec subset a lab runs. restartPolicy ... subdomain are accepted and do not change the
-    emulation; dnsPolicy/dnsConfig/hostname/subdomain stay in the normalized manifest for the DNS layer."""
+    """The Pod spec subset a lab runs. restartPolicy and terminationGracePeriodSeconds are accepted and do not
+    change the emulation; dnsPolicy and dnsConfig become Pod.dns_policy and Pod.dns_config; hostname and
+    subdomain stay in the normalized manifest for the DNS layer."""
 
     node_name: str | None = Field(None, alias="nodeName")
     containers: list[_ContainerIn] = Field(examples=["containers: [{name: app, image: agnhost, args: [netexec]}]"])
@@ -763,6 +813,58 @@ class _ServiceIn(_Strict):
     kind: str
     metadata: _ObjectMetaIn = Field(examples=["metadata: {name: web}"])
     spec: _ServiceSpecIn = Field(examples=["spec: {selector: {app: web}, ports: [{port: 80, targetPort: 8080}]}"])
+
+
+class _IngressPortIn(_Strict):
+    """A backend's service port: `number` or `name` (one of the two, as Kubernetes' ServiceBackendPort)."""
+
+    number: int | None = None
+    name: str | None = None
+
+
+class _IngressServiceIn(_Strict):
+    name: str = Field(examples=["name: web"])
+    port: _IngressPortIn = Field(examples=["port: {number: 80}"])
+
+
+class _IngressBackendIn(_Strict):
+    """A backend is a Service of the Ingress's namespace; `resource` backends (a custom object) are read so the
+    message can say they are not supported, rather than calling the field unknown."""
+
+    service: _IngressServiceIn | None = None
+    resource: Any = None
+
+
+class _IngressPathIn(_Strict):
+    path: str | None = None
+    path_type: str = Field(alias="pathType", examples=["pathType: Prefix"])
+    backend: _IngressBackendIn = Field(examples=["backend: {service: {name: web, port: {number: 80}}}"])
+
+
+class _IngressHttpIn(_Strict):
+    paths: list[_IngressPathIn] = Field(examples=["paths: [{path: /, pathType: Prefix, backend: {service: "
+                                                  "{name: web, port: {number: 80}}}}]"])
+
+
+class _IngressRuleIn(_Strict):
+    host: str | None = None
+    http: _IngressHttpIn | None = None
+
+
+class _IngressSpecIn(_Strict):
+    """The v1 Ingress spec. tls is read as Any only to refuse it with a clear message."""
+
+    ingress_class_name: str | None = Field(None, alias="ingressClassName")
+    default_backend: _IngressBackendIn | None = Field(None, alias="defaultBackend")
+    rules: list[_IngressRuleIn] | None = None
+    tls: Any = None
+
+
+class _IngressIn(_Strict):
+    api_version: str = Field(alias="apiVersion")
+    kind: str
+    metadata: _ObjectMetaIn = Field(examples=["metadata: {name: web}"])
+    spec: _IngressSpecIn = Field(examples=["spec: {rules: [{host: web.example.com, http: {paths: [...]}}]}"])
 
 
 _M = typing.TypeVar("_M", bound=BaseModel)
@@ -999,15 +1101,20 @@ def _build_lab(lab_in: _LabIn, issues: _Issues) -> Lab:
     if network is not None:
         _check_routing(network_in, network, spec.nodes, racks, issues)
     kube_proxy = _check_kube_proxy(spec.kube_proxy or _KubeProxyIn(), issues)
-    external = _check_external(spec.external or [], spec.nodes, underlay_in, underlay, racks, issues)
+    dns = _check_dns(spec.dns or _DnsIn(), spec.nodes, cluster, issues)
+    controller = _check_ingress_controller(spec.ingress_controller or _IngressControllerIn(), spec.nodes, issues)
+    external = _check_external(spec.external or [], spec.nodes, underlay_in, underlay, racks, dns, issues)
     entries = [(("spec", "objects", i), obj) for i, obj in enumerate(spec.objects or [])]
     parsed = _read_objects(entries, issues)
     namespaces = _namespaces(parsed, {}, issues)
     lab = Lab(name=lab_in.metadata.name, cluster=cluster or DEFAULTS[0], underlay=underlay or DEFAULTS[1],
               network=network or DEFAULTS[2], nodes=tuple(nodes or ()), namespaces=namespaces,
-              kube_proxy=kube_proxy or KubeProxy(), external=tuple(external or ()))
+              kube_proxy=kube_proxy or KubeProxy(), external=tuple(external or ()), dns=dns,
+              ingress_controller=controller)
+    _check_reserved_names(parsed, lab, issues)
     service_cidr = cluster.service_cidr if cluster is not None else None
     lab.services = tuple(_services(parsed, lab, service_cidr, set(namespaces), issues))
+    lab.ingresses = tuple(_ingresses(parsed, lab, set(namespaces), issues, running=False))
     lab.objects = tuple(p.manifest for p in parsed)  # after _services: it fills in allocated addresses and ports
     lab.pods = tuple(_expand(parsed, lab, set(namespaces), issues, place=nodes is not None and not issues))
     return lab
@@ -1873,9 +1980,62 @@ PROXY_MODE_HINTS = {
     "userspace": "the userspace mode was removed from kube-proxy in Kubernetes 1.26",
     "kernelspace": "kernelspace is kube-proxy's mode on Windows nodes",
 }
-# What an external host can run: http is agnhost netexec on port 80 (it shows the client IP it sees).
-EXTERNAL_SERVES = ("http",)
-PLANNED_SERVES = ("dns",)
+# What an external host can run: http is agnhost netexec on port 80 (it shows the client IP it sees); dns an
+# authoritative DNS server for the external hosts' `names`, which the cluster DNS forwards other names to.
+EXTERNAL_SERVES = ("http", "dns")
+PLANNED_SERVES: tuple[str, ...] = ()
+
+
+def _addon_node(node: str | None, nodes_in: list[_NodeIn], loc: Loc, what: str, default: str,
+                issues: _Issues) -> None:
+    """An addon's `node` must name a node of the lab (its pod runs there)."""
+    known = [n.name for n in nodes_in]
+    if node is not None and known and node not in known:
+        issues.add(loc, f"node {_short(node, 60)} is not a node of this lab (nodes: {', '.join(known)}): name the "
+                        f"node {what} runs on, or leave node out for {default}")
+
+
+def _check_dns(dns_in: _DnsIn, nodes_in: list[_NodeIn], cluster: Cluster | None, issues: _Issues) -> ClusterDns:
+    """The cluster DNS addon (CoreDNS's role). Its Service, kube-dns in kube-system, takes serviceCIDR + 10 (the
+    address kubeadm gives it and kubelet's --cluster-dns names), so that address must be inside the range.
+    What is written is kept even when wrong, so the other checks see whether the addon runs."""
+    loc = ("spec", "dns")
+    default = ClusterDns()
+    enabled = dns_in.enabled if dns_in.enabled is not None else default.enabled
+    _addon_node(dns_in.node, nodes_in, loc + ("node",), "the cluster DNS pod", "the last node", issues)
+    domain = dns_in.domain if dns_in.domain is not None else default.domain
+    problem = _dns_name_problem(domain, "cluster domain", default.domain)
+    if problem:
+        issues.add(loc + ("domain",), problem)
+        domain = default.domain
+    if enabled and cluster is not None:
+        cidr = cluster.service_cidr
+        address = cidr.network_address + DNS_SERVICE_OFFSET
+        if DNS_SERVICE_OFFSET >= cidr.num_addresses - 1:
+            issues.add(("spec", "cluster", "serviceCIDR"),
+                       f"{cidr} is too small for the cluster DNS: its kube-dns Service takes serviceCIDR + "
+                       f"{DNS_SERVICE_OFFSET} ({address}), which must be a usable address of the range; use a /28 or "
+                       "larger (e.g. 10.96.0.0/12), or set dns.enabled: false")
+    return ClusterDns(enabled=enabled, node=dns_in.node, domain=domain)
+
+
+def _check_ingress_controller(controller_in: _IngressControllerIn, nodes_in: list[_NodeIn],
+                              issues: _Issues) -> IngressController:
+    """The ingress controller addon (ingress-nginx's role): one pod, reached on a node port of every node.
+    enabled left out (None) means it runs exactly when the lab has Ingress objects."""
+    loc = ("spec", "ingressController")
+    default = IngressController()
+    _addon_node(controller_in.node, nodes_in, loc + ("node",), "the ingress controller pod", "the first node",
+                issues)
+    port = controller_in.node_port if controller_in.node_port is not None else default.node_port
+    low, high = NODE_PORT_RANGE
+    if not low <= port <= high:
+        issues.add(loc + ("nodePort",), f"nodePort {_show(port)} is outside the node port range {low}-{high} "
+                                        "(kube-apiserver's --service-node-port-range), where the controller's node "
+                                        f"port comes from like a NodePort service's: pick one in it, e.g. "
+                                        f"{default.node_port}")
+        port = default.node_port
+    return IngressController(enabled=controller_in.enabled, node=controller_in.node, node_port=port)
 
 
 def _check_kube_proxy(proxy_in: _KubeProxyIn, issues: _Issues) -> KubeProxy | None:
@@ -1906,7 +2066,7 @@ def _close_match(value: str, allowed: tuple[str, ...] | list[str], cutoff: float
 
 
 def _check_external(hosts_in: list[_ExternalIn], nodes_in: list[_NodeIn], underlay_in: _UnderlayIn,
-                    underlay: Underlay | None, racks: tuple[str, ...] | None,
+                    underlay: Underlay | None, racks: tuple[str, ...] | None, dns: ClusterDns | None,
                     issues: _Issues) -> list[ExternalHost] | None:
     """Machines outside the cluster, plugged into the underlay like a node (a flat segment, or a rack), so
     their names and addresses share the nodes' and routers' rules and may not clash with them."""
@@ -1939,8 +2099,60 @@ def _check_external(hosts_in: list[_ExternalIn], nodes_in: list[_NodeIn], underl
             taken_ips[ip] = f"the address of external host {host.name} (spec.external[{index}])"
         serves = _check_serves(host.serves, loc + ("serves",), issues)
         if ip is not None and serves is not None:
-            hosts.append(ExternalHost(name=host.name, ip=ip, serves=serves, rack=host.rack, index=index))
+            hosts.append(ExternalHost(name=host.name, ip=ip, serves=serves, rack=host.rack, index=index,
+                                      names=tuple(host.names or ())))
+    _check_dns_server(hosts_in, issues)
+    _check_external_names(hosts_in, dns, issues)
     return hosts if len(issues) == before else None
+
+
+def _check_dns_server(hosts_in: list[_ExternalIn], issues: _Issues) -> None:
+    """One external host at most serves dns: the cluster DNS forwards names outside the cluster to one
+    upstream, and every external host's `names` are answered by that one server."""
+    server: int | None = None
+    for index, host in enumerate(hosts_in):
+        if "dns" not in (host.serves or ()):
+            continue
+        if server is None:
+            server = index
+            continue
+        position = (host.serves or []).index("dns")
+        issues.add(("spec", "external", index, "serves", position),
+                   f"external host {hosts_in[server].name} (spec.external[{server}]) already serves dns; at most one "
+                   "external host may serve dns (it answers every external host's names, and the cluster DNS "
+                   "forwards to it): remove dns from this host's serves")
+
+
+def _check_external_names(hosts_in: list[_ExternalIn], dns: ClusterDns | None, issues: _Issues) -> None:
+    """`names` are DNS names of an external host, answered by the external host that serves dns; each name
+    belongs to one host, and none may fall inside the cluster domain, which the cluster DNS answers itself."""
+    owners: dict[str, tuple[int, int]] = {}
+    first_with_names: int | None = None
+    for index, host in enumerate(hosts_in):
+        loc = ("spec", "external", index, "names")
+        if host.names and first_with_names is None:
+            first_with_names = index
+        for position, name in enumerate(host.names or []):
+            problem = _dns_name_problem(name, "name", "api.example.com")
+            if problem:
+                issues.add(loc + (position,), problem)
+                continue
+            if name in owners:
+                other, other_position = owners[name]
+                where = (f"names[{other_position}]" if other == index else
+                         f"spec.external[{other}].names[{other_position}] ({hosts_in[other].name})")
+                issues.add(loc + (position,), f"name {name} is already given at {where}: a name points at one host; "
+                                              "remove one")
+                continue
+            owners[name] = (index, position)
+            if dns is not None and dns.enabled and (name == dns.domain or name.endswith("." + dns.domain)):
+                issues.add(loc + (position,), f"{name} is inside the cluster domain {dns.domain}, which the cluster "
+                                              "DNS answers itself and never forwards to the external DNS server: pick "
+                                              "a name outside it, e.g. api.example.com")
+    if first_with_names is not None and not any("dns" in (h.serves or ()) for h in hosts_in):
+        issues.add(("spec", "external", first_with_names, "names"),
+                   "no external host serves dns: add dns to one host's serves (e.g. serves: [http, dns]) so these "
+                   "names are answered, or remove names")
 
 
 def _host_names(nodes_in: list[_NodeIn], underlay_in: _UnderlayIn) -> dict[str, str]:
@@ -2011,6 +2223,8 @@ class _PodTemplate:
     containers: tuple[Container, ...]
     node_name: str | None
     node_loc: Loc  # where nodeName is (or would be) written, for messages
+    dns_policy: str = "ClusterFirst"
+    dns_config: DnsConfig | None = None
 
 
 @dataclass
@@ -2027,6 +2241,17 @@ class _Parsed:
     template: _PodTemplate | None = None  # objects that make pods
     replicas: int | None = None  # None: one pod named like the object (a bare Pod)
     service: _ServiceDraft | None = None  # Services
+    ingress: _IngressDraft | None = None  # Ingresses
+
+
+@dataclass(frozen=True)
+class _IngressDraft:
+    """An Ingress after its own checks; its backends and routes are checked against the lab's services and the
+    other Ingresses later, so each is kept with where it is written."""
+
+    ingress: Ingress
+    backends: tuple[tuple[Loc, IngressBackend], ...]
+    routes: tuple[tuple[Loc, str | None, str, str], ...]  # (where, host, path, pathType) of every path
 
 
 @dataclass(frozen=True)
@@ -2094,7 +2319,13 @@ def _read_object(obj: Any, loc: Loc, issues: _Issues) -> _Parsed | None:
         wrong_version = any(known == kind for _, known in KINDS)
         issues.add(loc + ("apiVersion" if wrong_version else "kind",), _unsupported_kind(api_version, kind))
         return None
-    return reader(obj, loc, issues)
+    result = reader(obj, loc, issues)
+    if result is None:
+        meta = obj.get("metadata")
+        if isinstance(meta, dict) and isinstance(meta.get("name"), str):
+            namespace = meta.get("namespace")
+            issues.refused.add((kind, namespace if isinstance(namespace, str) else "default", meta["name"]))
+    return result
 
 
 def _unsupported_kind(api_version: str, kind: str) -> str:
@@ -2186,6 +2417,9 @@ _PORT_NAME = re.compile(r"^[-a-z0-9]+$")
 _PORT_NAME_MAX = 15  # IANA service names
 _MAX_NAMESERVERS = 3  # glibc's resolver uses three at most; Kubernetes enforces it
 _MAX_SEARCHES = 32
+_MAX_SEARCH_CHARS = 2048  # Kubernetes' limit on the search list's total length
+_NDOTS_MAX = 15  # glibc's resolver caps ndots at 15
+_NDOTS_CLUSTER_FIRST = 5  # what kubelet writes for ClusterFirst pods
 
 
 def _check_pod_spec(spec: _PodSpecIn, loc: Loc, labels: dict[str, str], issues: _Issues) -> _PodTemplate | None:
@@ -2209,7 +2443,8 @@ def _check_pod_spec(spec: _PodSpecIn, loc: Loc, labels: dict[str, str], issues: 
     if len(issues) > before:
         return None
     return _PodTemplate(labels=tuple(labels.items()), containers=tuple(containers), node_name=spec.node_name,
-                        node_loc=loc + ("nodeName",))
+                        node_loc=loc + ("nodeName",), dns_policy=spec.dns_policy or _DNS_POLICIES[0],
+                        dns_config=_dns_config(spec.dns_config))
 
 
 def _check_pod_extras(spec: _PodSpecIn, loc: Loc, issues: _Issues) -> None:
@@ -2220,6 +2455,8 @@ def _check_pod_extras(spec: _PodSpecIn, loc: Loc, issues: _Issues) -> None:
     if spec.dns_policy is not None and spec.dns_policy not in _DNS_POLICIES:
         issues.add(loc + ("dnsPolicy",), f"dnsPolicy must be one of {', '.join(_DNS_POLICIES)}, "
                                          f"got {_short(repr(spec.dns_policy), 40)}")
+    # Kubernetes: with dnsPolicy None the pod's resolv.conf is made from dnsConfig alone, so the API server
+    # refuses it without at least one nameserver there.
     if spec.dns_policy == "None" and not (spec.dns_config and spec.dns_config.nameservers):
         issues.add(loc + ("dnsPolicy",), "dnsPolicy None takes all DNS settings from dnsConfig: add dnsConfig with "
                                          "at least one nameserver")
@@ -2234,20 +2471,100 @@ def _check_pod_extras(spec: _PodSpecIn, loc: Loc, issues: _Issues) -> None:
 
 
 def _check_dns_config(config: _DnsConfigIn, loc: Loc, issues: _Issues) -> None:
+    """Kubernetes' dnsConfig rules (it becomes the pod's resolv.conf, merged into what dnsPolicy gives):
+    at most 3 nameservers, each an IP address (IPv4 here); at most 32 search domains, each a DNS name, and at
+    most 2048 characters of them together; every option named. An ndots value is what glibc's resolver reads
+    (a whole number, capped at 15), so it is checked too: the API server takes any string and the resolver
+    would silently ignore a wrong one."""
     servers = config.nameservers or []
     if len(servers) > _MAX_NAMESERVERS:
         issues.add(loc + ("nameservers",), f"{len(servers)} nameservers given; the resolver uses at most "
                                            f"{_MAX_NAMESERVERS}: remove some")
     for index, server in enumerate(servers):
         try:
-            ipaddress.ip_address(server)
+            address = ipaddress.ip_address(server)
         except ValueError:
             issues.add(loc + ("nameservers", index), f"{_short(repr(server), 40)} is not an IP address: write one like 10.96.0.10")
-    if len(config.searches or []) > _MAX_SEARCHES:
+            continue
+        if address.version == 6:
+            issues.add(loc + ("nameservers", index), f"{_short(server, 40)} is IPv6; kubenet-lab labs are IPv4 only: "
+                                                     "write an IPv4 address like 10.96.0.10")
+    searches = config.searches or []
+    if len(searches) > _MAX_SEARCHES:
         issues.add(loc + ("searches",), f"at most {_MAX_SEARCHES} search domains are allowed")
+    for index, search in enumerate(searches):
+        # A trailing dot (an absolute name) is fine in a search list, as Kubernetes allows it.
+        problem = _dns_name_problem(search[:-1] if search.endswith(".") and search != "." else search,
+                                    "search domain", "default.svc.cluster.local")
+        if problem:
+            issues.add(loc + ("searches", index), problem)
+    if len(" ".join(searches)) > _MAX_SEARCH_CHARS:
+        issues.add(loc + ("searches",), f"the search domains take {len(' '.join(searches))} characters together; "
+                                        f"Kubernetes allows at most {_MAX_SEARCH_CHARS}: remove or shorten some")
     for index, option in enumerate(config.options or []):
+        oloc = loc + ("options", index)
         if not option.name:
-            issues.add(loc + ("options", index, "name"), "must not be empty (e.g. ndots)")
+            issues.add(oloc + ("name",), "must not be empty (e.g. ndots)")
+        elif ":" in option.name:
+            name, _, value = option.name.partition(":")
+            issues.add(oloc + ("name",), f"{_short(repr(option.name), 40)} holds a value: write the name and the value "
+                                         f"apart, name: {_short(name, 20)}, value: {json.dumps(_short(value, 20))} "
+                                         "(resolv.conf's name:value form is made from them)")
+        elif option.name == "ndots":
+            _check_ndots(option.value, oloc + ("value",), issues)
+
+
+def _check_ndots(value: str | None, loc: Loc, issues: _Issues) -> None:
+    """ndots: names with fewer dots than this are tried with the search domains first. glibc reads a whole
+    number and caps it at 15; Kubernetes' ClusterFirst gives 5."""
+    example = f'value: "{_NDOTS_CLUSTER_FIRST}"'
+    if value is None:
+        issues.add(loc, f"missing; ndots needs a number of dots 0..{_NDOTS_MAX}, e.g. {example}")
+    elif not re.fullmatch(r"[0-9]+", value):
+        issues.add(loc, f"ndots {_short(repr(value), 30)} is not a whole number: write 0..{_NDOTS_MAX} as a string, "
+                        f"e.g. {example}")
+    elif int(value[:4]) > _NDOTS_MAX:
+        issues.add(loc, f"ndots {_short(value, 30)} is more than {_NDOTS_MAX}, the most the resolver uses: write "
+                        f"0..{_NDOTS_MAX}, e.g. {example}")
+
+
+def _dns_config(config: _DnsConfigIn | None) -> DnsConfig | None:
+    if config is None:
+        return None
+    return DnsConfig(nameservers=tuple(config.nameservers or ()), searches=tuple(config.searches or ()),
+                     options=tuple((o.name, o.value) for o in config.options or ()))
+
+
+_DNS_NAME_MAX = 253
+
+
+def _dns_name_problem(value: str, what: str, example: str, wildcard: bool = False) -> str | None:
+    """Why `value` is not a DNS name (lower-case DNS-1123 labels joined by dots, 253 characters at most, as
+    Kubernetes' DNS-1123 subdomain rule), or None. With `wildcard`, the first label may be `*` (`*.example.com`
+    matches one label in its place, as an Ingress host)."""
+    shown = _short(repr(value), 60)
+    if value == "":
+        return f"the {what} is empty: write a DNS name, e.g. {example}"
+    if value.endswith(".") and value != ".":
+        return f"{shown} ends with a dot: write the {what} without it, {_short(value[:-1], 60)}"
+    if len(value) > _DNS_NAME_MAX:
+        return f"the {what} {shown} is {len(value)} characters; a DNS name has at most {_DNS_NAME_MAX}"
+    labels = value.split(".")
+    if wildcard and labels[0] == "*" and len(labels) > 1:
+        labels = labels[1:]
+    if "*" in ".".join(labels):
+        if wildcard:
+            return f"{shown} is not a valid {what}: '*' may only be the whole first label, e.g. *.example.com"
+        return f"{shown} is not a valid {what}: a '*' (wildcard) is not allowed here"
+    if _ADDRESS_TEXT.match(value):
+        return f"{shown} is an IP address, but a {what} must be a DNS name, e.g. {example}"
+    if value != value.lower() and all(names.is_dns_label(label) for label in value.lower().split(".")[-len(labels):]):
+        return f"{shown} has upper-case letters: write DNS names in lower case, {_short(value.lower(), 60)}"
+    for label in labels:
+        if not names.is_dns_label(label):
+            return (f"{shown} is not a valid {what}: each dot-separated part must be 1..63 lower-case letters, digits "
+                    f"and '-', starting and ending with a letter or digit, e.g. {example}")
+    return None
 
 
 def _check_container(container: _ContainerIn, loc: Loc, port_names: dict[str, Loc],
@@ -2731,6 +3048,300 @@ def _fill_service_defaults(spec: dict[str, Any], service_type: str, affinity: st
         config.setdefault("clientIP", {})["timeoutSeconds"] = timeout
 
 
+# ---------------------------------------------------------------------------- ingresses
+
+
+PATH_TYPES = ("Prefix", "Exact", "ImplementationSpecific")
+# Kubernetes refuses these in Prefix and Exact paths (they would let a path escape its prefix once normalized).
+_BAD_PATH_PARTS = ("//", "/./", "/../", "%2f", "%2F")
+_BAD_PATH_ENDINGS = ("/..", "/.")
+# The characters ingress-nginx's strict path check allows: what a controller can match without escaping.
+_INGRESS_PATH = re.compile(r"^/[A-Za-z0-9._~/-]*$")
+_INGRESS_PATH_MAX = 1024
+
+
+def _read_ingress(obj: Any, loc: Loc, issues: _Issues) -> _Parsed | None:
+    """A networking.k8s.io/v1 Ingress's own rules; whether its backends exist is `_ingresses`'s check."""
+    model = _validate(_IngressIn, obj, loc, issues)
+    if model is None:
+        return None
+    before = len(issues)
+    meta, spec, sloc = model.metadata, model.spec, loc + ("spec",)
+    _check_meta(meta, loc + ("metadata",), issues)
+    if spec.ingress_class_name is not None:
+        problem = _dns_name_problem(spec.ingress_class_name, "ingressClassName", "nginx")
+        if problem:
+            issues.add(sloc + ("ingressClassName",), problem)
+    if spec.tls is not None and spec.tls != []:
+        issues.add(sloc + ("tls",), "tls is not supported by kubenet-lab: its ingress controller serves plain HTTP on "
+                                    "its node port and terminates no TLS; remove tls and reach the hosts with http://")
+    backends: list[tuple[Loc, IngressBackend]] = []
+    routes: list[tuple[Loc, str | None, str, str]] = []
+    default = None
+    if spec.default_backend is not None:
+        default = _ingress_backend(spec.default_backend, sloc + ("defaultBackend",), backends, issues)
+    rules = [_ingress_rule(rule, sloc + ("rules", index), backends, routes, issues)
+             for index, rule in enumerate(spec.rules or [])]
+    if not spec.rules and spec.default_backend is None:
+        # Kubernetes' rule: an Ingress routes nothing without one of the two.
+        issues.add(sloc, "an Ingress needs rules or a defaultBackend (Kubernetes refuses one with neither): add "
+                         "rules: [{host: web.example.com, http: {paths: [{path: /, pathType: Prefix, backend: "
+                         "{service: {name: web, port: {number: 80}}}}]}}], or defaultBackend: {service: {name: web, "
+                         "port: {number: 80}}}")
+    if len(issues) > before:
+        return None
+    namespace = meta.namespace or "default"
+    manifest = _manifest(model)
+    manifest["metadata"].setdefault("namespace", "default")
+    ingress = Ingress(name=meta.name, namespace=namespace, rules=tuple(r for r in rules if r is not None),
+                      default_backend=default, class_name=spec.ingress_class_name)
+    return _Parsed(model.api_version, model.kind, loc, manifest, meta.name, namespace, dict(meta.labels or {}),
+                   ingress=_IngressDraft(ingress, tuple(backends), tuple(routes)))
+
+
+def _ingress_rule(rule: _IngressRuleIn, loc: Loc, backends: list[tuple[Loc, IngressBackend]],
+                  routes: list[tuple[Loc, str | None, str, str]], issues: _Issues) -> IngressRule | None:
+    host = rule.host or None  # "" is no host, as in Kubernetes: the rule matches every host
+    if host is not None:
+        problem = _dns_name_problem(host, "host", "web.example.com", wildcard=True)
+        if problem:
+            issues.add(loc + ("host",), problem)
+    if rule.http is None:
+        # Kubernetes accepts a rule without http, but it routes nothing: most likely http was forgotten.
+        issues.add(loc + ("http",), "missing; a rule routes the HTTP paths of its host: add http: {paths: [{path: /, "
+                                    "pathType: Prefix, backend: {service: {name: web, port: {number: 80}}}}]}")
+        return None
+    if not rule.http.paths:
+        issues.add(loc + ("http", "paths"), "no paths: a rule needs at least one (Kubernetes requires it), e.g. paths: "
+                                            "[{path: /, pathType: Prefix, backend: {service: {name: web, port: "
+                                            "{number: 80}}}}]")
+    paths = []
+    for index, path_in in enumerate(rule.http.paths):
+        ploc = loc + ("http", "paths", index)
+        path_type = _path_type(path_in.path_type, ploc + ("pathType",), issues)
+        path = _ingress_path(path_in.path, path_type, ploc + ("path",), issues)
+        backend = _ingress_backend(path_in.backend, ploc + ("backend",), backends, issues)
+        if path_type is None or path is None or backend is None:
+            continue
+        routes.append((ploc, host, path, path_type))
+        paths.append(IngressPath(path=path, path_type=path_type, backend=backend))
+    return IngressRule(host=host, paths=tuple(paths))
+
+
+def _path_type(value: str, loc: Loc, issues: _Issues) -> str | None:
+    """pathType is required in networking.k8s.io/v1 (v1beta1 defaulted it)."""
+    if value in PATH_TYPES:
+        return value
+    close = _close_match(value, PATH_TYPES)
+    hint = f" (did you mean {close}?)" if close else ""
+    issues.add(loc, f"pathType must be one of {', '.join(PATH_TYPES)}, got {_short(repr(value), 40)}{hint}")
+    return None
+
+
+def _ingress_path(path: str | None, path_type: str | None, loc: Loc, issues: _Issues) -> str | None:
+    """An HTTP path: absolute (Kubernetes requires it of Prefix and Exact paths, and of any path given), free of
+    the sequences Kubernetes refuses, and of characters a controller would have to escape."""
+    if path is None or path == "":
+        if path_type == "ImplementationSpecific":
+            return "/"  # Kubernetes allows it empty; ingress-nginx reads it as /
+        issues.add(loc, f"missing; pathType {path_type or 'Prefix'} needs a path starting with '/', e.g. path: /")
+        return None
+    shown = _short(repr(path), 60)
+    if not path.startswith("/"):
+        issues.add(loc, f"path {shown} must start with '/' (an absolute URL path): write /{_short(path, 58)}")
+        return None
+    if len(path) > _INGRESS_PATH_MAX:
+        issues.add(loc, f"path {shown} is {len(path)} characters; at most {_INGRESS_PATH_MAX} are allowed here")
+        return None
+    bad = next((part for part in _BAD_PATH_PARTS if part in path), None)
+    if bad is None:
+        bad = next((end for end in _BAD_PATH_ENDINGS if path.endswith(end)), None)
+    if bad is not None:
+        issues.add(loc, f"path {shown} contains {bad!r}, which Kubernetes refuses in an Ingress path: write the path "
+                        "without empty, '.' or '..' segments")
+        return None
+    if not _INGRESS_PATH.match(path):
+        issues.add(loc, f"path {shown} may only hold letters, digits and '/', '-', '_', '.', '~' (the characters "
+                        "ingress-nginx's strict path check allows): remove the others")
+        return None
+    return path
+
+
+def _ingress_backend(backend_in: _IngressBackendIn, loc: Loc, backends: list[tuple[Loc, IngressBackend]],
+                     issues: _Issues) -> IngressBackend | None:
+    """A backend: a Service of the Ingress's namespace and one of its ports, by number or by name."""
+    example = "service: {name: web, port: {number: 80}}"
+    if backend_in.resource is not None:
+        issues.add(loc + ("resource",), f"resource backends are not supported by kubenet-lab (its controller routes "
+                                        f"to Services only): remove resource and give {example}")
+        return None
+    if backend_in.service is None:
+        issues.add(loc + ("service",), f"missing; a backend names a Service of the Ingress's namespace, e.g. {example}")
+        return None
+    service, sloc = backend_in.service, loc + ("service",)
+    ok = True
+    problem = _service_name_problem(service.name)
+    if problem:
+        issues.add(sloc + ("name",), problem)
+        ok = False
+    number, name = service.port.number, service.port.name
+    port: int | str | None = None
+    if number is not None and name is not None:
+        issues.add(sloc + ("port",), "give the service port's number or its name, not both (Kubernetes refuses both): "
+                                     f"e.g. port: {{number: {_show(number)}}}")
+    elif number is not None:
+        if 1 <= number <= 65535:
+            port = number
+        else:
+            issues.add(sloc + ("port", "number"), f"{_show(number)} is not a port number: use 1..65535, the port of "
+                                                  "the service (not its targetPort)")
+    elif name is not None:
+        problem = _port_name_problem(name)
+        if problem:
+            issues.add(sloc + ("port", "name"), problem + " (it names a port of the service)")
+        else:
+            port = name
+    else:
+        issues.add(sloc + ("port",), "missing the port: give the service port's number or name, e.g. port: "
+                                     "{number: 80} or port: {name: http}")
+    if not ok or port is None:
+        return None
+    backend = IngressBackend(service=service.name, port=port)
+    backends.append((loc, backend))
+    return backend
+
+
+def _ingresses(parsed: list[_Parsed], lab: Lab, namespaces: set[str], issues: _Issues,
+               running: bool) -> list[Ingress]:
+    """The Ingresses among `parsed`, checked against each other, the lab's Ingresses and the Services they send
+    to: those of the lab (lab.services) and those among `parsed`. `running`: `lab` is a running lab that the
+    objects are applied to (its services were there before)."""
+    objs = [p for p in parsed if p.ingress is not None]
+    if not objs:
+        return []
+    services = {s.key: s for s in lab.services}
+    for obj in parsed:
+        if obj.service is not None:
+            services.setdefault(f"{obj.namespace}/{obj.name}", obj.service.service)
+    defined = {i.key: f"ingress {i.key}, already in lab {lab.name}" for i in lab.ingresses}
+    routes: dict[tuple[str, str, str], str] = {}
+    default_owner: str | None = None
+    for ingress in lab.ingresses:
+        where = f"ingress {ingress.key}, already in lab {lab.name}"
+        for rule in ingress.rules:
+            for path in rule.paths:
+                routes.setdefault(_route_key(rule.host, path.path, path.path_type), where)
+        if ingress.default_backend is not None and default_owner is None:
+            default_owner = where
+    found = []
+    for obj in objs:
+        assert obj.ingress is not None and obj.namespace is not None
+        key = f"{obj.namespace}/{obj.name}"
+        if obj.namespace not in namespaces:
+            issues.add(obj.loc + ("metadata", "namespace"),
+                       f"namespace {obj.namespace} does not exist: add a v1 Namespace object named {obj.namespace}")
+        if key in defined:
+            issues.add(obj.loc + ("metadata", "name"), f"ingress {key} clashes with {defined[key]}: rename one")
+        defined.setdefault(key, f"the ingress at {_where(obj.loc, issues)}")
+        for loc, backend in obj.ingress.backends:
+            _check_ingress_backend(backend, obj.namespace, services, loc, issues)
+        for loc, host, path, path_type in obj.ingress.routes:
+            route = _route_key(host, path, path_type)
+            if route in routes:
+                owner = f"host {host}" if host else "any host"
+                issues.add(loc, f"{path_type} path {path} of {owner} is already routed by {routes[route]}: a host and "
+                                "path go to one backend; remove one, or change the path")
+            routes.setdefault(route, _where(loc, issues))
+        if obj.ingress.ingress.default_backend is not None:
+            if default_owner is not None:
+                issues.add(obj.loc + ("spec", "defaultBackend"),
+                           f"the default backend is already given by {default_owner}: the ingress controller has one "
+                           "default backend (for requests no rule matches); remove one of them")
+            default_owner = default_owner or f"the ingress at {_where(obj.loc, issues)}"
+        found.append(obj.ingress.ingress)
+    if running:
+        _controller_starts(objs, lab, issues)
+    return found
+
+
+def _route_key(host: str | None, path: str, path_type: str) -> tuple[str, str, str]:
+    """Routes that match the same requests: ImplementationSpecific is read as Prefix (as ingress-nginx does),
+    and a Prefix path matches with or without its trailing '/' (Kubernetes' prefix matching is by segment)."""
+    if path_type == "Exact":
+        return host or "", path, "Exact"
+    return host or "", path.rstrip("/") or "/", "Prefix"
+
+
+def _check_ingress_backend(backend: IngressBackend, namespace: str, services: dict[str, Service], loc: Loc,
+                           issues: _Issues) -> None:
+    """An Ingress sends to a Service of its own namespace (Kubernetes has no cross-namespace backends), on
+    one of the Service's ports: by number, its `port` (not the targetPort), or by the port's name."""
+    key = f"{namespace}/{backend.service}"
+    service = services.get(key)
+    if service is None:
+        if ("Service", namespace, backend.service) in issues.refused:
+            return  # the Service has problems of its own, reported where it is written
+        there = sorted(s.name for s in services.values() if s.namespace == namespace)
+        listed = f"services there: {', '.join(there)}" if there else "it has no services"
+        issues.add(loc + ("service", "name"), f"service {key} does not exist: a backend must be a Service in the "
+                                              f"Ingress's namespace {namespace} ({listed}); add the Service, or fix "
+                                              "the name")
+        return
+    ports = ", ".join(f"{p.port}/{p.protocol}" + (f" named {p.name}" if p.name else "") for p in service.ports)
+    ports = f"its ports: {ports}" if ports else "it has no ports"
+    if isinstance(backend.port, int):
+        matching = [p for p in service.ports if p.port == backend.port]
+        where, what = loc + ("service", "port", "number"), f"port {backend.port}"
+    else:
+        matching = [p for p in service.ports if p.name and p.name == backend.port]
+        where, what = loc + ("service", "port", "name"), f"port named {backend.port}"
+    if not matching:
+        fix = "use one of them" if service.ports else "add ports to the Service"
+        issues.add(where, f"service {key} has no {what} ({ports}): {fix}; an Ingress backend names the Service's "
+                          "port, not its targetPort")
+    elif not any(p.protocol == "TCP" for p in matching):
+        issues.add(where, f"{what} of service {key} is {matching[0].protocol}, but an Ingress sends HTTP, over TCP "
+                          f"({ports}): use a TCP port")
+
+
+def _controller_starts(objs: list[_Parsed], lab: Lab, issues: _Issues) -> None:
+    """Applied to a running lab whose controller is automatic and not running yet, the first Ingress starts it:
+    its node port must still be free of the lab's services."""
+    controller = lab.ingress_controller
+    if controller.enabled is not None or lab.ingresses:
+        return
+    for service in lab.services:
+        if any(p.node_port == controller.node_port for p in service.ports):
+            issues.add(objs[0].loc + ("metadata", "name"),
+                       f"this lab's first Ingress starts the ingress controller, which listens on node port "
+                       f"{controller.node_port} of every node (spec.ingressController.nodePort), but service "
+                       f"{service.key} already uses that node port: delete that service (or give it another node "
+                       "port) first, or bring the lab up with another ingressController.nodePort")
+            return
+
+
+# ---------------------------------------------------------------------------- names of the addons
+
+
+# The cluster DNS addon's objects in kube-system: the kube-dns Service and the coredns Deployment and pods.
+DNS_ADDON_NAMESPACE = "kube-system"
+DNS_ADDON_NAMES = ("kube-dns", "coredns")
+
+
+def _check_reserved_names(parsed: list[_Parsed], lab: Lab, issues: _Issues,
+                          wanted: Callable[[_Parsed], bool] = lambda obj: True) -> None:
+    """While the lab runs the cluster DNS, its objects' names are taken: a user object of any kind named like
+    them in kube-system would clash with the addon's (or be mistaken for it)."""
+    if not lab.dns.enabled:
+        return
+    for obj in parsed:
+        if obj.namespace == DNS_ADDON_NAMESPACE and obj.name in DNS_ADDON_NAMES and wanted(obj):
+            issues.add(obj.loc + ("metadata", "name"),
+                       f"{obj.kind} {DNS_ADDON_NAMESPACE}/{obj.name}: the names {' and '.join(DNS_ADDON_NAMES)} in "
+                       f"namespace {DNS_ADDON_NAMESPACE} belong to the cluster DNS addon this lab runs (spec.dns): "
+                       "rename the object or put it in another namespace, or set dns.enabled: false to run your own")
+
+
 # Registry of the object kinds a lab understands: (apiVersion, kind) -> reader. A reader validates one
 # object and returns it parsed (or None after recording issues), recording each problem in the Issues it is
 # given. Later layers add kinds here; Parsed and Issues are the public names of what a reader deals with.
@@ -2739,6 +3350,7 @@ KINDS: dict[tuple[str, str], Reader] = {
     ("v1", "Pod"): _read_pod,
     ("apps/v1", "Deployment"): _read_deployment,
     ("v1", "Service"): _read_service,
+    ("networking.k8s.io/v1", "Ingress"): _read_ingress,
 }
 Parsed = _Parsed
 Issues = _Issues
@@ -2748,14 +3360,24 @@ Issues = _Issues
 
 
 def _objects_against_lab(parsed: list[_Parsed], lab: Lab, issues: _Issues, pods: bool = True,
-                         services: bool = True) -> tuple[list[Pod], list[Service]]:
-    """The checks of objects that involve each other and the lab: the pods they make (placed on nodes) and
-    the services (with what is allocated to them), each only if asked for."""
+                         services: bool = True,
+                         ingresses: bool = True) -> tuple[list[Pod], list[Service], list[Ingress]]:
+    """The checks of objects that involve each other and the lab: the pods they make (placed on nodes), the
+    services (with what is allocated to them) and the ingresses, each only if asked for."""
     namespaces = _namespaces(parsed, lab.namespaces, issues)
     place = bool(lab.nodes) and not issues
+
+    def wanted(obj: _Parsed) -> bool:
+        if pods and services and ingresses:
+            return True  # every kind, those added to KINDS later too
+        return ((pods and obj.template is not None) or (services and obj.service is not None)
+                or (ingresses and obj.ingress is not None))
+
+    _check_reserved_names(parsed, lab, issues, wanted)
     found_services = _services(parsed, lab, lab.cluster.service_cidr, set(namespaces), issues) if services else []
+    found_ingresses = _ingresses(parsed, lab, set(namespaces), issues, running=True) if ingresses else []
     found_pods = _expand(parsed, lab, set(namespaces), issues, place=place) if pods else []
-    return found_pods, found_services
+    return found_pods, found_services, found_ingresses
 
 
 def _services(parsed: list[_Parsed], lab: Lab, service_cidr: IPv4Network | None, namespaces: set[str],
@@ -2776,7 +3398,7 @@ def _services(parsed: list[_Parsed], lab: Lab, service_cidr: IPv4Network | None,
             issues.add(obj.loc + ("metadata", "name"), f"service {key} clashes with {defined[key]}: rename one")
         defined.setdefault(key, f"the service at {_where(obj.loc, issues)}")
     ips = _cluster_ips(objs, lab, service_cidr, issues)
-    ports = _node_ports(objs, lab, issues)
+    ports = _node_ports(objs, lab, _controller_port(lab, parsed), issues)
     services = []
     for index, obj in enumerate(objs):
         assert obj.service is not None
@@ -2821,7 +3443,7 @@ def _cluster_ip_candidates(cidr: IPv4Network) -> typing.Iterator[IPv4Address]:
     network, broadcast = int(cidr.network_address), int(cidr.broadcast_address)
     reserved = {network + KUBERNETES_SERVICE_OFFSET, network + DNS_SERVICE_OFFSET}
     start = min(network + CLUSTER_IP_OFFSET, broadcast)
-    for address in [*range(start, broadcast), *range(network + 2, start)]:
+    for address in itertools.chain(range(start, broadcast), range(network + 2, start)):  # lazily: a /12 is 2^20
         if address not in reserved:
             yield IPv4Address(address)
 
@@ -2839,6 +3461,11 @@ def _cluster_ips(objs: list[_Parsed], lab: Lab, cidr: IPv4Network | None, issues
             continue
         loc = obj.loc + ("spec", "clusterIP")
         problem = _cluster_ip_problem(ip, cidr) if cidr is not None else None
+        if problem is None and cidr is not None and lab.dns.enabled and ip == cidr.network_address + DNS_SERVICE_OFFSET:
+            # The cluster DNS addon's kube-dns Service owns serviceCIDR + 10 (kubelet points pods' resolv.conf at it).
+            problem = (f"clusterIP {ip} is serviceCIDR + {DNS_SERVICE_OFFSET}, the cluster DNS's address (its kube-dns "
+                       "Service; the addon runs unless spec.dns.enabled is false): pick another address, or leave "
+                       "clusterIP out to have one allocated; or set dns.enabled: false to run your own DNS there")
         if problem is None and ip in owners:
             problem = (f"clusterIP {ip} is already the cluster IP of {owners[ip]}: give each service its own, or "
                        "leave clusterIP out to have one allocated")
@@ -2865,11 +3492,25 @@ def _cluster_ips(objs: list[_Parsed], lab: Lab, cidr: IPv4Network | None, issues
     return result
 
 
-def _node_ports(objs: list[_Parsed], lab: Lab, issues: _Issues) -> dict[int, tuple[ServicePort, ...]]:
+def _controller_port(lab: Lab, parsed: list[_Parsed]) -> tuple[int, str] | None:
+    """The ingress controller's node port, and why the controller runs, if it does: enabled, or left automatic
+    (None) while the lab has Ingress objects (already, or among `parsed`). Services may not use it then."""
+    controller = lab.ingress_controller
+    if controller.enabled:
+        return controller.node_port, "ingressController.enabled is true"
+    if controller.enabled is None and (lab.ingresses or any(p.ingress is not None for p in parsed)):
+        return controller.node_port, "the lab has Ingress objects"
+    return None
+
+
+def _node_ports(objs: list[_Parsed], lab: Lab, controller: tuple[int, str] | None,
+                issues: _Issues) -> dict[int, tuple[ServicePort, ...]]:
     """Each service's ports with their node ports: given ones checked (a node port belongs to one service,
     since every node listens on it), missing ones of NodePort services allocated, lowest free from 30000 up
     in spec order (kube-apiserver picks at random). As kube-apiserver does, ports of one service with the
-    same number (53/TCP and 53/UDP) share one allocated node port."""
+    same number (53/TCP and 53/UDP) share one allocated node port. A running ingress controller's node port
+    (`controller`: the port, and why it runs) is neither given nor allocated to a service."""
+    controller_port = controller[0] if controller is not None else None
     owners: dict[int, str] = {}
     for service in lab.services:
         for port in service.ports:
@@ -2881,6 +3522,13 @@ def _node_ports(objs: list[_Parsed], lab: Lab, issues: _Issues) -> dict[int, tup
         for index, port in enumerate(obj.service.service.ports):
             if port.node_port is None:
                 continue
+            if controller is not None and port.node_port == controller_port:
+                issues.add(obj.loc + ("spec", "ports", index, "nodePort"),
+                           f"nodePort {port.node_port} is the ingress controller's node port "
+                           f"(spec.ingressController.nodePort), and the controller runs in this lab ({controller[1]}): "
+                           "every node listens on it for the controller; pick another nodePort, or leave nodePort out "
+                           "to have one allocated")
+                continue
             if port.node_port in owners and port.node_port not in mine:
                 issues.add(obj.loc + ("spec", "ports", index, "nodePort"),
                            f"nodePort {port.node_port} is already used by {owners[port.node_port]}: every node "
@@ -2889,6 +3537,8 @@ def _node_ports(objs: list[_Parsed], lab: Lab, issues: _Issues) -> dict[int, tup
                 continue
             mine.add(port.node_port)
             owners[port.node_port] = f"service {obj.namespace}/{obj.name} at {_where(obj.loc, issues)}"
+    if controller_port is not None:
+        owners.setdefault(controller_port, "the ingress controller")  # never allocated to a service
     low, high = NODE_PORT_RANGE
     free = iter(range(low, high + 1))  # one pass, as for cluster IPs
     result: dict[int, tuple[ServicePort, ...]] = {}
@@ -3069,7 +3719,8 @@ def _place(drafts: list[_Draft], lab: Lab, issues: _Issues) -> list[Pod]:
         veths[(node, veth)] = key
         pods.append(Pod(name=draft.name, namespace=draft.namespace, node=node, labels=draft.template.labels,
                         containers=draft.template.containers,
-                        owner=draft.obj.name if draft.replica is not None else None))
+                        owner=draft.obj.name if draft.replica is not None else None,
+                        dns_policy=draft.template.dns_policy, dns_config=draft.template.dns_config))
     for node_name, loc in overflow_at.items():
         issues.add(loc, _capacity_message(lab, lab.node(node_name), counts[node_name]))
     return pods

@@ -59,8 +59,10 @@ def test_status_shows_the_explainer_addresses(seed: str) -> None:
     info = json.loads(lab("status", seed, "--json").stdout)
     nodes = {n["name"]: (n["ip"], n["podCIDR"]) for n in info["nodes"]}
     assert nodes == {"node1": ("192.168.1.10", "10.244.1.0/24"), "node2": ("192.168.1.11", "10.244.2.0/24")}
-    assert {p["name"]: p["ip"] for p in info["pods"]} == PODS
+    assert {p["name"]: p["ip"] for p in info["pods"] if p["namespace"] == "default"} == PODS
     assert all(p["status"] == "Running" for p in info["pods"])
+    dns = [p for p in info["pods"] if p["namespace"] == "kube-system"]
+    assert [(p["name"], p["node"]) for p in dns] == [("coredns", "node2")]  # as in the explainer's picture
 
 
 def test_every_pod_pings_every_pod(seed: str) -> None:
@@ -89,7 +91,7 @@ def test_node_plumbing_is_cni0_veths_and_host_gw_routes(seed: str) -> None:
     cni0 = in_lab(seed, "node1", "ip", "-4", "-o", "addr", "show", "cni0")
     assert "10.244.1.1/24" in cni0
     ports = in_lab(seed, "node1", "ip", "-o", "link", "show", "master", "cni0")
-    assert ports.count("veth") == 2
+    assert ports.count("veth") == 2  # node1-pod1 and node1-pod2
     assert in_lab(seed, "node1", "cat", "/proc/sys/net/ipv4/ip_forward").strip() == "1"
     pod_route = in_lab(seed, "node1-pod1", "ip", "-4", "route")
     assert "default via 10.244.1.1 dev eth0" in pod_route

@@ -58,10 +58,12 @@ def test_seed_nodes_get_cni0_at_dot_1_and_host_gw_routes(seed_plan: plan.Plan) -
 def test_underlay_plan_puts_every_node_on_one_switch(seed_plan: plan.Plan) -> None:
     up = seed_plan.underlay
     assert up.switch_netns == ("klab_seed_u_ul",)
-    assert [(h.name, h.netns, h.gateway) for h in up.hosts] == [("node1", "klab_seed_n_node1", None),
-                                                               ("node2", "klab_seed_n_node2", None)]
+    assert [(h.name, h.netns, h.gateway, h.external) for h in up.hosts] == [
+        ("node1", "klab_seed_n_node1", None, False), ("node2", "klab_seed_n_node2", None, False),
+        ("external-web", "klab_seed_n_external-web", None, True)]
     assert [(l.host, l.intf, str(l.address), l.segment, l.port) for l in up.links] == [
-        ("node1", "eth0", "192.168.1.10/24", "ul", "ul-eth0"), ("node2", "eth0", "192.168.1.11/24", "ul", "ul-eth1")]
+        ("node1", "eth0", "192.168.1.10/24", "ul", "ul-eth0"), ("node2", "eth0", "192.168.1.11/24", "ul", "ul-eth1"),
+        ("external-web", "eth0", "192.168.1.200/24", "ul", "ul-eth2")]
     assert all(l.segment in l.port for l in up.links)  # LinuxBridge only enslaves such ports
 
 

@@ -20,9 +20,11 @@ import yaml
 
 from topo import model, names, spec
 from topo.errors import SpecError
-from topo.model import (Bgp, ExternalHost, Fabric, KubeProxy, Lab, LinkSpec, Network, Rack, Service, ServicePort,
+from topo.model import (Bgp, ClusterDns, DnsConfig, ExternalHost, Fabric, Ingress, IngressBackend, IngressController,
+                        IngressPath, IngressRule, KubeProxy, Lab, LinkSpec, Network, Rack, Service, ServicePort,
                         Underlay)
-from topo.spec import load_spec, parse_objects, parse_spec_text, pods_from_objects, services_from_objects
+from topo.spec import (ingresses_from_objects, load_spec, parse_objects, parse_spec_text, pods_from_objects,
+                       services_from_objects)
 
 ROOT = Path(__file__).resolve().parents[2]
 SPECS = Path(__file__).resolve().parent / "specs"
@@ -71,7 +73,12 @@ def test_seed_lab_loads_with_the_explainers_numbers() -> None:
     assert lab.cluster.service_cidr == IPv4Network("10.96.0.0/12")
     assert lab.network.backend == "host-gw" and lab.network.mtu == 1500
     assert lab.namespaces == {"default": {}, "kube-system": {}}
-    assert len(lab.objects) == 3
+    assert len(lab.objects) == 4
+    assert [(s.key, s.cluster_ip) for s in lab.services] == [("default/web", IPv4Address("10.96.0.100"))]
+    assert lab.dns == model.ClusterDns(enabled=True, node="node2", domain="cluster.local")
+    assert lab.external == (ExternalHost("external-web", IPv4Address("192.168.1.200"), ("http", "dns"), None, 0,
+                                         ("api.example.com",)),)
+    assert all(p.dns_policy == "ClusterFirst" and p.dns_config is None for p in lab.pods)
     assert lab.source == str(SEED) and lab.exercise == str(SEED.parent)
 
 
@@ -448,7 +455,8 @@ def test_many_problems_are_reported_together() -> None:
         "t.yaml:14: spec.objects[0].spec.containers[0].image: image nginx is not built in (built-ins: agnhost, "
         "pause): give command: [...] to run a program from this machine",
         "t.yaml:15: spec.objects[1].kind: kind NetworkPolicy (networking.k8s.io/v1) is not supported by this "
-        "version of kubenet-lab (supported: v1 Namespace, v1 Pod, apps/v1 Deployment, v1 Service)",
+        "version of kubenet-lab (supported: v1 Namespace, v1 Pod, apps/v1 Deployment, v1 Service, "
+        "networking.k8s.io/v1 Ingress)",
     ]
     # Once the structure is right, the semantic problems all come out at once too.
     fixed = text.replace("podCidr", "podCIDR")
@@ -464,7 +472,8 @@ def test_many_problems_are_reported_together() -> None:
         "t.yaml:14: spec.objects[0].spec.containers[0].image: image nginx is not built in (built-ins: agnhost, "
         "pause): give command: [...] to run a program from this machine",
         "t.yaml:15: spec.objects[1].kind: kind NetworkPolicy (networking.k8s.io/v1) is not supported by this "
-        "version of kubenet-lab (supported: v1 Namespace, v1 Pod, apps/v1 Deployment, v1 Service)",
+        "version of kubenet-lab (supported: v1 Namespace, v1 Pod, apps/v1 Deployment, v1 Service, "
+        "networking.k8s.io/v1 Ingress)",
     ]
 
 
@@ -608,8 +617,9 @@ def _replaced(data: object, path: tuple, value: object) -> object:
 
 
 @pytest.mark.parametrize("path", [SEED, SPECS / "valid" / "07-routed-spine-bgp-tor.yaml",
-                                  SPECS / "valid" / "09-links.yaml", SPECS / "valid" / "11-services-routed.yaml"],
-                         ids=["seed", "routed", "links", "services"])
+                                  SPECS / "valid" / "09-links.yaml", SPECS / "valid" / "11-services-routed.yaml",
+                                  SPECS / "valid" / "14-dns-and-ingress-small.yaml"],
+                         ids=["seed", "routed", "links", "services", "dns-and-ingress"])
 def test_every_field_of_the_seed_replaced_by_odd_values_raises_only_spec_error(path: Path) -> None:
     data = yaml.safe_load(path.read_text())
     for path in _subtrees(data):
@@ -621,7 +631,7 @@ def test_public_functions_refuse_garbage_objects_with_spec_error() -> None:
     lab = load_spec(SEED)
     for objects in ([None], [1], [{"kind": 1}], [{"apiVersion": "v1", "kind": "Pod", (1, 2): 3}], "notalist",
                     [{"apiVersion": "v1", "kind": "Pod", "metadata": {"name": 2**5000}}]):
-        for function in (pods_from_objects, services_from_objects):
+        for function in (pods_from_objects, services_from_objects, ingresses_from_objects):
             with pytest.raises(SpecError) as info:
                 function(objects, lab, "o.yaml")  # type: ignore[arg-type]
             assert spec.INTERNAL_ERROR not in str(info.value)
@@ -848,17 +858,17 @@ def test_services_from_objects_ignores_pods_and_pods_from_objects_ignores_servic
 ---
 apiVersion: v1
 kind: Service
-metadata: {name: web}
+metadata: {name: web2}
 spec: {selector: {app: web}, ports: [{port: 80, targetPort: 8080}]}
 """, lab, "apply.yaml")
-    assert objects[1]["spec"]["clusterIP"] == "10.96.0.100"
+    assert objects[1]["spec"]["clusterIP"] == "10.96.0.101"  # the seed's own service web has .100
     assert [p.key for p in pods_from_objects(objects, lab, None)] == ["default/extra"]
-    assert [s.key for s in services_from_objects(objects, lab, None)] == ["default/web"]
+    assert [s.key for s in services_from_objects(objects, lab, None)] == ["default/web2"]
     # Each function checks only its own kind against the lab: a pod clashing with a running one is no
     # concern of services_from_objects (lab apply runs both, and parse_objects checks everything).
     clash = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "node1-pod1"},
              "spec": {"containers": [{"name": "c", "image": "pause"}]}}
-    assert [s.key for s in services_from_objects([clash, objects[1]], lab, None)] == ["default/web"]
+    assert [s.key for s in services_from_objects([clash, objects[1]], lab, None)] == ["default/web2"]
     with pytest.raises(SpecError, match="clashes with a pod already running"):
         pods_from_objects([clash, objects[1]], lab, None)
 
@@ -883,10 +893,11 @@ spec:
     ]
 
 
-def _services_lab(cidr: str, count: int, extra: str = "") -> Lab:
+def _services_lab(cidr: str, count: int, extra: str = "", dns: str = "") -> Lab:
     objects = "".join(f"    - {{apiVersion: v1, kind: Service, metadata: {{name: s{i}}}, spec: {{ports: [{{port: 80}}]}}}}\n"
                       for i in range(count))
-    return parse_spec_text(HEADER + f"  cluster: {{serviceCIDR: {cidr}}}\n" + ONE_NODE + "  objects:\n" + extra + objects)
+    return parse_spec_text(HEADER + f"  cluster: {{serviceCIDR: {cidr}}}\n" + dns + ONE_NODE + "  objects:\n" + extra
+                           + objects)
 
 
 def test_cluster_ip_allocation_never_hands_out_the_reserved_addresses() -> None:
@@ -902,10 +913,11 @@ def test_cluster_ip_allocation_never_hands_out_the_reserved_addresses() -> None:
 
 
 def test_the_dns_address_may_be_given_and_an_empty_cluster_ip_is_allocated() -> None:
+    # Only with the cluster DNS addon off: it owns .10 and the name kube-dns in kube-system otherwise.
     extra = ("    - {apiVersion: v1, kind: Service, metadata: {name: kube-dns, namespace: kube-system}, "
              "spec: {clusterIP: 10.96.0.10, ports: [{name: dns, port: 53, protocol: UDP}]}}\n"
              "    - {apiVersion: v1, kind: Service, metadata: {name: empty}, spec: {clusterIP: '', ports: [{port: 1}]}}\n")
-    lab = _services_lab("10.96.0.0/12", 1, extra)
+    lab = _services_lab("10.96.0.0/12", 1, extra, dns="  dns: {enabled: false}\n")
     assert [(s.key, str(s.cluster_ip)) for s in lab.services] == [
         ("kube-system/kube-dns", "10.96.0.10"), ("default/empty", "10.96.0.100"), ("default/s0", "10.96.0.101")]
 
@@ -945,3 +957,235 @@ def test_services_and_external_hosts_are_checked_while_the_cluster_is_wrong() ->
         "t.yaml:9: spec.objects[0].metadata.name: 'Web' is not a valid Service name: use lower-case letters, "
         "digits and '-', starting with a letter and ending with a letter or digit",
     ]  # objects[1]'s clusterIP is not checked against a serviceCIDR that is itself wrong
+
+
+# ------------------------------------------------------------------ cluster DNS, pod DNS settings, external names
+
+
+def test_labs_run_the_cluster_dns_and_an_automatic_ingress_controller_by_default() -> None:
+    lab = load_spec(SPECS / "valid" / "01-minimal.yaml")
+    assert lab.dns == ClusterDns(enabled=True, node=None, domain="cluster.local")
+    assert lab.ingress_controller == IngressController(enabled=None, node=None, node_port=30080)
+    assert lab.ingresses == ()
+
+
+def test_cluster_dns_placement_domain_and_external_names() -> None:
+    lab = load_spec(SPECS / "valid" / "12-dns.yaml")
+    assert lab.dns == ClusterDns(enabled=True, node="node2", domain="lab.internal")
+    assert lab.external == (
+        ExternalHost("ext", IP("192.168.1.200"), ("http", "dns"), None, 0, ("api.example.com", "www.example.com")),
+        ExternalHost("db", IP("192.168.1.201"), (), None, 1, ("db.example.com",)),
+    )
+
+
+def test_pods_carry_their_dns_policy_and_config() -> None:
+    lab = load_spec(SPECS / "valid" / "12-dns.yaml")
+    pods = {p.name: p for p in lab.pods}
+    assert (pods["first"].dns_policy, pods["first"].dns_config) == ("ClusterFirst", None)
+    assert pods["tuned"].dns_policy == "ClusterFirst"
+    assert pods["tuned"].dns_config == DnsConfig(nameservers=(), searches=("example.com", "corp.example.com."),
+                                                 options=(("ndots", "2"), ("edns0", None)))
+    assert pods["host-net"].dns_policy == "ClusterFirstWithHostNet" and pods["host-net"].dns_config is None
+    assert pods["node-dns"].dns_policy == "Default"
+    assert pods["own"].dns_policy == "None"
+    assert pods["own"].dns_config == DnsConfig(("192.168.1.200",), ("example.com",), (("ndots", "0"), ("timeout", "2")))
+    replicas = [p for p in lab.pods if p.owner == "web"]
+    assert len(replicas) == 2
+    assert all(p.dns_policy == "None" and p.dns_config == DnsConfig(("10.96.0.10", "192.168.1.200"), (),
+                                                                    (("ndots", "15"),)) for p in replicas)
+
+
+def test_dns_disabled_leaves_its_address_and_names_to_the_user() -> None:
+    text = HEADER + """\
+  dns: {enabled: ENABLED}
+  nodes: [{name: a, ip: 192.168.1.10}]
+  external: [{name: ext, ip: 192.168.1.200, serves: [dns], names: [web.cluster.local]}]
+  objects:
+    - apiVersion: v1
+      kind: Service
+      metadata: {name: kube-dns, namespace: kube-system}
+      spec: {clusterIP: 10.96.0.10, ports: [{name: dns, port: 53, protocol: UDP}]}
+"""
+    lab = parse_spec_text(text.replace("ENABLED", "false"))
+    assert lab.dns == ClusterDns(enabled=False) and lab.services[0].cluster_ip == IP("10.96.0.10")
+    assert [line.split(": ", 2)[1] for line in _errors(text.replace("ENABLED", "true"))] == [
+        "spec.external[0].names[0]", "spec.objects[0].metadata.name", "spec.objects[0].spec.clusterIP"]
+
+
+def test_ndots_must_be_written_as_a_string() -> None:
+    text = HEADER + ONE_NODE + """\
+  objects:
+    - apiVersion: v1
+      kind: Pod
+      metadata: {name: p}
+      spec: {dnsConfig: {options: [{name: ndots, value: 2}]}, containers: [{name: c, image: pause}]}
+"""
+    assert _errors(text) == ['t.yaml:10: spec.objects[0].spec.dnsConfig.options[0].value: must be a string, but YAML '
+                             'reads 2 as an integer: quote it ("2")']
+
+
+def test_the_dns_addons_names_are_refused_when_applied_to_a_running_lab() -> None:
+    lab = load_spec(SEED)
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "coredns", "namespace": "kube-system"},
+           "spec": {"containers": [{"name": "c", "image": "pause"}]}}
+    with pytest.raises(SpecError) as info:
+        pods_from_objects([pod], lab, "apply.yaml")
+    assert info.value.lines() == [
+        "apply.yaml: objects[0].metadata.name: Pod kube-system/coredns: the names kube-dns and coredns in namespace "
+        "kube-system belong to the cluster DNS addon this lab runs (spec.dns): rename the object or put it in another "
+        "namespace, or set dns.enabled: false to run your own"]
+    assert services_from_objects([pod], lab, None) == []  # not its kind: left to pods_from_objects
+    off = dataclasses.replace(lab, dns=ClusterDns(enabled=False))
+    assert [p.key for p in pods_from_objects([pod], off, None)] == ["kube-system/coredns"]
+
+
+# ------------------------------------------------------------------ ingresses and the ingress controller
+
+
+def test_ingresses_with_hosts_paths_a_default_backend_and_named_ports() -> None:
+    lab = load_spec(SPECS / "valid" / "13-ingress.yaml")
+    assert lab.ingress_controller == IngressController(enabled=None, node="node2", node_port=30000)
+    shop, any_host = lab.ingresses
+    assert shop == Ingress(
+        name="shop", namespace="shop", class_name="nginx",
+        default_backend=IngressBackend("docs", 8000),
+        rules=(
+            IngressRule("web.example.com", (IngressPath("/", "Prefix", IngressBackend("web", "http")),
+                                            IngressPath("/admin", "Exact", IngressBackend("web", 8080)))),
+            IngressRule("api.example.com", (IngressPath("/v1", "Prefix", IngressBackend("api", "http")),
+                                            # an ImplementationSpecific path left out is /
+                                            IngressPath("/", "ImplementationSpecific", IngressBackend("api", 80)))),
+            IngressRule("*.docs.example.com", (IngressPath("/", "Prefix", IngressBackend("docs", 8000)),)),
+        ))
+    assert shop.key == "shop/shop"
+    assert any_host == Ingress("any-host", "shop", (IngressRule(None, (IngressPath("/web/", "Prefix",
+                                                                                    IngressBackend("web", 80)),)),))
+    # The controller runs (the lab has Ingresses), so its node port 30000 is not allocated to a service.
+    assert _service("shop", "api", lab.services).ports[0].node_port == 30001
+    stored = [o for o in lab.objects if o["kind"] == "Ingress"]
+    assert stored[1]["metadata"] == {"name": "any-host", "namespace": "shop"}
+    assert stored[0]["spec"]["rules"][1]["http"]["paths"][1] == {
+        "pathType": "ImplementationSpecific", "backend": {"service": {"name": "api", "port": {"number": 80}}}}
+
+
+@pytest.mark.parametrize("controller, ingress, node_port", [
+    ("{nodePort: 30000}", False, 30000), ("{nodePort: 30000}", True, 30001),
+    ("{enabled: true, nodePort: 30000}", False, 30001), ("{enabled: false, nodePort: 30000}", True, 30000),
+])
+def test_node_ports_skip_the_controllers_only_while_it_runs(controller: str, ingress: bool, node_port: int) -> None:
+    text = HEADER + f"  ingressController: {controller}\n" + ONE_NODE + """\
+  objects:
+    - {apiVersion: v1, kind: Service, metadata: {name: web}, spec: {type: NodePort, ports: [{port: 80}]}}
+"""
+    if ingress:
+        text += ("    - {apiVersion: networking.k8s.io/v1, kind: Ingress, metadata: {name: i}, spec: {defaultBackend: "
+                 "{service: {name: web, port: {number: 80}}}}}\n")
+    lab = parse_spec_text(text)
+    assert lab.services[0].ports[0].node_port == node_port
+    assert len(lab.ingresses) == int(ingress)
+
+
+def test_a_given_node_port_of_30080_is_fine_while_the_controller_does_not_run() -> None:
+    text = HEADER + ONE_NODE + """\
+  objects:
+    - apiVersion: v1
+      kind: Service
+      metadata: {name: web}
+      spec: {type: NodePort, ports: [{port: 80, nodePort: 30080}]}
+"""
+    assert parse_spec_text(text).services[0].ports[0].node_port == 30080
+    with_ingress = text + ("    - {apiVersion: networking.k8s.io/v1, kind: Ingress, metadata: {name: i}, spec: "
+                           "{defaultBackend: {service: {name: web, port: {number: 80}}}}}\n")
+    (line,) = _errors(with_ingress)
+    assert line.startswith("t.yaml:10: spec.objects[0].spec.ports[0].nodePort: nodePort 30080 is the ingress "
+                           "controller's node port") and "(the lab has Ingress objects)" in line
+
+
+INGRESS = {"apiVersion": "networking.k8s.io/v1", "kind": "Ingress", "metadata": {"name": "more", "namespace": "shop"},
+           "spec": {"rules": [{"host": "more.example.com", "http": {"paths": [
+               {"path": "/", "pathType": "Prefix", "backend": {"service": {"name": "web", "port": {"name": "admin"}}}},
+               {"path": "/new", "pathType": "Exact", "backend": {"service": {"name": "new", "port": {"number": 81}}}},
+           ]}}]}}
+
+
+def test_ingresses_from_objects_checks_backends_against_the_lab_and_the_batch() -> None:
+    lab = load_spec(SPECS / "valid" / "13-ingress.yaml")
+    new_service = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "new", "namespace": "shop"},
+                   "spec": {"ports": [{"port": 81}]}}
+    (more,) = ingresses_from_objects([new_service, INGRESS], lab, "apply.yaml")
+    assert more.rules[0].paths == (IngressPath("/", "Prefix", IngressBackend("web", "admin")),
+                                   IngressPath("/new", "Exact", IngressBackend("new", 81)))
+    clash = dict(INGRESS, metadata={"name": "shop", "namespace": "shop"},
+                 spec={"rules": [{"host": "web.example.com", "http": {"paths": [
+                     {"path": "/admin", "pathType": "Exact",
+                      "backend": {"service": {"name": "web", "port": {"number": 80}}}}]}}]})
+    with pytest.raises(SpecError) as info:
+        ingresses_from_objects([INGRESS, clash], lab, "apply.yaml")
+    assert info.value.lines() == [
+        "apply.yaml: objects[0].spec.rules[0].http.paths[1].backend.service.name: service shop/new does not exist: "
+        "a backend must be a Service in the Ingress's namespace shop (services there: api, docs, web); add the "
+        "Service, or fix the name",
+        "apply.yaml: objects[1].metadata.name: ingress shop/shop clashes with ingress shop/shop, already in lab "
+        "ingress: rename one",
+        "apply.yaml: objects[1].spec.rules[0].http.paths[0]: Exact path /admin of host web.example.com is already "
+        "routed by ingress shop/shop, already in lab ingress: a host and path go to one backend; remove one, or "
+        "change the path",
+    ]
+
+
+def test_the_first_ingress_applied_to_a_running_lab_needs_the_controllers_node_port_free() -> None:
+    text = HEADER + ONE_NODE + """\
+  objects:
+    - apiVersion: v1
+      kind: Service
+      metadata: {name: web}
+      spec: {type: NodePort, ports: [{port: 80, nodePort: 30080}]}
+"""
+    lab = parse_spec_text(text)
+    ingress = {"apiVersion": "networking.k8s.io/v1", "kind": "Ingress", "metadata": {"name": "i"},
+               "spec": {"defaultBackend": {"service": {"name": "web", "port": {"number": 80}}}}}
+    with pytest.raises(SpecError) as info:
+        ingresses_from_objects([ingress], lab, "apply.yaml")
+    assert info.value.lines() == [
+        "apply.yaml: objects[0].metadata.name: this lab's first Ingress starts the ingress controller, which listens "
+        "on node port 30080 of every node (spec.ingressController.nodePort), but service default/web already uses "
+        "that node port: delete that service (or give it another node port) first, or bring the lab up with another "
+        "ingressController.nodePort"]
+    off = dataclasses.replace(lab, ingress_controller=IngressController(enabled=False))
+    assert [i.key for i in ingresses_from_objects([ingress], off, None)] == ["default/i"]
+
+
+def test_parse_objects_checks_ingresses_with_lines() -> None:
+    lab = load_spec(SPECS / "valid" / "13-ingress.yaml")
+    text = """\
+apiVersion: networking.k8s.io/v1
+kind: Ingress
+metadata: {name: extra, namespace: shop}
+spec:
+  rules:
+    - host: extra.example.com
+      http:
+        paths:
+          - {path: /, pathType: Prefix, backend: {service: {name: web, port: {number: 8081}}}}
+"""
+    with pytest.raises(SpecError) as info:
+        parse_objects(text, lab, "apply.yaml")
+    assert info.value.lines() == [
+        "apply.yaml:9: spec.rules[0].http.paths[0].backend.service.port.number: service shop/web has no port 8081 "
+        "(its ports: 80/TCP named http, 8080/TCP named admin): use one of them; an Ingress backend names the "
+        "Service's port, not its targetPort"]
+    (manifest,) = parse_objects(text.replace("8081", "8080"), lab, "apply.yaml")
+    assert manifest["metadata"] == {"name": "extra", "namespace": "shop"}
+
+
+def test_an_ingress_to_a_service_with_its_own_problems_is_not_reported_twice() -> None:
+    text = HEADER + ONE_NODE + """\
+  objects:
+    - {apiVersion: v1, kind: Service, metadata: {name: web}, spec: {type: Bogus, ports: [{port: 80}]}}
+    - apiVersion: networking.k8s.io/v1
+      kind: Ingress
+      metadata: {name: i}
+      spec: {defaultBackend: {service: {name: web, port: {number: 80}}}}
+"""
+    (line,) = _errors(text)
+    assert line.startswith("t.yaml:7: spec.objects[0].spec.type: unknown type 'Bogus'")

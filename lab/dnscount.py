@@ -1,0 +1,104 @@
+"""`lab dns-count POD NAME`: what one name lookup in a pod costs the cluster DNS.
+
+The pod resolves the name with the real system resolver (glibc's `getent`, run inside the pod, so it
+reads the pod's own resolv.conf with its search list and ndots), and the queries the DNS servers logged
+meanwhile from that pod are counted and listed: the ndots:5 search-list expansion, seen for real.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lab import addons, state
+from lab.execute import find_target
+from services import dns
+from topo.errors import StateError
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Count:
+    pod: str
+    pod_ip: str
+    name: str
+    resolv_conf: str
+    answer: list[str]
+    cluster: list[dns.Query] = field(default_factory=list)
+    upstream: list[dns.Query] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {"pod": self.pod, "podIP": self.pod_ip, "name": self.name, "resolvConf": self.resolv_conf,
+                "answer": self.answer, "clusterQueries": [q.__dict__ for q in self.cluster],
+                "upstreamQueries": [q.__dict__ for q in self.upstream]}
+
+
+def _size(path: Path) -> int:
+    return path.stat().st_size if path.exists() else 0
+
+
+def _tail(path: Path, offset: int) -> str:
+    if not path.exists():
+        return ""
+    with open(path, "rb") as fh:
+        fh.seek(offset)
+        return fh.read().decode(errors="replace")
+
+
+def count(lab_name: str | None, target: str, name: str, family: str = "any") -> Count:
+    st = state.resolve(lab_name)
+    _ns, pause_pid = find_target(st, target)
+    if pause_pid is None:
+        raise StateError(f"{target} is not a pod: dns-count resolves from inside a pod")
+    key = target if "/" in target else next(k for k in st.pods if k.split("/", 1)[1] == target)
+    pod_ip = st.pods[key].ip
+    run_dir = state.lab_dir(st.name)
+    logs = [addons.dns_dir(run_dir) / "queries.log", run_dir / "upstream-dns" / "queries.log"]
+    if not logs[0].parent.exists():
+        raise StateError(f"lab {st.name} has no cluster DNS (spec.dns.enabled is false)")
+    offsets = [_size(p) for p in logs]
+    database = {"any": "ahosts", "inet": "ahostsv4", "inet6": "ahostsv6"}[family]
+    proc = subprocess.run([sys.executable, "-m", "lab.cli", "exec", "--lab", st.name, key, "--", "getent", database,
+                           name], capture_output=True, text=True, cwd=REPO, timeout=60)
+    answer = sorted({line.split()[0] for line in proc.stdout.splitlines() if line.strip()})
+    _settle(logs)  # dnsmasq writes its log asynchronously
+    cluster = [q for q in dns.parse_log(_tail(logs[0], offsets[0])) if q.source == pod_ip]
+    upstream = dns.parse_log(_tail(logs[1], offsets[1]))
+    resolv = (state.pod_dir(st.name, _pod_of(key)) / "resolv.conf").read_text()
+    return Count(key, pod_ip, name, resolv, answer, cluster, upstream)
+
+
+def _pod_of(key: str):
+    from topo.model import Pod
+
+    namespace, name = key.split("/", 1)
+    return Pod(name=name, namespace=namespace, node="")
+
+
+def _settle(paths: list[Path], quiet: float = 0.15, timeout: float = 2.0) -> None:
+    """Wait until the logs stop growing for a moment."""
+    deadline = time.monotonic() + timeout
+    sizes = [_size(p) for p in paths]
+    stable_since = time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.03)
+        now = [_size(p) for p in paths]
+        if now != sizes:
+            sizes, stable_since = now, time.monotonic()
+        elif time.monotonic() - stable_since >= quiet:
+            return
+
+
+def render(c: Count) -> str:
+    options = " ".join(line for line in c.resolv_conf.splitlines() if line.startswith(("search", "options")))
+    lines = [f"{c.pod} ({c.pod_ip}) resolved {c.name} -> {', '.join(c.answer) or 'no answer'}",
+             f"  with: {options}",
+             f"{len(c.cluster)} queries at the cluster DNS:"]
+    lines += [f"  {q.qtype:5} {q.name}" for q in c.cluster]
+    if c.upstream:
+        lines.append(f"{len(c.upstream)} forwarded to the upstream DNS:")
+        lines += [f"  {q.qtype:5} {q.name}" for q in c.upstream]
+    return "\n".join(lines)
