@@ -245,6 +245,7 @@ def _delete_pod(st: state.LabState, lab: Lab, key: str) -> None:
         while host.link(args.host_ifname) is not None and time.monotonic() < deadline:
             time.sleep(0.01)
     del st.pods[key]
+    kube_proxy.forget_endpoint(lab, ps.ip)
 
 
 def delete(name: str | None, kind: str, target: str, namespace: str = "default") -> list[str]:

@@ -21,6 +21,7 @@ from topo.model import POD_IFNAME, Lab, Pod
 # later layers.
 HOST_SYSCTLS: tuple[tuple[str, str], ...] = (
     ("net/ipv4/ip_forward", "1"),
+    ("net/ipv4/conf/all/route_localnet", "1"),  # kube-proxy sets it: NodePorts answer on 127.0.0.1 too
     ("net/ipv4/conf/all/rp_filter", "0"),
     ("net/ipv4/conf/default/rp_filter", "0"),
 )

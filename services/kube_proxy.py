@@ -79,6 +79,14 @@ def sync_node(lab: Lab, node: Node, sps: list[ep.ServicePortEndpoints], folder: 
         raise FeatureMissing("kubeProxy.mode ipvs is not available on this machine")
 
 
+def forget_endpoint(lab: Lab, ip: str) -> None:
+    """Drop UDP conntrack entries translated to an endpoint that is gone, in every node, as kube-proxy
+    does: otherwise an ongoing UDP flow (a client reusing its source port) keeps going to the dead pod."""
+    for node in lab.nodes:
+        with netns.entered(lab.node_netns(node.name)):
+            subprocess.run(["conntrack", "-D", "-p", "udp", "--reply-src", ip], capture_output=True)
+
+
 def sync(lab: Lab, pods: list[ep.RunningPod], folder: Path) -> SyncReport:
     """Program every node for the lab's current services and ready pods."""
     started = time.monotonic()

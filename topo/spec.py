@@ -181,21 +181,7 @@ def pods_from_objects(objects: list[dict], lab: Lab, file: str | None) -> list[P
     Existing pods of `lab` count when placing new ones, and their names may not be reused.
     Issues name the objects as `objects[i]`, since manifests carry no line numbers.
     """
-    try:
-        issues = _Issues(_Source())
-        if not isinstance(objects, (list, tuple)):
-            issues.add((), "objects must be a list of Kubernetes manifests")
-            issues.raise_if_any(file)
-        parsed = _read_objects([(("objects", i), obj) for i, obj in enumerate(objects)], issues)
-        pods, _, _ = _objects_against_lab(parsed, lab, issues, services=False, ingresses=False)
-        issues.raise_if_any(file)
-        return pods
-    except SpecError:
-        raise
-    except RecursionError:
-        raise SpecError(file, [SpecIssue("", "an object is nested too deeply")]) from None
-    except Exception as exc:
-        raise _internal(file, exc) from exc
+    return _of_kind(objects, lab, file, "pods")  # type: ignore[return-value]
 
 
 def services_from_objects(objects: list[dict], lab: Lab, file: str | None) -> list[Service]:
@@ -206,21 +192,7 @@ def services_from_objects(objects: list[dict], lab: Lab, file: str | None) -> li
     free cluster IP and node port), and their names, cluster IPs and node ports may not be reused.
     Issues name the objects as `objects[i]`, since manifests carry no line numbers.
     """
-    try:
-        issues = _Issues(_Source())
-        if not isinstance(objects, (list, tuple)):
-            issues.add((), "objects must be a list of Kubernetes manifests")
-            issues.raise_if_any(file)
-        parsed = _read_objects([(("objects", i), obj) for i, obj in enumerate(objects)], issues)
-        _, services, _ = _objects_against_lab(parsed, lab, issues, pods=False, ingresses=False)
-        issues.raise_if_any(file)
-        return services
-    except SpecError:
-        raise
-    except RecursionError:
-        raise SpecError(file, [SpecIssue("", "an object is nested too deeply")]) from None
-    except Exception as exc:
-        raise _internal(file, exc) from exc
+    return _of_kind(objects, lab, file, "services")  # type: ignore[return-value]
 
 
 def ingresses_from_objects(objects: list[dict], lab: Lab, file: str | None) -> list[Ingress]:
@@ -230,15 +202,22 @@ def ingresses_from_objects(objects: list[dict], lab: Lab, file: str | None) -> l
     may not clash with `lab.ingresses` (drop an Ingress being replaced from the lab first). Issues name the
     objects as `objects[i]`, since manifests carry no line numbers.
     """
+    return _of_kind(objects, lab, file, "ingresses")  # type: ignore[return-value]
+
+
+def _of_kind(objects: list[dict], lab: Lab, file: str | None, kind: str) -> list:
+    """Read manifests and check one kind of object they make against the lab ("pods", "services",
+    "ingresses"); the other kinds are read but not checked against the lab."""
     try:
         issues = _Issues(_Source())
         if not isinstance(objects, (list, tuple)):
             issues.add((), "objects must be a list of Kubernetes manifests")
             issues.raise_if_any(file)
         parsed = _read_objects([(("objects", i), obj) for i, obj in enumerate(objects)], issues)
-        _, _, ingresses = _objects_against_lab(parsed, lab, issues, pods=False, services=False)
+        made = _objects_against_lab(parsed, lab, issues, pods=kind == "pods", services=kind == "services",
+                                    ingresses=kind == "ingresses")
         issues.raise_if_any(file)
-        return ingresses
+        return made[("pods", "services", "ingresses").index(kind)]
     except SpecError:
         raise
     except RecursionError:
