@@ -162,6 +162,16 @@ def apply(plan: Plan, st: state.LabState) -> float | None:
 BGP_TIMEOUT = 30.0  # a few seconds is normal here; thirty means something is broken
 
 
+def wait_link(handle: Rtnl, name: str, timeout: float = 5.0) -> None:
+    """Like wait_carrier, for one link (a pod added to a running lab)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        link = handle.link(name)
+        if link is None or link.operstate in (IF_OPER_UP, IF_OPER_UNKNOWN):
+            return
+        time.sleep(0.01)
+
+
 def wait_carrier(handles: list[Rtnl], timeout: float = 5.0) -> None:
     """Return once every link is operationally up.
 

@@ -143,9 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lab", help="the lab, when more than one is running")
     p.set_defaults(func=_cmd_apply)
 
-    p = sub.add_parser("delete", help="remove a pod, a deployment's pods or a service: lab delete pod NAME")
+    p = sub.add_parser("delete", help="remove a pod, a deployment's pods, a service or an ingress: lab delete pod NAME")
     p.add_argument("kind", choices=["pod", "pods", "po", "deployment", "deployments", "deploy", "service",
-                                    "services", "svc"])
+                                    "services", "svc", "ingress", "ingresses", "ing"])
     p.add_argument("name")
     p.add_argument("-n", "--namespace", default="default")
     p.add_argument("--lab", help="the lab, when more than one is running")

@@ -61,8 +61,13 @@ def count(lab_name: str | None, target: str, name: str, family: str = "any") -> 
         raise StateError(f"lab {st.name} has no cluster DNS (spec.dns.enabled is false)")
     offsets = [_size(p) for p in logs]
     database = {"any": "ahosts", "inet": "ahostsv4", "inet6": "ahostsv6"}[family]
-    proc = subprocess.run([sys.executable, "-m", "lab.cli", "exec", "--lab", st.name, key, "--", "getent", database,
-                           name], capture_output=True, text=True, cwd=REPO, timeout=60)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "lab.cli", "exec", "--lab", st.name, key, "--", "getent",
+                               database, name], capture_output=True, text=True, cwd=REPO, timeout=60)
+    except subprocess.TimeoutExpired as exc:
+        raise StateError(f"resolving {name} in {key} took over 60 s (is the cluster DNS pod running?)") from exc
+    if proc.returncode not in (0, 2):  # getent: 2 = the name does not exist, which is an answer too
+        raise StateError(f"could not resolve in {key}: {proc.stderr.strip() or f'exit {proc.returncode}'}")
     answer = sorted({line.split()[0] for line in proc.stdout.splitlines() if line.strip()})
     _settle(logs)  # dnsmasq writes its log asynchronously
     cluster = [q for q in dns.parse_log(_tail(logs[0], offsets[0])) if q.source == pod_ip]

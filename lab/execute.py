@@ -72,7 +72,7 @@ def exec_in(lab: str | None, target: str, command: list[str]) -> None:
             os.close(fd)
     else:
         netns.unshare(netns.CLONE_NEWNS)  # a private mount namespace for this command only
-        netns.make_private("/")
+        netns.make_slave("/")
         netns.remount_sys()
         _show_frr_as_default(st.name, target)
     os.execv(exe, command)

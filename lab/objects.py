@@ -14,7 +14,7 @@ from ipaddress import IPv4Address
 
 from cni.plugin import BridgePlugin
 from lab import addons, apply, plan, runtime, state
-from lab.status import model_of
+from topo.spec import parse_spec_text
 from services import kube_proxy
 from services.endpoints import RunningPod
 from topo import netns, process
@@ -23,38 +23,59 @@ from topo.model import Container, ContainerPort, Lab, Pod
 from topo.spec import ingresses_from_objects, parse_objects, pods_from_objects, services_from_objects
 
 
+def _key(obj: dict) -> str:
+    """`Kind/namespace/name` of a manifest (namespace "default" when it gives none)."""
+    meta = obj.get("metadata") or {}
+    return f"{obj.get('kind')}/{meta.get('namespace', 'default')}/{meta.get('name')}"
+
+
 def current_lab(st: state.LabState) -> Lab:
-    """The lab's model as it runs now: spec pods plus applied minus deleted, spec and applied namespaces."""
-    base = model_of(st)
-    namespaces = dict(base.namespaces)
+    """The lab's model as it runs now: the spec's objects, overridden and extended by applied ones, minus
+    deleted ones; pods as they run (node and labels from their state); addons for what is there now.
+
+    Applied services and ingresses are read back from their stored manifests, whose cluster IPs and node
+    ports were pinned when they were applied, against the spec's surviving objects, so they come out the
+    same every time.
+    """
+    spec = parse_spec_text(st.spec_text, st.spec_file)
+    replaced = {_key(o) for o in st.objects} | set(st.deleted)
+    namespaces = dict(spec.namespaces)
     for obj in st.objects:
         if obj.get("kind") == "Namespace":
             meta = obj.get("metadata", {})
             namespaces.setdefault(meta["name"], {}).update(meta.get("labels") or {})
-    by_key = {p.key: p for p in base.pods}
+    lab = dataclasses.replace(
+        spec, namespaces=namespaces,
+        services=tuple(s for s in spec.services if f"Service/{s.key}" not in replaced),
+        ingresses=tuple(i for i in spec.ingresses if f"Ingress/{i.key}" not in replaced))
+    applied = [o for o in st.objects if o.get("kind") == "Service"]
+    lab = dataclasses.replace(lab, services=lab.services + tuple(services_from_objects(applied, lab, None)))
+    applied = [o for o in st.objects if o.get("kind") == "Ingress"]
+    lab = dataclasses.replace(lab, ingresses=lab.ingresses + tuple(ingresses_from_objects(applied, lab, None)))
+    lab = addons.with_addons(dataclasses.replace(lab, pods=()), state.lab_dir(st.name))
+    templates = {p.key: p for p in spec.pods + lab.pods}  # containers of spec pods and addon pods
+    addon_pods = [p for p in lab.pods if p.key not in st.pods]  # an addon that has just become enabled
     pods = []
     for key, ps in st.pods.items():
         namespace, name = key.split("/", 1)
-        known = by_key.get(key)
+        labels = tuple(sorted(ps.labels.items()))
+        known = templates.get(key)
+        if known is not None:
+            pods.append(dataclasses.replace(known, node=ps.node, labels=labels))
+            continue
         ports = tuple(ContainerPort(number, proto, port_name) for port_name, number, proto in ps.ports)
-        pods.append(known if known is not None else
-                    Pod(name=name, namespace=namespace, node=ps.node, labels=tuple(sorted(ps.labels.items())),
+        pods.append(Pod(name=name, namespace=namespace, node=ps.node, labels=labels,
                         containers=(Container("ports", None, (), ports),) if ports else (), owner=ps.owner))
-    applied = [o for o in st.objects if o.get("kind") == "Service"]
-    services = [svc for svc in list(base.services) + services_from_objects(applied, base, None)
-                if f"Service/{svc.key}" not in st.deleted]
-    with_services = dataclasses.replace(base, pods=tuple(pods), namespaces=namespaces, services=tuple(services))
-    applied_ingresses = [o for o in st.objects if o.get("kind") == "Ingress"]
-    ingresses = [ing for ing in list(base.ingresses) + ingresses_from_objects(applied_ingresses, base, None)
-                 if f"Ingress/{ing.key}" not in st.deleted]
-    return dataclasses.replace(with_services, ingresses=tuple(ingresses))
+    return dataclasses.replace(lab, pods=tuple(pods + addon_pods))
 
 
 def running_pods(st: state.LabState, lab: Lab) -> list[RunningPod]:
     """The lab's pods with their IPs, ready while their sandbox lives (what the endpoints controller sees)."""
     out = []
     for pod in lab.pods:
-        ps = st.pods[pod.key]
+        ps = st.pods.get(pod.key)
+        if ps is None:
+            continue  # not started yet
         out.append(RunningPod(pod, IPv4Address(ps.ip), runtime.sandbox_alive(ps.netns, ps.pause_pid)))
     return out
 
@@ -73,7 +94,8 @@ def resync(st: state.LabState) -> kube_proxy.SyncReport:
                                                      todo.get("ingress"))):
         if action == "hup" and key in st.pods:
             for pid in st.pods[key].containers.values():
-                addons.hangup(pid)
+                if runtime.in_pod(pid, st.pods[key].netns):
+                    addons.hangup(pid)
     state.save(st)
     return report
 
@@ -84,33 +106,29 @@ def _restart_container(st: state.LabState, lab: Lab, key: str) -> None:
     pod = next((p for p in lab.pods if p.key == key), None)
     if ps is None or pod is None:
         return
-    process.kill_all(list(ps.containers.values()))
+    process.kill_all([pid for pid in ps.containers.values() if runtime.in_pod(pid, ps.netns)])
     ps.containers = runtime.start_pod_containers(pod, ps.netns, ps.pause_pid, state.log_dir(lab.name))
 
 
-def _service_key(obj: dict) -> str:
-    meta = obj.get("metadata", {})
-    return f"{meta.get('namespace', 'default')}/{meta.get('name')}"
-
-
-def _object_key(obj: dict) -> tuple[str, str, str]:
-    meta = obj.get("metadata", {})
-    return obj.get("kind", ""), meta.get("namespace", ""), meta.get("name", "")
-
-
-def _remember(st: state.LabState, objects: list[dict]) -> list[str]:
-    """Keep applied manifests (the newest of each object); report namespaces that are new."""
-    known = {_object_key(o): i for i, o in enumerate(st.objects)}
+def _remember(st: state.LabState, objects: list[dict], before: Lab) -> list[str]:
+    """Keep applied manifests (the newest of each object, overriding the spec's); report what changed."""
+    known = {_key(o): i for i, o in enumerate(st.objects)}
+    existing = {f"Service/{s.key}": s for s in before.services} | {f"Ingress/{i.key}": i for i in before.ingresses}
     report = []
     for obj in objects:
-        key = _object_key(obj)
+        key = _key(obj)
+        if key in st.deleted:
+            st.deleted.remove(key)
         if key in known:
             st.objects[known[key]] = obj
         else:
             known[key] = len(st.objects)
             st.objects.append(obj)
-            if key[0] == "Namespace":
-                report.append(f"namespace {key[2]} created")
+        kind, namespace, name = key.split("/", 2)
+        if kind == "Namespace" and name not in before.namespaces:
+            report.append(f"namespace {name} created")
+        elif kind in ("Service", "Ingress"):
+            report.append(f"{kind.lower()} {namespace}/{name} {'configured' if key in existing else 'created'}")
     return report
 
 
@@ -131,29 +149,29 @@ def apply_file(name: str | None, file: str) -> list[str]:
     st = state.resolve(name)
     with state.locked():
         st = _locked_state(st)
-        lab = current_lab(st)
-        existing = {p.key: p for p in lab.pods}
-        # Re-applying a manifest is not a name clash (kubectl reports it unchanged): validate the file
-        # against the lab without the pods it names, so capacity and placement still count the rest.
-        bare = dataclasses.replace(lab, pods=(), services=())
-        named = {p.key for p in pods_from_objects(parse_objects(text, bare, file), bare, file)}
-        parsed = parse_objects(text, bare, file)
-        named_services = {_service_key(o) for o in parsed if o.get("kind") == "Service"}
-        named_ingresses = {_service_key(o) for o in parsed if o.get("kind") == "Ingress"}
-        others = dataclasses.replace(lab, pods=tuple(p for p in lab.pods if p.key not in named),
-                                     services=tuple(s for s in lab.services if s.key not in named_services),
-                                     ingresses=tuple(i for i in lab.ingresses if i.key not in named_ingresses))
+        before = current_lab(st)
+        existing = {p.key: p for p in before.pods}
+        # Re-applying an object is not a name clash (kubectl reports it unchanged or configured): validate
+        # the file against the lab without the objects it names, so capacity, placement and addresses
+        # still count everything else.
+        named = _named(text)
+        pod_keys = {p.key for p in _pods_named(text, before, file)}
+        others = dataclasses.replace(
+            before, pods=tuple(p for p in before.pods if p.key not in pod_keys),
+            services=tuple(s for s in before.services
+                           if f"Service/{s.key}" not in named and s.key not in addons.SERVICES),
+            ingresses=tuple(i for i in before.ingresses if f"Ingress/{i.key}" not in named))
         objects = parse_objects(text, others, file)
+        _pin_addresses(objects, before, named)
         wanted = pods_from_objects(objects, others, file)
         new = [p for p in wanted if p.key not in existing]
-        report = _apply_services(st, lab, objects, file)
-        report += [f"ingress {i.key} {'configured' if i.key in named_ingresses & {x.key for x in lab.ingresses} else 'created'}"
-                   for i in ingresses_from_objects([o for o in objects if o.get("kind") == "Ingress"], others, file)]
-        st.deleted = [d for d in st.deleted if not (d.startswith("Ingress/") and d.split("/", 1)[1] in named_ingresses)]
-        report += _remember(st, objects)
+        report = _remember(st, objects, before)
         report += [f"pod {p.key} unchanged" for p in wanted if p.key in existing]
-        lab = dataclasses.replace(lab, namespaces=current_lab(st).namespaces, pods=lab.pods + tuple(new))
+        after = current_lab(st)
+        new += [p for p in after.pods if p.key not in st.pods and p.key not in {n.key for n in new}]  # addons
+        lab = dataclasses.replace(after, pods=after.pods + tuple(p for p in new if p not in after.pods))
         try:
+            addons.write_configs(lab, running_pods(st, after), state.lab_dir(st.name))  # before their pods start
             for key in _scaled_away(objects, wanted, st):
                 _delete_pod(st, lab, key)
                 report.append(f"pod {key} deleted (scaled down)")
@@ -162,30 +180,52 @@ def apply_file(name: str | None, file: str) -> list[str]:
                 report.append(f"pod {pod.key} created ({pod.node}, {st.pods[pod.key].ip})")
         finally:
             state.save(st)  # whatever happened so far, the state says so
-            resync(st)
+        resync(st)
     return report
 
 
-def _apply_services(st: state.LabState, lab: Lab, objects: list[dict], file: str) -> list[str]:
-    """Allocate ClusterIPs and NodePorts for the file's new services and write them into the stored
-    manifests, so a service keeps its addresses whatever is applied or deleted later."""
-    keys = {_service_key(o) for o in objects if o.get("kind") == "Service"}
-    if not keys:
-        return []
-    st.deleted = [d for d in st.deleted if d.split("/", 1)[1] not in keys or not d.startswith("Service/")]
-    others = dataclasses.replace(lab, services=tuple(s for s in lab.services if s.key not in keys))
-    report = []
-    for svc in services_from_objects([o for o in objects if o.get("kind") == "Service"], others, file):
-        manifest = next(o for o in objects if o.get("kind") == "Service" and _service_key(o) == svc.key)
-        spec = manifest.setdefault("spec", {})
+def _named(text: str) -> set[str]:
+    """`Kind/ns/name` of every object a manifest file names (a lenient read; errors are parse_objects')."""
+    import yaml
+
+    try:
+        docs = [d for d in yaml.safe_load_all(text) if isinstance(d, dict)]
+    except yaml.YAMLError:
+        return set()
+    items = [i for d in docs for i in (d.get("items") or [] if d.get("kind") == "List" else [d]) if isinstance(i, dict)]
+    return {_key(i) for i in items if isinstance(i.get("metadata"), dict)}
+
+
+def _pods_named(text: str, lab: Lab, file: str) -> list[Pod]:
+    """The pods a file makes, named as they would be (validated against a lab with no objects)."""
+    bare = dataclasses.replace(lab, pods=(), services=(), ingresses=())
+    try:
+        return pods_from_objects([o for o in parse_objects(text, bare, file) if o.get("kind") in ("Pod", "Deployment")],
+                                 bare, file)
+    except SpecError:
+        return []  # the real validation below reports it
+
+
+def _pin_addresses(objects: list[dict], before: Lab, named: set[str]) -> None:
+    """A re-applied Service that leaves out its clusterIP or nodePorts keeps the ones it has, as the API
+    server keeps them on an update; only a new service gets new addresses."""
+    running = {f"Service/{s.key}": s for s in before.services}
+    for obj in objects:
+        svc = running.get(_key(obj)) if obj.get("kind") == "Service" else None
+        if svc is None:
+            continue
+        spec = obj.setdefault("spec", {})
         spec["clusterIP"] = str(svc.cluster_ip) if svc.cluster_ip is not None else "None"
-        for port_manifest, port in zip(spec.get("ports", []), svc.ports):
-            if port.node_port is not None:
-                port_manifest["nodePort"] = port.node_port
-        before = next((s for s in lab.services if s.key == svc.key), None)
-        verb = "created" if before is None else ("unchanged" if before == svc else "configured")
-        report.append(f"service {svc.key} {verb} ({svc.cluster_ip or 'headless'})")
-    return report
+        by_port = {(p.port, p.protocol): p.node_port for p in svc.ports}
+        for port in spec.get("ports") or []:
+            old = by_port.get((port.get("port"), port.get("protocol", "TCP")))
+            if old is not None and spec.get("type") == "NodePort":
+                port["nodePort"] = old
+
+
+def _backends(ingress) -> set[str]:
+    found = {p.backend.service for r in ingress.rules for p in r.paths}
+    return found | ({ingress.default_backend.service} if ingress.default_backend else set())
 
 
 def _scaled_away(objects: list[dict], wanted: list[Pod], st: state.LabState) -> list[str]:
@@ -225,7 +265,7 @@ def _add_pod(st: state.LabState, lab: Lab, pod: Pod) -> None:
             apply.remove_namespace(ns)
             plugin.delete(args)  # the lease (and veth) of an ADD that succeeded before a later step failed
             raise
-        apply.wait_carrier([host])
+        apply.wait_link(host, args.host_ifname)
     st.pods[pod.key] = state.pod_state(pod, result["ips"][0]["address"].split("/")[0], ns, pause_pid, containers)
 
 
@@ -254,22 +294,29 @@ def delete(name: str | None, kind: str, target: str, namespace: str = "default")
     with state.locked():
         st = _locked_state(st)
         lab = current_lab(st)
-        kind = kind.lower().rstrip("s")
-        if kind in ("pod", "po"):
+        aliases = {"pods": "pod", "po": "pod", "deployments": "deployment", "deploy": "deployment",
+                   "services": "service", "svc": "service", "ingresses": "ingress", "ing": "ingress"}
+        kind = aliases.get(kind.lower(), kind.lower())
+        if kind == "pod":
             keys = [f"{namespace}/{target}"]
             if keys[0] not in st.pods:
                 raise StateError(f"no pod {keys[0]} in lab {st.name}")
-        elif kind in ("service", "svc"):
-            svc_key = f"{namespace}/{target}"
-            if not any(s.key == svc_key for s in lab.services):
-                raise StateError(f"no service {svc_key} in lab {st.name}")
-            st.objects = [o for o in st.objects if not (o.get("kind") == "Service" and _service_key(o) == svc_key)]
-            if any(s.key == svc_key for s in model_of(st).services):
-                st.deleted.append(f"Service/{svc_key}")
+        elif kind in ("service", "ingress"):
+            kind_name = kind.capitalize()
+            key = f"{kind_name}/{namespace}/{target}"
+            known = lab.services if kind_name == "Service" else lab.ingresses
+            if not any(f"{kind_name}/{o.key}" == key for o in known):
+                raise StateError(f"no {kind_name.lower()} {namespace}/{target} in lab {st.name}")
+            users = [i.key for i in lab.ingresses if i.namespace == namespace and target in _backends(i)]
+            if kind_name == "Service" and users:
+                raise StateError(f"service {namespace}/{target} is a backend of ingress {', '.join(users)}: "
+                                 "delete or change the ingress first")
+            st.objects = [o for o in st.objects if _key(o) != key]
+            st.deleted.append(key)
             state.save(st)
             resync(st)
-            return [f"service {svc_key} deleted"]
-        elif kind in ("deployment", "deploy"):
+            return [f"{kind_name.lower()} {namespace}/{target} deleted"]
+        elif kind == "deployment":
             keys = [k for k, ps in st.pods.items() if ps.owner == target and k.startswith(f"{namespace}/")]
             if not keys:
                 raise StateError(f"no deployment {namespace}/{target} in lab {st.name}")

@@ -55,7 +55,7 @@ def _mount_template() -> int:
         home = os.open("/proc/thread-self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
         try:
             netns.unshare(netns.CLONE_NEWNS)
-            netns.make_private("/")
+            netns.make_slave("/")
             netns.umount_detached(netns.NETNS_DIR)
             _template = os.open("/proc/thread-self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
         finally:
@@ -73,6 +73,7 @@ def _in_pod(pod_netns: str, pause_pid: int | None = None, hostname: str | None =
     pod's interfaces. The calling thread always returns to where it was."""
     homes = {flag: os.open(f"/proc/thread-self/ns/{kind}", os.O_RDONLY | os.O_CLOEXEC)
              for kind, flag in (("uts", netns.CLONE_NEWUTS), ("mnt", netns.CLONE_NEWNS))}
+    cwd = os.open(".", os.O_RDONLY | os.O_CLOEXEC)  # entering a mount namespace moves us to its /
     joined: list[int] = []
     try:
         with netns.entered(pod_netns):
@@ -94,10 +95,13 @@ def _in_pod(pod_netns: str, pause_pid: int | None = None, hostname: str | None =
                             netns.bind_mount(str(files / name), target)  # type: ignore[operator]
                 yield
             finally:
-                for flag, fd in homes.items():
-                    netns.setns(fd, flag)
+                try:
+                    netns.setns(homes[netns.CLONE_NEWNS], netns.CLONE_NEWNS)
+                finally:
+                    netns.setns(homes[netns.CLONE_NEWUTS], netns.CLONE_NEWUTS)
+                    os.fchdir(cwd)
     finally:
-        for fd in [*homes.values(), *joined]:
+        for fd in [*homes.values(), *joined, cwd]:
             os.close(fd)
 
 
@@ -129,8 +133,13 @@ def start_container(pod_netns: str, pause_pid: int, container: Container, log: P
 
 def sandbox_alive(pod_netns: str, pause_pid: int) -> bool:
     """The pause process lives, and is still the one in this pod (a pid can be reused after a crash)."""
+    return in_pod(pause_pid, pod_netns)
+
+
+def in_pod(pid: int, pod_netns: str) -> bool:
+    """`pid` is alive and inside this pod's network namespace: safe to signal as one of the pod's."""
     try:
-        return os.stat(f"/proc/{pause_pid}/ns/net").st_ino == netns.inode(pod_netns) and process.alive(pause_pid)
+        return os.stat(f"/proc/{pid}/ns/net").st_ino == netns.inode(pod_netns) and process.alive(pid)
     except OSError:
         return False
 

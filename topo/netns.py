@@ -23,6 +23,7 @@ CLONE_NEWNS = 0x00020000
 MS_BIND = 0x1000
 MS_REC = 0x4000
 MS_PRIVATE = 1 << 18
+MS_SLAVE = 1 << 19
 MS_SHARED = 1 << 20
 MNT_DETACH = 2
 
@@ -53,9 +54,10 @@ def _mount(src: str, target: str, fstype: str | None, flags: int) -> int:
     return _libc.mount(src.encode(), target.encode(), fstype.encode() if fstype else None, flags, None)
 
 
-def make_private(target: str) -> None:
-    """Stop mounts made from here on propagating back (after unshare(CLONE_NEWNS))."""
-    _check(_mount("", target, "none", MS_REC | MS_PRIVATE), f"mount --make-rprivate {target}")
+def make_slave(target: str) -> None:
+    """After unshare(CLONE_NEWNS): mounts made here stay here, while unmounts on the machine still reach
+    here (as `ip netns exec` does), so a long-lived copy never keeps another lab's pins alive."""
+    _check(_mount("", target, "none", MS_REC | MS_SLAVE), f"mount --make-rslave {target}")
 
 
 def remount_sys() -> None:
@@ -63,7 +65,7 @@ def remount_sys() -> None:
 
     sysfs shows the devices of the namespace that mounted it, so without this `ls /sys/class/net` or
     `brctl show` inside a node would list the machine's own interfaces. Call after unshare(CLONE_NEWNS)
-    and make_private("/"), so the change stays private to this process.
+    and make_slave("/"), so the change stays with this process.
     """
     _libc.umount2(b"/sys", MNT_DETACH)
     _check(_mount("sysfs", "/sys", "sysfs", 0), "mount sysfs")

@@ -1,0 +1,77 @@
+"""`lab apply` and `lab delete` of every kind on a running lab, as kubectl would change a cluster."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.integration.conftest import in_lab, lab, unique
+
+pytestmark = pytest.mark.integration
+
+AGNHOST = [{"name": "app", "image": "agnhost", "args": ["netexec", "--http-port=8080"]}]
+
+
+def manifests(tmp: Path, name: str, *objs: dict) -> str:
+    path = tmp / f"{name}.yaml"
+    path.write_text("\n---\n".join(json.dumps(o) for o in objs))
+    return str(path)
+
+
+def pod(name: str, namespace: str = "default") -> dict:
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": namespace,
+                                                           "labels": {"app": name}},
+            "spec": {"nodeName": "node1", "containers": AGNHOST}}
+
+
+def service(name: str, namespace: str = "default") -> dict:
+    return {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": namespace},
+            "spec": {"selector": {"app": name}, "ports": [{"port": 80, "targetPort": 8080}]}}
+
+
+def cluster_ips(name: str) -> dict[str, str]:
+    info = json.loads(lab("status", name, "--json").stdout)
+    return {f"{s['namespace']}/{s['name']}": s["clusterIP"] for s in info["services"]}
+
+
+def test_services_ingresses_and_namespaces_applied_later(lab_up, tmp_path: Path) -> None:
+    name = unique("apply")
+    lab_up({"apiVersion": "kubenet-lab/v1alpha1", "kind": "Lab", "metadata": {"name": name},
+            "spec": {"nodes": [{"name": "node1", "ip": "192.168.1.10"}, {"name": "node2", "ip": "192.168.1.11"}],
+                     "external": [{"name": "outside", "ip": "192.168.1.200", "serves": ["http"]}],
+                     "objects": [pod("web"), service("web")]}})
+    ingress = {"apiVersion": "networking.k8s.io/v1", "kind": "Ingress", "metadata": {"name": "api", "namespace": "team"},
+               "spec": {"rules": [{"host": "api.example.test", "http": {"paths": [
+                   {"path": "/", "pathType": "Prefix", "backend": {"service": {"name": "api", "port": {"number": 80}}}}]}}]}}
+    team = manifests(tmp_path, "team", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "team"}},
+                     pod("api", "team"), service("api", "team"), ingress)
+    out = lab("apply", "--lab", name, "-f", team).stdout
+    for line in ("namespace team created", "service team/api created", "ingress team/api created",
+                 "pod team/api created", "pod ingress-nginx/ingress-nginx created"):
+        assert line in out, out
+    got = in_lab(name, "outside", "curl", "-s", "--max-time", "5", "-H", "Host: api.example.test",
+                 "http://192.168.1.10:30080/hostname")
+    assert got == "api"
+
+    ips = cluster_ips(name)
+    assert "configured" in lab("apply", "--lab", name, "-f", team).stdout
+    spec_web = manifests(tmp_path, "web", service("web"))
+    lab("apply", "--lab", name, "-f", spec_web)  # re-applying a spec-defined service is fine
+    assert cluster_ips(name) == ips  # and nobody's addresses moved
+
+    db = manifests(tmp_path, "db", service("db", "team"))
+    lab("apply", "--lab", name, "-f", db)
+    db_ip = cluster_ips(name)["team/db"]
+    busy = lab("delete", "--lab", name, "service", "api", "-n", "team", check=False)
+    assert busy.returncode == 2 and "backend of ingress team/api" in busy.stderr
+    lab("delete", "--lab", name, "ingress", "api", "-n", "team")
+    lab("delete", "--lab", name, "service", "api", "-n", "team")
+    lab("apply", "--lab", name, "-f", db)
+    assert cluster_ips(name)["team/db"] == db_ip
+    assert "team/api" not in cluster_ips(name)
+
+    lab("delete", "--lab", name, "service", "web")
+    assert "default/web" not in cluster_ips(name)
+    lab("apply", "--lab", name, "-f", spec_web)
+    assert "default/web" in cluster_ips(name)
