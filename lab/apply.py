@@ -10,7 +10,6 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 from cni.plugin import BridgePlugin, memory_session
 from lab import addons, runtime, state

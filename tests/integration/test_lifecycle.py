@@ -13,7 +13,7 @@ import pytest
 
 from topo import process
 
-from tests.integration.conftest import (REPO, in_lab, lab, leftovers, pause_pod, seed_spec, unique,
+from tests.integration.conftest import (REPO, in_lab, lab, leftovers, pause_pod, unique,
                                         write_spec)
 
 pytestmark = pytest.mark.integration

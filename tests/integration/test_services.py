@@ -136,7 +136,7 @@ def test_rules_look_like_kube_proxys(svc_lab: dict) -> None:
     if svc_lab["mode"] == "iptables":
         rules = in_lab(svc_lab["name"], "node1", "iptables-legacy-save", "-t", "nat")
         chain = ipt.service_chain("default/web:http", "tcp")
-        assert f"-A KUBE-SERVICES -d 10.96.0.100/32 -p tcp" in rules and chain in rules
+        assert "-A KUBE-SERVICES -d 10.96.0.100/32 -p tcp" in rules and chain in rules
         assert rules.count("-m statistic --mode random") >= 2 and "KUBE-NODEPORTS" in rules
     else:
         rules = in_lab(svc_lab["name"], "node1", "nft", "list", "table", "ip", "kube-proxy")
