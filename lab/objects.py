@@ -2,25 +2,26 @@
 
 A pod added later goes through exactly the path a pod of `lab up` takes (sandbox, CNI ADD with the
 node's persisted IPAM leases, containers); a deleted pod through CNI DEL, so its IP returns to the pool.
+After any change, every node's service rules, the DNS records and the ingress routes are brought up to
+date (`resync`).
 """
 from __future__ import annotations
 
 import dataclasses
 import shutil
 import time
-from pathlib import Path
-
 from ipaddress import IPv4Address
+from pathlib import Path
 
 from cni.plugin import BridgePlugin
 from lab import addons, apply, plan, runtime, state
-from topo.spec import parse_spec_text
 from services import kube_proxy
 from services.endpoints import RunningPod
 from topo import netns, process
 from topo.errors import SpecError, SpecIssue, StateError
 from topo.model import Container, ContainerPort, Lab, Pod
-from topo.spec import ingresses_from_objects, parse_objects, pods_from_objects, services_from_objects
+from topo.spec import (ingresses_from_objects, parse_objects, parse_spec_text, pods_from_objects,
+                       services_from_objects)
 
 
 def _key(obj: dict) -> str:
@@ -155,14 +156,16 @@ def apply_file(name: str | None, file: str) -> list[str]:
         # the file against the lab without the objects it names, so capacity, placement and addresses
         # still count everything else.
         named = _named(text)
-        pod_keys = {p.key for p in _pods_named(text, before, file)}
+        deployments = {k.split("/", 1)[1] for k in named if k.startswith("Deployment/")}
+        pod_keys = {k.split("/", 1)[1] for k in named if k.startswith("Pod/")} | {
+            key for key, ps in st.pods.items() if f"{key.split('/', 1)[0]}/{ps.owner}" in deployments}
         others = dataclasses.replace(
             before, pods=tuple(p for p in before.pods if p.key not in pod_keys),
             services=tuple(s for s in before.services
                            if f"Service/{s.key}" not in named and s.key not in addons.SERVICES),
             ingresses=tuple(i for i in before.ingresses if f"Ingress/{i.key}" not in named))
         objects = parse_objects(text, others, file)
-        _pin_addresses(objects, before, named)
+        _pin_addresses(objects, before)
         wanted = pods_from_objects(objects, others, file)
         new = [p for p in wanted if p.key not in existing]
         report = _remember(st, objects, before)
@@ -196,17 +199,7 @@ def _named(text: str) -> set[str]:
     return {_key(i) for i in items if isinstance(i.get("metadata"), dict)}
 
 
-def _pods_named(text: str, lab: Lab, file: str) -> list[Pod]:
-    """The pods a file makes, named as they would be (validated against a lab with no objects)."""
-    bare = dataclasses.replace(lab, pods=(), services=(), ingresses=())
-    try:
-        return pods_from_objects([o for o in parse_objects(text, bare, file) if o.get("kind") in ("Pod", "Deployment")],
-                                 bare, file)
-    except SpecError:
-        return []  # the real validation below reports it
-
-
-def _pin_addresses(objects: list[dict], before: Lab, named: set[str]) -> None:
+def _pin_addresses(objects: list[dict], before: Lab) -> None:
     """A re-applied Service that leaves out its clusterIP or nodePorts keeps the ones it has, as the API
     server keeps them on an update; only a new service gets new addresses."""
     running = {f"Service/{s.key}": s for s in before.services}
