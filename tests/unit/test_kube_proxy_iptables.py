@@ -21,42 +21,12 @@ import pytest
 from services import kube_proxy_iptables as kp
 from services.endpoints import Endpoint, ServicePortEndpoints
 from tests.conftest import require_root, require_tool
+from tests.unit.proxy_cases import (APP, CLUSTER, DNS, DNS_EPS, NODE1, NODE2, NP_CLUSTER, NP_LOCAL, STICKY, WEB,
+                                    WEB_EPS, ep, sp, svc)
 from topo.model import Cluster, Node, Service, ServicePort
 
 GOLDEN = Path(__file__).resolve().parent / "golden" / "iptables"
 
-CLUSTER = Cluster()  # pods 10.244.0.0/16, services 10.96.0.0/12
-NODE1 = Node("node1", IPv4Address("192.168.1.10"), IPv4Network("10.244.1.0/24"), 0)
-NODE2 = Node("node2", IPv4Address("192.168.1.11"), IPv4Network("10.244.2.0/24"), 1)
-
-
-def ep(ip: str, port: int, node: str, pod: str) -> Endpoint:
-    return Endpoint(IPv4Address(ip), port, node, f"default/{pod}")
-
-
-def svc(name: str, ip: str, *ports: ServicePort, namespace: str = "default", **kw) -> Service:
-    return Service(name, namespace, IPv4Address(ip), tuple(ports), selector=(("app", name),), **kw)
-
-
-def sp(service: Service, index: int, *endpoints: Endpoint) -> ServicePortEndpoints:
-    return ServicePortEndpoints(service, service.ports[index], tuple(endpoints))
-
-
-WEB = svc("web", "10.96.0.20", ServicePort("", 80, 8080))
-WEB_EPS = (ep("10.244.1.2", 8080, "node1", "web-1"), ep("10.244.2.2", 8080, "node2", "web-2"))
-
-APP = svc("app", "10.96.0.30", ServicePort("http", 80, "http"), ServicePort("metrics", 9090, "metrics"))
-
-STICKY = svc("sticky", "10.96.0.40", ServicePort("", 80, 8080), session_affinity="ClientIP")
-
-NP_CLUSTER = svc("np", "10.96.0.50", ServicePort("", 80, 8080, node_port=30080), type="NodePort")
-NP_LOCAL = svc("np-local", "10.96.0.60", ServicePort("", 80, 8080, node_port=30081), type="NodePort",
-               external_traffic_policy="Local")
-
-DNS = svc("kube-dns", "10.96.0.10", ServicePort("dns", 53, 53, "UDP"), ServicePort("dns-tcp", 53, 53, "TCP"),
-          namespace="kube-system")
-DNS_EPS = (Endpoint(IPv4Address("10.244.1.5"), 53, "node1", "kube-system/coredns-1"),
-           Endpoint(IPv4Address("10.244.2.5"), 53, "node2", "kube-system/coredns-2"))
 
 
 def _cases() -> dict[str, tuple[Node, list[ServicePortEndpoints]]]:
