@@ -17,9 +17,9 @@ from lab.plan import HOST_SYSCTLS, SWITCH_SYSCTLS, NodeOps, Plan, PodOps
 from routing import bgp, frr, vxlan
 from services import dns, kube_proxy
 from services.endpoints import RunningPod
-from topo.model import NODE_IFNAME, Lab
 from topo import names, netns, process, underlay
 from topo.errors import ApplyError
+from topo.model import NODE_IFNAME, Lab
 from topo.rtnl import IF_OPER_UNKNOWN, IF_OPER_UP, RTPROT_STATIC, Rtnl
 
 
