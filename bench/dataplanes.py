@@ -52,8 +52,16 @@ class BareVeth:
     """Two namespaces joined by one veth pair: no bridge, no routing, the floor of every path."""
 
     def __init__(self) -> None:
-        tag = f"bench{uuid.uuid4().hex[:6]}"  # lab-shaped names: `lab clean` removes them after a crash
-        self.a, self.b = names.node_netns(tag, "a"), names.node_netns(tag, "b")
+        self.tag = f"bench{uuid.uuid4().hex[:6]}"  # lab-shaped names: `lab clean` removes them after a crash
+        self.a, self.b = names.node_netns(self.tag, "a"), names.node_netns(self.tag, "b")
+        self.server: subprocess.Popen | None = None
+        try:
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self) -> None:
         netns.ensure_dir()
         netns.create(self.a)
         netns.create(self.b)
@@ -75,10 +83,14 @@ class BareVeth:
         return subprocess.run(["ip", "netns", "exec", self.a, *cmd], capture_output=True, text=True).stdout
 
     def close(self) -> None:
-        self.server.terminate()
-        self.server.wait()
-        netns.delete(self.a)
-        netns.delete(self.b)
+        try:
+            if self.server is not None:
+                self.server.terminate()
+                self.server.wait()
+                self.server = None
+        finally:  # the namespaces go even if stopping the server is interrupted
+            netns.delete(self.a)
+            netns.delete(self.b)
 
 
 def iperf_gbps(output: str) -> float:
@@ -94,6 +106,36 @@ def measure(run, dst: str, seconds: int) -> tuple[float, float]:
     out = run("iperf3", "-c", dst, "-t", str(seconds), "-J", "--connect-timeout", "3000")
     rtt = run("ping", "-c", "20", "-i", "0.01", "-q", dst)
     return iperf_gbps(out), ping_ms(rtt)
+
+
+def up_lab(backend: str, folder: Path) -> tuple[str, int]:
+    """Bring up the two-node lab of one backend; returns its name and the pod MTU. On failure the half-built
+    lab is taken down before the error propagates."""
+    name = f"bench-{backend.replace('-', '')}-{uuid.uuid4().hex[:4]}"
+    spec = folder / f"{name}.yaml"
+    spec.write_text(yaml.safe_dump(two_node_lab(name, backend)))
+    try:
+        lab_cli("up", str(spec))
+        return name, json.loads(lab_cli("status", name, "--json"))["mtu"]
+    except BaseException:
+        down_lab(name)
+        raise
+
+
+def down_lab(name: str) -> None:
+    from lab.bench import remove_lab  # `lab down`, or the crash-safe teardown if the build never finished
+
+    remove_lab(name)
+
+
+def measure_bare(bare: BareVeth, seconds: int) -> tuple[float, float]:
+    """(Gbit/s, RTT ms) between the two ends of the bare veth pair."""
+    return measure(bare.run, "10.99.0.2", seconds)
+
+
+def measure_lab(name: str, seconds: int) -> tuple[float, float]:
+    """(Gbit/s, RTT ms) from pod a on node1 to pod b on node2 of a lab made by up_lab."""
+    return measure(lambda *c: lab_cli("exec", "--lab", name, "a", "--", *c), "10.244.2.2", seconds)
 
 
 def main() -> int:
@@ -112,26 +154,20 @@ def main() -> int:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             for backend in BACKENDS:
-                name = f"bench-{backend.replace('-', '')}-{uuid.uuid4().hex[:4]}"
-                spec = Path(tmp) / f"{name}.yaml"
-                spec.write_text(yaml.safe_dump(two_node_lab(name, backend)))
-                lab_cli("up", str(spec))
-                labs[backend] = name
-                mtu[backend] = json.loads(lab_cli("status", name, "--json"))["mtu"]
+                labs[backend], mtu[backend] = up_lab(backend, Path(tmp))
         for rep in range(args.repeat):
             for case in samples:
                 if case == "bare veth":
-                    gbps, rtt = measure(bare.run, "10.99.0.2", args.seconds)
+                    gbps, rtt = measure_bare(bare, args.seconds)
                 else:
-                    gbps, rtt = measure(lambda *c, n=labs[case]: lab_cli("exec", "--lab", n, "a", "--", *c),
-                                        "10.244.2.2", args.seconds)
+                    gbps, rtt = measure_lab(labs[case], args.seconds)
                 samples[case]["gbps"].append(gbps)
                 samples[case]["rtt_ms"].append(rtt)
                 print(f"  run {rep + 1}/{args.repeat} {case:10} {gbps:6.2f} Gbit/s  {rtt:.3f} ms", file=sys.stderr)
     finally:
         bare.close()
         for name in labs.values():
-            subprocess.run([sys.executable, "-m", "lab.cli", "down", name], cwd=REPO, capture_output=True)
+            down_lab(name)
     base = statistics.median(samples["bare veth"]["gbps"])
     print(f"\n{'path':32} {'MTU':>5} {'Gbit/s median':>14} {'range':>13} {'vs bare veth':>13} {'RTT ms':>8}")
     rows = []

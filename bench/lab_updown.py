@@ -24,6 +24,7 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
 
 
 def scale_spec(name: str, nodes: int, pods_per_node: int) -> dict:
@@ -53,14 +54,29 @@ def timed(*args: str) -> float:
     return time.perf_counter() - start
 
 
+def updown_once(make: callable, folder: Path) -> tuple[float, float]:
+    """Time one `lab up` and one `lab down` of the lab `make(name)` describes. If anything fails or is
+    interrupted before the timed `lab down`, the lab is taken down anyway."""
+    name = f"bench-{uuid.uuid4().hex[:6]}"
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(make(name)))
+    try:
+        up = timed("up", str(path))
+        down = timed("down", name)
+    except BaseException:
+        from lab.bench import remove_lab  # `lab down`, or the crash-safe teardown if the build never finished
+
+        remove_lab(name)
+        raise
+    return up, down
+
+
 def run_case(label: str, make: callable, repeat: int, folder: Path) -> dict:
     ups, downs = [], []
     for _ in range(repeat):
-        name = f"bench-{uuid.uuid4().hex[:6]}"
-        path = folder / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(make(name)))
-        ups.append(timed("up", str(path)))
-        downs.append(timed("down", name))
+        up, down = updown_once(make, folder)
+        ups.append(up)
+        downs.append(down)
     return {"case": label, "up_s": ups, "down_s": downs,
             "up_median_s": statistics.median(ups), "down_median_s": statistics.median(downs)}
 

@@ -54,8 +54,16 @@ class Bed:
     """node namespace (client + rules) <-veth-> pod namespace holding both endpoint addresses."""
 
     def __init__(self) -> None:
-        tag = f"svcbench{uuid.uuid4().hex[:6]}"  # lab-shaped names: `lab clean` removes them after a crash
-        self.node, self.pod = names.node_netns(tag, "node"), names.node_netns(tag, "pod")
+        self.tag = f"svcbench{uuid.uuid4().hex[:6]}"  # lab-shaped names: `lab clean` removes them after a crash
+        self.node, self.pod = names.node_netns(self.tag, "node"), names.node_netns(self.tag, "pod")
+        self.server = None
+        try:
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self) -> None:
         netns.ensure_dir()
         for ns in (self.node, self.pod):
             netns.create(ns)
@@ -91,9 +99,13 @@ class Bed:
         return samples
 
     def close(self) -> None:
-        process.kill_all([self.server])
-        netns.delete(self.node)
-        netns.delete(self.pod)
+        try:
+            if self.server is not None:
+                process.kill_all([self.server])
+                self.server = None
+        finally:  # the namespaces go even if stopping the server is interrupted
+            netns.delete(self.node)
+            netns.delete(self.pod)
 
 
 def pct(samples: list[float], p: float) -> float:
@@ -101,37 +113,44 @@ def pct(samples: list[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
 
 
+def measure_case(mode: str, count: int, connects: int) -> dict:
+    """One measurement in a fresh bed: full sync, +1 service sync, and connect latencies (µs) to the first-
+    and last-created service. The bed is removed before returning, also on failure."""
+    bed = Bed()
+    try:
+        sps = service_ports(count)
+        sps2 = sps + service_ports(count + 1)[count:]
+        # Each time covers what one node's sync costs: rendering the rules in Python plus loading them.
+        if mode == "iptables":
+            started = time.perf_counter()
+            bed.load(kube_proxy.IPTABLES_RESTORE, kube_proxy_iptables.render(NODE, sps, CLUSTER))
+            full = time.perf_counter() - started
+            started = time.perf_counter()
+            bed.load(kube_proxy.IPTABLES_RESTORE, kube_proxy_iptables.render(NODE, sps2, CLUSTER))
+            one = time.perf_counter() - started
+        else:
+            started = time.perf_counter()
+            rs = kube_proxy_nftables.build(NODE, sps, CLUSTER)
+            bed.load(kube_proxy.NFT, kube_proxy_nftables.render_full(rs))
+            full = time.perf_counter() - started
+            started = time.perf_counter()
+            rs2 = kube_proxy_nftables.build(NODE, sps2, CLUSTER)
+            bed.load(kube_proxy.NFT, kube_proxy_nftables.render_delta(rs, rs2))
+            one = time.perf_counter() - started
+        first = bed.connect_us(vip(0), connects)
+        last = bed.connect_us(vip(count - 1), connects)
+    finally:
+        bed.close()
+    return {"mode": mode, "services": count, "full_sync_s": full, "one_service_update_s": one,
+            "first_p50_us": pct(first, 50), "first_p99_us": pct(first, 99),
+            "last_p50_us": pct(last, 50), "last_p99_us": pct(last, 99)}
+
+
 def run_mode(mode: str, counts: list[int], connects: int) -> list[dict]:
     rows = []
     for count in counts:
-        bed = Bed()
-        try:
-            sps = service_ports(count)
-            sps2 = sps + service_ports(count + 1)[count:]
-            # Each time covers what one node's sync costs: rendering the rules in Python plus loading them.
-            if mode == "iptables":
-                started = time.perf_counter()
-                bed.load(kube_proxy.IPTABLES_RESTORE, kube_proxy_iptables.render(NODE, sps, CLUSTER))
-                full = time.perf_counter() - started
-                started = time.perf_counter()
-                bed.load(kube_proxy.IPTABLES_RESTORE, kube_proxy_iptables.render(NODE, sps2, CLUSTER))
-                one = time.perf_counter() - started
-            else:
-                started = time.perf_counter()
-                rs = kube_proxy_nftables.build(NODE, sps, CLUSTER)
-                bed.load(kube_proxy.NFT, kube_proxy_nftables.render_full(rs))
-                full = time.perf_counter() - started
-                started = time.perf_counter()
-                rs2 = kube_proxy_nftables.build(NODE, sps2, CLUSTER)
-                bed.load(kube_proxy.NFT, kube_proxy_nftables.render_delta(rs, rs2))
-                one = time.perf_counter() - started
-            first = bed.connect_us(vip(0), connects)
-            last = bed.connect_us(vip(count - 1), connects)
-        finally:
-            bed.close()
-        row = {"mode": mode, "services": count, "full_sync_s": full, "one_service_update_s": one,
-               "first_p50_us": pct(first, 50), "first_p99_us": pct(first, 99),
-               "last_p50_us": pct(last, 50), "last_p99_us": pct(last, 99)}
+        row = measure_case(mode, count, connects)
+        full, one = row["full_sync_s"], row["one_service_update_s"]
         print(f"{mode:9} {count:>6} services: sync {full:6.2f} s, +1 service {one:6.3f} s, connect p50/p99 "
               f"first {row['first_p50_us']:6.0f}/{row['first_p99_us']:6.0f} us, "
               f"last {row['last_p50_us']:6.0f}/{row['last_p99_us']:6.0f} us", file=sys.stderr)

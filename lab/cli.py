@@ -110,6 +110,12 @@ def _cmd_dns_count(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from lab import bench
+
+    return bench.run(args.suites, args.quick, args.repeat, args.json, args.plot)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lab", description="Real, running emulations of Kubernetes networking.")
     sub = parser.add_subparsers(dest="command_name", required=True, metavar="COMMAND")
@@ -159,6 +165,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lab", help="the lab, when more than one is running")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_dns_count)
+
+    p = sub.add_parser("bench", help="measure data planes, service rules, DNS queries and lab up/down (needs root)")
+    p.add_argument("suites", nargs="*", metavar="SUITE", help="dataplanes, services, dns, updown (default: all)")
+    p.add_argument("--quick", action="store_true", help="small sizes and 1 repetition: under a minute")
+    p.add_argument("--repeat", type=int, help="repetitions of each case, interleaved (default 3; 1 with --quick)")
+    p.add_argument("--json", metavar="FILE", help="write every sample, the medians and the machine description")
+    p.add_argument("--plot", metavar="DIR", help="write one PNG per suite (needs matplotlib)")
+    p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("validate", help="check a spec without building anything (no root needed)")
     p.add_argument("spec", nargs="?")

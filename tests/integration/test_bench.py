@@ -1,0 +1,95 @@
+"""`lab bench --quick`: every suite runs, the JSON holds every sample and the machine description, one PNG
+per suite is written, and nothing is left behind. No timing thresholds: only shape and sanity."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import require_root, require_tool
+from tests.integration.conftest import REPO
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+SUITES = ("dataplanes", "services", "dns", "updown")
+
+
+def _bench_namespaces() -> list[str]:
+    spaces = os.listdir("/run/netns") if os.path.isdir("/run/netns") else []
+    return sorted(n for n in spaces if n.startswith(("klab_bench", "klab_svcbench")))
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess[str], dict, Path]:
+    require_root()
+    for tool in ("mnexec", "iperf3", "dnsmasq"):
+        require_tool(tool)
+    pytest.importorskip("matplotlib")
+    tmp = tmp_path_factory.mktemp("bench")
+    out, plots = tmp / "bench.json", tmp / "plots"
+    before = _bench_namespaces()
+    proc = subprocess.run([sys.executable, "-m", "lab.cli", "bench", "--quick", "--json", str(out), "--plot", str(plots)],
+                          capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, f"lab bench exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
+    assert _bench_namespaces() == before  # labs and throwaway namespaces are all gone
+    return proc, json.loads(out.read_text()), plots
+
+
+def _positive(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def test_exit_zero_with_progress_and_a_table_per_suite(bench) -> None:
+    proc, _, _ = bench
+    progress = [line for line in proc.stderr.splitlines() if line.startswith("[")]
+    assert progress and progress[-1].startswith(f"[{len(progress)}/{len(progress)}]")
+    for suite in SUITES:
+        assert f"== {suite}" in proc.stdout
+
+
+def test_json_schema(bench) -> None:
+    _, doc, _ = bench
+    assert doc["version"] == 1
+    machine = doc["machine"]
+    assert {"kernel", "cores", "mtu", "python", "date"} <= machine.keys()
+    assert machine["kernel"] and machine["python"] and machine["date"] and _positive(machine["cores"])
+    assert machine["mtu"] and all(_positive(v) for v in machine["mtu"].values())
+    assert set(doc["suites"]) == set(SUITES)
+    for suite, body in doc["suites"].items():
+        assert body["cases"], suite
+        for case in body["cases"]:
+            assert case["name"] and case["samples"] and case["median"], (suite, case)
+            assert case["samples"].keys() == case["median"].keys()
+            for metric, values in case["samples"].items():
+                assert isinstance(values, list) and values, (suite, case["name"], metric)
+                assert all(_positive(v) for v in values), (suite, case["name"], metric, values)
+                assert _positive(case["median"][metric]), (suite, case["name"], metric)
+
+
+def test_expected_cases_and_metrics(bench) -> None:
+    _, doc, _ = bench
+    suites = doc["suites"]
+    dataplanes = {c["name"]: c for c in suites["dataplanes"]["cases"]}
+    assert {"bare veth", "host-gw"} <= dataplanes.keys()
+    assert all({"gbps", "rtt_ms"} <= c["samples"].keys() and _positive(c["mtu"]) for c in dataplanes.values())
+    services = suites["services"]["cases"]
+    assert {(c["mode"], c["services"]) for c in services} >= {("iptables", 10), ("nftables", 100)}
+    assert all({"full_sync_s", "first_p50_us", "last_p99_us"} <= c["samples"].keys() for c in services)
+    dns = {c["name"]: c for c in suites["dns"]["cases"]}
+    assert {"ndots 5", "trailing dot"} <= dns.keys()
+    # the ndots:5 search-list expansion costs more queries than the absolute name (a count, not a timing)
+    assert dns["ndots 5"]["median"]["cluster_queries"] > dns["trailing dot"]["median"]["cluster_queries"]
+    assert all({"up_s", "down_s"} <= c["samples"].keys() for c in suites["updown"]["cases"])
+
+
+def test_one_png_per_suite(bench) -> None:
+    _, _, plots = bench
+    for suite in SUITES:
+        png = plots / f"{suite}.png"
+        assert png.exists(), png
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
