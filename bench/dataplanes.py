@@ -28,7 +28,6 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from topo import names, netns  # noqa: E402
-from topo.rtnl import Rtnl  # noqa: E402
 
 BACKENDS = ("host-gw", "vxlan", "bgp")
 
