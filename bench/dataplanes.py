@@ -1,24 +1,24 @@
 #!/usr/bin/env python3
-"""Pod-to-pod throughput and latency across two nodes for each backend (host-gw, vxlan, bgp), against a
-bare veth pair between two namespaces (the physical limit of this machine), in one run.
+"""Throughput (one and four TCP streams), ping RTT and TCP connect time per path: pod to pod across two
+nodes for each backend (host-gw, vxlan, bgp), and on the host-gw lab pod to pod on one node, pod to a
+ClusterIP and external host to a NodePort; against a bare veth pair between two namespaces (the
+physical limit of this machine). The measuring functions here are what `lab bench dataplanes` runs.
 
 Cases are interleaved (every repetition runs each case once) and medians are reported, because all
 "nodes" share one kernel and two cores: run-to-run noise of 10-25 % is normal here, and only differences
 larger than that mean anything.
 
-    .venv/bin/python bench/dataplanes.py [--repeat 3] [--seconds 5] [--json FILE]
+    .venv/bin/python bench/dataplanes.py [--repeat 3] [--json FILE] [--plot DIR]   (= lab bench dataplanes)
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import platform
 import re
 import statistics
 import subprocess
 import sys
-import tempfile
 import uuid
 from pathlib import Path
 
@@ -37,14 +37,27 @@ def lab_cli(*args: str) -> str:
                           text=True).stdout
 
 
+NODE_PORT_IPERF, NODE_PORT_HTTP = 30201, 30208
+EXTERNAL = "192.168.1.200"
+
+
 def two_node_lab(name: str, backend: str) -> dict:
-    iperf = {"name": "iperf", "image": "iperf3", "command": ["iperf3", "-s"]}
-    pods = [{"apiVersion": "v1", "kind": "Pod", "metadata": {"name": p},
-             "spec": {"nodeName": n, "containers": [iperf]}} for p, n in (("a", "node1"), ("b", "node2"))]
+    """Pods a and c on node1, b on node2, each an iperf3 server and an HTTP server (for connect times);
+    a NodePort service in front of b; an external client host on the underlay."""
+    containers = [{"name": "iperf", "image": "iperf3", "command": ["iperf3", "-s"]},
+                  {"name": "http", "image": "agnhost", "args": ["netexec", "--http-port=8080"]}]
+    pods = [{"apiVersion": "v1", "kind": "Pod", "metadata": {"name": p, "labels": {"app": p}},
+             "spec": {"nodeName": n, "containers": containers}}
+            for p, n in (("a", "node1"), ("b", "node2"), ("c", "node1"))]
+    service = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "b"},
+               "spec": {"type": "NodePort", "selector": {"app": "b"},
+                        "ports": [{"name": "iperf", "port": 5201, "nodePort": NODE_PORT_IPERF},
+                                  {"name": "http", "port": 8080, "nodePort": NODE_PORT_HTTP}]}}
     return {"apiVersion": "kubenet-lab/v1alpha1", "kind": "Lab", "metadata": {"name": name},
-            "spec": {"network": {"backend": backend},
+            "spec": {"network": {"backend": backend}, "dns": {"enabled": False},
+                     "external": [{"name": "ext", "ip": EXTERNAL, "serves": []}],
                      "nodes": [{"name": "node1", "ip": "192.168.1.10"}, {"name": "node2", "ip": "192.168.1.11"}],
-                     "objects": pods}}
+                     "objects": [*pods, service]}}
 
 
 class BareVeth:
@@ -54,6 +67,7 @@ class BareVeth:
         self.tag = f"bench{uuid.uuid4().hex[:6]}"  # lab-shaped names: `lab clean` removes them after a crash
         self.a, self.b = names.node_netns(self.tag, "a"), names.node_netns(self.tag, "b")
         self.server: subprocess.Popen | None = None
+        self.http: subprocess.Popen | None = None
         try:
             self._build()
         except BaseException:
@@ -77,16 +91,20 @@ class BareVeth:
                 rt.add_addr(rt.link("eth0").index, IPv4Interface(ip))
         self.server = subprocess.Popen(["ip", "netns", "exec", self.b, "iperf3", "-s"], stdout=subprocess.DEVNULL,
                                        stderr=subprocess.DEVNULL)
+        self.http = subprocess.Popen(["ip", "netns", "exec", self.b, sys.executable, "-m", "lab.images.agnhost",
+                                      "netexec", "--http-port=8080"], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL, cwd=REPO)
 
     def run(self, *cmd: str) -> str:
         return subprocess.run(["ip", "netns", "exec", self.a, *cmd], capture_output=True, text=True).stdout
 
     def close(self) -> None:
         try:
-            if self.server is not None:
-                self.server.terminate()
-                self.server.wait()
-                self.server = None
+            for proc in (self.server, self.http):
+                if proc is not None:
+                    proc.terminate()
+                    proc.wait()
+            self.server = self.http = None
         finally:  # the namespaces go even if stopping the server is interrupted
             netns.delete(self.a)
             netns.delete(self.b)
@@ -101,10 +119,25 @@ def ping_ms(output: str) -> float:
     return float(match.group(1)) if match else float("nan")
 
 
-def measure(run, dst: str, seconds: int) -> tuple[float, float]:
-    out = run("iperf3", "-c", dst, "-t", str(seconds), "-J", "--connect-timeout", "3000")
-    rtt = run("ping", "-c", "20", "-i", "0.01", "-q", dst)
-    return iperf_gbps(out), ping_ms(rtt)
+def connect_us(run, url: str, count: int = 20) -> float:
+    """Median TCP connect time (curl's time_connect) over `count` new connections, in microseconds."""
+    script = f"for i in $(seq {count}); do curl -s -o /dev/null -w '%{{time_connect}}\\n' {url}; done"
+    times = [float(t) * 1e6 for t in run("sh", "-c", script).split() if t.strip()]
+    return statistics.median(times) if times else float("nan")
+
+
+def measure(run, dst: str, seconds: int, iperf_port: int = 5201, http_port: int = 8080,
+            ping: bool = True) -> dict[str, float]:
+    """One sample of every metric of a path: one TCP stream, 4 parallel streams, ping RTT (not for a
+    ClusterIP, which answers no ping), TCP connect time."""
+    one = run("iperf3", "-c", dst, "-p", str(iperf_port), "-t", str(seconds), "-J", "--connect-timeout", "3000")
+    four = run("iperf3", "-c", dst, "-p", str(iperf_port), "-t", str(seconds), "-P", "4", "-J",
+               "--connect-timeout", "3000")
+    sample = {"gbps": iperf_gbps(one), "gbps_4_streams": iperf_gbps(four),
+              "connect_us": connect_us(run, f"http://{dst}:{http_port}/echo?msg=x")}
+    if ping:
+        sample["rtt_ms"] = ping_ms(run("ping", "-c", "20", "-i", "0.01", "-q", dst))
+    return sample
 
 
 def up_lab(backend: str, folder: Path) -> tuple[str, int]:
@@ -127,61 +160,42 @@ def down_lab(name: str) -> None:
     remove_lab(name)
 
 
-def measure_bare(bare: BareVeth, seconds: int) -> tuple[float, float]:
-    """(Gbit/s, RTT ms) between the two ends of the bare veth pair."""
+def measure_bare(bare: BareVeth, seconds: int) -> dict[str, float]:
+    """Every metric between the two ends of the bare veth pair."""
     return measure(bare.run, "10.99.0.2", seconds)
 
 
-def measure_lab(name: str, seconds: int) -> tuple[float, float]:
-    """(Gbit/s, RTT ms) from pod a on node1 to pod b on node2 of a lab made by up_lab."""
-    return measure(lambda *c: lab_cli("exec", "--lab", name, "a", "--", *c), "10.244.2.2", seconds)
+def _in(name: str, target: str):
+    return lambda *c: lab_cli("exec", "--lab", name, target, "--", *c)
+
+
+def measure_lab(name: str, seconds: int, path: str = "across nodes") -> dict[str, float]:
+    """Every metric of one path of a lab made by up_lab: pod a (node1) to pod b (node2) `across nodes`,
+    to pod c on its own node (`same node`), to b's `ClusterIP`, or the external host to b's `NodePort`."""
+    if path == "across nodes":
+        return measure(_in(name, "a"), "10.244.2.2", seconds)
+    if path == "same node":
+        return measure(_in(name, "a"), "10.244.1.3", seconds)
+    if path == "ClusterIP":
+        vip = next(s["clusterIP"] for s in json.loads(lab_cli("status", name, "--json"))["services"]
+                   if s["name"] == "b")
+        return measure(_in(name, "a"), vip, seconds, ping=False)
+    if path == "NodePort":
+        return measure(_in(name, "ext"), "192.168.1.10", seconds, NODE_PORT_IPERF, NODE_PORT_HTTP)
+    raise ValueError(path)
 
 
 def main() -> int:
+    """The script's command line is `lab bench dataplanes` (one implementation of the suite)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--seconds", type=int, default=5)
     parser.add_argument("--json", help="write every sample and the machine description here")
+    parser.add_argument("--plot", help="write a PNG into this folder")
     args = parser.parse_args()
-    if os.geteuid() != 0:
-        print("bench: needs root (it builds real labs)", file=sys.stderr)
-        return 3
-    labs: dict[str, str] = {}
-    samples: dict[str, dict[str, list[float]]] = {c: {"gbps": [], "rtt_ms": []} for c in ("bare veth", *BACKENDS)}
-    mtu: dict[str, int] = {"bare veth": 1500}
-    bare = BareVeth()
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            for backend in BACKENDS:
-                labs[backend], mtu[backend] = up_lab(backend, Path(tmp))
-        for rep in range(args.repeat):
-            for case in samples:
-                if case == "bare veth":
-                    gbps, rtt = measure_bare(bare, args.seconds)
-                else:
-                    gbps, rtt = measure_lab(labs[case], args.seconds)
-                samples[case]["gbps"].append(gbps)
-                samples[case]["rtt_ms"].append(rtt)
-                print(f"  run {rep + 1}/{args.repeat} {case:10} {gbps:6.2f} Gbit/s  {rtt:.3f} ms", file=sys.stderr)
-    finally:
-        bare.close()
-        for name in labs.values():
-            down_lab(name)
-    base = statistics.median(samples["bare veth"]["gbps"])
-    print(f"\n{'path':32} {'MTU':>5} {'Gbit/s median':>14} {'range':>13} {'vs bare veth':>13} {'RTT ms':>8}")
-    rows = []
-    for case, got in samples.items():
-        med = statistics.median(got["gbps"])
-        rtt = statistics.median(got["rtt_ms"])
-        label = "bare veth pair" if case == "bare veth" else f"pod to pod across nodes, {case}"
-        print(f"{label:32} {mtu[case]:>5} {med:14.2f} {min(got['gbps']):6.2f}-{max(got['gbps']):<6.2f} "
-              f"{med / base:12.0%} {rtt:8.3f}")
-        rows.append({"case": case, "mtu": mtu[case], "gbps": got["gbps"], "rtt_ms": got["rtt_ms"],
-                     "gbps_median": med, "ratio_to_bare": med / base, "rtt_ms_median": rtt})
-    if args.json:
-        machine = {"kernel": platform.release(), "cores": os.cpu_count(), "python": platform.python_version()}
-        Path(args.json).write_text(json.dumps({"machine": machine, "seconds": args.seconds, "results": rows}, indent=2))
-    return 0
+    from lab.cli import main as lab_main
+
+    extra = [*(["--json", args.json] if args.json else []), *(["--plot", args.plot] if args.plot else [])]
+    return lab_main(["bench", "dataplanes", "--repeat", str(args.repeat), *extra])
 
 
 if __name__ == "__main__":

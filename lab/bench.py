@@ -133,11 +133,15 @@ class Suite:
 class Dataplanes(Suite):
     name = "dataplanes"
 
+    # Paths measured on the host-gw lab besides pod to pod across nodes (the dataplane does not change them).
+    EXTRA_PATHS = ("same node", "ClusterIP", "NodePort")
+
     def __init__(self, quick: bool) -> None:
         super().__init__(quick)
         self.backends = ("host-gw",) if quick else ("host-gw", "vxlan", "bgp")
         self.seconds = 1 if quick else 5
-        self.cases = [Case("bare veth", lambda: {}), *(Case(b, lambda: {}) for b in self.backends)]
+        self.cases = [Case("bare veth", lambda: {}), *(Case(b, lambda: {}) for b in self.backends),
+                      *(Case(f"host-gw {p}", lambda: {}) for p in self.EXTRA_PATHS)]
 
     def setup(self, stack: ExitStack, folder: Path) -> None:
         if shutil.which("iperf3") is None:
@@ -145,19 +149,29 @@ class Dataplanes(Suite):
         dp = _script("dataplanes")
         bare = dp.BareVeth()
         stack.callback(bare.close)
-        self.cases[0].info["mtu"] = 1500
-        self.cases[0].run = lambda: dict(zip(("gbps", "rtt_ms"), dp.measure_bare(bare, self.seconds)))
-        for case in self.cases[1:]:
+        self.cases[0].info.update(mtu=1500, path="bare veth pair between two namespaces")
+        self.cases[0].run = lambda: dp.measure_bare(bare, self.seconds)
+        labs = {}
+        for case in self.cases[1:1 + len(self.backends)]:
             lab, mtu = dp.up_lab(case.name, folder)
             stack.callback(remove_lab, lab)
-            case.info["mtu"] = mtu
-            case.run = lambda lab=lab: dict(zip(("gbps", "rtt_ms"), dp.measure_lab(lab, self.seconds)))
+            labs[case.name] = (lab, mtu)
+            case.info.update(mtu=mtu, path="pod to pod across nodes")
+            case.run = lambda lab=lab: dp.measure_lab(lab, self.seconds)
+        for case, path in zip(self.cases[1 + len(self.backends):], self.EXTRA_PATHS):
+            lab, mtu = labs["host-gw"]
+            case.info.update(mtu=mtu, path={"same node": "pod to pod on one node", "ClusterIP": "pod to ClusterIP",
+                                            "NodePort": "external host to NodePort"}[path])
+            case.run = lambda lab=lab, path=path: dp.measure_lab(lab, self.seconds, path)
 
     def table(self) -> str:
         base = self.cases[0].median()["gbps"]
-        rows = [[c.name, str(c.info.get("mtu", "")), _spread(c, "gbps", ".2f"), _ratio(c.median()["gbps"], base, ".0%"),
-                 _spread(c, "rtt_ms", ".3f")] for c in self.cases]
-        return _table(["path", "MTU", "Gbit/s", "vs bare veth", "RTT ms"], rows)
+        rows = [[c.name, c.info.get("path", ""), str(c.info.get("mtu", "")), _spread(c, "gbps", ".2f"),
+                 _ratio(c.median()["gbps"], base, ".0%"), _spread(c, "gbps_4_streams", ".2f"),
+                 _spread(c, "rtt_ms", ".3f") if "rtt_ms" in c.samples else "no ping (a VIP)",
+                 _spread(c, "connect_us", ".0f")] for c in self.cases]
+        return _table(["case", "path", "MTU", "Gbit/s 1 stream", "vs bare veth", "Gbit/s 4 streams", "RTT ms",
+                       "TCP connect us"], rows)
 
     def plot(self, plt, path: Path) -> None:
         fig, ax = plt.subplots(figsize=(7, 4))
@@ -167,7 +181,7 @@ class Dataplanes(Suite):
                 [max(c.samples["gbps"]) - m for m, c in zip(meds, self.cases)]]
         ax.bar(labels, meds, yerr=errs, capsize=4, color="tab:blue")
         ax.set_ylabel("Gbit/s (iperf3, one TCP stream)")
-        ax.set_title("Pod-to-pod throughput across two nodes vs a bare veth pair")
+        ax.set_title("Throughput per path (one TCP stream) vs a bare veth pair")
         fig.tight_layout()
         fig.savefig(path)
         plt.close(fig)

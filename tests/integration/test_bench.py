@@ -75,8 +75,11 @@ def test_expected_cases_and_metrics(bench) -> None:
     _, doc, _ = bench
     suites = doc["suites"]
     dataplanes = {c["name"]: c for c in suites["dataplanes"]["cases"]}
-    assert {"bare veth", "host-gw"} <= dataplanes.keys()
-    assert all({"gbps", "rtt_ms"} <= c["samples"].keys() and _positive(c["mtu"]) for c in dataplanes.values())
+    assert {"bare veth", "host-gw", "host-gw same node", "host-gw ClusterIP", "host-gw NodePort"} <= dataplanes.keys()
+    assert all({"gbps", "gbps_4_streams", "connect_us"} <= c["samples"].keys() and _positive(c["mtu"])
+               for c in dataplanes.values())
+    # every path but the ClusterIP answers ping (no interface holds a VIP in iptables mode)
+    assert all(("rtt_ms" in c["samples"]) == (name != "host-gw ClusterIP") for name, c in dataplanes.items())
     services = suites["services"]["cases"]
     assert {(c["mode"], c["services"]) for c in services} >= {("iptables", 10), ("nftables", 100)}
     assert all({"full_sync_s", "first_p50_us", "last_p99_us"} <= c["samples"].keys() for c in services)
