@@ -12,7 +12,6 @@ larger than that mean anything.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -185,18 +184,7 @@ def measure_lab(name: str, seconds: int, path: str = "across nodes") -> dict[str
     raise ValueError(path)
 
 
-def main() -> int:
-    """The script's command line is `lab bench dataplanes` (one implementation of the suite)."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--json", help="write every sample and the machine description here")
-    parser.add_argument("--plot", help="write a PNG into this folder")
-    args = parser.parse_args()
-    from lab.cli import main as lab_main
-
-    extra = [*(["--json", args.json] if args.json else []), *(["--plot", args.plot] if args.plot else [])]
-    return lab_main(["bench", "dataplanes", "--repeat", str(args.repeat), *extra])
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    from lab.bench import script_main
+
+    sys.exit(script_main("dataplanes", __doc__))

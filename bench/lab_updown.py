@@ -5,18 +5,12 @@ and for 50 nodes x 20 pods.
 `lab down` returns only once the kernel has destroyed the pod and node namespaces (it waits for their
 veth peers to vanish), so its time is counted until the kernel has finished, not just until the unmounts.
 
-    sudo .venv/bin/python bench/lab_updown.py [--repeat 3] [--json FILE] [--only seed|1000]
+    .venv/bin/python bench/lab_updown.py [--repeat 3] [--json FILE] [--plot DIR]   (= lab bench updown)
 """
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import platform
-import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -71,42 +65,7 @@ def updown_once(make: callable, folder: Path) -> tuple[float, float]:
     return up, down
 
 
-def run_case(label: str, make: callable, repeat: int, folder: Path) -> dict:
-    ups, downs = [], []
-    for _ in range(repeat):
-        up, down = updown_once(make, folder)
-        ups.append(up)
-        downs.append(down)
-    return {"case": label, "up_s": ups, "down_s": downs,
-            "up_median_s": statistics.median(ups), "down_median_s": statistics.median(downs)}
-
-
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--json", help="write every sample and the machine description here")
-    parser.add_argument("--only", choices=["seed", "1000"])
-    args = parser.parse_args()
-    if os.geteuid() != 0:
-        print("bench: needs root (it builds real labs)", file=sys.stderr)
-        return 3
-    cases = {"seed": ("seed lab (2 nodes, 3 agnhost pods)", seed_spec),
-             "1000": ("50 nodes x 20 pods (1,000 pause pods)", lambda n: scale_spec(n, 50, 20))}
-    results = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for key, (label, make) in cases.items():
-            if args.only and args.only != key:
-                continue
-            results.append(run_case(label, make, args.repeat, Path(tmp)))
-    print(f"{'case':42} {'up median':>10} {'up range':>14} {'down median':>12} {'down range':>14}")
-    for r in results:
-        print(f"{r['case']:42} {r['up_median_s']:9.2f}s {min(r['up_s']):6.2f}-{max(r['up_s']):.2f}s "
-              f"{r['down_median_s']:11.2f}s {min(r['down_s']):6.2f}-{max(r['down_s']):.2f}s")
-    if args.json:
-        machine = {"kernel": platform.release(), "cores": os.cpu_count(), "python": platform.python_version()}
-        Path(args.json).write_text(json.dumps({"machine": machine, "results": results}, indent=2))
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    from lab.bench import script_main
+
+    sys.exit(script_main("updown", __doc__))

@@ -7,14 +7,11 @@ endpoint servers in a "pod" namespace behind a veth pair. Every service DNATs to
 differs between services is only where their rules sit in the lookup: iptables walks KUBE-SERVICES rule
 by rule (O(N)); nftables looks the address up in a verdict map (O(1)).
 
-    .venv/bin/python bench/services.py [--counts 10 100 1000 10000] [--connects 200] [--json FILE]
+    .venv/bin/python bench/services.py [--repeat 3] [--json FILE] [--plot DIR]   (= lab bench services)
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import platform
 import socket
 import sys
 import time
@@ -144,39 +141,7 @@ def measure_case(mode: str, count: int, connects: int) -> dict:
             "last_p50_us": pct(last, 50), "last_p99_us": pct(last, 99)}
 
 
-def run_mode(mode: str, counts: list[int], connects: int) -> list[dict]:
-    rows = []
-    for count in counts:
-        row = measure_case(mode, count, connects)
-        full, one = row["full_sync_s"], row["one_service_update_s"]
-        print(f"{mode:9} {count:>6} services: sync {full:6.2f} s, +1 service {one:6.3f} s, connect p50/p99 "
-              f"first {row['first_p50_us']:6.0f}/{row['first_p99_us']:6.0f} us, "
-              f"last {row['last_p50_us']:6.0f}/{row['last_p99_us']:6.0f} us", file=sys.stderr)
-        rows.append(row)
-    return rows
-
-
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--counts", type=int, nargs="+", default=[10, 100, 1000, 10000])
-    parser.add_argument("--modes", nargs="+", default=["iptables", "nftables"])
-    parser.add_argument("--connects", type=int, default=200)
-    parser.add_argument("--json")
-    args = parser.parse_args()
-    if os.geteuid() != 0:
-        print("bench: needs root", file=sys.stderr)
-        return 3
-    rows = [r for mode in args.modes for r in run_mode(mode, args.counts, args.connects)]
-    print(f"\n{'mode':9} {'services':>8} {'full sync':>10} {'+1 service':>11} {'first p50/p99 us':>17} "
-          f"{'last p50/p99 us':>16}")
-    for r in rows:
-        print(f"{r['mode']:9} {r['services']:>8} {r['full_sync_s']:9.2f}s {r['one_service_update_s']:10.3f}s "
-              f"{r['first_p50_us']:8.0f}/{r['first_p99_us']:<8.0f} {r['last_p50_us']:7.0f}/{r['last_p99_us']:<8.0f}")
-    if args.json:
-        machine = {"kernel": platform.release(), "cores": os.cpu_count(), "python": platform.python_version()}
-        Path(args.json).write_text(json.dumps({"machine": machine, "results": rows}, indent=2))
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    from lab.bench import script_main
+
+    sys.exit(script_main("services", __doc__))

@@ -36,6 +36,21 @@ SUITES = ("dataplanes", "services", "dns", "updown")
 DNS_NAME = "api.example.com"
 
 
+def script_main(suite: str, doc: str) -> int:
+    """The bench/ scripts' command line: `lab bench SUITE` under another name (one implementation)."""
+    import argparse
+
+    from lab.cli import main as lab_main
+
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--json", help="write every sample and the machine description here")
+    parser.add_argument("--plot", help="write a PNG into this folder")
+    args = parser.parse_args()
+    extra = [*(["--json", args.json] if args.json else []), *(["--plot", args.plot] if args.plot else [])]
+    return lab_main(["bench", suite, "--repeat", str(args.repeat), *extra])
+
+
 def remove_lab(name: str) -> None:
     """Take a lab down as a user would; if that fails (a build killed before its state was written),
     remove whatever namespaces and state of that name are left, as `lab clean` does."""
