@@ -34,3 +34,22 @@ DNS = svc("kube-dns", "10.96.0.10", ServicePort("dns", 53, 53, "UDP"), ServicePo
           namespace="kube-system")
 DNS_EPS = (Endpoint(IPv4Address("10.244.1.5"), 53, "node1", "kube-system/coredns-1"),
            Endpoint(IPv4Address("10.244.2.5"), 53, "node2", "kube-system/coredns-2"))
+
+
+def cases() -> dict[str, tuple[Node, list[ServicePortEndpoints]]]:
+    """The situations every proxy mode's renderer is checked in (one golden file per case and mode)."""
+    empty = svc("empty", "10.96.0.21", ServicePort("", 80, 8080))
+    empty_np = svc("empty-np", "10.96.0.22", ServicePort("", 80, 8080, node_port=30022), type="NodePort")
+    return {
+        "clusterip-two-endpoints": (NODE1, [sp(WEB, 0, *WEB_EPS)]),
+        "no-endpoints": (NODE1, [sp(empty, 0), sp(empty_np, 0)]),
+        "multiport-named": (NODE1, [
+            sp(APP, 0, ep("10.244.1.3", 8080, "node1", "app-1"), ep("10.244.2.3", 8080, "node2", "app-2")),
+            sp(APP, 1, ep("10.244.1.3", 9100, "node1", "app-1"), ep("10.244.2.3", 9100, "node2", "app-2")),
+        ]),
+        "affinity-clientip": (NODE1, [sp(STICKY, 0, *WEB_EPS)]),
+        "nodeport-cluster": (NODE1, [sp(NP_CLUSTER, 0, *WEB_EPS)]),
+        "nodeport-local-with-local-endpoint": (NODE1, [sp(NP_LOCAL, 0, *WEB_EPS)]),
+        "nodeport-local-without-local-endpoint": (NODE2, [sp(NP_LOCAL, 0, WEB_EPS[0])]),
+        "udp": (NODE1, [sp(DNS, 0, *DNS_EPS), sp(DNS, 1, *DNS_EPS)]),
+    }

@@ -21,7 +21,7 @@ import pytest
 from services import kube_proxy_iptables as kp
 from services.endpoints import Endpoint, ServicePortEndpoints
 from tests.conftest import require_root, require_tool
-from tests.unit.proxy_cases import (APP, CLUSTER, DNS, DNS_EPS, NODE1, NODE2, NP_CLUSTER, NP_LOCAL, STICKY, WEB,
+from tests.unit.proxy_cases import (cases, CLUSTER, NODE1, STICKY, WEB,
                                     WEB_EPS, ep, sp, svc)
 from topo.model import Cluster, Node, Service, ServicePort
 
@@ -29,25 +29,7 @@ GOLDEN = Path(__file__).resolve().parent / "golden" / "iptables"
 
 
 
-def _cases() -> dict[str, tuple[Node, list[ServicePortEndpoints]]]:
-    empty = svc("empty", "10.96.0.21", ServicePort("", 80, 8080))
-    empty_np = svc("empty-np", "10.96.0.22", ServicePort("", 80, 8080, node_port=30022), type="NodePort")
-    return {
-        "clusterip-two-endpoints": (NODE1, [sp(WEB, 0, *WEB_EPS)]),
-        "no-endpoints": (NODE1, [sp(empty, 0), sp(empty_np, 0)]),
-        "multiport-named": (NODE1, [
-            sp(APP, 0, ep("10.244.1.3", 8080, "node1", "app-1"), ep("10.244.2.3", 8080, "node2", "app-2")),
-            sp(APP, 1, ep("10.244.1.3", 9100, "node1", "app-1"), ep("10.244.2.3", 9100, "node2", "app-2")),
-        ]),
-        "affinity-clientip": (NODE1, [sp(STICKY, 0, *WEB_EPS)]),
-        "nodeport-cluster": (NODE1, [sp(NP_CLUSTER, 0, *WEB_EPS)]),
-        "nodeport-local-with-local-endpoint": (NODE1, [sp(NP_LOCAL, 0, *WEB_EPS)]),
-        "nodeport-local-without-local-endpoint": (NODE2, [sp(NP_LOCAL, 0, WEB_EPS[0])]),
-        "udp": (NODE1, [sp(DNS, 0, *DNS_EPS), sp(DNS, 1, *DNS_EPS)]),
-    }
-
-
-CASES = _cases()
+CASES = cases()
 
 
 def _render(case: str) -> str:

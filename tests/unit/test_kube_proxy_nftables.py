@@ -23,7 +23,7 @@ import pytest
 from services import kube_proxy_nftables as kp
 from services.endpoints import Endpoint, ServicePortEndpoints
 from tests.conftest import require_root, require_tool
-from tests.unit.proxy_cases import (APP, CLUSTER, DNS, DNS_EPS, NODE1, NODE2, NP_CLUSTER, NP_LOCAL, STICKY, WEB,
+from tests.unit.proxy_cases import (cases, CLUSTER, DNS, DNS_EPS, NODE1, NODE2, NP_CLUSTER, NP_LOCAL, STICKY, WEB,
                                     WEB_EPS, ep, sp, svc)
 from topo.model import Cluster, Node, Service, ServicePort
 
@@ -34,17 +34,7 @@ EMPTY_NP = svc("empty-np", "10.96.0.22", ServicePort("", 80, 8080, node_port=300
 SCTP = svc("sctp", "10.96.0.70", ServicePort("", 9999, 9999, "SCTP"))
 
 CASES: dict[str, tuple[Node, list[ServicePortEndpoints]]] = {
-    "clusterip-two-endpoints": (NODE1, [sp(WEB, 0, *WEB_EPS)]),
-    "no-endpoints": (NODE1, [sp(EMPTY, 0), sp(EMPTY_NP, 0)]),
-    "multiport-named": (NODE1, [
-        sp(APP, 0, ep("10.244.1.3", 8080, "node1", "app-1"), ep("10.244.2.3", 8080, "node2", "app-2")),
-        sp(APP, 1, ep("10.244.1.3", 9100, "node1", "app-1"), ep("10.244.2.3", 9100, "node2", "app-2")),
-    ]),
-    "affinity-clientip": (NODE1, [sp(STICKY, 0, *WEB_EPS)]),
-    "nodeport-cluster": (NODE1, [sp(NP_CLUSTER, 0, *WEB_EPS)]),
-    "nodeport-local-with-local-endpoint": (NODE1, [sp(NP_LOCAL, 0, *WEB_EPS)]),
-    "nodeport-local-without-local-endpoint": (NODE2, [sp(NP_LOCAL, 0, WEB_EPS[0])]),
-    "udp": (NODE1, [sp(DNS, 0, *DNS_EPS), sp(DNS, 1, *DNS_EPS)]),
+    **cases(),
     "sctp-three-endpoints": (NODE1, [sp(SCTP, 0, ep("10.244.1.7", 9999, "node1", "s-1"),
                                         ep("10.244.2.7", 9999, "node2", "s-2"),
                                         ep("10.244.3.7", 9999, "node3", "s-3"))]),
