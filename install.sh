@@ -11,7 +11,7 @@
 # `mininet` package exposes exactly that one module.
 #
 # ./install.sh          what labs need
-# ./install.sh --test   also what the test suite needs (vagrant, to validate the Vagrantfile)
+# ./install.sh --test   also what the test suite needs (vagrant, qemu and busybox for the test VM)
 set -euo pipefail
 cd "$(dirname "$0")"
 here=$(pwd)
@@ -27,8 +27,11 @@ packages=(
   mininet bridge-utils net-tools iproute2 iputils-ping procps psmisc coreutils util-linux
   python3 python3-venv python3-pip
   iptables nftables conntrack ipset ipvsadm tcpdump iperf3 curl frr ethtool dnsmasq-base nginx-light bind9-dnsutils
+  graphviz
 )
-[ "$with_tests" = 1 ] && packages+=(vagrant)
+# --test: vagrant (to validate the Vagrantfile) and the test VM's pieces (tests/vm: qemu in software
+# emulation, busybox for its initramfs; the kernel itself is fetched by tests/vm with apt-get download).
+[ "$with_tests" = 1 ] && packages+=(vagrant qemu-system-x86 busybox-static)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
