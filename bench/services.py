@@ -5,7 +5,9 @@ latency to the first- and last-created service, for 10 / 100 / 1,000 / 10,000 se
 Measured in a throwaway "node" namespace with the very renderers and loaders a lab uses, against two real
 endpoint servers in a "pod" namespace behind a veth pair. Every service DNATs to those two servers, so what
 differs between services is only where their rules sit in the lookup: iptables walks KUBE-SERVICES rule
-by rule (O(N)); nftables looks the address up in a verdict map (O(1)).
+by rule (O(N)); nftables looks the address up in a verdict map (O(1)); IPVS (where the kernel has it, e.g.
+in the test VM) looks the virtual server up in its hash table (O(1)), its sync being the lab's own
+(kube-ipvs0 addresses, ipsets, the nat helper rules, ipvsadm -R; the +1 sync a delta).
 
     .venv/bin/python bench/services.py [--repeat 3] [--json FILE] [--plot DIR]   (= lab bench services)
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import tempfile
 import time
 import uuid
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
@@ -22,7 +25,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from services import kube_proxy, kube_proxy_iptables, kube_proxy_nftables  # noqa: E402
+from services import kube_proxy, kube_proxy_iptables, kube_proxy_ipvs, kube_proxy_nftables  # noqa: E402
 from services.endpoints import Endpoint, ServicePortEndpoints  # noqa: E402
 from topo import names, netns, process  # noqa: E402
 from topo.model import Cluster, Node, Service, ServicePort  # noqa: E402
@@ -77,7 +80,21 @@ class Bed:
                 rt.add_addr(rt.link("eth0").index, IPv4Interface(f"{ip}/24"))
         argv = [sys.executable, "-m", "lab.images.agnhost", "netexec", "--http-port=8080"]
         self.server = process.spawn_in(self.pod, argv, None)
-        time.sleep(0.5)
+        self._wait_listening()
+
+    def _wait_listening(self, timeout: float = 60.0) -> None:
+        """Until the endpoint server accepts (a fixed pause was too short where Python starts slowly, as in
+        the test VM under software emulation)."""
+        deadline = time.monotonic() + timeout
+        with netns.entered(self.node):
+            while True:
+                try:
+                    socket.create_connection((str(SERVERS[0]), 8080), timeout=1).close()
+                    return
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.1)
 
     def load(self, argv: list[str], script: str) -> None:
         kube_proxy.load(self.node, argv, script)
@@ -108,6 +125,18 @@ def pct(samples: list[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
 
 
+def _ipvs_syncs(bed: Bed, sps: list[ServicePortEndpoints], sps2: list[ServicePortEndpoints]) -> tuple[float, float]:
+    """IPVS mode's full sync and +1 service sync, each timed as services.kube_proxy runs it for a node."""
+    with tempfile.TemporaryDirectory() as folder:
+        saved = Path(folder) / "node.ipvs.json"
+        started = time.perf_counter()
+        kube_proxy.sync_ipvs(bed.node, kube_proxy_ipvs.build(NODE, sps, CLUSTER), saved)
+        full = time.perf_counter() - started
+        started = time.perf_counter()
+        kube_proxy.sync_ipvs(bed.node, kube_proxy_ipvs.build(NODE, sps2, CLUSTER), saved)
+        return full, time.perf_counter() - started
+
+
 def measure_case(mode: str, count: int, connects: int) -> dict:
     """One measurement in a fresh bed: full sync, +1 service sync, and connect latencies (µs) to the first-
     and last-created service. The bed is removed before returning, also on failure."""
@@ -116,7 +145,9 @@ def measure_case(mode: str, count: int, connects: int) -> dict:
         sps = service_ports(count)
         sps2 = sps + service_ports(count + 1)[count:]
         # Each time covers what one node's sync costs: rendering the rules in Python plus loading them.
-        if mode == "iptables":
+        if mode == "ipvs":
+            full, one = _ipvs_syncs(bed, sps, sps2)
+        elif mode == "iptables":
             started = time.perf_counter()
             bed.load(kube_proxy.IPTABLES_RESTORE, kube_proxy_iptables.render(NODE, sps, CLUSTER))
             full = time.perf_counter() - started

@@ -12,7 +12,7 @@ import os
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from ipaddress import IPv4Interface, IPv4Network
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,12 @@ from topo.errors import ApplyError, LabError
 CNI_VERSION = "1.0.0"
 SUPPORTED_VERSIONS = ("1.0.0",)  # results are written in 1.0.0's format only
 PLUGIN_TYPE = "kubenet-bridge"
+
+
+def gateway_mac(ip: IPv4Address) -> str:
+    """cni0's MAC: 0a:58 and the gateway's IPv4 address, the locally administered "hardware address from
+    IP" scheme the CNI plugins and kubenet used for pod interfaces (unique per node, stable across runs)."""
+    return "0a:58:" + ":".join(f"{b:02x}" for b in ip.packed)
 CHECK_FAILED = 100  # the spec leaves codes 100+ to plugins; 11 ("try again later") is for transient trouble
 
 
@@ -127,7 +133,10 @@ class BridgePlugin:
             return self._bridge_index
         bridge = self.host.link(self.conf.bridge)
         if bridge is None:
-            self.host.add_bridge(self.conf.bridge, self.conf.mtu)
+            # A fixed MAC: a bridge without one takes the lowest MAC of its ports, so deleting a pod could
+            # change the gateway's MAC under the node's other pods and cut them off until their neighbour
+            # entries age out (kubernetes#30783, flannel#1381; the reference bridge plugin pins it too).
+            self.host.add_bridge(self.conf.bridge, self.conf.mtu, mac=gateway_mac(self.conf.gateway.ip))
             bridge = self.host.link(self.conf.bridge)
         assert bridge is not None
         self.host.add_addr(bridge.index, self.conf.gateway)

@@ -6,15 +6,18 @@ speed tricks: one netlink handle per node reused for all its pods, namespaces en
 from __future__ import annotations
 
 import contextlib
+import os
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from cni import network_policy
 from cni.plugin import BridgePlugin, memory_session
 from lab import addons, runtime, state
 from lab.plan import HOST_SYSCTLS, SWITCH_SYSCTLS, NodeOps, Plan, PodOps
-from routing import bgp, frr, vxlan
+from routing import bgp, frr, ipip, vxlan
 from services import dns, kube_proxy
 from services.endpoints import RunningPod
 from topo import names, netns, process, underlay
@@ -72,6 +75,8 @@ def setup_node(node: NodeOps, handles: NodeHandles) -> BridgePlugin:
         host.replace_route(route.dst, gateway=route.via, oif=devices[route.dev], protocol=RTPROT_STATIC)
     if node.vxlan is not None:
         vxlan.apply(host, node.vxlan)
+    if node.ipip is not None:
+        ipip.apply_tunnel(host, node.netns, node.ipip)
     if node.service_route is not None:
         host.replace_route(node.service_route, oif=host.link(NODE_IFNAME).index)
     return plugin
@@ -115,10 +120,22 @@ def frr_folder(lab: str, name: str) -> Path:
     return state.lab_dir(lab) / "frr" / name
 
 
+def load_br_netfilter() -> None:
+    """The net/bridge sysctls every lab writes exist only once br_netfilter is loaded. This project's CI
+    kernel has it built in; a modular kernel (Debian's stock one) loads it only when asked, which is why
+    kubeadm's prerequisites say `modprobe br_netfilter`."""
+    if not os.path.isdir("/proc/sys/net/bridge"):
+        with contextlib.suppress(OSError):  # no modprobe: the check below says what is missing
+            subprocess.run(["modprobe", "br_netfilter"], capture_output=True)
+    if not os.path.isdir("/proc/sys/net/bridge"):
+        raise ApplyError("bridge netfilter is missing (CONFIG_BRIDGE_NETFILTER; `modprobe br_netfilter` failed)")
+
+
 def apply(plan: Plan, st: state.LabState) -> float | None:
     """Build the lab; returns how long BGP took to converge (None without BGP)."""
     if plan.routers or plan.speakers:
         frr.require_frr()
+    load_br_netfilter()
     netns.ensure_dir()
     underlay.build(plan.underlay)
     pause = runtime.pause_binary(state.RUN_DIR / state.BIN)
@@ -139,6 +156,10 @@ def apply(plan: Plan, st: state.LabState) -> float | None:
             plugin.ipam = lambda ipam=ipam: memory_session(ipam)
         running = [RunningPod(op.pod, op.address.ip) for op in plan.pods]
         addons.write_configs(plan.lab, running, state.lab_dir(plan.lab.name))
+        # Policy first: the plan knows every pod's IP, so each pod starts isolated as its policies say (Calico
+        # drops a workload's traffic until felix has programmed its policy: no pod runs unprotected).
+        network_policy.sync(plan.lab, [network_policy.Workload(r.pod, r.ip) for r in running],
+                            state.lab_dir(plan.lab.name) / "network-policy")
         try:
             for op in plan.pods:
                 st.pods[op.pod.key] = add_pod(plan.lab, op, plugins[op.node], pause, logs)
@@ -153,8 +174,11 @@ def apply(plan: Plan, st: state.LabState) -> float | None:
         speakers = plan.routers + plan.speakers
         if speakers:
             folders = {s.name: frr_folder(plan.lab.name, s.name) for s in speakers}
-            return frr.wait_converged(list(speakers), {s.netns: handles.get(s.netns) for s in speakers},
-                                      folders, timeout=BGP_TIMEOUT)
+            rtnl = {s.netns: handles.get(s.netns) for s in speakers}
+            # ipip: zebra installs no BGP route; the lab installs what bgpd learned, through tunl0
+            programmed = ipip.program(plan.lab, plan.speakers, rtnl, folders, BGP_TIMEOUT) \
+                if plan.lab.network.backend == "ipip" else 0.0
+            return programmed + frr.wait_converged(list(speakers), rtnl, folders, timeout=BGP_TIMEOUT)
     return None
 
 

@@ -202,6 +202,13 @@ class Dataplanes(Suite):
         plt.close(fig)
 
 
+def _ipvs_here() -> bool:
+    """The IPVS column is measured where the kernel has IPVS and dummy devices (probed; needs root)."""
+    from topo import kernel
+
+    return os.geteuid() == 0 and not kernel.missing(kernel.IPVS, kernel.DUMMY)
+
+
 class Services(Suite):
     name = "services"
 
@@ -209,7 +216,7 @@ class Services(Suite):
         super().__init__(quick)
         counts = (10, 100) if quick else (10, 100, 1000, 10000)
         connects = 100 if quick else 200
-        self.modes = ("iptables", "nftables")
+        self.modes = ("iptables", "nftables") + (("ipvs",) if _ipvs_here() else ())
         for mode in self.modes:
             for count in counts:
                 self.cases.append(Case(f"{mode} {count}", self._runner(mode, count, connects),
@@ -225,7 +232,10 @@ class Services(Suite):
     def setup(self, stack: ExitStack, folder: Path) -> None:
         from services import kube_proxy
 
-        for tool in (kube_proxy.IPTABLES_RESTORE[0], kube_proxy.NFT[0]):
+        tools = [kube_proxy.IPTABLES_RESTORE[0], kube_proxy.NFT[0]]
+        if "ipvs" in self.modes:
+            tools += [kube_proxy.IPVSADM_RESTORE[0], kube_proxy.IPSET_RESTORE[0]]
+        for tool in tools:
             if shutil.which(tool) is None:
                 raise FeatureMissing(f"lab bench services needs {tool} (./install.sh installs it)")
 

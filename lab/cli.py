@@ -12,7 +12,7 @@ import shutil
 import sys
 from collections.abc import Sequence
 
-from topo.errors import LabError, SpecError
+from topo.errors import LabError, SpecError, StateError
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
@@ -22,21 +22,64 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     lab = load_spec(resolve_spec(args.spec))
     print(f"{lab.source}: valid: lab {lab.name}, {len(lab.nodes)} nodes, {len(lab.pods)} pods, "
           f"backend {lab.network.backend}")
+    exercise = _exercise_checks(args.spec)
+    if exercise is not None:
+        print(f"{exercise.file}: valid: {len(exercise.checks)} checks, {exercise.max_points} points, "
+              f"{len(exercise.faults)} faults")
     return 0
+
+
+def _exercise_checks(spec: str | None):
+    """The checks of an exercise folder (None for a plain spec file or a folder without checks.yaml)."""
+    from lab import checks
+    from lab.lifecycle import resolve_spec
+
+    folder = resolve_spec(spec)
+    if not folder.is_dir() or not checks.checks_file(folder).exists():
+        return None
+    return checks.load(folder, spec if spec is not None else None)
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
     from lab import lifecycle, status
 
+    exercise = _exercise_checks(args.spec)  # a bad checks.yaml stops the build before anything exists
     result = lifecycle.up(args.spec, keep_on_failure=args.keep_on_failure)
     if result.cleaned_leftovers:
         print(f"removed leftovers of an earlier run of lab {result.lab.name}", file=sys.stderr)
+    from cni.network_policy import not_enforced_warning
+
+    warning = not_enforced_warning(result.lab)
+    if warning:
+        print(warning, file=sys.stderr)
+    if exercise is not None and exercise.faults:
+        _apply_exercise_faults(result.state, exercise.faults, args.seed)
     print(status.render(status.describe(result.state)))
     target = result.lab.pods[0].name if result.lab.pods else result.lab.nodes[0].name
     bgp = f"; BGP converged in {result.bgp_seconds:.2f} s" if result.bgp_seconds is not None else ""
     print(f"\nlab {result.lab.name} is up ({result.seconds:.2f} s{bgp}). Try: lab exec {target} -- ip addr; "
           f"lab down {result.lab.name}")
     return 0
+
+
+def _apply_exercise_faults(st, items: list[dict], seed: int | None) -> None:
+    """The exercise's faults after `lab up`. Random ones (the capstone) are drawn from the seed, which is
+    printed so the same puzzle can be rebuilt (`lab up --seed N`); what they broke is not printed."""
+    from lab import faults
+
+    if seed is None and os.environ.get("KUBENET_LAB_SEED", "").isdigit():
+        seed = int(os.environ["KUBENET_LAB_SEED"])
+    if seed is None:
+        seed = faults.new_seed()
+    expanded = faults.expand(st, items, seed)
+    for (item, drawn) in expanded:
+        applied = faults.apply(st, [item], seed=seed if drawn else None)[0]
+        if not drawn:
+            print(f"fault: {applied.detail}", file=sys.stderr)
+    hidden = sum(drawn for _, drawn in expanded)
+    if hidden:
+        print(f"faults: {hidden} random fault{'s' if hidden > 1 else ''} applied (seed {seed}): find "
+              f"{'them' if hidden > 1 else 'it'}; `lab up --seed {seed}` rebuilds the same puzzle", file=sys.stderr)
 
 
 def _cmd_down(args: argparse.Namespace) -> int:
@@ -61,7 +104,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     if args.name is None and not args.json and len(state.live_labs()) == 0:
         print("no lab is running")
         return 0
-    info = status.describe(state.resolve(args.name))
+    info = status.describe(state.resolve(args.name), reveal=args.reveal)
     print(json.dumps(info, indent=2) if args.json else status.render(info))
     return 0
 
@@ -86,7 +129,7 @@ def _cmd_apply(args: argparse.Namespace) -> int:
 
     require_root()
     for line in objects.apply_file(args.lab, args.filename):
-        print(line)
+        print(line, file=sys.stderr if line.startswith("Warning:") else sys.stdout)  # kubectl's warnings too
     return 0
 
 
@@ -100,6 +143,16 @@ def _cmd_delete(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_probe(args: argparse.Namespace) -> int:
+    from lab import probe, state
+    from lab.lifecycle import require_root
+
+    require_root()
+    result = probe.matrix(state.resolve(args.lab), args.port, args.protocol, args.timeout)
+    print(json.dumps(result.to_json(), indent=2) if args.json else result.render())
+    return 0
+
+
 def _cmd_dns_count(args: argparse.Namespace) -> int:
     from lab import dnscount
     from lab.lifecycle import require_root
@@ -107,6 +160,115 @@ def _cmd_dns_count(args: argparse.Namespace) -> int:
     require_root()
     result = dnscount.count(args.lab, args.pod, args.name, args.family)
     print(json.dumps(result.to_json(), indent=2) if args.json else dnscount.render(result))
+    return 0
+
+
+def _cmd_graph(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from lab import graph
+    from lab.lifecycle import require_root
+
+    require_root()
+    drawn = graph.graph_of(args.name)
+    if args.output:
+        graph.render(drawn, Path(args.output))
+    if args.json:
+        print(json.dumps(drawn.to_json(), indent=2))
+    elif args.text or not args.output:
+        print(graph.to_text(drawn, color=sys.stdout.isatty()))
+    else:
+        found = f"{len(drawn.problems)} problem(s)" if drawn.problems else "no problems"
+        print(f"wrote {args.output} ({found})")
+    return 0
+
+
+def _cmd_trace(args: argparse.Namespace) -> int:
+    from lab import trace
+    from lab.lifecycle import require_root
+
+    require_root()
+    result = trace.run(args.lab, args.source, args.destination, args.protocol, args.size, args.timeout)
+    print(json.dumps(result.to_json(), indent=2) if args.json else trace.render(result))
+    return 0 if result.delivered else 1
+
+
+def _cmd_grade(args: argparse.Namespace) -> int:
+    from lab import grade
+    from lab.lifecycle import require_root
+
+    if args.junit:  # before grading: a report that cannot be written is a usage error, found early
+        folder = os.path.dirname(os.path.abspath(args.junit))
+        if os.path.isdir(args.junit) or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+            raise StateError(f"--junit {args.junit}: cannot write there (no such folder, or not writable)")
+    require_root()
+    report = grade.grade(args.lab, args.exercise, args.answers, args.only)
+    if args.junit:
+        try:
+            with open(args.junit, "w") as fh:
+                fh.write(grade.junit(report))
+        except OSError as exc:
+            raise StateError(f"--junit {args.junit}: cannot write: {exc.strerror or exc}") from exc
+    print(json.dumps(report.to_json(), indent=2) if args.json else grade.render(report))
+    if report.counted == 0:
+        print("lab grade: nothing was graded (every check chosen was skipped)", file=sys.stderr)
+    return report.exit_code
+
+
+def _cmd_break(args: argparse.Namespace) -> int:
+    from lab import faults, state
+    from lab.lifecycle import require_root
+
+    if args.list:
+        print(faults.describe())
+        return 0
+    if not 1 <= args.count <= faults.MAX_RANDOM:
+        raise StateError(f"--count must be 1 to {faults.MAX_RANDOM} (more faults at once make a broken lab, "
+                         "not a puzzle)")
+    if args.count != 1 and not args.random:
+        raise StateError("--count goes with --random")
+    require_root()
+    st = state.resolve(args.lab)
+    seed = args.seed if args.seed is not None else faults.new_seed()
+    if args.random:
+        items = faults.choose(st, seed, args.count)
+    elif args.fault:
+        if args.seed is not None:
+            raise StateError("--seed goes with --random")
+        items = [faults.parse_args(args.fault, args.params)]
+    else:
+        raise StateError("name a fault (lab break --list shows them) or give --random [--seed N]")
+    for applied in faults.apply(st, items, seed=seed if args.random else None):
+        # A random fault is a puzzle: say that something broke, not what (`lab status --reveal` tells).
+        print(f"applied a random fault (seed {seed}); find it" if args.random else applied.detail)
+    return 0
+
+
+def _cmd_link(args: argparse.Namespace) -> int:
+    from lab import link, state, status
+    from lab.lifecycle import require_root
+    from topo.spec import link_option
+
+    require_root()
+    values = {name: link_option(name, text) for name, text in
+              (("delay", args.delay), ("jitter", args.jitter), ("loss", args.loss)) if text is not None}
+    if args.clear and values:
+        raise StateError("give --clear alone, or --delay/--jitter/--loss")
+    if "jitter" in values and "delay" not in values:
+        raise StateError("--jitter varies a delay: give --delay too (e.g. --delay 50ms --jitter 5ms)")
+    if (values or args.clear) and not args.node2:
+        raise StateError("name two nodes, e.g. lab link node1 node2 --delay 50ms")
+    with state.locked():
+        lab = status.model_of(state.resolve(args.lab))
+        if args.clear:
+            lines = link.change(lab, args.node1, args.node2, None)
+        elif values:
+            imp = link.Impairment(values.get("delay"), values.get("jitter"), values.get("loss"))
+            lines = link.change(lab, args.node1, args.node2, imp)
+        else:
+            lines = link.show(lab, args.node1, args.node2)
+    for line in lines:
+        print(line)
     return 0
 
 
@@ -123,6 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("up", help="build a lab from a spec (default: labs/00-seed) and return; it keeps running")
     p.add_argument("spec", nargs="?", help="a lab YAML file, an exercise folder, or a folder name under labs/")
     p.add_argument("--keep-on-failure", action="store_true", help="leave a failed build in place for debugging")
+    p.add_argument("--seed", type=int, help="an exercise's random faults: draw them from this seed "
+                   "(default: $KUBENET_LAB_SEED, else a new seed, printed)")
     p.set_defaults(func=_cmd_up)
 
     p = sub.add_parser("down", help="remove every namespace, link and process of a lab")
@@ -136,6 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="nodes and pods of a running lab")
     p.add_argument("name", nargs="?")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--reveal", action="store_true", help="show what random faults (lab break --random, a "
+                   "capstone) broke: the answer to the puzzle")
     p.set_defaults(func=_cmd_status)
 
     p = sub.add_parser("exec", help="run a command (default: a shell) in a node or pod: lab exec POD -- CMD")
@@ -151,11 +317,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("delete", help="remove a pod, a deployment's pods, a service or an ingress: lab delete pod NAME")
     p.add_argument("kind", choices=["pod", "pods", "po", "deployment", "deployments", "deploy", "service",
-                                    "services", "svc", "ingress", "ingresses", "ing"])
+                                    "services", "svc", "ingress", "ingresses", "ing", "networkpolicy",
+                                    "networkpolicies", "netpol"])
     p.add_argument("name")
     p.add_argument("-n", "--namespace", default="default")
     p.add_argument("--lab", help="the lab, when more than one is running")
     p.set_defaults(func=_cmd_delete)
+
+    p = sub.add_parser("probe", help="connect from every pod to every pod and print who reaches whom (. allowed, "
+                                     "X blocked)")
+    p.add_argument("--port", type=int, default=80, help="the port to connect to (default 80); the probe listens "
+                                                        "there itself in pods where nothing does")
+    p.add_argument("--protocol", choices=["tcp", "udp"], default="tcp")
+    p.add_argument("--timeout", type=float, default=1.0, help="seconds a connection may take (default 1)")
+    p.add_argument("--lab", help="the lab, when more than one is running")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_probe)
 
     p = sub.add_parser("dns-count", help="resolve NAME inside POD and count the DNS queries it cost")
     p.add_argument("pod", help="a pod name or namespace/pod")
@@ -166,6 +343,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_dns_count)
 
+    p = sub.add_parser("link", help="delay, jitter or lose the traffic between two nodes of a running lab (netem)")
+    p.add_argument("node1", nargs="?")
+    p.add_argument("node2", nargs="?")
+    p.add_argument("--delay", help="added each way, e.g. 50ms (a round trip between the two gets twice that)")
+    p.add_argument("--jitter", help="netem varies the delay by up to this, e.g. 5ms (needs --delay)")
+    p.add_argument("--loss", help="packets lost each way, e.g. 1%%")
+    p.add_argument("--clear", action="store_true", help="remove the impairment between the two nodes")
+    p.add_argument("--lab", help="the lab, when more than one is running")
+    p.set_defaults(func=_cmd_link)
+
     p = sub.add_parser("bench", help="measure data planes, service rules, DNS queries and lab up/down (needs root)")
     p.add_argument("suites", nargs="*", metavar="SUITE", help="dataplanes, services, dns, updown (default: all)")
     p.add_argument("--quick", action="store_true", help="small sizes and 1 repetition: under a minute")
@@ -173,6 +360,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="FILE", help="write every sample, the medians and the machine description")
     p.add_argument("--plot", metavar="DIR", help="write one PNG per suite (needs matplotlib)")
     p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("graph", help="draw the running lab from what the kernel holds (SVG/PNG/DOT or text)")
+    p.add_argument("name", nargs="?")
+    p.add_argument("-o", "--output", metavar="FILE", help="write FILE.svg, FILE.png or FILE.dot (Graphviz)")
+    p.add_argument("--text", action="store_true", help="print a terminal drawing (the default without -o)")
+    p.add_argument("--json", action="store_true", help="print the compared model as JSON")
+    p.set_defaults(func=_cmd_graph)
+
+    p = sub.add_parser("trace", help="send one probe and list every hop the kernel took: lab trace FROM TO[:PORT]")
+    p.add_argument("source", metavar="FROM", help="a pod, node or external host")
+    p.add_argument("destination", metavar="TO[:PORT]",
+                   help="a pod, node, external host, service (name or namespace/name) or IP, optionally :PORT; "
+                        "svc/[NS/]NAME or pod/[NS/]NAME when a pod and a service share a name")
+    p.add_argument("--protocol", "-p", choices=["tcp", "udp", "icmp"],
+                   help="default: the service port's protocol, tcp with a port, icmp without")
+    p.add_argument("--size", type=int, default=0, metavar="BYTES",
+                   help="ICMP/UDP payload bytes, sent with Don't Fragment (finds MTU problems)")
+    p.add_argument("--timeout", type=float, default=1.0, metavar="SECONDS",
+                   help="how long to wait for the packet and its answer (at most 4)")
+    p.add_argument("--lab", help="the lab, when more than one is running")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_trace)
+
+    p = sub.add_parser("grade", help="run the checks of the running lab's exercise: a score, and hints")
+    p.add_argument("exercise", nargs="?", help="an exercise folder (default: the one the lab was built from)")
+    p.add_argument("--lab", help="the lab, when more than one is running")
+    p.add_argument("--answers", metavar="FILE", help="the answers file (default: answers.yaml in the exercise)")
+    p.add_argument("--only", nargs="+", metavar="CHECK|TASK", help="run only these checks or tasks")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--junit", metavar="FILE", help="also write the result as JUnit XML")
+    p.set_defaults(func=_cmd_grade)
+
+    p = sub.add_parser("break", help="apply a fault to a running lab: lab break FAULT KEY=VALUE..., or --random")
+    p.add_argument("fault", nargs="?", help="a fault name (see --list)")
+    p.add_argument("params", nargs="*", metavar="KEY=VALUE")
+    p.add_argument("--lab", help="the lab, when more than one is running")
+    p.add_argument("--random", action="store_true", help="apply faults chosen for this lab from --seed")
+    p.add_argument("--seed", type=int, help="the seed of --random: the same seed breaks the same thing "
+                   "(default: a new seed, printed)")
+    p.add_argument("--count", type=int, default=1, help="how many random faults (default 1, at most 5)")
+    p.add_argument("--list", action="store_true", help="list the faults and their parameters")
+    p.set_defaults(func=_cmd_break)
 
     p = sub.add_parser("validate", help="check a spec without building anything (no root needed)")
     p.add_argument("spec", nargs="?")
@@ -189,7 +418,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(line, file=sys.stderr)
         return exc.exit_code
     except LabError as exc:
-        print(f"lab {args.command_name}: {exc}", file=sys.stderr)
+        for line in str(exc).splitlines() or [""]:  # several refusals (lab up): one line each
+            print(f"lab {args.command_name}: {line}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print(f"lab {args.command_name}: interrupted", file=sys.stderr)

@@ -3,6 +3,13 @@
 The pod resolves the name with the real system resolver (glibc's `getent`, run inside the pod, so it
 reads the pod's own resolv.conf with its search list and ndots), and the queries the DNS servers logged
 meanwhile from that pod are counted and listed: the ndots:5 search-list expansion, seen for real.
+
+What counts, so that the number is the same every time (graders compare it with a learner's answer):
+- at the cluster DNS, the questions the pod asked (its log names the asking pod's IP, so other pods'
+  lookups at the same moment do not count), each (type, name) once: a resolver's retransmission of an
+  unanswered question is the same query asked again, not a step of the search list;
+- at the upstream DNS, which only sees the cluster DNS asking, the forwarded questions that are among the
+  pod's own (same type and name), each once: another pod's lookup of other names does not count.
 """
 from __future__ import annotations
 
@@ -70,17 +77,22 @@ def count(lab_name: str | None, target: str, name: str, family: str = "any") -> 
         raise StateError(f"could not resolve in {key}: {proc.stderr.strip() or f'exit {proc.returncode}'}")
     answer = sorted({line.split()[0] for line in proc.stdout.splitlines() if line.strip()})
     _settle(logs)  # dnsmasq writes its log asynchronously
-    cluster = [q for q in dns.parse_log(_tail(logs[0], offsets[0])) if q.source == pod_ip]
-    upstream = dns.parse_log(_tail(logs[1], offsets[1]))
-    resolv = (state.pod_dir(st.name, _pod_of(key)) / "resolv.conf").read_text()
+    cluster = _distinct(q for q in dns.parse_log(_tail(logs[0], offsets[0])) if q.source == pod_ip)
+    asked = {(q.qtype, q.name.lower()) for q in cluster}
+    upstream = _distinct(q for q in dns.parse_log(_tail(logs[1], offsets[1])) if (q.qtype, q.name.lower()) in asked)
+    resolv = (state.pod_dir_of(st.name, key) / "resolv.conf").read_text()
     return Count(key, pod_ip, name, resolv, answer, cluster, upstream)
 
 
-def _pod_of(key: str):
-    from topo.model import Pod
-
-    namespace, name = key.split("/", 1)
-    return Pod(name=name, namespace=namespace, node="")
+def _distinct(queries) -> list[dns.Query]:
+    """Each (type, name) once, in the order first asked (see the module docstring)."""
+    seen: set[tuple[str, str]] = set()
+    out = []
+    for q in queries:
+        if (q.qtype, q.name.lower()) not in seen:
+            seen.add((q.qtype, q.name.lower()))
+            out.append(q)
+    return out
 
 
 def _settle(paths: list[Path], quiet: float = 0.15, timeout: float = 2.0) -> None:

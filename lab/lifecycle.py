@@ -78,13 +78,24 @@ def up(spec: str | None, keep_on_failure: bool = False) -> UpResult:
 
 
 def require_kernel_features(lab: Lab) -> None:
-    """What a spec asks of the kernel, checked before anything is built."""
-    kube_proxy.require(lab)
-    links = [lab.underlay.link] + [n.link for n in lab.nodes]
-    if any(link.delay_ms or link.loss_percent for link in links) and not kernel.has_netem():
-        raise FeatureMissing("link delay and loss need the kernel's netem qdisc (CONFIG_NET_SCH_NETEM), which "
-                             "this kernel lacks: remove delay/loss from the spec, or run the lab in the "
-                             "Vagrant VM (a full kernel)")
+    """What a spec asks of the kernel, checked (by probing, see topo/kernel.py) before anything is built.
+    Every missing feature is named, one line each."""
+    lines = []
+    ipvs = kube_proxy.missing_features(lab)
+    if ipvs:
+        lines.append(kernel.refusal("kubeProxy.mode ipvs", ipvs, "kubeProxy.mode nftables"))
+    if lab.network.backend == "ipip" and kernel.missing(kernel.IPIP):
+        lines.append(kernel.refusal("network.backend ipip (Calico IP-in-IP, tunl0)", [kernel.IPIP],
+                                    "backend bgp (no encapsulation) or vxlan"))
+    impaired = ([("spec.underlay.link", lab.underlay.link)] +
+                [(f"spec.nodes[{n.index}].link", n.link) for n in lab.nodes])
+    where = [loc for loc, link in impaired if link.impaired]
+    if where and kernel.missing(kernel.NETEM):
+        lines.append(kernel.refusal(f"link delay, jitter and loss ({where[0]})", [kernel.NETEM],
+                                    "bandwidth without them"))
+    if lines:
+        raise FeatureMissing("\n".join(lines))
+    kube_proxy.require_tools(lab)
 
 
 def down(name: str | None) -> tuple[str, float]:

@@ -10,9 +10,11 @@ from __future__ import annotations
 import dataclasses
 import shutil
 import time
+from collections.abc import Callable
 from ipaddress import IPv4Address
 from pathlib import Path
 
+from cni import network_policy
 from cni.plugin import BridgePlugin
 from lab import addons, apply, plan, runtime, state
 from services import kube_proxy
@@ -20,8 +22,8 @@ from services.endpoints import RunningPod
 from topo import netns, process
 from topo.errors import SpecError, SpecIssue, StateError
 from topo.model import Container, ContainerPort, Lab, Pod
-from topo.spec import (ingresses_from_objects, parse_objects, parse_spec_text, pods_from_objects,
-                       services_from_objects)
+from topo.spec import (ingresses_from_objects, network_policies_from_objects, parse_objects, parse_spec_text,
+                       pods_from_objects, services_from_objects)
 
 
 def _key(obj: dict) -> str:
@@ -43,16 +45,22 @@ def current_lab(st: state.LabState) -> Lab:
     namespaces = dict(spec.namespaces)
     for obj in st.objects:
         if obj.get("kind") == "Namespace":
+            # an applied Namespace replaces its labels, as kubectl apply does (a label left out is removed);
+            # kubernetes.io/metadata.name is never stored: it is added wherever labels are matched
             meta = obj.get("metadata", {})
-            namespaces.setdefault(meta["name"], {}).update(meta.get("labels") or {})
+            namespaces[meta["name"]] = dict(meta.get("labels") or {})
     lab = dataclasses.replace(
         spec, namespaces=namespaces,
         services=tuple(s for s in spec.services if f"Service/{s.key}" not in replaced),
-        ingresses=tuple(i for i in spec.ingresses if f"Ingress/{i.key}" not in replaced))
+        ingresses=tuple(i for i in spec.ingresses if f"Ingress/{i.key}" not in replaced),
+        network_policies=tuple(p for p in spec.network_policies if f"NetworkPolicy/{p.key}" not in replaced))
     applied = [o for o in st.objects if o.get("kind") == "Service"]
     lab = dataclasses.replace(lab, services=lab.services + tuple(services_from_objects(applied, lab, None)))
     applied = [o for o in st.objects if o.get("kind") == "Ingress"]
     lab = dataclasses.replace(lab, ingresses=lab.ingresses + tuple(ingresses_from_objects(applied, lab, None)))
+    applied = [o for o in st.objects if o.get("kind") == "NetworkPolicy"]
+    lab = dataclasses.replace(lab, network_policies=lab.network_policies + tuple(
+        network_policies_from_objects(applied, lab, None)))
     lab = addons.with_addons(dataclasses.replace(lab, pods=()), state.lab_dir(st.name))
     templates = {p.key: p for p in spec.pods + lab.pods}  # containers of spec pods and addon pods
     addon_pods = [p for p in lab.pods if p.key not in st.pods]  # an addon that has just become enabled
@@ -87,6 +95,7 @@ def resync(st: state.LabState) -> kube_proxy.SyncReport:
     lab = current_lab(st)
     running = running_pods(st, lab)
     report = kube_proxy.sync(lab, running, state.lab_dir(st.name) / "kube-proxy")
+    sync_policies(lab, running, st.name)
     todo = addons.write_configs(lab, running, state.lab_dir(st.name))
     dns_key = f"{addons.DNS_NAMESPACE}/{addons.DNS_POD}"
     if todo.get("dns") == "restart":
@@ -99,6 +108,13 @@ def resync(st: state.LabState) -> kube_proxy.SyncReport:
                     addons.hangup(pid)
     state.save(st)
     return report
+
+
+def sync_policies(lab: Lab, running: list[RunningPod], name: str) -> network_policy.SyncReport:
+    """Every node's NetworkPolicy rules for the pods running now (ready or not: a pod keeps its isolation
+    while it starts, as Calico programs a workload's policy before it is ready)."""
+    workloads = [network_policy.Workload(r.pod, r.ip) for r in running]
+    return network_policy.sync(lab, workloads, state.lab_dir(name) / "network-policy")
 
 
 def _restart_container(st: state.LabState, lab: Lab, key: str) -> None:
@@ -114,7 +130,8 @@ def _restart_container(st: state.LabState, lab: Lab, key: str) -> None:
 def _remember(st: state.LabState, objects: list[dict], before: Lab) -> list[str]:
     """Keep applied manifests (the newest of each object, overriding the spec's); report what changed."""
     known = {_key(o): i for i, o in enumerate(st.objects)}
-    existing = {f"Service/{s.key}": s for s in before.services} | {f"Ingress/{i.key}": i for i in before.ingresses}
+    existing = {f"Service/{s.key}": s for s in before.services} | {f"Ingress/{i.key}": i for i in before.ingresses} | {
+        f"NetworkPolicy/{p.key}": p for p in before.network_policies}
     report = []
     for obj in objects:
         key = _key(obj)
@@ -128,7 +145,7 @@ def _remember(st: state.LabState, objects: list[dict], before: Lab) -> list[str]
         kind, namespace, name = key.split("/", 2)
         if kind == "Namespace" and name not in before.namespaces:
             report.append(f"namespace {name} created")
-        elif kind in ("Service", "Ingress"):
+        elif kind in ("Service", "Ingress", "NetworkPolicy"):
             report.append(f"{kind.lower()} {namespace}/{name} {'configured' if key in existing else 'created'}")
     return report
 
@@ -163,13 +180,14 @@ def apply_file(name: str | None, file: str) -> list[str]:
             before, pods=tuple(p for p in before.pods if p.key not in pod_keys),
             services=tuple(s for s in before.services
                            if f"Service/{s.key}" not in named and s.key not in addons.SERVICES),
-            ingresses=tuple(i for i in before.ingresses if f"Ingress/{i.key}" not in named))
+            ingresses=tuple(i for i in before.ingresses if f"Ingress/{i.key}" not in named),
+            network_policies=tuple(p for p in before.network_policies if f"NetworkPolicy/{p.key}" not in named))
         objects = parse_objects(text, others, file)
         _pin_addresses(objects, before)
         wanted = pods_from_objects(objects, others, file)
         new = [p for p in wanted if p.key not in existing]
         report = _remember(st, objects, before)
-        report += [f"pod {p.key} unchanged" for p in wanted if p.key in existing]
+        report += [_relabel(st, p) for p in wanted if p.key in existing]
         after = current_lab(st)
         new += [p for p in after.pods if p.key not in st.pods and p.key not in {n.key for n in new}]  # addons
         lab = dataclasses.replace(after, pods=after.pods + tuple(p for p in new if p not in after.pods))
@@ -179,12 +197,26 @@ def apply_file(name: str | None, file: str) -> list[str]:
                 _delete_pod(st, lab, key)
                 report.append(f"pod {key} deleted (scaled down)")
             for pod in new:
-                _add_pod(st, lab, pod)
+                _add_pod(st, lab, pod, lambda p, ip: _protect(st, lab, p, ip))
                 report.append(f"pod {pod.key} created ({pod.node}, {st.pods[pod.key].ip})")
         finally:
             state.save(st)  # whatever happened so far, the state says so
         resync(st)
+        warning = network_policy.not_enforced_warning(current_lab(st))
+    if warning and any(o.get("kind") == "NetworkPolicy" for o in objects):
+        report.append(warning)  # "Warning: ..." lines go to stderr (lab/cli.py), as kubectl prints warnings
     return report
+
+
+def _relabel(st: state.LabState, pod: Pod) -> str:
+    """A re-applied pod whose labels changed gets the new labels in place, without a restart (as the API
+    server updates a pod's metadata); the resync after it moves it into and out of services and policies.
+    Anything else that changed in a running pod is left as it runs (Kubernetes refuses most such updates)."""
+    ps = st.pods[pod.key]
+    if ps.labels == pod.label_map:
+        return f"pod {pod.key} unchanged"
+    ps.labels = pod.label_map
+    return f"pod {pod.key} configured (labels)"
 
 
 def _named(text: str) -> set[str]:
@@ -238,8 +270,17 @@ def _plugin(lab: Lab, node: str, host) -> BridgePlugin:  # host: topo.rtnl.Rtnl
     return BridgePlugin(plan.netconf(lab, node, state.ipam_dir(lab.name)), host)
 
 
-def _add_pod(st: state.LabState, lab: Lab, pod: Pod) -> None:
-    """One pod the way `lab up` makes it; a failure removes what was made of it."""
+def _protect(st: state.LabState, lab: Lab, pod: Pod, ip: IPv4Address) -> None:
+    """A new pod's NetworkPolicy rules, loaded once it has its IP and before its containers start: it starts
+    isolated if a policy selects it, and the rules naming it as a peer hold its address. (Calico drops a
+    workload's traffic until felix has programmed its policy, so no pod ever runs unprotected.)"""
+    sync_policies(lab, running_pods(st, lab) + [RunningPod(pod, ip, False)], st.name)
+
+
+def _add_pod(st: state.LabState, lab: Lab, pod: Pod,
+             before_start: Callable[[Pod, IPv4Address], None] | None = None) -> None:
+    """One pod the way `lab up` makes it; a failure removes what was made of it. `before_start` runs once
+    the pod has its IP, before its containers start."""
     ns = lab.pod_netns(pod)
     args = plan.cni_args(lab, pod)
     pause = runtime.pause_binary(state.RUN_DIR / state.BIN)
@@ -253,6 +294,8 @@ def _add_pod(st: state.LabState, lab: Lab, pod: Pod) -> None:
             result = plugin.add(args)
             runtime.write_pod_files(files, addons.pod_resolv_conf(lab, pod),
                                     addons.pod_hosts(pod, result["ips"][0]["address"].split("/")[0]))
+            if before_start is not None:
+                before_start(pod, IPv4Address(result["ips"][0]["address"].split("/")[0]))
             containers = runtime.start_pod_containers(pod, ns, pause_pid, state.log_dir(lab.name))
         except BaseException:
             apply.remove_namespace(ns)
@@ -288,16 +331,17 @@ def delete(name: str | None, kind: str, target: str, namespace: str = "default")
         st = _locked_state(st)
         lab = current_lab(st)
         aliases = {"pods": "pod", "po": "pod", "deployments": "deployment", "deploy": "deployment",
-                   "services": "service", "svc": "service", "ingresses": "ingress", "ing": "ingress"}
+                   "services": "service", "svc": "service", "ingresses": "ingress", "ing": "ingress",
+                   "networkpolicies": "networkpolicy", "netpol": "networkpolicy"}
         kind = aliases.get(kind.lower(), kind.lower())
         if kind == "pod":
             keys = [f"{namespace}/{target}"]
             if keys[0] not in st.pods:
                 raise StateError(f"no pod {keys[0]} in lab {st.name}")
-        elif kind in ("service", "ingress"):
-            kind_name = kind.capitalize()
+        elif kind in ("service", "ingress", "networkpolicy"):
+            kind_name = {"networkpolicy": "NetworkPolicy"}.get(kind, kind.capitalize())
             key = f"{kind_name}/{namespace}/{target}"
-            known = lab.services if kind_name == "Service" else lab.ingresses
+            known = {"Service": lab.services, "Ingress": lab.ingresses}.get(kind_name, lab.network_policies)
             if not any(f"{kind_name}/{o.key}" == key for o in known):
                 raise StateError(f"no {kind_name.lower()} {namespace}/{target} in lab {st.name}")
             users = [i.key for i in lab.ingresses if i.namespace == namespace and target in _backends(i)]

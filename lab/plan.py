@@ -11,7 +11,7 @@ from pathlib import Path
 
 from cni.ipam import NodeIpam
 from cni.plugin import CniArgs, NetConf
-from routing import bgp, host_gw, vxlan
+from routing import bgp, host_gw, ipip, vxlan
 from topo import names, netns, underlay
 from topo.model import POD_IFNAME, Lab, Pod
 
@@ -44,6 +44,7 @@ class NodeOps:
     netconf: NetConf
     routes: tuple[host_gw.Route, ...]  # host-gw
     vxlan: vxlan.VxlanPlan | None = None  # vxlan
+    ipip: ipip.Tunnel | None = None  # ipip: tunl0 (its routes come from BGP, see routing/ipip.py)
     # A route covering the service CIDR, so connections a node itself opens to a ClusterIP get past the
     # route lookup to the DNAT rules (a real node has a default route for that; a flat lab's do not).
     service_route: IPv4Network | None = None
@@ -92,7 +93,7 @@ def build(lab: Lab, ipam_dir: Path) -> Plan:
     service_route = None if lab.underlay.routed else lab.cluster.service_cidr
     nodes = tuple(NodeOps(name=n.name, netns=lab.node_netns(n.name), netconf=netconf(lab, n.name, ipam_dir),
                           routes=tuple(r for r in routes if r.node == n.name), vxlan=tunnels.get(n.name),
-                          service_route=service_route)
+                          service_route=service_route, ipip=ipip.tunnel(n) if backend == "ipip" else None)
                   for n in lab.nodes)
     ipam = {n.name: NodeIpam(n.name, n.pod_cidr) for n in lab.nodes}
     pods = tuple(pod_ops(lab, pod, ipam[pod.node]) for pod in lab.pods)

@@ -80,7 +80,13 @@ def pod_state(pod: Pod, ip: str, netns: str, pause_pid: int, containers: dict[st
 
 def pod_dir(lab: str, pod: Pod) -> Path:
     """Where kubelet's files for a pod live (its resolv.conf and hosts, bind-mounted into the pod)."""
-    return lab_dir(lab) / "pods" / f"{pod.namespace}_{pod.name}"
+    return pod_dir_of(lab, pod.key)
+
+
+def pod_dir_of(lab: str, key: str) -> Path:
+    """pod_dir of a pod given by its key, NAMESPACE/NAME (as the lab's state names pods)."""
+    namespace, name = key.split("/", 1)
+    return lab_dir(lab) / "pods" / f"{namespace}_{name}"
 
 
 def lab_dir(name: str) -> Path:

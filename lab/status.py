@@ -15,7 +15,9 @@ def model_of(st: state.LabState) -> Lab:
     return with_addons(parse_spec_text(st.spec_text, st.spec_file), state.lab_dir(st.name))
 
 
-def describe(st: state.LabState) -> dict[str, Any]:
+def describe(st: state.LabState, reveal: bool = False) -> dict[str, Any]:
+    """The lab as JSON-able data. Random faults (`lab break --random`, a capstone's) are a puzzle: only
+    their seed is shown, unless `reveal` (the details stay in the lab's faults.json for graders)."""
     lab = model_of(st)
     nodes = [{"name": n.name, "ip": str(n.ip), "podCIDR": str(n.pod_cidr), "gateway": str(n.gateway.ip),
               "netns": lab.node_netns(n.name)} for n in lab.nodes]
@@ -37,7 +39,12 @@ def describe(st: state.LabState) -> dict[str, Any]:
                              "clusterIP": str(sp.service.cluster_ip), "port": sp.port.port,
                              "protocol": sp.port.protocol, "nodePort": sp.port.node_port,
                              "endpoints": [str(e) for e in sp.endpoints]})
-    return {"name": st.name, "phase": st.phase, "spec": st.spec_file, "exercise": st.exercise,
+    from lab.faults import recorded
+
+    faults = [{"fault": f.fault, "params": f.params, "detail": f.detail, "seed": f.seed}
+              if reveal or f.seed is None else {"fault": None, "params": None, "detail": None, "seed": f.seed}
+              for f in recorded(st.name)]
+    return {"name": st.name, "phase": st.phase, "spec": st.spec_file, "exercise": st.exercise, "faults": faults,
             "backend": lab.network.backend, "mtu": lab.network.mtu, "kubeProxy": lab.kube_proxy.mode,
             "services": services, "external": [{"name": e.name, "ip": str(e.ip)} for e in lab.external],
             "underlay": str(lab.underlay.subnet), "podCIDR": str(lab.cluster.pod_cidr),
@@ -65,4 +72,9 @@ def render(info: dict[str, Any]) -> str:
              ", ".join(s["endpoints"]) or "<none>"] for s in info["services"]]))
     if info["external"]:
         parts.append(table([["EXTERNAL", "IP"]] + [[e["name"], e["ip"]] for e in info["external"]]))
+    if info.get("faults"):  # `lab break` and an exercise's faults; random ones stay a puzzle
+        shown = [f"  a random fault (seed {f['seed']})" if f["detail"] is None else
+                 f"  {f['detail']}" + (f" (random, seed {f['seed']})" if f["seed"] is not None else "")
+                 for f in info["faults"]]
+        parts.append("FAULTS APPLIED\n" + "\n".join(shown))
     return "\n\n".join(parts)

@@ -5,6 +5,8 @@ Nodes (backend bgp), as Calico does with BIRD, here with FRR:
   every node's kernel with the other node's IP as next hop: no encapsulation at all.
 - `peering: tor` (Calico's "AS per rack" model): each node peers only with its rack's router by iBGP, in
   the rack's AS, the router acting as route reflector, so the "datacenter routers" learn every pod route.
+- backend ipip (Calico's IP-in-IP): the same mesh, but the nodes' zebra installs nothing; the routes go
+  through tunl0 and the lab installs them from what bgpd learned (routing/ipip.py says why).
 
 Routers (routed underlays, whatever the pod backend): each top-of-rack router announces its rack subnet
 by eBGP to the spine (or, with a `direct` fabric, to every other ToR), which is how node IPs of different
@@ -44,19 +46,23 @@ class Speaker:
     networks: tuple[IPv4Network, ...] = ()  # announced (a node's PodCIDR)
     redistribute_connected: bool = False  # routers announce their connected subnets
     expected: tuple[IPv4Network, ...] = field(default=())  # routes it must have learned once converged
+    zebra: tuple[str, ...] = ()  # extra zebra.conf lines (backend ipip: keep BGP routes out of the kernel)
 
 
 def node_speakers(lab: Lab) -> list[Speaker]:
-    if lab.network.backend != "bgp":
+    from routing import ipip  # (ipip uses frr, which uses this module)
+
+    if lab.network.backend not in ("bgp", "ipip"):
         return []
     if lab.network.bgp.peering == "tor":
         return [_tor_client(lab, n.name) for n in lab.nodes]
     asn = lab.network.bgp.asn
+    zebra = tuple(ipip.zebra_lines()) if lab.network.backend == "ipip" else ()
     speakers = []
     for node in lab.nodes:
         peers = tuple(Neighbor(p.ip, asn, p.name) for p in lab.nodes if p.name != node.name)
         speakers.append(Speaker(node.name, lab.node_netns(node.name), asn, node.ip, peers, (node.pod_cidr,),
-                                expected=tuple(p.pod_cidr for p in lab.nodes if p.name != node.name)))
+                                expected=tuple(p.pod_cidr for p in lab.nodes if p.name != node.name), zebra=zebra))
     return speakers
 
 
@@ -97,6 +103,11 @@ def router_speakers(lab: Lab) -> list[Speaker]:
         speakers.append(Speaker(SPINE, lab.router_netns(SPINE), fabric.spine_asn, router_id.ip,
                                 spine_peers, expected=tuple(r.subnet for r in racks) + all_pods))
     return speakers
+
+
+def render_zebra(speaker: Speaker) -> str:
+    """zebra's configuration for one speaker."""
+    return "\n".join([f"hostname {speaker.name}", "!", *speaker.zebra, ""])
 
 
 def render(speaker: Speaker) -> str:

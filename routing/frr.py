@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from routing.bgp import Speaker, render
+from routing.bgp import Speaker, render, render_zebra
 from topo import process
 from topo.errors import ApplyError, FeatureMissing
 from topo.rtnl import Rtnl
@@ -46,7 +46,7 @@ def _frr_ids() -> tuple[int, int]:
 
 def write_config(folder: Path, speaker: Speaker) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "zebra.conf").write_text(f"hostname {speaker.name}\n!\n")
+    (folder / "zebra.conf").write_text(render_zebra(speaker))
     (folder / "bgpd.conf").write_text(render(speaker))
     uid, gid = _frr_ids()
     for path in (folder, folder / "zebra.conf", folder / "bgpd.conf"):

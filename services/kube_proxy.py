@@ -7,32 +7,58 @@ per rule. The iptables mode uses the legacy backend: it loads 10,000 services tw
 nft-backed iptables here (1.6 s against 3.5 s) and its lookups were faster too (see bench/services.py).
 nftables syncs are incremental: the last ruleset loaded into each node is kept, and only the difference
 is sent. In iptables mode a node whose rendered rules are unchanged is not reloaded (a fingerprint of
-the last load is kept), since a full restore costs about a second at 10,000 services.
+the last load is kept), since a full restore costs about a second at 10,000 services. IPVS mode keeps
+each node's last plan too: kube-ipvs0's addresses, the virtual and real servers change one by one (as
+kube-proxy's own syncs do; a restore from scratch would also drop every connection entry), and the
+ipsets and the nat helper rules are reloaded only when they changed.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from services import endpoints as ep
+from services import kube_proxy_ipvs as ipvs
 from topo import kernel, netns
 from topo.errors import ApplyError, FeatureMissing
 from topo.model import Lab, Node
 
 IPTABLES_RESTORE = ["iptables-legacy-restore", "-w", "5"]
 NFT = ["nft", "-f", "-"]
+# IPVS mode. `ipvsadm -R`, not the ipvsadm-restore script: the script always clears the table first.
+IPVSADM_RESTORE = ["ipvsadm", "-R"]
+IPSET_RESTORE = ["ipset", "restore"]
+IP_BATCH = ["ip", "-batch", "-"]
+
+
+def missing_features(lab: Lab) -> list[kernel.Feature]:
+    """What the lab's proxy mode needs of the kernel and this kernel lacks: IPVS mode needs IPVS itself and
+    dummy devices (kube-ipvs0)."""
+    if lab.kube_proxy.mode != "ipvs":
+        return []
+    return kernel.missing(kernel.IPVS, kernel.DUMMY)
 
 
 def require(lab: Lab) -> None:
-    """Refuse, before anything is built, a proxy mode this kernel cannot run."""
-    if lab.kube_proxy.mode == "ipvs" and not kernel.has_ipvs():
-        raise FeatureMissing("kubeProxy.mode ipvs needs the kernel's IPVS (CONFIG_IP_VS) and dummy devices "
-                             "(CONFIG_DUMMY) for kube-ipvs0, and this kernel has neither: use kubeProxy.mode "
-                             "nftables (also constant-time lookups), or run the lab in the Vagrant VM")
+    """Refuse a proxy mode this kernel cannot run (one line, naming the kernel options)."""
+    lacking = missing_features(lab)
+    if lacking:
+        raise FeatureMissing(kernel.refusal("kubeProxy.mode ipvs", lacking, "kubeProxy.mode nftables"))
+    require_tools(lab)
+
+
+def require_tools(lab: Lab) -> None:
+    """The programs the lab's proxy mode loads rules with."""
+    tools = {"iptables": [IPTABLES_RESTORE[0]], "nftables": [NFT[0]],
+             "ipvs": [IPVSADM_RESTORE[0], IPSET_RESTORE[0], IPTABLES_RESTORE[0], "ip"]}[lab.kube_proxy.mode]
+    for tool in tools:
+        if shutil.which(tool) is None:
+            raise FeatureMissing(f"kubeProxy.mode {lab.kube_proxy.mode} needs {tool}: install it (./install.sh does)")
 
 
 def load(ns: str, argv: list[str], script: str) -> None:
@@ -87,7 +113,39 @@ def sync_node(lab: Lab, node: Node, sps: list[ep.ServicePortEndpoints], folder: 
         saved.write_text(json.dumps(nft.to_json(new)))
     else:
         require(lab)
-        raise FeatureMissing("kubeProxy.mode ipvs is not available on this machine")
+        sync_ipvs(ns, ipvs.build(node, sps, lab.cluster), folder / f"{node.name}.ipvs.json")
+
+
+def sync_ipvs(ns: str, plan: ipvs.IpvsPlan, saved: Path) -> None:
+    """Bring one node's IPVS mode state to `plan`, in an order that never leaves a virtual server without
+    its address or its masquerade rules: kube-ipvs0's addresses, the ipsets, the nat table, then the
+    virtual servers. `saved` keeps the plan last loaded (the base of the next delta)."""
+    old = ipvs.from_json(json.loads(saved.read_text())) if saved.exists() else None
+    if old is None:
+        with netns.entered(ns):  # IPVS is per namespace, and so are its sysctls (after ip_vs is loaded)
+            for key, value in ipvs.SYSCTLS:
+                Path("/proc/sys", key).write_text(value)
+    with netns.rtnl_in(ns) as rt:
+        dummy = rt.link(plan.dummy)
+        present = None if dummy is None else {a.ip for _i, a in rt.addrs(dummy.index)}
+    script = ipvs.render_address_batch(plan, present)
+    if script:
+        load(ns, IP_BATCH, script)
+    if old is None or old.ipsets != plan.ipsets:
+        load(ns, IPSET_RESTORE, ipvs.render_ipset(plan))
+    if old is None or old.iptables != plan.iptables:
+        load(ns, IPTABLES_RESTORE, ipvs.render_iptables(plan))
+    if old is None:
+        load(ns, IPVSADM_RESTORE, ipvs.loadable(ipvs.render_ipvsadm(plan)))
+    else:
+        delta = ipvs.render_ipvsadm_delta(old, plan)
+        try:
+            if delta:
+                load(ns, IPVSADM_RESTORE, delta)
+        except ApplyError:  # the table was changed behind our back: replace it whole
+            load(ns, IPVSADM_RESTORE, ipvs.loadable(ipvs.render_ipvsadm(plan)))
+    saved.parent.mkdir(parents=True, exist_ok=True)
+    saved.write_text(json.dumps(ipvs.to_json(plan)))
 
 
 def forget_endpoint(lab: Lab, ip: str) -> None:

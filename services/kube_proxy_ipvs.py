@@ -1,7 +1,9 @@
 """kube-proxy's IPVS mode, as a plan: what one node's kernel would hold, and the text that loads it.
 
-Pure: nothing here touches a kernel. The plan is applied only where the kernel has IPVS (CONFIG_IP_VS)
-and dummy devices (CONFIG_DUMMY); this project's CI kernel has neither, so here it is unit-tested only.
+Pure: nothing here touches a kernel; services/kube_proxy.py loads the renders (ip -batch for kube-ipvs0,
+ipset restore, iptables-legacy-restore, ipvsadm -R: one process each per node). The plan is applied only
+where the kernel has IPVS (CONFIG_IP_VS) and dummy devices (CONFIG_DUMMY); this project's CI kernel has
+neither, so there it is unit-tested only and the test VM (tests/vm/run) runs it for real.
 
 What kube-proxy (pkg/proxy/ipvs) programs on every node, and this plan mirrors:
 
@@ -287,17 +289,90 @@ def _nat_table(node: Node, cluster: Cluster, ipsets: dict[str, tuple[str, tuple[
 
 
 def render_ipvsadm(plan: IpvsPlan) -> str:
-    """Input for `ipvsadm-restore` (ipvsadm -R), replacing the node's whole IPVS table (-C first).
-    ipvsadm ignores everything after a `#` on a line, so each virtual server is preceded by its name."""
+    """Input for `ipvsadm-restore`, replacing the node's whole IPVS table (-C first). Each virtual server is
+    preceded by its name in a `#` line; `ipvsadm -R` itself knows no comments (the ipvsadm-restore script
+    greps them out), so pass it `loadable(text)`."""
     lines = [f"# kube-proxy (ipvs mode) virtual servers for node {plan.node}", "-C"]
+    vips = set(plan.addresses)
     for vs in plan.virtual_servers:
-        service = f"{_IPVSADM_PROTOCOL[vs.protocol]} {vs.ip}:{vs.port}"
-        where = "" if vs.ip in plan.addresses else " (node port)"  # node addresses are not on kube-ipvs0
+        service = _service_args(vs)
+        where = "" if vs.ip in vips else " (node port)"  # node addresses are not on kube-ipvs0
         lines.append(f"# {vs.comment}{where}")
-        persistence = f" -p {vs.persistence}" if vs.persistence is not None else ""
-        lines.append(f"-A {service} -s {vs.scheduler}{persistence}")
+        lines.append(_service_line("-A", vs))
         lines += [f"-a {service} -r {rs.ip}:{rs.port} -m -w {rs.weight}" for rs in vs.reals]
     return "\n".join(lines) + "\n"
+
+
+def _service_args(vs: VirtualServer) -> str:
+    return f"{_IPVSADM_PROTOCOL[vs.protocol]} {vs.ip}:{vs.port}"
+
+
+def _service_line(op: str, vs: VirtualServer) -> str:
+    persistence = f" -p {vs.persistence}" if vs.persistence is not None else ""
+    return f"{op} {_service_args(vs)} -s {vs.scheduler}{persistence}"
+
+
+def render_ipvsadm_delta(old: IpvsPlan, new: IpvsPlan) -> str:
+    """Input for `ipvsadm -R` turning `old` into `new` one virtual and real server at a time (-A/-E/-D,
+    -a/-e/-d), as kube-proxy syncs: a full restore starts with -C, which would also drop the connection
+    entries of every unchanged service. Empty when nothing changed."""
+    before = {vs.key: vs for vs in old.virtual_servers}
+    after = {vs.key: vs for vs in new.virtual_servers}
+    lines = [f"-D {_service_args(before[k])}" for k in sorted(before.keys() - after.keys())]
+    for vs in new.virtual_servers:
+        was = before.get(vs.key)
+        if was == vs:
+            continue  # most of them, in a sync after one change
+        if was is None:
+            lines.append(_service_line("-A", vs))
+        elif (was.scheduler, was.persistence) != (vs.scheduler, vs.persistence):
+            lines.append(_service_line("-E", vs))
+        old_reals = {(rs.ip, rs.port): rs for rs in (was.reals if was else ())}
+        new_reals = {(rs.ip, rs.port): rs for rs in vs.reals}
+        service = _service_args(vs)
+        lines += [f"-d {service} -r {ip}:{port}" for ip, port in sorted(old_reals.keys() - new_reals.keys())]
+        for key, rs in new_reals.items():
+            if key not in old_reals:
+                lines.append(f"-a {service} -r {rs.ip}:{rs.port} -m -w {rs.weight}")
+            elif old_reals[key].weight != rs.weight:
+                lines.append(f"-e {service} -r {rs.ip}:{rs.port} -m -w {rs.weight}")
+    return "\n".join(lines) + "\n" if lines else ""
+
+
+def to_json(plan: IpvsPlan) -> dict:
+    """The plan as JSON, kept per node between syncs (the `old` of the next delta)."""
+    return {"node": plan.node, "dummy": plan.dummy, "addresses": [str(a) for a in plan.addresses],
+            "virtual_servers": [{"ip": str(vs.ip), "port": vs.port, "protocol": vs.protocol,
+                                 "scheduler": vs.scheduler, "persistence": vs.persistence, "comment": vs.comment,
+                                 "reals": [[str(rs.ip), rs.port, rs.weight] for rs in vs.reals]}
+                                for vs in plan.virtual_servers],
+            "ipsets": {name: [kind, list(entries)] for name, (kind, entries) in plan.ipsets.items()},
+            "iptables": plan.iptables}
+
+
+def from_json(data: dict) -> IpvsPlan:
+    servers = tuple(VirtualServer(IPv4Address(v["ip"]), v["port"], v["protocol"], v["scheduler"], v["persistence"],
+                                  tuple(RealServer(IPv4Address(ip), port, weight) for ip, port, weight in v["reals"]),
+                                  v["comment"]) for v in data["virtual_servers"])
+    return IpvsPlan(data["node"], data["dummy"], tuple(IPv4Address(a) for a in data["addresses"]), servers,
+                    {name: (kind, tuple(entries)) for name, (kind, entries) in data["ipsets"].items()},
+                    data["iptables"])
+
+
+def render_address_batch(plan: IpvsPlan, present: set[IPv4Address] | None) -> str:
+    """Input for `ip -batch -` making kube-ipvs0 hold exactly the plan's ClusterIPs. `present`: the
+    addresses it holds now, None when the device does not exist yet (then it is created, and left down
+    as kube-proxy leaves it: see render_addresses)."""
+    lines = [f"link add {plan.dummy} type dummy"] if present is None else []
+    have = present or set()
+    lines += [f"address del {ip}/32 dev {plan.dummy}" for ip in sorted(have - set(plan.addresses))]
+    lines += [f"address add {ip}/32 dev {plan.dummy}" for ip in plan.addresses if ip not in have]
+    return "\n".join(lines) + "\n" if lines else ""
+
+
+def loadable(ipvsadm_text: str) -> str:
+    """ipvsadm text without its comment lines: what `ipvsadm -R` accepts (it parses every line as options)."""
+    return "".join(line for line in ipvsadm_text.splitlines(keepends=True) if not line.startswith("#"))
 
 
 def render_ipset(plan: IpvsPlan) -> str:

@@ -12,9 +12,12 @@ from typing import Any
 
 from topo import names
 
-BACKENDS = ("host-gw", "vxlan", "bgp")
+BACKENDS = ("host-gw", "vxlan", "bgp", "ipip")
 DEFAULT_MTU = 1500
 VXLAN_OVERHEAD = 50  # outer Ethernet 14 + IP 20 + UDP 8 + VXLAN 8: why Flannel's vxlan MTU is 1450
+IPIP_OVERHEAD = 20  # the outer IPv4 header: why Calico's tunl0 and pods get 1480 on a 1500-byte network
+# Calico's IPPool `ipipMode` values a lab can use (its third, Never, is plain BGP: backend bgp here).
+IPIP_MODES = ("Always", "CrossSubnet")
 CALICO_AS = 64512  # Calico's default AS number for the cluster
 SPINE_AS = 65000
 SPINE = "spine"  # the spine router's name (a reserved router name)
@@ -83,11 +86,19 @@ class LinkSpec:
     bandwidth_mbit: float | None = None  # shaped with HTB on both ends
     delay_ms: float | None = None  # needs netem: refused at `lab up` on a kernel without it
     loss_percent: float | None = None  # likewise
+    jitter_ms: float | None = None  # likewise; only with a delay (netem varies the delay by up to this much)
 
     def merged(self, default: LinkSpec) -> LinkSpec:
         return LinkSpec(*(mine if mine is not None else theirs for mine, theirs in
-                          zip((self.mtu, self.bandwidth_mbit, self.delay_ms, self.loss_percent),
-                              (default.mtu, default.bandwidth_mbit, default.delay_ms, default.loss_percent))))
+                          zip(self._values(), default._values())))
+
+    def _values(self) -> tuple:
+        return self.mtu, self.bandwidth_mbit, self.delay_ms, self.loss_percent, self.jitter_ms
+
+    @property
+    def impaired(self) -> bool:
+        """Does this link need netem (delay, jitter or loss)?"""
+        return bool(self.delay_ms or self.loss_percent or self.jitter_ms)
 
 
 @dataclass(frozen=True)
@@ -165,8 +176,11 @@ class Bgp:
 @dataclass(frozen=True)
 class Network:
     backend: str = "host-gw"
-    mtu: int = DEFAULT_MTU  # pod-facing MTU (pods' eth0, cni0); vxlan defaults to underlay MTU - 50
-    bgp: Bgp = Bgp()
+    mtu: int = DEFAULT_MTU  # pod-facing MTU (pods' eth0, cni0); vxlan defaults to underlay MTU - 50, ipip - 20
+    bgp: Bgp = Bgp()  # backends bgp and ipip (Calico: BGP distributes the routes either way)
+    # backend ipip: Calico's IPPool ipipMode. Always: every pod packet between nodes goes through tunl0;
+    # CrossSubnet: only between nodes of different subnets (racks), same-subnet ones are routed directly.
+    ipip_mode: str = "Always"
 
 
 @dataclass(frozen=True)
@@ -271,6 +285,119 @@ class IngressController:
     node_port: int = 30080
 
 
+# ---------------------------------------------------------------------------- CNI profiles, NetworkPolicy
+
+# `spec.cni.profile`: which CNI a lab plays. A profile sets the pod backend's default (spec.network.backend
+# still overrides it) and whether NetworkPolicy is enforced. Flannel has no policy engine: a cluster running
+# it stores NetworkPolicy objects and nothing happens, which is what the lab reproduces (with a warning).
+# Calico routes with BGP and enforces every policy. Cilium (an eBPF dataplane that also replaces kube-proxy)
+# has its place in the registry but is not available yet.
+CNI_PROFILES: dict[str, tuple[str, bool]] = {  # profile -> (default backend, enforces NetworkPolicy)
+    "flannel": ("vxlan", False),
+    "calico": ("bgp", True),
+}
+PLANNED_CNI_PROFILES = {"cilium": "an eBPF dataplane that replaces kube-proxy"}
+
+
+@dataclass(frozen=True)
+class Cni:
+    """The CNI the lab plays. `given`: written in the spec; without it the profile follows the backend
+    (bgp is Calico's, the others Flannel's), so labs written before profiles existed keep their meaning."""
+
+    profile: str = "flannel"
+    given: bool = False
+
+    @property
+    def enforces_policy(self) -> bool:
+        return CNI_PROFILES[self.profile][1]
+
+
+@dataclass(frozen=True)
+class SelectorRequirement:
+    """One matchExpressions entry: In / NotIn (with values), Exists / DoesNotExist (without)."""
+
+    key: str
+    operator: str
+    values: tuple[str, ...] = ()
+
+    def matches(self, labels: dict[str, str]) -> bool:
+        if self.operator == "In":
+            return labels.get(self.key) in self.values
+        if self.operator == "NotIn":
+            return labels.get(self.key) not in self.values  # a missing key is "not in" (Kubernetes' rule)
+        if self.operator == "Exists":
+            return self.key in labels
+        return self.key not in labels  # DoesNotExist
+
+
+@dataclass(frozen=True)
+class LabelSelector:
+    """A metav1.LabelSelector: every matchLabels pair and every expression must hold; empty selects all."""
+
+    match_labels: tuple[tuple[str, str], ...] = ()
+    match_expressions: tuple[SelectorRequirement, ...] = ()
+
+    def matches(self, labels: dict[str, str]) -> bool:
+        return (all(labels.get(k) == v for k, v in self.match_labels)
+                and all(e.matches(labels) for e in self.match_expressions))
+
+
+@dataclass(frozen=True)
+class IPBlock:
+    cidr: IPv4Network
+    excepts: tuple[IPv4Network, ...] = ()  # `except` in the manifest (a Python keyword)
+
+
+@dataclass(frozen=True)
+class PolicyPeer:
+    """One `from`/`to` entry. podSelector alone: pods of the policy's namespace; namespaceSelector alone: all
+    pods of the matching namespaces; both in ONE entry: those pods in those namespaces (AND); ipBlock: addresses.
+    Two entries are two alternatives (OR): the difference the Kubernetes documentation warns about."""
+
+    pod_selector: LabelSelector | None = None
+    namespace_selector: LabelSelector | None = None
+    ip_block: IPBlock | None = None
+
+
+@dataclass(frozen=True)
+class PolicyPort:
+    """A port a rule allows: a number (a range with end_port), a named container port, or None for every
+    port of the protocol."""
+
+    protocol: str = "TCP"
+    port: int | str | None = None
+    end_port: int | None = None
+
+
+@dataclass(frozen=True)
+class PolicyRule:
+    """An ingress or egress rule: traffic from/to any of `peers` (none: everyone) on any of `ports` (none: all)."""
+
+    peers: tuple[PolicyPeer, ...] = ()
+    ports: tuple[PolicyPort, ...] = ()
+
+
+@dataclass(frozen=True)
+class NetworkPolicy:
+    """A networking.k8s.io/v1 NetworkPolicy. `policy_types` is filled in as the API server defaults it
+    (Ingress always, Egress when egress rules are given), so a policy with Ingress and no ingress rules
+    isolates its pods for ingress and allows nothing: a default deny."""
+
+    name: str
+    namespace: str
+    pod_selector: LabelSelector
+    policy_types: tuple[str, ...]
+    ingress: tuple[PolicyRule, ...] = ()
+    egress: tuple[PolicyRule, ...] = ()
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    def selects(self, pod: Pod) -> bool:
+        return pod.namespace == self.namespace and self.pod_selector.matches(pod.label_map)
+
+
 PROXY_MODES = ("iptables", "nftables", "ipvs")
 NODE_PORT_RANGE = (30000, 32767)  # Kubernetes' default --service-node-port-range
 
@@ -293,6 +420,8 @@ class Lab:
     dns: ClusterDns = ClusterDns()
     ingresses: tuple[Ingress, ...] = ()
     ingress_controller: IngressController = IngressController()
+    cni: Cni = Cni()
+    network_policies: tuple[NetworkPolicy, ...] = ()
     text: str = ""  # the spec text this model was parsed from (kept so later commands re-derive it)
 
     # --- names of kernel objects, derived here only -------------------------------------------

@@ -204,8 +204,11 @@ class Rtnl:
         return [Link.parse(p) for kind, p in self.request(RTM_GETLINK, IFINFO.pack(0, 0, 0, 0, 0), dump=True)
                 if kind == RTM_NEWLINK]
 
-    def add_bridge(self, name: str, mtu: int) -> None:
+    def add_bridge(self, name: str, mtu: int, mac: str | None = None) -> None:
+        """A bridge; with `mac` its address is fixed (otherwise the kernel gives it the lowest MAC of its
+        ports, which changes as ports come and go)."""
         body = IFINFO.pack(0, 0, 0, IFF_UP, IFF_UP) + _str(IFLA_IFNAME, name) + _u32(IFLA_MTU, mtu) + \
+            (_attr(IFLA_ADDRESS, _mac(mac)) if mac else b"") + \
             _nest(IFLA_LINKINFO, _str(IFLA_INFO_KIND, "bridge"))
         self.request(RTM_NEWLINK, body, NLM_F_CREATE | NLM_F_EXCL)
 

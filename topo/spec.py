@@ -13,8 +13,9 @@ before the whole lot is raised as one `SpecError` (a learner fixes a file in one
    backends (Services of their namespace, and ports those Services have).
 
 Kubernetes objects (`spec.objects`, or a file given to `lab apply -f`) are read through `KINDS`, a registry
-from (apiVersion, kind) to a reader (Namespace, Pod, Deployment, Service, Ingress so far), so later layers
-add NetworkPolicies, ... in one place.
+from (apiVersion, kind) to a reader (Namespace, Pod, Deployment, Service, Ingress, NetworkPolicy), so later
+layers add kinds in one place. `spec.cni.profile` picks the CNI the lab plays (Flannel: policies stored, not
+enforced; Calico: enforced) and with it the backend's default.
 """
 from __future__ import annotations
 
@@ -39,7 +40,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from topo import names
 from topo.errors import SpecError, SpecIssue
-from topo.model import (BACKENDS, CALICO_AS, DEFAULT_MTU, NODE_PORT_RANGE, PROXY_MODES, SPINE_AS, VXLAN_OVERHEAD,
+from topo.model import (CNI_PROFILES, PLANNED_CNI_PROFILES, Cni, IPBlock, LabelSelector, NetworkPolicy,
+                        PolicyPeer, PolicyPort, PolicyRule, SelectorRequirement)
+from topo.model import (BACKENDS, CALICO_AS, DEFAULT_MTU, IPIP_MODES, IPIP_OVERHEAD, NODE_PORT_RANGE, PROXY_MODES,
+                        SPINE_AS, VXLAN_OVERHEAD,
                         Bgp, Cluster, ClusterDns, Container, ContainerPort, DnsConfig, ExternalHost, Fabric, Ingress,
                         IngressBackend, IngressController, IngressPath, IngressRule, KubeProxy, Lab, LinkSpec, Network,
                         Node, Pod, Rack, Service, ServicePort, Underlay)
@@ -49,7 +53,7 @@ LAB_KIND = "Lab"
 SPEC_FILE = "lab.yaml"  # what an exercise folder under labs/ holds
 
 # Backends that later versions may add: named so a learner who asks for one hears "not yet", not "unknown".
-PLANNED_BACKENDS = ("ipip", "wireguard")
+PLANNED_BACKENDS = ("wireguard",)
 # Names learners reach for that are a CNI, not a backend: the hint names the backend that does the same.
 BACKEND_HINTS = {"calico": "bgp", "flannel": "vxlan", "hostgw": "host-gw", "host-gateway": "host-gw"}
 MTU_MIN = 576  # the smallest datagram every IPv4 host must accept (RFC 791)
@@ -224,6 +228,38 @@ def _of_kind(objects: list[dict], lab: Lab, file: str | None, kind: str) -> list
         raise SpecError(file, [SpecIssue("", "an object is nested too deeply")]) from None
     except Exception as exc:
         raise _internal(file, exc) from exc
+
+
+class StrictDocument:
+    """Another strictly checked YAML file of the project (an exercise's checks.yaml) read with this module's
+    reader, so its messages look like a spec's: `file:line: field.path: message`, every problem at once.
+
+    `model` is validated structurally (a `StrictModel`); callers then check meaning with `add()` at field
+    paths (tuples of keys and list indexes) and finish with `raise_if_any()`.
+    """
+
+    def __init__(self, text: str, file: str | None, model: type[BaseModel], what: str) -> None:
+        self.file = file
+        self.issues = _Issues(_Source())
+        try:
+            documents = _compose(text, self.issues.source, self.issues, None)
+            self.issues.raise_if_any(file)
+            data = documents[0] if documents else None
+            if not isinstance(data, dict):
+                self.issues.add((), f"the top level must be a mapping: {what}")
+                self.issues.raise_if_any(file)
+            self.data: dict[str, Any] = data  # type: ignore[assignment]
+            self.model = _validate(model, data, (), self.issues)
+        except SpecError:
+            raise
+        except RecursionError:
+            raise SpecError(file, [SpecIssue("", "the YAML is nested too deeply")]) from None
+
+    def add(self, loc: Loc, message: str) -> None:
+        self.issues.add(loc, message)
+
+    def raise_if_any(self) -> None:
+        self.issues.raise_if_any(self.file)
 
 
 def _file_error(file: str, message: str) -> SpecError:
@@ -548,6 +584,9 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
+StrictModel = _Strict  # the public name, for other strictly checked files (see StrictDocument)
+
+
 class _LabMetaIn(_Strict):
     name: str = Field(examples=["name: seed"])
 
@@ -566,6 +605,7 @@ class _LinkIn(_Strict):
     bandwidth: Any = None
     delay: Any = None
     loss: Any = None
+    jitter: Any = None
 
 
 class _RouterIn(_Strict):
@@ -602,6 +642,7 @@ class _NetworkIn(_Strict):
     backend: str | None = None
     mtu: int | None = None
     bgp: _BgpIn | None = None
+    ipip_mode: str | None = Field(None, alias="ipipMode")  # Calico's IPPool field name and values
 
 
 class _NodeIn(_Strict):
@@ -640,6 +681,12 @@ class _IngressControllerIn(_Strict):
     node_port: int | None = Field(None, alias="nodePort")
 
 
+class _CniIn(_Strict):
+    """The CNI the lab plays (see topo.model.CNI_PROFILES)."""
+
+    profile: str | None = None
+
+
 class _SpecIn(_Strict):
     cluster: _ClusterIn | None = None
     underlay: _UnderlayIn | None = None
@@ -647,6 +694,7 @@ class _SpecIn(_Strict):
     kube_proxy: _KubeProxyIn | None = Field(None, alias="kubeProxy")
     dns: _DnsIn | None = None
     ingress_controller: _IngressControllerIn | None = Field(None, alias="ingressController")
+    cni: _CniIn | None = None
     nodes: list[_NodeIn] = Field(examples=["nodes: [{name: node1, ip: 192.168.1.10}]"])
     external: list[_ExternalIn] | None = None
     objects: list[Any] | None = None
@@ -1069,6 +1117,9 @@ def _build_lab(lab_in: _LabIn, issues: _Issues) -> Lab:
     spec = lab_in.spec
     underlay_in = spec.underlay or _UnderlayIn()
     network_in = spec.network or _NetworkIn()
+    cni = _check_cni(spec.cni, issues)
+    if cni is not None and network_in.backend is None:  # a profile sets the backend's default only
+        network_in = network_in.model_copy(update={"backend": CNI_PROFILES[cni.profile][0]})
     racks = _rack_names(underlay_in)
     cluster = _check_cluster(spec.cluster or _ClusterIn(), issues)
     underlay = _check_underlay(underlay_in, issues)
@@ -1094,6 +1145,8 @@ def _build_lab(lab_in: _LabIn, issues: _Issues) -> Lab:
     service_cidr = cluster.service_cidr if cluster is not None else None
     lab.services = tuple(_services(parsed, lab, service_cidr, set(namespaces), issues))
     lab.ingresses = tuple(_ingresses(parsed, lab, set(namespaces), issues, running=False))
+    lab.cni = cni or _profile_of(lab.network.backend)
+    lab.network_policies = tuple(_network_policies(parsed, lab, set(namespaces), issues))
     lab.objects = tuple(p.manifest for p in parsed)  # after _services: it fills in allocated addresses and ports
     lab.pods = tuple(_expand(parsed, lab, set(namespaces), issues, place=nodes is not None and not issues))
     return lab
@@ -1106,8 +1159,9 @@ _CIDR_TEXT = re.compile(r"^\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}/\d{1,2}$")
 _ADDRESS_TEXT = re.compile(r"^\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}$")
 
 
-def _network(text: str, loc: Loc, example: str, issues: _Issues) -> IPv4Network | None:
-    """An IPv4 network written ADDRESS/PREFIX with no host bits set (what Kubernetes' CIDR flags demand)."""
+def _network(text: str, loc: Loc, example: str, issues: _Issues, reserved: bool = True) -> IPv4Network | None:
+    """An IPv4 network written ADDRESS/PREFIX with no host bits set (what Kubernetes' CIDR flags demand).
+    `reserved` False: a range that is no lab's own (a NetworkPolicy ipBlock, 0.0.0.0/0 included)."""
     shown = _short(text, 60)
     if ":" in text:
         issues.add(loc, f"{shown} is IPv6; kubenet-lab labs are IPv4 only: use a network like {example}")
@@ -1127,9 +1181,9 @@ def _network(text: str, loc: Loc, example: str, issues: _Issues) -> IPv4Network 
     if str(loose.network_address) != text.split("/")[0]:
         issues.add(loc, f"{shown} has host bits set (did you mean {loose}?)")
         return None
-    for reserved, what in _RESERVED:
-        if loose.overlaps(reserved):
-            issues.add(loc, f"{loose} overlaps {reserved} ({what} addresses): choose a private range such as "
+    for bad, what in _RESERVED if reserved else ():
+        if loose.overlaps(bad):
+            issues.add(loc, f"{loose} overlaps {bad} ({what} addresses): choose a private range such as "
                             f"{example}")
             return None
     return loose
@@ -1488,14 +1542,17 @@ _BANDWIDTH = _Unit("bandwidth", "Mbit",
 _DELAY = _Unit("delay", "ms", {"us": 1e-3, "usec": 1e-3, "ms": 1.0, "msec": 1.0, "s": 1e3, "sec": 1e3},
                "us, ms or s", "10ms", DELAY_MAX_MS, "60s", "no added delay")
 _LOSS = _Unit("loss", "%", {"%": 1.0}, "%", "1%", 100.0, "100%", "no loss")
+_JITTER = _Unit("jitter", "ms", _DELAY.units, _DELAY.shown, "5ms", DELAY_MAX_MS, "60s", "a constant delay")
 _QUANTITY_TEXT = re.compile(r"^\s*([-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?)\s*(\S*)\s*$")
 _QUANTITY_MAX_TEXT = 40  # "100Mbit" needs far less; longer text is refused before any regex runs
 # Byte units (MB, KiB/s, MBps): the capital B, or a spelled-out byte, is what tells them from bits.
 _BYTES_UNIT = re.compile(r"^([kmg])(i?)(b|bytes?)(/s|ps)?$", re.IGNORECASE)
 
 
-def _check_link(link_in: _LinkIn | None, loc: Loc, issues: _Issues) -> LinkSpec | None:
-    """A link's MTU and shaping. delay and loss need the kernel's netem, which `lab up` checks, not the spec."""
+def _check_link(link_in: _LinkIn | None, loc: Loc, issues: _Issues, default: LinkSpec | None = None
+                ) -> LinkSpec | None:
+    """A link's MTU and shaping. delay, jitter and loss need the kernel's netem, which `lab up` checks, not the
+    spec. `default` is what a node's link inherits (underlay.link)."""
     if link_in is None:
         return LinkSpec()
     before = len(issues)
@@ -1505,9 +1562,29 @@ def _check_link(link_in: _LinkIn | None, loc: Loc, issues: _Issues) -> LinkSpec 
     bandwidth = _quantity(link_in.bandwidth, _BANDWIDTH, loc + ("bandwidth",), issues)
     delay = _quantity(link_in.delay, _DELAY, loc + ("delay",), issues)
     loss = _quantity(link_in.loss, _LOSS, loc + ("loss",), issues)
+    jitter = _quantity(link_in.jitter, _JITTER, loc + ("jitter",), issues)
+    if jitter is not None and delay is None and (default is None or default.delay_ms is None):
+        # netem varies a delay by up to the jitter (tc's `delay 50ms 5ms`): there is nothing to vary without one
+        issues.add(loc + ("jitter",), f"jitter needs a delay to vary: add delay (e.g. delay: 50ms, jitter: "
+                                      f"{_shown_quantity(link_in.jitter, _JITTER, None)}), or remove jitter")
     if len(issues) > before:
         return None
-    return LinkSpec(mtu=link_in.mtu, bandwidth_mbit=bandwidth, delay_ms=delay, loss_percent=loss)
+    return LinkSpec(mtu=link_in.mtu, bandwidth_mbit=bandwidth, delay_ms=delay, loss_percent=loss, jitter_ms=jitter)
+
+
+def link_option(name: str, value: str) -> float:
+    """A `lab link` option (delay, jitter or loss) read exactly as the spec's link field of that name (so
+    "50ms", "250us", "1%" and a bare 50 mean the same in both); a bad value raises SpecError naming it."""
+    issues = _Issues(_Source())
+    given: str | float = value
+    try:
+        given = float(value)  # a bare number on the command line is what a YAML number is in the spec
+    except ValueError:
+        pass
+    number = _quantity(given, {"delay": _DELAY, "jitter": _JITTER, "loss": _LOSS}[name], (name,), issues)
+    issues.raise_if_any("lab link")
+    assert number is not None
+    return number
 
 
 def _quantity(value: Any, unit: _Unit, loc: Loc, issues: _Issues) -> float | None:
@@ -1592,15 +1669,38 @@ def _check_network(network_in: _NetworkIn, underlay: Underlay | None, issues: _I
             issues.add(base + ("mtu",), f"mtu {_show(mtu)} is out of range: use {MTU_MIN}..{MTU_MAX} "
                                         f"({DEFAULT_MTU} is Ethernet's usual size)")
         else:
+            overhead = _OVERHEAD.get(backend, 0)
             issues.add(("spec", "underlay", "link", "mtu"),
-                       f"mtu {link_mtu} leaves pods {mtu} bytes once vxlan adds its {VXLAN_OVERHEAD} bytes of "
-                       f"headers, below the minimum {MTU_MIN}: use {MTU_MIN + VXLAN_OVERHEAD} or more, or set "
+                       f"mtu {link_mtu} leaves pods {mtu} bytes once {backend} adds its {overhead} bytes of "
+                       f"headers, below the minimum {MTU_MIN}: use {MTU_MIN + overhead} or more, or set "
                        "network.mtu")
         ok = False
     bgp = _check_bgp(network_in.bgp, backend, issues)
-    if not ok or bgp is None:
+    ipip_mode = _check_ipip_mode(network_in.ipip_mode, backend, issues)
+    if not ok or bgp is None or ipip_mode is None:
         return None
-    return Network(backend=backend, mtu=mtu, bgp=bgp)
+    return Network(backend=backend, mtu=mtu, bgp=bgp, ipip_mode=ipip_mode)
+
+
+def _check_ipip_mode(mode: str | None, backend: str, issues: _Issues) -> str | None:
+    """Calico's IPPool ipipMode: Always or CrossSubnet (Never is what backend bgp already is)."""
+    loc = ("spec", "network", "ipipMode")
+    if mode is None:
+        return Network().ipip_mode
+    if backend != "ipip":
+        if backend in BACKENDS:
+            issues.add(loc, "ipipMode is only used by backend ipip: remove it, or set backend: ipip")
+        return None
+    if mode in IPIP_MODES:
+        return mode
+    if mode == "Never":
+        issues.add(loc, "ipipMode Never is Calico's BGP mode without encapsulation: use backend: bgp instead")
+        return None
+    known = {m.lower(): m for m in IPIP_MODES}
+    hint = f" (did you mean {known[mode.lower()]}?)" if isinstance(mode, str) and mode.lower() in known else ""
+    issues.add(loc, f"unknown ipipMode {_short(repr(mode), 40)}{hint}: use Always (every packet between nodes "
+                    "is encapsulated) or CrossSubnet (only between nodes in different subnets), as in Calico's IPPool")
+    return None
 
 
 def _check_backend(backend: str, issues: _Issues) -> bool:
@@ -1618,24 +1718,37 @@ def _check_backend(backend: str, issues: _Issues) -> bool:
     return False
 
 
+_OVERHEAD = {"vxlan": VXLAN_OVERHEAD, "ipip": IPIP_OVERHEAD}
+
+
 def _default_mtu(backend: str, link_mtu: int | None) -> int:
     """The pods' MTU when none is given. Flannel's vxlan wraps every pod packet in 50 bytes of outer headers,
-    so pods get the underlay's MTU minus 50 (1450 on a 1500-byte underlay); host-gw and Calico's BGP mode
-    (without IPIP) route pod packets as they are, so pods get the underlay's MTU."""
+    so pods get the underlay's MTU minus 50 (1450 on a 1500-byte underlay); Calico's IP-in-IP adds one IPv4
+    header, 20 bytes (1480, Calico's own figure; with CrossSubnet too, as Calico sizes every pod for the
+    tunnel); host-gw and Calico's BGP mode (without IPIP) route pod packets as they are, so pods get the
+    underlay's MTU."""
     underlay = link_mtu if link_mtu is not None else DEFAULT_MTU
-    return underlay - VXLAN_OVERHEAD if backend == "vxlan" else underlay
+    return underlay - _OVERHEAD.get(backend, 0)
 
 
 def _check_bgp(bgp_in: _BgpIn | None, backend: str, issues: _Issues) -> Bgp | None:
     loc = ("spec", "network", "bgp")
     if bgp_in is None:
         return Bgp()
-    if backend != "bgp":
+    if backend not in ("bgp", "ipip"):
         if backend in BACKENDS:
-            issues.add(loc, "network.bgp is only used by backend bgp: remove it, or set backend: bgp")
+            issues.add(loc, "network.bgp is only used by backends bgp and ipip: remove it, or set backend: bgp")
         return None
     ok = True
     peering = bgp_in.peering if bgp_in.peering is not None else Bgp().peering
+    if backend == "ipip" and peering == "tor":
+        # The routers would reflect pod routes with themselves as next hop, and a router does not
+        # decapsulate: Calico's IP-in-IP runs over the node mesh, the underlay only carries node addresses.
+        issues.add(loc + ("peering",), "peering tor does not work with backend ipip: the racks' routers would "
+                                       "become the next hop of pod routes and cannot unwrap IP-in-IP; use "
+                                       "peering: mesh (the tunnel crosses the racks), or backend: bgp with "
+                                       "peering: tor (no encapsulation)")
+        ok = False
     if peering not in PEERINGS:
         issues.add(loc + ("peering",), f"peering must be mesh (every node peers with every other) or tor (each node "
                                        f"peers with its rack's router), got {_short(repr(peering), 40)}")
@@ -1679,7 +1792,8 @@ def _check_routing(network_in: _NetworkIn, network: Network, nodes_in: list[_Nod
                    f"announce their PodCIDRs only to each other, so a packet from a pod on {first} ({first_rack}) "
                    f"to a pod on {other} ({other_rack}) goes to {first_rack}'s router, which has no route to "
                    f"{other}'s PodCIDR and drops it; use peering: tor (each node peers with its rack's router, "
-                   "the route reflector of Calico's AS-per-rack model)")
+                   "the route reflector of Calico's AS-per-rack model), or backend: ipip with ipipMode: "
+                   "CrossSubnet (Calico's IP-in-IP between racks)")
 
 
 def _two_racks(nodes_in: list[_NodeIn], racks: tuple[str, ...] | None
@@ -1764,7 +1878,7 @@ def _check_nodes(nodes_in: list[_NodeIn], cluster: Cluster | None, underlay: Und
         if ip is not None:
             seen_ips[ip] = index
         ips.append(ip)
-        links.append(_check_link(node.link, loc + ("link",), issues))
+        links.append(_check_link(node.link, loc + ("link",), issues, underlay.link if underlay else None))
     cidrs = _node_pod_cidrs(nodes_in, cluster, issues) if cluster is not None else None
     if cidrs is None or underlay is None or len(issues) > before:
         return None
@@ -2221,6 +2335,7 @@ class _Parsed:
     replicas: int | None = None  # None: one pod named like the object (a bare Pod)
     service: _ServiceDraft | None = None  # Services
     ingress: _IngressDraft | None = None  # Ingresses
+    policy: NetworkPolicy | None = None  # NetworkPolicies
 
 
 @dataclass(frozen=True)
@@ -3299,6 +3414,306 @@ def _controller_starts(objs: list[_Parsed], lab: Lab, issues: _Issues) -> None:
             return
 
 
+# ---------------------------------------------------------------------------- network policies
+
+
+POLICY_TYPES = ("Ingress", "Egress")
+SELECTOR_OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist")
+# Every namespace carries this label with its own name (Kubernetes sets it since 1.21), so a
+# namespaceSelector can pick namespaces by name.
+NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"
+_PEER_EXAMPLE = "{podSelector: {matchLabels: {app: web}}}, {namespaceSelector: {...}} or {ipBlock: {cidr: ...}}"
+
+
+class _SelectorRequirementIn(_Strict):
+    key: str = Field(examples=["key: app"])
+    operator: str = Field(examples=["operator: In"])
+    values: list[str] | None = None
+
+
+class _LabelSelectorIn(_Strict):
+    """A metav1.LabelSelector: `{}` selects everything."""
+
+    match_labels: dict[str, str] | None = Field(None, alias="matchLabels")
+    match_expressions: list[_SelectorRequirementIn] | None = Field(None, alias="matchExpressions")
+
+
+class _IPBlockIn(_Strict):
+    cidr: str = Field(examples=["cidr: 172.17.0.0/16"])
+    except_: list[str] | None = Field(None, alias="except")
+
+
+class _PolicyPeerIn(_Strict):
+    pod_selector: _LabelSelectorIn | None = Field(None, alias="podSelector")
+    namespace_selector: _LabelSelectorIn | None = Field(None, alias="namespaceSelector")
+    ip_block: _IPBlockIn | None = Field(None, alias="ipBlock")
+
+
+class _PolicyPortIn(_Strict):
+    """port is a number or a container port's name (IntOrString), so it is read as Any and checked by
+    `_policy_port`."""
+
+    protocol: str | None = None
+    port: Any = None
+    end_port: int | None = Field(None, alias="endPort")
+
+
+class _PolicyIngressRuleIn(_Strict):
+    from_: list[_PolicyPeerIn] | None = Field(None, alias="from")
+    ports: list[_PolicyPortIn] | None = None
+
+
+class _PolicyEgressRuleIn(_Strict):
+    to: list[_PolicyPeerIn] | None = None
+    ports: list[_PolicyPortIn] | None = None
+
+
+class _NetworkPolicySpecIn(_Strict):
+    pod_selector: _LabelSelectorIn = Field(alias="podSelector", examples=[
+        "podSelector: {} (every pod of the namespace), or podSelector: {matchLabels: {app: web}}"])
+    policy_types: list[str] | None = Field(None, alias="policyTypes")
+    ingress: list[_PolicyIngressRuleIn] | None = None
+    egress: list[_PolicyEgressRuleIn] | None = None
+
+
+class _NetworkPolicyIn(_Strict):
+    api_version: str = Field(alias="apiVersion")
+    kind: str
+    metadata: _ObjectMetaIn = Field(examples=["metadata: {name: default-deny}"])
+    spec: _NetworkPolicySpecIn = Field(examples=["spec: {podSelector: {}, policyTypes: [Ingress]}"])
+
+
+def _read_network_policy(obj: Any, loc: Loc, issues: _Issues) -> _Parsed | None:
+    """A networking.k8s.io/v1 NetworkPolicy's own rules (Kubernetes' validation); whether its namespace
+    exists and its name is free is `_network_policies`'s check. policyTypes is defaulted as the API server
+    does: Ingress, plus Egress when egress rules are given."""
+    model = _validate(_NetworkPolicyIn, obj, loc, issues)
+    if model is None:
+        return None
+    before = len(issues)
+    meta, spec, sloc = model.metadata, model.spec, loc + ("spec",)
+    _check_meta(meta, loc + ("metadata",), issues)
+    selector = _label_selector(spec.pod_selector, sloc + ("podSelector",), issues)
+    types_given = spec.policy_types
+    if types_given is None:
+        policy_types = ("Ingress", "Egress") if spec.egress else ("Ingress",)
+    else:
+        policy_types = _policy_types(types_given, sloc + ("policyTypes",), issues)
+    ingress = tuple(_policy_rule(rule.from_, rule.ports, sloc + ("ingress", i), "from", issues)
+                    for i, rule in enumerate(spec.ingress or []))
+    egress = tuple(_policy_rule(rule.to, rule.ports, sloc + ("egress", i), "to", issues)
+                   for i, rule in enumerate(spec.egress or []))
+    if len(issues) > before or selector is None:
+        return None
+    namespace = meta.namespace or "default"
+    manifest = _manifest(model)
+    manifest["metadata"].setdefault("namespace", "default")
+    manifest["spec"]["policyTypes"] = list(policy_types)
+    policy = NetworkPolicy(name=meta.name, namespace=namespace, pod_selector=selector, policy_types=policy_types,
+                           ingress=tuple(r for r in ingress if r is not None),
+                           egress=tuple(r for r in egress if r is not None))
+    return _Parsed(model.api_version, model.kind, loc, manifest, meta.name, namespace, dict(meta.labels or {}),
+                   policy=policy)
+
+
+def _policy_types(given: list[str], loc: Loc, issues: _Issues) -> tuple[str, ...]:
+    found: list[str] = []
+    if not given:
+        issues.add(loc, "policyTypes is empty: give Ingress, Egress or both, or leave policyTypes out (then it is "
+                        "Ingress, plus Egress when egress rules are given)")
+    for index, value in enumerate(given):
+        if value not in POLICY_TYPES:
+            close = _close_match(value, POLICY_TYPES)
+            hint = f" (did you mean {close}?)" if close else ""
+            issues.add(loc + (index,), f"policy type must be Ingress or Egress, got {_short(repr(value), 40)}{hint}")
+        elif value in found:
+            issues.add(loc + (index,), f"{value} is given twice: keep one")
+        else:
+            found.append(value)
+    return tuple(t for t in POLICY_TYPES if t in found)  # Kubernetes' order, whatever the manifest's
+
+
+def _label_selector(selector: _LabelSelectorIn, loc: Loc, issues: _Issues) -> LabelSelector | None:
+    before = len(issues)
+    labels = dict(selector.match_labels or {})
+    _check_labels(labels, loc + ("matchLabels",), issues)
+    expressions = []
+    for index, expr in enumerate(selector.match_expressions or []):
+        eloc = loc + ("matchExpressions", index)
+        problem = _label_key_problem(expr.key)
+        if problem:
+            issues.add(eloc + ("key",), problem)
+        values = list(expr.values or [])
+        if expr.operator not in SELECTOR_OPERATORS:
+            close = _close_match(expr.operator, SELECTOR_OPERATORS)
+            hint = f" (did you mean {close}?)" if close else ""
+            issues.add(eloc + ("operator",), f"operator must be one of {', '.join(SELECTOR_OPERATORS)}, got "
+                                             f"{_short(repr(expr.operator), 40)}{hint}")
+        elif expr.operator in ("In", "NotIn") and not values:
+            issues.add(eloc + ("values",), f"operator {expr.operator} needs values: a non-empty list, e.g. "
+                                           "values: [web, api]")
+        elif expr.operator in ("Exists", "DoesNotExist") and values:
+            issues.add(eloc + ("values",), f"operator {expr.operator} takes no values: remove them")
+        for vindex, value in enumerate(values):
+            problem = _label_value_problem(value)
+            if problem:
+                issues.add(eloc + ("values", vindex), problem)
+        expressions.append(SelectorRequirement(expr.key, expr.operator, tuple(values)))
+    if len(issues) > before:
+        return None
+    return LabelSelector(tuple(sorted(labels.items())), tuple(expressions))
+
+
+def _policy_rule(peers_in: list[_PolicyPeerIn] | None, ports_in: list[_PolicyPortIn] | None, loc: Loc,
+                 direction: str, issues: _Issues) -> PolicyRule | None:
+    before = len(issues)
+    peers = [_policy_peer(peer, loc + (direction, i), issues) for i, peer in enumerate(peers_in or [])]
+    ports = [_policy_port(port, loc + ("ports", i), issues) for i, port in enumerate(ports_in or [])]
+    if len(issues) > before:
+        return None
+    return PolicyRule(tuple(p for p in peers if p is not None), tuple(p for p in ports if p is not None))
+
+
+def _policy_peer(peer: _PolicyPeerIn, loc: Loc, issues: _Issues) -> PolicyPeer | None:
+    """Kubernetes' rules: at least one of the three, and ipBlock alone."""
+    given = [k for k, v in (("podSelector", peer.pod_selector), ("namespaceSelector", peer.namespace_selector),
+                            ("ipBlock", peer.ip_block)) if v is not None]
+    if not given:
+        issues.add(loc, f"an empty peer selects nothing Kubernetes accepts: give {_PEER_EXAMPLE} (to allow every "
+                        "source or destination, leave the whole from/to list out)")
+        return None
+    if peer.ip_block is not None and len(given) > 1:
+        issues.add(loc + ("ipBlock",), "ipBlock cannot be combined with podSelector or namespaceSelector in one peer: "
+                                       "make them separate entries of the list (alternatives)")
+        return None
+    if peer.ip_block is not None:
+        block = _ip_block(peer.ip_block, loc + ("ipBlock",), issues)
+        return PolicyPeer(ip_block=block) if block is not None else None
+    pods = _label_selector(peer.pod_selector, loc + ("podSelector",), issues) if peer.pod_selector else None
+    spaces = (_label_selector(peer.namespace_selector, loc + ("namespaceSelector",), issues)
+              if peer.namespace_selector else None)
+    if (peer.pod_selector is not None and pods is None) or (peer.namespace_selector is not None and spaces is None):
+        return None
+    return PolicyPeer(pod_selector=pods, namespace_selector=spaces)
+
+
+def _ip_block(block_in: _IPBlockIn, loc: Loc, issues: _Issues) -> IPBlock | None:
+    cidr = _network(block_in.cidr, loc + ("cidr",), "172.17.0.0/16", issues, reserved=False)
+    excepts = []
+    ok = cidr is not None
+    for index, text in enumerate(block_in.except_ or []):
+        net = _network(text, loc + ("except", index), "172.17.1.0/24", issues, reserved=False)
+        if net is None:
+            ok = False
+        elif cidr is not None and not (net.subnet_of(cidr) and net != cidr):
+            # Kubernetes: "except values ... must be a strict subset of cidr"
+            issues.add(loc + ("except", index), f"{net} is not inside cidr {cidr}: except lists parts of the block "
+                                                "to leave out, each strictly inside it")
+            ok = False
+        else:
+            excepts.append(net)
+    return IPBlock(cidr, tuple(excepts)) if ok and cidr is not None else None
+
+
+def _policy_port(port_in: _PolicyPortIn, loc: Loc, issues: _Issues) -> PolicyPort | None:
+    protocol = port_in.protocol if port_in.protocol is not None else "TCP"
+    ok = True
+    problem = _protocol_problem(protocol)
+    if problem:
+        issues.add(loc + ("protocol",), problem)
+        ok = False
+    port = port_in.port
+    if isinstance(port, bool) or (port is not None and not isinstance(port, (int, str))):
+        issues.add(loc + ("port",), _wrong_type("a port number or a container port's name", port,
+                                                issues.source.raw.get(loc + ("port",))))
+        return None
+    if isinstance(port, int) and not 1 <= port <= 65535:
+        issues.add(loc + ("port",), f"port {_show(port)} is out of range 1..65535")
+        ok = False
+    if isinstance(port, str):
+        if _looks_numeric(port):
+            issues.add(loc + ("port",), f"port {port!r} is a number written as a string: remove the quotes")
+            ok = False
+        else:
+            problem = _port_name_problem(port)
+            if problem:
+                issues.add(loc + ("port",), problem + " (a name is looked up among the pods' container ports)")
+                ok = False
+    end = port_in.end_port
+    if end is not None:
+        if not isinstance(port, int):
+            issues.add(loc + ("endPort",), "endPort needs a numeric port where the range starts (Kubernetes does not "
+                                           "take a named port with endPort)")
+            ok = False
+        elif not port <= end <= 65535:
+            issues.add(loc + ("endPort",), f"endPort {_show(end)} must be between port {port} and 65535")
+            ok = False
+    return PolicyPort(protocol, port, end) if ok else None
+
+
+def _network_policies(parsed: list[_Parsed], lab: Lab, namespaces: set[str], issues: _Issues) -> list[NetworkPolicy]:
+    """The NetworkPolicies among `parsed`, checked against the lab: their namespace exists, their name is free
+    (drop a policy being replaced from the lab first)."""
+    defined = {p.key: f"networkpolicy {p.key}, already in lab {lab.name}" for p in lab.network_policies}
+    found = []
+    for obj in parsed:
+        if obj.policy is None:
+            continue
+        key = obj.policy.key
+        if obj.namespace not in namespaces:
+            issues.add(obj.loc + ("metadata", "namespace"),
+                       f"namespace {obj.namespace} does not exist: add a v1 Namespace object named {obj.namespace}")
+        if key in defined:
+            issues.add(obj.loc + ("metadata", "name"), f"networkpolicy {key} clashes with {defined[key]}: rename one")
+        defined.setdefault(key, f"the networkpolicy at {_where(obj.loc, issues)}")
+        found.append(obj.policy)
+    return found
+
+
+def _check_cni(cni_in: _CniIn | None, issues: _Issues) -> Cni | None:
+    """spec.cni.profile, or None when not given (the profile then follows the backend, `_profile_of`)."""
+    if cni_in is None or cni_in.profile is None:
+        return None
+    profile = cni_in.profile
+    if profile in CNI_PROFILES:
+        return Cni(profile=profile, given=True)
+    loc = ("spec", "cni", "profile")
+    available = ", ".join(CNI_PROFILES)
+    if profile.lower() in PLANNED_CNI_PROFILES:
+        issues.add(loc, f"profile {profile.lower()} ({PLANNED_CNI_PROFILES[profile.lower()]}) is not available yet; "
+                        f"available: {available}")
+        return None
+    close = _close_match(profile, tuple(CNI_PROFILES) + tuple(PLANNED_CNI_PROFILES))
+    hint = f" (did you mean {close}?)" if close else ""
+    issues.add(loc, f"unknown CNI profile {_short(repr(profile), 40)}{hint}; available: {available} (flannel: "
+                    "VXLAN, no NetworkPolicy; calico: BGP, NetworkPolicy enforced)")
+    return None
+
+
+# A lab without spec.cni plays the CNI its backend comes from: Calico's BGP, Flannel's host-gw and vxlan.
+_PROFILE_OF_BACKEND = {"bgp": "calico"}
+
+
+def _profile_of(backend: str) -> Cni:
+    return Cni(profile=_PROFILE_OF_BACKEND.get(backend, "flannel"), given=False)
+
+
+def network_policies_from_objects(objects: list[dict], lab: Lab, file: str | None) -> list[NetworkPolicy]:
+    """The NetworkPolicies that `objects` add to `lab`, for `lab apply` (spec loading fills
+    Lab.network_policies itself). Their names may not clash with `lab.network_policies` (drop a policy being
+    replaced from the lab first). Issues name the objects as `objects[i]`, since manifests carry no lines."""
+    try:
+        issues = _Issues(_Source())
+        parsed = _read_objects([(("objects", i), obj) for i, obj in enumerate(objects)], issues)
+        found = _network_policies(parsed, lab, set(_namespaces(parsed, lab.namespaces, issues)), issues)
+        issues.raise_if_any(file)
+        return found
+    except SpecError:
+        raise
+    except Exception as exc:
+        raise _internal(file, exc) from exc
+
+
 # ---------------------------------------------------------------------------- names of the addons
 
 
@@ -3330,6 +3745,7 @@ KINDS: dict[tuple[str, str], Reader] = {
     ("apps/v1", "Deployment"): _read_deployment,
     ("v1", "Service"): _read_service,
     ("networking.k8s.io/v1", "Ingress"): _read_ingress,
+    ("networking.k8s.io/v1", "NetworkPolicy"): _read_network_policy,
 }
 Parsed = _Parsed
 Issues = _Issues
@@ -3356,6 +3772,8 @@ def _objects_against_lab(parsed: list[_Parsed], lab: Lab, issues: _Issues, pods:
     found_services = _services(parsed, lab, lab.cluster.service_cidr, set(namespaces), issues) if services else []
     found_ingresses = _ingresses(parsed, lab, set(namespaces), issues, running=True) if ingresses else []
     found_pods = _expand(parsed, lab, set(namespaces), issues, place=place) if pods else []
+    if pods and services and ingresses:  # every kind: NetworkPolicies too
+        _network_policies(parsed, lab, set(namespaces), issues)
     return found_pods, found_services, found_ingresses
 
 

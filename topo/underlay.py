@@ -171,6 +171,23 @@ def configure(up: UnderlayPlan, handle_of) -> None:  # handle_of: netns name -> 
             handle_of(h.netns).replace_route(IPv4Network("0.0.0.0/0"), gateway=h.gateway)
 
 
+def tc_params(spec: LinkSpec) -> dict:
+    """Mininet TCLink parameters for a link's shaping and impairment. TCLink configures both ends of the
+    veth pair alike, each shaping what it sends: HTB (`bw`) at the root and, under it, a netem qdisc
+    (`delay`, `jitter`, `loss`), so traffic in EACH direction gets the bandwidth, the delay and the loss:
+    a 50 ms link adds 100 ms to a round trip across it, and 1 % loss drops 1 % of the packets each way."""
+    params: dict = {}
+    if spec.bandwidth_mbit:
+        params["bw"] = spec.bandwidth_mbit
+    if spec.delay_ms:
+        params["delay"] = f"{spec.delay_ms * 1000:.0f}us"
+        if spec.jitter_ms:
+            params["jitter"] = f"{spec.jitter_ms * 1000:.0f}us"
+    if spec.loss_percent:
+        params["loss"] = spec.loss_percent
+    return params
+
+
 def require_mininet() -> None:
     if shutil.which("mnexec") is None:
         raise FeatureMissing("mnexec not found: install Debian's 'mininet' package (./install.sh does)")
@@ -207,7 +224,8 @@ def build(up: UnderlayPlan) -> None:
             sw.cmd(f"ip link add {seg.switch} type bridge")
         hosts = {h.name: net.addHost(h.name, ip=None) for h in up.hosts}
         for link in up.links:
-            cls, params = (TCLink, {"bw": link.spec.bandwidth_mbit}) if link.spec.bandwidth_mbit else (MnLink, {})
+            params = tc_params(link.spec)
+            cls = TCLink if params else MnLink
             if link.segment is not None:
                 net.addLink(hosts[link.host], switches[link.segment], intfName1=link.intf, intfName2=link.port,
                             cls=cls, **params)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import in_lab, lab, unique
+from tests.integration.conftest import in_lab, lab, pause_pod, seed_spec, unique
 
 pytestmark = pytest.mark.integration
 
@@ -75,3 +75,20 @@ def test_services_ingresses_and_namespaces_applied_later(lab_up, tmp_path: Path)
     assert "default/web" not in cluster_ips(name)
     lab("apply", "--lab", name, "-f", spec_web)
     assert "default/web" in cluster_ips(name)
+
+
+def test_cni0_keeps_its_mac_when_pods_come_and_go(lab_up, tmp_path: Path) -> None:
+    """A bridge without a fixed MAC takes its ports' lowest; deleting that pod would move the gateway's
+    MAC under the other pods (kubernetes#30783). cni0's is fixed (0a:58 + gateway IP), so they never notice."""
+    name = unique("mac")
+    data = seed_spec(name)
+    data["spec"]["objects"] = [pause_pod(f"p{i}", "node1") for i in range(4)]
+    lab_up(data)
+    mac = in_lab(name, "node1", "cat", "/sys/class/net/cni0/address").strip()
+    assert mac == "0a:58:0a:f4:01:01"
+    assert in_lab(name, "node1", "cat", "/sys/class/net/cni0/addr_assign_type").strip() == "3"  # NET_ADDR_SET
+    for i in range(3):
+        lab("delete", "--lab", name, "pod", f"p{i}")
+        assert in_lab(name, "node1", "cat", "/sys/class/net/cni0/address").strip() == mac
+    in_lab(name, "p3", "ping", "-c1", "-W1", "10.244.1.1")
+    assert mac in in_lab(name, "p3", "ip", "neigh", "show", "10.244.1.1")

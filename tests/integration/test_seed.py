@@ -36,6 +36,10 @@ def seed_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, di
     require_tool("mnexec")
     name = unique("seed")
     spec = write_spec(tmp_path_factory.mktemp("seed"), seed_spec(name))
+    # lab up's documented prerequisite on a modular kernel (kubeadm's too): its sysctls appearing in the
+    # root namespace is the module loading, not a change of the machine's network the lab made
+    from lab.apply import load_br_netfilter
+    load_br_netfilter()
     before = root_view()
     out = lab("up", str(spec)).stdout
     assert "node1" in out and "10.244.2.2" in out

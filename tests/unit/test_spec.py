@@ -396,9 +396,10 @@ def test_a_node_may_not_take_the_spines_name_in_a_spine_fabric() -> None:
 def test_unknown_backends_name_the_supported_ones() -> None:
     text = HEADER + "  network: {backend: BACKEND}\n  nodes: [{name: a, ip: 192.168.1.10}]\n"
     assert _errors(text.replace("BACKEND", "calico")) == [
-        "t.yaml:5: spec.network.backend: unknown backend 'calico' (did you mean bgp?); supported: host-gw, vxlan, bgp"]
+        "t.yaml:5: spec.network.backend: unknown backend 'calico' (did you mean bgp?); supported: host-gw, vxlan, bgp, "
+        "ipip"]
     assert _errors(text.replace("BACKEND", "udp")) == [
-        "t.yaml:5: spec.network.backend: unknown backend 'udp'; supported: host-gw, vxlan, bgp"]
+        "t.yaml:5: spec.network.backend: unknown backend 'udp'; supported: host-gw, vxlan, bgp, ipip"]
 
 
 def test_the_exercise_labs_still_load() -> None:
@@ -437,7 +438,7 @@ def test_invalid_spec_fails_with_the_golden_message(name: str, monkeypatch: pyte
 def test_many_problems_are_reported_together() -> None:
     text = HEADER + """\
   cluster: {podCIDR: 10.244.0.5/16}
-  network: {backend: ipip, mtu: 100}
+  network: {backend: wireguard, mtu: 100}
   nodes:
     - {name: Node1, ip: 192.168.1.300}
     - {name: node2, ip: 192.168.1.11, podCidr: 10.244.2.0/24}
@@ -454,15 +455,14 @@ def test_many_problems_are_reported_together() -> None:
         "and '-', starting and ending with a letter or digit",
         "t.yaml:14: spec.objects[0].spec.containers[0].image: image nginx is not built in (built-ins: agnhost, "
         "pause): give command: [...] to run a program from this machine",
-        "t.yaml:15: spec.objects[1].kind: kind NetworkPolicy (networking.k8s.io/v1) is not supported by this "
-        "version of kubenet-lab (supported: v1 Namespace, v1 Pod, apps/v1 Deployment, v1 Service, "
-        "networking.k8s.io/v1 Ingress)",
+        "t.yaml:15: spec.objects[1].spec: missing; add it, e.g. spec: {podSelector: {}, policyTypes: [Ingress]}",
     ]
     # Once the structure is right, the semantic problems all come out at once too.
     fixed = text.replace("podCidr", "podCIDR")
     assert _errors(fixed) == [
         "t.yaml:5: spec.cluster.podCIDR: 10.244.0.5/16 has host bits set (did you mean 10.244.0.0/16?)",
-        "t.yaml:6: spec.network.backend: backend ipip is not implemented yet; supported: host-gw, vxlan, bgp",
+        "t.yaml:6: spec.network.backend: backend wireguard is not implemented yet; supported: host-gw, vxlan, bgp, "
+        "ipip",
         "t.yaml:6: spec.network.mtu: mtu 100 is out of range: use 576..9000 (1500 is Ethernet's usual size)",
         "t.yaml:8: spec.nodes[0].name: 'Node1' is not a valid name: use lower-case letters, digits and '-', "
         "starting and ending with a letter or digit",
@@ -471,9 +471,7 @@ def test_many_problems_are_reported_together() -> None:
         "digits and '-', starting and ending with a letter or digit",
         "t.yaml:14: spec.objects[0].spec.containers[0].image: image nginx is not built in (built-ins: agnhost, "
         "pause): give command: [...] to run a program from this machine",
-        "t.yaml:15: spec.objects[1].kind: kind NetworkPolicy (networking.k8s.io/v1) is not supported by this "
-        "version of kubenet-lab (supported: v1 Namespace, v1 Pod, apps/v1 Deployment, v1 Service, "
-        "networking.k8s.io/v1 Ingress)",
+        "t.yaml:15: spec.objects[1].spec: missing; add it, e.g. spec: {podSelector: {}, policyTypes: [Ingress]}",
     ]
 
 

@@ -1,0 +1,197 @@
+"""`lab trace` decisions without root: which destination a name means, which drop counter is the probe's,
+what a capture that lost frames or a packet that left the watched area is called, and the capture's
+bounds. The lab is the seed lab's model with one more pod named like its Service (`web`); kernels and
+sockets are stand-ins."""
+from __future__ import annotations
+
+import struct
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lab import state, trace
+from lab.observe import NeighEntry, NsView, RouteView, Rule
+from lab.trace import Place, Probe, Sighting
+from services import endpoints
+from tests.unit.test_graph import model, seed_text
+from tests.unit.test_graph_trace_parsing import FakeKernel, tcp
+from topo.errors import StateError
+
+DECOY = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "web", "labels": {"app": "decoy"}},
+         "spec": {"nodeName": "node2", "containers": [{"name": "app", "image": "agnhost",
+                                                       "args": ["netexec", "--http-port=8080"]}]}}
+
+
+@pytest.fixture
+def lookup(tmp_path: Path) -> trace.Lookup:
+    data = yaml.safe_load(seed_text())
+    data["spec"]["objects"].append(DECOY)
+    lab, running = model(yaml.safe_dump(data, sort_keys=False), tmp_path)
+    pods = {f"{rp.pod.namespace}/{rp.pod.name}": state.PodState(rp.pod.node, str(rp.ip), lab.pod_netns(rp.pod), 0)
+            for rp in running}
+    st = state.LabState(lab.name, "up", 0, None, "", pods=pods)
+    return trace.Lookup(st, lab, running, endpoints.resolve(lab.services, running))
+
+
+# ------------------------------------------------------------------------------------------ names
+
+def test_a_name_both_a_pod_and_a_service_is_refused_with_the_forms_to_use(lookup: trace.Lookup) -> None:
+    with pytest.raises(StateError) as err:
+        lookup.target("web", None)
+    assert str(err.value) == ("web is both the pod default/web and the service default/web: give svc/web for the "
+                              "service or pod/web for the pod")
+    with pytest.raises(StateError, match="give svc/web"):
+        lookup.target("web:80", None)
+
+
+def test_svc_pod_and_clusterip_forms_say_which_is_meant(lookup: trace.Lookup) -> None:
+    endpoints_ = {"node1-pod1", "node1-pod2", "node2-pod1"}
+    for text in ("svc/web", "service/default/web:80", "svc/default/web", "10.96.0.100:80"):
+        t = lookup.target(text, None)
+        assert (t.kind, str(t.ip), t.port, t.protocol) == ("service", "10.96.0.100", 80, "tcp"), text
+        assert {p.name for p in t.places} == endpoints_, text  # never the pod named web
+    pod = lookup.target("pod/web:8080", None)
+    assert (pod.kind, pod.name, pod.port) == ("pod", "web", 8080)
+    assert str(pod.ip) == str(lookup.pods["default/web"].ip) and pod.places == (lookup.pods["default/web"],)
+    assert lookup.target("pod/default/node1-pod1", None).name == "node1-pod1"
+    dns = lookup.target("kube-dns", None)  # a name only one namespace has: no form needed
+    assert (dns.kind, str(dns.ip), dns.port, dns.protocol) == ("service", "10.96.0.10", 53, "udp")
+    # A bare ClusterIP is pinged as given; a port no service has is no service either.
+    assert (lookup.target("10.96.0.100", None).kind, lookup.target("10.96.0.100", None).places) == ("ip", ())
+    assert lookup.target("10.96.0.100:81", None).kind == "ip"
+    with pytest.raises(StateError, match="no service default/nosuch"):
+        lookup.target("svc/nosuch", None)
+    with pytest.raises(StateError, match="not in a service"):
+        lookup.source("svc/web")
+
+
+# ------------------------------------------------------------------------------------------ verdicts
+
+def _place(lookup: trace.Lookup, name: str) -> Place:
+    return next(p for p in lookup.places.values() if p.name == name)
+
+
+def _setup(lookup: trace.Lookup, hits: dict[str, list[Rule]], answer: str = "", lost: list[str] | None = None,
+           last_leaves: bool = False) -> trace.TraceResult:
+    """node1-pod1 -> node2-pod1:8080, last seen coming into node2 (or leaving it to the pod)."""
+    src, dst = lookup.pods["default/node1-pod1"], lookup.pods["default/node2-pod1"]
+    node1, node2, switch = _place(lookup, "node1"), _place(lookup, "node2"), _place(lookup, "switch ul")
+    syn = trace.parse_frame(tcp(str(src.ip), 40000, str(dst.ip), 8080, 5))
+    veth_a, veth_b = lookup.veth_of[src.netns], lookup.veth_of[dst.netns]
+    forward = [Sighting(src, "eth0", True, syn), Sighting(node1, veth_a, False, syn),
+               Sighting(node1, "eth0", True, syn), Sighting(switch, "ul-eth0", False, syn),
+               Sighting(switch, "ul-eth1", True, syn), Sighting(node2, "eth0", False, syn)]
+    if last_leaves:
+        forward.append(Sighting(node2, veth_b, True, syn))
+    kernel = FakeKernel(RouteView(IPv4Network("10.244.2.0/24"), None, "cni0", "kernel"))
+    kernel.views[node2.netns] = NsView(node2.netns, neigh=[NeighEntry("cni0", dst.ip, "", "failed")],
+                                       addrs={"cni0": [IPv4Interface("10.244.2.1/24")]})
+    target = trace.Target("pod", dst.name, dst.ip, 8080, "tcp", None, (dst,))
+    probe = Probe("tcp", dst.ip, 8080, 40000, b"tok", 0, answer=answer)
+    tracer = trace.Tracer(lookup, kernel, src, target, probe, hits)
+    result = trace.TraceResult("seed", src.name, dst.name, "tcp", 8080)
+    result.capture_lost = lost or []
+    watched = {p.netns for p in lookup.places.values()} - ({dst.netns} if last_leaves else set())
+    trace.verdict(result, tracer, forward, [], kernel, hits, watched)
+    return result
+
+
+def _drop(chain: str, where: str, comment: str | None = None) -> Rule:
+    return Rule(where, chain, "counter drop", 1, "drop" if where.startswith("nft") else "DROP", comment)
+
+
+def test_only_the_probes_own_drops_are_blamed(lookup: trace.Lookup) -> None:
+    node1, node2 = lookup.lab.node_netns("node1"), lookup.lab.node_netns("node2")
+    other = lookup.veth_of[lookup.pods["default/web"].netns]
+    mine = lookup.veth_of[lookup.pods["default/node2-pod1"].netns]
+    elsewhere = {node1: [_drop("FORWARD", "iptables filter FORWARD #3", "someone else's traffic")],
+                 node2: [_drop(f"cali-tw-{other}", f"nft ip calico cali-tw-{other} handle 9", "default/web ingress")]}
+    r = _setup(lookup, elsewhere)
+    assert r.dropped_at == "node2 after eth0 in"
+    # The route analysis still runs, and the counters that moved are only possibilities.
+    assert "nobody answers ARP for 10.244.2.2 (neighbour failed)" in r.dropped_by
+    assert "a ClusterIP is only a rule" not in r.dropped_by  # 10.244.2.2 is no ClusterIP
+    assert "possibly dropped by iptables filter FORWARD #3 in node1: someone else's traffic; " \
+           f"nft ip calico cali-tw-{other} handle 9 in node2: default/web ingress" in r.dropped_by
+    assert not r.dropped_by.startswith("dropped by")
+    own = {**elsewhere, node2: elsewhere[node2] + [
+        _drop(f"cali-tw-{mine}", f"nft ip calico cali-tw-{mine} handle 12", "default/node2-pod1 ingress: no policy")]}
+    r = _setup(lookup, own)
+    assert r.dropped_by == f"dropped by nft ip calico cali-tw-{mine} handle 12 in node2: default/node2-pod1 " \
+                          "ingress: no policy"
+    assert r.verdict.startswith("DROPPED at node2 after eth0 in: dropped by nft ip calico cali-tw-")
+
+
+def test_a_capture_that_lost_frames_is_no_drop(lookup: trace.Lookup) -> None:
+    r = _setup(lookup, {}, lost=["node2: 12 frames dropped (capture buffer full)"])
+    assert r.dropped_at == "" and not r.delivered
+    assert r.verdict.startswith("NOT ANSWERED: last seen at node2 after eth0 in, but the capture lost frames "
+                                "(node2: 12 frames dropped (capture buffer full))")
+    r = _setup(lookup, {}, answer="connected", lost=["node2: 12 frames dropped (capture buffer full)"])
+    assert r.delivered and r.answered and r.dropped_at == ""
+    assert r.verdict == ("delivered: the source got an answer (connected), but the capture lost frames: "
+                         "node2: 12 frames dropped (capture buffer full)")
+
+
+def test_a_packet_that_left_for_an_unwatched_place_is_no_drop(lookup: trace.Lookup) -> None:
+    r = _setup(lookup, {}, last_leaves=True)
+    veth = lookup.veth_of[lookup.pods["default/node2-pod1"].netns]
+    assert r.dropped_at == "" and not r.delivered
+    assert r.verdict.startswith(f"NOT ANSWERED: last seen leaving node2 after {veth} out towards node2-pod1, "
+                                "which was not watched")
+
+
+def test_a_clusterip_is_only_a_rule_only_inside_the_service_cidr() -> None:
+    place = Place("n1", "node1", "node")
+    cidr = IPv4Network("10.96.0.0/12")
+    for dst, said in (("10.96.0.100", True), ("10.244.9.9", False)):
+        kernel = FakeKernel()
+        kernel.views["n1"] = NsView("n1", neigh=[NeighEntry("cni0", IPv4Address(dst), "", "incomplete")])
+        route = RouteView(IPv4Network("10.0.0.0/8"), None, "cni0", "kernel")
+        packet = trace.Packet("10.244.1.2", dst, "icmp", 84)
+        text, = trace._next_hop_problem(kernel, place, route, packet, cidr)
+        assert f"nobody answers ARP for {dst}" in text and ("a ClusterIP is only a rule" in text) == said
+
+
+# ------------------------------------------------------------------------------------------ capture bounds
+
+class FloodSocket:
+    """A packet socket under sustained traffic: a frame every time it is asked, and drops reported."""
+
+    def __init__(self, drops: int = 0) -> None:
+        self.frame = tcp("10.244.1.9", 5201, "10.244.2.9", 41000, 1)
+        self.drops = drops
+
+    def recvfrom(self, size: int) -> tuple[bytes, tuple]:
+        return self.frame, ("eth0", 0x0800, 0, trace.ARPHRD_ETHER, b"")
+
+    def getsockopt(self, level: int, option: int, size: int) -> bytes:
+        assert (level, option, size) == (trace.SOL_PACKET, trace.PACKET_STATISTICS, 8)
+        return struct.pack("II", 100, self.drops)
+
+
+def test_reading_captures_is_bounded_and_reports_what_it_missed() -> None:
+    captures = trace.Captures([], "tcp")
+    a, b = Place("na", "node1", "node"), Place("nb", "node2", "node")
+    captures.socks = [(a, FloodSocket(drops=3)), (b, FloodSocket())]
+    seen = captures.read(budget=5.0, limit=50)
+    assert len(seen) == 50 and all(s.place == a for s in seen)
+    assert captures.lost == {"node1": "3 frames dropped (capture buffer full), not read to the end (a trace reads "
+                                      "at most 50 frames, for 5 s)",
+                             "node2": "not read to the end (a trace reads at most 50 frames, for 5 s)"}
+    captures.lost = {}
+    assert len(captures.read(budget=0.0, limit=50)) == 0 and set(captures.lost) == {"node1", "node2"}
+
+
+def test_a_service_with_many_endpoints_is_watched_within_bounds(lookup: trace.Lookup,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(trace, "MAX_ENDPOINTS", 1)
+    monkeypatch.setattr(trace, "MAX_PODS", 2)
+    source = _place(lookup, "node2")
+    web = lookup.target("svc/web", None)
+    watched = trace.places_to_watch(lookup, source, web)
+    pods = [p.name for p in watched if p.kind == "pod"]
+    assert len(pods) == 2 and pods[0] == "node2-pod1"  # the endpoint on the source's node comes first
+    assert {"node1", "node2", "switch ul"} <= {p.name for p in watched}
