@@ -24,11 +24,9 @@ die() {
 . "$run/run.env"
 [ -x "$KVM_CHECKOUT/.venv/bin/python" ] || die "$KVM_CHECKOUT/.venv/bin/python missing: run ./install.sh --test on the host"
 
-# Fresh, guest-only copies of what is per-boot on a real machine. /run and /tmp especially: the host's
-# own /run (its labs' state in /run/kubenet-lab, /run/netns) is in the read-only lower layer.
-mount -t tmpfs -o mode=0755,size=512m tmpfs /run
+# Fresh, guest-only copies of what is per-boot on a real machine (/run and /tmp: stage 1, under the
+# checkout).
 mkdir -p /run/lock /run/netns
-mount -t tmpfs -o mode=1777,size=1g tmpfs /tmp
 mkdir -p /dev/pts /dev/shm
 mount -t devpts -o gid=5,mode=620,ptmxmode=666 devpts /dev/pts
 mount -t tmpfs -o mode=1777 tmpfs /dev/shm
