@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -29,3 +30,13 @@ def require_root() -> None:
 
 def require_tool(name: str) -> None:
     require(shutil.which(name) is not None, f"needs {name} (./install.sh installs it)")
+
+
+def assert_golden(path: Path, text: str) -> None:
+    """`text` equals the golden file at `path`; with KUBENET_UPDATE_GOLDEN=1 the file is (re)written first,
+    to be read and committed."""
+    if os.environ.get("KUBENET_UPDATE_GOLDEN") == "1":
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    assert path.exists(), f"no golden file {path.name}: run with KUBENET_UPDATE_GOLDEN=1 and read it"
+    assert text == path.read_text()

@@ -11,7 +11,6 @@ listening on 127.0.0.1 at high ports only, queried over UDP by a tiny resolver w
 from __future__ import annotations
 
 import json
-import os
 import random
 import socket
 import struct
@@ -24,7 +23,7 @@ import pytest
 
 from services import dns
 from services.endpoints import RunningPod, resolve
-from tests.conftest import require_root, require_tool
+from tests.conftest import assert_golden, require_root, require_tool
 from topo.model import Container, ContainerPort, DnsConfig, ExternalHost, Pod, Service, ServicePort
 
 GOLDEN = Path(__file__).resolve().parent / "golden" / "dns"
@@ -36,12 +35,7 @@ RUN = Path("/run/kubenet-lab/demo/dns")  # where the goldens say the files are (
 
 
 def check_golden(name: str, text: str) -> None:
-    path = GOLDEN / name
-    if os.environ.get("KUBENET_UPDATE_GOLDEN") == "1":
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-    assert path.exists(), f"no golden file {path.name}: run with KUBENET_UPDATE_GOLDEN=1 and read it"
-    assert text == path.read_text()
+    assert_golden(GOLDEN / name, text)
 
 
 def pod(name: str = "client", namespace: str = "default", policy: str = "ClusterFirst",

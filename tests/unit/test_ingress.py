@@ -10,7 +10,6 @@ checks which backend every request reached.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from ipaddress import IPv4Address
@@ -19,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from services import ingress as ing
-from tests.conftest import require_root, require_tool
+from tests.conftest import assert_golden, require_root, require_tool
 from topo.model import Ingress, IngressBackend, IngressPath, IngressRule, Service, ServicePort
 
 GOLDEN = Path(__file__).resolve().parent / "golden" / "ingress"
@@ -83,13 +82,7 @@ def render(case: str, prefix: Path = PREFIX, listen_port: int = 80, net: str = "
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_golden(case: str) -> None:
-    text = render(case)
-    path = GOLDEN / f"{case}.conf"
-    if os.environ.get("KUBENET_UPDATE_GOLDEN") == "1":
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-    assert path.exists(), f"no golden file {path.name}: run with KUBENET_UPDATE_GOLDEN=1 and read it"
-    assert text == path.read_text()
+    assert_golden(GOLDEN / f"{case}.conf", render(case))
 
 
 def _server(conf: str, name: str) -> str:

@@ -10,7 +10,6 @@ iptables-legacy: they load each golden into a throwaway network namespace (`unsh
 from __future__ import annotations
 
 import math
-import os
 import re
 import subprocess
 from ipaddress import IPv4Address, IPv4Network
@@ -20,7 +19,7 @@ import pytest
 
 from services import kube_proxy_iptables as kp
 from services.endpoints import Endpoint, ServicePortEndpoints
-from tests.conftest import require_root, require_tool
+from tests.conftest import assert_golden, require_root, require_tool
 from tests.unit.proxy_cases import (cases, CLUSTER, NODE1, STICKY, WEB,
                                     WEB_EPS, ep, sp, svc)
 from topo.model import Cluster, Node, Service, ServicePort
@@ -42,13 +41,7 @@ def _render(case: str) -> str:
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_golden(case: str) -> None:
-    text = _render(case)
-    path = GOLDEN / f"{case}.rules"
-    if os.environ.get("KUBENET_UPDATE_GOLDEN") == "1":
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-    assert path.exists(), f"no golden file {path.name}: run with KUBENET_UPDATE_GOLDEN=1 and read it"
-    assert text == path.read_text()
+    assert_golden(GOLDEN / f"{case}.rules", _render(case))
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

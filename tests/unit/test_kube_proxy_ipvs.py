@@ -7,7 +7,6 @@ every diff before committing. No test needs root.
 """
 from __future__ import annotations
 
-import os
 import random
 import re
 import shlex
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import assert_golden
 from services import kube_proxy_ipvs as ipvs
 from services.endpoints import Endpoint, ServicePortEndpoints
 from topo.model import Cluster, Node, Service, ServicePort
@@ -197,12 +197,7 @@ def check_ipvsadm(text: str) -> dict[str, list[str]]:
 @pytest.mark.parametrize("case", [c[0] for c in CASES])
 @pytest.mark.parametrize("kind", list(RENDERS))
 def test_render_matches_the_golden_file(case: str, kind: str) -> None:
-    got = RENDERS[kind](plan_of(case))
-    golden = GOLDEN / f"{case}.{kind}"
-    if os.environ.get("KUBENET_UPDATE_GOLDEN") == "1":
-        golden.parent.mkdir(parents=True, exist_ok=True)
-        golden.write_text(got)
-    assert got == golden.read_text()
+    assert_golden(GOLDEN / f"{case}.{kind}", RENDERS[kind](plan_of(case)))
 
 
 def test_every_golden_file_belongs_to_a_case() -> None:

@@ -11,7 +11,6 @@ are DNATed to (the endpoint pick is uniform).
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 from fractions import Fraction
@@ -22,7 +21,7 @@ import pytest
 
 from services import kube_proxy_nftables as kp
 from services.endpoints import Endpoint, ServicePortEndpoints
-from tests.conftest import require_root, require_tool
+from tests.conftest import assert_golden, require_root, require_tool
 from tests.unit.proxy_cases import (cases, CLUSTER, DNS, DNS_EPS, NODE1, NODE2, NP_CLUSTER, NP_LOCAL, STICKY, WEB,
                                     WEB_EPS, ep, sp, svc)
 from topo.model import Cluster, Node, Service, ServicePort
@@ -61,12 +60,7 @@ def _delta(case: str) -> str:
 
 
 def _golden(name: str, text: str) -> None:
-    path = GOLDEN / f"{name}.nft"
-    if os.environ.get("KUBENET_UPDATE_GOLDEN") == "1":
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-    assert path.exists(), f"no golden file {path.name}: run with KUBENET_UPDATE_GOLDEN=1 and read it"
-    assert text == path.read_text()
+    assert_golden(GOLDEN / f"{name}.nft", text)
 
 
 # ------------------------------------------------------------------------------------ golden files

@@ -8,7 +8,6 @@ golden in a throwaway network namespace.
 """
 from __future__ import annotations
 
-import os
 import subprocess
 from ipaddress import IPv4Address
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from cni import network_policy as np
-from tests.conftest import require_root, require_tool
+from tests.conftest import assert_golden, require_root, require_tool
 from topo.errors import SpecError
 from topo.model import Lab
 from topo.spec import network_policies_from_objects, parse_spec_text
@@ -83,12 +82,7 @@ CASES = {
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_rendered_rules_match_the_golden(case: str) -> None:
     lab = _lab(CASES[case])
-    text = np.render(lab, "node1", _workloads(lab))
-    golden = GOLDEN / f"{case}.nft"
-    if os.environ.get("KUBENET_UPDATE_GOLDEN") == "1":
-        golden.parent.mkdir(parents=True, exist_ok=True)
-        golden.write_text(text)
-    assert text == golden.read_text()
+    assert_golden(GOLDEN / f"{case}.nft", np.render(lab, "node1", _workloads(lab)))
 
 
 def test_the_table_replaces_itself_in_one_transaction() -> None:
