@@ -458,6 +458,9 @@ def _unsupported_kind(api_version: str, kind: str) -> str:
             f"(supported: {supported})")
 
 
+# ---------------------------------------------------------------------------- the kinds, built-in images' args
+
+
 def _agnhost_args(args: tuple[str, ...]) -> tuple[Loc, str | None]:
     """Check agnhost args with the stand-in's own rules, so a typo fails at validation, not inside a pod.
     A failure of the stand-in's own check accepts the args unchecked rather than refuse every lab."""
