@@ -21,9 +21,10 @@ from typing import Any
 
 from pydantic import Field
 
+from apiserver.spec import API_VERSION
 from topo import names
 from topo.errors import SpecError, SpecIssue
-from topo.spec import API_VERSION, StrictDocument, StrictModel, _close_match
+from topo.schema import StrictDocument, StrictModel, close_match
 
 CHECKS_FILE = "checks.yaml"
 ANSWERS_FILE = "answers.yaml"
@@ -361,7 +362,7 @@ def parse(text: str, file: str, folder: Path) -> Exercise:
             _choice(doc, loc + ("requires", i), feature, tuple(FEATURES))
         for i, needed in enumerate(check.needs):
             if needed not in seen or needed == check.name:
-                close = _close_match(needed, [c.name for c in checks])
+                close = close_match(needed, [c.name for c in checks])
                 doc.add(loc + ("needs", i), f"{needed!r} is not an earlier check of this file"
                                             + (f" (did you mean {close!r}?)" if close else ""))
         checks.append(Check(check.name, check.task, check.description, check.points, check.hint, check.initially,

@@ -17,7 +17,7 @@ from topo.errors import LabError, SpecError, StateError
 
 def _cmd_validate(args: argparse.Namespace) -> int:
     from lab.lifecycle import resolve_spec
-    from topo.spec import load_spec
+    from apiserver.spec import load_spec
 
     lab = load_spec(resolve_spec(args.spec))
     print(f"{lab.source}: valid: lab {lab.name}, {len(lab.nodes)} nodes, {len(lab.pods)} pods, "
@@ -247,7 +247,7 @@ def _cmd_break(args: argparse.Namespace) -> int:
 def _cmd_link(args: argparse.Namespace) -> int:
     from lab import link, state, status
     from lab.lifecycle import require_root
-    from topo.spec import link_option
+    from topo.link_spec import link_option
 
     require_root()
     values = {name: link_option(name, text) for name, text in

@@ -29,7 +29,8 @@ from lab import state, targets
 from topo import netns, process
 from topo.errors import ApplyError, StateError
 from topo.model import Lab
-from topo.spec import _close_match, _label_key_problem, _label_value_problem
+from topo.object_spec import label_key_problem, label_value_problem
+from topo.schema import close_match
 
 FAULTS_FILE = "faults.json"
 
@@ -319,7 +320,7 @@ def problems(item: dict[str, Any]) -> list[tuple[tuple, str]]:
 
 
 def _did_you_mean(value: str, allowed: list[str], listed: str = "known") -> str:
-    close = _close_match(value, allowed)
+    close = close_match(value, allowed)
     return f"did you mean {close!r}?" if close else f"{listed}: {', '.join(allowed)}"
 
 
@@ -361,9 +362,9 @@ def _param_problem(param: Param, value: Any) -> str | None:
     if not isinstance(value, str):
         return f"must be a string, got {value!r}"
     if param.kind == "label-key":  # Kubernetes' label syntax, as a spec's labels are checked
-        return _label_key_problem(value)
+        return label_key_problem(value)
     if param.kind == "label-value":
-        return _label_value_problem(value)
+        return label_value_problem(value)
     if param.kind in ("target", "pod"):
         from lab.checks import target_problem
 

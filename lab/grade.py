@@ -23,7 +23,7 @@ from typing import Any
 
 from lab import checks, probes, state, targets
 from topo.errors import StateError
-from topo.spec import _close_match
+from topo.schema import close_match
 
 RETRY_INTERVAL = 0.25  # seconds between attempts of a check with `wait`
 
@@ -143,7 +143,7 @@ def selected(ex: checks.Exercise, only: list[str] | None) -> set[str]:
     if unknown:
         hints = []
         for x in unknown:
-            close = _close_match(x, known)
+            close = close_match(x, known)
             hints.append(f"{x!r}" + (f" (did you mean {close!r}?)" if close else ""))
         raise StateError(f"--only: no check or task {', '.join(hints)} in {ex.slug} "
                          f"(tasks: {', '.join(t.id for t in ex.tasks)})")

@@ -10,12 +10,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from apiserver.spec import load_spec
 from lab import addons, apply, plan, state
 from services import kube_proxy
 from topo import kernel, names, netns
 from topo.errors import FeatureMissing, StateError
 from topo.model import Lab
-from topo.spec import load_spec
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_LAB = REPO / "labs" / "00-seed"

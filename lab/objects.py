@@ -14,6 +14,8 @@ from collections.abc import Callable
 from ipaddress import IPv4Address
 from pathlib import Path
 
+from apiserver.spec import (ingresses_from_objects, network_policies_from_objects, parse_objects, parse_spec_text,
+                            pods_from_objects, services_from_objects)
 from cni import network_policy
 from cni.plugin import BridgePlugin
 from lab import addons, apply, plan, runtime, state
@@ -22,8 +24,6 @@ from services.endpoints import RunningPod
 from topo import netns, process
 from topo.errors import SpecError, SpecIssue, StateError
 from topo.model import Container, ContainerPort, Lab, Pod
-from topo.spec import (ingresses_from_objects, network_policies_from_objects, parse_objects, parse_spec_text,
-                       pods_from_objects, services_from_objects)
 
 
 def _key(obj: dict) -> str:

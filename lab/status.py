@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from apiserver.spec import parse_spec_text
 from lab import runtime, state
 from topo.model import Lab
-from topo.spec import parse_spec_text
 
 
 def model_of(st: state.LabState) -> Lab:

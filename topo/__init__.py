@@ -1,4 +1,5 @@
-"""Topology layer: the lab spec, its validated model, the Mininet nodes and the underlay.
+"""Topology layer: the spec checks' core (schema) and the topology's own checks, the validated model, the
+Mininet nodes and the underlay.
 
-Everything above (cni, routing, services, lab) depends on this package; it depends on nothing of theirs.
+Everything above (cni, routing, services, apiserver, lab) depends on this package; it depends on nothing of theirs.
 """

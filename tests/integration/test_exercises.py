@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from apiserver.spec import parse_spec_text
 from lab import checks, faults, grade, probes, state, targets
 from tests.conftest import require_tool
 from tests.integration.conftest import REPO, lab, leftovers, unique
 from topo import names, netns
-from topo.spec import parse_spec_text
 
 SOLUTIONS = REPO / "tests" / "solutions"
 # exercise folder -> reference solution (exercises 07-13 add their rows here or in their own test file)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from apiserver.spec import load_spec, parse_spec_text
 from lab import lifecycle
 from lab import link as lablink
 from routing import bgp, ipip
@@ -19,8 +20,8 @@ from services import kube_proxy, kube_proxy_ipvs as ipvs
 from services.endpoints import Endpoint, ServicePortEndpoints
 from topo import kernel, underlay
 from topo.errors import FeatureMissing, SpecError
+from topo.link_spec import link_option
 from topo.model import LinkSpec, Service, ServicePort
-from topo.spec import link_option, load_spec, parse_spec_text
 
 SPECS = Path(__file__).parent / "specs" / "valid"
 HEADER = "apiVersion: kubenet-lab/v1alpha1\nkind: Lab\nmetadata: {name: t}\nspec:\n"

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from apiserver.spec import parse_spec_text
 from lab import graph, plan
 from lab.addons import with_addons
 from lab.observe import FdbEntry, LinkView, NeighEntry, NsView, Observation, RouteView
@@ -24,7 +25,6 @@ from services.endpoints import RunningPod
 from tests.conftest import require_tool
 from topo import names, underlay
 from topo.model import Lab
-from topo.spec import parse_spec_text
 
 REPO = Path(__file__).resolve().parents[2]
 SEED = REPO / "labs" / "00-seed" / "lab.yaml"

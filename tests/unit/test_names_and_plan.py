@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from apiserver.spec import load_spec
 from lab import plan
 from topo import names, rtnl
-from topo.spec import load_spec
 
 SEED = Path(__file__).resolve().parents[2] / "labs" / "00-seed"
 

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
+from apiserver.spec import network_policies_from_objects, parse_spec_text
 from cni import network_policy as np
 from tests.conftest import assert_golden, require_root, require_tool
 from topo.errors import SpecError
 from topo.model import Lab
-from topo.spec import network_policies_from_objects, parse_spec_text
 
 GOLDEN = Path(__file__).resolve().parent / "golden" / "network_policy"
 

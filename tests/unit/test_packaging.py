@@ -25,7 +25,7 @@ def test_ci_runs_the_readme_test_command() -> None:
 
 
 def test_every_lab_spec_in_the_repository_is_valid() -> None:
-    from topo.spec import load_spec
+    from apiserver.spec import load_spec
 
     # An exercise's checks.yaml (and a learner's answers.yaml) are no lab specs: tests/unit/test_grade.py
     # checks those.

@@ -4,9 +4,9 @@ from __future__ import annotations
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from pathlib import Path
 
+from apiserver.spec import load_spec
 from routing import bgp, frr, vxlan
 from topo import underlay
-from topo.spec import load_spec
 
 VALID = Path(__file__).parent / "specs" / "valid"
 

@@ -1,0 +1,163 @@
+"""Pods from their objects, placed on nodes: a Deployment's replicas named and spread, each node's capacity.
+
+A node holds as many pods as its PodCIDR has addresses for (host-local IPAM). Replica names and placement are
+derived from the objects' identities, never random, so every load of a spec (and `lab apply`) places the same
+pods on the same nodes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from topo import names
+from topo.model import Lab, Node, Pod
+from topo.object_spec import Parsed, PodTemplate
+from topo.schema import Issues, Loc, short, written_at
+
+
+@dataclass
+class _Draft:
+    """A pod before placement."""
+
+    name: str
+    namespace: str
+    template: PodTemplate
+    obj: Parsed
+    replica: int | None
+
+
+def pods_against_lab(parsed: list[Parsed], lab: Lab, namespaces: set[str], issues: Issues, place: bool) -> list[Pod]:
+    """Pods in spec order (a Deployment's replicas where the Deployment is), then placed on nodes.
+
+    With place False (the nodes themselves are wrong) only the checks that need no node run.
+    """
+    drafts: list[_Draft] = []
+    owners: dict[tuple[str, str, str], Loc] = {}
+    taken: dict[str, str] = {pod.key: f"a pod already running in lab {lab.name}" for pod in lab.pods}
+    for obj in parsed:
+        if obj.template is None:
+            continue
+        if not _object_ok(obj, lab, namespaces, owners, issues):
+            continue
+        for draft in _drafts(obj, lab, issues, place):
+            key = f"{draft.namespace}/{draft.name}"
+            if key in taken:
+                issues.add(obj.loc + ("metadata", "name"), f"pod {key} clashes with {taken[key]}: rename one")
+                continue
+            taken[key] = _describe_origin(draft, issues)
+            drafts.append(draft)
+    if not place:
+        return []
+    return _place(drafts, lab, issues)
+
+
+def _object_ok(obj: Parsed, lab: Lab, namespaces: set[str], owners: dict[tuple[str, str, str], Loc],
+               issues: Issues) -> bool:
+    ok = True
+    assert obj.namespace is not None and obj.template is not None
+    if obj.namespace not in namespaces:
+        issues.add(obj.loc + ("metadata", "namespace"),
+                   f"namespace {obj.namespace} does not exist: add a v1 Namespace object named {obj.namespace}")
+        ok = False
+    node = obj.template.node_name
+    if node is not None and lab.nodes and node not in {n.name for n in lab.nodes}:
+        issues.add(obj.template.node_loc, f"nodeName {short(node, 60)} is not a node of this lab "
+                                          f"(nodes: {', '.join(n.name for n in lab.nodes)})")
+        ok = False
+    ident = (obj.kind, obj.namespace, obj.name)
+    if obj.replicas is not None and ident in owners:
+        issues.add(obj.loc + ("metadata", "name"), f"{obj.kind} {obj.namespace}/{obj.name} is already defined at "
+                                                   f"{written_at(owners[ident], issues)}: rename one")
+        ok = False
+    owners.setdefault(ident, obj.loc)
+    return ok
+
+
+def _describe_origin(draft: _Draft, issues: Issues) -> str:
+    where = written_at(draft.obj.loc, issues)
+    if draft.replica is None:
+        return f"the pod at {where}"
+    return f"replica {draft.replica} of {draft.obj.kind} {draft.obj.name} at {where}"
+
+
+def _drafts(obj: Parsed, lab: Lab, issues: Issues, place: bool) -> list[_Draft]:
+    assert obj.template is not None and obj.namespace is not None
+    if obj.replicas is None:
+        return [_Draft(obj.name, obj.namespace, obj.template, obj, None)]
+    if not place:
+        return []  # replica names only matter once the lab is otherwise valid
+    room = sum(node.pod_capacity for node in lab.nodes)
+    if obj.replicas > room:
+        issues.add(obj.loc + ("spec", "replicas"), f"replicas {obj.replicas} is more than this lab's nodes can hold "
+                                                   f"({room} pods in all): lower replicas, or give nodes larger "
+                                                   "PodCIDRs with a smaller cluster.nodeCIDRMaskSize")
+        return []
+    used: set[str] = set()
+    drafts = []
+    for index in range(obj.replicas):
+        name = _replica_name(obj.namespace, obj.name, index, used)
+        used.add(name)
+        drafts.append(_Draft(name, obj.namespace, obj.template, obj, index))
+    return drafts
+
+
+def _replica_name(namespace: str, deployment: str, index: int, used: set[str]) -> str:
+    """`<deployment>-<5 hex>`, like the random suffix of a ReplicaSet's pods, but derived from the
+    replica's identity so every load of a spec gives the same names. A clash between two replicas of the
+    same Deployment (likely past a few hundred replicas) is resolved by rehashing, still deterministically."""
+    attempt = 0
+    while True:
+        parts = (namespace, deployment, str(index)) + ((str(attempt),) if attempt else ())
+        name = f"{deployment}-{names.short_hash(*parts, length=5)}"
+        if name not in used:
+            return name
+        attempt += 1
+
+
+def _place(drafts: list[_Draft], lab: Lab, issues: Issues) -> list[Pod]:
+    """Pick each pod's node: its nodeName; for replica i, nodes[i mod count]; otherwise the node with the
+    fewest pods so far (earlier node on a tie), a stand-in for the scheduler's spreading. Existing pods count."""
+    counts = {node.name: len(lab.pods_on(node.name)) for node in lab.nodes}
+    overflow_at: dict[str, Loc] = {}
+    def veth_of(namespace: str, name: str) -> str:
+        return names.host_veth(names.sandbox_id(lab.name, namespace, name))
+
+    veths: dict[tuple[str, str], str] = {(pod.node, veth_of(pod.namespace, pod.name)): pod.key for pod in lab.pods}
+    pods = []
+    for draft in drafts:
+        node = _node_for(draft, lab, counts)
+        counts[node] += 1
+        if counts[node] == lab.node(node).pod_capacity + 1:
+            overflow_at[node] = draft.obj.loc
+        veth = veth_of(draft.namespace, draft.name)
+        key = f"{draft.namespace}/{draft.name}"
+        if (node, veth) in veths:
+            issues.add(draft.obj.loc + ("metadata", "name"),
+                       f"pods {veths[(node, veth)]} and {key} on {node} would get the same host veth name {veth} "
+                       "(a hash collision): rename one of them")
+        veths[(node, veth)] = key
+        pods.append(Pod(name=draft.name, namespace=draft.namespace, node=node, labels=draft.template.labels,
+                        containers=draft.template.containers,
+                        owner=draft.obj.name if draft.replica is not None else None,
+                        dns_policy=draft.template.dns_policy, dns_config=draft.template.dns_config))
+    for node_name, loc in overflow_at.items():
+        issues.add(loc, _capacity_message(lab, lab.node(node_name), counts[node_name]))
+    return pods
+
+
+def _node_for(draft: _Draft, lab: Lab, counts: dict[str, int]) -> str:
+    if draft.template.node_name is not None:
+        return draft.template.node_name
+    if draft.replica is not None:
+        return lab.nodes[draft.replica % len(lab.nodes)].name
+    return min(lab.nodes, key=lambda n: (counts[n.name], n.index)).name
+
+
+def _capacity_message(lab: Lab, node: Node, count: int) -> str:
+    """host-local IPAM hands out the PodCIDR minus network, broadcast and the bridge's .1 gateway."""
+    mask = lab.cluster.node_cidr_mask_size
+    bigger = ""
+    if mask - 1 > lab.cluster.pod_cidr.prefixlen:
+        bigger = f" ({mask - 1} holds {2 ** (32 - mask + 1) - 3})"
+    return (f"{node.name} would have {count} pods but its PodCIDR {node.pod_cidr} holds {node.pod_capacity} "
+            f"(.1 is the gateway): give nodes larger PodCIDRs with a smaller cluster.nodeCIDRMaskSize{bigger}, "
+            f"or put fewer pods on {node.name}")
