@@ -14,8 +14,8 @@ from topo.model import (CNI_PROFILES, PLANNED_CNI_PROFILES, Cni, IPBlock, Lab, L
                         PolicyPort, PolicyRule, SelectorRequirement)
 from topo.object_spec import (ObjectMetaIn, Parsed, check_labels, check_meta, label_key_problem, label_value_problem,
                               normalized_manifest)
-from topo.schema import (Issues, Loc, StrictModel, close_match, looks_numeric, parse_network, short, show, validate,
-                         written_at, wrong_type)
+from topo.address_spec import parse_network
+from topo.schema import (Issues, Loc, StrictModel, close_match, looks_numeric, short, show, validate, written_at, wrong_type)
 from topo.workload_spec import port_name_problem, protocol_problem
 
 POLICY_TYPES = ("Ingress", "Egress")

@@ -17,8 +17,8 @@ from topo.cluster_spec import NODE_MASK_MAX, NodeIn, host_problem, overlap, rack
 from topo.link_spec import MTU_MAX, MTU_MIN
 from topo.model import (BACKENDS, Bgp, CALICO_AS, DEFAULT_MTU, Fabric, IPIP_MODES, IPIP_OVERHEAD, Network, Rack,
                         SPINE_AS, Underlay, VXLAN_OVERHEAD)
-from topo.schema import (Issues, Loc, StrictModel, count, default_note, given_or_default, parse_address, parse_network,
-                         short, show)
+from topo.address_spec import default_note, given_or_default, parse_address, parse_network
+from topo.schema import Issues, Loc, StrictModel, count, short, show
 
 # Backends that later versions may add: named so a learner who asks for one hears "not yet", not "unknown".
 PLANNED_BACKENDS = ("wireguard",)

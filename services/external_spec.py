@@ -13,7 +13,8 @@ from pydantic import Field
 from topo import names
 from topo.cluster_spec import NodeIn, host_addresses, host_problem, node_segment, other_rack_hint
 from topo.model import ClusterDns, ExternalHost, Underlay
-from topo.schema import ADDRESS_TEXT, Issues, Loc, StrictModel, close_match, parse_address, short
+from topo.address_spec import ADDRESS_TEXT, parse_address
+from topo.schema import Issues, Loc, StrictModel, close_match, short
 from topo.workload_spec import dns_name_problem
 
 # What an external host can run: http is agnhost netexec on port 80 (it shows the client IP it sees); dns an

@@ -22,8 +22,8 @@ from topo import names
 from topo.cluster_spec import NodeIn
 from topo.model import NODE_PORT_RANGE, PROXY_MODES, KubeProxy, Lab, Service, ServicePort
 from topo.object_spec import ObjectMetaIn, Parsed, ServiceDraft, check_labels, check_meta, normalized_manifest
-from topo.schema import (Issues, Loc, StrictModel, close_match, looks_numeric, parse_address, short, show, validate,
-                         written_at, wrong_type)
+from topo.address_spec import parse_address
+from topo.schema import (Issues, Loc, StrictModel, close_match, looks_numeric, short, show, validate, written_at, wrong_type)
 from topo.workload_spec import port_name_problem, protocol_problem
 
 SERVICE_TYPES = ("ClusterIP", "NodePort")

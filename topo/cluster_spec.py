@@ -16,8 +16,8 @@ from topo import names
 from topo.link_spec import LinkIn, check_link
 from topo.model import Cluster, Fabric, LinkSpec, Node, Rack, Underlay
 from topo.pod_cidr_spec import node_pod_cidrs
-from topo.schema import (Issues, Loc, StrictModel, default_note, field_path, given_or_default, parse_address,
-                         parse_network, short, show)
+from topo.address_spec import default_note, given_or_default, parse_address, parse_network
+from topo.schema import Issues, Loc, StrictModel, field_path, short, show
 
 # kube-apiserver refuses a Service range larger than /12 (2^20 addresses) for IPv4.
 SERVICE_CIDR_MIN_PREFIX = 12

@@ -9,7 +9,8 @@ from __future__ import annotations
 from ipaddress import IPv4Network
 
 from topo.model import Cluster
-from topo.schema import Issues, Loc, parse_network
+from topo.address_spec import parse_network
+from topo.schema import Issues, Loc
 
 
 def node_pod_cidrs(nodes: list[tuple[str, str | None]], cluster: Cluster, issues: Issues) -> list[IPv4Network] | None:

@@ -18,7 +18,8 @@ from pydantic import Field
 from topo import names
 from topo.model import Container, ContainerPort, DnsConfig
 from topo.object_spec import ObjectMetaIn, Parsed, PodTemplate, check_labels, check_meta, normalized_manifest
-from topo.schema import ADDRESS_TEXT, Issues, Loc, StrictModel, field_path, short, show, validate
+from topo.address_spec import ADDRESS_TEXT
+from topo.schema import Issues, Loc, StrictModel, field_path, short, show, validate
 
 BUILTIN_IMAGES = ("agnhost", "pause")
 AGNHOST_MODULE = "lab.images.agnhost"  # MERGE: images.agnhost (what `python -m` runs for image agnhost)
