@@ -29,7 +29,7 @@ from typing import Any
 from pydantic import Field
 
 from cni.spec import CniIn, check_cni, network_policies_against_lab, profile_of, read_network_policy
-from lab.images import agnhost  # MERGE: images.agnhost
+from images import agnhost
 from routing.spec import (FabricIn, NetworkIn, RackIn, check_host_names, check_network, check_routed, check_routing,
                           host_names)
 from services.dns_spec import DnsIn, check_dns, check_reserved_names

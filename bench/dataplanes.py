@@ -90,7 +90,7 @@ class BareVeth:
                 rt.add_addr(rt.link("eth0").index, IPv4Interface(ip))
         self.server = subprocess.Popen(["ip", "netns", "exec", self.b, "iperf3", "-s"], stdout=subprocess.DEVNULL,
                                        stderr=subprocess.DEVNULL)
-        self.http = subprocess.Popen(["ip", "netns", "exec", self.b, sys.executable, "-m", "lab.images.agnhost",
+        self.http = subprocess.Popen(["ip", "netns", "exec", self.b, sys.executable, "-m", "images.agnhost",
                                       "netexec", "--http-port=8080"], stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL, cwd=REPO)
 

@@ -78,7 +78,7 @@ class Bed:
                 rt.set_link(rt.link(dev).index, up=True)
             for ip in SERVERS:
                 rt.add_addr(rt.link("eth0").index, IPv4Interface(f"{ip}/24"))
-        argv = [sys.executable, "-m", "lab.images.agnhost", "netexec", "--http-port=8080"]
+        argv = [sys.executable, "-m", "images.agnhost", "netexec", "--http-port=8080"]
         self.server = process.spawn_in(self.pod, argv, None)
         self._wait_listening()
 

@@ -13,12 +13,13 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from apiserver import state
 from cni import network_policy
 from cni.plugin import BridgePlugin, memory_session
-from lab import addons, runtime, state
+from kubelet import runtime
 from lab.plan import HOST_SYSCTLS, SWITCH_SYSCTLS, NodeOps, Plan, PodOps
 from routing import bgp, frr, ipip, vxlan
-from services import dns, kube_proxy
+from services import addons, dns, kube_proxy
 from services.endpoints import RunningPod
 from topo import names, netns, process, underlay
 from topo.errors import ApplyError
@@ -102,7 +103,7 @@ def start_external(lab: Lab) -> None:
     for ext in lab.external:
         log = str(state.log_dir(lab.name) / f"{ext.name}.log")
         if "http" in ext.serves:
-            argv = [sys.executable, "-m", "lab.images.agnhost", "netexec", "--http-port=80"]
+            argv = [sys.executable, "-m", "images.agnhost", "netexec", "--http-port=80"]
             process.spawn_in(lab.external_netns(ext.name), argv, log)
         if "dns" in ext.serves:
             folder = state.lab_dir(lab.name) / "upstream-dns"
@@ -113,11 +114,7 @@ def start_external(lab: Lab) -> None:
 
 def start_bgp(speakers: tuple[bgp.Speaker, ...], lab: str) -> None:
     for speaker in speakers:
-        frr.start(speaker, frr_folder(lab, speaker.name))
-
-
-def frr_folder(lab: str, name: str) -> Path:
-    return state.lab_dir(lab) / "frr" / name
+        frr.start(speaker, frr.frr_folder(state.lab_dir(lab), speaker.name))
 
 
 def load_br_netfilter() -> None:
@@ -173,7 +170,7 @@ def apply(plan: Plan, st: state.LabState) -> float | None:
                      [handles.get(ns) for ns in plan.underlay.switch_netns])
         speakers = plan.routers + plan.speakers
         if speakers:
-            folders = {s.name: frr_folder(plan.lab.name, s.name) for s in speakers}
+            folders = {s.name: frr.frr_folder(state.lab_dir(plan.lab.name), s.name) for s in speakers}
             rtnl = {s.netns: handles.get(s.netns) for s in speakers}
             # ipip: zebra installs no BGP route; the lab installs what bgpd learned, through tunl0
             programmed = ipip.program(plan.lab, plan.speakers, rtnl, folders, BGP_TIMEOUT) \

@@ -37,10 +37,13 @@ DNS_NAME = "api.example.com"
 
 
 def script_main(suite: str, doc: str) -> int:
-    """The bench/ scripts' command line: `lab bench SUITE` under another name (one implementation)."""
-    import argparse
+    """The bench/ scripts' command line: `lab bench SUITE` under another name (one implementation).
 
-    from lab.cli import main as lab_main
+    Run as `python -m lab.cli bench ...` in a child process, from this source tree and in the caller's
+    folder (so relative --json and --plot paths mean the same): the scheduler never imports the CLI that
+    imports it. A Ctrl-C reaches the child too (same process group), which cleans up and exits; its exit
+    status is the script's."""
+    import argparse
 
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=3)
@@ -48,7 +51,14 @@ def script_main(suite: str, doc: str) -> int:
     parser.add_argument("--plot", help="write a PNG into this folder")
     args = parser.parse_args()
     extra = [*(["--json", args.json] if args.json else []), *(["--plot", args.plot] if args.plot else [])]
-    return lab_main(["bench", suite, "--repeat", str(args.repeat), *extra])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    child = subprocess.Popen([sys.executable, "-m", "lab.cli", "bench", suite, "--repeat", str(args.repeat), *extra],
+                             env=env)
+    while True:
+        try:
+            return child.wait()
+        except KeyboardInterrupt:
+            continue  # the child got the same Ctrl-C: let it finish its cleanup
 
 
 def remove_lab(name: str) -> None:
@@ -57,7 +67,8 @@ def remove_lab(name: str) -> None:
     proc = subprocess.run([sys.executable, "-m", "lab.cli", "down", name], cwd=REPO, capture_output=True)
     if proc.returncode == 0:
         return
-    from lab import apply, state
+    from apiserver import state
+    from lab import apply
 
     if netns.list_names(f"{names.NETNS_PREFIX}{name}{names.SEP}") or state.lab_dir(name).exists():
         with state.locked():

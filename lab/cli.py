@@ -16,7 +16,7 @@ from topo.errors import LabError, SpecError, StateError
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    from lab.lifecycle import resolve_spec
+    from apiserver.desired import resolve_spec
     from apiserver.spec import load_spec
 
     lab = load_spec(resolve_spec(args.spec))
@@ -31,8 +31,8 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 def _exercise_checks(spec: str | None):
     """The checks of an exercise folder (None for a plain spec file or a folder without checks.yaml)."""
-    from lab import checks
-    from lab.lifecycle import resolve_spec
+    from apiserver.desired import resolve_spec
+    from grading import checks
 
     folder = resolve_spec(spec)
     if not folder.is_dir() or not checks.checks_file(folder).exists():
@@ -65,7 +65,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
 def _apply_exercise_faults(st, items: list[dict], seed: int | None) -> None:
     """The exercise's faults after `lab up`. Random ones (the capstone) are drawn from the seed, which is
     printed so the same puzzle can be rebuilt (`lab up --seed N`); what they broke is not printed."""
-    from lab import faults
+    from grading import faults
 
     if seed is None and os.environ.get("KUBENET_LAB_SEED", "").isdigit():
         seed = int(os.environ["KUBENET_LAB_SEED"])
@@ -99,7 +99,8 @@ def _cmd_clean(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from lab import state, status
+    from apiserver import state
+    from lab import status
 
     if args.name is None and not args.json and len(state.live_labs()) == 0:
         print("no lab is running")
@@ -110,7 +111,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_exec(args: argparse.Namespace) -> int:
-    from lab import execute
+    from kubelet import execute
     from lab.lifecycle import require_root
 
     require_root()
@@ -144,8 +145,9 @@ def _cmd_delete(args: argparse.Namespace) -> int:
 
 
 def _cmd_probe(args: argparse.Namespace) -> int:
-    from lab import probe, state
+    from apiserver import state
     from lab.lifecycle import require_root
+    from observe import probe
 
     require_root()
     result = probe.matrix(state.resolve(args.lab), args.port, args.protocol, args.timeout)
@@ -154,8 +156,8 @@ def _cmd_probe(args: argparse.Namespace) -> int:
 
 
 def _cmd_dns_count(args: argparse.Namespace) -> int:
-    from lab import dnscount
     from lab.lifecycle import require_root
+    from observe import dnscount
 
     require_root()
     result = dnscount.count(args.lab, args.pod, args.name, args.family)
@@ -166,17 +168,17 @@ def _cmd_dns_count(args: argparse.Namespace) -> int:
 def _cmd_graph(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from lab import graph
     from lab.lifecycle import require_root
+    from observe import graph, graph_render
 
     require_root()
     drawn = graph.graph_of(args.name)
     if args.output:
-        graph.render(drawn, Path(args.output))
+        graph_render.render(drawn, Path(args.output))
     if args.json:
         print(json.dumps(drawn.to_json(), indent=2))
     elif args.text or not args.output:
-        print(graph.to_text(drawn, color=sys.stdout.isatty()))
+        print(graph_render.to_text(drawn, color=sys.stdout.isatty()))
     else:
         found = f"{len(drawn.problems)} problem(s)" if drawn.problems else "no problems"
         print(f"wrote {args.output} ({found})")
@@ -184,17 +186,17 @@ def _cmd_graph(args: argparse.Namespace) -> int:
 
 
 def _cmd_trace(args: argparse.Namespace) -> int:
-    from lab import trace
     from lab.lifecycle import require_root
+    from observe import hops, trace
 
     require_root()
     result = trace.run(args.lab, args.source, args.destination, args.protocol, args.size, args.timeout)
-    print(json.dumps(result.to_json(), indent=2) if args.json else trace.render(result))
+    print(json.dumps(result.to_json(), indent=2) if args.json else hops.render(result))
     return 0 if result.delivered else 1
 
 
 def _cmd_grade(args: argparse.Namespace) -> int:
-    from lab import grade
+    from grading import grade
     from lab.lifecycle import require_root
 
     if args.junit:  # before grading: a report that cannot be written is a usage error, found early
@@ -216,7 +218,8 @@ def _cmd_grade(args: argparse.Namespace) -> int:
 
 
 def _cmd_break(args: argparse.Namespace) -> int:
-    from lab import faults, state
+    from apiserver import state
+    from grading import faults
     from lab.lifecycle import require_root
 
     if args.list:
@@ -245,7 +248,9 @@ def _cmd_break(args: argparse.Namespace) -> int:
 
 
 def _cmd_link(args: argparse.Namespace) -> int:
-    from lab import link, state, status
+    from apiserver import state
+    from apiserver.desired import model_of
+    from lab import link
     from lab.lifecycle import require_root
     from topo.link_spec import link_option
 
@@ -259,7 +264,7 @@ def _cmd_link(args: argparse.Namespace) -> int:
     if (values or args.clear) and not args.node2:
         raise StateError("name two nodes, e.g. lab link node1 node2 --delay 50ms")
     with state.locked():
-        lab = status.model_of(state.resolve(args.lab))
+        lab = model_of(state.resolve(args.lab))
         if args.clear:
             lines = link.change(lab, args.node1, args.node2, None)
         elif values:

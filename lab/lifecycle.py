@@ -8,32 +8,20 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
+from apiserver import state
+from apiserver.desired import resolve_spec
 from apiserver.spec import load_spec
-from lab import addons, apply, plan, state
-from services import kube_proxy
+from lab import apply, plan
+from services import addons, kube_proxy
 from topo import kernel, names, netns
 from topo.errors import FeatureMissing, StateError
 from topo.model import Lab
-
-REPO = Path(__file__).resolve().parent.parent
-DEFAULT_LAB = REPO / "labs" / "00-seed"
 
 
 def require_root() -> None:
     if os.geteuid() != 0:
         raise FeatureMissing("building a lab needs root (network namespaces, netlink): run with sudo")
-
-
-def resolve_spec(spec: str | None) -> Path:
-    """A file, a folder holding lab.yaml, or the name of an exercise folder under labs/."""
-    if spec is None:
-        return DEFAULT_LAB
-    path = Path(spec)
-    if not path.exists() and (REPO / "labs" / spec).exists():
-        return REPO / "labs" / spec
-    return path
 
 
 @dataclass

@@ -21,7 +21,7 @@ import json
 import subprocess
 from dataclasses import asdict, dataclass
 
-from lab import state
+from apiserver import state
 from topo import kernel, netns
 from topo.errors import ApplyError, FeatureMissing, StateError
 from topo.model import NODE_IFNAME, Lab, LinkSpec, Node

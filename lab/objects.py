@@ -3,7 +3,7 @@
 A pod added later goes through exactly the path a pod of `lab up` takes (sandbox, CNI ADD with the
 node's persisted IPAM leases, containers); a deleted pod through CNI DEL, so its IP returns to the pool.
 After any change, every node's service rules, the DNS records and the ingress routes are brought up to
-date (`resync`).
+date (`resync`, reconcile/resync.py).
 """
 from __future__ import annotations
 
@@ -14,117 +14,20 @@ from collections.abc import Callable
 from ipaddress import IPv4Address
 from pathlib import Path
 
-from apiserver.spec import (ingresses_from_objects, network_policies_from_objects, parse_objects, parse_spec_text,
-                            pods_from_objects, services_from_objects)
+from apiserver import state
+from apiserver.desired import _key, current_lab
 from cni import network_policy
 from cni.plugin import BridgePlugin
-from lab import addons, apply, plan, runtime, state
-from services import kube_proxy
+from kubelet import runtime
+from kubelet.pods import running_pods
+from lab import apply, plan
+from reconcile.resync import resync, sync_policies
+from services import addons, kube_proxy
 from services.endpoints import RunningPod
-from topo import netns, process
+from topo import netns
 from topo.errors import SpecError, SpecIssue, StateError
-from topo.model import Container, ContainerPort, Lab, Pod
-
-
-def _key(obj: dict) -> str:
-    """`Kind/namespace/name` of a manifest (namespace "default" when it gives none)."""
-    meta = obj.get("metadata") or {}
-    return f"{obj.get('kind')}/{meta.get('namespace', 'default')}/{meta.get('name')}"
-
-
-def current_lab(st: state.LabState) -> Lab:
-    """The lab's model as it runs now: the spec's objects, overridden and extended by applied ones, minus
-    deleted ones; pods as they run (node and labels from their state); addons for what is there now.
-
-    Applied services and ingresses are read back from their stored manifests, whose cluster IPs and node
-    ports were pinned when they were applied, against the spec's surviving objects, so they come out the
-    same every time.
-    """
-    spec = parse_spec_text(st.spec_text, st.spec_file)
-    replaced = {_key(o) for o in st.objects} | set(st.deleted)
-    namespaces = dict(spec.namespaces)
-    for obj in st.objects:
-        if obj.get("kind") == "Namespace":
-            # an applied Namespace replaces its labels, as kubectl apply does (a label left out is removed);
-            # kubernetes.io/metadata.name is never stored: it is added wherever labels are matched
-            meta = obj.get("metadata", {})
-            namespaces[meta["name"]] = dict(meta.get("labels") or {})
-    lab = dataclasses.replace(
-        spec, namespaces=namespaces,
-        services=tuple(s for s in spec.services if f"Service/{s.key}" not in replaced),
-        ingresses=tuple(i for i in spec.ingresses if f"Ingress/{i.key}" not in replaced),
-        network_policies=tuple(p for p in spec.network_policies if f"NetworkPolicy/{p.key}" not in replaced))
-    applied = [o for o in st.objects if o.get("kind") == "Service"]
-    lab = dataclasses.replace(lab, services=lab.services + tuple(services_from_objects(applied, lab, None)))
-    applied = [o for o in st.objects if o.get("kind") == "Ingress"]
-    lab = dataclasses.replace(lab, ingresses=lab.ingresses + tuple(ingresses_from_objects(applied, lab, None)))
-    applied = [o for o in st.objects if o.get("kind") == "NetworkPolicy"]
-    lab = dataclasses.replace(lab, network_policies=lab.network_policies + tuple(
-        network_policies_from_objects(applied, lab, None)))
-    lab = addons.with_addons(dataclasses.replace(lab, pods=()), state.lab_dir(st.name))
-    templates = {p.key: p for p in spec.pods + lab.pods}  # containers of spec pods and addon pods
-    addon_pods = [p for p in lab.pods if p.key not in st.pods]  # an addon that has just become enabled
-    pods = []
-    for key, ps in st.pods.items():
-        namespace, name = key.split("/", 1)
-        labels = tuple(sorted(ps.labels.items()))
-        known = templates.get(key)
-        if known is not None:
-            pods.append(dataclasses.replace(known, node=ps.node, labels=labels))
-            continue
-        ports = tuple(ContainerPort(number, proto, port_name) for port_name, number, proto in ps.ports)
-        pods.append(Pod(name=name, namespace=namespace, node=ps.node, labels=labels,
-                        containers=(Container("ports", None, (), ports),) if ports else (), owner=ps.owner))
-    return dataclasses.replace(lab, pods=tuple(pods + addon_pods))
-
-
-def running_pods(st: state.LabState, lab: Lab) -> list[RunningPod]:
-    """The lab's pods with their IPs, ready while their sandbox lives (what the endpoints controller sees)."""
-    out = []
-    for pod in lab.pods:
-        ps = st.pods.get(pod.key)
-        if ps is None:
-            continue  # not started yet
-        out.append(RunningPod(pod, IPv4Address(ps.ip), runtime.sandbox_alive(ps.netns, ps.pause_pid)))
-    return out
-
-
-def resync(st: state.LabState) -> kube_proxy.SyncReport:
-    """Bring everything derived from the lab's objects up to date after a change of pods or services:
-    every node's service rules, the cluster DNS's records, the ingress controller's routes."""
-    lab = current_lab(st)
-    running = running_pods(st, lab)
-    report = kube_proxy.sync(lab, running, state.lab_dir(st.name) / "kube-proxy")
-    sync_policies(lab, running, st.name)
-    todo = addons.write_configs(lab, running, state.lab_dir(st.name))
-    dns_key = f"{addons.DNS_NAMESPACE}/{addons.DNS_POD}"
-    if todo.get("dns") == "restart":
-        _restart_container(st, lab, dns_key)
-    for key, action in ((dns_key, todo.get("dns")), (f"{addons.INGRESS_NAMESPACE}/{addons.INGRESS_POD}",
-                                                     todo.get("ingress"))):
-        if action == "hup" and key in st.pods:
-            for pid in st.pods[key].containers.values():
-                if runtime.in_pod(pid, st.pods[key].netns):
-                    addons.hangup(pid)
-    state.save(st)
-    return report
-
-
-def sync_policies(lab: Lab, running: list[RunningPod], name: str) -> network_policy.SyncReport:
-    """Every node's NetworkPolicy rules for the pods running now (ready or not: a pod keeps its isolation
-    while it starts, as Calico programs a workload's policy before it is ready)."""
-    workloads = [network_policy.Workload(r.pod, r.ip) for r in running]
-    return network_policy.sync(lab, workloads, state.lab_dir(name) / "network-policy")
-
-
-def _restart_container(st: state.LabState, lab: Lab, key: str) -> None:
-    """Stop a pod's containers and start them again (dnsmasq reads its records only at start)."""
-    ps = st.pods.get(key)
-    pod = next((p for p in lab.pods if p.key == key), None)
-    if ps is None or pod is None:
-        return
-    process.kill_all([pid for pid in ps.containers.values() if runtime.in_pod(pid, ps.netns)])
-    ps.containers = runtime.start_pod_containers(pod, ps.netns, ps.pause_pid, state.log_dir(lab.name))
+from topo.model import Lab, Pod
+from apiserver.spec import parse_objects, pods_from_objects
 
 
 def _remember(st: state.LabState, objects: list[dict], before: Lab) -> list[str]:

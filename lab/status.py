@@ -3,16 +3,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from apiserver.spec import parse_spec_text
-from lab import runtime, state
-from topo.model import Lab
-
-
-def model_of(st: state.LabState) -> Lab:
-    """The model of a running lab, re-derived from the spec text it was built from (with its addons)."""
-    from lab.addons import with_addons
-
-    return with_addons(parse_spec_text(st.spec_text, st.spec_file), state.lab_dir(st.name))
+from apiserver import state
+from apiserver.desired import current_lab, model_of
+from grading.faults import recorded
+from kubelet import runtime
+from kubelet.pods import running_pods
+from services import endpoints
 
 
 def describe(st: state.LabState, reveal: bool = False) -> dict[str, Any]:
@@ -30,17 +26,12 @@ def describe(st: state.LabState, reveal: bool = False) -> dict[str, Any]:
                      "containers": pod.containers})
     services = []
     if lab.services or st.objects:
-        from lab.objects import current_lab, running_pods  # services need the lab as it runs now
-        from services import endpoints
-
-        now = current_lab(st)
+        now = current_lab(st)  # services need the lab as it runs now
         for sp in endpoints.resolve(now.services, running_pods(st, now)):
             services.append({"namespace": sp.service.namespace, "name": sp.service.name, "type": sp.service.type,
                              "clusterIP": str(sp.service.cluster_ip), "port": sp.port.port,
                              "protocol": sp.port.protocol, "nodePort": sp.port.node_port,
                              "endpoints": [str(e) for e in sp.endpoints]})
-    from lab.faults import recorded
-
     faults = [{"fault": f.fault, "params": f.params, "detail": f.detail, "seed": f.seed}
               if reveal or f.seed is None else {"fault": None, "params": None, "detail": None, "seed": f.seed}
               for f in recorded(st.name)]

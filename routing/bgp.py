@@ -25,6 +25,7 @@ from topo.underlay import fabric_links
 # Fast, deterministic convergence for a lab: keepalive 1 s / hold 3 s, reconnect after 1 s, and no
 # update coalescing delay (FRR's default start-up wait dominated cold convergence when measured here).
 KEEPALIVE, HOLD, CONNECT_RETRY = 1, 3, 1
+IPIP_ROUTE_MAP = "KUBENET-IPIP"  # backend ipip: the deny-all route map that keeps zebra from installing BGP routes
 
 
 @dataclass(frozen=True)
@@ -49,15 +50,21 @@ class Speaker:
     zebra: tuple[str, ...] = ()  # extra zebra.conf lines (backend ipip: keep BGP routes out of the kernel)
 
 
-def node_speakers(lab: Lab) -> list[Speaker]:
-    from routing import ipip  # (ipip uses frr, which uses this module)
+def ipip_zebra_lines() -> list[str]:
+    """zebra.conf lines of a node in ipip mode: bgpd's routes are learned, never installed by zebra (the
+    lab installs them, through tunl0: routing/ipip.py), and next hops reachable only by the default route
+    count."""
+    return [f"route-map {IPIP_ROUTE_MAP} deny 10", "!", f"ip protocol bgp route-map {IPIP_ROUTE_MAP}",
+            "ip nht resolve-via-default", "!"]
 
+
+def node_speakers(lab: Lab) -> list[Speaker]:
     if lab.network.backend not in ("bgp", "ipip"):
         return []
     if lab.network.bgp.peering == "tor":
         return [_tor_client(lab, n.name) for n in lab.nodes]
     asn = lab.network.bgp.asn
-    zebra = tuple(ipip.zebra_lines()) if lab.network.backend == "ipip" else ()
+    zebra = tuple(ipip_zebra_lines()) if lab.network.backend == "ipip" else ()
     speakers = []
     for node in lab.nodes:
         peers = tuple(Neighbor(p.ip, asn, p.name) for p in lab.nodes if p.name != node.name)

@@ -37,6 +37,11 @@ def instance_dir(base: Path, name: str) -> Path:
     return base / name
 
 
+def frr_folder(lab_dir: Path, name: str) -> Path:
+    """The folder of one node's or router's FRR instance inside the lab's state folder `lab_dir`."""
+    return lab_dir / "frr" / name
+
+
 def _frr_ids() -> tuple[int, int]:
     try:
         return pwd.getpwnam("frr").pw_uid, grp.getgrnam("frr").gr_gid

@@ -18,7 +18,8 @@ Who installs those routes. In Calico, BIRD learns the routes over BGP and its ke
 device to tunl0 (Calico's patched `krt_tunnel` attribute). FRR has no such knob: zebra always installs a
 BGP route through whatever route resolves its next hop (and would send cross-rack pod traffic unwrapped
 to the rack's router, which has no pod routes). So here bgpd learns the routes as usual, zebra is told
-not to install any BGP route (`ip protocol bgp route-map KUBENET-IPIP`, a deny-all route map), and the
+not to install any BGP route (`ip protocol bgp route-map KUBENET-IPIP`, a deny-all route map that
+routing/bgp.py writes, since it renders the speakers' zebra.conf), and the
 lab plays BIRD's kernel-export part: once each node's bgpd has learned its peers' PodCIDRs, it reads the
 best path and next hop of each (`show bgp ipv4 unicast json`) and installs the route itself, through
 tunl0 or eth0 as the mode says, as `proto bgp`. zebra ignores routes of its own protocol that it did not
@@ -43,7 +44,6 @@ from topo.model import DEFAULT_MTU, IPIP_OVERHEAD, NODE_IFNAME, Lab, Node
 from topo.rtnl import Rtnl
 
 DEVICE = "tunl0"  # the ipip module's fallback device, which Calico uses
-ROUTE_MAP = "KUBENET-IPIP"
 POLL = 0.1  # seconds between two reads of a node's BGP table while waiting
 # Set in every ipip node. Here the nodes' BGP mesh crosses the racks, and at `lab down` the routers' zebra
 # withdraws the routes between racks as it stops: a node's closed BGP socket then retransmits its FIN into
@@ -101,13 +101,6 @@ def expected_routes(lab: Lab) -> list[IpipRoute]:
     """Every node's routes once BGP has converged: each other node's PodCIDR via that node's IP."""
     return [r for node in lab.nodes
             for r in routes(lab, node, {p.pod_cidr: p.ip for p in lab.nodes if p.name != node.name})]
-
-
-def zebra_lines() -> list[str]:
-    """zebra.conf lines of a node in ipip mode: bgpd's routes are learned, never installed by zebra (the
-    lab installs them, through tunl0), and next hops reachable only by the default route count."""
-    return [f"route-map {ROUTE_MAP} deny 10", "!", f"ip protocol bgp route-map {ROUTE_MAP}",
-            "ip nht resolve-via-default", "!"]
 
 
 def learned_routes(show_bgp_json: str) -> dict[IPv4Network, IPv4Address]:

@@ -24,7 +24,6 @@ import types
 import typing
 from dataclasses import dataclass, field
 from datetime import date
-from ipaddress import IPv4Address, IPv4Network
 from typing import Any, Callable
 
 import yaml

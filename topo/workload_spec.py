@@ -22,7 +22,7 @@ from topo.address_spec import ADDRESS_TEXT
 from topo.schema import Issues, Loc, StrictModel, field_path, short, show, validate
 
 BUILTIN_IMAGES = ("agnhost", "pause")
-AGNHOST_MODULE = "lab.images.agnhost"  # MERGE: images.agnhost (what `python -m` runs for image agnhost)
+AGNHOST_MODULE = "images.agnhost"  # what `python -m` runs for image agnhost
 
 DEPLOYMENT_NAME_MAX = names.DNS1123_LABEL_MAX - 6  # replicas are "<deployment>-<5 hex>" and must stay labels
 

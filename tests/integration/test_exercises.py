@@ -19,7 +19,9 @@ import pytest
 import yaml
 
 from apiserver.spec import parse_spec_text
-from lab import checks, faults, grade, probes, state, targets
+from apiserver import state
+from grading import checks, faults, grade, probes, schema
+from observe import targets
 from tests.conftest import require_tool
 from tests.integration.conftest import REPO, lab, leftovers, unique
 from topo import names, netns
@@ -43,7 +45,7 @@ def copy_exercise(slug: str, tmp: Path, name: str) -> Path:
     data = yaml.safe_load(spec.read_text())
     data["metadata"]["name"] = name
     spec.write_text(yaml.safe_dump(data, sort_keys=False))
-    (folder / checks.ANSWERS_FILE).unlink(missing_ok=True)
+    (folder / schema.ANSWERS_FILE).unlink(missing_ok=True)
     return folder
 
 
@@ -88,7 +90,7 @@ def test_task_checks_fail_before_and_all_pass_after_the_solution(slug: str, tmp_
         table = lab("grade", "--lab", name).stdout  # the default exercise: the one the lab was built from
         assert f"score {ex.max_points}/{ex.max_points}" in table
         assert table.rstrip().endswith("(what you should have seen, precisely)") and "AFTER.md" in table
-        assert before["after"] is None and after["after"] == str(folder / checks.AFTER_FILE)
+        assert before["after"] is None and after["after"] == str(folder / schema.AFTER_FILE)
     finally:
         lab("down", name, check=False)
         assert leftovers(name) == {"netns": [], "state": []}
@@ -180,7 +182,7 @@ def test_checks_never_pass_because_their_source_is_broken(tmp_path: Path) -> Non
     folder = copy_exercise("04-host-gw", tmp_path, name)
     probe_folder = tmp_path / "vacuous"
     probe_folder.mkdir()
-    (probe_folder / checks.CHECKS_FILE).write_text(VACUOUS)
+    (probe_folder / schema.CHECKS_FILE).write_text(VACUOUS)
     try:
         lab("up", str(folder))
         proc = lab("grade", "--lab", name, str(probe_folder), "--json", check=False)
@@ -244,13 +246,13 @@ def test_every_check_kind_fails_on_an_empty_namespace(tmp_path: Path) -> None:
     st = state.LabState(name=name, phase="up", pid=1, spec_file=None, spec_text=spec)
     st.pods["default/web"] = state.PodState(node="node1", ip="10.244.1.2", netns=pod_ns, pause_pid=2 ** 22 + 7)
     ex = checks.parse(EVERY_KIND, "every.yaml", tmp_path)
-    assert {c.kind for c in ex.checks} == set(checks.PROBES)
-    (tmp_path / checks.ANSWERS_FILE).write_text("k: 253\n")
+    assert {c.kind for c in ex.checks} == set(schema.PROBES)
+    (tmp_path / schema.ANSWERS_FILE).write_text("k: 253\n")
     netns.ensure_dir()
     netns.create(ns)
     netns.create(pod_ns)
     try:
-        ctx = probes.Context(targets.Lookup(st, parse_spec_text(spec)), tmp_path / checks.ANSWERS_FILE)
+        ctx = probes.Context(targets.Lookup(st, parse_spec_text(spec)), tmp_path / schema.ANSWERS_FILE)
         done: dict[str, grade.Outcome] = {}
         for check in ex.checks:
             done[check.name] = grade._unmet(check, done) or grade.run_check(ctx, check)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from lab import checks
+from grading import checks
 from tests.conftest import require_tool
 from tests.integration import test_exercises as base
 from tests.integration.conftest import REPO, lab, leftovers, unique
@@ -32,7 +32,7 @@ EXERCISES = {
     "12-network-policy": "s12_network_policy",
 }
 TOOLS = {"09-ndots": ["dnsmasq"], "10-nodeport-ingress": ["nginx"], "12-network-policy": ["vtysh"]}
-# A seed whose 3 random faults (the exercise's `{random: 3}`, drawn by lab.faults.choose for this lab) leave
+# A seed whose 3 random faults (the exercise's `{random: 3}`, drawn by grading.faults.choose for this lab) leave
 # pods in place: node2's flannel.1 FDB flushed, client-1's eth0 down, node1's KUBE-SERVICES rule for web
 # deleted. The test adds one of every other kind the capstone can draw by hand (EXTRA), and the same
 # rule deleted on node2 too, so the solution must repair every kind in one lab, at once.
@@ -86,7 +86,8 @@ def test_task_checks_fail_before_and_all_pass_after_the_solution(slug: str, tmp_
 
 def capstone_kinds(name: str) -> set[str]:
     """Every fault kind `lab break --random` (and the capstone's `{random: N}`) can draw for this lab."""
-    from lab import faults, state
+    from apiserver import state
+    from grading import faults
 
     st = state.load(name)
     assert st is not None

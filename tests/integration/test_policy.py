@@ -18,7 +18,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lab import objects, probe, runtime, state
+from apiserver import desired, state
+from kubelet import runtime
+from lab import objects
+from observe import probe
 from tests.integration.conftest import in_lab, lab, leftovers, unique, write_spec
 from topo import netns
 
@@ -264,7 +267,7 @@ def test_a_service_is_judged_by_its_endpoints_policy_and_a_pod_always_reaches_it
                "spec": {"selector": {"app": "a"}, "ports": [{"port": 80}]}}
     calico.apply(service, policy("deny", {"podSelector": {}, "policyTypes": ["Ingress"]}))
     try:
-        cluster_ip = str(next(s.cluster_ip for s in objects.current_lab(state.resolve(calico.name)).services
+        cluster_ip = str(next(s.cluster_ip for s in desired.current_lab(state.resolve(calico.name)).services
                               if s.key == "x/a"))
         sources = ["x/a", "x/c", "y/a", "y/b", "z/a"]  # x/a itself; node1 and node2 clients
         assert _through(calico, sources, cluster_ip, "x/a") == {

@@ -1,4 +1,4 @@
-"""Tests for lab.images.agnhost, the process standing in for the agnhost image.
+"""Tests for images.agnhost, the process standing in for the agnhost image.
 
 The server runs as a real subprocess (it must survive as `python -m`) and is
 reached only through 127.0.0.1.  No root needed.
@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from lab.images import agnhost  # noqa: E402
+from images import agnhost  # noqa: E402
 
 LOOPBACK = "127.0.0.1"
 SIGTERM_BIT = 1 << (signal.SIGTERM - 1)
@@ -36,7 +36,7 @@ def free_port(kind: int) -> int:
 def spawn(*args: str) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(REPO))
     return subprocess.Popen(
-        [sys.executable, "-m", "lab.images.agnhost", *args],
+        [sys.executable, "-m", "images.agnhost", *args],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

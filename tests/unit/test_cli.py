@@ -58,7 +58,7 @@ def test_missing_file_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_status_with_no_lab_running_says_so(capsys: pytest.CaptureFixture[str], tmp_path: Path,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    from lab import state
+    from apiserver import state
 
     monkeypatch.setattr(state, "RUN_DIR", tmp_path)
     assert main(["status"]) == 0

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lab import checks, faults, grade, state
+from apiserver import state
+from grading import checks, faults, grade, schema
 from topo.errors import SpecError, StateError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -201,7 +202,7 @@ def test_random_faults_are_reproducible_from_the_seed() -> None:
 
 
 def test_random_fault_items_are_validated() -> None:
-    from lab import faults
+    from grading import faults
 
     assert faults.problems({"random": 2, "pool": ["route-delete", "ndots"]}) == []
     found = dict(faults.problems({"random": 9, "pool": ["ndost"], "seed": 1}))
@@ -269,7 +270,7 @@ class _FakeLookup:
     def live(self, name: str):
         from ipaddress import IPv4Address
 
-        from lab.targets import Target
+        from observe.targets import Target
 
         return Target(name, "pod", "x", 1, f"default/{name}", IPv4Address("10.244.1.2"))
 
@@ -286,7 +287,7 @@ class _FakeLookup:
 
 
 def _probe(kind: str, **fields):
-    model = checks.PROBES[kind].model_validate(fields)
+    model = schema.PROBES[kind].model_validate(fields)
     return model
 
 
@@ -295,7 +296,7 @@ def _probe(kind: str, **fields):
     ("refused", "refused", True), ("timeout", "refused", False), ("No route to host", "refused", False)])
 def test_blocked_means_dropped_and_refused_only_when_asked(monkeypatch: pytest.MonkeyPatch, detail: str,
                                                           expect: str, passes: bool) -> None:
-    from lab.probe import ProbeResult
+    from observe.probe import ProbeResult
 
     monkeypatch.setattr(grade.probes, "_connect", lambda st, src, ip, port, proto, timeout:
                         ProbeResult(src, ip, port, proto, False, detail))
@@ -306,7 +307,7 @@ def test_blocked_means_dropped_and_refused_only_when_asked(monkeypatch: pytest.M
 
 @pytest.mark.parametrize("fields", [{"resolves": False}, {"queries": {"max": 8}}, {"answer": []}])
 def test_a_dns_check_fails_when_the_cluster_dns_saw_nothing(monkeypatch: pytest.MonkeyPatch, fields: dict) -> None:
-    from lab import dnscount
+    from observe import dnscount
 
     monkeypatch.setattr(dnscount, "count", lambda lab, pod, name, family: dnscount.Count(
         pod, "10.244.1.2", name, "", answer=[], cluster=[], upstream=[]))
@@ -326,10 +327,10 @@ def test_a_command_that_fails_proves_nothing_even_with_only_notmatch() -> None:
 def test_an_answer_from_alternative_commands_takes_the_first_that_succeeds() -> None:
     look = _FakeLookup({"nft": (1, "Error: No such file or directory"),
                         "iptables-legacy-save": (0, "-A KUBE-SERVICES x -j KUBE-SVC-A\n-A KUBE-SERVICES y -j KUBE-SVC-B\n")})
-    value = checks.CommandValueIn.model_validate({"in": "node1", "argvs": [["nft", "list"], ["iptables-legacy-save"]],
+    value = schema.CommandValueIn.model_validate({"in": "node1", "argvs": [["nft", "list"], ["iptables-legacy-save"]],
                                                   "count": "-j KUBE-SVC-"})
     assert grade.probes._command_value(look, value) == 2  # type: ignore[arg-type]
-    failing = checks.CommandValueIn.model_validate({"in": "node1", "argv": ["nft", "list"], "count": "goto"})
+    failing = schema.CommandValueIn.model_validate({"in": "node1", "argv": ["nft", "list"], "count": "goto"})
     with pytest.raises(StateError, match="could not be computed"):
         grade.probes._command_value(look, failing)  # type: ignore[arg-type]  # a failed command is no 0
 

@@ -16,11 +16,12 @@ import pytest
 import yaml
 
 from apiserver.spec import parse_spec_text
-from lab import graph, plan
-from lab.addons import with_addons
-from lab.observe import FdbEntry, LinkView, NeighEntry, NsView, Observation, RouteView
+from lab import plan
+from observe import graph, graph_render
+from observe.kernel import FdbEntry, LinkView, NeighEntry, NsView, Observation, RouteView
 from routing import bgp, host_gw, ipip, vxlan
 from services import endpoints
+from services.addons import with_addons
 from services.endpoints import RunningPod
 from tests.conftest import require_tool
 from topo import names, underlay
@@ -136,14 +137,14 @@ def test_the_seed_lab_as_the_kernel_holds_it_has_no_problems(seed) -> None:
 
 
 def test_text_names_every_node_pod_ip_bridge_and_route(seed) -> None:
-    text = graph.to_text(draw(*seed))
+    text = graph_render.to_text(draw(*seed))
     for needle in ("node node1  192.168.1.10/24  PodCIDR 10.244.1.0/24", "cni0 bridge  10.244.2.1/24",
                    "pod default/node1-pod1  10.244.1.2", "pod kube-system/coredns  10.244.2.3  [cluster DNS]",
                    "✓ 10.244.1.0/24 via 192.168.1.10 dev eth0 proto static", "external host external-web",
                    "default/web  10.96.0.100:80/TCP", "everything the spec expects is in the kernel"):
         assert needle in text, needle
     assert "\033[" not in text
-    assert "\033[31m" in graph.to_text(graph.build(*_broken_route(seed)), color=True)
+    assert "\033[31m" in graph_render.to_text(graph.build(*_broken_route(seed)), color=True)
 
 
 def _broken_route(seed):
@@ -159,10 +160,10 @@ def test_a_deleted_route_is_drawn_missing(seed) -> None:
     assert g.problems == ["node1: missing route 10.244.2.0/24 via 192.168.1.11 dev eth0"]
     line = g.nodes[0].routes[1]
     assert (line.status, line.observed, line.expected) == ("missing", "", "10.244.2.0/24 via 192.168.1.11 dev eth0")
-    text = graph.to_text(g)
+    text = graph_render.to_text(g)
     assert "✗ 10.244.2.0/24 via 192.168.1.11 dev eth0  <- MISSING ROUTE" in text
-    dot = graph.to_dot(g)
-    assert "missing route to 10.244.2.0/24" in dot and graph.PALETTE["bad"] in dot
+    dot = graph_render.to_dot(g)
+    assert "missing route to 10.244.2.0/24" in dot and graph_render.PALETTE["bad"] in dot
     assert "1 problem" in dot
 
 
@@ -195,7 +196,7 @@ def test_pods_bridges_and_links_that_are_gone_or_down(seed) -> None:
                           # kube-proxy's rules (as observed) still hold the pod that stopped: stale
                           "service default/web:80/TCP: endpoint 10.244.2.2:8080: stale: no such endpoint"]
     assert pod.ip  # the pod is still drawn with its address
-    dot = graph.to_dot(g)
+    dot = graph_render.to_dot(g)
     assert "NOT RUNNING" in dot and "CNI0 IS DOWN" in dot
 
 
@@ -215,12 +216,12 @@ def test_vxlan_draws_the_tunnel_and_a_lost_fdb_entry(tmp_path: Path) -> None:
     assert [(n.tunnel.name, n.tunnel.address, n.tunnel.status) for n in g.nodes] == [
         ("flannel.1", "10.244.1.0/32", "ok"), ("flannel.1", "10.244.2.0/32", "ok")]
     assert g.nodes[0].routes[1].observed == "10.244.2.0/24 via 10.244.2.0 dev flannel.1 proto static onlink"
-    dot = graph.to_dot(g)
+    dot = graph_render.to_dot(g)
     assert "VXLAN VNI 1 · UDP 8472" in dot
     obs.namespaces[lab.node_netns("node1")].fdb = []
     g = draw(lab, running, obs)
     assert g.problems == ["node1: flannel.1: no FDB entry for node2"]
-    assert "no FDB entry for node2" in graph.to_text(g)
+    assert "no FDB entry for node2" in graph_render.to_text(g)
 
 
 def test_bgp_sessions_and_one_that_is_not_established(tmp_path: Path) -> None:
@@ -229,14 +230,14 @@ def test_bgp_sessions_and_one_that_is_not_established(tmp_path: Path) -> None:
     g = draw(lab, running, obs)
     assert g.problems == []
     assert [(s.a, s.b, s.status, s.ibgp) for s in g.sessions] == [("node1", "node2", "ok", True)]
-    assert "node1 ── node2  iBGP Established" in graph.to_text(g)
+    assert "node1 ── node2  iBGP Established" in graph_render.to_text(g)
     obs.bgp["node2"]["node1"] = "Active"
     obs.bgp["node1"] = {}  # bgpd not answering
     g = draw(lab, running, obs)
     assert g.sessions[0].status == "down"
     assert g.problems == ["BGP session node1 - node2 not Established "
                           "(node1 says bgpd not answering, node2 says Active)"]
-    assert graph.PALETTE["bad"] in graph.to_dot(g)
+    assert graph_render.PALETTE["bad"] in graph_render.to_dot(g)
 
 
 def test_routed_underlay_draws_racks_routers_and_fabric(tmp_path: Path) -> None:
@@ -249,7 +250,7 @@ def test_routed_underlay_draws_racks_routers_and_fabric(tmp_path: Path) -> None:
     assert {(s.a, s.b, s.ibgp) for s in g.sessions} == {
         ("node1", "tor-rack1", True), ("node2", "tor-rack1", True), ("node3", "tor-rack2", True),
         ("tor-rack1", "spine", False), ("tor-rack2", "spine", False)}
-    text = graph.to_text(g)
+    text = graph_render.to_text(g)
     assert "tor-rack1 eth1 10.255.0.2/30 ── spine eth0 10.255.0.1/30" in text
 
 
@@ -273,22 +274,22 @@ def test_json_is_the_whole_model(seed) -> None:
 
 def test_render_writes_dot_svg_and_png(seed, tmp_path: Path) -> None:
     g = draw(*seed)
-    dot = graph.render(g, tmp_path / "seed.dot")
+    dot = graph_render.render(g, tmp_path / "seed.dot")
     assert "cluster_n_node1" in dot.read_text()
     require_tool("dot")
-    svg = graph.render(g, tmp_path / "seed.svg").read_text()
+    svg = graph_render.render(g, tmp_path / "seed.svg").read_text()
     for needle in ("10.244.1.2", "10.244.2.3", "cni0 bridge", "switch ul", "External Web", "CoreDNS", "10.96.0.10"):
         assert needle in svg, needle
-    png = graph.render(g, tmp_path / "seed.png").read_bytes()
+    png = graph_render.render(g, tmp_path / "seed.png").read_bytes()
     assert png.startswith(b"\x89PNG")
     with pytest.raises(Exception, match="use a .svg, .png or .dot"):
-        graph.render(g, tmp_path / "seed.jpg")
+        graph_render.render(g, tmp_path / "seed.jpg")
 
 
 def test_the_dot_source_is_valid_graphviz(seed) -> None:
     if shutil.which("dot") is None:
         pytest.skip("needs Graphviz's dot")
-    proc = subprocess.run(["dot", "-Tcanon"], input=graph.to_dot(draw(*seed)), capture_output=True, text=True)
+    proc = subprocess.run(["dot", "-Tcanon"], input=graph_render.to_dot(draw(*seed)), capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "Warning" not in proc.stderr
 
@@ -308,7 +309,7 @@ def test_ipip_always_expects_every_route_through_tunl0_onlink(tmp_path: Path) ->
         ("tunl0", "10.244.1.0/32", "ok"), ("tunl0", "10.244.2.0/32", "ok")]
     assert g.nodes[0].tunnel.detail == "IP-in-IP (proto 4) · Always · MTU 1480"
     assert g.nodes[0].routes[1].observed == "10.244.2.0/24 via 192.168.1.11 dev tunl0 proto bgp onlink"
-    assert "IP-in-IP (proto 4)" in graph.to_dot(g) and "backend ipip (Always)" in graph.to_text(g)
+    assert "IP-in-IP (proto 4)" in graph_render.to_dot(g) and "backend ipip (Always)" in graph_render.to_text(g)
     # A route straight out of eth0 (as backend bgp would have it) is wrong here, and a tunl0 that lost
     # its MTU is drawn so.
     view = obs.namespaces[lab.node_netns("node1")]
@@ -328,15 +329,15 @@ def test_ipip_cross_subnet_encapsulates_only_between_racks(tmp_path: Path) -> No
     node1 = g.nodes[0]
     assert [r.observed for r in node1.routes[1:]] == ["10.244.2.0/24 via 192.168.1.11 dev eth0 proto bgp",
                                                       "10.244.3.0/24 via 192.168.2.10 dev tunl0 proto bgp onlink"]
-    assert "IP-in-IP (proto 4) between racks" in graph.to_dot(g)
+    assert "IP-in-IP (proto 4) between racks" in graph_render.to_dot(g)
     del obs.namespaces[lab.node_netns("node3")].links["tunl0"]
     assert draw(lab, running, obs).problems == ["node3: tunl0: no tunl0"]
 
 
 def test_ipvs_mode_services_are_read_from_the_ipvs_table(tmp_path: Path) -> None:
     """kube-proxy's IPVS mode: the graph compares the spec with the node's virtual servers (as
-    lab.observe reads them from /proc/net/ip_vs), not with iptables rules it does not have."""
-    from lab import observe
+    observe.kernel reads them from /proc/net/ip_vs), not with iptables rules it does not have."""
+    from observe import kernel as observe
 
     lab, running = model(seed_text(proxy="ipvs"), tmp_path)
     obs = healthy(lab, running)

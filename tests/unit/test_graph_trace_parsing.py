@@ -7,8 +7,10 @@ import struct
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
-from lab import observe, trace
-from lab.trace import Place, Probe, Sighting
+from observe import capture, hops, netfilter, packets
+from observe import kernel as observe
+from observe.capture import Probe, Sighting
+from observe.places import Place
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
 
@@ -89,7 +91,7 @@ def test_dnat_is_named_from_the_counters_that_moved() -> None:
     hit = [r for r in rules if r.where.startswith("iptables nat ") and (
         r.chain in ("PREROUTING", "KUBE-SERVICES") and (r.verdict or "").startswith("jump:KUBE-SVC") or
         r.chain == "PREROUTING" or r.verdict == f"jump:{sep.chain}" or r is sep)]
-    text = trace.dnat_chain("unused", "iptables", hit, key, chosen)
+    text = netfilter.dnat_chain("unused", "iptables", hit, key, chosen)
     assert text.startswith("KUBE-SERVICES -> KUBE-SVC-") and f"-> {sep.chain}" in text
     assert "(" in text and ")" in text  # the service port's comment
 
@@ -105,7 +107,7 @@ def ether(payload: bytes, dst_mac: bytes = b"\x0e\x01\x02\x03\x04\x05") -> bytes
     return dst_mac + b"\x02\x00\x00\x00\x00\x01" + b"\x08\x00" + payload
 
 
-def tcp(src: str, sport: int, dst: str, dport: int, seq: int, ack: int = 0, flags: int = trace.TCP_SYN) -> bytes:
+def tcp(src: str, sport: int, dst: str, dport: int, seq: int, ack: int = 0, flags: int = packets.TCP_SYN) -> bytes:
     return ether(ip_header(src, dst, 6, struct.pack("!HHIIBBHHH", sport, dport, seq, ack, 5 << 4, flags, 64240, 0, 0)))
 
 
@@ -115,13 +117,13 @@ def icmp(src: str, dst: str, itype: int, ident: int, payload: bytes, code: int =
 
 
 def test_tcp_udp_and_icmp_frames_parse() -> None:
-    p = trace.parse_frame(tcp("10.244.1.2", 40000, "10.96.0.100", 80, 1234))
+    p = packets.parse_frame(tcp("10.244.1.2", 40000, "10.96.0.100", 80, 1234))
     assert p is not None and p.form == ("tcp", "10.244.1.2", 40000, "10.96.0.100", 80) and p.seq == 1234
     assert p.summary() == "TCP 10.244.1.2:40000 > 10.96.0.100:80 [SYN]"
-    echo = trace.parse_frame(icmp("10.244.1.2", "10.244.2.2", 8, 77, b"kubenet-trace abc"))
+    echo = packets.parse_frame(icmp("10.244.1.2", "10.244.2.2", 8, 77, b"kubenet-trace abc"))
     assert echo is not None and echo.icmp_id == 77 and b"abc" in echo.payload
     assert echo.form == ("icmp", "10.244.1.2", 77, "10.244.2.2", 77)
-    assert trace.parse_frame(b"\x00" * 12 + b"\x08\x06" + b"\x00" * 28) is None  # ARP
+    assert packets.parse_frame(b"\x00" * 12 + b"\x08\x06" + b"\x00" * 28) is None  # ARP
 
 
 def test_vxlan_frames_are_opened_and_the_inner_packet_followed() -> None:
@@ -129,7 +131,7 @@ def test_vxlan_frames_are_opened_and_the_inner_packet_followed() -> None:
     vxlan_header = bytes([0x08, 0, 0, 0]) + (1).to_bytes(3, "big") + b"\0"
     outer_udp = struct.pack("!HHHH", 51000, 8472, 8 + len(vxlan_header) + len(inner), 0) + vxlan_header + inner
     frame = ether(ip_header("192.168.1.10", "192.168.1.11", 17, outer_udp))
-    p = trace.parse_frame(frame)
+    p = packets.parse_frame(frame)
     assert p is not None and (p.vni, p.dport) == (1, 8472)
     assert p.inner is not None and p.inner.form == ("tcp", "10.244.1.2", 40000, "10.244.2.2", 8080)
     assert p.inner_mac == "0e:01:02:03:04:05"
@@ -140,14 +142,14 @@ def test_vxlan_frames_are_opened_and_the_inner_packet_followed() -> None:
 def test_icmp_errors_carry_the_packet_they_are_about() -> None:
     quoted = ip_header("10.244.1.2", "10.244.2.2", 1, struct.pack("!BBHHH", 8, 0, 0, 77, 1))
     frame = icmp("10.244.1.1", "10.244.1.2", 3, 0, quoted, code=4, rest=1450)
-    p = trace.parse_frame(frame)
-    assert p is not None and trace.icmp_error(p) == "fragmentation needed (mtu 1450)"
+    p = packets.parse_frame(frame)
+    assert p is not None and packets.icmp_error(p) == "fragmentation needed (mtu 1450)"
     assert p.inner is not None and p.inner.icmp_id == 77
 
 
 def test_echo_request_has_a_valid_checksum() -> None:
-    packet = trace.echo_request(0x1234, b"payload!")
-    assert trace._checksum(packet) == 0
+    packet = packets.echo_request(0x1234, b"payload!")
+    assert packets._checksum(packet) == 0
 
 
 # ------------------------------------------------------------------------------------------ journeys
@@ -164,7 +166,7 @@ PEERS = {("pa", "eth0"): ("n1", "vethA"), ("n1", "vethA"): ("pa", "eth0"),
 
 
 def _s(place: Place, dev: str, out: bool, frame: bytes) -> Sighting:
-    p = trace.parse_frame(frame)
+    p = packets.parse_frame(frame)
     assert p is not None
     return Sighting(place, dev, out, p)
 
@@ -172,8 +174,8 @@ def _s(place: Place, dev: str, out: bool, frame: bytes) -> Sighting:
 def test_a_probe_is_found_through_nat_and_its_journey_ordered_by_the_cables() -> None:
     syn_sent = tcp("10.244.1.2", 40000, "10.96.0.100", 80, 555)
     syn_dnat = tcp("10.244.1.2", 40000, "10.244.2.2", 8080, 555)
-    synack = tcp("10.244.2.2", 8080, "10.244.1.2", 40000, 9000, ack=556, flags=trace.TCP_SYN | trace.TCP_ACK)
-    synack_undnat = tcp("10.96.0.100", 80, "10.244.1.2", 40000, 9000, ack=556, flags=trace.TCP_SYN | trace.TCP_ACK)
+    synack = tcp("10.244.2.2", 8080, "10.244.1.2", 40000, 9000, ack=556, flags=packets.TCP_SYN | packets.TCP_ACK)
+    synack_undnat = tcp("10.96.0.100", 80, "10.244.1.2", 40000, 9000, ack=556, flags=packets.TCP_SYN | packets.TCP_ACK)
     noise = tcp("10.244.1.3", 41000, "10.244.2.2", 8080, 1)
     # Namespace by namespace, each in its socket's order (as Captures.read returns them): not in time order.
     sightings = [
@@ -187,14 +189,14 @@ def test_a_probe_is_found_through_nat_and_its_journey_ordered_by_the_cables() ->
         _s(NODE1, "eth0", False, synack), _s(NODE1, "vethA", True, synack_undnat),
     ]
     probe = Probe("tcp", IPv4Address("10.96.0.100"), 80, 40000, b"tok", 0)
-    forward, reply = trace.classify(sightings, probe, POD_A)
-    forward = trace.walk(forward, "pa", PEERS)
+    forward, reply = hops.classify(sightings, probe, POD_A)
+    forward = hops.walk(forward, "pa", PEERS)
     assert [(s.place.name, s.dev, s.outgoing) for s in forward] == [
         ("a", "eth0", True), ("node1", "vethA", False), ("node1", "eth0", True), ("switch ul", "ul-eth0", False),
         ("switch ul", "ul-eth1", True), ("node2", "eth0", False), ("node2", "vethB", True), ("b", "eth0", False)]
-    start = trace.origin(reply, [POD_B])
+    start = hops.origin(reply, [POD_B])
     assert start == "pb"
-    reply = trace.walk(reply, start, PEERS)
+    reply = hops.walk(reply, start, PEERS)
     assert [(s.place.name, s.dev) for s in reply][0] == ("b", "eth0")
     assert [(s.place.name, s.dev) for s in reply][-1] == ("a", "eth0")
     assert len(reply) == 8
@@ -205,8 +207,8 @@ def test_a_retransmission_ends_the_journey() -> None:
     sightings = [_s(POD_A, "eth0", True, syn), _s(POD_A, "eth0", True, syn), _s(NODE1, "vethA", False, syn),
                  _s(NODE1, "vethA", False, syn)]
     probe = Probe("tcp", IPv4Address("10.244.2.2"), 8080, 40000, b"tok", 0)
-    forward, _ = trace.classify(sightings, probe, POD_A)
-    assert len(trace.walk(forward, "pa", PEERS)) == 2
+    forward, _ = hops.classify(sightings, probe, POD_A)
+    assert len(hops.walk(forward, "pa", PEERS)) == 2
 
 
 def test_icmp_errors_and_echo_replies_are_answers() -> None:
@@ -219,16 +221,16 @@ def test_icmp_errors_and_echo_replies_are_answers() -> None:
     sightings = [_s(POD_A, "eth0", True, request), _s(POD_A, "eth0", False, reply),
                  _s(POD_A, "eth0", False, error), _s(POD_A, "eth0", False, other)]
     probe = Probe("icmp", IPv4Address("10.244.2.2"), None, 77, token, 77)
-    forward, answers = trace.classify(sightings, probe, POD_A)
+    forward, answers = hops.classify(sightings, probe, POD_A)
     assert len(forward) == 1 and len(answers) == 2
 
 
 def test_render_lists_hops_reply_and_verdict() -> None:
-    result = trace.TraceResult("seed", "node1-pod1", "web (10.96.0.100:80/tcp)", "tcp", 80)
-    result.hops = [trace.Hop("node1-pod1", "out", "eth0 out", "eth0", "TCP 10.244.1.2:1 > 10.96.0.100:80 [SYN]"),
-                   trace.Hop("node1", "dnat", "DNAT 10.96.0.100:80 -> 10.244.2.2:8080 by KUBE-SVC-X")]
+    result = hops.TraceResult("seed", "node1-pod1", "web (10.96.0.100:80/tcp)", "tcp", 80)
+    result.hops = [hops.Hop("node1-pod1", "out", "eth0 out", "eth0", "TCP 10.244.1.2:1 > 10.96.0.100:80 [SYN]"),
+                   hops.Hop("node1", "dnat", "DNAT 10.96.0.100:80 -> 10.244.2.2:8080 by KUBE-SVC-X")]
     result.delivered, result.verdict, result.watched = True, "delivered to node2-pod1", ["node1"]
-    text = trace.render(result)
+    text = hops.render(result)
     assert "  1  node1-pod1  eth0 out   TCP 10.244.1.2:1 > 10.96.0.100:80 [SYN]" in text
     assert "-> DNAT 10.96.0.100:80 -> 10.244.2.2:8080 by KUBE-SVC-X" in text
     assert "✓ delivered to node2-pod1" in text
@@ -237,12 +239,12 @@ def test_render_lists_hops_reply_and_verdict() -> None:
 
 def test_udp_probe_and_its_echoed_answer_are_told_apart() -> None:
     token = b"0123456789ab"
-    sent = trace.UDP_MARK + token
+    sent = packets.UDP_MARK + token
     request = ether(ip_header("10.244.1.2", "10.244.2.2", 17, struct.pack("!HHHH", 40000, 8080, 8 + len(sent), 0) + sent))
     answer = sent[len(b"echo "):]  # agnhost netexec answers "echo X" with X
     back = ether(ip_header("10.244.2.2", "10.244.1.2", 17, struct.pack("!HHHH", 8080, 40000, 8 + len(answer), 0) + answer))
     probe = Probe("udp", IPv4Address("10.244.2.2"), 8080, 40000, token, 0)
-    forward, reply = trace.classify([_s(POD_A, "eth0", True, request), _s(POD_A, "eth0", False, back)], probe, POD_A)
+    forward, reply = hops.classify([_s(POD_A, "eth0", True, request), _s(POD_A, "eth0", False, back)], probe, POD_A)
     assert [s.outgoing for s in forward] == [True] and [s.outgoing for s in reply] == [False]
 
 
@@ -254,13 +256,13 @@ def ipip_frame(outer_src: str, outer_dst: str, inner: bytes) -> bytes:
 
 def test_ip_in_ip_packets_are_opened_and_the_inner_packet_followed() -> None:
     inner = tcp("10.244.1.2", 40000, "10.244.3.2", 8080, 99)
-    p = trace.parse_frame(ipip_frame("192.168.1.10", "192.168.2.10", inner))
+    p = packets.parse_frame(ipip_frame("192.168.1.10", "192.168.2.10", inner))
     assert p is not None and (p.proto, p.encap, p.src, p.dst) == ("ipip", "ipip", "192.168.1.10", "192.168.2.10")
     assert p.inner is not None and p.inner.form == ("tcp", "10.244.1.2", 40000, "10.244.3.2", 8080)
     assert p.summary() == "IPIP 192.168.1.10 > 192.168.2.10 (proto 4)"
     assert Sighting(NODE1, "eth0", True, p).eff.seq == 99
     # On tunl0 itself a packet has no link-layer header: parse_ip reads it as it comes.
-    assert trace.parse_ip(inner[14:]).form == p.inner.form
+    assert packets.parse_ip(inner[14:]).form == p.inner.form
 
 
 class FakeKernel:
@@ -289,22 +291,22 @@ def test_the_ip_in_ip_hop_names_the_outer_addresses_and_proto_4() -> None:
     inner = tcp("10.244.1.2", 40000, "10.244.3.2", 8080, 7)
     outer = ipip_frame("192.168.1.10", "192.168.2.10", inner)
     node3 = Place("n3", "node3", "node")
-    on_tunl0 = trace.parse_ip(inner[14:])
+    on_tunl0 = packets.parse_ip(inner[14:])
     sightings = [_s(NODE1, "vethA", False, inner), Sighting(NODE1, "tunl0", True, on_tunl0),
                  _s(NODE1, "eth0", True, outer), _s(node3, "eth0", False, outer),
                  Sighting(node3, "tunl0", False, on_tunl0), _s(node3, "vethC", True, inner)]
     probe = Probe("tcp", IPv4Address("10.244.3.2"), 8080, 40000, b"tok", 0)
-    tracer = trace.Tracer(FakeLookup(), FakeKernel(), POD_A, None, probe, {})
-    hops = tracer.hops(sightings, reply=False)
-    encap = [h for h in hops if h.kind == "encap"]
+    tracer = hops.Tracer(FakeLookup(), FakeKernel(), POD_A, None, probe, {})
+    journey = tracer.hops(sightings, reply=False)
+    encap = [h for h in journey if h.kind == "encap"]
     assert len(encap) == 1 and encap[0].place == "node1" and encap[0].dev == "tunl0"
     assert encap[0].detail == {"outer_src": "192.168.1.10", "outer_dst": "192.168.2.10", "proto": 4}
-    decap = [h for h in hops if h.kind == "decap"]
+    decap = [h for h in journey if h.kind == "decap"]
     assert len(decap) == 1 and decap[0].place == "node3" and decap[0].detail["proto"] == 4
-    wire = next(h for h in hops if h.kind == "out" and h.dev == "eth0")
+    wire = next(h for h in journey if h.kind == "out" and h.dev == "eth0")
     assert wire.packet.startswith("IPIP 192.168.1.10 > 192.168.2.10 (proto 4) carrying TCP 10.244.1.2:40000")
     assert wire.detail == {"outer_src": "192.168.1.10", "outer_dst": "192.168.2.10", "proto": 4}
-    route = next(h for h in hops if h.kind == "route" and h.place == "node1")
+    route = next(h for h in journey if h.kind == "route" and h.place == "node1")
     assert route.text == "route 10.244.3.0/24 via 192.168.2.10 dev tunl0 proto bgp onlink"
 
 
@@ -373,11 +375,11 @@ def udp_frame(sport: int, dport: int, payload: bytes = b"x" * 32) -> bytes:
 
 
 def test_the_capture_filter_keeps_what_a_trace_reads_and_nothing_else() -> None:
-    tcp_filter, udp_filter, icmp_filter = (trace.capture_filter(p) for p in ("tcp", "udp", "icmp"))
+    tcp_filter, udp_filter, icmp_filter = (capture.capture_filter(p) for p in ("tcp", "udp", "icmp"))
     syn = tcp("10.244.1.2", 40000, "10.244.2.2", 8080, 1)
-    synack = tcp("10.244.2.2", 8080, "10.244.1.2", 40000, 9, ack=2, flags=trace.TCP_SYN | trace.TCP_ACK)
-    rst = tcp("10.244.2.2", 8080, "10.244.1.2", 40000, 0, ack=2, flags=trace.TCP_RST | trace.TCP_ACK)
-    data = tcp("10.244.1.9", 5201, "10.244.2.9", 41000, 5, ack=6, flags=trace.TCP_ACK | trace.TCP_PSH)  # iperf
+    synack = tcp("10.244.2.2", 8080, "10.244.1.2", 40000, 9, ack=2, flags=packets.TCP_SYN | packets.TCP_ACK)
+    rst = tcp("10.244.2.2", 8080, "10.244.1.2", 40000, 0, ack=2, flags=packets.TCP_RST | packets.TCP_ACK)
+    data = tcp("10.244.1.9", 5201, "10.244.2.9", 41000, 5, ack=6, flags=packets.TCP_ACK | packets.TCP_PSH)  # iperf
     echo = icmp("10.244.1.2", "10.244.2.2", 8, 77, b"kubenet-trace x")
     quoted = ip_header("10.244.1.2", "10.244.2.2", 6, b"\0" * 8)
     error = icmp("10.244.1.1", "10.244.1.2", 3, 0, quoted, code=4, rest=1450)

@@ -11,9 +11,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lab import state, trace
-from lab.observe import NeighEntry, NsView, RouteView, Rule
-from lab.trace import Place, Probe, Sighting
+from apiserver import state
+from observe import capture, hops, packets, places, verdict
+from observe.capture import Probe, Sighting
+from observe.kernel import NeighEntry, NsView, RouteView, Rule
+from observe.places import Place
 from services import endpoints
 from tests.unit.test_graph import model, seed_text
 from tests.unit.test_graph_trace_parsing import FakeKernel, tcp
@@ -25,19 +27,19 @@ DECOY = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "web", "labels"
 
 
 @pytest.fixture
-def lookup(tmp_path: Path) -> trace.Lookup:
+def lookup(tmp_path: Path) -> places.Lookup:
     data = yaml.safe_load(seed_text())
     data["spec"]["objects"].append(DECOY)
     lab, running = model(yaml.safe_dump(data, sort_keys=False), tmp_path)
     pods = {f"{rp.pod.namespace}/{rp.pod.name}": state.PodState(rp.pod.node, str(rp.ip), lab.pod_netns(rp.pod), 0)
             for rp in running}
     st = state.LabState(lab.name, "up", 0, None, "", pods=pods)
-    return trace.Lookup(st, lab, running, endpoints.resolve(lab.services, running))
+    return places.Lookup(st, lab, running, endpoints.resolve(lab.services, running))
 
 
 # ------------------------------------------------------------------------------------------ names
 
-def test_a_name_both_a_pod_and_a_service_is_refused_with_the_forms_to_use(lookup: trace.Lookup) -> None:
+def test_a_name_both_a_pod_and_a_service_is_refused_with_the_forms_to_use(lookup: places.Lookup) -> None:
     with pytest.raises(StateError) as err:
         lookup.target("web", None)
     assert str(err.value) == ("web is both the pod default/web and the service default/web: give svc/web for the "
@@ -46,7 +48,7 @@ def test_a_name_both_a_pod_and_a_service_is_refused_with_the_forms_to_use(lookup
         lookup.target("web:80", None)
 
 
-def test_svc_pod_and_clusterip_forms_say_which_is_meant(lookup: trace.Lookup) -> None:
+def test_svc_pod_and_clusterip_forms_say_which_is_meant(lookup: places.Lookup) -> None:
     endpoints_ = {"node1-pod1", "node1-pod2", "node2-pod1"}
     for text in ("svc/web", "service/default/web:80", "svc/default/web", "10.96.0.100:80"):
         t = lookup.target(text, None)
@@ -69,16 +71,16 @@ def test_svc_pod_and_clusterip_forms_say_which_is_meant(lookup: trace.Lookup) ->
 
 # ------------------------------------------------------------------------------------------ verdicts
 
-def _place(lookup: trace.Lookup, name: str) -> Place:
+def _place(lookup: places.Lookup, name: str) -> Place:
     return next(p for p in lookup.places.values() if p.name == name)
 
 
-def _setup(lookup: trace.Lookup, hits: dict[str, list[Rule]], answer: str = "", lost: list[str] | None = None,
-           last_leaves: bool = False) -> trace.TraceResult:
+def _setup(lookup: places.Lookup, hits: dict[str, list[Rule]], answer: str = "", lost: list[str] | None = None,
+           last_leaves: bool = False) -> hops.TraceResult:
     """node1-pod1 -> node2-pod1:8080, last seen coming into node2 (or leaving it to the pod)."""
     src, dst = lookup.pods["default/node1-pod1"], lookup.pods["default/node2-pod1"]
     node1, node2, switch = _place(lookup, "node1"), _place(lookup, "node2"), _place(lookup, "switch ul")
-    syn = trace.parse_frame(tcp(str(src.ip), 40000, str(dst.ip), 8080, 5))
+    syn = packets.parse_frame(tcp(str(src.ip), 40000, str(dst.ip), 8080, 5))
     veth_a, veth_b = lookup.veth_of[src.netns], lookup.veth_of[dst.netns]
     forward = [Sighting(src, "eth0", True, syn), Sighting(node1, veth_a, False, syn),
                Sighting(node1, "eth0", True, syn), Sighting(switch, "ul-eth0", False, syn),
@@ -88,13 +90,13 @@ def _setup(lookup: trace.Lookup, hits: dict[str, list[Rule]], answer: str = "", 
     kernel = FakeKernel(RouteView(IPv4Network("10.244.2.0/24"), None, "cni0", "kernel"))
     kernel.views[node2.netns] = NsView(node2.netns, neigh=[NeighEntry("cni0", dst.ip, "", "failed")],
                                        addrs={"cni0": [IPv4Interface("10.244.2.1/24")]})
-    target = trace.Target("pod", dst.name, dst.ip, 8080, "tcp", None, (dst,))
+    target = places.Target("pod", dst.name, dst.ip, 8080, "tcp", None, (dst,))
     probe = Probe("tcp", dst.ip, 8080, 40000, b"tok", 0, answer=answer)
-    tracer = trace.Tracer(lookup, kernel, src, target, probe, hits)
-    result = trace.TraceResult("seed", src.name, dst.name, "tcp", 8080)
+    tracer = hops.Tracer(lookup, kernel, src, target, probe, hits)
+    result = hops.TraceResult("seed", src.name, dst.name, "tcp", 8080)
     result.capture_lost = lost or []
     watched = {p.netns for p in lookup.places.values()} - ({dst.netns} if last_leaves else set())
-    trace.verdict(result, tracer, forward, [], kernel, hits, watched)
+    verdict.verdict(result, tracer, forward, [], kernel, hits, watched)
     return result
 
 
@@ -102,7 +104,7 @@ def _drop(chain: str, where: str, comment: str | None = None) -> Rule:
     return Rule(where, chain, "counter drop", 1, "drop" if where.startswith("nft") else "DROP", comment)
 
 
-def test_only_the_probes_own_drops_are_blamed(lookup: trace.Lookup) -> None:
+def test_only_the_probes_own_drops_are_blamed(lookup: places.Lookup) -> None:
     node1, node2 = lookup.lab.node_netns("node1"), lookup.lab.node_netns("node2")
     other = lookup.veth_of[lookup.pods["default/web"].netns]
     mine = lookup.veth_of[lookup.pods["default/node2-pod1"].netns]
@@ -124,7 +126,7 @@ def test_only_the_probes_own_drops_are_blamed(lookup: trace.Lookup) -> None:
     assert r.verdict.startswith("DROPPED at node2 after eth0 in: dropped by nft ip calico cali-tw-")
 
 
-def test_a_capture_that_lost_frames_is_no_drop(lookup: trace.Lookup) -> None:
+def test_a_capture_that_lost_frames_is_no_drop(lookup: places.Lookup) -> None:
     r = _setup(lookup, {}, lost=["node2: 12 frames dropped (capture buffer full)"])
     assert r.dropped_at == "" and not r.delivered
     assert r.verdict.startswith("NOT ANSWERED: last seen at node2 after eth0 in, but the capture lost frames "
@@ -135,7 +137,7 @@ def test_a_capture_that_lost_frames_is_no_drop(lookup: trace.Lookup) -> None:
                          "node2: 12 frames dropped (capture buffer full)")
 
 
-def test_a_packet_that_left_for_an_unwatched_place_is_no_drop(lookup: trace.Lookup) -> None:
+def test_a_packet_that_left_for_an_unwatched_place_is_no_drop(lookup: places.Lookup) -> None:
     r = _setup(lookup, {}, last_leaves=True)
     veth = lookup.veth_of[lookup.pods["default/node2-pod1"].netns]
     assert r.dropped_at == "" and not r.delivered
@@ -150,8 +152,8 @@ def test_a_clusterip_is_only_a_rule_only_inside_the_service_cidr() -> None:
         kernel = FakeKernel()
         kernel.views["n1"] = NsView("n1", neigh=[NeighEntry("cni0", IPv4Address(dst), "", "incomplete")])
         route = RouteView(IPv4Network("10.0.0.0/8"), None, "cni0", "kernel")
-        packet = trace.Packet("10.244.1.2", dst, "icmp", 84)
-        text, = trace._next_hop_problem(kernel, place, route, packet, cidr)
+        packet = packets.Packet("10.244.1.2", dst, "icmp", 84)
+        text, = verdict._next_hop_problem(kernel, place, route, packet, cidr)
         assert f"nobody answers ARP for {dst}" in text and ("a ClusterIP is only a rule" in text) == said
 
 
@@ -165,15 +167,15 @@ class FloodSocket:
         self.drops = drops
 
     def recvfrom(self, size: int) -> tuple[bytes, tuple]:
-        return self.frame, ("eth0", 0x0800, 0, trace.ARPHRD_ETHER, b"")
+        return self.frame, ("eth0", 0x0800, 0, capture.ARPHRD_ETHER, b"")
 
     def getsockopt(self, level: int, option: int, size: int) -> bytes:
-        assert (level, option, size) == (trace.SOL_PACKET, trace.PACKET_STATISTICS, 8)
+        assert (level, option, size) == (capture.SOL_PACKET, capture.PACKET_STATISTICS, 8)
         return struct.pack("II", 100, self.drops)
 
 
 def test_reading_captures_is_bounded_and_reports_what_it_missed() -> None:
-    captures = trace.Captures([], "tcp")
+    captures = capture.Captures([], "tcp")
     a, b = Place("na", "node1", "node"), Place("nb", "node2", "node")
     captures.socks = [(a, FloodSocket(drops=3)), (b, FloodSocket())]
     seen = captures.read(budget=5.0, limit=50)
@@ -185,13 +187,13 @@ def test_reading_captures_is_bounded_and_reports_what_it_missed() -> None:
     assert len(captures.read(budget=0.0, limit=50)) == 0 and set(captures.lost) == {"node1", "node2"}
 
 
-def test_a_service_with_many_endpoints_is_watched_within_bounds(lookup: trace.Lookup,
+def test_a_service_with_many_endpoints_is_watched_within_bounds(lookup: places.Lookup,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(trace, "MAX_ENDPOINTS", 1)
-    monkeypatch.setattr(trace, "MAX_PODS", 2)
+    monkeypatch.setattr(places, "MAX_ENDPOINTS", 1)
+    monkeypatch.setattr(places, "MAX_PODS", 2)
     source = _place(lookup, "node2")
     web = lookup.target("svc/web", None)
-    watched = trace.places_to_watch(lookup, source, web)
+    watched = places.places_to_watch(lookup, source, web)
     pods = [p.name for p in watched if p.kind == "pod"]
     assert len(pods) == 2 and pods[0] == "node2-pod1"  # the endpoint on the source's node comes first
     assert {"node1", "node2", "switch ul"} <= {p.name for p in watched}

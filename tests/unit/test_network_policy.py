@@ -160,7 +160,8 @@ def test_invalid_packets_are_dropped_at_every_workload_first() -> None:
 
 def test_a_reapplied_namespace_replaces_its_labels() -> None:
     """kubectl apply of a Namespace without a label removes it: a namespaceSelector on it stops matching."""
-    from lab import objects, state
+    from apiserver import state
+    from apiserver.desired import current_lab
 
     policy = _policy("from-blue", "{podSelector: {}, ingress: [{from: [{namespaceSelector: {matchLabels: "
                                   "{team: blue}}}]}]}")
@@ -169,13 +170,13 @@ def test_a_reapplied_namespace_replaces_its_labels() -> None:
     workloads = _workloads(parse_spec_text(text))
 
     def blue() -> list[str]:
-        lab = objects.current_lab(st)
+        lab = current_lab(st)
         pol = lab.network_policies[0]
         return [w.pod.key for w in np.peer_workloads(lab, pol, pol.ingress[0].peers[0], workloads)]
 
     assert blue() == ["y/a", "y/b"]
     st.objects = [{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "y", "labels": {"ns": "y"}}}]
-    assert objects.current_lab(st).namespaces["y"] == {"ns": "y"}
+    assert current_lab(st).namespaces["y"] == {"ns": "y"}
     assert blue() == []
     st.objects = [{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "x", "labels": {"team": "blue"}}}]
     assert blue() == ["x/a", "x/b", "x/c", "y/a", "y/b"]

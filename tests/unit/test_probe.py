@@ -1,4 +1,4 @@
-"""Tests of lab/probe.py that need no lab: the matrix's layout and how an agnhost answer is read."""
+"""Tests of observe/probe.py that need no lab: the matrix's layout and how an agnhost answer is read."""
 from __future__ import annotations
 
 import contextlib
@@ -10,7 +10,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from lab import probe, state
+from apiserver import state
+from observe import probe
 
 
 def _matrix() -> probe.Matrix:

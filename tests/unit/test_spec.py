@@ -38,7 +38,7 @@ SEED = ROOT / "labs" / "00-seed" / "lab.yaml"
 
 def _agnhost_available() -> bool:
     try:
-        from lab.images import agnhost  # noqa: F401
+        from images import agnhost  # noqa: F401
     except Exception:
         return False
     return True
@@ -72,7 +72,7 @@ def test_seed_lab_loads_with_the_explainers_numbers() -> None:
         ("node1-pod1", "node1"), ("node1-pod2", "node1"), ("node2-pod1", "node2")]
     assert all(p.namespace == "default" and p.label_map == {"app": "web"} for p in lab.pods)
     assert lab.pods[0].containers[0].argv == (
-        sys.executable, "-m", "lab.images.agnhost", "netexec", "--http-port=8080", "--udp-port=8081")
+        sys.executable, "-m", "images.agnhost", "netexec", "--http-port=8080", "--udp-port=8081")
     assert lab.cluster.service_cidr == IPv4Network("10.96.0.0/12")
     assert lab.network.backend == "host-gw" and lab.network.mtu == 1500
     assert lab.namespaces == {"default": {}, "kube-system": {}}
@@ -169,7 +169,7 @@ def test_container_argv_for_built_in_and_local_programs() -> None:
     lab = load_spec(SPECS / "valid" / "04-images-and-extras.yaml")
     (pod,) = lab.pods
     argv = {c.name: c.argv for c in pod.containers}
-    assert argv["server"] == (sys.executable, "-m", "lab.images.agnhost", "netexec", "--http-port=8080",
+    assert argv["server"] == (sys.executable, "-m", "images.agnhost", "netexec", "--http-port=8080",
                               "--udp-port=8081")
     assert argv["holder"] == ()
     assert argv["sleeper"] == ("sleep", "infinity")
@@ -424,7 +424,7 @@ def test_there_are_enough_invalid_specs_each_with_a_golden_file() -> None:
 @pytest.mark.parametrize("name", INVALID)
 def test_invalid_spec_fails_with_the_golden_message(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     if "agnhost" in name and not _agnhost_available():
-        pytest.skip("lab.images.agnhost is not importable here")
+        pytest.skip("images.agnhost is not importable here")
     folder = SPECS / "invalid"
     monkeypatch.chdir(folder)
     with pytest.raises(SpecError) as info:

@@ -19,9 +19,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lab import addons, state
-from lab.execute import find_target
-from services import dns
+from apiserver import state
+from kubelet.execute import find_target
+from services import addons, dns
 from topo.errors import StateError
 
 REPO = Path(__file__).resolve().parent.parent

@@ -52,8 +52,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from ipaddress import IPv4Address
 
-from lab import state
-from lab.images.agnhost import format_peer, udp_answer
+from apiserver import state
+from images.agnhost import format_peer, udp_answer
 from topo import netns
 from topo.errors import StateError
 
@@ -105,7 +105,7 @@ class Endpoint:
 def endpoints(st: state.LabState) -> tuple[dict[str, Endpoint], dict[str, Endpoint]]:
     """(sources by every name they can be given, pods by IP). Pods are `ns/name`, or `name` when unique in
     default; nodes, routers and external hosts by their names."""
-    from lab.status import model_of
+    from apiserver.desired import model_of
 
     lab = model_of(st)
     by_name: dict[str, Endpoint] = {}
@@ -196,7 +196,7 @@ def matrix(st: state.LabState, port: int = DEFAULT_PORT, protocol: str = "tcp", 
            pods: list[str] | None = None) -> Matrix:
     """Every pod (or those in `pods`) to every pod, all at once."""
     _check(port, protocol, timeout)
-    from lab import runtime
+    from kubelet import runtime
 
     by_name, _ = endpoints(st)
     keys = sorted(k for k, ps in st.pods.items() if runtime.sandbox_alive(ps.netns, ps.pause_pid))

@@ -8,8 +8,9 @@ from __future__ import annotations
 import os
 import shutil
 
-from lab import runtime, state
-from lab.status import model_of
+from apiserver import state
+from apiserver.desired import model_of
+from kubelet import runtime
 from topo import netns
 from topo.errors import StateError
 

@@ -8,8 +8,8 @@ container runtime, so a "pod" is a network namespace with a plain process in
 it; this module is that process.  It reproduces the observable behaviour of
 the subcommands the lab needs, with the Python standard library only:
 
-    python3 -m lab.images.agnhost netexec --http-port=8080 [--udp-port=8081]
-    python3 -m lab.images.agnhost pause
+    python3 -m images.agnhost netexec --http-port=8080 [--udp-port=8081]
+    python3 -m images.agnhost pause
 
 ``/shell`` is deliberately absent: the lab runs as root, and a remote shell
 endpoint would hand root to anything that can reach a pod IP.

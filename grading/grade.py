@@ -21,7 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lab import checks, probes, state, targets
+from apiserver import state
+from grading import checks, probes
+from grading.fields import FEATURES
+from grading.schema import ANSWERS_FILE
+from observe import targets
 from topo.errors import StateError
 from topo.schema import close_match
 
@@ -97,7 +101,7 @@ class Report:
 def exercise_of(st: state.LabState, given: str | None) -> tuple[Path, str]:
     """The exercise folder to grade against: the one given, or the one the lab was built from."""
     if given is not None:
-        from lab.lifecycle import resolve_spec
+        from apiserver.desired import resolve_spec
 
         folder = resolve_spec(given)
         if not folder.is_dir():
@@ -115,10 +119,10 @@ def grade(lab_name: str | None, exercise: str | None = None, answers: str | None
     st = state.resolve(lab_name)
     folder, shown = exercise_of(st, exercise)
     ex = checks.load(folder, shown)
-    from lab.objects import current_lab
+    from apiserver.desired import current_lab
 
     ctx = probes.Context(targets.Lookup(st, current_lab(st)),
-                         Path(answers) if answers is not None else folder / checks.ANSWERS_FILE)
+                         Path(answers) if answers is not None else folder / ANSWERS_FILE)
     chosen = selected(ex, only)
     report = Report(ex, st.name)
     started = time.monotonic()
@@ -174,7 +178,7 @@ def run_check(ctx: probes.Context, check: checks.Check) -> Outcome:
     if check.requires:
         from topo import kernel
 
-        lacking = kernel.missing(*(checks.FEATURES[f] for f in check.requires))
+        lacking = kernel.missing(*(FEATURES[f] for f in check.requires))
         if lacking:
             names = ", ".join(f"{f.name} ({f.config})" for f in lacking)
             return Outcome(check, False, f"skipped: this kernel lacks {names}", 0.0, 0, skipped=True)

@@ -25,7 +25,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from lab import state, targets
+from apiserver import state
+from observe import targets
 from topo import netns, process
 from topo.errors import ApplyError, StateError
 from topo.model import Lab
@@ -151,7 +152,7 @@ def nft_table(text: str) -> tuple[str, str]:
 
 def _ndots(lookup: targets.Lookup, p: dict[str, Any]) -> str:
     """Rewrite the pod's resolv.conf (the file kubelet wrote, bind-mounted into the pod) with another ndots."""
-    from lab import runtime
+    from kubelet import runtime
 
     pod = lookup.live(p["pod"])
     folder = state.pod_dir_of(lookup.st.name, pod.key)
@@ -166,7 +167,7 @@ def _ndots(lookup: targets.Lookup, p: dict[str, Any]) -> str:
 def _label(lookup: targets.Lookup, p: dict[str, Any]) -> str:
     """Change one label of a running pod, then let services and DNS follow (as the endpoints controller
     would): a typo in a label drops the pod from every service that selected it."""
-    from lab import objects
+    from reconcile.resync import resync
 
     pod = lookup.live(p["pod"])
     with state.locked():
@@ -176,7 +177,7 @@ def _label(lookup: targets.Lookup, p: dict[str, Any]) -> str:
         old = st.pods[pod.key].labels.get(p["key"])
         st.pods[pod.key].labels[p["key"]] = p["value"]
         state.save(st)
-        objects.resync(st)
+        resync(st)
     return f"changed label {p['key']} of {pod.key} from {old!r} to {p['value']!r}"
 
 
@@ -192,7 +193,7 @@ def _veth_detach(lookup: targets.Lookup, p: dict[str, Any]) -> str:
 
 
 def _app_pods(st: state.LabState) -> list[str]:
-    from lab.addons import DNS_NAMESPACE, INGRESS_NAMESPACE
+    from services.addons import DNS_NAMESPACE, INGRESS_NAMESPACE
 
     return sorted(k for k in st.pods if k.split("/", 1)[0] not in (DNS_NAMESPACE, INGRESS_NAMESPACE))
 
@@ -229,7 +230,7 @@ def _cands_bgpd(lab: Lab, st: state.LabState) -> list[dict[str, Any]]:
 def _cands_rules(lab: Lab, st: state.LabState) -> list[dict[str, Any]]:
     if lab.kube_proxy.mode != "iptables":
         return []
-    from lab.addons import SERVICES
+    from services.addons import SERVICES
 
     return [{"in": n.name, "table": "nat", "chain": "KUBE-SERVICES", "match": re.escape(f"{s.key}:{port.name}")
              if port.name else re.escape(f"{s.key} cluster IP"), "tool": "iptables"}
@@ -238,7 +239,7 @@ def _cands_rules(lab: Lab, st: state.LabState) -> list[dict[str, Any]]:
 
 
 def _cands_labels(lab: Lab, st: state.LabState) -> list[dict[str, Any]]:
-    from lab.addons import SERVICES
+    from services.addons import SERVICES
 
     out = []
     for svc in lab.services:
@@ -366,7 +367,7 @@ def _param_problem(param: Param, value: Any) -> str | None:
     if param.kind == "label-value":
         return label_value_problem(value)
     if param.kind in ("target", "pod"):
-        from lab.checks import target_problem
+        from grading.fields import target_problem
 
         return target_problem(value)
     if param.kind == "cidr":
@@ -438,7 +439,7 @@ def _record(lab_name: str, applied: Applied) -> None:
 
 
 def lookup_of(st: state.LabState) -> targets.Lookup:
-    from lab.objects import current_lab
+    from apiserver.desired import current_lab
 
     return targets.Lookup(st, current_lab(st))
 

@@ -12,7 +12,8 @@ import subprocess
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 
-from lab import execute, runtime, state
+from apiserver import state
+from kubelet import execute, runtime
 from topo import netns
 from topo.errors import StateError
 from topo.model import Lab, Service

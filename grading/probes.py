@@ -6,7 +6,7 @@ Every probe first checks that what it looks at is alive (`Lookup.live`), so a ch
 absence (a route gone, a connection blocked) fails on a dead or empty lab instead of passing by accident;
 and no failure passes for another: "blocked" is a drop (a timeout), not "Network is unreachable" or a
 refusal, a command that fails matches nothing, a DNS check needs the cluster DNS to have seen the lookup.
-What a live but broken source can still fake, checks guard with `needs` (lab/grade.py).
+What a live but broken source can still fake, checks guard with `needs` (grading/grade.py).
 Any error while probing (a pod that is gone, a command that times out) is a failed check with the reason
 as its detail, never a crash of the grading run.
 """
@@ -24,14 +24,16 @@ from typing import Any
 
 import yaml
 
-from lab import checks as c
-from lab import state, targets
+from apiserver import state
+from grading import schema
+from grading.fields import route_protocol
+from observe import targets
 from routing import frr
 from topo import netns
 from topo.errors import StateError
 
-assert c.ROUTE_PROTOCOLS["bgp"] == frr.RTPROT_BGP  # the number zebra installs BGP routes with
-DROPPED, REFUSED = "timeout", "refused"  # lab.probe.connect's details for a silent drop and an active refusal
+assert schema.ROUTE_PROTOCOLS["bgp"] == frr.RTPROT_BGP  # the number zebra installs BGP routes with
+DROPPED, REFUSED = "timeout", "refused"  # observe.probe.connect's details for a silent drop and an active refusal
 
 
 @dataclass
@@ -51,8 +53,8 @@ class Context:
 
 
 def _connect(st: state.LabState, source: str, dest_ip: str, port: int, protocol: str, timeout: float):
-    """The one reachability primitive, lab/probe.py's (a ProbeResult: allowed, detail, source_ip)."""
-    from lab.probe import connect
+    """The one reachability primitive, observe/probe.py's (a ProbeResult: allowed, detail, source_ip)."""
+    from observe.probe import connect
 
     return connect(st, source, dest_ip, port, protocol, timeout)
 
@@ -60,7 +62,7 @@ def _connect(st: state.LabState, source: str, dest_ip: str, port: int, protocol:
 # ---------------------------------------------------------------------------- traffic
 
 
-def reach(ctx: Context, p: c.ReachIn) -> Result:
+def reach(ctx: Context, p: schema.ReachIn) -> Result:
     src = ctx.lookup.live(p.source)
     _live_if_named(ctx, p.to)
     dest = ctx.lookup.address(p.to)
@@ -96,7 +98,7 @@ def _live_if_named(ctx: Context, value: str) -> None:
         ctx.lookup.live(value)
 
 
-def http(ctx: Context, p: c.HttpIn) -> Result:
+def http(ctx: Context, p: schema.HttpIn) -> Result:
     src = ctx.lookup.live(p.source)
     _live_if_named(ctx, p.to)
     dest = str(ctx.lookup.address(p.to))
@@ -133,8 +135,8 @@ def http(ctx: Context, p: c.HttpIn) -> Result:
     return Result(True, f"{where}: {status} {shown!r}")
 
 
-def dns(ctx: Context, p: c.DnsIn) -> Result:
-    from lab import dnscount
+def dns(ctx: Context, p: schema.DnsIn) -> Result:
+    from observe import dnscount
 
     src = ctx.lookup.live(p.source)
     if src.kind != "pod":
@@ -163,7 +165,7 @@ def _bounds(b: Any) -> str:
     return f"at least {b.min}" if b.min is not None else f"at most {b.max}"
 
 
-def iperf(ctx: Context, p: c.IperfIn) -> Result:
+def iperf(ctx: Context, p: schema.IperfIn) -> Result:
     mbit, detail = _iperf_path(ctx, p.source, p.to, p.port, p.seconds)
     where = f"{p.source} -> {p.to}: {detail}"
     if p.min_mbit is not None and mbit < p.min_mbit:
@@ -222,14 +224,14 @@ def _by_ip(ctx: Context, to: str) -> str:
 # ---------------------------------------------------------------------------- kernel state
 
 
-def route(ctx: Context, p: c.RouteIn) -> Result:
+def route(ctx: Context, p: schema.RouteIn) -> Result:
     target = ctx.lookup.live(p.on)
     dst = IPv4Network(p.to)
     with netns.rtnl_in(target.netns) as rt:
         links = {link.index: link.name for link in rt.links()}
         found = [r for r in rt.routes() if r.dst == dst]
     via = ctx.lookup.address(p.via) if p.via is not None else None
-    proto = None if p.proto is None else c.route_protocol(p.proto)
+    proto = None if p.proto is None else route_protocol(p.proto)
 
     def fits(r: Any) -> bool:
         return ((via is None or r.gateway == via) and (p.dev is None or links.get(r.oif) == p.dev)
@@ -245,13 +247,13 @@ def route(ctx: Context, p: c.RouteIn) -> Result:
 
 
 def _route_text(r: Any, links: dict[int, str]) -> str:
-    names = {v: k for k, v in c.ROUTE_PROTOCOLS.items()}
+    names = {v: k for k, v in schema.ROUTE_PROTOCOLS.items()}
     parts = [str(r.dst)] + ([f"via {r.gateway}"] if r.gateway else []) + \
         ([f"dev {links.get(r.oif, r.oif)}"] if r.oif else []) + [f"proto {names.get(r.protocol, r.protocol)}"]
     return " ".join(parts)
 
 
-def bgp(ctx: Context, p: c.BgpIn) -> Result:
+def bgp(ctx: Context, p: schema.BgpIn) -> Result:
     target = ctx.lookup.live(p.on)
     folder = state.lab_dir(ctx.st.name) / "frr" / target.name
     try:
@@ -290,7 +292,7 @@ def _peer_address(ctx: Context, peer: str) -> str | None:
         return None
 
 
-def rule(ctx: Context, p: c.RuleIn) -> Result:
+def rule(ctx: Context, p: schema.RuleIn) -> Result:
     """A rule (or chain) present or absent. Absence needs the chain (or table) itself to exist, so an
     empty ruleset never passes for "this rule was removed"."""
     target = ctx.lookup.live(p.on)
@@ -303,7 +305,7 @@ def rule(ctx: Context, p: c.RuleIn) -> Result:
         lines = [l for l in out.splitlines() if l.startswith(f"-A {p.chain} " if p.chain else "-A ")]
         where = f"{target.name}: iptables -t {p.table}" + (f" chain {p.chain}" if p.chain else "")
     else:
-        from lab.faults import nft_table
+        from grading.faults import nft_table
 
         family, table = nft_table(p.table)
         proc = ctx.lookup.run(target, ["nft", "list", "table", family, table])
@@ -341,7 +343,7 @@ def _nft_chains(text: str) -> dict[str, list[str]]:
     return chains
 
 
-def link(ctx: Context, p: c.LinkIn) -> Result:
+def link(ctx: Context, p: schema.LinkIn) -> Result:
     if p.host_veth_of is not None:
         pod = ctx.lookup.live(p.host_veth_of)
         dev = targets.host_veth(ctx.lookup, pod)
@@ -383,7 +385,7 @@ def _hairpin(ctx: Context, target: targets.Target, dev: str) -> bool | None:
     return bool(port["hairpin"]) if "hairpin" in port else None
 
 
-def command(ctx: Context, p: c.CommandIn) -> Result:
+def command(ctx: Context, p: schema.CommandIn) -> Result:
     target = ctx.lookup.live(p.on)
     proc = ctx.lookup.run(target, p.argv, timeout=p.timeout)
     out = proc.stdout
@@ -399,8 +401,8 @@ def command(ctx: Context, p: c.CommandIn) -> Result:
     return Result(True, where)
 
 
-def pods(ctx: Context, p: c.PodsIn) -> Result:
-    from lab import runtime
+def pods(ctx: Context, p: schema.PodsIn) -> Result:
+    from kubelet import runtime
 
     chosen = []
     for key, ps in sorted(ctx.st.pods.items()):
@@ -427,7 +429,7 @@ def pods(ctx: Context, p: c.PodsIn) -> Result:
 # ---------------------------------------------------------------------------- answers
 
 
-def answer(ctx: Context, p: c.AnswerIn) -> Result:
+def answer(ctx: Context, p: schema.AnswerIn) -> Result:
     """The learner's answer (answers.yaml) against the value the running lab gives now. The detail never
     shows the true value: the grade report must not become the answer key."""
     if ctx.answers_file is None:
@@ -451,7 +453,7 @@ def _norm(value: Any) -> str:
     return str(value).strip().lower()
 
 
-def _true_value(ctx: Context, v: c.ValueIn) -> Any:
+def _true_value(ctx: Context, v: schema.ValueIn) -> Any:
     look = ctx.lookup
     if v.pause_pid is not None:
         return look.live(v.pause_pid).pause_pid
@@ -484,7 +486,7 @@ def _true_value(ctx: Context, v: c.ValueIn) -> Any:
             raise StateError(f"{v.route_via.on} has no route via a gateway to {v.route_via.to}")
         return found[0].gateway
     if v.dns_queries is not None:
-        from lab import dnscount
+        from observe import dnscount
 
         q = v.dns_queries
         pod = look.live(q.source)
@@ -496,7 +498,7 @@ def _true_value(ctx: Context, v: c.ValueIn) -> Any:
     return _command_value(look, v.command)
 
 
-def _command_value(look: targets.Lookup, cmd: c.CommandValueIn) -> str | int:
+def _command_value(look: targets.Lookup, cmd: schema.CommandValueIn) -> str | int:
     """A command's output as the answer source says. A count or a whole output needs the command to
     succeed (a failed command counts 0 lines, which is no answer); with `group`, the match is what counts
     (ping's exit status is 1 when no reply came, and "0 received" is its answer)."""
@@ -526,4 +528,4 @@ RUNNERS: dict[str, Callable[[Context, Any], Result]] = {
     "reach": reach, "http": http, "dns": dns, "route": route, "bgp": bgp, "rule": rule, "link": link,
     "command": command, "iperf": iperf, "pods": pods, "answer": answer,
 }
-assert set(RUNNERS) == set(c.PROBES)
+assert set(RUNNERS) == set(schema.PROBES)

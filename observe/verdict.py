@@ -1,0 +1,202 @@
+"""`lab trace`'s verdict: delivered (where, and what came back) or dropped (where it was last seen, and why).
+
+The reasons, in order: an ICMP error on the wire, a DROP/REJECT rule whose counter moved where the packet
+was last seen, no route, a frame larger than the next link's MTU, a next hop that never answered ARP. A
+capture that lost frames, or a packet that left for a place nobody watched, is said so, never a drop.
+"""
+from __future__ import annotations
+
+import errno
+import os
+from ipaddress import IPv4Address, IPv4Network
+
+from observe.capture import Sighting
+from observe.hops import Kernel, Tracer, TraceResult
+from observe.kernel import RouteView, Rule
+from observe.netfilter import attribute_drops, drop_text, own_chains
+from observe.packets import ICMP_ECHO, ICMP_ECHO_REPLY, TCP_RST, TCP_SYN, Packet, icmp_error
+from observe.places import MAX_NODES, MAX_PODS, Lookup, Place
+
+
+def _holds(kernel: Kernel, place: Place, ip: str) -> bool:
+    view = kernel.view(place.netns)
+    return view is not None and any(str(a.ip) == ip for addrs in view.addrs.values() for a in addrs)
+
+
+def _beyond(lookup: Lookup, last: Sighting | None, watched: set[str]) -> str | None:
+    """The place at the other end of the cable the packet was last seen leaving by, when it was not watched
+    (a pod or node beyond the capture's bounds): the packet went on where nobody looked."""
+    if last is None or not last.outgoing:
+        return None
+    peer = lookup.peers.get((last.place.netns, last.dev))
+    if peer is None or peer[0] in watched:
+        return None
+    place = lookup.places.get(peer[0])
+    return place.name if place else peer[0]
+
+
+def verdict(result: TraceResult, tracer: Tracer, forward: list[Sighting], reply: list[Sighting],
+            kernel: Kernel, hits: dict[str, list[Rule]], watched: set[str] | None = None) -> None:
+    """Delivered (where, and what came back), or dropped: where it was last seen, and by what. A capture
+    that lost frames, or a packet that left for a place nobody watched, is said so, never a drop."""
+    target, probe, source, lookup = tracer.target, tracer.probe, tracer.source, tracer.lookup
+    lost = "; ".join(result.capture_lost)
+    # Delivered: it entered a namespace holding its destination address (as translated by then). A node
+    # that DNATs a NodePort holds the address too, so the last such arrival counts, and a pod's first.
+    arrived = [s for s in forward if not s.outgoing and s.place.kind != "switch" and _holds(kernel, s.place, s.eff.dst)]
+    pods = [s for s in arrived if s.place.kind == "pod"]
+    arrived = pods[:1] or arrived[-1:]
+    errors = [s for s in reply if s.eff.proto == "icmp" and s.eff.icmp_type not in (ICMP_ECHO, ICMP_ECHO_REPLY)]
+    answer_back = [s for s in reply if s.place == source and not s.outgoing]
+    result.answered = bool(answer_back) and not errors
+    last = forward[-1] if forward else None
+    own = own_chains(lookup, [source, *target.places, lookup.by_ip.get(last.eff.dst) if last else None])
+    if arrived:
+        s = arrived[0]
+        result.delivered = True
+        result.reached = s.place.name
+        at = f"{s.eff.dst}:{s.eff.dport}" if s.eff.dport else s.eff.dst
+        tail = ""
+        if probe.protocol == "tcp":
+            flags = next((r.eff.flags for r in reply if r.eff.proto == "tcp"), 0)
+            tail = ", answered SYN-ACK" if flags & TCP_SYN else \
+                f", but nothing listens on port {s.eff.dport} (RST)" if flags & TCP_RST else ", no answer came back"
+        elif errors:
+            tail = f", answered {icmp_error(errors[0].eff)} by {errors[0].eff.src}"
+        elif reply:
+            tail = ", answered"
+        else:
+            tail = ", no answer came back"
+        rtt = f"; round trip {(probe.answered_at - probe.sent_at) * 1000:.2f} ms" \
+            if probe.answered_at and result.answered else ""
+        if not result.answered:
+            # The answer was last seen where its journey ends, or never left the destination's node.
+            spaces = {reply[-1].place.netns} if reply else \
+                {s.place.netns} | ({lookup.lab.node_netns(s.place.node)} if s.place.node else set())
+            sure, maybe = attribute_drops(hits, spaces, own)
+            if sure:
+                tail += f"; the answer was dropped by {drop_text(lookup, sure)}"
+            elif maybe:
+                tail += f"; possibly the answer was dropped by {drop_text(lookup, maybe)}"
+        result.verdict = f"delivered to {s.place.name} ({at}){tail}{rtt}"
+        if lost:
+            result.verdict += f" (the capture lost frames, so hops may be missing: {lost})"
+        return
+    beyond = _beyond(lookup, last, watched or set())
+    if probe.answer in ("connected", "reply"):
+        # The source got its answer: delivered, whatever the capture missed.
+        result.delivered = result.answered = True
+        result.reached = beyond or ""
+        why = f"it left {last.place.name} by {last.dev} towards {beyond}, which was not watched" if beyond else \
+            f"the capture lost frames: {lost}" if lost else "the capture did not see it arrive"
+        result.verdict = f"delivered: the source got an answer ({probe.answer}), but {why}"
+        return
+    # Not delivered: where it was last seen, and by what.
+    where = f"{last.place.name} after {last.dev} {'out' if last.outgoing else 'in'}" if last else \
+        f"{source.name}: it never left"
+    reasons: list[str] = []
+    if errors:
+        e = errors[0].eff
+        sender = lookup.by_ip.get(e.src)
+        who = f"{sender.name} ({e.src})" if sender else e.src
+        what = icmp_error(e)
+        if e.icmp_code == 4:
+            link = ""
+            if sender is not None and last is not None and last.place == sender:
+                got = kernel.route(sender.netns, last.eff.dst, last.eff.src, None if last.outgoing else last.dev)
+                view = kernel.view(sender.netns)
+                if not isinstance(got, str) and view is not None and got.dev in view.links:
+                    link = f" {got.dev} (MTU {view.links[got.dev].mtu}, route {got.text()})"
+            reasons.append(f"MTU: {who} answered '{what}': the packet ({last.eff.length if last else '?'} "
+                           f"bytes, Don't Fragment) is larger than its next link{link}")
+        elif e.icmp_code in (9, 10, 13):
+            reasons.append(f"rejected: {who} answered '{what}' (a REJECT rule)")
+        elif e.icmp_code in (0, 1):
+            reasons.append(f"no route: {who} answered '{what}'")
+        else:
+            reasons.append(f"{who} answered '{what}'")
+    sure, maybe = attribute_drops(hits, {last.place.netns if last else source.netns}, own)
+    reasons += [f"dropped by {drop_text(lookup, [d])}" for d in sure]
+    if last is not None and not sure:
+        reasons += _path_problems(tracer, last)
+    if maybe and not sure:
+        reasons.append(f"possibly dropped by {drop_text(lookup, maybe)} (a drop counter moved during the "
+                       "trace, for this packet or for other traffic)")
+    if not forward:
+        reasons += _refused_at_source(tracer)
+    dropped_by = "; ".join(reasons) or "no rule counter moved and the route exists: dropped without a trace"
+    if beyond and not errors and not sure:
+        result.verdict = (f"NOT ANSWERED: last seen leaving {where} towards {beyond}, which was not watched "
+                          f"(a trace watches at most {MAX_NODES} nodes and {MAX_PODS} pods)")
+        return
+    if lost and not errors and not sure:
+        result.dropped_by = dropped_by
+        result.verdict = (f"NOT ANSWERED: last seen at {where}, but the capture lost frames ({lost}), so it may "
+                          f"have gone further; {dropped_by}")
+        return
+    result.dropped_at, result.dropped_by = where, dropped_by
+    result.verdict = f"DROPPED at {where}: {dropped_by}"
+
+
+def _path_problems(tracer: Tracer, last: Sighting) -> list[str]:
+    """Why a packet last seen at `last` went no further, when no rule of its own dropped it: no route, an
+    unanswered next hop, a link too small for it."""
+    kernel, lookup = tracer.kernel, tracer.lookup
+    reasons: list[str] = []
+    # A packet in a tunnel that is not for this place is routed as the outer packet.
+    p = last.packet if last.packet.encap and not _holds(kernel, last.place, last.packet.dst) else last.eff
+    if last.place.kind in ("node", "router", "external", "pod") and not last.outgoing:
+        got = kernel.route(last.place.netns, p.dst, p.src, last.dev)
+        if isinstance(got, str):
+            reasons.append(f"no route in {last.place.name}: ip route get {p.dst} from {p.src} iif {last.dev}: {got}")
+        else:
+            reasons += _next_hop_problem(kernel, last.place, got, p, lookup.lab.cluster.service_cidr)
+    view = kernel.view(last.place.netns)
+    if view is not None:
+        size = last.packet.length
+        small = [l for l in view.links.values() if l.name != last.dev and l.mtu and l.mtu < size
+                 and l.name != "lo" and (last.place.kind == "switch" or l.kind in ("vxlan", "ipip", "veth", "bridge"))]
+        if small:
+            link = small[0]
+            peer = lookup.describe_dev(last.place, link.name)
+            silent = " (a switch sends no ICMP: a black hole)" if last.place.kind == "switch" else ""
+            reasons.append(f"MTU: the {size}-byte packet does not fit {link.name}"
+                           f"{' (' + peer + ')' if peer else ''}, MTU {link.mtu}{silent}")
+    return reasons
+
+
+def _refused_at_source(tracer: Tracer) -> list[str]:
+    """Why a probe never left: no route at the source, or its own kernel refused to send it."""
+    kernel, source, target, probe = tracer.kernel, tracer.source, tracer.target, tracer.probe
+    reasons = []
+    got = kernel.route(source.netns, str(target.ip), None, None)
+    if isinstance(got, str):
+        reasons.append(f"no route in {source.name} to {target.ip}: {got}")
+    if probe.refused_locally:
+        mtu = ""
+        view = kernel.view(source.netns)
+        if not isinstance(got, str) and view is not None and got.dev in view.links:
+            mtu = f" ({got.dev} has MTU {view.links[got.dev].mtu})"
+        what = "MTU: " if probe.refused_locally == os.strerror(errno.EMSGSIZE) else ""
+        cached = kernel.route(source.netns, str(target.ip), None, None, fibmatch=False)
+        if what and not isinstance(cached, str) and cached.mtu:
+            mtu = (f" (the path MTU it learned for {target.ip} is {cached.mtu}: an earlier ICMP 'fragmentation "
+                   "needed' is cached for about 10 minutes)")
+        reasons.append(f"{what}{source.name}'s own kernel refused to send it: {probe.refused_locally}{mtu}")
+    return reasons
+
+
+def _next_hop_problem(kernel: Kernel, place: Place, route: RouteView, packet: Packet,
+                      service_cidr: IPv4Network) -> list[str]:
+    """A route exists but the packet never left: an unresolved next hop (nobody answers ARP)."""
+    if route.type != "unicast":
+        return [f"{route.type} route in {place.name}: {route.text()}"]
+    hop = str(route.via) if route.via else packet.dst
+    view = kernel.view(place.netns)
+    entry = next((n for n in view.neigh if str(n.ip) == hop), None) if view else None
+    if entry is not None and entry.state in ("incomplete", "failed"):
+        clusterip = route.via is None and hop == packet.dst and IPv4Address(hop) in service_cidr
+        return [f"{place.name} routes it by {route.text()}, but nobody answers ARP for {hop} "
+                f"(neighbour {entry.state})" + (": a ClusterIP is only a rule, and no rule matches this packet"
+                                                 if clusterip else "")]
+    return []

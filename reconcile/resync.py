@@ -1,0 +1,56 @@
+"""Bringing what is derived from a lab's objects in line with its desired state after a change: every node's
+service rules (kube-proxy), NetworkPolicy rules (the CNI's policy agent), the cluster DNS records and the
+ingress controller's routes.
+
+`lab apply -f`, `lab delete` and a fault that changes a pod's labels all end with `resync`, as the
+controllers of a cluster react to any change of pods or services.
+"""
+from __future__ import annotations
+
+from apiserver import state
+from apiserver.desired import current_lab
+from cni import network_policy
+from kubelet import runtime
+from kubelet.pods import running_pods
+from services import addons, kube_proxy
+from services.endpoints import RunningPod
+from topo import process
+from topo.model import Lab
+
+
+def resync(st: state.LabState) -> kube_proxy.SyncReport:
+    """Bring everything derived from the lab's objects up to date after a change of pods or services:
+    every node's service rules, the cluster DNS's records, the ingress controller's routes."""
+    lab = current_lab(st)
+    running = running_pods(st, lab)
+    report = kube_proxy.sync(lab, running, state.lab_dir(st.name) / "kube-proxy")
+    sync_policies(lab, running, st.name)
+    todo = addons.write_configs(lab, running, state.lab_dir(st.name))
+    dns_key = f"{addons.DNS_NAMESPACE}/{addons.DNS_POD}"
+    if todo.get("dns") == "restart":
+        _restart_container(st, lab, dns_key)
+    for key, action in ((dns_key, todo.get("dns")), (f"{addons.INGRESS_NAMESPACE}/{addons.INGRESS_POD}",
+                                                     todo.get("ingress"))):
+        if action == "hup" and key in st.pods:
+            for pid in st.pods[key].containers.values():
+                if runtime.in_pod(pid, st.pods[key].netns):
+                    addons.hangup(pid)
+    state.save(st)
+    return report
+
+
+def sync_policies(lab: Lab, running: list[RunningPod], name: str) -> network_policy.SyncReport:
+    """Every node's NetworkPolicy rules for the pods running now (ready or not: a pod keeps its isolation
+    while it starts, as Calico programs a workload's policy before it is ready)."""
+    workloads = [network_policy.Workload(r.pod, r.ip) for r in running]
+    return network_policy.sync(lab, workloads, state.lab_dir(name) / "network-policy")
+
+
+def _restart_container(st: state.LabState, lab: Lab, key: str) -> None:
+    """Stop a pod's containers and start them again (dnsmasq reads its records only at start)."""
+    ps = st.pods.get(key)
+    pod = next((p for p in lab.pods if p.key == key), None)
+    if ps is None or pod is None:
+        return
+    process.kill_all([pid for pid in ps.containers.values() if runtime.in_pod(pid, ps.netns)])
+    ps.containers = runtime.start_pod_containers(pod, ps.netns, ps.pause_pid, state.log_dir(lab.name))
