@@ -34,7 +34,7 @@ def model_of(st: state.LabState) -> Lab:
     return addons.with_addons(parse_spec_text(st.spec_text, st.spec_file), state.lab_dir(st.name))
 
 
-def _key(obj: dict) -> str:
+def object_key(obj: dict) -> str:
     """`Kind/namespace/name` of a manifest (namespace "default" when it gives none)."""
     meta = obj.get("metadata") or {}
     return f"{obj.get('kind')}/{meta.get('namespace', 'default')}/{meta.get('name')}"
@@ -49,7 +49,7 @@ def current_lab(st: state.LabState) -> Lab:
     same every time.
     """
     spec = parse_spec_text(st.spec_text, st.spec_file)
-    replaced = {_key(o) for o in st.objects} | set(st.deleted)
+    replaced = {object_key(o) for o in st.objects} | set(st.deleted)
     namespaces = dict(spec.namespaces)
     for obj in st.objects:
         if obj.get("kind") == "Namespace":

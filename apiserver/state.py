@@ -1,9 +1,18 @@
-"""Where a running lab is remembered between commands.
+"""Where a running lab is remembered between commands: its desired state, and what was made of it.
 
 `lab up` returns while the lab keeps running, so every later command (status, exec, apply, down) finds
 the lab from a small JSON file under /run (tmpfs: a reboot forgets labs exactly when it forgets their
 namespaces). The spec text is kept, not a copy of the model, so the model is always re-derived the one
 way it is ever derived.
+
+The file is written first, then the kernel is changed (desired state first, as the API server records an
+object before any controller acts on it): a pod about to be made is recorded `Pending`, one about to go
+`Terminating`, and each recorded change bumps `generation`. A command killed halfway therefore leaves a
+record that says what was under way, and `reconcile.recover` finishes or rolls back exactly that. Writes
+are atomic (a temporary file renamed over the old one), so the file is never half-written; when it is
+lost or damaged anyway, the kernel's objects (found by the lab's prefix) are the truth of last resort.
+
+Locks are per lab: two labs change at once; only the run folder's shared parts take the global lock.
 """
 from __future__ import annotations
 
@@ -14,7 +23,7 @@ import os
 import shutil
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +44,7 @@ class PodState:
     owner: str | None = None  # the Deployment a replica belongs to
     labels: dict[str, str] = field(default_factory=dict)
     ports: list[list] = field(default_factory=list)  # [name, number, protocol] of its container ports
+    phase: str = "Running"  # "Pending" while being made, "Terminating" while being removed (crash markers)
 
 
 @dataclass
@@ -49,17 +59,27 @@ class LabState:
     objects: list[dict[str, Any]] = field(default_factory=list)  # manifests added by `lab apply`
     deleted: list[str] = field(default_factory=list)  # "Kind/ns/name" of spec objects removed by `lab delete`
     pods: dict[str, PodState] = field(default_factory=dict)
+    generation: int = 0  # bumped by every recorded change of the desired state, as metadata.generation
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> LabState:
-        pods = {k: PodState(**v) for k, v in data.pop("pods", {}).items()}
-        return cls(**data, pods=pods)
+        """Fields this version does not know are ignored (a newer tool's state must not break an older one)."""
+        pod_fields = {f.name for f in fields(PodState)}
+        pods = {k: PodState(**{f: x for f, x in v.items() if f in pod_fields}) for k, v in data.pop("pods", {}).items()}
+        known = {f.name for f in fields(cls)} - {"pods"}
+        return cls(**{k: v for k, v in data.items() if k in known}, pods=pods)
+
+    def record(self) -> None:
+        """A change of the desired state: bump the generation and write it before the kernel is touched."""
+        self.generation += 1
+        save(self)
 
 
 LOCK = ".lock"  # names starting with a dot can never be lab names
+LOCKS = ".locks"  # one lock file per lab (a lab's own folder comes and goes with it)
 BIN = ".bin"
 
 
@@ -119,10 +139,12 @@ def load(name: str) -> LabState | None:
         st = LabState.from_json(data)
     except FileNotFoundError:
         return None
-    except (ValueError, TypeError, AttributeError, KeyError) as exc:
-        raise StateError(f"state of lab {name} is unreadable ({exc}): run 'lab clean'") from exc
-    if st.name != name:
-        raise StateError(f"state of lab {name} names another lab ({st.name!r}): run 'lab clean'")
+    except (OSError, ValueError, TypeError, AttributeError, KeyError) as exc:
+        raise StateError(f"state of lab {name} is unreadable ({type(exc).__name__}: {exc}): "
+                         f"'lab down {name}' removes what the kernel holds of it") from exc
+    if not isinstance(st, LabState) or st.name != name:
+        raise StateError(f"state of lab {name} names another lab ({st.name!r}): "
+                         f"'lab down {name}' removes what the kernel holds of it")
     return st
 
 
@@ -152,7 +174,16 @@ def known_labs() -> list[str]:
 
 
 def live_labs() -> list[str]:
-    return [name for name in known_labs() if is_live(load(name))]
+    return [name for name in known_labs() if is_live(load_readable(name))]
+
+
+def load_readable(name: str) -> LabState | None:
+    """`load`, with an unreadable state taken as no state: a listing of labs must not fail for every lab
+    because one lab's file is damaged (that lab's own commands say what is wrong)."""
+    try:
+        return load(name)
+    except StateError:
+        return None
 
 
 def resolve(name: str | None, any_phase: bool = False) -> LabState:
@@ -166,7 +197,7 @@ def resolve(name: str | None, any_phase: bool = False) -> LabState:
             running = ", ".join(live_labs()) or "none"
             raise StateError(f"lab {name} is not running (running: {running})")
         return state
-    live = [n for n in known_labs() if (s := load(n)) is not None and s.phase == "up"]
+    live = [n for n in known_labs() if (s := load_readable(n)) is not None and s.phase == "up"]
     if not live:
         raise StateError("no lab is running: start one with 'lab up [SPEC]'")
     if len(live) > 1:
@@ -175,18 +206,15 @@ def resolve(name: str | None, any_phase: bool = False) -> LabState:
 
 
 @contextlib.contextmanager
-def locked() -> Iterator[None]:
-    """One command at a time changes labs (builds, teardowns and cleans must not interleave).
-
-    The lock file may be removed by whoever holds the lock (when the last lab goes, the run folder
-    goes), so after waiting, check that the file locked is still the one at the path; if not, retry.
-    """
+def _flock(path: Path) -> Iterator[None]:
+    """An exclusive lock on `path`. The file may be removed by whoever holds the lock (a lab's folder goes
+    with the lab), so after waiting, check that the file locked is still the one at the path; if not, retry."""
     while True:
-        RUN_DIR.mkdir(parents=True, exist_ok=True)
-        fd = os.open(RUN_DIR / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         fcntl.flock(fd, fcntl.LOCK_EX)
         try:
-            current = os.stat(RUN_DIR / LOCK).st_ino == os.fstat(fd).st_ino
+            current = os.stat(path).st_ino == os.fstat(fd).st_ino
         except FileNotFoundError:
             current = False
         if current:
@@ -198,8 +226,58 @@ def locked() -> Iterator[None]:
         os.close(fd)
 
 
+@contextlib.contextmanager
+def locked(name: str | None = None) -> Iterator[None]:
+    """One command at a time changes a lab (builds, changes and teardowns of one lab must not interleave);
+    other labs go on. Without a name: the whole run folder (`lab clean`, the shared pause binary)."""
+    if name is None:
+        with _flock(RUN_DIR / LOCK):
+            yield
+        return
+    with _flock(RUN_DIR / LOCKS / check_name(name)):
+        yield
+
+
+@contextlib.contextmanager
+def try_locked(name: str) -> Iterator[bool]:
+    """A lab's lock if it is free right now (True), else nothing (False): for `lab clean`, which must leave
+    a lab alone while a command builds or changes it."""
+    path = RUN_DIR / LOCKS / check_name(name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)
+
+
 def remove(name: str) -> None:
-    """A lab's state folder; the whole run folder once no lab is left. Call with the lock held."""
+    """A lab's state folder and lock; the whole run folder once no lab is left and no other lab's command is
+    under way (one may be building a lab that has no state file yet). Call with the lab's lock held."""
     shutil.rmtree(lab_dir(name), ignore_errors=True)
-    if not known_labs():
-        shutil.rmtree(RUN_DIR, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        (RUN_DIR / LOCKS / name).unlink()  # a command waiting on it sees another inode and locks afresh
+    with locked():
+        if not known_labs() and not _locks_held():
+            shutil.rmtree(RUN_DIR, ignore_errors=True)
+
+
+def _locks_held() -> bool:
+    """Whether any lab's lock is held right now (tried without waiting)."""
+    for path in (RUN_DIR / LOCKS).glob("*") if (RUN_DIR / LOCKS).is_dir() else ():
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+    return False

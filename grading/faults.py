@@ -170,7 +170,7 @@ def _label(lookup: targets.Lookup, p: dict[str, Any]) -> str:
     from reconcile.resync import resync
 
     pod = lookup.live(p["pod"])
-    with state.locked():
+    with state.locked(lookup.st.name):
         st = state.load(lookup.st.name)
         if st is None or pod.key not in st.pods:
             raise StateError(f"pod {pod.key} is gone")

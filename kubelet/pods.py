@@ -1,24 +1,116 @@
-"""The pods a node's kubelet reports: each pod of the lab's model with its IP, ready while its sandbox lives.
+"""A node's kubelet for one pod at a time: make it (sandbox, CNI ADD, pod files, containers), remove it (CNI
+DEL, sandbox), and report the pods it runs (what the endpoints controller reads for services, DNS and
+policies).
 
-This is what the endpoints controller reads (services, DNS, policies): kept next to the runtime that knows
-whether a sandbox is alive.
+`lab up` makes its pods in bulk (lab/apply.py, with leases planned up front); `lab apply`, `lab delete` and
+the recovery after a crash (reconcile/recover.py) go through here, one pod at a time, so every way a pod
+comes or goes takes the same path. Removing is idempotent: whatever is already gone (namespace, veth,
+lease, pod folder) is not an error, which is what lets a killed command be run again.
 """
 from __future__ import annotations
 
+import contextlib
+import shutil
+import time
+from collections.abc import Callable
 from ipaddress import IPv4Address
+from pathlib import Path
 
 from apiserver import state
+from cni.plugin import BridgePlugin, CniArgs, NetConf
 from kubelet import runtime
+from services import addons
 from services.endpoints import RunningPod
-from topo.model import Lab
+from topo import crash, names, netns
+from topo.model import POD_IFNAME, Lab, Pod
+from topo.rtnl import IF_OPER_UNKNOWN, IF_OPER_UP, Rtnl
 
 
 def running_pods(st: state.LabState, lab: Lab) -> list[RunningPod]:
-    """The lab's pods with their IPs, ready while their sandbox lives (what the endpoints controller sees)."""
+    """The lab's pods with their IPs, ready while their sandbox lives (what the endpoints controller sees).
+    A pod still being made or being removed is not an endpoint."""
     out = []
     for pod in lab.pods:
         ps = st.pods.get(pod.key)
-        if ps is None:
-            continue  # not started yet
+        if ps is None or ps.phase != "Running":
+            continue
         out.append(RunningPod(pod, IPv4Address(ps.ip), runtime.sandbox_alive(ps.netns, ps.pause_pid)))
     return out
+
+
+def netconf(lab: Lab, node: str, ipam_dir: Path) -> NetConf:
+    """The network configuration a node's kubelet hands the CNI plugin (bridge, PodCIDR, MTU, lease folder)."""
+    return NetConf(node=node, subnet=lab.node(node).pod_cidr, data_dir=str(ipam_dir), mtu=lab.network.mtu)
+
+
+def cni_args(lab: Lab, namespace: str, name: str) -> CniArgs:
+    """What kubelet would pass the plugin for this pod (CNI_CONTAINERID, CNI_NETNS, CNI_IFNAME, CNI_ARGS)."""
+    return CniArgs(container_id=names.sandbox_id(lab.name, namespace, name),
+                   netns=netns.path(names.pod_netns(lab.name, namespace, name)), ifname=POD_IFNAME,
+                   pod_namespace=namespace, pod_name=name)
+
+
+def plugin(lab: Lab, node: str, host: Rtnl) -> BridgePlugin:
+    return BridgePlugin(netconf(lab, node, state.ipam_dir(lab.name)), host)
+
+
+def add_pod(st: state.LabState, lab: Lab, pod: Pod,
+            before_start: Callable[[Pod, IPv4Address], None] | None = None) -> state.PodState:
+    """One pod the way `lab up` makes it; a failure removes what was made of it. `before_start` runs once
+    the pod has its IP, before its containers start. Returns the pod's record (the caller stores it)."""
+    ns = lab.pod_netns(pod)
+    args = cni_args(lab, pod.namespace, pod.name)
+    pause = runtime.pause_binary(state.RUN_DIR / state.BIN)
+    files = state.pod_dir(lab.name, pod)
+    runtime.write_pod_files(files, addons.pod_resolv_conf(lab, pod), addons.pod_hosts(pod, None))
+    with netns.rtnl_in(lab.node_netns(pod.node)) as host:
+        cni = plugin(lab, pod.node, host)
+        netns.create(ns)
+        crash.point("pod-netns")
+        try:
+            pause_pid = runtime.start_sandbox(ns, pod.name, pause, files)
+            result = cni.add(args)
+            crash.point("pod-cni-added")
+            ip = result["ips"][0]["address"].split("/")[0]
+            runtime.write_pod_files(files, addons.pod_resolv_conf(lab, pod), addons.pod_hosts(pod, ip))
+            if before_start is not None:
+                before_start(pod, IPv4Address(ip))
+            containers = runtime.start_pod_containers(pod, ns, pause_pid, state.log_dir(lab.name))
+            crash.point("pod-started")
+        except BaseException:
+            runtime.remove_sandbox(ns)
+            cni.delete(args)  # the lease (and veth) of an ADD that succeeded before a later step failed
+            raise
+        wait_link(host, args.host_ifname)
+    return state.pod_state(pod, ip, ns, pause_pid, containers)
+
+
+def remove_pod(lab: Lab, key: str, node: str | None) -> None:
+    """Everything of one pod, whatever is left of it: processes and namespace, the veth, the lease (from
+    every node's pool when the node is not known, as for a namespace nobody recorded), the pod's files and
+    its containers' logs. Waits until the veth's name is free again, so the pod can come back at once."""
+    namespace, name = key.split("/", 1)
+    args = cni_args(lab, namespace, name)
+    runtime.remove_sandbox(names.pod_netns(lab.name, namespace, name))
+    shutil.rmtree(state.pod_dir_of(lab.name, key), ignore_errors=True)
+    for log in state.log_dir(lab.name).glob(f"{namespace}_{name}_*.log"):
+        with contextlib.suppress(OSError):
+            log.unlink()
+    for where in [node] if node is not None else [n.name for n in lab.nodes]:
+        with netns.rtnl_in(lab.node_netns(where)) as host:
+            plugin(lab, where, host).delete(args)
+            # A deleted veth's name stays taken for a few tens of ms.
+            deadline = time.monotonic() + 2.0
+            while host.link(args.host_ifname) is not None and time.monotonic() < deadline:
+                time.sleep(0.01)
+
+
+def wait_link(handle: Rtnl, name: str, timeout: float = 5.0) -> None:
+    """Return once a new pod's host veth is operationally up (or gone): a bridge forwards on a port only
+    after the kernel has seen its carrier, so the pod's first packets would otherwise be dropped."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        link = handle.link(name)
+        if link is None or link.operstate in (IF_OPER_UP, IF_OPER_UNKNOWN):
+            return
+        time.sleep(0.01)

@@ -151,3 +151,11 @@ def start_pod_containers(pod: Pod, pod_netns: str, pause_pid: int, logs: Path) -
         if pid is not None:
             pids[container.name] = pid
     return pids
+
+
+def remove_sandbox(pod_netns: str) -> None:
+    """Stop every process in a pod's namespace (pause and containers), then unpin the namespace."""
+    inode = netns.inode(pod_netns)
+    if inode is not None:
+        process.kill_all(process.pids_in_netns([inode]))
+    netns.delete(pod_netns)

@@ -17,11 +17,12 @@ from apiserver import state
 from cni import network_policy
 from cni.plugin import BridgePlugin, memory_session
 from kubelet import runtime
+from lab import progress
 from lab.plan import HOST_SYSCTLS, SWITCH_SYSCTLS, NodeOps, Plan, PodOps
 from routing import bgp, frr, ipip, vxlan
 from services import addons, dns, kube_proxy
 from services.endpoints import RunningPod
-from topo import names, netns, process, underlay
+from topo import crash, names, netns, process, underlay
 from topo.errors import ApplyError
 from topo.model import NODE_IFNAME, Lab
 from topo.rtnl import IF_OPER_UNKNOWN, IF_OPER_UP, RTPROT_STATIC, Rtnl
@@ -158,11 +159,16 @@ def apply(plan: Plan, st: state.LabState) -> float | None:
         network_policy.sync(plan.lab, [network_policy.Workload(r.pod, r.ip) for r in running],
                             state.lab_dir(plan.lab.name) / "network-policy")
         try:
-            for op in plan.pods:
-                st.pods[op.pod.key] = add_pod(plan.lab, op, plugins[op.node], pause, logs)
+            with progress.bar(f"lab up {plan.lab.name}: pods", len(plan.pods)) as advance:
+                for op in plan.pods:
+                    st.pods[op.pod.key] = add_pod(plan.lab, op, plugins[op.node], pause, logs)
+                    crash.point("up-pod")
+                    advance(1)
         finally:
             for node in plan.nodes:
                 node.netconf.lease_file().write(plan.ipam[node.name])
+        for addon in ("dns", "ingress"):  # their daemons have just started with the files as written
+            addons.mark_loaded(addon, state.lab_dir(plan.lab.name))
         start_external(plan.lab)
         kube_proxy.sync(plan.lab, running, state.lab_dir(plan.lab.name) / "kube-proxy")
         start_bgp(plan.speakers, plan.lab.name)
@@ -180,16 +186,6 @@ def apply(plan: Plan, st: state.LabState) -> float | None:
 
 
 BGP_TIMEOUT = 30.0  # a few seconds is normal here; thirty means something is broken
-
-
-def wait_link(handle: Rtnl, name: str, timeout: float = 5.0) -> None:
-    """Like wait_carrier, for one link (a pod added to a running lab)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        link = handle.link(name)
-        if link is None or link.operstate in (IF_OPER_UP, IF_OPER_UNKNOWN):
-            return
-        time.sleep(0.01)
 
 
 def wait_carrier(handles: list[Rtnl], timeout: float = 5.0) -> None:
@@ -210,14 +206,6 @@ def wait_carrier(handles: list[Rtnl], timeout: float = 5.0) -> None:
 
 # ---- teardown -------------------------------------------------------------------------------
 
-def remove_namespace(ns: str) -> None:
-    """Stop every process in a namespace, then unpin it."""
-    inode = netns.inode(ns)
-    if inode is not None:
-        process.kill_all(process.pids_in_netns([inode]))
-    netns.delete(ns)
-
-
 def lab_namespaces(lab: str) -> list[str]:
     return netns.list_names(f"{names.NETNS_PREFIX}{lab}{names.SEP}")
 
@@ -231,6 +219,7 @@ def teardown(lab: str, wait: bool = True) -> list[str]:
     spaces = lab_namespaces(lab)
     inodes = [i for ns in spaces if (i := netns.inode(ns)) is not None]
     process.kill_all(process.pids_in_netns(inodes))
+    crash.point("down-processes")
     kinds = {"p": [], "n": [], "u": []}  # type: dict[str, list[str]]
     for ns in spaces:
         kind = ns[len(names.NETNS_PREFIX) + len(lab) + 1:].split(names.SEP, 1)[0]
@@ -256,8 +245,11 @@ def _delete_watched(doomed: list[str], watchers: list[str], peer_mark: str, wait
             for ns in watchers:
                 with contextlib.suppress(OSError):
                     before[ns] = _peer_count(handles.get(ns), peer_mark)
-        for ns in doomed:
-            netns.delete(ns)
+        with progress.bar("removing namespaces", len(doomed)) as advance:
+            for ns in doomed:
+                netns.delete(ns)
+                crash.point("down-namespace")
+                advance(1)
         deadline = time.monotonic() + timeout
         while wait and before and time.monotonic() < deadline:
             if all(_peer_count(handles.get(ns), peer_mark) == 0 for ns in before):

@@ -71,7 +71,7 @@ def remove_lab(name: str) -> None:
     from lab import apply
 
     if netns.list_names(f"{names.NETNS_PREFIX}{name}{names.SEP}") or state.lab_dir(name).exists():
-        with state.locked():
+        with state.locked(name):
             apply.teardown(name)
             state.remove(name)
 

@@ -85,7 +85,9 @@ def _apply_exercise_faults(st, items: list[dict], seed: int | None) -> None:
 def _cmd_down(args: argparse.Namespace) -> int:
     from lab import lifecycle
 
-    name, seconds = lifecycle.down(args.name)
+    name, seconds, note = lifecycle.down(args.name)
+    if note:
+        print(f"Warning: {note}", file=sys.stderr)
     print(f"lab {name} is down ({seconds:.2f} s)")
     return 0
 
@@ -105,7 +107,24 @@ def _cmd_status(args: argparse.Namespace) -> int:
     if args.name is None and not args.json and len(state.live_labs()) == 0:
         print("no lab is running")
         return 0
-    info = status.describe(state.resolve(args.name), reveal=args.reveal)
+    try:
+        st = state.resolve(args.name)
+    except StateError as exc:
+        # The kernel is the truth of last resort: a lab whose state is lost or damaged is still shown.
+        from lab import apply
+
+        if args.name is None or not apply.lab_namespaces(state.check_name(args.name)):
+            raise
+        info = status.kernel_view(args.name, str(exc))
+        if args.json:
+            print(json.dumps(info, indent=2))
+        else:
+            print(f"Warning: {exc}", file=sys.stderr)
+            print(f"lab {args.name}: what the kernel holds (no usable state)")
+            for kind, spaces in sorted(info["namespaces"].items()):
+                print(f"  {kind}: {len(spaces)} ({', '.join(spaces[:6])}{', ...' if len(spaces) > 6 else ''})")
+        return 0
+    info = status.describe(st, reveal=args.reveal)
     print(json.dumps(info, indent=2) if args.json else status.render(info))
     return 0
 
@@ -139,7 +158,15 @@ def _cmd_delete(args: argparse.Namespace) -> int:
     from lab.lifecycle import require_root
 
     require_root()
-    for line in objects.delete(args.lab, args.kind, args.name, args.namespace):
+    if args.filename is not None:
+        if args.kind is not None:
+            raise StateError("give -f FILE or KIND NAME, not both")
+        lines = objects.delete_file(args.lab, args.filename)
+    elif args.kind is None or args.name is None:
+        raise StateError("name what to delete: lab delete KIND NAME, or lab delete -f FILE")
+    else:
+        lines = objects.delete(args.lab, args.kind, args.name, args.namespace)
+    for line in lines:
         print(line)
     return 0
 
@@ -263,8 +290,9 @@ def _cmd_link(args: argparse.Namespace) -> int:
         raise StateError("--jitter varies a delay: give --delay too (e.g. --delay 50ms --jitter 5ms)")
     if (values or args.clear) and not args.node2:
         raise StateError("name two nodes, e.g. lab link node1 node2 --delay 50ms")
-    with state.locked():
-        lab = model_of(state.resolve(args.lab))
+    st = state.resolve(args.lab)
+    with state.locked(st.name):
+        lab = model_of(st)
         if args.clear:
             lines = link.change(lab, args.node1, args.node2, None)
         elif values:
@@ -283,8 +311,19 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return bench.run(args.suites, args.quick, args.repeat, args.json, args.plot)
 
 
+def version() -> str:
+    """The installed distribution's version (setup.cfg's), as `kubectl version --client` reports its own."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("kubenet-lab")
+    except metadata.PackageNotFoundError:
+        return "unknown (not installed: run ./install.sh)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lab", description="Real, running emulations of Kubernetes networking.")
+    parser.add_argument("--version", action="version", version=f"lab {version()}")
     sub = parser.add_subparsers(dest="command_name", required=True, metavar="COMMAND")
 
     p = sub.add_parser("up", help="build a lab from a spec (default: labs/00-seed) and return; it keeps running")
@@ -292,10 +331,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-on-failure", action="store_true", help="leave a failed build in place for debugging")
     p.add_argument("--seed", type=int, help="an exercise's random faults: draw them from this seed "
                    "(default: $KUBENET_LAB_SEED, else a new seed, printed)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar on a terminal")
     p.set_defaults(func=_cmd_up)
 
     p = sub.add_parser("down", help="remove every namespace, link and process of a lab")
     p.add_argument("name", nargs="?")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar on a terminal")
     p.set_defaults(func=_cmd_down)
 
     p = sub.add_parser("clean", help="remove what crashed or half-built labs left (found by prefix)")
@@ -315,18 +356,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("command", nargs=argparse.REMAINDER)
     p.set_defaults(func=_cmd_exec)
 
-    p = sub.add_parser("apply", help="add objects (Pod, Deployment, Namespace) to a running lab, like kubectl apply")
+    p = sub.add_parser("apply", help="add or change objects (Pod, Deployment, Namespace, Service, Ingress, "
+                                     "NetworkPolicy) of a running lab, like kubectl apply")
     p.add_argument("-f", "--filename", required=True, help="a YAML file of Kubernetes manifests")
     p.add_argument("--lab", help="the lab, when more than one is running")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar on a terminal")
     p.set_defaults(func=_cmd_apply)
 
-    p = sub.add_parser("delete", help="remove a pod, a deployment's pods, a service or an ingress: lab delete pod NAME")
-    p.add_argument("kind", choices=["pod", "pods", "po", "deployment", "deployments", "deploy", "service",
-                                    "services", "svc", "ingress", "ingresses", "ing", "networkpolicy",
-                                    "networkpolicies", "netpol"])
-    p.add_argument("name")
+    p = sub.add_parser("delete", help="remove a pod, a deployment's pods, a service, an ingress or a network "
+                                      "policy (lab delete pod NAME), or what a file declares (lab delete -f FILE)")
+    p.add_argument("kind", nargs="?", choices=["pod", "pods", "po", "deployment", "deployments", "deploy", "service",
+                                               "services", "svc", "ingress", "ingresses", "ing", "networkpolicy",
+                                               "networkpolicies", "netpol"])
+    p.add_argument("name", nargs="?")
+    p.add_argument("-f", "--filename", help="delete every object this YAML file declares, like kubectl delete -f")
     p.add_argument("-n", "--namespace", default="default")
     p.add_argument("--lab", help="the lab, when more than one is running")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar on a terminal")
     p.set_defaults(func=_cmd_delete)
 
     p = sub.add_parser("probe", help="connect from every pod to every pod and print who reaches whom (. allowed, "
@@ -416,6 +462,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from lab import progress
+
+    progress.quiet = getattr(args, "quiet", False) or getattr(args, "json", False)
     try:
         return args.func(args)
     except SpecError as exc:

@@ -39,7 +39,7 @@ def up(spec: str | None, keep_on_failure: bool = False) -> UpResult:
     lab = addons.with_addons(lab, state.lab_dir(lab.name))
     require_root()
     require_kernel_features(lab)
-    with state.locked():
+    with state.locked(lab.name):
         existing = state.load(lab.name)
         if state.is_live(existing):
             raise StateError(f"lab {lab.name} is already up: 'lab down {lab.name}' first")
@@ -86,30 +86,47 @@ def require_kernel_features(lab: Lab) -> None:
     kube_proxy.require_tools(lab)
 
 
-def down(name: str | None) -> tuple[str, float]:
-    """Take a lab apart: a running one, or one kept after a failed build."""
+def down(name: str | None) -> tuple[str, float, str | None]:
+    """Take a lab apart: a running one, one kept after a failed build, or one whose state is lost or damaged
+    (then by what the kernel holds under its prefix, which is how everything of a lab is found anyway).
+    Returns the lab's name, the seconds it took and, when the state could not be used, a note saying so."""
     started = time.monotonic()
     require_root()
-    st = state.resolve(name, any_phase=True)
-    with state.locked():
-        apply.teardown(st.name)
-        state.remove(st.name)
-    return st.name, time.monotonic() - started
+    if name is None:
+        name = state.resolve(None, any_phase=True).name
+    state.check_name(name)
+    with state.locked(name):
+        note = None
+        try:
+            st = state.load(name)
+        except StateError as exc:
+            why = f" ({type(exc.__cause__).__name__})" if exc.__cause__ is not None else ""
+            st, note = None, f"state of lab {name} is unreadable{why}: removed what the kernel holds of it instead"
+        if st is None and note is None:
+            if not apply.lab_namespaces(name) and not state.lab_dir(name).exists():
+                running = ", ".join(state.live_labs()) or "none"
+                raise StateError(f"lab {name} is not running (running: {running})")
+            note = f"lab {name} had no state: removed what the kernel holds of it"
+        apply.teardown(name)
+        state.remove(name)
+    return name, time.monotonic() - started, note
 
 
 def clean(everything: bool = False) -> list[str]:
     """Remove what crashed or half-built labs left; with `everything`, running labs too.
 
-    Found by prefix (namespace names, state folders), never by guessing at process names. Liveness is
-    judged under the lock, so a lab being built right now is never mistaken for a crash.
+    Found by prefix (namespace names, state folders), never by guessing at process names. A lab whose lock
+    is held is in use (being built or changed right now) and is never mistaken for a crash.
     """
     require_root()
     removed = []
-    with state.locked():
-        labs = {names.lab_of_netns(ns) for ns in netns.list_names(names.NETNS_PREFIX)}
-        labs |= set(state.known_labs())
-        labs.discard(None)
-        for lab in sorted(labs):  # type: ignore[type-var]
+    labs = {names.lab_of_netns(ns) for ns in netns.list_names(names.NETNS_PREFIX)}
+    labs |= set(state.known_labs())
+    labs.discard(None)
+    for lab in sorted(labs):  # type: ignore[type-var]
+        with state.try_locked(lab) as mine:
+            if not mine:
+                continue
             try:
                 live = state.is_live(state.load(lab))
             except StateError:

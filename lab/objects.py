@@ -8,36 +8,34 @@ date (`resync`, reconcile/resync.py).
 from __future__ import annotations
 
 import dataclasses
-import shutil
 import time
-from collections.abc import Callable
 from ipaddress import IPv4Address
 from pathlib import Path
 
 from apiserver import state
-from apiserver.desired import _key, current_lab
+from apiserver.desired import object_key, current_lab, model_of
+from apiserver.spec import parse_objects, pods_from_objects
 from cni import network_policy
-from cni.plugin import BridgePlugin
-from kubelet import runtime
+from kubelet import pods as kubelet
 from kubelet.pods import running_pods
-from lab import apply, plan
+from lab import progress
+from reconcile.recover import recover
 from reconcile.resync import resync, sync_policies
 from services import addons, kube_proxy
 from services.endpoints import RunningPod
-from topo import netns
+from topo import crash
 from topo.errors import SpecError, SpecIssue, StateError
 from topo.model import Lab, Pod
-from apiserver.spec import parse_objects, pods_from_objects
 
 
 def _remember(st: state.LabState, objects: list[dict], before: Lab) -> list[str]:
     """Keep applied manifests (the newest of each object, overriding the spec's); report what changed."""
-    known = {_key(o): i for i, o in enumerate(st.objects)}
+    known = {object_key(o): i for i, o in enumerate(st.objects)}
     existing = {f"Service/{s.key}": s for s in before.services} | {f"Ingress/{i.key}": i for i in before.ingresses} | {
         f"NetworkPolicy/{p.key}": p for p in before.network_policies}
     report = []
     for obj in objects:
-        key = _key(obj)
+        key = object_key(obj)
         if key in st.deleted:
             st.deleted.remove(key)
         if key in known:
@@ -62,14 +60,17 @@ def _locked_state(st: state.LabState) -> state.LabState:
 
 
 def apply_file(name: str | None, file: str) -> list[str]:
-    """Create what the manifests add; report each object as created, unchanged or scaled."""
-    try:
-        text = Path(file).read_text()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SpecError(file, [SpecIssue("", f"cannot read: {exc}")]) from exc
+    """Create what the manifests add; report each object as created, configured, unchanged, moved or scaled.
+
+    Desired state first: the objects and every pod about to be made or removed (`Pending`, `Terminating`)
+    are recorded before the kernel is touched, and each pod's record is completed once it runs, so a command
+    killed at any step leaves a record that `reconcile.recover` can finish from (the same `lab apply` run
+    again converges)."""
+    text = _read(file)
     st = state.resolve(name)
-    with state.locked():
+    with state.locked(st.name):
         st = _locked_state(st)
+        report = recover(st, current_lab(st)).lines()
         before = current_lab(st)
         existing = {p.key: p for p in before.pods}
         # Re-applying an object is not a name clash (kubectl reports it unchanged or configured): validate
@@ -88,27 +89,87 @@ def apply_file(name: str | None, file: str) -> list[str]:
         objects = parse_objects(text, others, file)
         _pin_addresses(objects, before)
         wanted = pods_from_objects(objects, others, file)
-        new = [p for p in wanted if p.key not in existing]
-        report = _remember(st, objects, before)
-        report += [_relabel(st, p) for p in wanted if p.key in existing]
+        # A pod's node cannot change in place (Kubernetes refuses the update: spec.nodeName is immutable);
+        # re-applying a Pod that names another node moves it: delete, then create there.
+        given = _given_nodes(objects)
+        moved = [p for p in wanted if p.key in existing and given.get(p.key) not in (None, existing[p.key].node)]
+        new = [p for p in wanted if p.key not in existing or p in moved]
+        report += _remember(st, objects, before)
+        report += [_relabel(st, p) for p in wanted if p.key in existing and p not in moved]
         after = current_lab(st)
         new += [p for p in after.pods if p.key not in st.pods and p.key not in {n.key for n in new}]  # addons
         lab = dataclasses.replace(after, pods=after.pods + tuple(p for p in new if p not in after.pods))
-        try:
-            addons.write_configs(lab, running_pods(st, after), state.lab_dir(st.name))  # before their pods start
-            for key in _scaled_away(objects, wanted, st):
-                _delete_pod(st, lab, key)
+        doomed = _scaled_away(objects, wanted, st) + [p.key for p in moved]
+        for key in doomed:
+            st.pods[key].phase = "Terminating"
+        for pod in new:
+            st.pods.setdefault(pod.key, _pending(lab, pod))
+        st.record()
+        crash.point("objects-recorded")
+        addons.write_configs(lab, running_pods(st, after), state.lab_dir(st.name))  # before their pods start
+        saver = _Saver(st)
+        for key in doomed:
+            _delete_pod(st, lab, key)
+            saver.maybe()
+            if key not in {p.key for p in moved}:
                 report.append(f"pod {key} deleted (scaled down)")
+        with progress.bar(f"lab apply: pods of {Path(file).name}", len(new)) as advance:
             for pod in new:
-                _add_pod(st, lab, pod, lambda p, ip: _protect(st, lab, p, ip))
-                report.append(f"pod {pod.key} created ({pod.node}, {st.pods[pod.key].ip})")
-        finally:
-            state.save(st)  # whatever happened so far, the state says so
+                st.pods[pod.key] = _pending(lab, pod)
+                st.pods[pod.key] = kubelet.add_pod(st, lab, pod, lambda p, ip: _protect(st, lab, p, ip))
+                saver.maybe()
+                crash.point("pod-recorded")
+                verb = f"moved to {pod.node}" if pod in moved else f"created ({pod.node}"
+                report.append(f"pod {pod.key} {verb}, {st.pods[pod.key].ip})")
+                advance(1)
+        state.save(st)
+        crash.point("resync")
         resync(st)
         warning = network_policy.not_enforced_warning(current_lab(st))
     if warning and any(o.get("kind") == "NetworkPolicy" for o in objects):
         report.append(warning)  # "Warning: ..." lines go to stderr (lab/cli.py), as kubectl prints warnings
     return report
+
+
+def _read(file: str) -> str:
+    try:
+        return Path(file).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError(file, [SpecIssue("", f"cannot read: {exc}")]) from exc
+
+
+def _pending(lab: Lab, pod: Pod) -> state.PodState:
+    """The record of a pod about to be made: enough for `recover` to find and remove whatever exists of it."""
+    record = state.pod_state(pod, "", lab.pod_netns(pod), 0, {})
+    record.phase = "Pending"
+    return record
+
+
+class _Saver:
+    """Writes the state after pods are made or removed, at most every SAVE_EVERY seconds: a record per pod
+    would rewrite the whole file once per pod (quadratic in a large apply). Between writes the `Pending` and
+    `Terminating` records already on file say what was under way, so nothing is lost by waiting."""
+
+    SAVE_EVERY = 0.25
+
+    def __init__(self, st: state.LabState) -> None:
+        self.st = st
+        self.last = time.monotonic()
+
+    def maybe(self) -> None:
+        if time.monotonic() - self.last >= self.SAVE_EVERY:
+            state.save(self.st)
+            self.last = time.monotonic()
+
+
+def _given_nodes(objects: list[dict]) -> dict[str, str]:
+    """`namespace/name` -> spec.nodeName of the Pods in a file that name their node."""
+    out = {}
+    for obj in objects:
+        if obj.get("kind") == "Pod" and (obj.get("spec") or {}).get("nodeName"):
+            meta = obj.get("metadata") or {}
+            out[f"{meta.get('namespace', 'default')}/{meta.get('name')}"] = obj["spec"]["nodeName"]
+    return out
 
 
 def _relabel(st: state.LabState, pod: Pod) -> str:
@@ -131,7 +192,7 @@ def _named(text: str) -> set[str]:
     except yaml.YAMLError:
         return set()
     items = [i for d in docs for i in (d.get("items") or [] if d.get("kind") == "List" else [d]) if isinstance(i, dict)]
-    return {_key(i) for i in items if isinstance(i.get("metadata"), dict)}
+    return {object_key(i) for i in items if isinstance(i.get("metadata"), dict)}
 
 
 def _pin_addresses(objects: list[dict], before: Lab) -> None:
@@ -139,7 +200,7 @@ def _pin_addresses(objects: list[dict], before: Lab) -> None:
     server keeps them on an update; only a new service gets new addresses."""
     running = {f"Service/{s.key}": s for s in before.services}
     for obj in objects:
-        svc = running.get(_key(obj)) if obj.get("kind") == "Service" else None
+        svc = running.get(object_key(obj)) if obj.get("kind") == "Service" else None
         if svc is None:
             continue
         spec = obj.setdefault("spec", {})
@@ -169,10 +230,6 @@ def _scaled_away(objects: list[dict], wanted: list[Pod], st: state.LabState) -> 
     return doomed
 
 
-def _plugin(lab: Lab, node: str, host) -> BridgePlugin:  # host: topo.rtnl.Rtnl
-    return BridgePlugin(plan.netconf(lab, node, state.ipam_dir(lab.name)), host)
-
-
 def _protect(st: state.LabState, lab: Lab, pod: Pod, ip: IPv4Address) -> None:
     """A new pod's NetworkPolicy rules, loaded once it has its IP and before its containers start: it starts
     isolated if a policy selects it, and the rules naming it as a peer hold its address. (Calico drops a
@@ -180,94 +237,109 @@ def _protect(st: state.LabState, lab: Lab, pod: Pod, ip: IPv4Address) -> None:
     sync_policies(lab, running_pods(st, lab) + [RunningPod(pod, ip, False)], st.name)
 
 
-def _add_pod(st: state.LabState, lab: Lab, pod: Pod,
-             before_start: Callable[[Pod, IPv4Address], None] | None = None) -> None:
-    """One pod the way `lab up` makes it; a failure removes what was made of it. `before_start` runs once
-    the pod has its IP, before its containers start."""
-    ns = lab.pod_netns(pod)
-    args = plan.cni_args(lab, pod)
-    pause = runtime.pause_binary(state.RUN_DIR / state.BIN)
-    files = state.pod_dir(lab.name, pod)
-    runtime.write_pod_files(files, addons.pod_resolv_conf(lab, pod), addons.pod_hosts(pod, None))
-    with netns.rtnl_in(lab.node_netns(pod.node)) as host:
-        plugin = _plugin(lab, pod.node, host)
-        netns.create(ns)
-        try:
-            pause_pid = runtime.start_sandbox(ns, pod.name, pause, files)
-            result = plugin.add(args)
-            runtime.write_pod_files(files, addons.pod_resolv_conf(lab, pod),
-                                    addons.pod_hosts(pod, result["ips"][0]["address"].split("/")[0]))
-            if before_start is not None:
-                before_start(pod, IPv4Address(result["ips"][0]["address"].split("/")[0]))
-            containers = runtime.start_pod_containers(pod, ns, pause_pid, state.log_dir(lab.name))
-        except BaseException:
-            apply.remove_namespace(ns)
-            plugin.delete(args)  # the lease (and veth) of an ADD that succeeded before a later step failed
-            raise
-        apply.wait_link(host, args.host_ifname)
-    st.pods[pod.key] = state.pod_state(pod, result["ips"][0]["address"].split("/")[0], ns, pause_pid, containers)
-
-
 def _delete_pod(st: state.LabState, lab: Lab, key: str) -> None:
-    ps = st.pods.get(key)
-    if ps is None:
-        raise StateError(f"no pod {key} in lab {st.name}")
-    namespace, name = key.split("/", 1)
-    pod = Pod(name=name, namespace=namespace, node=ps.node)
-    args = plan.cni_args(lab, pod)
-    apply.remove_namespace(ps.netns)
-    shutil.rmtree(state.pod_dir(lab.name, pod), ignore_errors=True)
-    with netns.rtnl_in(lab.node_netns(ps.node)) as host:
-        _plugin(lab, ps.node, host).delete(args)
-        # A deleted veth's name stays taken for a few tens of ms; wait so the pod can come back at once.
-        deadline = time.monotonic() + 2.0
-        while host.link(args.host_ifname) is not None and time.monotonic() < deadline:
-            time.sleep(0.01)
+    """Remove one pod and forget it: its record, its manifest, its UDP conntrack entries on every node."""
+    ps = st.pods[key]
+    kubelet.remove_pod(lab, key, ps.node)
     del st.pods[key]
-    kube_proxy.forget_endpoint(lab, ps.ip)
+    st.objects = [o for o in st.objects if object_key(o) != f"Pod/{key}"]
+    crash.point("pod-deleted")
+    if ps.ip:
+        kube_proxy.forget_endpoint(lab, ps.ip)
+
+
+ALIASES = {"pods": "pod", "po": "pod", "deployments": "deployment", "deploy": "deployment",
+           "services": "service", "svc": "service", "ingresses": "ingress", "ing": "ingress",
+           "networkpolicies": "networkpolicy", "netpol": "networkpolicy"}
+KIND_NAMES = {"pod": "Pod", "deployment": "Deployment", "service": "Service", "ingress": "Ingress",
+              "networkpolicy": "NetworkPolicy", "namespace": "Namespace"}
 
 
 def delete(name: str | None, kind: str, target: str, namespace: str = "default") -> list[str]:
-    """`lab delete pod NAME` / `lab delete deployment NAME` (its replicas)."""
+    """`lab delete KIND NAME`: a pod, a deployment's pods, a service, an ingress or a network policy."""
+    kind = ALIASES.get(kind.lower(), kind.lower())
+    if kind not in KIND_NAMES or kind == "namespace":
+        raise StateError(f"lab delete: kind {kind} is not supported (pod, deployment, service, ingress, "
+                         "networkpolicy)")
+    return _delete_objects(name, [(KIND_NAMES[kind], namespace, target)], missing_ok=False)
+
+
+def delete_file(name: str | None, file: str) -> list[str]:
+    """`lab delete -f FILE`: remove every object the file declares, as `kubectl delete -f --ignore-not-found`
+    does: objects that are not there are reported as such, so the same command run twice converges."""
+    keys = sorted(_named(_read(file)), key=lambda k: ("Namespace" == k.split("/")[0], k))
+    if not keys:
+        raise SpecError(file, [SpecIssue("", "declares no object (apiVersion, kind and metadata.name)")])
+    wanted = []
+    for key in keys:
+        kind, namespace, target = key.split("/", 2)
+        if kind not in KIND_NAMES.values():
+            raise SpecError(file, [SpecIssue("", f"lab delete -f: kind {kind} is not supported")])
+        wanted.append((kind, namespace, target))
+    return _delete_objects(name, wanted, missing_ok=True)
+
+
+def _delete_objects(name: str | None, wanted: list[tuple[str, str, str]], missing_ok: bool) -> list[str]:
     st = state.resolve(name)
-    with state.locked():
+    with state.locked(st.name):
         st = _locked_state(st)
+        report = recover(st, current_lab(st)).lines()
         lab = current_lab(st)
-        aliases = {"pods": "pod", "po": "pod", "deployments": "deployment", "deploy": "deployment",
-                   "services": "service", "svc": "service", "ingresses": "ingress", "ing": "ingress",
-                   "networkpolicies": "networkpolicy", "netpol": "networkpolicy"}
-        kind = aliases.get(kind.lower(), kind.lower())
-        if kind == "pod":
-            keys = [f"{namespace}/{target}"]
-            if keys[0] not in st.pods:
-                raise StateError(f"no pod {keys[0]} in lab {st.name}")
-        elif kind in ("service", "ingress", "networkpolicy"):
-            kind_name = {"networkpolicy": "NetworkPolicy"}.get(kind, kind.capitalize())
-            key = f"{kind_name}/{namespace}/{target}"
-            known = {"Service": lab.services, "Ingress": lab.ingresses}.get(kind_name, lab.network_policies)
-            if not any(f"{kind_name}/{o.key}" == key for o in known):
-                raise StateError(f"no {kind_name.lower()} {namespace}/{target} in lab {st.name}")
-            users = [i.key for i in lab.ingresses if i.namespace == namespace and target in _backends(i)]
-            if kind_name == "Service" and users:
-                raise StateError(f"service {namespace}/{target} is a backend of ingress {', '.join(users)}: "
-                                 "delete or change the ingress first")
-            st.objects = [o for o in st.objects if _key(o) != key]
-            st.deleted.append(key)
-            state.save(st)
-            resync(st)
-            return [f"{kind_name.lower()} {namespace}/{target} deleted"]
-        elif kind == "deployment":
-            keys = [k for k, ps in st.pods.items() if ps.owner == target and k.startswith(f"{namespace}/")]
-            if not keys:
-                raise StateError(f"no deployment {namespace}/{target} in lab {st.name}")
-        else:
-            raise StateError(f"lab delete: kind {kind} is not supported (pod, deployment)")
-        try:
-            for key in keys:
+        spec_keys = _spec_keys(st)
+        pods, missing = [], []
+        for kind, namespace, target in wanted:
+            key = f"{kind}/{namespace}/{target}"
+            if kind == "Pod":
+                found = [f"{namespace}/{target}"] if f"{namespace}/{target}" in st.pods else []
+            elif kind == "Deployment":
+                found = [k for k, ps in st.pods.items() if ps.owner == target and k.startswith(f"{namespace}/")]
+            elif kind == "Namespace":
+                found = [key] if any(object_key(o) == key for o in st.objects) else []
+                busy = [k for k in st.pods if k.startswith(f"{namespace}/") and k not in pods]
+                if found and busy:
+                    raise StateError(f"namespace {target} still has pods ({', '.join(sorted(busy)[:3])}): "
+                                     "delete them first")
+            else:
+                known = {"Service": lab.services, "Ingress": lab.ingresses}.get(kind, lab.network_policies)
+                found = [key] if any(f"{kind}/{o.key}" == key for o in known) else []
+                users = [i.key for i in lab.ingresses if i.namespace == namespace and target in _backends(i)
+                         and f"Ingress/{i.key}" not in {f"{k}/{n}/{t}" for k, n, t in wanted}]
+                if found and kind == "Service" and users:
+                    raise StateError(f"service {namespace}/{target} is a backend of ingress {', '.join(users)}: "
+                                     "delete or change the ingress first")
+            if not found:
+                missing.append(f"{kind.lower()} {namespace}/{target}" if kind != "Namespace" else f"namespace {target}")
+                continue
+            if kind in ("Pod", "Deployment"):
+                pods += found
+                report += [f"pod {k} deleted" for k in found]
+            else:
+                report.append(f"{kind.lower()} {namespace}/{target} deleted" if kind != "Namespace"
+                              else f"namespace {target} deleted")
+            st.objects = [o for o in st.objects if object_key(o) != key]
+            if key in spec_keys and key not in st.deleted:
+                st.deleted.append(key)  # a spec object stays deleted; an applied one is simply forgotten
+        if missing and not missing_ok:
+            raise StateError(f"no {missing[0]} in lab {st.name}")
+        for key in pods:
+            st.pods[key].phase = "Terminating"
+        st.record()
+        crash.point("objects-recorded")
+        with progress.bar("lab delete: pods", len(pods)) as advance:
+            for key in pods:
                 _delete_pod(st, lab, key)
-        finally:
-            state.save(st)
-            resync(st)
-    return [f"pod {k} deleted" for k in keys]
+                advance(1)
+        state.save(st)
+        crash.point("resync")
+        resync(st)
+    # Like `kubectl delete -f --ignore-not-found`: running the same delete again (after it was killed, or
+    # after it succeeded) converges instead of failing on what is already gone.
+    report += [f"{m} not found (nothing to delete)" for m in missing]
+    return report
 
 
+def _spec_keys(st: state.LabState) -> set[str]:
+    """`Kind/ns/name` of the objects the lab's spec declares (deleting one must be remembered)."""
+    spec = model_of(st)
+    return ({f"Service/{s.key}" for s in spec.services} | {f"Ingress/{i.key}" for i in spec.ingresses}
+            | {f"NetworkPolicy/{p.key}" for p in spec.network_policies})

@@ -11,9 +11,10 @@ from pathlib import Path
 
 from cni.ipam import NodeIpam
 from cni.plugin import CniArgs, NetConf
+from kubelet.pods import cni_args, netconf
 from routing import bgp, host_gw, ipip, vxlan
-from topo import names, netns, underlay
-from topo.model import POD_IFNAME, Lab, Pod
+from topo import underlay
+from topo.model import Lab, Pod
 
 # Set inside every node and router namespace (never in the root one). A new namespace starts with
 # forwarding off, and a node that routes for its pods must forward; rp_filter off so replies on asymmetric
@@ -70,18 +71,8 @@ class Plan:
     speakers: tuple[bgp.Speaker, ...] = ()  # the nodes' BGP speakers (backend bgp)
 
 
-def netconf(lab: Lab, node: str, ipam_dir: Path) -> NetConf:
-    return NetConf(node=node, subnet=lab.node(node).pod_cidr, data_dir=str(ipam_dir), mtu=lab.network.mtu)
-
-
-def cni_args(lab: Lab, pod: Pod) -> CniArgs:
-    """What kubelet would pass the plugin for this pod (CNI_CONTAINERID, CNI_NETNS, CNI_IFNAME, CNI_ARGS)."""
-    return CniArgs(container_id=names.sandbox_id(lab.name, pod.namespace, pod.name), netns=netns.path(lab.pod_netns(pod)), ifname=POD_IFNAME,
-                   pod_namespace=pod.namespace, pod_name=pod.name)
-
-
 def pod_ops(lab: Lab, pod: Pod, ipam: NodeIpam) -> PodOps:
-    args = cni_args(lab, pod)
+    args = cni_args(lab, pod.namespace, pod.name)
     address = ipam.allocate(args.container_id, args.ifname, args.pod)
     return PodOps(pod=pod, netns=lab.pod_netns(pod), node=pod.node, args=args, address=address)
 

@@ -9,6 +9,34 @@ from grading.faults import recorded
 from kubelet import runtime
 from kubelet.pods import running_pods
 from services import endpoints
+from topo import names
+
+
+def pod_status(pod: state.PodState) -> str:
+    """The STATUS column as `kubectl get pods` words it where the lab knows as much: Pending while its
+    command makes it, Terminating while one removes it, Running while a container (or, for a pod of only
+    the pause image, its sandbox) runs, Terminated once every container has exited (the lab does not keep
+    exit codes, so it cannot say Completed or Error), Dead when the sandbox itself is gone."""
+    if pod.phase != "Running":
+        return pod.phase
+    if not runtime.sandbox_alive(pod.netns, pod.pause_pid):
+        return "Dead"
+    if pod.containers and not any(runtime.in_pod(pid, pod.netns) for pid in pod.containers.values()):
+        return "Terminated"
+    return "Running"
+
+
+def kernel_view(name: str, problem: str) -> dict[str, Any]:
+    """What `lab status NAME` can still say when the lab's state is missing or damaged: the namespaces the
+    kernel holds under the lab's prefix (the truth of last resort), and what is wrong."""
+    from lab import apply
+
+    spaces = apply.lab_namespaces(name)
+    kinds: dict[str, list[str]] = {}
+    for space in spaces:
+        kind = space[len(names.NETNS_PREFIX) + len(name) + 1:].split(names.SEP, 1)[0]
+        kinds.setdefault({"n": "nodes", "p": "pods", "u": "switches"}.get(kind, "other"), []).append(space)
+    return {"name": name, "phase": "unknown", "problem": problem, "namespaces": kinds}
 
 
 def describe(st: state.LabState, reveal: bool = False) -> dict[str, Any]:
@@ -20,10 +48,8 @@ def describe(st: state.LabState, reveal: bool = False) -> dict[str, Any]:
     pods = []
     for key, pod in sorted(st.pods.items(), key=lambda kv: (kv[1].node, kv[0])):
         namespace, name = key.split("/", 1)
-        running = runtime.sandbox_alive(pod.netns, pod.pause_pid)
         pods.append({"namespace": namespace, "name": name, "node": pod.node, "ip": pod.ip,
-                     "netns": pod.netns, "status": "Running" if running else "Dead",
-                     "containers": pod.containers})
+                     "netns": pod.netns, "status": pod_status(pod), "containers": pod.containers})
     services = []
     if lab.services or st.objects:
         now = current_lab(st)  # services need the lab as it runs now

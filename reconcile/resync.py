@@ -20,23 +20,43 @@ from topo.model import Lab
 
 def resync(st: state.LabState) -> kube_proxy.SyncReport:
     """Bring everything derived from the lab's objects up to date after a change of pods or services:
-    every node's service rules, the cluster DNS's records, the ingress controller's routes."""
+    every node's service rules, the NetworkPolicy rules, the cluster DNS's records, the ingress
+    controller's routes. Each layer compares what it wants with what it last loaded, so running this
+    again after a crash finishes what the crash interrupted, and a layer that is in line costs nothing."""
     lab = current_lab(st)
     running = running_pods(st, lab)
     report = kube_proxy.sync(lab, running, state.lab_dir(st.name) / "kube-proxy")
     sync_policies(lab, running, st.name)
-    todo = addons.write_configs(lab, running, state.lab_dir(st.name))
-    dns_key = f"{addons.DNS_NAMESPACE}/{addons.DNS_POD}"
-    if todo.get("dns") == "restart":
-        _restart_container(st, lab, dns_key)
-    for key, action in ((dns_key, todo.get("dns")), (f"{addons.INGRESS_NAMESPACE}/{addons.INGRESS_POD}",
-                                                     todo.get("ingress"))):
-        if action == "hup" and key in st.pods:
-            for pid in st.pods[key].containers.values():
-                if runtime.in_pod(pid, st.pods[key].netns):
-                    addons.hangup(pid)
+    run_dir = state.lab_dir(st.name)
+    addons.write_configs(lab, running, run_dir)
+    reload_addons(st, lab)
     state.save(st)
     return report
+
+
+ADDON_PODS = {"dns": f"{addons.DNS_NAMESPACE}/{addons.DNS_POD}",
+              "ingress": f"{addons.INGRESS_NAMESPACE}/{addons.INGRESS_POD}"}
+
+
+def reload_addons(st: state.LabState, lab: Lab) -> dict[str, str]:
+    """Make each running addon daemon serve its configuration as written now (restart or SIGHUP), then
+    record that it did: "written but not loaded" never outlives a command. Returns what was done."""
+    run_dir = state.lab_dir(st.name)
+    done = {}
+    for addon, action in addons.pending(run_dir).items():
+        key = ADDON_PODS[addon]
+        ps = st.pods.get(key)
+        if ps is None or ps.phase != "Running" or not runtime.sandbox_alive(ps.netns, ps.pause_pid):
+            continue  # not running: it reads the files as they are when it starts
+        if action == "restart":
+            _restart_container(st, lab, key)
+        else:
+            for pid in ps.containers.values():
+                if runtime.in_pod(pid, ps.netns):
+                    addons.hangup(pid)
+        addons.mark_loaded(addon, run_dir)
+        done[addon] = action
+    return done
 
 
 def sync_policies(lab: Lab, running: list[RunningPod], name: str) -> network_policy.SyncReport:

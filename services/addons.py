@@ -7,7 +7,10 @@ Their configuration is generated from the lab's objects and rewritten whenever t
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
+import json
 import os
 import signal
 from ipaddress import IPv4Address
@@ -93,25 +96,67 @@ def pod_hosts(pod: Pod, ip: IPv4Address | str | None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_configs(lab: Lab, running: list[RunningPod], run_dir: Path) -> dict[str, str]:
-    """Write the DNS server's and the ingress controller's configuration; say what each needs now:
-    "restart" (dnsmasq reads SRV records from its config only at start), "hup" (re-read the hosts file,
-    or nginx's config), or nothing."""
-    todo = {}
+def write_configs(lab: Lab, running: list[RunningPod], run_dir: Path) -> None:
+    """Write the DNS server's and the ingress controller's configuration for the lab as it is now.
+
+    Writing is half the job: `pending` says what the running daemons still have to load, from what they
+    loaded last (`mark_loaded`), not from whether this write changed a file. A decision made from the
+    write alone is lost when the write happens in one step and the reload in another (two writes in one
+    `lab apply`, or a command killed between them): the daemon would serve stale records for ever.
+    """
     if lab.dns.enabled:
         folder = dns_dir(run_dir)
         records = dns.records(lab.services, resolve(lab.services, running), running, lab.dns.domain)
         conf = dns.dnsmasq_conf(records, upstream(lab), lab.dns.domain, folder / "queries.log", folder / "hosts")
-        if _write(folder, {"dnsmasq.conf": conf}):
-            todo["dns"] = "restart"
-        if _write(folder, {"hosts": dns.hosts_file(records)}) and "dns" not in todo:
-            todo["dns"] = "hup"
+        _write(folder, {"dnsmasq.conf": conf, "hosts": dns.hosts_file(records)})
     if ingress_enabled(lab):
         folder = ingress_dir(run_dir)
-        conf = ingress.nginx_conf(lab.ingresses, {s.key: s for s in lab.services}, folder)
-        if _write(folder, {"nginx.conf": conf}):
-            todo["ingress"] = "hup"
+        _write(folder, {"nginx.conf": ingress.nginx_conf(lab.ingresses, {s.key: s for s in lab.services}, folder)})
+
+
+# What each addon's daemon reads, and what it takes to make it read a changed file again: dnsmasq reads SRV
+# records from its config only at start ("restart"), its hosts file on SIGHUP; nginx its config on SIGHUP.
+_FILES = {"dns": (("dnsmasq.conf", "restart"), ("hosts", "hup")), "ingress": (("nginx.conf", "hup"),)}
+_LOADED = "loaded.json"  # the digests of the files as the running daemon last read them
+
+
+def _folder(addon: str, run_dir: Path) -> Path:
+    return dns_dir(run_dir) if addon == "dns" else ingress_dir(run_dir)
+
+
+def _digests(folder: Path, files: tuple[tuple[str, str], ...]) -> dict[str, str]:
+    out = {}
+    for name, _action in files:
+        with contextlib.suppress(FileNotFoundError):
+            out[name] = hashlib.sha256((folder / name).read_bytes()).hexdigest()
+    return out
+
+
+def pending(run_dir: Path) -> dict[str, str]:
+    """What each addon's daemon must do to serve its files as they are now: "restart", "hup", or nothing
+    (absent). A missing or damaged record of what was loaded counts as nothing loaded."""
+    todo = {}
+    for addon, files in _FILES.items():
+        folder = _folder(addon, run_dir)
+        now = _digests(folder, files)
+        if not now:
+            continue
+        try:
+            loaded = json.loads((folder / _LOADED).read_text())
+        except (OSError, ValueError):
+            loaded = {}
+        actions = [action for name, action in files if name in now and loaded.get(name) != now[name]]
+        if actions:
+            todo[addon] = "restart" if "restart" in actions else "hup"
     return todo
+
+
+def mark_loaded(addon: str, run_dir: Path) -> None:
+    """The daemon of `addon` has (re)read its files as they are now: record their digests."""
+    folder = _folder(addon, run_dir)
+    digests = _digests(folder, _FILES[addon])
+    if digests:
+        _write(folder, {_LOADED: json.dumps(digests, sort_keys=True)})
 
 
 def _write(folder: Path, files: dict[str, str]) -> bool:

@@ -1,0 +1,94 @@
+"""Finishing what a killed command left behind: the lab's recorded state held against what the kernel holds.
+
+Every command that changes a running lab (`lab apply`, `lab delete`, `lab break`) starts here, under the
+lab's lock, so a `kill -9` at any moment of an earlier one is repaired before anything new is done:
+
+- a pod recorded `Pending` (its command died while making it) is rolled back: whatever exists of it
+  (namespace, processes, veth, lease, files) is removed and the record dropped; running the same
+  `lab apply` again makes it afresh. Rolling back rather than forward keeps one path for making pods;
+- a pod recorded `Terminating` (its command died while removing it) is removed, as was asked;
+- a pod namespace of the lab that no record names (a crash between creating it and recording it) goes;
+- each node's IPAM leases are checked against the recorded pods: the kernel wins. A lease file that is
+  missing, unreadable or disagrees is rewritten from the pods that hold the addresses, so an address in
+  use is never handed out twice (host-local would; a lost lease file is how pods get duplicate IPs).
+
+Then the caller's own work, and `resync` (which is itself convergent), bring every layer in line.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address
+
+from apiserver import state
+from cni.ipam import Lease, NodeIpam
+from kubelet import pods as kubelet
+from topo import names, netns
+from topo.model import POD_IFNAME, Lab
+
+
+@dataclass
+class Recovery:
+    rolled_back: list[str] = field(default_factory=list)  # pods a killed command was making
+    finished: list[str] = field(default_factory=list)  # pods a killed command was removing
+    orphans: list[str] = field(default_factory=list)  # pod namespaces no record named
+    leases: list[str] = field(default_factory=list)  # nodes whose lease files were rewritten
+
+    def lines(self) -> list[str]:
+        """What `lab apply`/`lab delete` report before their own lines (nothing when all was in order)."""
+        out = [f"pod {k} rolled back (an earlier command was killed while making it)" for k in self.rolled_back]
+        out += [f"pod {k} deleted (an earlier command was killed while deleting it)" for k in self.finished]
+        out += [f"pod namespace {n} removed (made by a killed command, never recorded)" for n in self.orphans]
+        out += [f"node {n}: IPAM leases rewritten from the running pods" for n in self.leases]
+        return out
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.rolled_back or self.finished or self.orphans or self.leases)
+
+
+def recover(st: state.LabState, lab: Lab) -> Recovery:
+    """Bring the lab's record and its kernel objects into agreement (see the module docstring); records the
+    result before returning. Cheap when nothing is wrong: one directory listing and each node's lease file."""
+    done = Recovery()
+    for key, ps in list(st.pods.items()):
+        if ps.phase in ("Pending", "Terminating"):
+            kubelet.remove_pod(lab, key, ps.node if ps.node in {n.name for n in lab.nodes} else None)
+            del st.pods[key]
+            (done.rolled_back if ps.phase == "Pending" else done.finished).append(key)
+    recorded = {ps.netns for ps in st.pods.values()}
+    prefix = f"{names.NETNS_PREFIX}{lab.name}{names.SEP}p{names.SEP}"
+    for space in netns.list_names(prefix):
+        if space in recorded:
+            continue
+        namespace, _, pod = space[len(prefix):].partition(names.SEP)
+        kubelet.remove_pod(lab, f"{namespace}/{pod}", None)
+        done.orphans.append(space)
+    for node in lab.nodes:
+        if _repair_leases(st, lab, node.name):
+            done.leases.append(node.name)
+    if done.changed:
+        st.record()
+    return done
+
+
+def _repair_leases(st: state.LabState, lab: Lab, node: str) -> bool:
+    """Rewrite `node`'s lease file when it does not hold exactly the recorded pods' addresses."""
+    conf = kubelet.netconf(lab, node, state.ipam_dir(lab.name))
+    lease_file = conf.lease_file()
+    wanted: dict[IPv4Address, Lease] = {}
+    for key, ps in st.pods.items():
+        if ps.node == node and ps.ip:
+            namespace, name = key.split("/", 1)
+            wanted[IPv4Address(ps.ip)] = Lease(names.sandbox_id(lab.name, namespace, name), POD_IFNAME, key)
+    try:
+        current = lease_file.read()
+    except (ValueError, KeyError, TypeError, AttributeError):  # damaged: nothing in it can be trusted
+        current = None
+    if current is not None and {ip: (l.container_id, l.ifname) for ip, l in current.leases.items()} == {
+            ip: (l.container_id, l.ifname) for ip, l in wanted.items()}:
+        return False
+    if current is None and not wanted and not lease_file.path.exists():
+        return False  # nothing leased, nothing on file: in order
+    last = current.last_reserved if current is not None else max(wanted, default=None)
+    lease_file.write(NodeIpam(node, conf.subnet, last, wanted))
+    return True

@@ -1,0 +1,303 @@
+"""`lab apply` / `lab delete` as a reconciler (issue 15): every layer follows a change and its daemon serves
+it, a command killed at any step converges when run again, and the lab's state is not a single point of
+failure. Kill points are driven deterministically: KUBENET_LAB_CRASH_AT=STEP:N makes the command kill
+itself (SIGKILL, nothing runs after it) the N-th time it passes STEP (topo/crash.py).
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.integration.conftest import REPO, in_lab, lab, leftovers, pause_pod, seed_spec, unique
+
+pytestmark = pytest.mark.integration
+
+RUN = Path("/run/kubenet-lab")
+
+
+def manifests(tmp: Path, name: str, *objs: dict) -> str:
+    path = tmp / f"{name}.yaml"
+    path.write_text("\n---\n".join(json.dumps(o) for o in objs))
+    return str(path)
+
+
+def service(name: str, app: str, port: int = 80) -> dict:
+    return {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name},
+            "spec": {"selector": {"app": app}, "ports": [{"port": port, "targetPort": 8080}]}}
+
+
+def ingress(name: str, host: str, svc: str) -> dict:
+    return {"apiVersion": "networking.k8s.io/v1", "kind": "Ingress", "metadata": {"name": name},
+            "spec": {"rules": [{"host": host, "http": {"paths": [
+                {"path": "/", "pathType": "Prefix", "backend": {"service": {"name": svc, "port": {"number": 80}}}}]}}]}}
+
+
+def agnhost_pod(name: str, node: str, app: str) -> dict:
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "labels": {"app": app}},
+            "spec": {"nodeName": node, "containers": [
+                {"name": "app", "image": "agnhost", "args": ["netexec", "--http-port=8080"]}]}}
+
+
+def crashing(args: list[str], step: str, count: int = 1) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, KUBENET_LAB_CRASH_AT=f"{step}:{count}")
+    return subprocess.run([sys.executable, "-m", "lab.cli", *args], capture_output=True, text=True, timeout=120,
+                          cwd=REPO, env=env)
+
+
+def status(name: str) -> dict:
+    return json.loads(lab("status", name, "--json").stdout)
+
+
+def pod_namespaces(name: str) -> list[str]:
+    prefix = f"klab_{name}_p_"
+    return sorted(n for n in os.listdir("/run/netns") if n.startswith(prefix))
+
+
+def leases(name: str) -> list[str]:
+    """Every IP the lab's IPAM has handed out (host-local's one file per IP, or the lab's lease files)."""
+    found = []
+    for path in (RUN / name / "ipam").rglob("*"):
+        if path.is_file():
+            text = path.read_text()
+            try:
+                data = json.loads(text)
+            except ValueError:
+                continue
+            if isinstance(data, dict):
+                found += [ip for ip in data.get("leases", data) if isinstance(ip, str) and ip[0].isdigit()]
+    return sorted(found)
+
+
+def assert_converged(name: str, pods: list[str]) -> None:
+    info = status(name)
+    running = {f"{p['namespace']}/{p['name']}": p for p in info["pods"]}
+    for key in pods:
+        assert key in running, f"{key} missing after re-running the command: {sorted(running)}"
+    ips = [p["ip"] for p in running.values()]
+    assert len(ips) == len(set(ips)), f"duplicate pod IPs: {sorted(ips)}"
+    assert len(pod_namespaces(name)) == len(running), (pod_namespaces(name), sorted(running))
+
+
+# ---------------------------------------------------------------------------- every layer follows
+
+def test_applied_service_resolves_in_cluster_dns_and_second_ingress_routes(lab_up, tmp_path: Path) -> None:
+    name = unique("recon")
+    data = seed_spec(name)
+    data["spec"]["external"][0]["serves"] = ["http", "dns"]
+    lab_up(data)
+    lab("apply", "--lab", name, "-f", manifests(tmp_path, "svc", service("late", "web")))
+    ip = next(s["clusterIP"] for s in status(name)["services"] if s["name"] == "late")
+    got = in_lab(name, "node1-pod1", "getent", "hosts", "late.default.svc.cluster.local", check=False)
+    assert got.split()[:1] == [ip], f"the applied service does not resolve: {got!r}"
+
+    lab("apply", "--lab", name, "-f", manifests(tmp_path, "i1", ingress("one", "one.example.test", "web")))
+    lab("apply", "--lab", name, "-f", manifests(tmp_path, "i2", service("two", "web"),
+                                                 ingress("two", "two.example.test", "two")))
+    for host in ("one.example.test", "two.example.test"):
+        got = in_lab(name, "external-web", "curl", "-s", "--max-time", "5", "-H", f"Host: {host}",
+                     "http://192.168.1.10:30080/hostname", check=False)
+        assert got in ("node1-pod1", "node1-pod2", "node2-pod1"), f"{host} is not routed: {got!r}"
+
+
+# ---------------------------------------------------------------------------- crash-safe
+
+APPLY_STEPS = ["objects-recorded", "pod-netns", "pod-cni-added", "pod-started", "pod-recorded", "resync"]
+
+
+@pytest.mark.parametrize("step", APPLY_STEPS)
+def test_killed_apply_converges_when_run_again(lab_up, tmp_path: Path, step: str) -> None:
+    name = unique("crash")
+    lab_up(seed_spec(name))
+    pods = [pause_pod(f"p{i}", "node1" if i % 2 else "node2", app="crash") for i in range(6)]
+    file = manifests(tmp_path, "pods", *pods, service("crash", "crash"))
+    killed = crashing(["apply", "--lab", name, "-f", file], step, count=3 if step.startswith("pod") else 1)
+    assert killed.returncode == -signal.SIGKILL, (killed.returncode, killed.stdout, killed.stderr)
+    again = lab("apply", "--lab", name, "-f", file, check=False)
+    assert again.returncode == 0, again.stderr
+    assert_converged(name, [f"default/p{i}" for i in range(6)])
+    svc = next(s for s in status(name)["services"] if s["name"] == "crash")
+    assert len(svc["endpoints"]) == 6, svc
+
+
+@pytest.mark.parametrize("step", ["objects-recorded", "pod-deleted", "resync"])
+def test_killed_delete_converges_when_run_again(lab_up, tmp_path: Path, step: str) -> None:
+    name = unique("crash")
+    lab_up(seed_spec(name))
+    file = manifests(tmp_path, "pods", *[pause_pod(f"p{i}", "node1", app="crash") for i in range(3)])
+    lab("apply", "--lab", name, "-f", file)
+    killed = crashing(["delete", "--lab", name, "-f", file], step, count=2 if step == "pod-deleted" else 1)
+    assert killed.returncode == -signal.SIGKILL, (killed.returncode, killed.stderr)
+    lab("delete", "--lab", name, "-f", file)
+    assert_converged(name, ["default/node1-pod1", "default/node1-pod2", "default/node2-pod1"])
+    assert not any(p["name"].startswith("p") and p["name"][1:].isdigit() for p in status(name)["pods"])
+
+
+# ---------------------------------------------------------------------------- state is not the only truth
+
+def test_lost_or_junk_lease_file_never_gives_a_duplicate_ip(lab_up, tmp_path: Path) -> None:
+    name = unique("lease")
+    lab_up(seed_spec(name))
+    taken = {p["ip"] for p in status(name)["pods"]}
+    for index, damage in enumerate(("delete", "junk")):
+        for path in (RUN / name / "ipam").rglob("*"):
+            if path.is_file():
+                path.unlink() if damage == "delete" else path.write_text("{not json")
+        out = lab("apply", "--lab", name, "-f", manifests(tmp_path, f"p{index}", pause_pod(f"new{index}", "node1")))
+        new = next(p["ip"] for p in status(name)["pods"] if p["name"] == f"new{index}")
+        assert new not in taken, f"{damage} lease file: new pod got {new}, already in use ({out.stdout})"
+        taken.add(new)
+
+
+def test_down_and_status_work_without_a_readable_state(lab_up) -> None:
+    broken, fine = unique("broken"), unique("fine")
+    lab_up(seed_spec(broken))
+    lab_up(seed_spec(fine))
+    (RUN / broken / "state.json").write_text("{junk")
+    listing = lab("status", check=False)
+    assert "Traceback" not in listing.stderr
+    assert lab("status", fine).returncode == 0  # one broken lab never breaks commands on another
+    down = lab("down", broken)
+    assert "state" in down.stdout + down.stderr  # it says it worked from the kernel
+    assert leftovers(broken) == {"netns": [], "state": []}
+
+    (RUN / fine / "state.json").unlink()
+    lab("down", fine)
+    assert leftovers(fine) == {"netns": [], "state": []}
+
+
+def test_two_labs_change_at_once(lab_up, tmp_path: Path) -> None:
+    """Locks are per lab: while a command on one lab is held mid-way (stopped with its lab's lock held), a
+    command on another lab goes through; then the first one finishes too."""
+    first, second = unique("conc"), unique("conc")
+    lab_up(seed_spec(first))
+    lab_up(seed_spec(second))
+    files = {n: manifests(tmp_path, n, *[pause_pod(f"c{i}", "node1") for i in range(4)]) for n in (first, second)}
+    env = dict(os.environ, KUBENET_LAB_CRASH_AT="objects-recorded:1:stop")
+    held = subprocess.Popen([sys.executable, "-m", "lab.cli", "apply", "--lab", first, "-f", files[first]], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while Path(f"/proc/{held.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "T":
+            assert held.poll() is None and time.monotonic() < deadline, "the first apply never reached its stop"
+            time.sleep(0.05)
+        lab("apply", "--lab", second, "-f", files[second], timeout=60)  # not blocked by the first lab's lock
+        assert_converged(second, [f"default/c{i}" for i in range(4)])
+    finally:
+        os.kill(held.pid, signal.SIGCONT)
+        _, err = held.communicate(timeout=120)
+    assert held.returncode == 0, err
+    assert_converged(first, [f"default/c{i}" for i in range(4)])
+
+
+# ---------------------------------------------------------------------------- bounded state, kubectl habits
+
+def test_create_delete_cycles_leave_state_and_logs_as_they_were(lab_up, tmp_path: Path) -> None:
+    name = unique("cycle")
+    lab_up(seed_spec(name))
+    file = manifests(tmp_path, "churn", agnhost_pod("churn", "node1", "churn"), service("churn", "churn"))
+    lab("apply", "--lab", name, "-f", file)
+    lab("delete", "--lab", name, "-f", file)
+    def recorded() -> dict:
+        data = json.loads((RUN / name / "state.json").read_text())
+        return {k: data[k] for k in ("objects", "deleted", "pods")}
+
+    start, size, logs = recorded(), (RUN / name / "state.json").stat().st_size, sorted(os.listdir(RUN / name / "logs"))
+    for _ in range(20):
+        lab("apply", "--lab", name, "-f", file)
+        lab("delete", "--lab", name, "-f", file)
+    assert recorded() == start  # no dead manifests, no deleted-object list growing
+    assert (RUN / name / "state.json").stat().st_size <= size + 4  # the generation counter's digits only
+    assert sorted(os.listdir(RUN / name / "logs")) == logs
+
+
+def test_pod_status_follows_its_containers_and_a_moved_pod_moves(lab_up, tmp_path: Path) -> None:
+    name = unique("phase")
+    lab_up(seed_spec(name))
+    done = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "done", "labels": {"app": "done"}},
+            "spec": {"nodeName": "node1", "restartPolicy": "Never",
+                     "containers": [{"name": "once", "image": "busybox", "command": ["true"]}]}}
+    lab("apply", "--lab", name, "-f", manifests(tmp_path, "done", done))
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        pod = next(p for p in status(name)["pods"] if p["name"] == "done")
+        if pod["status"] != "Running":
+            break
+        time.sleep(0.2)
+    assert pod["status"] == "Terminated", pod
+
+    moved = pause_pod("mover", "node1")
+    lab("apply", "--lab", name, "-f", manifests(tmp_path, "m1", moved))
+    moved["spec"]["nodeName"] = "node2"
+    out = lab("apply", "--lab", name, "-f", manifests(tmp_path, "m2", moved)).stdout
+    assert "unchanged" not in out
+    pod = next(p for p in status(name)["pods"] if p["name"] == "mover")
+    assert pod["node"] == "node2" and pod["ip"].startswith("10.244.2."), pod
+
+
+def test_version_and_delete_by_file(lab_up, tmp_path: Path) -> None:
+    out = lab("--version").stdout
+    assert out.startswith("lab ") and out.split()[1][0].isdigit()
+    name = unique("delf")
+    lab_up(seed_spec(name))
+    file = manifests(tmp_path, "x", pause_pod("gone", "node1"), service("gone", "x"))
+    lab("apply", "--lab", name, "-f", file)
+    out = lab("delete", "--lab", name, "-f", file).stdout
+    assert "pod default/gone deleted" in out and "service default/gone deleted" in out
+    info = status(name)
+    assert all(p["name"] != "gone" for p in info["pods"]) and all(s["name"] != "gone" for s in info["services"])
+
+
+# ---------------------------------------------------------------------------- lab up / lab down killed, progress
+
+def scale_spec(name: str, pods: int) -> dict:
+    data = seed_spec(name)
+    data["spec"]["objects"].append({
+        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "many"},
+        "spec": {"replicas": pods, "selector": {"matchLabels": {"app": "many"}},
+                 "template": {"metadata": {"labels": {"app": "many"}},
+                              "spec": {"containers": [{"name": "pause", "image": "pause"}]}}}})
+    return data
+
+
+@pytest.mark.parametrize("step", ["up-pod", "down-processes", "down-namespace"])
+def test_killed_up_or_down_converges_when_run_again(tmp_path: Path, step: str) -> None:
+    name = unique("crash")
+    spec = tmp_path / "lab.yaml"
+    spec.write_text(json.dumps(seed_spec(name)))
+    try:
+        if step == "up-pod":
+            killed = crashing(["up", str(spec)], step, count=2)
+            assert killed.returncode == -signal.SIGKILL, killed.stderr
+            lab("up", str(spec))  # the same command again builds the lab, over what the killed one left
+            assert_converged(name, ["default/node1-pod1", "default/node1-pod2", "default/node2-pod1"])
+        else:
+            lab("up", str(spec))
+            killed = crashing(["down", name], step, count=1 if step == "down-processes" else 3)
+            assert killed.returncode == -signal.SIGKILL, killed.stderr
+        lab("down", name)
+        assert leftovers(name) == {"netns": [], "state": []}
+    finally:
+        lab("down", name, check=False)
+
+
+def test_progress_bar_on_a_terminal_only(tmp_path: Path) -> None:
+    name = unique("prog")
+    spec = tmp_path / "lab.yaml"
+    spec.write_text(json.dumps(scale_spec(name, 30)))
+    command = " ".join([sys.executable, "-m", "lab.cli", "up", str(spec)])  # test constants only, no spec text
+    try:
+        on_tty = subprocess.run(["script", "-qec", command, "/dev/null"], capture_output=True, text=True,
+                                timeout=120, cwd=REPO)
+        assert on_tty.returncode == 0, on_tty.stdout
+        assert f"lab up {name}: pods" in on_tty.stdout and "/34" in on_tty.stdout, on_tty.stdout[-500:]
+        piped = lab("down", name)
+        assert "removing namespaces" not in piped.stdout + piped.stderr
+    finally:
+        lab("down", name, check=False)
