@@ -35,6 +35,8 @@ class PodState:
     owner: str | None = None  # the Deployment a replica belongs to
     labels: dict[str, str] = field(default_factory=dict)
     ports: list[list] = field(default_factory=list)  # [name, number, protocol] of its container ports
+    hostname: str | None = None  # spec.hostname and spec.subdomain, for the cluster DNS's names
+    subdomain: str | None = None
 
 
 @dataclass
@@ -75,7 +77,8 @@ def pod_state(pod: Pod, ip: str, netns: str, pause_pid: int, containers: dict[st
     """What later commands need to know of a running pod (its model is not stored, only these facts)."""
     ports = [[p.name, p.container_port, p.protocol] for c in pod.containers for p in c.ports]
     return PodState(node=pod.node, ip=ip, netns=netns, pause_pid=pause_pid, containers=containers,
-                    owner=pod.owner, labels=pod.label_map, ports=ports)
+                    owner=pod.owner, labels=pod.label_map, ports=ports, hostname=pod.hostname,
+                    subdomain=pod.subdomain)
 
 
 def pod_dir(lab: str, pod: Pod) -> Path:
