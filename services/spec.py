@@ -20,7 +20,7 @@ from pydantic import Field
 
 from topo import names
 from topo.cluster_spec import NodeIn
-from topo.model import NODE_PORT_RANGE, PROXY_MODES, KubeProxy, Lab, Service, ServicePort
+from topo.model import IPTABLES_BACKENDS, NODE_PORT_RANGE, PROXY_MODES, KubeProxy, Lab, Service, ServicePort
 from topo.object_spec import ObjectMetaIn, Parsed, ServiceDraft, check_labels, check_meta, normalized_manifest
 from topo.address_spec import parse_address
 from topo.schema import (Issues, Loc, StrictModel, close_match, looks_numeric, short, show, validate, written_at, wrong_type)
@@ -48,6 +48,7 @@ PROXY_MODE_HINTS = {
 
 class KubeProxyIn(StrictModel):
     mode: str | None = None
+    iptables: str | None = None
 
 
 class _ServicePortIn(StrictModel):
@@ -99,8 +100,16 @@ class _ServiceIn(StrictModel):
 def check_kube_proxy(proxy_in: KubeProxyIn, issues: Issues) -> KubeProxy | None:
     """kube-proxy's mode. Whether the kernel has what ipvs (or nftables) needs is checked at `lab up`."""
     mode = proxy_in.mode if proxy_in.mode is not None else KubeProxy().mode
+    backend = proxy_in.iptables if proxy_in.iptables is not None else KubeProxy().iptables
+    if backend not in IPTABLES_BACKENDS:
+        close = close_match(backend, IPTABLES_BACKENDS)
+        hint = f" (did you mean {close}?)" if close else ""
+        issues.add(("spec", "kubeProxy", "iptables"),
+                   f"unknown iptables backend {short(repr(backend), 40)}{hint}: use auto (the machine's own iptables, "
+                   "as kube-proxy picks it), nft or legacy")
+        return None
     if mode in PROXY_MODES:
-        return KubeProxy(mode=mode)
+        return KubeProxy(mode=mode, iptables=backend)
     loc = ("spec", "kubeProxy", "mode")
     supported = ", ".join(PROXY_MODES)
     if mode.lower() in PROXY_MODE_HINTS:

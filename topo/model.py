@@ -223,6 +223,9 @@ class Service:
 @dataclass(frozen=True)
 class KubeProxy:
     mode: str = "iptables"  # Kubernetes' default; or nftables, ipvs
+    # iptables mode's backend: auto (the machine's own `iptables`, as kube-proxy's image picks the host's),
+    # nft (iptables-nft: nf_tables underneath) or legacy (iptables-legacy: x_tables)
+    iptables: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -404,6 +407,7 @@ class NetworkPolicy:
 
 
 PROXY_MODES = ("iptables", "nftables", "ipvs")
+IPTABLES_BACKENDS = ("auto", "nft", "legacy")
 NODE_PORT_RANGE = (30000, 32767)  # Kubernetes' default --service-node-port-range
 
 
