@@ -32,7 +32,7 @@ packages=(
 # --test: vagrant (to validate the Vagrantfile) and the test VM's pieces (tests/vm: qemu in software
 # emulation, busybox for its initramfs, kmod for depmod and the guest's modprobe; the kernel itself is
 # fetched by tests/vm/run with apt-get download on first use, into /var/cache/kubenet-lab/vm).
-[ "$with_tests" = 1 ] && packages+=(vagrant qemu-system-x86 busybox-static kmod)
+[ "$with_tests" = 1 ] && packages+=(vagrant qemu-system-x86 busybox-static kmod containernetworking-plugins)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -82,5 +82,6 @@ def current_lab(st: state.LabState) -> Lab:
             continue
         ports = tuple(ContainerPort(number, proto, port_name) for port_name, number, proto in ps.ports)
         pods.append(Pod(name=name, namespace=namespace, node=ps.node, labels=labels,
-                        containers=(Container("ports", None, (), ports),) if ports else (), owner=ps.owner))
+                        containers=(Container("ports", None, (), ports),) if ports else (), owner=ps.owner,
+                        hostname=ps.hostname, subdomain=ps.subdomain))
     return dataclasses.replace(lab, pods=tuple(pods + addon_pods))

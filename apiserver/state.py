@@ -45,6 +45,8 @@ class PodState:
     labels: dict[str, str] = field(default_factory=dict)
     ports: list[list] = field(default_factory=list)  # [name, number, protocol] of its container ports
     phase: str = "Running"  # "Pending" while being made, "Terminating" while being removed (crash markers)
+    hostname: str | None = None  # spec.hostname and spec.subdomain, for the cluster DNS's names
+    subdomain: str | None = None
 
 
 @dataclass
@@ -95,7 +97,8 @@ def pod_state(pod: Pod, ip: str, netns: str, pause_pid: int, containers: dict[st
     """What later commands need to know of a running pod (its model is not stored, only these facts)."""
     ports = [[p.name, p.container_port, p.protocol] for c in pod.containers for p in c.ports]
     return PodState(node=pod.node, ip=ip, netns=netns, pause_pid=pause_pid, containers=containers,
-                    owner=pod.owner, labels=pod.label_map, ports=ports)
+                    owner=pod.owner, labels=pod.label_map, ports=ports, hostname=pod.hostname,
+                    subdomain=pod.subdomain)
 
 
 def pod_dir(lab: str, pod: Pod) -> Path:

@@ -13,7 +13,8 @@ import os
 import sys
 from typing import Any
 
-from cni.plugin import CNI_VERSION, SUPPORTED_VERSIONS, BridgePlugin, CniArgs, CniError, NetConf
+from cni.plugin import (CNI_VERSION, INVALID_ENV, SUPPORTED_VERSIONS, VALID_ATTACHMENTS, BridgePlugin, CniArgs,
+                        CniError, NetConf, ifname_problem)
 from topo.errors import LabError
 from topo.rtnl import Rtnl
 
@@ -21,7 +22,17 @@ from topo.rtnl import Rtnl
 def _env(name: str, required: bool = True) -> str:
     value = os.environ.get(name, "")
     if required and not value:
-        raise CniError(4, f"{name} is not set")
+        raise CniError(INVALID_ENV, f"{name} is not set")
+    return value
+
+
+def _ifname() -> str:
+    """CNI_IFNAME, checked as the spec's "Parameters" section asks (a valid interface name): code 4 with
+    the variable named, before anything is made."""
+    value = _env("CNI_IFNAME")
+    problem = ifname_problem(value)
+    if problem:
+        raise CniError(INVALID_ENV, f"invalid CNI_IFNAME: {problem}")
     return value
 
 
@@ -40,9 +51,23 @@ def run(command: str, stdin: str) -> dict[str, Any] | None:
     if not isinstance(config, dict):
         raise CniError(6, "network configuration must be a JSON object")
     conf = NetConf.from_json(config)
+    if command in ("STATUS", "GC"):
+        # CNI SPEC.md 1.1.0 "CNI operations": STATUS and GC take only the configuration (no container,
+        # namespace or interface); a configuration of an older version does not allow them (code 1).
+        if conf.cni_version == "1.0.0":
+            raise CniError(1, f"config version does not allow {command}", "STATUS and GC need cniVersion 1.1.0")
+        with Rtnl() as host:
+            plugin = BridgePlugin(conf, host)
+            if command == "STATUS":
+                plugin.status()
+            else:
+                plugin.gc(config.get(VALID_ATTACHMENTS))
+        return None
+    if command not in ("ADD", "DEL", "CHECK"):
+        raise CniError(INVALID_ENV, f"unknown CNI_COMMAND {command!r}", "expected ADD, DEL, CHECK, STATUS, GC or VERSION")
     extra = _k8s_args(os.environ.get("CNI_ARGS", ""))
     args = CniArgs(container_id=_env("CNI_CONTAINERID"), netns=_env("CNI_NETNS", required=command != "DEL"),
-                   ifname=_env("CNI_IFNAME"), pod_namespace=extra.get("K8S_POD_NAMESPACE", ""),
+                   ifname=_ifname(), pod_namespace=extra.get("K8S_POD_NAMESPACE", ""),
                    pod_name=extra.get("K8S_POD_NAME", ""))
     with Rtnl() as host:
         plugin = BridgePlugin(conf, host)
@@ -54,7 +79,7 @@ def run(command: str, stdin: str) -> dict[str, Any] | None:
         if command == "CHECK":
             plugin.check(args, config.get("prevResult"))
             return None
-    raise CniError(4, f"unknown CNI_COMMAND {command!r}", "expected ADD, DEL, CHECK or VERSION")
+    raise AssertionError("unreachable")
 
 
 def main() -> int:

@@ -22,9 +22,12 @@ from topo.model import gateway_of
 from topo.rtnl import Link, NetlinkError, Rtnl
 from topo.errors import ApplyError, LabError
 
-CNI_VERSION = "1.0.0"
-SUPPORTED_VERSIONS = ("1.0.0",)  # results are written in 1.0.0's format only
+CNI_VERSION = "1.1.0"  # the newest version spoken: VERSION's cniVersion, error objects
+# CNI SPEC.md "Version considerations": a result is written in the config's cniVersion; 1.0.0 and 1.1.0
+# results have the same shape, 1.1.0 adds the STATUS and GC verbs ("CNI operations").
+SUPPORTED_VERSIONS = ("1.0.0", "1.1.0")
 PLUGIN_TYPE = "kubenet-bridge"
+VALID_ATTACHMENTS = "cni.dev/valid-attachments"  # CNI 1.1.0 GC: the attachments the runtime still uses
 
 
 def gateway_mac(ip: IPv4Address) -> str:
@@ -32,6 +35,27 @@ def gateway_mac(ip: IPv4Address) -> str:
     IP" scheme the CNI plugins and kubenet used for pod interfaces (unique per node, stable across runs)."""
     return "0a:58:" + ":".join(f"{b:02x}" for b in ip.packed)
 CHECK_FAILED = 100  # the spec leaves codes 100+ to plugins; 11 ("try again later") is for transient trouble
+# CNI SPEC.md "Error" well-known codes used here: 1 incompatible version, 3 container unknown or does not exist
+# (nothing to clean up, retrying will not help), 4 invalid necessary environment variables (the message names
+# them), 6 failed to decode content, 7 invalid network config, 11 try again later, 50 plugin not available
+# (1.1.0, STATUS). 999 is what libcni's skel reports for a plain plugin error (the reference plugins' "already
+# exists"), in the plugin-specific range (100+).
+CONTAINER_UNKNOWN, INVALID_ENV, NOT_AVAILABLE, PLUGIN_ERROR = 3, 4, 50, 999
+
+
+def ifname_problem(name: str) -> str | None:
+    """Why `name` cannot be CNI_IFNAME, or None. CNI SPEC.md "Parameters": CNI_IFNAME must be a valid Linux
+    interface name (the reference skel's rule: not empty, at most 15 characters (IFNAMSIZ - 1), not `.` or
+    `..`, no `/`, `:` or whitespace)."""
+    if not name:
+        return "interface name is empty"
+    if len(name) > names.IFNAMSIZ:
+        return f"interface name {name!r} is too long ({len(name)} characters; at most {names.IFNAMSIZ})"
+    if name in (".", ".."):
+        return f"interface name {name!r} is . or .."
+    if any(c == "/" or c == ":" or c.isspace() for c in name):
+        return f"interface name {name!r} contains / or : or whitespace characters"
+    return None
 
 
 class CniError(LabError):
@@ -56,6 +80,7 @@ class NetConf:
     mtu: int = 1500
     hairpin: bool = True  # Flannel's default bridge config sets hairpinMode, so a pod reaches itself via its service
     name: str = "kubenet"
+    cni_version: str = "1.0.0"  # the config's cniVersion: results are written in it
 
     @property
     def gateway(self) -> IPv4Interface:
@@ -66,7 +91,7 @@ class NetConf:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "cniVersion": CNI_VERSION, "name": self.name, "type": PLUGIN_TYPE, "bridge": self.bridge,
+            "cniVersion": self.cni_version, "name": self.name, "type": PLUGIN_TYPE, "bridge": self.bridge,
             "isGateway": True, "hairpinMode": self.hairpin, "mtu": self.mtu,
             "ipam": {"type": "host-local", "subnet": str(self.subnet), "gateway": str(self.gateway.ip),
                      "dataDir": self.data_dir, "node": self.node},
@@ -81,7 +106,8 @@ class NetConf:
             ipam = data["ipam"]
             conf = cls(node=str(ipam["node"]), subnet=IPv4Network(ipam["subnet"]), data_dir=str(ipam["dataDir"]),
                        bridge=str(data.get("bridge", "cni0")), mtu=int(data.get("mtu", 1500)),
-                       hairpin=bool(data.get("hairpinMode", True)), name=str(data.get("name", "kubenet")))
+                       hairpin=bool(data.get("hairpinMode", True)), name=str(data.get("name", "kubenet")),
+                       cni_version=str(data["cniVersion"]))
         except CniError:
             raise
         except (KeyError, TypeError, ValueError) as exc:
@@ -147,42 +173,59 @@ class BridgePlugin:
 
     # ---- ADD ---------------------------------------------------------------------------------
     def add(self, args: CniArgs) -> dict[str, Any]:
-        """Wire a pod. Repeating ADD for a wired pod returns the same result; a failed ADD undoes itself."""
+        """Wire a pod; a failed ADD undoes what it made.
+
+        CNI SPEC.md 1.0.0 "ADD: Add container to network": "If an interface of the requested name already
+        exists in the container, the CNI plugin MUST return with an error." So ADD is not idempotent: a
+        second ADD of the same attachment fails (as the reference `bridge` plugin: "container veth name
+        provided (eth0) already exists") and leaves the first one working. A namespace that does not exist
+        is code 3 (container unknown: nothing to clean up, and retrying will not make it appear)."""
+        problem = ifname_problem(args.ifname)
+        if problem:
+            raise CniError(INVALID_ENV, f"invalid CNI_IFNAME: {problem}")
+        self._refuse_existing(args)
         bridge = self.ensure_bridge()
         with self.ipam() as ipam:
             address = ipam.allocate(args.container_id, args.ifname, args.pod)
-        created = self.host.link(args.host_ifname) is None
         try:
             return self._wire(args, bridge, address)
         except Exception as exc:
-            if created:  # undo only what this call made, never a veth an earlier ADD left working
-                self._unwire(args)
-                with self.ipam() as ipam:
-                    ipam.release(args.container_id, args.ifname)
+            self._unwire(args)
+            with self.ipam() as ipam:
+                ipam.release(args.container_id, args.ifname)
             if isinstance(exc, LabError):
                 raise
             raise ApplyError(f"CNI ADD for {args.pod or args.container_id} failed: {exc}") from exc
 
+    def _refuse_existing(self, args: CniArgs) -> None:
+        try:
+            pod = netns.rtnl_in(args.netns)
+        except OSError as exc:
+            raise CniError(CONTAINER_UNKNOWN, f"CNI_NETNS {args.netns}: no such network namespace",
+                           f"{type(exc).__name__}: {exc.strerror or exc}") from exc
+        with pod:
+            if pod.link(args.ifname) is not None:
+                raise CniError(PLUGIN_ERROR, f"container veth name provided ({args.ifname}) already exists")
+        if self.host.link(args.host_ifname) is not None:
+            raise CniError(PLUGIN_ERROR, f"host veth name {args.host_ifname} for container {args.container_id} "
+                                         f"interface {args.ifname} already exists")
+
     def _wire(self, args: CniArgs, bridge: int, address: IPv4Interface) -> dict[str, Any]:
         host_if = args.host_ifname
+        fd = netns.open_fd(args.netns)
+        try:
+            self.host.add_veth(host_if, args.ifname, fd, self.conf.mtu, master=bridge)
+        finally:
+            os.close(fd)
         host_link = self.host.link(host_if)
-        if host_link is None:
-            fd = netns.open_fd(args.netns)
-            try:
-                self.host.add_veth(host_if, args.ifname, fd, self.conf.mtu, master=bridge)
-            finally:
-                os.close(fd)
-            host_link = self.host.link(host_if)
-            assert host_link is not None
-            self.host.set_link(host_link.index, up=True)
-        elif host_link.master != bridge or not host_link.up:
-            self.host.set_link(host_link.index, up=True, master=bridge)
+        assert host_link is not None
+        self.host.set_link(host_link.index, up=True)
         if self.conf.hairpin:
             self.host.set_hairpin(host_link.index)
         with netns.rtnl_in(args.netns) as pod:
             pod_link = pod.link(args.ifname)
             if pod_link is None:
-                raise ApplyError(f"{host_if} exists but {args.ifname} is not in {args.netns}")
+                raise ApplyError(f"{host_if} was made but {args.ifname} is not in {args.netns}")
             if not pod_link.up:
                 pod.set_link(pod_link.index, up=True)
             lo = pod.link("lo")
@@ -195,7 +238,7 @@ class BridgePlugin:
     def _result(self, args: CniArgs, address: IPv4Interface, bridge: Link | None, host: Link, pod: Link
                 ) -> dict[str, Any]:
         return {
-            "cniVersion": CNI_VERSION,
+            "cniVersion": self.conf.cni_version,
             "interfaces": [
                 {"name": self.conf.bridge, "mac": bridge.mac if bridge else ""},
                 {"name": args.host_ifname, "mac": host.mac},
@@ -220,6 +263,42 @@ class BridgePlugin:
         if link is not None:
             with contextlib.suppress(NetlinkError):
                 self.host.del_link(link.index)
+
+    # ---- STATUS and GC (CNI 1.1.0) -----------------------------------------------------------
+    def status(self) -> None:
+        """CNI SPEC.md 1.1.0 "STATUS: Check plugin status": succeed when the plugin could serve an ADD now,
+        else error 50 ("the plugin is not available, i.e. cannot service ADD requests"): the lease store
+        cannot be read or written, or every address of the PodCIDR is leased. Changes nothing."""
+        lease_file = self.conf.lease_file()
+        folder = lease_file.path.parent
+        if folder.exists() and not os.access(folder, os.W_OK | os.X_OK):
+            raise CniError(NOT_AVAILABLE, "plugin not available", f"IPAM data directory {folder} is not writable")
+        try:
+            ipam = lease_file.read()
+        except (OSError, ValueError, KeyError) as exc:
+            raise CniError(NOT_AVAILABLE, "plugin not available", f"IPAM leases {lease_file.path}: {exc}") from exc
+        if len(ipam.leases) >= ipam.capacity:
+            raise CniError(NOT_AVAILABLE, "plugin not available",
+                           f"PodCIDR {self.conf.subnet} is full: all {ipam.capacity} pod IPs are leased")
+
+    def gc(self, valid: Any) -> list[tuple[str, str]]:
+        """CNI SPEC.md 1.1.0 "GC: Clean up any stale resources": release every lease of this network whose
+        attachment (container id, interface name) is not in `cni.dev/valid-attachments`, and delete its
+        node-side veth (which takes the pod end with it); nothing else is touched. Returns what was
+        removed."""
+        if not isinstance(valid, list) or not all(
+                isinstance(a, dict) and isinstance(a.get("containerID"), str) and isinstance(a.get("ifname"), str)
+                for a in valid):
+            raise CniError(7, f"GC needs {VALID_ATTACHMENTS}: a list of {{containerID, ifname}} objects")
+        keep = {(a["containerID"], a["ifname"]) for a in valid}
+        with self.ipam() as ipam:
+            stale = [(lease.container_id, lease.ifname) for lease in ipam.leases.values()
+                     if (lease.container_id, lease.ifname) not in keep]
+            for container_id, ifname in stale:
+                ipam.release(container_id, ifname)
+        for container_id, ifname in stale:
+            self._unwire(CniArgs(container_id, "", ifname))
+        return stale
 
     # ---- CHECK -------------------------------------------------------------------------------
     def check(self, args: CniArgs, prev_result: dict[str, Any] | None) -> None:

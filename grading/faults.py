@@ -128,10 +128,13 @@ def _bgpd_stop(lookup: targets.Lookup, p: dict[str, Any]) -> str:
 def _rule_delete(lookup: targets.Lookup, p: dict[str, Any]) -> str:
     pattern = re.compile(p["match"])
     if p["tool"] == "iptables":
-        out = _run(lookup, p["in"], ["iptables-legacy-save", "-t", p["table"]])
+        from services.kube_proxy import iptables_backend, iptables_cmd, iptables_save
+
+        backend = iptables_backend(lookup.lab.kube_proxy)
+        out = _run(lookup, p["in"], iptables_save(backend) + ["-t", p["table"]])
         for line in out.splitlines():
             if line.startswith(f"-A {p['chain']} ") and pattern.search(line):
-                _run(lookup, p["in"], ["iptables-legacy", "-w", "-t", p["table"], "-D", *shlex.split(line)[1:]])
+                _run(lookup, p["in"], iptables_cmd(backend) + ["-w", "-t", p["table"], "-D", *shlex.split(line)[1:]])
                 return f"deleted from {p['table']}/{p['chain']} on {p['in']}: {line}"
     else:
         family, table = nft_table(p["table"])

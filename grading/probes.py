@@ -298,7 +298,9 @@ def rule(ctx: Context, p: schema.RuleIn) -> Result:
     target = ctx.lookup.live(p.on)
     pattern = re.compile(p.match) if p.match else None
     if p.tool == "iptables":
-        out = ctx.lookup.run(target, ["iptables-legacy-save", "-t", p.table]).stdout
+        from services.kube_proxy import iptables_backend, iptables_save
+
+        out = ctx.lookup.run(target, iptables_save(iptables_backend(ctx.lookup.lab.kube_proxy)) + ["-t", p.table]).stdout
         rows = out.splitlines()
         chain_exists = any(l.startswith("-A ") for l in rows) if p.chain is None else \
             any(l.startswith(f":{p.chain} ") for l in rows)

@@ -93,7 +93,7 @@ class BgpIn(StrictModel):
 
 class RuleIn(StrictModel):
     on: str = Field(alias="in", examples=["in: node1"])
-    tool: str = "iptables"  # iptables (the legacy backend, as the lab loads), nft
+    tool: str = "iptables"  # iptables (the backend the lab loads: spec.kubeProxy.iptables), nft
     table: str = "filter"  # iptables: nat, filter, ...; nft: "[family] name", e.g. "ip kube-proxy"
     chain: str | None = None
     match: str | None = None  # a regular expression a rule of the chain (or table) must match

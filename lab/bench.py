@@ -227,7 +227,9 @@ class Services(Suite):
         super().__init__(quick)
         counts = (10, 100) if quick else (10, 100, 1000, 10000)
         connects = 100 if quick else 200
-        self.modes = ("iptables", "nftables") + (("ipvs",) if _ipvs_here() else ())
+        # iptables mode on both backends (spec.kubeProxy.iptables: nft is the machine's own on current
+        # distributions and the lab's default there; legacy the older x_tables)
+        self.modes = ("iptables-nft", "iptables-legacy", "nftables") + (("ipvs",) if _ipvs_here() else ())
         for mode in self.modes:
             for count in counts:
                 self.cases.append(Case(f"{mode} {count}", self._runner(mode, count, connects),
@@ -243,7 +245,7 @@ class Services(Suite):
     def setup(self, stack: ExitStack, folder: Path) -> None:
         from services import kube_proxy
 
-        tools = [kube_proxy.IPTABLES_RESTORE[0], kube_proxy.NFT[0]]
+        tools = [kube_proxy.iptables_restore("nft")[0], kube_proxy.iptables_restore("legacy")[0], kube_proxy.NFT[0]]
         if "ipvs" in self.modes:
             tools += [kube_proxy.IPVSADM_RESTORE[0], kube_proxy.IPSET_RESTORE[0]]
         for tool in tools:

@@ -40,7 +40,8 @@ class Count:
     def to_json(self) -> dict:
         return {"pod": self.pod, "podIP": self.pod_ip, "name": self.name, "resolvConf": self.resolv_conf,
                 "answer": self.answer, "clusterQueries": [q.__dict__ for q in self.cluster],
-                "upstreamQueries": [q.__dict__ for q in self.upstream]}
+                "upstreamQueries": [q.__dict__ for q in self.upstream],
+                "dnsSpecVersion": dns.DNS_SCHEMA_VERSION}
 
 
 def _size(path: Path) -> int:
@@ -113,7 +114,8 @@ def render(c: Count) -> str:
     options = " ".join(line for line in c.resolv_conf.splitlines() if line.startswith(("search", "options")))
     lines = [f"{c.pod} ({c.pod_ip}) resolved {c.name} -> {', '.join(c.answer) or 'no answer'}",
              f"  with: {options}",
-             f"{len(c.cluster)} queries at the cluster DNS:"]
+             f"{len(c.cluster)} queries at the cluster DNS (dnsmasq, Kubernetes DNS specification "
+             f"{dns.DNS_SCHEMA_VERSION}: TXT dns-version.<zone>):"]
     lines += [f"  {q.qtype:5} {q.name}" for q in c.cluster]
     if c.upstream:
         lines.append(f"{len(c.upstream)} forwarded to the upstream DNS:")

@@ -5,7 +5,7 @@ down shows up as such; `lab trace` asks the same kernel which route it picks and
 addresses, routes, neighbours and the VXLAN forwarding database come from rtnetlink, one handle per
 namespace entered in-process (topo.netns), so reading a whole lab costs milliseconds. BGP state comes
 from each FRR instance (vtysh, through the instance's own socket folder), service rules from the same
-loaders' counterparts that kube-proxy uses (`iptables-legacy-save`, `nft -j`), one process per node, and
+loaders' counterparts that kube-proxy uses (`iptables-save` of the lab's backend, `nft -j`), one process per node, and
 in IPVS mode the node's IPVS table (/proc/net/ip_vs, read inside the namespace: no process at all).
 
 The parsers (iptables-save text, nft JSON, the IPVS table) are pure so they are unit-tested without root.
@@ -404,9 +404,20 @@ def _run_in(ns: str, argv: list[str], timeout: float = 5) -> str:
     return proc.stdout if proc.returncode == 0 else ""
 
 
-def iptables_rules(ns: str, table: str | None = None) -> list[Rule]:
-    argv = ["iptables-legacy-save", "-c"] + (["-t", table] if table else [])
-    return parse_iptables_save(_run_in(ns, argv))
+def iptables_rules(ns: str, table: str | None = None, backend: str | None = None) -> list[Rule]:
+    """A namespace's iptables rules with their counters, from `backend` ("nft" or "legacy"); None: the
+    backend that holds rules there, the machine's own `iptables` first (a lab loads kube-proxy's rules
+    into that one unless spec.kubeProxy.iptables says otherwise)."""
+    from services.kube_proxy import host_iptables_backend, iptables_save
+
+    tail = ["-c"] + (["-t", table] if table else [])
+    if backend is not None:
+        return parse_iptables_save(_run_in(ns, iptables_save(backend) + tail))
+    first = host_iptables_backend()
+    rules = parse_iptables_save(_run_in(ns, iptables_save(first) + tail))
+    if rules:
+        return rules
+    return parse_iptables_save(_run_in(ns, iptables_save("legacy" if first == "nft" else "nft") + tail))
 
 
 def nft_rules(ns: str, table: str | None = None) -> tuple[list[Rule], dict[str, dict[str, str]]]:
@@ -419,7 +430,7 @@ def nft_rules(ns: str, table: str | None = None) -> tuple[list[Rule], dict[str, 
 
 
 def rule_counters(ns: str) -> dict[str, Rule]:
-    """Every counted rule of a namespace (iptables-legacy and nftables), keyed by where it is."""
+    """Every counted rule of a namespace (iptables, whichever backend holds them, and nftables), keyed by where it is."""
     rules = iptables_rules(ns) + nft_rules(ns)[0]
     return {r.where: r for r in rules if r.packets is not None}
 

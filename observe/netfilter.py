@@ -1,6 +1,6 @@
 """`lab trace`'s rule verdicts: which netfilter rules and IPVS virtual servers acted on the probe.
 
-A rule's packet counter read before and after the probe says it matched (iptables-legacy-save -c, nft
+A rule's packet counter read before and after the probe says it matched (iptables-save -c of the lab's backend, nft
 counters); the DNAT that changed a destination is named from the rules of the node's kube-proxy mode
 (iptables chains, the nft `service-ips` map, the IPVS table); drops are attributed to the probe only where
 it was last seen, and a NetworkPolicy drop only in a chain of one of the probe's own pods.

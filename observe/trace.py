@@ -25,10 +25,11 @@ order, and its text), observe/netfilter.py (rule counters, DNAT/SNAT, drops), ob
 - **Why the kernel did it.** Between a packet entering and leaving a namespace the kernel routed it:
   `ip route get fibmatch DST from SRC iif DEV` (rtnetlink, in that namespace) names the table entry it
   used. A destination that changed is a DNAT; it is named from the rules (iptables: the packet counters
-  of `iptables-legacy-save -c` before and after the probe give KUBE-SERVICES -> KUBE-SVC -> KUBE-SEP; nft:
+  of `iptables-save -c` (the lab's backend) before and after the probe give KUBE-SERVICES -> KUBE-SVC -> KUBE-SEP; nft:
   the live `service-ips` map element and the endpoint chain with that `dnat to`, since kube-proxy's nft
   rules carry no counters; IPVS: the virtual server and real server from the node's IPVS table).
-  kube-proxy's iptables mode here runs on iptables-legacy, which `nft monitor trace` cannot see;
+  kube-proxy's iptables mode runs on the machine's own iptables backend (iptables-nft on current
+  distributions) unless spec.kubeProxy.iptables says legacy, which `nft monitor trace` cannot see;
   counters work for both.
 - **Drops.** The last place the packet was seen, then the reason, in order: an ICMP error on the wire
   (fragmentation needed: MTU; unreachable: no route or a REJECT), a DROP/REJECT rule whose counter moved

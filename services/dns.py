@@ -20,13 +20,21 @@ What differs from CoreDNS's `kubernetes` plugin, on purpose and documented for t
 * no `autopath`: the client walks its search path itself, as with CoreDNS's default Corefile;
 * names in the cluster domain that do not exist are NXDOMAIN from here and never forwarded (`local=`),
   like CoreDNS; AAAA for an existing name is an empty answer (NOERROR, no records) — there is no IPv6;
-* records: `<svc>.<ns>.svc.<domain>` A -> ClusterIP; a headless service (`clusterIP: None`) gets one A per
-  ready endpoint pod, plus CoreDNS's per-endpoint name `<a-b-c-d>.<svc>.<ns>.svc.<domain>` (the pod IP
-  dashed, CoreDNS's default endpoint hostname); SRV `_<port>._<proto>.<svc>.<ns>.svc.<domain>` for every
-  NAMED port (ClusterIP: one record, target the service name, the service port, weight 100; headless: one
-  per ready endpoint, target its dashed name, the endpoint's port, weight 100/N as CoreDNS spreads it).
-  No pod records (`<a-b-c-d>.<ns>.pod.<domain>`), no ExternalName, no wildcard queries, and reverse (PTR)
-  answers only for the addresses listed here (dnsmasq derives them from the hosts file);
+* records, following the Kubernetes DNS-Based Service Discovery specification, schema version 1.1.0
+  (kubernetes/dns docs/specification.md; the section of each rule is named in `records`):
+  `dns-version.<domain>` TXT "1.1.0" (2.2); `<svc>.<ns>.svc.<domain>` A -> ClusterIP (2.3.1); a headless
+  service (`clusterIP: None`) gets one A per ready endpoint pod (2.4.1), and each endpoint its own name:
+  `<hostname>.<svc>.<ns>.svc.<domain>` when the pod sets `hostname` and its `subdomain` is the service's name
+  (the EndpointSlice controller's rule, 2.4.1), else CoreDNS's `<a-b-c-d>.<svc>.<ns>.svc.<domain>` (the pod
+  IP dashed); SRV `_<port>._<proto>.<svc>.<ns>.svc.<domain>` for every NAMED port (ClusterIP: one record,
+  target the service name, the service port, weight 100 (2.3.2); headless: one per ready endpoint, target
+  its endpoint name, the endpoint's port, weight 100/N as CoreDNS spreads it (2.4.2)); PTR of a ClusterIP ->
+  the service (2.3.3) and of an endpoint -> its endpoint name (2.4.3); ExternalName services a CNAME to
+  their externalName (2.5); pod records `<a-b-c-d>.<ns>.pod.<domain>` A for every running pod (2.6,
+  deprecated but still required; the pod must exist with that IP, as CoreDNS's `pods verified`). No wildcard
+  queries (2.7, deprecated and optional). dnsmasq derives PTR answers from the hosts file, the first line
+  of an address naming it, so `hosts_lines` writes each address's PTR name first; a pod that is no
+  endpoint of a headless service answers PTR with its pod record;
 * TTL 0 (dnsmasq's `local-ttl` default) instead of CoreDNS's 30 s: nothing is cached anywhere.
 
 dnsmasq re-reads its `addn-hosts` file on SIGHUP but NOT its configuration, where `srv-host` lines live:
@@ -59,6 +67,10 @@ from typing import Iterable, NamedTuple
 
 from services.endpoints import RunningPod, ServicePortEndpoints, target_port
 from topo.model import ExternalHost, Pod, Service
+
+# The schema version of the Kubernetes DNS specification these records implement (spec 2.2: answered as
+# the TXT record dns-version.<zone>; `lab dns-count` and docs/dns-and-ingress.md name it too).
+DNS_SCHEMA_VERSION = "1.1.0"
 
 # kubelet's limits (pkg/apis/core/validation: MaxDNSNameservers; the ExpandedDNSConfig limits, GA since
 # Kubernetes 1.28: 32 search domains, 2048 characters in the search line; a single search domain longer
@@ -177,6 +189,13 @@ class Records:
 
     a: tuple[tuple[str, IPv4Address], ...] = ()  # (name, address); a headless name appears once per pod
     srv: tuple[Srv, ...] = ()
+    ptr: tuple[tuple[IPv4Address, str], ...] = ()  # (address, the name its PTR answers), where it matters
+    cname: tuple[tuple[str, str], ...] = ()  # (alias, target): ExternalName services
+
+    def target(self, name: str) -> str | None:
+        """The CNAME target of `name`, if it is an alias."""
+        name = name.rstrip(".").lower()
+        return next((t for n, t in self.cname if n == name), None)
 
     def lookup(self, name: str) -> list[IPv4Address]:
         """The A answers for `name` (without the trailing dot), in hosts-file order."""
@@ -185,7 +204,10 @@ class Records:
 
     @property
     def hosts_lines(self) -> tuple[str, ...]:
-        return tuple(f"{ip} {name}" for name, ip in self.a)
+        """`IP NAME` lines, each address's PTR name first (dnsmasq answers PTR with an address's first name)."""
+        first = {(name, ip) for ip, name in self.ptr}
+        return (tuple(f"{ip} {name}" for ip, name in self.ptr)
+                + tuple(f"{ip} {name}" for name, ip in self.a if (name, ip) not in first))
 
 
 def service_fqdn(service: Service, domain: str) -> str:
@@ -195,6 +217,15 @@ def service_fqdn(service: Service, domain: str) -> str:
 def dashed(ip: IPv4Address) -> str:
     """CoreDNS's default hostname of an endpoint without one: its IP with dashes (10-244-1-2)."""
     return str(ip).replace(".", "-")
+
+
+def endpoint_hostname(service: Service, pod: Pod, ip: IPv4Address) -> str:
+    """An endpoint's hostname: the pod's `hostname` when its `subdomain` names this service in its own
+    namespace (what the EndpointSlice controller copies into the endpoint; DNS spec 2.4.1 names the record
+    after it), else CoreDNS's dashed IP."""
+    if pod.hostname and pod.subdomain == service.name and pod.namespace == service.namespace:
+        return pod.hostname
+    return dashed(ip)
 
 
 def _headless_members(service: Service, running: list[RunningPod]) -> list[RunningPod]:
@@ -220,28 +251,41 @@ def records(services: Iterable[Service], sps: list[ServicePortEndpoints], runnin
             raise ValueError(f"records: {sp.name} is not among the services given")
     a: set[tuple[str, IPv4Address]] = set()
     srv: set[Srv] = set()
+    ptr: dict[IPv4Address, str] = {}
+    cname: set[tuple[str, str]] = set()
     for service in services:
         fqdn = service_fqdn(service, domain)
-        if service.cluster_ip is not None:
+        if service.external_name is not None:  # 2.5: a CNAME, and nothing else (no A, no SRV)
+            cname.add((fqdn, service.external_name.rstrip(".").lower()))
+            continue
+        if service.cluster_ip is not None:  # 2.3.1 A, 2.3.2 SRV, 2.3.3 PTR
             a.add((fqdn, service.cluster_ip))
             for port in service.ports:
                 if port.name:
                     srv.add(Srv(f"_{port.name}._{port.protocol.lower()}.{fqdn}", fqdn, port.port))
             continue
-        members = _headless_members(service, running)
+        members = _headless_members(service, running)  # 2.4.1 A per ready endpoint, named by its hostname
         for rp in members:
+            name = f"{endpoint_hostname(service, rp.pod, rp.ip)}.{fqdn}"
             a.add((fqdn, rp.ip))
-            a.add((f"{dashed(rp.ip)}.{fqdn}", rp.ip))
-        for port in service.ports:
+            a.add((name, rp.ip))
+            # 2.4.3 PTR -> the endpoint's name; a pod behind several headless services: a named one first
+            if rp.ip not in ptr or (name.split(".")[0] != dashed(rp.ip) and ptr[rp.ip].split(".")[0] == dashed(rp.ip)):
+                ptr[rp.ip] = name
+        for port in service.ports:  # 2.4.2 SRV per ready endpoint
             if not port.name:
                 continue
             targets = [(rp, target_port(rp.pod, port)) for rp in members]
             targets = [(rp, number) for rp, number in targets if number is not None]
             for rp, number in targets:
-                srv.add(Srv(f"_{port.name}._{port.protocol.lower()}.{fqdn}", f"{dashed(rp.ip)}.{fqdn}",
+                srv.add(Srv(f"_{port.name}._{port.protocol.lower()}.{fqdn}",
+                            f"{endpoint_hostname(service, rp.pod, rp.ip)}.{fqdn}",
                             number, 0, max(1, 100 // len(targets))))  # CoreDNS: floor(100/N), at least 1
+    for rp in running:  # 2.6 pod records: every pod that exists with that address in that namespace
+        a.add((f"{dashed(rp.ip)}.{rp.pod.namespace}.pod.{domain}", rp.ip))
     return Records(tuple(sorted(a, key=lambda r: (r[0], int(r[1])))),
-                   tuple(sorted(srv, key=lambda s: (s.name, s.target, s.port))))
+                   tuple(sorted(srv, key=lambda s: (s.name, s.target, s.port))),
+                   tuple(sorted(ptr.items(), key=lambda r: int(r[0]))), tuple(sorted(cname)))
 
 
 def reload_action(old: Records | None, new: Records) -> str:
@@ -250,7 +294,7 @@ def reload_action(old: Records | None, new: Records) -> str:
     live in the configuration file, which dnsmasq reads only at startup)."""
     if old == new:
         return "none"
-    if old is None or old.srv != new.srv:
+    if old is None or old.srv != new.srv or old.cname != new.cname:
         return "restart"
     return "hup"
 
@@ -293,8 +337,12 @@ def dnsmasq_conf(recs: Records, upstream: IPv4Address | None, domain: str, log_f
         lines.append(f"server={upstream}")
     else:
         lines += ["# no upstream in this lab: every other name is NXDOMAIN", "address=/#/"]
+    lines += ["# Kubernetes DNS specification 2.2: the schema version these records follow",
+              f'txt-record=dns-version.{domain},"{DNS_SCHEMA_VERSION}"']
     for s in recs.srv:
         lines.append(f"srv-host={s.name},{s.target},{s.port},{s.priority},{s.weight}")
+    for alias, target in recs.cname:  # 2.5 ExternalName (dnsmasq 2.90 answers a CNAME to any target name)
+        lines.append(f"cname={alias},{target}")
     return "".join(f"{line}\n" for line in lines)
 
 

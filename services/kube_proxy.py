@@ -2,19 +2,27 @@
 
 As on a real cluster, every node gets the full set of rules in its own namespace, so a connection to a
 ClusterIP is translated on the client's node and no central box sits in the path. Each sync programs a
-node with ONE process: `iptables-legacy-restore` (iptables mode) or `nft -f -` (nftables mode), never one
-per rule. The iptables mode uses the legacy backend: it loads 10,000 services twice as fast as the
-nft-backed iptables here (1.6 s against 3.5 s) and its lookups were faster too (see bench/services.py).
-nftables syncs are incremental: the last ruleset loaded into each node is kept, and only the difference
-is sent. In iptables mode a node whose rendered rules are unchanged is not reloaded (a fingerprint of
-the last load is kept), since a full restore costs about a second at 10,000 services. IPVS mode keeps
+node with ONE process: `iptables-restore` (iptables mode) or `nft -f -` (nftables mode), never one per rule.
+
+The iptables backend (`spec.kubeProxy.iptables`) is by default the machine's own `iptables` (`auto`), as
+kube-proxy's image picks the backend the host uses (its iptables-wrapper looks at which backend holds the
+host's rules), so `iptables-save` typed in a node shows KUBE-SERVICES. On Debian 12 that is iptables-nft;
+`legacy` loads a full table about twice as fast (kernel-notes: 10,000 services 1.6 s against 3.5 s) and
+its per-connection scan is shallower; docs/benchmarks.md has both measured.
+
+Syncs after the first are partial, as kube-proxy's since Kubernetes 1.28 (its "partial sync": only the
+changed services' chains are written): the last rule set loaded into each node is kept, and only the
+chains that changed are sent, with `--noflush` (a chain declared in the input is flushed and rewritten,
+every other chain stays), chains that are gone are flushed and deleted (`-X`). A change to a built-in
+chain, or a failed partial load (the tables were changed behind our back), falls back to a full restore.
+nftables syncs are incremental too: only the difference of the ruleset is sent. IPVS mode keeps
 each node's last plan too: kube-ipvs0's addresses, the virtual and real servers change one by one (as
 kube-proxy's own syncs do; a restore from scratch would also drop every connection entry), and the
 ipsets and the nat helper rules are reloaded only when they changed.
 """
 from __future__ import annotations
 
-import hashlib
+import functools
 import json
 import shutil
 import subprocess
@@ -26,14 +34,42 @@ from services import endpoints as ep
 from services import kube_proxy_ipvs as ipvs
 from topo import kernel, netns
 from topo.errors import ApplyError, FeatureMissing
-from topo.model import Lab, Node
+from topo.model import KubeProxy, Lab, Node
 
-IPTABLES_RESTORE = ["iptables-legacy-restore", "-w", "5"]
+IPTABLES_RESTORE = ["iptables-legacy-restore", "-w", "5"]  # kept for callers naming the legacy loader
 NFT = ["nft", "-f", "-"]
 # IPVS mode. `ipvsadm -R`, not the ipvsadm-restore script: the script always clears the table first.
 IPVSADM_RESTORE = ["ipvsadm", "-R"]
 IPSET_RESTORE = ["ipset", "restore"]
 IP_BATCH = ["ip", "-batch", "-"]
+
+
+@functools.lru_cache(maxsize=1)
+def host_iptables_backend() -> str:
+    """The backend of the machine's own `iptables` ("nft" or "legacy"), from `iptables --version`
+    ("iptables v1.8.9 (nf_tables)" or "(legacy)"); legacy when it does not say (iptables before 1.8)."""
+    try:
+        out = subprocess.run(["iptables", "--version"], capture_output=True, text=True, timeout=5).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return "legacy"
+    return "nft" if "nf_tables" in out else "legacy"
+
+
+def iptables_backend(proxy: KubeProxy) -> str:
+    """The iptables backend a lab's rules live in: "nft" or "legacy" (`auto`: the machine's own)."""
+    return host_iptables_backend() if proxy.iptables == "auto" else proxy.iptables
+
+
+def iptables_restore(backend: str, noflush: bool = False) -> list[str]:
+    return [f"iptables-{backend}-restore", "-w", "5"] + (["--noflush"] if noflush else [])
+
+
+def iptables_save(backend: str) -> list[str]:
+    return [f"iptables-{backend}-save"]
+
+
+def iptables_cmd(backend: str) -> list[str]:
+    return [f"iptables-{backend}"]
 
 
 def missing_features(lab: Lab) -> list[kernel.Feature]:
@@ -54,8 +90,9 @@ def require(lab: Lab) -> None:
 
 def require_tools(lab: Lab) -> None:
     """The programs the lab's proxy mode loads rules with."""
-    tools = {"iptables": [IPTABLES_RESTORE[0]], "nftables": [NFT[0]],
-             "ipvs": [IPVSADM_RESTORE[0], IPSET_RESTORE[0], IPTABLES_RESTORE[0], "ip"]}[lab.kube_proxy.mode]
+    restore = iptables_restore(iptables_backend(lab.kube_proxy))[0]
+    tools = {"iptables": [restore], "nftables": [NFT[0]],
+             "ipvs": [IPVSADM_RESTORE[0], IPSET_RESTORE[0], restore, "ip"]}[lab.kube_proxy.mode]
     for tool in tools:
         if shutil.which(tool) is None:
             raise FeatureMissing(f"kubeProxy.mode {lab.kube_proxy.mode} needs {tool}: install it (./install.sh does)")
@@ -87,14 +124,8 @@ def sync_node(lab: Lab, node: Node, sps: list[ep.ServicePortEndpoints], folder: 
     if lab.kube_proxy.mode == "iptables":
         from services import kube_proxy_iptables as ipt
 
-        text = ipt.render(node, sps, lab.cluster)
-        digest = folder / f"{node.name}.iptables.sha256"
-        fingerprint = hashlib.sha256(text.encode()).hexdigest()
-        if digest.exists() and digest.read_text() == fingerprint:
-            return  # this node's rules did not change: no reload (a full restore costs ~1 s at 10k services)
-        load(ns, IPTABLES_RESTORE, text)
-        folder.mkdir(parents=True, exist_ok=True)
-        digest.write_text(fingerprint)
+        sync_iptables(ns, ipt.render(node, sps, lab.cluster), iptables_backend(lab.kube_proxy),
+                      folder / f"{node.name}.iptables.rules")
     elif lab.kube_proxy.mode == "nftables":
         from services import kube_proxy_nftables as nft
 
@@ -113,10 +144,36 @@ def sync_node(lab: Lab, node: Node, sps: list[ep.ServicePortEndpoints], folder: 
         saved.write_text(json.dumps(nft.to_json(new)))
     else:
         require(lab)
-        sync_ipvs(ns, ipvs.build(node, sps, lab.cluster), folder / f"{node.name}.ipvs.json")
+        sync_ipvs(ns, ipvs.build(node, sps, lab.cluster), folder / f"{node.name}.ipvs.json",
+                  iptables_backend(lab.kube_proxy))
 
 
-def sync_ipvs(ns: str, plan: ipvs.IpvsPlan, saved: Path) -> None:
+def sync_iptables(ns: str, text: str, backend: str, saved: Path) -> str:
+    """Bring one node's iptables rules to `text` (a full restore input): the first time, and whenever a
+    partial load is impossible or fails, by a full restore; else only the changed chains (kube-proxy's
+    partial sync). `saved` keeps the text last loaded. Returns "full", "partial" or "none"."""
+    from services import kube_proxy_iptables as ipt
+
+    old = saved.read_text() if saved.exists() else None
+    if old == text:
+        return "none"  # this node's rules did not change: nothing to load
+    delta = ipt.render_delta(old, text) if old is not None else None
+    how = "partial"
+    try:
+        if delta is None:
+            raise ApplyError("no partial sync possible")
+        load(ns, iptables_restore(backend, noflush=True), delta)
+    except ApplyError:
+        load(ns, iptables_restore(backend), text)
+        how = "full"
+    saved.parent.mkdir(parents=True, exist_ok=True)
+    tmp = saved.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.replace(saved)
+    return how
+
+
+def sync_ipvs(ns: str, plan: ipvs.IpvsPlan, saved: Path, backend: str | None = None) -> None:
     """Bring one node's IPVS mode state to `plan`, in an order that never leaves a virtual server without
     its address or its masquerade rules: kube-ipvs0's addresses, the ipsets, the nat table, then the
     virtual servers. `saved` keeps the plan last loaded (the base of the next delta)."""
@@ -134,7 +191,7 @@ def sync_ipvs(ns: str, plan: ipvs.IpvsPlan, saved: Path) -> None:
     if old is None or old.ipsets != plan.ipsets:
         load(ns, IPSET_RESTORE, ipvs.render_ipset(plan))
     if old is None or old.iptables != plan.iptables:
-        load(ns, IPTABLES_RESTORE, ipvs.render_iptables(plan))
+        load(ns, iptables_restore(backend or host_iptables_backend()), ipvs.render_iptables(plan))
     if old is None:
         load(ns, IPVSADM_RESTORE, ipvs.loadable(ipvs.render_ipvsadm(plan)))
     else:

@@ -316,6 +316,38 @@ def _service_port(filt: _Table, nat: _Table, node: Node, sp: ServicePortEndpoint
         nat.add(sep, f"-p {p} {_c(name)}{sticky} -m {p} -j DNAT --to-destination {e}")
 
 
+class _Recorder:
+    """Stands in for a _Table while one service port is rendered: records (table, chain, spec or None for a
+    chain declaration), so the rules of an unchanged service port are computed once per process."""
+
+    def __init__(self, name: str, ops: list) -> None:
+        self.name, self.ops = name, ops
+
+    def chain(self, *names: str) -> None:
+        self.ops += [(self.name, chain, None) for chain in names]
+
+    def add(self, chain: str, spec: str) -> None:
+        self.ops.append((self.name, chain, spec))
+
+
+_RULES_CACHE: dict[tuple, tuple] = {}
+
+
+def _service_port_rules(node: Node, sp: ServicePortEndpoints, cluster: Cluster) -> tuple:
+    """One service port's rules as (table, chain, spec) records, memoized by (node, service port with its
+    endpoints, cluster): a sync after one change renders only the changed service ports, as kube-proxy's
+    partial sync does. The cache is dropped when it outgrows a large cluster's worth of service ports."""
+    key = (node, sp, cluster)
+    found = _RULES_CACHE.get(key)
+    if found is None:
+        ops: list = []
+        _service_port(_Recorder("filter", ops), _Recorder("nat", ops), node, sp, cluster)  # type: ignore[arg-type]
+        if len(_RULES_CACHE) > 1 << 16:
+            _RULES_CACHE.clear()
+        found = _RULES_CACHE[key] = tuple(ops)
+    return found
+
+
 def render(node: Node, sps: list[ServicePortEndpoints], cluster: Cluster) -> str:
     """The complete iptables-restore input (filter and nat) programming `node` as kube-proxy would.
 
@@ -327,7 +359,12 @@ def render(node: Node, sps: list[ServicePortEndpoints], cluster: Cluster) -> str
     _skeleton(filt, nat)
     for sp in sps:
         if sp.service.cluster_ip is not None:
-            _service_port(filt, nat, node, sp, cluster)
+            for table, chain, spec in _service_port_rules(node, sp, cluster):
+                target = filt if table == "filter" else nat
+                if spec is None:
+                    target.chain(chain)
+                else:
+                    target.add(chain, spec)
     nat.add(KUBE_SERVICES, f"{_c('kubernetes service nodeports; NOTE: this must be the last rule in this chain')} "
                            f"-m addrtype --dst-type LOCAL -j {KUBE_NODEPORTS}")
     _forward_rules(filt)
@@ -361,6 +398,71 @@ def tables(text: str) -> dict[str, dict[str, list[str]]]:
         else:
             raise ValueError(f"not a chain or -A line: {line}")
     return out
+
+
+def render_delta(old: str, new: str) -> str | None:
+    """kube-proxy's partial sync (Kubernetes 1.28+): the `iptables-restore --noflush` input that turns the
+    rules loaded from `old` into `new`, writing only the chains whose rules changed (a chain declared with
+    `:CHAIN - [0:0]` is flushed, then its rules follow), flushing and deleting (`-X`) the chains that are
+    gone, leaving every other chain untouched. None when a partial load cannot express the change (a
+    built-in chain changed: --noflush would append to it; or the set of tables changed): load `new` whole."""
+    before, after = tables(old), tables(new)
+    if before.keys() != after.keys():
+        return None
+    builtins = {"filter": FILTER_BUILTINS, "nat": NAT_BUILTINS}
+    out: list[str] = []
+    for table, chains_now in after.items():
+        was = before[table]
+        fixed = builtins.get(table, ())
+        if any(was.get(chain) != chains_now.get(chain) for chain in fixed) or any(
+                chain not in chains_now for chain in fixed if chain in was):
+            return None
+        changed = [c for c, rules in chains_now.items() if c not in fixed and was.get(c) != rules]
+        gone = [c for c in was if c not in chains_now and c not in fixed]
+        if not changed and not gone:
+            continue
+        edits: list[str] = []
+        rewrite = []
+        for chain in changed:
+            patch = _patch(table, chain, was.get(chain), chains_now[chain])
+            if patch is None:
+                rewrite.append(chain)
+            else:
+                edits += patch
+        out.append(f"*{table}")
+        out += [f":{chain} - [0:0]" for chain in (*rewrite, *gone)]
+        for chain in rewrite:
+            out += [f"-A {chain} {spec}" if spec else f"-A {chain}" for spec in chains_now[chain]]
+        out += edits
+        out += [f"-X {chain}" for chain in gone]
+        out.append("COMMIT")
+    return "\n".join(out) + "\n" if out else ""
+
+
+# Chains holding one rule per service port, each matching its own (address or node port, protocol, port),
+# so their order does not matter (nat KUBE-SERVICES: except its last rule, the jump to KUBE-NODEPORTS).
+# kube-proxy rewrites these whole on every sync; at 10,000 services that is 10,000 rules of one chain, the
+# bulk of a "+1 service" load, so here a change to them is sent as rule edits instead.
+_ORDER_FREE = {("nat", KUBE_SERVICES): 1, ("nat", KUBE_NODEPORTS): 0, ("filter", KUBE_SERVICES): 0,
+               ("filter", KUBE_EXTERNAL_SERVICES): 0}  # -> how many rules at the end must stay in place
+
+
+def _patch(table: str, chain: str, old: list[str] | None, new: list[str]) -> list[str] | None:
+    """The `-D`/`-I` lines that turn `old` into `new` for an order-free chain (new rules go to the top,
+    which keeps the fixed last rules last), or None: rewrite the chain whole."""
+    tail = _ORDER_FREE.get((table, chain))
+    if tail is None or old is None or len(old) < tail or len(new) < tail:
+        return None
+    if tail and old[-tail:] != new[-tail:]:
+        return None
+    before, after = set(old[:len(old) - tail]), set(new[:len(new) - tail])
+    if len(before) != len(old) - tail or len(after) != len(new) - tail:
+        return None  # a repeated rule: edits by text would be ambiguous
+    removed = [spec for spec in old[:len(old) - tail] if spec not in after]
+    added = [spec for spec in new[:len(new) - tail] if spec not in before]
+    if len(removed) + len(added) > len(new) // 2 + 1:
+        return None  # most of the chain changed: a rewrite is shorter
+    return [f"-D {chain} {spec}" for spec in removed] + [f"-I {chain} 1 {spec}" for spec in reversed(added)]
 
 
 def chains(text: str, table: str = "nat") -> dict[str, list[str]]:

@@ -20,21 +20,13 @@ from pydantic import Field
 
 from topo import names
 from topo.cluster_spec import NodeIn
-from topo.model import NODE_PORT_RANGE, PROXY_MODES, KubeProxy, Lab, Service, ServicePort
+from topo.model import IPTABLES_BACKENDS, NODE_PORT_RANGE, PROXY_MODES, KubeProxy, Lab, Service, ServicePort
 from topo.object_spec import ObjectMetaIn, Parsed, ServiceDraft, check_labels, check_meta, normalized_manifest
 from topo.address_spec import parse_address
 from topo.schema import (Issues, Loc, StrictModel, close_match, looks_numeric, short, show, validate, written_at, wrong_type)
 from topo.workload_spec import port_name_problem, protocol_problem
+from services.service_type_spec import EXTERNAL_NAME, external_name, service_type as _service_type
 
-SERVICE_TYPES = ("ClusterIP", "NodePort")
-# Types Kubernetes has and a lab cannot build: named so a learner hears why and what to use instead.
-UNSUPPORTED_SERVICE_TYPES = {
-    "LoadBalancer": "type LoadBalancer is not supported: a lab has no cloud to provision a load balancer; use type "
-                    "NodePort (a LoadBalancer service is a NodePort service with a load balancer in front of the "
-                    "nodes) and reach it at a node's IP",
-    "ExternalName": "type ExternalName is not supported: it is only a DNS alias (CNAME) that kube-proxy never "
-                    "programs; use type ClusterIP",
-}
 HEADLESS = "None"  # clusterIP: None (the string) makes a headless service: DNS names, no virtual IP
 SESSION_AFFINITIES = ("None", "ClientIP")
 TRAFFIC_POLICIES = ("Cluster", "Local")
@@ -56,6 +48,7 @@ PROXY_MODE_HINTS = {
 
 class KubeProxyIn(StrictModel):
     mode: str | None = None
+    iptables: str | None = None
 
 
 class _ServicePortIn(StrictModel):
@@ -91,6 +84,7 @@ class _ServiceSpecIn(StrictModel):
     internal_traffic_policy: str | None = Field(None, alias="internalTrafficPolicy")
     ip_families: list[str] | None = Field(None, alias="ipFamilies")
     ip_family_policy: str | None = Field(None, alias="ipFamilyPolicy")
+    external_name: Any = Field(None, alias="externalName")
 
 
 class _ServiceIn(StrictModel):
@@ -106,8 +100,16 @@ class _ServiceIn(StrictModel):
 def check_kube_proxy(proxy_in: KubeProxyIn, issues: Issues) -> KubeProxy | None:
     """kube-proxy's mode. Whether the kernel has what ipvs (or nftables) needs is checked at `lab up`."""
     mode = proxy_in.mode if proxy_in.mode is not None else KubeProxy().mode
+    backend = proxy_in.iptables if proxy_in.iptables is not None else KubeProxy().iptables
+    if backend not in IPTABLES_BACKENDS:
+        close = close_match(backend, IPTABLES_BACKENDS)
+        hint = f" (did you mean {close}?)" if close else ""
+        issues.add(("spec", "kubeProxy", "iptables"),
+                   f"unknown iptables backend {short(repr(backend), 40)}{hint}: use auto (the machine's own iptables, "
+                   "as kube-proxy picks it), nft or legacy")
+        return None
     if mode in PROXY_MODES:
-        return KubeProxy(mode=mode)
+        return KubeProxy(mode=mode, iptables=backend)
     loc = ("spec", "kubeProxy", "mode")
     supported = ", ".join(PROXY_MODES)
     if mode.lower() in PROXY_MODE_HINTS:
@@ -156,8 +158,11 @@ def read_service(obj: Any, loc: Loc, issues: Issues) -> Parsed | None:
     meta, spec, sloc = model.metadata, model.spec, loc + ("spec",)
     check_meta(meta, loc + ("metadata",), issues, name_problem=service_name_problem)
     service_type = _service_type(spec.type, sloc + ("type",), issues)
-    headless, cluster_ip = _given_cluster_ip(spec.cluster_ip, service_type, sloc + ("clusterIP",), issues)
-    ports = _service_ports(spec.ports or [], service_type, headless, sloc + ("ports",), issues)
+    alias = external_name(spec.external_name, service_type, spec.cluster_ip, sloc, issues)
+    headless, cluster_ip = (False, None) if service_type == EXTERNAL_NAME else _given_cluster_ip(
+        spec.cluster_ip, service_type, sloc + ("clusterIP",), issues)
+    ports = _service_ports(spec.ports or [], service_type, headless or service_type == EXTERNAL_NAME,
+                           sloc + ("ports",), issues)
     selector = dict(spec.selector or {})
     check_labels(selector, sloc + ("selector",), issues)
     affinity, timeout = _session_affinity(spec, sloc, issues)
@@ -171,22 +176,9 @@ def read_service(obj: Any, loc: Loc, issues: Issues) -> Parsed | None:
     _fill_service_defaults(manifest["spec"], service_type, affinity, timeout)
     service = Service(name=meta.name, namespace=namespace, cluster_ip=cluster_ip, ports=ports,
                       selector=tuple(selector.items()), type=service_type, session_affinity=affinity,
-                      affinity_timeout=timeout, external_traffic_policy=policy)
+                      affinity_timeout=timeout, external_traffic_policy=policy, external_name=alias)
     return Parsed(model.api_version, model.kind, loc, manifest, meta.name, namespace, dict(meta.labels or {}),
                   service=ServiceDraft(service, headless))
-
-
-def _service_type(given: str | None, loc: Loc, issues: Issues) -> str | None:
-    service_type = given if given is not None else SERVICE_TYPES[0]
-    if service_type in SERVICE_TYPES:
-        return service_type
-    if service_type in UNSUPPORTED_SERVICE_TYPES:
-        issues.add(loc, UNSUPPORTED_SERVICE_TYPES[service_type])
-        return None
-    close = close_match(service_type, SERVICE_TYPES + tuple(UNSUPPORTED_SERVICE_TYPES))
-    hint = f" (did you mean {close}?)" if close else ""
-    issues.add(loc, f"unknown type {short(repr(service_type), 40)}{hint}; supported: {', '.join(SERVICE_TYPES)}")
-    return None
 
 
 def _given_cluster_ip(text: str | None, service_type: str | None, loc: Loc,
@@ -331,10 +323,10 @@ def _external_traffic_policy(given: str | None, service_type: str | None, loc: L
         hint = f" (did you mean {close}?)" if close else ""
         issues.add(loc, f"externalTrafficPolicy must be Cluster or Local, got {short(repr(given), 40)}{hint}")
         return None
-    if service_type == "ClusterIP":
+    if service_type in ("ClusterIP", EXTERNAL_NAME):
         issues.add(loc, "externalTrafficPolicy is about traffic from outside the cluster, and Kubernetes allows it "
                         "only for services reachable from outside (here: type NodePort); this service is type "
-                        "ClusterIP: remove externalTrafficPolicy, or set type: NodePort")
+                        f"{service_type}: remove externalTrafficPolicy, or set type: NodePort")
         return None
     return given
 
@@ -478,7 +470,8 @@ def _cluster_ips(objs: list[Parsed], lab: Lab, cidr: IPv4Network | None, issues:
     candidates = _cluster_ip_candidates(cidr)  # one pass: every address before the last one handed out is taken
     for index, obj in enumerate(objs):
         assert obj.service is not None
-        if obj.service.headless or obj.service.service.cluster_ip is not None:
+        if obj.service.headless or obj.service.service.cluster_ip is not None or \
+                obj.service.service.type == EXTERNAL_NAME:  # an alias: no cluster IP, as in Kubernetes
             continue
         ip = next((c for c in candidates if c not in owners), None)
         if ip is None:

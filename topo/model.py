@@ -68,6 +68,10 @@ class Pod:
     owner: str | None = None  # the Deployment a replica came from
     dns_policy: str = "ClusterFirst"  # Kubernetes' default; Default, None, ClusterFirstWithHostNet
     dns_config: DnsConfig | None = None
+    # spec.hostname and spec.subdomain: with a headless Service named `subdomain` selecting the pod, the
+    # pod gets `<hostname>.<subdomain>.<ns>.svc.<zone>` (Kubernetes DNS specification 2.4.1-2.4.3)
+    hostname: str | None = None
+    subdomain: str | None = None
 
     @property
     def key(self) -> str:
@@ -205,6 +209,7 @@ class Service:
     session_affinity: str = "None"  # or ClientIP
     affinity_timeout: int = 10800  # seconds; Kubernetes' default for ClientIP affinity
     external_traffic_policy: str = "Cluster"  # or Local (NodePort only)
+    external_name: str | None = None  # type ExternalName: a DNS alias (CNAME), no cluster IP, no proxy rules
 
     @property
     def key(self) -> str:
@@ -218,6 +223,9 @@ class Service:
 @dataclass(frozen=True)
 class KubeProxy:
     mode: str = "iptables"  # Kubernetes' default; or nftables, ipvs
+    # iptables mode's backend: auto (the machine's own `iptables`, as kube-proxy's image picks the host's),
+    # nft (iptables-nft: nf_tables underneath) or legacy (iptables-legacy: x_tables)
+    iptables: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -399,6 +407,7 @@ class NetworkPolicy:
 
 
 PROXY_MODES = ("iptables", "nftables", "ipvs")
+IPTABLES_BACKENDS = ("auto", "nft", "legacy")
 NODE_PORT_RANGE = (30000, 32767)  # Kubernetes' default --service-node-port-range
 
 

@@ -32,6 +32,8 @@ class PodTemplate:
     node_loc: Loc  # where nodeName is (or would be) written, for messages
     dns_policy: str = "ClusterFirst"
     dns_config: DnsConfig | None = None
+    hostname: str | None = None
+    subdomain: str | None = None
 
 
 @dataclass

@@ -138,7 +138,8 @@ def _place(drafts: list[_Draft], lab: Lab, issues: Issues) -> list[Pod]:
         pods.append(Pod(name=draft.name, namespace=draft.namespace, node=node, labels=draft.template.labels,
                         containers=draft.template.containers,
                         owner=draft.obj.name if draft.replica is not None else None,
-                        dns_policy=draft.template.dns_policy, dns_config=draft.template.dns_config))
+                        dns_policy=draft.template.dns_policy, dns_config=draft.template.dns_config,
+                        hostname=draft.template.hostname, subdomain=draft.template.subdomain))
     for node_name, loc in overflow_at.items():
         issues.add(loc, _capacity_message(lab, lab.node(node_name), counts[node_name]))
     return pods

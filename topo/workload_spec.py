@@ -85,7 +85,7 @@ class _DnsConfigIn(StrictModel):
 class _PodSpecIn(StrictModel):
     """The Pod spec subset a lab runs. restartPolicy and terminationGracePeriodSeconds are accepted and do not
     change the emulation; dnsPolicy and dnsConfig become Pod.dns_policy and Pod.dns_config; hostname and
-    subdomain stay in the normalized manifest for the DNS layer."""
+    subdomain become Pod.hostname and Pod.subdomain (the cluster DNS's names for pods behind a headless service)."""
 
     node_name: str | None = Field(None, alias="nodeName")
     containers: list[_ContainerIn] = Field(examples=["containers: [{name: app, image: agnhost, args: [netexec]}]"])
@@ -152,7 +152,7 @@ def _check_pod_spec(spec: _PodSpecIn, loc: Loc, labels: dict[str, str], issues: 
         return None
     return PodTemplate(labels=tuple(labels.items()), containers=tuple(containers), node_name=spec.node_name,
                        node_loc=loc + ("nodeName",), dns_policy=spec.dns_policy or _DNS_POLICIES[0],
-                       dns_config=_dns_config(spec.dns_config))
+                       dns_config=_dns_config(spec.dns_config), hostname=spec.hostname, subdomain=spec.subdomain)
 
 
 def _check_pod_extras(spec: _PodSpecIn, loc: Loc, issues: Issues) -> None:

@@ -55,7 +55,7 @@ MODES = ["iptables", "nftables"]
 def svc_lab(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     require_root()
     require_tool("mnexec")
-    require_tool("iptables-legacy-restore" if request.param == "iptables" else "nft")
+    require_tool("iptables-restore" if request.param == "iptables" else "nft")
     name = unique(f"svc-{request.param[:3]}")
     lab("up", str(write_spec(tmp_path_factory.mktemp(name), services_lab(name, request.param))))
     info = json.loads(lab("status", name, "--json").stdout)
@@ -134,7 +134,7 @@ def test_rules_look_like_kube_proxys(svc_lab: dict) -> None:
     from services import kube_proxy_iptables as ipt
 
     if svc_lab["mode"] == "iptables":
-        rules = in_lab(svc_lab["name"], "node1", "iptables-legacy-save", "-t", "nat")
+        rules = in_lab(svc_lab["name"], "node1", "iptables-save", "-t", "nat")
         chain = ipt.service_chain("default/web:http", "tcp")
         assert "-A KUBE-SERVICES -d 10.96.0.100/32 -p tcp" in rules and chain in rules
         assert rules.count("-m statistic --mode random") >= 2 and "KUBE-NODEPORTS" in rules

@@ -9,7 +9,7 @@ from tests.solutions.late_common import address_of, answer, apply, grep, main, r
 def solve(name: str) -> None:
     apply(name, {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "api"},
                  "spec": {"selector": {"app": "api"}, "ports": [{"name": "http", "port": 80, "targetPort": "http"}]}})
-    rules = run_in(name, "node1", "iptables-legacy-save", "-t", "nat")
+    rules = run_in(name, "node1", "iptables-save", "-t", "nat")
     chain = grep(r'^-A KUBE-SERVICES .*"default/web:http cluster IP".* -j (KUBE-SVC-\S+)$', rules)
     ping = run_in(name, "client", "ping", "-c2", "-i0.2", "-W1", "10.96.0.100", check=False)
     replies = int(grep(r"(\d+) (?:packets )?received", ping))

@@ -9,7 +9,7 @@ from tests.solutions.late_common import answer, grep, main, rebuild_with, run_in
 
 
 def solve(name: str) -> None:
-    rules = run_in(name, "node1", "iptables-legacy-save", "-t", "nat")
+    rules = run_in(name, "node1", "iptables-save", "-t", "nat")
     jumps = len(re.findall(r"(?m)^-A KUBE-SERVICES .*-j KUBE-SVC-\S+$", rules))
     answer(name, kube_svc_jumps=jumps)
     rebuild_with(name, r"^(\s*mode:\s*)iptables\b", r"\1nftables")

@@ -192,7 +192,7 @@ def test_headless_service_has_one_a_record_per_ready_endpoint() -> None:
                                                            ("10.244.1.3", "10.244.2.3", "10.244.2.4")]
     assert recs.lookup("10-244-2-3.db.default.svc.cluster.local") == [IPv4Address("10.244.2.3")]
     assert not recs.lookup("10-244-1-9.db.default.svc.cluster.local")  # not ready
-    assert all(ip != IPv4Address("10.244.1.10") for _, ip in recs.a)  # other namespace
+    assert all(ip != IPv4Address("10.244.1.10") for name, ip in recs.a if ".svc." in name)  # other namespace
 
 
 def test_srv_only_for_named_ports() -> None:
@@ -224,10 +224,82 @@ def test_records_compare_for_change_detection() -> None:
     assert no_db0 != recs
     assert dns.reload_action(recs, no_db0) == "restart"  # its SRV record went too
     moved = [RunningPod(rp.pod, IPv4Address("10.244.1.50")) if rp.pod.name == "web-1" else rp for rp in RUNNING]
-    assert dns.reload_action(recs, dns.records(SERVICES, resolve(SERVICES, moved), moved, DOMAIN)) == "none"
+    # web-1's pod record (spec 2.6) follows its new address: the hosts file changes, the services' records do not
+    assert dns.reload_action(recs, dns.records(SERVICES, resolve(SERVICES, moved), moved, DOMAIN)) == "hup"
     headless_web = Service("web", "default", None, WEB.ports, selector=WEB.selector)
     changed = dns.records([headless_web, API, DB, KUBE_DNS], [], RUNNING, DOMAIN)
     assert dns.reload_action(recs, changed) == "hup"  # A records only: rewrite the hosts file, SIGHUP
+
+
+# Kubernetes DNS specification (kubernetes/dns docs/specification.md), schema 1.1.0: the records issue 17 added.
+
+def _named_db_pod(i: int, subdomain: str = "db") -> Pod:
+    return Pod(f"db-{i}", "other", "node1", labels=(("app", "db"),),
+               containers=(Container("c", None, (), (ContainerPort(5432, name="pg"),)),),
+               hostname=f"db-{i}", subdomain=subdomain)
+
+
+DB_OTHER = Service("db", "other", None, (ServicePort("pg", 5432, "pg"),), selector=(("app", "db"),))
+NAMED = [RunningPod(_named_db_pod(0), IPv4Address("10.244.2.7")), RunningPod(_named_db_pod(1), IPv4Address("10.244.1.7")),
+         RunningPod(_named_db_pod(2, subdomain="elsewhere"), IPv4Address("10.244.1.8"))]
+
+
+def test_schema_version_txt_record_2_2() -> None:
+    """2.2 Schema Version: `dns-version.<zone>. <ttl> IN TXT <schema-version>`; this DNS follows 1.1.0."""
+    conf = _cluster_conf(RUN)
+    assert 'txt-record=dns-version.cluster.local,"1.1.0"' in conf.splitlines()
+    assert dns.DNS_SCHEMA_VERSION == "1.1.0"
+
+
+def test_headless_endpoint_with_hostname_and_subdomain_2_4() -> None:
+    """2.4.1: `<hostname>.<service>.<ns>.svc.<zone>` A for a ready endpoint with a hostname (a pod whose
+    `subdomain` is the service's name gets its `hostname` as the endpoint's); 2.4.2: SRV targets that name;
+    2.4.3: PTR of its address gives that name. A pod whose subdomain names another service keeps the
+    dashed name."""
+    recs = dns.records([DB_OTHER], [], NAMED, DOMAIN)
+    assert recs.lookup("db-0.db.other.svc.cluster.local") == [IPv4Address("10.244.2.7")]
+    assert recs.lookup("DB-1.db.other.svc.cluster.local.") == [IPv4Address("10.244.1.7")]
+    assert recs.lookup("10-244-1-8.db.other.svc.cluster.local") == [IPv4Address("10.244.1.8")]
+    assert not recs.lookup("db-2.db.other.svc.cluster.local")
+    assert not recs.lookup("10-244-2-7.db.other.svc.cluster.local")  # the hostname replaces the dashed name
+    assert sorted(s.target for s in recs.srv) == ["10-244-1-8.db.other.svc.cluster.local",
+                                                  "db-0.db.other.svc.cluster.local", "db-1.db.other.svc.cluster.local"]
+    assert dict(recs.ptr)[IPv4Address("10.244.2.7")] == "db-0.db.other.svc.cluster.local"
+    first = {}
+    for line in recs.hosts_lines:  # dnsmasq answers PTR with the first name of an address in the hosts file
+        ip, name = line.split()
+        first.setdefault(ip, name)
+    assert first["10.244.2.7"] == "db-0.db.other.svc.cluster.local"
+    assert first["10.244.1.8"] == "10-244-1-8.db.other.svc.cluster.local"
+
+
+def test_pod_records_2_6() -> None:
+    """2.6 (deprecated, still required): `<a>-<b>-<c>-<d>.<ns>.pod.<zone>` A for every pod, in its namespace."""
+    recs = _records()
+    assert recs.lookup("10-244-1-2.default.pod.cluster.local") == [IPv4Address("10.244.1.2")]
+    assert recs.lookup("10-244-1-10.other.pod.cluster.local") == [IPv4Address("10.244.1.10")]
+    assert not recs.lookup("10-244-1-10.default.pod.cluster.local")  # verified: the pod is in "other"
+    first = {}
+    for line in recs.hosts_lines:
+        ip, name = line.split()
+        first.setdefault(ip, name)
+    assert first["10.96.0.20"] == "web.default.svc.cluster.local"  # 2.3.3 PTR of a ClusterIP
+    assert first["10.244.2.3"] == "10-244-2-3.db.default.svc.cluster.local"
+
+
+def test_external_name_is_a_cname_2_5() -> None:
+    """2.5: an ExternalName service `<svc>.<ns>.svc.<zone>. IN CNAME <extname>`; no A, no SRV, and kube-proxy
+    programs nothing for it (no cluster IP)."""
+    ext = Service("ext", "default", None, (ServicePort("http", 80, 80),), external_name="api.example.com",
+                  type="ExternalName")
+    recs = dns.records([ext, WEB], resolve([ext, WEB], RUNNING), RUNNING, DOMAIN)
+    assert recs.target("Ext.default.svc.cluster.local.") == "api.example.com"
+    assert not recs.lookup("ext.default.svc.cluster.local") and not any("ext." in s.name for s in recs.srv)
+    assert [sp.service.name for sp in resolve([ext, WEB], RUNNING)] == ["web"]
+    assert "cname=ext.default.svc.cluster.local,api.example.com" in dns.dnsmasq_conf(
+        recs, UPSTREAM, DOMAIN, RUN / "l", RUN / "h").splitlines()
+    before = dns.records([WEB], resolve([WEB], RUNNING), RUNNING, DOMAIN)
+    assert dns.reload_action(before, recs) == "restart"  # cname= lines live in the configuration
 
 
 def test_records_refuse_endpoints_of_unknown_services() -> None:

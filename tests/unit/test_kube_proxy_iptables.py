@@ -360,3 +360,26 @@ def test_the_kernel_holds_exactly_the_rendered_rules(case: str) -> None:
     assert {t: saved[t] for t in expected} == expected
     # Chains in the order iptables-save lists them, too.
     assert [list(saved[t]) for t in expected] == [list(c) for c in expected.values()]
+
+
+def test_partial_sync_writes_only_the_changed_chains() -> None:
+    """kube-proxy's partial sync (Kubernetes 1.28+, issue 17): after one more service only its chains are
+    written (flushed and filled), KUBE-SERVICES gets one inserted rule instead of a rewrite, and a removed
+    service's chains are flushed and deleted; a change to a built-in chain needs a full restore."""
+    from bench.services import CLUSTER as C, NODE as N, service_ports
+
+    sps = service_ports(50)
+    more = sps + service_ports(51)[50:]
+    before, after = kp.render(N, sps, C), kp.render(N, more, C)
+    delta = kp.render_delta(before, after)
+    assert delta is not None
+    lines = delta.splitlines()
+    assert [line for line in lines if line.startswith("-I ")] == [
+        line.replace("-A KUBE-SERVICES ", "-I KUBE-SERVICES 1 ", 1) for line in after.splitlines()
+        if line.startswith("-A KUBE-SERVICES ") and "default/svc-50 " in line]
+    assert ":KUBE-SERVICES - [0:0]" not in lines and not any(line.startswith("-D ") for line in lines)
+    assert all("svc-50" in line for line in lines if line.startswith("-A "))
+    back = kp.render_delta(after, before)
+    assert back is not None and sum(line.startswith("-X ") for line in back.splitlines()) == 3  # SVC + 2 SEP
+    assert kp.render_delta(after, after) == ""
+    assert kp.render_delta(before, before.replace("-A PREROUTING ", "-A PREROUTING -i lo ", 1)) is None
