@@ -68,11 +68,11 @@ def add_pod(st: state.LabState, lab: Lab, pod: Pod,
         netns.create(ns)
         crash.point("pod-netns")
         try:
-            pause_pid = runtime.start_sandbox(ns, pod.name, pause, files)
+            pause_pid = runtime.start_sandbox(ns, addons.pod_hostname(pod), pause, files)
             result = cni.add(args)
             crash.point("pod-cni-added")
             ip = result["ips"][0]["address"].split("/")[0]
-            runtime.write_pod_files(files, addons.pod_resolv_conf(lab, pod), addons.pod_hosts(pod, ip))
+            runtime.write_pod_files(files, addons.pod_resolv_conf(lab, pod), addons.pod_hosts(pod, ip, lab.dns.domain))
             if before_start is not None:
                 before_start(pod, IPv4Address(ip))
             containers = runtime.start_pod_containers(pod, ns, pause_pid, state.log_dir(lab.name))

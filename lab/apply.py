@@ -88,12 +88,12 @@ def add_pod(lab: Lab, op: PodOps, plugin: BridgePlugin, pause: str, logs: Path) 
     files = state.pod_dir(lab.name, op.pod)
     runtime.write_pod_files(files, addons.pod_resolv_conf(lab, op.pod), addons.pod_hosts(op.pod, None))
     netns.create(op.netns)
-    pause_pid = runtime.start_sandbox(op.netns, op.pod.name, pause, files)
+    pause_pid = runtime.start_sandbox(op.netns, addons.pod_hostname(op.pod), pause, files)
     result = plugin.add(op.args)
     got = result["ips"][0]["address"]
     if got != str(op.address):
         raise ApplyError(f"pod {op.pod.key}: CNI gave {got}, the plan said {op.address}")
-    runtime.write_pod_files(files, addons.pod_resolv_conf(lab, op.pod), addons.pod_hosts(op.pod, op.address.ip))
+    runtime.write_pod_files(files, addons.pod_resolv_conf(lab, op.pod), addons.pod_hosts(op.pod, op.address.ip, lab.dns.domain))
     containers = runtime.start_pod_containers(op.pod, op.netns, pause_pid, logs)
     return state.pod_state(op.pod, str(op.address.ip), op.netns, pause_pid, containers)
 

@@ -201,8 +201,8 @@ def _pin_addresses(objects: list[dict], before: Lab) -> None:
     running = {f"Service/{s.key}": s for s in before.services}
     for obj in objects:
         svc = running.get(object_key(obj)) if obj.get("kind") == "Service" else None
-        if svc is None:
-            continue
+        if svc is None or svc.type == "ExternalName":
+            continue  # an ExternalName service has no addresses to keep (and may not be given a clusterIP)
         spec = obj.setdefault("spec", {})
         spec["clusterIP"] = str(svc.cluster_ip) if svc.cluster_ip is not None else "None"
         by_port = {(p.port, p.protocol): p.node_port for p in svc.ports}

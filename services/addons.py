@@ -86,14 +86,23 @@ def pod_resolv_conf(lab: Lab, pod: Pod) -> str:
     return dns.resolv_conf(pod, dns.cluster_dns_ip(lab.cluster.service_cidr), lab.dns.domain, upstream(lab))
 
 
-def pod_hosts(pod: Pod, ip: IPv4Address | str | None) -> str:
-    """The /etc/hosts kubelet writes into a pod: localhost, and the pod's own name at its IP."""
+def pod_hosts(pod: Pod, ip: IPv4Address | str | None, domain: str = "cluster.local") -> str:
+    """The /etc/hosts kubelet writes into a pod: localhost, and the pod's own name at its IP. As kubelet
+    does, `spec.hostname` replaces the pod's name, and with `spec.subdomain` the fully qualified name
+    HOSTNAME.SUBDOMAIN.NAMESPACE.svc.DOMAIN comes first (the name a headless service's DNS gives it)."""
     lines = ["# Kubernetes-managed hosts file.", "127.0.0.1\tlocalhost",
              "::1\tlocalhost ip6-localhost ip6-loopback", "fe00::0\tip6-localnet", "fe00::0\tip6-mcastprefix",
              "fe00::1\tip6-allnodes", "fe00::2\tip6-allrouters"]
     if ip is not None:
-        lines.append(f"{ip}\t{pod.name}")
+        host = pod_hostname(pod)
+        fqdn = f"{host}.{pod.subdomain}.{pod.namespace}.svc.{domain}\t" if pod.subdomain else ""
+        lines.append(f"{ip}\t{fqdn}{host}")
     return "\n".join(lines) + "\n"
+
+
+def pod_hostname(pod: Pod) -> str:
+    """What `hostname` prints in a pod: spec.hostname when given, else the pod's name (as kubelet sets it)."""
+    return pod.hostname or pod.name
 
 
 def write_configs(lab: Lab, running: list[RunningPod], run_dir: Path) -> None:

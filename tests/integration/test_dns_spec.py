@@ -76,6 +76,14 @@ def test_hostname_and_subdomain_a_srv_ptr_2_4(spec_lab: str) -> None:
     assert dig(spec_lab, "-x", addr["plain"]) == [f"{dashed}.db.other.svc.cluster.local."]
 
 
+def test_pod_sees_its_hostname_and_fqdn(spec_lab: str) -> None:
+    """kubelet sets the pod's hostname from spec.hostname and puts HOSTNAME.SUBDOMAIN.NS.svc.ZONE in its
+    /etc/hosts, so `hostname -f` in the pod gives the name the headless service's DNS serves."""
+    assert in_lab(spec_lab, "other/db-0", "hostname").strip() == "db-0"
+    hosts = in_lab(spec_lab, "other/db-0", "cat", "/etc/hosts")
+    assert f"{ips(spec_lab)['db-0']}\tdb-0.db.other.svc.cluster.local\tdb-0" in hosts, hosts
+
+
 def test_applied_pod_with_hostname_gets_its_name_2_4(spec_lab: str, tmp_path: Path) -> None:
     """A pod added by `lab apply` keeps its hostname and subdomain (recorded in the lab's state)."""
     file = tmp_path / "db-2.yaml"
