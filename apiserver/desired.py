@@ -8,6 +8,7 @@ lab should look like.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 
 from apiserver import state
@@ -29,9 +30,20 @@ def resolve_spec(spec: str | None) -> Path:
     return path
 
 
+@functools.lru_cache(maxsize=4)
+def _parsed(text: str, file: str | None) -> Lab:
+    return parse_spec_text(text, file)
+
+
+def spec_of(st: state.LabState) -> Lab:
+    """The lab's spec as validated once per process: a command derives the lab's model several times (before
+    and after a change, for status and for resync), and the model is immutable, so the parse is shared."""
+    return _parsed(st.spec_text, st.spec_file)
+
+
 def model_of(st: state.LabState) -> Lab:
     """The model of a running lab, re-derived from the spec text it was built from (with its addons)."""
-    return addons.with_addons(parse_spec_text(st.spec_text, st.spec_file), state.lab_dir(st.name))
+    return addons.with_addons(spec_of(st), state.lab_dir(st.name))
 
 
 def object_key(obj: dict) -> str:
@@ -48,7 +60,7 @@ def current_lab(st: state.LabState) -> Lab:
     ports were pinned when they were applied, against the spec's surviving objects, so they come out the
     same every time.
     """
-    spec = parse_spec_text(st.spec_text, st.spec_file)
+    spec = spec_of(st)
     replaced = {object_key(o) for o in st.objects} | set(st.deleted)
     namespaces = dict(spec.namespaces)
     for obj in st.objects:

@@ -32,7 +32,8 @@ from topo import names, netns
 from topo.errors import FeatureMissing, StateError
 
 REPO = Path(__file__).resolve().parent.parent
-SUITES = ("dataplanes", "services", "dns", "updown")
+SUITES = ("dataplanes", "services", "dns", "updown", "scale")
+SCALE_SIZES = (1000,)  # `lab bench scale` without --sizes; 10,000 takes minutes (issue 15 measured it)
 DNS_NAME = "api.example.com"
 
 
@@ -384,7 +385,53 @@ class Updown(Suite):
         plt.close(fig)
 
 
-SUITE_CLASSES = {"dataplanes": Dataplanes, "services": Services, "dns": Dns, "updown": Updown}
+class Scale(Suite):
+    """The change path's cost as a lab grows (bench/scale.py): the seed lab, then each size, side by side."""
+    name = "scale"
+
+    def __init__(self, quick: bool, sizes: tuple[int, ...] = SCALE_SIZES) -> None:
+        super().__init__(quick)
+        self.folder: Path | None = None
+        self.cases.append(Case("seed lab (3 pods)", self._runner(None), {"pods": 3}))
+        for size in () if quick else sizes:
+            nodes, per_node = _script("scale").shape(size)
+            self.cases.append(Case(f"{nodes} nodes x {per_node} pods", self._runner(size), {"pods": nodes * per_node}))
+
+    def _runner(self, size: int | None) -> Callable[[], dict[str, float]]:
+        def run() -> dict[str, float]:
+            sc = _script("scale")
+            return sc.measure(sc.seed_spec if size is None else (lambda n: sc.scale_spec(n, size)), self.folder)
+        return run
+
+    def setup(self, stack: ExitStack, folder: Path) -> None:
+        self.folder = folder
+
+    def table(self) -> str:
+        seed = self.cases[0].median().get("apply_one_s") if self.cases[0].samples else None
+        rows = []
+        for c in self.cases:
+            ratio = f"{c.median()['apply_one_s'] / seed:.2f}x" if seed and c.samples else "-"
+            rows.append([c.name, _spread(c, "up_s", ".2f"), _spread(c, "apply_one_s", ".3f"), ratio,
+                         _spread(c, "delete_one_s", ".3f"), _spread(c, "status_s", ".3f"), _spread(c, "down_s", ".2f")])
+        return _table(["case", "lab up s", "apply 1 pod s", "vs seed", "delete 1 pod s", "lab status s",
+                       "lab down s"], rows)
+
+    def plot(self, plt, path: Path) -> None:
+        fig, ax = plt.subplots(figsize=(8, 4))
+        xs = range(len(self.cases))
+        for offset, key, label in ((-0.3, "apply_one_s", "apply 1 pod"), (-0.1, "delete_one_s", "delete 1 pod"),
+                                   (0.1, "status_s", "lab status")):
+            ax.bar([x + offset for x in xs], [c.median()[key] for c in self.cases], 0.2, label=label)
+        ax.set_xticks(list(xs), [c.name for c in self.cases])
+        ax.set_ylabel("wall time (s)")
+        ax.set_title("one change vs the size of the lab (CLI wall time)")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(path)
+        plt.close(fig)
+
+
+SUITE_CLASSES = {"dataplanes": Dataplanes, "services": Services, "dns": Dns, "updown": Updown, "scale": Scale}
 
 
 def machine(suites: list[Suite]) -> dict:
@@ -396,7 +443,8 @@ def machine(suites: list[Suite]) -> dict:
             "mtu": mtu, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
-def run(selected: list[str], quick: bool, repeat: int | None, json_path: str | None, plot_dir: str | None) -> int:
+def run(selected: list[str], quick: bool, repeat: int | None, json_path: str | None, plot_dir: str | None,
+        sizes: tuple[int, ...] = SCALE_SIZES) -> int:
     from lab.lifecycle import require_root
 
     unknown = [name for name in selected if name not in SUITES]
@@ -416,7 +464,8 @@ def run(selected: list[str], quick: bool, repeat: int | None, json_path: str | N
             import matplotlib.pyplot as plt
         except ImportError as exc:
             raise FeatureMissing("--plot needs matplotlib: .venv/bin/pip install matplotlib") from exc
-    suites = [SUITE_CLASSES[name](quick) for name in dict.fromkeys(selected or SUITES)]
+    suites = [SUITE_CLASSES[name](quick, sizes) if name == "scale" else SUITE_CLASSES[name](quick)
+              for name in dict.fromkeys(selected or [s for s in SUITES if s != "scale"])]
     total = sum(len(s.cases) for s in suites) * repeat
     done = 0
     with tempfile.TemporaryDirectory(prefix="lab-bench-") as tmp:

@@ -308,7 +308,13 @@ def _cmd_link(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from lab import bench
 
-    return bench.run(args.suites, args.quick, args.repeat, args.json, args.plot)
+    try:
+        sizes = tuple(int(s) for s in args.sizes.split(",")) if args.sizes else bench.SCALE_SIZES
+    except ValueError:
+        raise StateError(f"--sizes {args.sizes}: give pod counts separated by commas, e.g. 1000,10000") from None
+    if any(not 100 <= s <= 20_000 for s in sizes):
+        raise StateError("--sizes: each size is 100 to 20,000 pods")
+    return bench.run(args.suites, args.quick, args.repeat, args.json, args.plot, sizes)
 
 
 def version() -> str:
@@ -405,7 +411,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_link)
 
     p = sub.add_parser("bench", help="measure data planes, service rules, DNS queries and lab up/down (needs root)")
-    p.add_argument("suites", nargs="*", metavar="SUITE", help="dataplanes, services, dns, updown (default: all)")
+    p.add_argument("suites", nargs="*", metavar="SUITE",
+                   help="dataplanes, services, dns, updown, scale (default: all but scale)")
+    p.add_argument("--sizes", help="scale: lab sizes in pods, e.g. 1000,10000 (default 1000)")
     p.add_argument("--quick", action="store_true", help="small sizes and 1 repetition: under a minute")
     p.add_argument("--repeat", type=int, help="repetitions of each case, interleaved (default 3; 1 with --quick)")
     p.add_argument("--json", metavar="FILE", help="write every sample, the medians and the machine description")

@@ -244,8 +244,9 @@ def _delete_pod(st: state.LabState, lab: Lab, key: str) -> None:
     del st.pods[key]
     st.objects = [o for o in st.objects if object_key(o) != f"Pod/{key}"]
     crash.point("pod-deleted")
-    if ps.ip:
-        kube_proxy.forget_endpoint(lab, ps.ip)
+    pod = next((p for p in lab.pods if p.key == key), None)
+    if ps.ip and pod is not None:
+        kube_proxy.forget_endpoint(lab, RunningPod(pod, IPv4Address(ps.ip)))
 
 
 ALIASES = {"pods": "pod", "po": "pod", "deployments": "deployment", "deploy": "deployment",

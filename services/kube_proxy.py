@@ -205,12 +205,16 @@ def sync_ipvs(ns: str, plan: ipvs.IpvsPlan, saved: Path, backend: str | None = N
     saved.write_text(json.dumps(ipvs.to_json(plan)))
 
 
-def forget_endpoint(lab: Lab, ip: str) -> None:
+def forget_endpoint(lab: Lab, pod: ep.RunningPod) -> None:
     """Drop UDP conntrack entries translated to an endpoint that is gone, in every node, as kube-proxy
-    does: otherwise an ongoing UDP flow (a client reusing its source port) keeps going to the dead pod."""
+    does: otherwise an ongoing UDP flow (a client reusing its source port) keeps going to the dead pod.
+    Like kube-proxy, only for endpoints of UDP service ports (a TCP flow to a dead pod fails by itself), so
+    deleting a pod no UDP service selects costs no conntrack call at all."""
+    if not any(sp.protocol == "UDP" and sp.endpoints for sp in ep.resolve(lab.services, [pod])):
+        return
     for node in lab.nodes:
         with netns.entered(lab.node_netns(node.name)):
-            subprocess.run(["conntrack", "-D", "-p", "udp", "--reply-src", ip], capture_output=True)
+            subprocess.run(["conntrack", "-D", "-p", "udp", "--reply-src", str(pod.ip)], capture_output=True)
 
 
 def sync(lab: Lab, pods: list[ep.RunningPod], folder: Path) -> SyncReport:

@@ -334,10 +334,14 @@ _RULES_CACHE: dict[tuple, tuple] = {}
 
 
 def _service_port_rules(node: Node, sp: ServicePortEndpoints, cluster: Cluster) -> tuple:
-    """One service port's rules as (table, chain, spec) records, memoized by (node, service port with its
-    endpoints, cluster): a sync after one change renders only the changed service ports, as kube-proxy's
-    partial sync does. The cache is dropped when it outgrows a large cluster's worth of service ports."""
-    key = (node, sp, cluster)
+    """One service port's rules as (table, chain, spec) records, memoized by what they depend on: the service
+    port with its endpoints, the cluster, and the node only through its local endpoints where the traffic
+    policy is Local. So a sync after one change renders only the changed service ports (kube-proxy's partial
+    sync), and one sync renders a service port once for all the nodes whose rules for it are the same, not
+    once per node. The cache is dropped when it outgrows a large cluster's worth of service ports."""
+    service = sp.service
+    local_policy = service.type != "ClusterIP" and service.external_traffic_policy == "Local"
+    key = (sp, cluster, tuple(sp.local(node.name)) if local_policy else None)
     found = _RULES_CACHE.get(key)
     if found is None:
         ops: list = []

@@ -1,0 +1,88 @@
+"""What a change costs as a lab grows: `lab up` of N pods behind one Service, then one-pod `lab apply`
+and `lab delete`, `lab status`, and `lab down`, each timed as the CLI runs it (a fresh process, as a user
+types it). The seed lab is the baseline: a one-pod change should cost about the same at 1,000 or 10,000
+pods (issue 15's targets), because the reconciler touches that pod, the rules of the services that
+select it and nothing else.
+
+    python bench/scale.py [--sizes 1000,10000] [--repeat N] [--json FILE] [--plot DIR]
+    (the same as: lab bench scale --sizes 1000,10000 ...)
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+CHANGES = 3  # one-pod apply/delete pairs per lab: their median is the sample
+
+
+def shape(pods: int) -> tuple[int, int]:
+    """Nodes x pods per node for a size: 1,000 is 50 x 20 and 10,000 is 100 x 100 (the issue's shapes)."""
+    if pods >= 10_000:
+        return 100, pods // 100
+    return max(2, min(50, pods // 20)), max(1, pods // max(2, min(50, pods // 20)))
+
+
+def scale_spec(name: str, pods: int) -> dict:
+    from lab_updown import scale_spec as deployment_spec
+
+    nodes, per_node = shape(pods)
+    data = deployment_spec(name, nodes, per_node)
+    data["spec"]["objects"].append({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "all"},
+                                    "spec": {"selector": {"app": "pause"}, "ports": [{"port": 80}]}})
+    return data
+
+
+def seed_spec(name: str) -> dict:
+    data = yaml.safe_load((REPO / "labs" / "00-seed" / "lab.yaml").read_text())
+    data["metadata"]["name"] = name
+    return data
+
+
+def _timed(*args: str) -> float:
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "lab.cli", *args, *(["-q"] if args[0] in ("up", "down", "apply", "delete")
+                                                            else [])],
+                   cwd=REPO, check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - start
+
+
+def measure(make: callable, folder: Path) -> dict[str, float]:
+    """One lab's life: up, CHANGES one-pod apply/delete pairs, status, down. If anything fails, the lab is
+    taken down anyway (`lab down`, or the crash-safe teardown)."""
+    name = f"bench-{uuid.uuid4().hex[:6]}"
+    spec, pod = folder / f"{name}.yaml", folder / f"{name}-pod.yaml"
+    spec.write_text(yaml.safe_dump(make(name)))
+    pod.write_text(json.dumps({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "one", "labels": {"app": "one"}},
+                               "spec": {"nodeName": "node1", "containers": [{"name": "p", "image": "pause"}]}}))
+    try:
+        up = _timed("up", str(spec))
+        applies, deletes = [], []
+        for _ in range(CHANGES):
+            applies.append(_timed("apply", "--lab", name, "-f", str(pod)))
+            deletes.append(_timed("delete", "--lab", name, "-f", str(pod)))
+        status = _timed("status", name)
+        down = _timed("down", name)
+    except BaseException:
+        from lab.bench import remove_lab
+
+        remove_lab(name)
+        raise
+    return {"up_s": up, "apply_one_s": statistics.median(applies), "delete_one_s": statistics.median(deletes),
+            "status_s": status, "down_s": down}
+
+
+if __name__ == "__main__":
+    from lab.bench import script_main
+
+    sys.exit(script_main("scale", __doc__))
