@@ -103,8 +103,8 @@ class _Abort(Exception):
 
 
 _TAG = "tag:yaml.org,2002:"
-_PLAIN_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
-_BRACKET_KEY = re.compile(r"^[A-Za-z0-9_./-]+$")
+_PLAIN_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*", re.ASCII)
+_BRACKET_KEY = re.compile(r"[A-Za-z0-9_./-]+", re.ASCII)
 
 
 def field_path(loc: Loc) -> str:
@@ -113,9 +113,9 @@ def field_path(loc: Loc) -> str:
     for part in loc:
         if isinstance(part, int) and not isinstance(part, bool):
             out += f"[{part}]"
-        elif isinstance(part, str) and _PLAIN_KEY.match(part):
+        elif isinstance(part, str) and _PLAIN_KEY.fullmatch(part):
             out += f".{part}" if out else part
-        elif isinstance(part, str) and _BRACKET_KEY.match(part):
+        elif isinstance(part, str) and _BRACKET_KEY.fullmatch(part):
             out += f"[{part}]"
         else:
             out += f"[{short(json.dumps(part, ensure_ascii=True, default=repr), 60)}]"
@@ -446,7 +446,7 @@ def wrong_type(expected: str, value: Any, raw: str | None) -> str:
 
 
 def looks_numeric(value: str) -> bool:
-    return re.fullmatch(r"\s*-?\d+(\.\d*)?\s*", value) is not None
+    return re.fullmatch(r"\s*-?\d+(\.\d*)?\s*", value, re.ASCII) is not None
 
 
 def describe(value: Any) -> str:

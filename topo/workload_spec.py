@@ -29,8 +29,8 @@ DEPLOYMENT_NAME_MAX = names.DNS1123_LABEL_MAX - 6  # replicas are "<deployment>-
 _RESTART_POLICIES = ("Always", "OnFailure", "Never")
 _DNS_POLICIES = ("ClusterFirst", "ClusterFirstWithHostNet", "Default", "None")
 _PROTOCOLS = ("TCP", "UDP", "SCTP")
-_ENV_NAME = re.compile(r"^[-._a-zA-Z][-._a-zA-Z0-9]*$")  # Kubernetes' env var name rule
-_PORT_NAME = re.compile(r"^[-a-z0-9]+$")
+_ENV_NAME = re.compile(r"[-._a-zA-Z][-._a-zA-Z0-9]*", re.ASCII)  # Kubernetes' env var name rule
+_PORT_NAME = re.compile(r"[-a-z0-9]+", re.ASCII)
 _PORT_NAME_MAX = 15  # IANA service names
 _MAX_NAMESERVERS = 3  # glibc's resolver uses three at most; Kubernetes enforces it
 _MAX_SEARCHES = 32
@@ -261,7 +261,7 @@ def dns_name_problem(value: str, what: str, example: str, wildcard: bool = False
         if wildcard:
             return f"{shown} is not a valid {what}: '*' may only be the whole first label, e.g. *.example.com"
         return f"{shown} is not a valid {what}: a '*' (wildcard) is not allowed here"
-    if ADDRESS_TEXT.match(value):
+    if ADDRESS_TEXT.fullmatch(value):
         return f"{shown} is an IP address, but a {what} must be a DNS name, e.g. {example}"
     if value != value.lower() and all(names.is_dns_label(label) for label in value.lower().split(".")[-len(labels):]):
         return f"{shown} has upper-case letters: write DNS names in lower case, {short(value.lower(), 60)}"
@@ -286,7 +286,7 @@ def _check_container(container: _ContainerIn, loc: Loc, port_names: dict[str, Lo
             if "\0" in arg:
                 issues.add(loc + (key, index), "contains a NUL character, which no program argument can hold: remove it")
     for index, env in enumerate(container.env or []):
-        if not _ENV_NAME.match(env.name):
+        if not _ENV_NAME.fullmatch(env.name):
             issues.add(loc + ("env", index, "name"), f"{short(repr(env.name), 40)} is not a valid variable name: use "
                                                      "letters, digits, '_', '-' and '.', not starting with a digit")
     ports = _check_ports(container.ports or [], loc + ("ports",), port_names, issues)
@@ -330,7 +330,7 @@ def protocol_problem(protocol: str) -> str | None:
 
 def port_name_problem(name: str) -> str | None:
     """IANA service name rules, as Kubernetes applies them to port names."""
-    if (len(name) <= _PORT_NAME_MAX and _PORT_NAME.match(name) and re.search("[a-z]", name)
+    if (len(name) <= _PORT_NAME_MAX and _PORT_NAME.fullmatch(name) and re.search("[a-z]", name)
             and "--" not in name and not name.startswith("-") and not name.endswith("-")):
         return None
     return (f"{short(repr(name), 40)} is not a valid port name: at most {_PORT_NAME_MAX} lower-case letters, digits "
