@@ -3,7 +3,8 @@
 A container runs on this machine, never through a shell: a built-in image (agnhost, pause) runs its
 stand-in, `command` a program of the machine. An image's own argument rules (agnhost's subcommands) belong
 to the image, which sits above this layer: the API server hands them in (`ArgsCheck`, by image name), so a
-typo fails at validation, not inside a pod. Where pods go is `topo.placement_spec`'s.
+typo fails at validation, not inside a pod. A container runs as an unprivileged user unless its
+securityContext asks for root (`topo.security_spec`). Where pods go is `topo.placement_spec`'s.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from topo.model import Container, ContainerPort, DnsConfig
 from topo.object_spec import ObjectMetaIn, Parsed, PodTemplate, check_labels, check_meta, normalized_manifest
 from topo.address_spec import ADDRESS_TEXT
 from topo.schema import Issues, Loc, StrictModel, field_path, short, show, validate
+from topo.security_spec import PodSecurityContextIn, SecurityContextIn, check_security
 
 BUILTIN_IMAGES = ("agnhost", "pause")
 AGNHOST_MODULE = "images.agnhost"  # what `python -m` runs for image agnhost
@@ -69,6 +71,7 @@ class _ContainerIn(StrictModel):
     args: list[str] | None = None
     ports: list[_PortIn] | None = None
     env: list[_EnvIn] | None = None
+    security_context: SecurityContextIn | None = Field(None, alias="securityContext")
 
 
 class _DnsOptionIn(StrictModel):
@@ -95,6 +98,7 @@ class _PodSpecIn(StrictModel):
     dns_config: _DnsConfigIn | None = Field(None, alias="dnsConfig")
     hostname: str | None = None
     subdomain: str | None = None
+    security_context: PodSecurityContextIn | None = Field(None, alias="securityContext")
 
 
 class _PodIn(StrictModel):
@@ -144,7 +148,8 @@ def _check_pod_spec(spec: _PodSpecIn, loc: Loc, labels: dict[str, str], issues: 
             issues.add(cloc + ("name",), f"container name {container_in.name} is already used by containers"
                                          f"[{seen[container_in.name]}]: give each container of a pod its own name")
         seen.setdefault(container_in.name, index)
-        container = _check_container(container_in, cloc, port_names, issues, image_args)
+        container = _check_container(container_in, cloc, port_names, issues, image_args,
+                                     (spec.security_context, loc + ("securityContext",)))
         if container is not None:
             containers.append(container)
     _check_pod_extras(spec, loc, issues)
@@ -273,7 +278,7 @@ def dns_name_problem(value: str, what: str, example: str, wildcard: bool = False
 
 
 def _check_container(container: _ContainerIn, loc: Loc, port_names: dict[str, Loc], issues: Issues,
-                     image_args: ImageArgs) -> Container | None:
+                     image_args: ImageArgs, pod_security: tuple[PodSecurityContextIn | None, Loc]) -> Container | None:
     before = len(issues)
     problem = names.dns_label_problem(container.name)
     if problem:
@@ -290,11 +295,13 @@ def _check_container(container: _ContainerIn, loc: Loc, port_names: dict[str, Lo
             issues.add(loc + ("env", index, "name"), f"{short(repr(env.name), 40)} is not a valid variable name: use "
                                                      "letters, digits, '_', '-' and '.', not starting with a digit")
     ports = _check_ports(container.ports or [], loc + ("ports",), port_names, issues)
+    security = check_security(pod_security[0], container.security_context, pod_security[1],
+                              loc + ("securityContext",), issues)
     argv = _argv(container, loc, issues, image_args) if len(issues) == before else None
     if argv is None or len(issues) > before:
         return None
     env = tuple((e.name, e.value or "") for e in container.env or [])
-    return Container(name=container.name, image=container.image, argv=argv, ports=ports, env=env)
+    return Container(name=container.name, image=container.image, argv=argv, ports=ports, env=env, security=security)
 
 
 def _check_ports(ports_in: list[_PortIn], loc: Loc, port_names: dict[str, Loc],
