@@ -28,10 +28,12 @@ from typing import Any
 
 from pydantic import Field
 
+from apiserver.files import SPEC_MISSING, read_manifest
 from cni.spec import CniIn, check_cni, network_policies_against_lab, profile_of, read_network_policy
 from images import agnhost
 from routing.spec import (FabricIn, NetworkIn, RackIn, check_host_names, check_network, check_routed, check_routing,
                           host_names)
+from services.addons import addon_pods
 from services.dns_spec import DnsIn, check_dns, check_reserved_names
 from services.external_spec import ExternalIn, check_external
 from services.ingress_spec import IngressControllerIn, check_ingress_controller, ingresses_against_lab, read_ingress
@@ -43,7 +45,8 @@ from topo.link_spec import LinkIn, check_link
 from topo.model import CNI_PROFILES, Cluster, Ingress, KubeProxy, Lab, Network, NetworkPolicy, Pod, Service, Underlay
 from topo.object_spec import Parsed, Reader, lab_namespaces, read_namespace
 from topo.placement_spec import pods_against_lab
-from topo.schema import Issues, Loc, Source, StrictModel, compose, describe, short, validate, wrong_type
+from topo.schema import (MAX_NODES, MAX_OBJECTS, Issues, Loc, Source, StrictModel, compose, describe, short, validate,
+                         wrong_type)
 from topo.workload_spec import ArgsCheck, read_deployment, read_pod
 
 API_VERSION = "kubenet-lab/v1alpha1"
@@ -72,16 +75,10 @@ def load_spec(path: str | Path) -> Lab:
             exercise = given
             given = given / SPEC_FILE
             file = str(given)
-            if not given.is_file():
+            if not given.is_file() and not given.is_symlink():
                 raise _file_error(file, f"{exercise} is a folder without {SPEC_FILE}: give a lab spec file or an "
                                         f"exercise folder such as labs/00-seed")
-        if not given.exists():
-            raise _file_error(file, "no such file: give the path of a lab spec (e.g. labs/00-seed/lab.yaml) "
-                                    "or of an exercise folder")
-        if not given.is_file():
-            raise _file_error(file, "not a regular file: give the path of a lab spec YAML file")
-        data = given.read_bytes()
-        text = _decode(data, file)
+        text = read_manifest(given, SPEC_MISSING)
         lab = parse_spec_text(text, file)
         lab.source = str(given.resolve())
         lab.exercise = str(exercise.resolve()) if exercise is not None else None
@@ -118,6 +115,9 @@ def parse_objects(text: str, lab: Lab, file: str | None = None) -> list[dict]:
         source = Source()
         issues = Issues(source)
         entries = _object_documents(text, source, issues)
+        if len(entries) > MAX_OBJECTS:
+            issues.add((), _count_problem(len(entries), MAX_OBJECTS, "objects"))
+            issues.raise_if_any(file)
         if not issues and not entries:
             issues.add((), "the file holds no objects: give one or more Kubernetes manifests "
                             "(apiVersion, kind, metadata, spec), separated by ---")
@@ -211,17 +211,6 @@ def _internal(file: str | None, exc: BaseException) -> SpecError:
     return SpecError(file, [SpecIssue("", f"kubenet-lab could not check this spec ({detail}); {INTERNAL_ERROR}")])
 
 
-def _decode(data: bytes, file: str) -> str:
-    """Spec files are UTF-8 (YAML's default); a leading byte-order mark is allowed."""
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = data[: exc.start].count(b"\n") + 1
-        byte = data[exc.start]
-        raise SpecError(file, [SpecIssue("", f"the file is not UTF-8 text (byte 0x{byte:02x} cannot be decoded): "
-                                             "save it as UTF-8", line)]) from None
-
-
 # ---------------------------------------------------------------------------- structure: the lab's input models
 
 
@@ -275,7 +264,7 @@ def _parse_lab(text: str, file: str | None) -> Lab:
         issues.add((), f"the top level must be a mapping (apiVersion: {API_VERSION}, kind: {LAB_KIND}, "
                         f"metadata, spec), not {describe(data)}")
         issues.raise_if_any(file)
-    if _not_a_lab(data, issues):
+    if _not_a_lab(data, issues) or _too_many(data, issues):
         issues.raise_if_any(file)
     lab_in = validate(_LabIn, data, (), issues)
     if lab_in is None:
@@ -286,6 +275,22 @@ def _parse_lab(text: str, file: str | None) -> Lab:
     issues.raise_if_any(file)
     lab.source = file
     return lab
+
+
+def _too_many(data: dict[str, Any], issues: Issues) -> bool:
+    """More nodes or objects than any real lab has: refused before any of them is checked."""
+    spec = data.get("spec")
+    for key, limit in (("nodes", MAX_NODES), ("objects", MAX_OBJECTS)):
+        items = spec.get(key) if isinstance(spec, dict) else None
+        if isinstance(items, list) and len(items) > limit:
+            issues.add(("spec", key), _count_problem(len(items), limit, key))
+    return bool(issues)
+
+
+def _count_problem(count: int, limit: int, what: str) -> str:
+    return (f"{count} {what}; a lab holds at most {limit} (far more than any exercise): split the lab, or use a "
+            "Deployment's replicas instead of many copies" if what == "objects" else
+            f"{count} {what}; a lab holds at most {limit} (far more than any exercise): use fewer")
 
 
 def _not_a_lab(data: dict[str, Any], issues: Issues) -> bool:
@@ -352,7 +357,8 @@ def _build_lab(lab_in: _LabIn, issues: Issues) -> Lab:
     lab.cni = cni or profile_of(lab.network.backend)
     lab.network_policies = tuple(network_policies_against_lab(parsed, lab, set(namespaces), issues))
     lab.objects = tuple(p.manifest for p in parsed)  # after services_against_lab: it fills in allocated IPs and ports
-    lab.pods = tuple(pods_against_lab(parsed, lab, set(namespaces), issues, place=nodes is not None and not issues))
+    lab.pods = tuple(pods_against_lab(parsed, lab, set(namespaces), issues, place=nodes is not None and not issues,
+                                      reserved=addon_pods(lab)))  # the addons' pods take addresses too
     return lab
 
 

@@ -108,7 +108,7 @@ def parse(text: str, file: str, folder: Path) -> Exercise:
     seen: dict[str, int] = {}
     for index, check in enumerate(model.checks):
         loc: tuple = ("checks", index)
-        if not NAME.match(check.name) or len(check.name) > names.DNS1123_LABEL_MAX:
+        if not NAME.fullmatch(check.name) or len(check.name) > names.DNS1123_LABEL_MAX:
             doc.add(loc + ("name",), f"{check.name!r} is not a check name: use lower-case letters, digits and '-'")
         if check.name in seen:
             doc.add(loc + ("name",), f"{check.name!r} is also the name of checks[{seen[check.name]}]: names are unique")
@@ -147,7 +147,7 @@ def parse(text: str, file: str, folder: Path) -> Exercise:
 def _check_tasks(doc: StrictDocument, tasks: list[TaskIn]) -> list[str]:
     ids: list[str] = []
     for index, task in enumerate(tasks):
-        if not NAME.match(task.id):
+        if not NAME.fullmatch(task.id):
             doc.add(("tasks", index, "id"), f"{task.id!r} is not a task id: use lower-case letters, digits and '-'")
         if task.id in ids:
             doc.add(("tasks", index, "id"), f"{task.id!r} is given twice")

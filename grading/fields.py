@@ -68,7 +68,7 @@ def route_protocol(value: str) -> int | None:
     """A route protocol's number, from its name (ROUTE_PROTOCOLS) or as a number 0-255; None if neither."""
     if value in ROUTE_PROTOCOLS:
         return ROUTE_PROTOCOLS[value]
-    if value.isdigit() and int(value) <= 255:
+    if value.isascii() and value.isdigit() and int(value) <= 255:
         return int(value)
     return None
 
@@ -137,10 +137,10 @@ def _check_probe(doc: StrictDocument, loc: tuple, kind: str, p: Any) -> None:
     if kind == "reach":
         _address(doc, loc + ("sourceIP",), p.source_ip)
     elif kind == "http":
-        if not HTTP_PATH.match(p.path):
+        if not HTTP_PATH.fullmatch(p.path):
             doc.add(loc + ("path",), "must start with / and hold only visible ASCII characters (no spaces: "
                                      "write %20)")
-        if p.host is not None and not HTTP_HOST.match(p.host):
+        if p.host is not None and not HTTP_HOST.fullmatch(p.host):
             doc.add(loc + ("host",), f"{p.host!r} is not a Host header: a host name, optionally with :PORT")
         if not 100 <= p.status <= 599:
             doc.add(loc + ("status",), "must be an HTTP status code, 100-599")
@@ -211,7 +211,7 @@ def _check_probe(doc: StrictDocument, loc: tuple, kind: str, p: Any) -> None:
 
 
 def _check_answer(doc: StrictDocument, loc: tuple, p: AnswerIn) -> None:
-    if not ANSWER_KEY.match(p.key):
+    if not ANSWER_KEY.fullmatch(p.key):
         doc.add(loc + ("key",), f"{p.key!r} is not an answer key: letters, digits, '-', '_' and '.'")
     value = p.value
     given = [name for name in ValueIn.model_fields if getattr(value, name) is not None]

@@ -20,8 +20,8 @@ KIND = "Exercise"
 WAIT_MAX = 120.0  # seconds; a check that needs longer to converge is measuring something else
 TIMEOUT_MAX = 60.0
 POINTS_MAX = 100
-NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")  # check and task ids: DNS-1123 labels, like objects
-ANSWER_KEY = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
+NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", re.ASCII)  # check and task ids: DNS-1123 labels, like objects
+ANSWER_KEY = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?", re.ASCII)
 AFTER_FILE = "AFTER.md"  # "what you should have seen": `lab grade` points to it once every check passes
 # Route protocols by name, as iproute2's rt_protos names them (the numbers are the kernel's RTPROT_*; 186
 # is bgp, what FRR's zebra installs BGP routes with). A route check's `proto` is one of these or a number.
@@ -29,8 +29,8 @@ ROUTE_PROTOCOLS = {"unspec": 0, "redirect": 1, "kernel": 2, "boot": 3, "static":
                    "mrt": 10, "zebra": 11, "bird": 12, "dnrouted": 13, "xorp": 14, "ntk": 15, "dhcp": 16,
                    "keepalived": 18, "babel": 42, "openr": 99, "bgp": 186, "isis": 187, "ospf": 188, "rip": 189,
                    "eigrp": 192}
-HTTP_HOST = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9.]*[A-Za-z0-9])?(:[0-9]{1,5})?$")  # a Host header: name[:port]
-HTTP_PATH = re.compile(r"^/[\x21-\x7e]*$")  # visible ASCII only: no space, no CR/LF, nothing to inject
+HTTP_HOST = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9.]*[A-Za-z0-9])?(:[0-9]{1,5})?", re.ASCII)  # a Host header: name[:port]
+HTTP_PATH = re.compile(r"/[\x21-\x7e]*")  # visible ASCII only: no space, no CR/LF, nothing to inject
 IPERF_FRACTION_MAX = 1.0
 
 

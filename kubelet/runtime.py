@@ -4,7 +4,9 @@ A Kubernetes pod is a network namespace (and a UTS namespace: `hostname` prints 
 by a pause process, which every container of the pod joins, so they share one IP and one localhost.
 Here a container is a process started inside those namespaces; there are no images. Processes are
 spawned from this process after setns(2) (posix_spawn inherits the calling thread's namespaces), which
-is what keeps a thousand pods fast, and with setsid, so they outlive `lab up` (see topo/process.py).
+is what keeps a thousand pods fast, and with setsid, so they outlive `lab up` (see topo/process.py). A
+spec's container runs as its securityContext's user (nobody unless it asks for root) with its capabilities,
+set by setpriv just before the program runs (`confined`).
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from pathlib import Path
 
 from topo import netns, process
 from topo.errors import ApplyError
-from topo.model import Container, Pod
+from topo.model import Container, Pod, SecurityContext
 
 PAUSE_NAME = "pause"
 
@@ -127,8 +129,34 @@ def start_container(pod_netns: str, pause_pid: int, container: Container, log: P
     if not sandbox_alive(pod_netns, pause_pid):
         raise ApplyError(f"pause process {pause_pid} of {pod_netns} is gone")
     log.parent.mkdir(parents=True, exist_ok=True)
+    argv, env = container.argv, dict(container.env)
+    if container.security is not None:
+        argv = confined(container.argv, container.security)
+        env = {"HOME": "/", **env} if not container.security.root else env
     with _in_pod(pod_netns, pause_pid):
-        return process.spawn(container.argv, str(log), dict(container.env))
+        return process.spawn(argv, str(log), env)
+
+
+def confined(argv: tuple[str, ...], security: SecurityContext) -> tuple[str, ...]:
+    """`argv` run as `security` says: through setpriv (util-linux), which sets the user, the group (no
+    supplementary groups) and the capabilities, then executes the program: one exec, no extra process.
+
+    The program is found here, on this process's PATH, so a missing one fails `lab up` with its name."""
+    exe = argv[0] if "/" in argv[0] else shutil.which(argv[0])
+    if exe is None:
+        raise ApplyError(f"command {argv[0]!r} not found on this machine")
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        raise ApplyError("setpriv (util-linux) not found: it runs containers as their securityContext's user")
+    caps = ",".join(f"+{c.lower()}" for c in security.capabilities)
+    ambient = ",".join(f"+{c.lower()}" for c in security.ambient)
+    flags = [f"--reuid={security.run_as_user}", f"--regid={security.run_as_group}", "--clear-groups",
+             f"--bounding-set=-all{',' + caps if caps else ''}", f"--inh-caps=-all{',' + ambient if ambient else ''}"]
+    if ambient:
+        flags.append(f"--ambient-caps=-all,{ambient}")
+    if security.no_new_privs:
+        flags.append("--no-new-privs")
+    return (setpriv, *flags, "--", exe, *argv[1:])
 
 
 def sandbox_alive(pod_netns: str, pause_pid: int) -> bool:

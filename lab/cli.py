@@ -22,11 +22,21 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     lab = load_spec(resolve_spec(args.spec))
     print(f"{lab.source}: valid: lab {lab.name}, {len(lab.nodes)} nodes, {len(lab.pods)} pods, "
           f"backend {lab.network.backend}")
+    _warn_root(lab)
     exercise = _exercise_checks(args.spec)
     if exercise is not None:
         print(f"{exercise.file}: valid: {len(exercise.checks)} checks, {exercise.max_points} points, "
               f"{len(exercise.faults)} faults")
     return 0
+
+
+def _warn_root(lab) -> None:
+    """One line on stderr naming the containers that run as root on this machine (issue 16)."""
+    from topo.security_spec import root_warning
+
+    warning = root_warning(lab)
+    if warning:
+        print(warning, file=sys.stderr)
 
 
 def _exercise_checks(spec: str | None):
@@ -52,6 +62,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
     warning = not_enforced_warning(result.lab)
     if warning:
         print(warning, file=sys.stderr)
+    _warn_root(result.lab)
     if exercise is not None and exercise.faults:
         _apply_exercise_faults(result.state, exercise.faults, args.seed)
     print(status.render(status.describe(result.state)))

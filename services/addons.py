@@ -57,11 +57,32 @@ def _free_cluster_ip(lab: Lab, services: list[Service]) -> IPv4Address:
     raise SpecError(lab.source, [SpecIssue("spec.cluster.serviceCIDR", "no free address for the ingress controller")])
 
 
+def dns_node(lab: Lab) -> str | None:
+    """The node the cluster DNS pod runs on (None: no cluster DNS)."""
+    return (lab.dns.node or lab.nodes[-1].name) if lab.dns.enabled and lab.nodes else None
+
+
+def ingress_node(lab: Lab) -> str | None:
+    """The node the ingress controller pod runs on (None: no ingress controller)."""
+    return (lab.ingress_controller.node or lab.nodes[0].name) if ingress_enabled(lab) and lab.nodes else None
+
+
+def addon_pods(lab: Lab) -> dict[str, tuple[str, ...]]:
+    """The addon pods each node runs, described for messages: they take a pod address of that node's PodCIDR,
+    so validation counts them (`topo.placement_spec`) before `lab up` has to find them one."""
+    found: dict[str, tuple[str, ...]] = {}
+    for node, what in ((dns_node(lab), f"the cluster DNS pod {DNS_NAMESPACE}/{DNS_POD}"),
+                       (ingress_node(lab), f"the ingress controller pod {INGRESS_NAMESPACE}/{INGRESS_POD}")):
+        if node is not None:
+            found[node] = found.get(node, ()) + (what,)
+    return found
+
+
 def with_addons(lab: Lab, run_dir: Path) -> Lab:
     """The lab's model plus its addons' pods and services (pure: nothing is started here)."""
     pods, services, namespaces = list(lab.pods), list(lab.services), dict(lab.namespaces)
-    if lab.dns.enabled and lab.nodes:
-        node = lab.dns.node or lab.nodes[-1].name
+    node = dns_node(lab)
+    if node is not None:
         folder = dns_dir(run_dir)
         ports = (ContainerPort(53, "UDP", "dns"), ContainerPort(53, "TCP", "dns-tcp"))
         container = Container("coredns", "coredns", tuple(dns.dnsmasq_argv(folder / "dnsmasq.conf")), ports)
@@ -69,8 +90,8 @@ def with_addons(lab: Lab, run_dir: Path) -> Lab:
         services.append(Service(DNS_SERVICE, DNS_NAMESPACE, dns.cluster_dns_ip(lab.cluster.service_cidr),
                                 (ServicePort("dns", 53, "dns", "UDP"), ServicePort("dns-tcp", 53, "dns-tcp", "TCP")),
                                 DNS_LABELS))
-    if ingress_enabled(lab) and lab.nodes:
-        node = lab.ingress_controller.node or lab.nodes[0].name
+    node = ingress_node(lab)
+    if node is not None:
         folder = ingress_dir(run_dir)
         container = Container("controller", "ingress-nginx",
                               tuple(ingress.nginx_argv(folder, folder / "nginx.conf")), (ContainerPort(80, "TCP", "http"),))

@@ -40,7 +40,7 @@ def check_external(hosts_in: list[ExternalIn], nodes_in: list[NodeIn], taken_nam
     before = len(issues)
     taken_ips: dict[IPv4Address, str] = {}
     for index, node in enumerate(nodes_in):
-        if ADDRESS_TEXT.match(node.ip):
+        if ADDRESS_TEXT.fullmatch(node.ip):
             try:
                 taken_ips.setdefault(IPv4Address(node.ip), f"the address of node {node.name} (spec.nodes[{index}])")
             except ValueError:

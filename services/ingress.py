@@ -42,8 +42,8 @@ from topo.model import Ingress, IngressBackend, Service
 
 NGINX = "nginx"  # /usr/sbin/nginx from nginx-light
 DEFAULT_404 = "default backend - 404"  # what ingress-nginx's default backend answers
-_SAFE_PATH = re.compile(r"^/[A-Za-z0-9._~!$&'()*+,=:@%/-]*$")  # no space, quote, brace, ';' or '#': no nginx quoting
-_HOST = re.compile(r"^(\*\.)?[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*$")
+_SAFE_PATH = re.compile(r"/[A-Za-z0-9._~!$&'()*+,=:@%/-]*", re.ASCII)  # no space, quote, brace, ';' or '#': no nginx quoting
+_HOST = re.compile(r"(\*\.)?[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*", re.ASCII)
 LOG_FORMAT = ('\'$remote_addr - [$time_local] host=$host "$request" $status $body_bytes_sent \'\n'
               '                       \'upstream=$upstream_addr upstream_status=$upstream_status '
               'request_time=$request_time\'')
@@ -88,7 +88,7 @@ def _backend(ingress: Ingress, backend: IngressBackend, services: dict[str, Serv
 
 
 def _check_path(ingress: Ingress, path: str) -> None:
-    if not _SAFE_PATH.match(path):
+    if not _SAFE_PATH.fullmatch(path):
         raise ValueError(f"ingress {ingress.key}: path {path!r} must be absolute, without spaces, quotes, "
                          "braces, ';' or '#'")
 
@@ -166,7 +166,7 @@ def nginx_conf(ingresses: Iterable[Ingress], services: dict[str, Service], prefi
         for rule in ingress.rules:
             if rule.host is not None:
                 host = rule.host.lower()
-                if not _HOST.match(host):
+                if not _HOST.fullmatch(host):
                     raise ValueError(f"ingress {ingress.key}: invalid host {rule.host!r}")
                 server = hosts.setdefault(host, _Server())
             else:

@@ -24,7 +24,7 @@ PATH_TYPES = ("Prefix", "Exact", "ImplementationSpecific")
 _BAD_PATH_PARTS = ("//", "/./", "/../", "%2f", "%2F")
 _BAD_PATH_ENDINGS = ("/..", "/.")
 # The characters ingress-nginx's strict path check allows: what a controller can match without escaping.
-_INGRESS_PATH = re.compile(r"^/[A-Za-z0-9._~/-]*$")
+_INGRESS_PATH = re.compile(r"/[A-Za-z0-9._~/-]*", re.ASCII)  # matched in full
 _INGRESS_PATH_MAX = 1024
 
 
@@ -213,7 +213,7 @@ def _ingress_path(path: str | None, path_type: str | None, loc: Loc, issues: Iss
         issues.add(loc, f"path {shown} contains {bad!r}, which Kubernetes refuses in an Ingress path: write the path "
                         "without empty, '.' or '..' segments")
         return None
-    if not _INGRESS_PATH.match(path):
+    if not _INGRESS_PATH.fullmatch(path):
         issues.add(loc, f"path {shown} may only hold letters, digits and '/', '-', '_', '.', '~' (the characters "
                         "ingress-nginx's strict path check allows): remove the others")
         return None

@@ -37,7 +37,7 @@ DUAL_STACK_POLICIES = ("PreferDualStack", "RequireDualStack")
 KUBERNETES_SERVICE_OFFSET = 1  # 10.96.0.1: the `kubernetes` service, the API server's cluster IP
 DNS_SERVICE_OFFSET = 10  # 10.96.0.10: the cluster DNS (kube-dns), by convention
 CLUSTER_IP_OFFSET = 100  # the first allocated cluster IP: 10.96.0.100, the explainer's example
-_DNS1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+_DNS1035_LABEL = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?", re.ASCII)  # matched in full
 
 # kube-proxy modes that are gone or belong to another platform: named so the message says why, not "unknown".
 PROXY_MODE_HINTS = {
@@ -138,7 +138,7 @@ def service_name_problem(value: object) -> str | None:
     """Kubernetes requires Service names to be DNS-1035 labels: a DNS-1123 label that starts with a letter
     (a Service name becomes a DNS name and the prefix of its environment variables in pods)."""
     problem = names.dns_label_problem(value)
-    if problem is None and _DNS1035_LABEL.match(value):  # type: ignore[arg-type]
+    if problem is None and _DNS1035_LABEL.fullmatch(value):  # type: ignore[arg-type]
         return None
     if problem is None:
         return (f"{value!r} starts with a digit, but Kubernetes requires a Service name to start with a letter "

@@ -28,8 +28,8 @@ _RESERVED = (
     (IPv4Network("240.0.0.0/4"), "reserved"),
 )
 
-_CIDR_TEXT = re.compile(r"^\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}/\d{1,2}$")
-ADDRESS_TEXT = re.compile(r"^\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}$")
+_CIDR_TEXT = re.compile(r"\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}/\d{1,2}", re.ASCII)  # fullmatch; ASCII: \d is 0-9
+ADDRESS_TEXT = re.compile(r"\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}", re.ASCII)  # use fullmatch
 
 
 def parse_network(text: str, loc: Loc, example: str, issues: Issues, reserved: bool = True) -> IPv4Network | None:
@@ -39,10 +39,10 @@ def parse_network(text: str, loc: Loc, example: str, issues: Issues, reserved: b
     if ":" in text:
         issues.add(loc, f"{shown} is IPv6; kubenet-lab labs are IPv4 only: use a network like {example}")
         return None
-    if ADDRESS_TEXT.match(text):
+    if ADDRESS_TEXT.fullmatch(text):
         issues.add(loc, f"{shown} has no prefix length: write ADDRESS/PREFIX, e.g. {example}")
         return None
-    if not _CIDR_TEXT.match(text):
+    if not _CIDR_TEXT.fullmatch(text):
         issues.add(loc, f"{shown!r} is not an IPv4 network: write ADDRESS/PREFIX, e.g. {example}")
         return None
     try:
@@ -64,12 +64,12 @@ def parse_network(text: str, loc: Loc, example: str, issues: Issues, reserved: b
 
 def parse_address(text: str, loc: Loc, issues: Issues, prefix_from: str = "underlay.subnet",
                   example: str = "192.168.1.10") -> IPv4Address | None:
-    if "/" in text and ADDRESS_TEXT.match(text.split("/")[0]):
+    if "/" in text and ADDRESS_TEXT.fullmatch(text.split("/")[0]):
         issues.add(loc, f"{short(text, 40)} must be an address without a prefix: write {text.split('/')[0]} "
                         f"(the prefix comes from {prefix_from})")
         return None
     try:
-        if not ADDRESS_TEXT.match(text):
+        if not ADDRESS_TEXT.fullmatch(text):
             raise ValueError
         return IPv4Address(text)
     except ValueError:

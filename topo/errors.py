@@ -5,7 +5,17 @@ line that says what is wrong and where, instead of a traceback.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
+
+# Characters that would end or break a line of output (str.splitlines() splits at all of these): a value
+# quoted in a message is shown with them escaped, so every issue stays one line.
+_LINE_BREAKING = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def one_line(text: str) -> str:
+    """`text` with control and line-separator characters written as escapes (\\n, \\x00, \\u2028)."""
+    return _LINE_BREAKING.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
 
 
 class LabError(Exception):
@@ -27,7 +37,7 @@ class SpecIssue:
         if self.line is not None:
             where = f"{where}:{self.line}"
         prefix = f"{self.path}: " if self.path else ""
-        return f"{where}: {prefix}{self.message}"
+        return one_line(f"{where}: {prefix}{self.message}")
 
 
 @dataclass

@@ -52,10 +52,10 @@ _DELAY = _Unit("delay", "ms", {"us": 1e-3, "usec": 1e-3, "ms": 1.0, "msec": 1.0,
                "us, ms or s", "10ms", DELAY_MAX_MS, "60s", "no added delay")
 _LOSS = _Unit("loss", "%", {"%": 1.0}, "%", "1%", 100.0, "100%", "no loss")
 _JITTER = _Unit("jitter", "ms", _DELAY.units, _DELAY.shown, "5ms", DELAY_MAX_MS, "60s", "a constant delay")
-_QUANTITY_TEXT = re.compile(r"^\s*([-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?)\s*(\S*)\s*$")
+_QUANTITY_TEXT = re.compile(r"\s*([-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?)\s*(\S*)\s*", re.ASCII)
 _QUANTITY_MAX_TEXT = 40  # "100Mbit" needs far less; longer text is refused before any regex runs
 # Byte units (MB, KiB/s, MBps): the capital B, or a spelled-out byte, is what tells them from bits.
-_BYTES_UNIT = re.compile(r"^([kmg])(i?)(b|bytes?)(/s|ps)?$", re.IGNORECASE)
+_BYTES_UNIT = re.compile(r"([kmg])(i?)(b|bytes?)(/s|ps)?", re.IGNORECASE | re.ASCII)
 
 
 def check_link(link_in: LinkIn | None, loc: Loc, issues: Issues, default: LinkSpec | None = None
@@ -129,7 +129,7 @@ def _read_quantity(value: Any, unit: _Unit, raw: str | None) -> tuple[float | No
         return None, wrong_type(expected, value, raw)
     if not isinstance(value, str):
         return (None, f"must be {expected}, got {value}") if math.isnan(value) else (float(value), None)
-    match = _QUANTITY_TEXT.match(value) if len(value) <= _QUANTITY_MAX_TEXT else None
+    match = _QUANTITY_TEXT.fullmatch(value) if len(value) <= _QUANTITY_MAX_TEXT else None
     if match is None:
         return None, f"{short(repr(value), 40)} is not a {unit.field}: write {expected}"
     number, suffix = float(match[1]), match[2]
@@ -150,7 +150,7 @@ def _read_quantity(value: Any, unit: _Unit, raw: str | None) -> tuple[float | No
 def _bytes_problem(number: float, suffix: str, value: str) -> str | None:
     """tc and link speeds count bits; a size unit in bytes is the usual slip (10MB meant as 10 Mbit/s).
     kbps/mbps/gbps count bits here, as on network gear (tc would read them as bytes); MBps stays bytes."""
-    match = _BYTES_UNIT.match(suffix)
+    match = _BYTES_UNIT.fullmatch(suffix)
     if match is None or (suffix.lower() in _BANDWIDTH.units and "B" not in suffix):
         return None
     prefix = {"k": "k", "m": "M", "g": "G"}[match[1].lower()]

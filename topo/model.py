@@ -38,15 +38,39 @@ class ContainerPort:
     name: str | None = None
 
 
+UNPRIVILEGED_UID = 65534  # nobody: a spec's container runs as this user unless its securityContext says otherwise
+UNPRIVILEGED_GID = 65534  # nogroup
+
+
+@dataclass(frozen=True)
+class SecurityContext:
+    """How a container's process runs: user, group (no supplementary groups), the capability bounding set,
+    the capabilities raised ambient (a non-root process's effective ones), and no_new_privs."""
+
+    run_as_user: int = UNPRIVILEGED_UID
+    run_as_group: int = UNPRIVILEGED_GID
+    capabilities: tuple[str, ...] = ()  # the bounding set (root's effective capabilities)
+    ambient: tuple[str, ...] = ()
+    no_new_privs: bool = False
+
+    @property
+    def root(self) -> bool:
+        return self.run_as_user == 0
+
+
 @dataclass(frozen=True)
 class Container:
-    """A container is a process in the pod's namespaces; `argv` is what is executed (never a shell)."""
+    """A container is a process in the pod's namespaces; `argv` is what is executed (never a shell).
+
+    `security` is how a spec's container runs (topo.security_spec: an unprivileged user unless it asks for
+    root); None is the lab's own addon processes (dnsmasq, nginx), which run as the lab does."""
 
     name: str
     image: str | None
     argv: tuple[str, ...]
     ports: tuple[ContainerPort, ...] = ()
     env: tuple[tuple[str, str], ...] = ()  # the container's `env`, set on its process
+    security: SecurityContext | None = None
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,8 @@ import hashlib
 import re
 
 # Kubernetes' DNS-1123 label: what object names, namespaces and node names must match.
-DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+# Matched in full (fullmatch): `$` would also accept a name ending in a newline.
+DNS1123_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", re.ASCII)
 DNS1123_LABEL_MAX = 63
 # Lab names are shorter: they appear inside every namespace name of the lab.
 LAB_NAME_MAX = 40
@@ -23,7 +24,7 @@ SEP = "_"
 
 
 def is_dns_label(value: str, max_len: int = DNS1123_LABEL_MAX) -> bool:
-    return len(value) <= max_len and DNS1123_LABEL.match(value) is not None
+    return len(value) <= max_len and DNS1123_LABEL.fullmatch(value) is not None
 
 
 def dns_label_problem(value: object, max_len: int = DNS1123_LABEL_MAX) -> str | None:
@@ -34,7 +35,7 @@ def dns_label_problem(value: object, max_len: int = DNS1123_LABEL_MAX) -> str | 
         return "must not be empty"
     if len(value) > max_len:
         return f"{value!r} is {len(value)} characters; at most {max_len} are allowed"
-    if DNS1123_LABEL.match(value) is None:
+    if DNS1123_LABEL.fullmatch(value) is None:
         return (f"{value!r} is not a valid name: use lower-case letters, digits and '-', "
                 "starting and ending with a letter or digit")
     return None

@@ -87,8 +87,8 @@ class ObjectMetaIn(StrictModel):
     annotations: dict[str, str] | None = None
 
 
-_LABEL_NAME = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
-_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_LABEL_NAME = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?", re.ASCII)  # matched in full
+_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*", re.ASCII)
 _LABEL_MAX = 63
 _SUBDOMAIN_MAX = 253
 
@@ -100,18 +100,18 @@ def label_key_problem(key: str) -> str | None:
         return f"label key {short(repr(key), 60)} has more than one '/': write [prefix/]name, e.g. app.kubernetes.io/name"
     if len(parts) == 2:
         prefix = parts[0]
-        if not prefix or len(prefix) > _SUBDOMAIN_MAX or not _DNS_SUBDOMAIN.match(prefix):
+        if not prefix or len(prefix) > _SUBDOMAIN_MAX or not _DNS_SUBDOMAIN.fullmatch(prefix):
             return (f"label key prefix {short(repr(prefix), 60)} is not a DNS subdomain: use lower-case letters, "
                     "digits, '-' and '.', e.g. example.com/")
     name = parts[-1]
-    if not name or len(name) > _LABEL_MAX or not _LABEL_NAME.match(name):
+    if not name or len(name) > _LABEL_MAX or not _LABEL_NAME.fullmatch(name):
         return (f"label key {short(repr(key), 60)} is not valid: the name part must be 1..63 letters, digits, '-', "
                 "'_' or '.', starting and ending with a letter or digit")
     return None
 
 
 def label_value_problem(value: str) -> str | None:
-    if value == "" or (len(value) <= _LABEL_MAX and _LABEL_NAME.match(value)):
+    if value == "" or (len(value) <= _LABEL_MAX and _LABEL_NAME.fullmatch(value)):
         return None
     return (f"label value {short(repr(value), 60)} is not valid: use at most 63 letters, digits, '-', '_' or '.', "
             "starting and ending with a letter or digit (or leave it empty)")

@@ -6,12 +6,17 @@ pods on the same nodes.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from topo import names
 from topo.model import Lab, Node, Pod
 from topo.object_spec import Parsed, PodTemplate
-from topo.schema import Issues, Loc, short, written_at
+from topo.schema import MAX_PODS, MAX_PODS_PER_NODE, Issues, Loc, short, written_at
+
+# Pods the lab itself runs, by node: the addons (cluster DNS, ingress controller), which take a pod address of
+# their node's PodCIDR like any pod. Described for messages, e.g. "the cluster DNS pod kube-system/coredns".
+Reserved = Mapping[str, tuple[str, ...]]
 
 
 @dataclass
@@ -25,12 +30,15 @@ class _Draft:
     replica: int | None
 
 
-def pods_against_lab(parsed: list[Parsed], lab: Lab, namespaces: set[str], issues: Issues, place: bool) -> list[Pod]:
+def pods_against_lab(parsed: list[Parsed], lab: Lab, namespaces: set[str], issues: Issues, place: bool,
+                     reserved: Reserved | None = None) -> list[Pod]:
     """Pods in spec order (a Deployment's replicas where the Deployment is), then placed on nodes.
 
-    With place False (the nodes themselves are wrong) only the checks that need no node run.
+    With place False (the nodes themselves are wrong) only the checks that need no node run. `reserved`: the
+    addon pods each node runs besides these (not yet in lab.pods), which count against its PodCIDR.
     """
     drafts: list[_Draft] = []
+    total = [len(lab.pods)]  # pods of the lab so far, for MAX_PODS
     owners: dict[tuple[str, str, str], Loc] = {}
     taken: dict[str, str] = {pod.key: f"a pod already running in lab {lab.name}" for pod in lab.pods}
     for obj in parsed:
@@ -38,7 +46,7 @@ def pods_against_lab(parsed: list[Parsed], lab: Lab, namespaces: set[str], issue
             continue
         if not _object_ok(obj, lab, namespaces, owners, issues):
             continue
-        for draft in _drafts(obj, lab, issues, place):
+        for draft in _drafts(obj, lab, issues, place, total):
             key = f"{draft.namespace}/{draft.name}"
             if key in taken:
                 issues.add(obj.loc + ("metadata", "name"), f"pod {key} clashes with {taken[key]}: rename one")
@@ -47,7 +55,7 @@ def pods_against_lab(parsed: list[Parsed], lab: Lab, namespaces: set[str], issue
             drafts.append(draft)
     if not place:
         return []
-    return _place(drafts, lab, issues)
+    return _place(drafts, lab, issues, reserved or {})
 
 
 def _object_ok(obj: Parsed, lab: Lab, namespaces: set[str], owners: dict[tuple[str, str, str], Loc],
@@ -79,17 +87,28 @@ def _describe_origin(draft: _Draft, issues: Issues) -> str:
     return f"replica {draft.replica} of {draft.obj.kind} {draft.obj.name} at {where}"
 
 
-def _drafts(obj: Parsed, lab: Lab, issues: Issues, place: bool) -> list[_Draft]:
+def capacity(node: Node) -> int:
+    """Pods a node may run: what its PodCIDR holds, and never more than MAX_PODS_PER_NODE."""
+    return min(node.pod_capacity, MAX_PODS_PER_NODE)
+
+
+def _drafts(obj: Parsed, lab: Lab, issues: Issues, place: bool, total: list[int]) -> list[_Draft]:
     assert obj.template is not None and obj.namespace is not None
     if obj.replicas is None:
+        total[0] += 1
         return [_Draft(obj.name, obj.namespace, obj.template, obj, None)]
     if not place:
         return []  # replica names only matter once the lab is otherwise valid
-    room = sum(node.pod_capacity for node in lab.nodes)
+    room = sum(capacity(node) for node in lab.nodes)
     if obj.replicas > room:
         issues.add(obj.loc + ("spec", "replicas"), f"replicas {obj.replicas} is more than this lab's nodes can hold "
                                                    f"({room} pods in all): lower replicas, or give nodes larger "
                                                    "PodCIDRs with a smaller cluster.nodeCIDRMaskSize")
+        return []
+    total[0] += obj.replicas
+    if total[0] > MAX_PODS:
+        issues.add(obj.loc + ("spec", "replicas"), f"replicas {obj.replicas} would make {total[0]} pods; a lab runs at "
+                                                   f"most {MAX_PODS} pods in all: lower replicas")
         return []
     used: set[str] = set()
     drafts = []
@@ -113,10 +132,12 @@ def _replica_name(namespace: str, deployment: str, index: int, used: set[str]) -
         attempt += 1
 
 
-def _place(drafts: list[_Draft], lab: Lab, issues: Issues) -> list[Pod]:
+def _place(drafts: list[_Draft], lab: Lab, issues: Issues, reserved: Reserved) -> list[Pod]:
     """Pick each pod's node: its nodeName; for replica i, nodes[i mod count]; otherwise the node with the
-    fewest pods so far (earlier node on a tie), a stand-in for the scheduler's spreading. Existing pods count."""
+    fewest pods so far (earlier node on a tie), a stand-in for the scheduler's spreading. Existing pods count;
+    the addon pods `reserved` for each node count against its capacity only (spreading stays as it was)."""
     counts = {node.name: len(lab.pods_on(node.name)) for node in lab.nodes}
+    extra = {node.name: len(reserved.get(node.name, ())) for node in lab.nodes}
     overflow_at: dict[str, Loc] = {}
     def veth_of(namespace: str, name: str) -> str:
         return names.host_veth(names.sandbox_id(lab.name, namespace, name))
@@ -126,7 +147,7 @@ def _place(drafts: list[_Draft], lab: Lab, issues: Issues) -> list[Pod]:
     for draft in drafts:
         node = _node_for(draft, lab, counts)
         counts[node] += 1
-        if counts[node] == lab.node(node).pod_capacity + 1:
+        if counts[node] + extra[node] == capacity(lab.node(node)) + 1:
             overflow_at[node] = draft.obj.loc
         veth = veth_of(draft.namespace, draft.name)
         key = f"{draft.namespace}/{draft.name}"
@@ -141,7 +162,8 @@ def _place(drafts: list[_Draft], lab: Lab, issues: Issues) -> list[Pod]:
                         dns_policy=draft.template.dns_policy, dns_config=draft.template.dns_config,
                         hostname=draft.template.hostname, subdomain=draft.template.subdomain))
     for node_name, loc in overflow_at.items():
-        issues.add(loc, _capacity_message(lab, lab.node(node_name), counts[node_name]))
+        issues.add(loc, _capacity_message(lab, lab.node(node_name), counts[node_name] + extra[node_name],
+                                          reserved.get(node_name, ())))
     return pods
 
 
@@ -153,12 +175,16 @@ def _node_for(draft: _Draft, lab: Lab, counts: dict[str, int]) -> str:
     return min(lab.nodes, key=lambda n: (counts[n.name], n.index)).name
 
 
-def _capacity_message(lab: Lab, node: Node, count: int) -> str:
+def _capacity_message(lab: Lab, node: Node, count: int, addons: tuple[str, ...]) -> str:
     """host-local IPAM hands out the PodCIDR minus network, broadcast and the bridge's .1 gateway."""
     mask = lab.cluster.node_cidr_mask_size
+    counted = f" (counting {' and '.join(addons)})" if addons else ""
+    if node.pod_capacity > MAX_PODS_PER_NODE:
+        return (f"{node.name} would have {count} pods{counted}; a lab node runs at most {MAX_PODS_PER_NODE} (kubelet's "
+                f"default is 110): put fewer pods on {node.name}")
     bigger = ""
     if mask - 1 > lab.cluster.pod_cidr.prefixlen:
         bigger = f" ({mask - 1} holds {2 ** (32 - mask + 1) - 3})"
-    return (f"{node.name} would have {count} pods but its PodCIDR {node.pod_cidr} holds {node.pod_capacity} "
+    return (f"{node.name} would have {count} pods{counted} but its PodCIDR {node.pod_cidr} holds {node.pod_capacity} "
             f"(.1 is the gateway): give nodes larger PodCIDRs with a smaller cluster.nodeCIDRMaskSize{bigger}, "
             f"or put fewer pods on {node.name}")

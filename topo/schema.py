@@ -36,6 +36,18 @@ MAX_DEPTH = 64  # nesting depth of YAML values; real manifests stay under 15
 MAX_ISSUES = 50  # issues shown; more only bury the first ones
 INT_LIMIT = 2**63  # Kubernetes numbers are int64 at most; larger ones are almost surely typos
 
+# Limits a real lab never meets, so a huge or hostile file is refused in one line, cheaply, before the rest of
+# it is read or built. Kubernetes refuses an object over about 1.5 MiB (etcd's request limit); the largest
+# exercise (labs/08-proxy-scale, 300 Services) is 46 KB, and `lab bench` runs 50 nodes x 20 pods.
+MIB = 1024 * 1024
+MAX_FILE_BYTES = 1 * MIB  # a lab spec or an objects file: checked by size before it is read
+MAX_OBJECTS = 2000  # objects of one spec or objects file
+MAX_NODES = 200  # nodes of a lab (each is a network namespace with its own daemons)
+MAX_PODS = 5000  # pods of a lab, replicas included (checked before replicas are named)
+MAX_PODS_PER_NODE = 1024  # even where the PodCIDR holds more (kubelet's default maxPods is 110)
+MAX_STRING = 64 * 1024  # characters of one YAML value (names are 253 at most; a command line may be long)
+MAX_KEY = 512  # characters of one key (a label key is 253 + 1 + 63 at most)
+
 Loc = tuple[Any, ...]  # a field's position: keys and list indexes from the document's top
 
 
@@ -103,8 +115,8 @@ class _Abort(Exception):
 
 
 _TAG = "tag:yaml.org,2002:"
-_PLAIN_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
-_BRACKET_KEY = re.compile(r"^[A-Za-z0-9_./-]+$")
+_PLAIN_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*", re.ASCII)
+_BRACKET_KEY = re.compile(r"[A-Za-z0-9_./-]+", re.ASCII)
 
 
 def field_path(loc: Loc) -> str:
@@ -113,9 +125,9 @@ def field_path(loc: Loc) -> str:
     for part in loc:
         if isinstance(part, int) and not isinstance(part, bool):
             out += f"[{part}]"
-        elif isinstance(part, str) and _PLAIN_KEY.match(part):
+        elif isinstance(part, str) and _PLAIN_KEY.fullmatch(part):
             out += f".{part}" if out else part
-        elif isinstance(part, str) and _BRACKET_KEY.match(part):
+        elif isinstance(part, str) and _BRACKET_KEY.fullmatch(part):
             out += f"[{part}]"
         else:
             out += f"[{short(json.dumps(part, ensure_ascii=True, default=repr), 60)}]"
@@ -167,6 +179,10 @@ class _Walker:
         self.source.bad.add(loc)
 
     def _scalar(self, node: yaml.ScalarNode, loc: Loc) -> Any:
+        if len(node.value) > MAX_STRING:
+            self._problem(node, loc, f"this value is {len(node.value)} characters; at most {MAX_STRING} are allowed "
+                                     "in one value of a lab spec: shorten it")
+            return None
         self.source.raw[loc] = node.value
         try:
             value = self.loader.construct_object(node, deep=True)
@@ -235,6 +251,10 @@ class _Walker:
         line = node.start_mark.line + 1
         if not isinstance(node, yaml.ScalarNode):
             self.issues.add(loc, "a key must be a plain string, not a list or mapping", line)
+            return None
+        if len(node.value) > MAX_KEY:
+            self.issues.add(loc, f"a key of {len(node.value)} characters: at most {MAX_KEY} are allowed "
+                                 f"({short(repr(node.value), 40)})", line)
             return None
         try:
             key = self.loader.construct_object(node, deep=True)
@@ -446,7 +466,7 @@ def wrong_type(expected: str, value: Any, raw: str | None) -> str:
 
 
 def looks_numeric(value: str) -> bool:
-    return re.fullmatch(r"\s*-?\d+(\.\d*)?\s*", value) is not None
+    return re.fullmatch(r"\s*-?\d+(\.\d*)?\s*", value, re.ASCII) is not None
 
 
 def describe(value: Any) -> str:

@@ -3,7 +3,8 @@
 A container runs on this machine, never through a shell: a built-in image (agnhost, pause) runs its
 stand-in, `command` a program of the machine. An image's own argument rules (agnhost's subcommands) belong
 to the image, which sits above this layer: the API server hands them in (`ArgsCheck`, by image name), so a
-typo fails at validation, not inside a pod. Where pods go is `topo.placement_spec`'s.
+typo fails at validation, not inside a pod. A container runs as an unprivileged user unless its
+securityContext asks for root (`topo.security_spec`). Where pods go is `topo.placement_spec`'s.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from topo.model import Container, ContainerPort, DnsConfig
 from topo.object_spec import ObjectMetaIn, Parsed, PodTemplate, check_labels, check_meta, normalized_manifest
 from topo.address_spec import ADDRESS_TEXT
 from topo.schema import Issues, Loc, StrictModel, field_path, short, show, validate
+from topo.security_spec import PodSecurityContextIn, SecurityContextIn, check_security
 
 BUILTIN_IMAGES = ("agnhost", "pause")
 AGNHOST_MODULE = "images.agnhost"  # what `python -m` runs for image agnhost
@@ -29,8 +31,8 @@ DEPLOYMENT_NAME_MAX = names.DNS1123_LABEL_MAX - 6  # replicas are "<deployment>-
 _RESTART_POLICIES = ("Always", "OnFailure", "Never")
 _DNS_POLICIES = ("ClusterFirst", "ClusterFirstWithHostNet", "Default", "None")
 _PROTOCOLS = ("TCP", "UDP", "SCTP")
-_ENV_NAME = re.compile(r"^[-._a-zA-Z][-._a-zA-Z0-9]*$")  # Kubernetes' env var name rule
-_PORT_NAME = re.compile(r"^[-a-z0-9]+$")
+_ENV_NAME = re.compile(r"[-._a-zA-Z][-._a-zA-Z0-9]*", re.ASCII)  # Kubernetes' env var name rule
+_PORT_NAME = re.compile(r"[-a-z0-9]+", re.ASCII)
 _PORT_NAME_MAX = 15  # IANA service names
 _MAX_NAMESERVERS = 3  # glibc's resolver uses three at most; Kubernetes enforces it
 _MAX_SEARCHES = 32
@@ -69,6 +71,7 @@ class _ContainerIn(StrictModel):
     args: list[str] | None = None
     ports: list[_PortIn] | None = None
     env: list[_EnvIn] | None = None
+    security_context: SecurityContextIn | None = Field(None, alias="securityContext")
 
 
 class _DnsOptionIn(StrictModel):
@@ -95,6 +98,7 @@ class _PodSpecIn(StrictModel):
     dns_config: _DnsConfigIn | None = Field(None, alias="dnsConfig")
     hostname: str | None = None
     subdomain: str | None = None
+    security_context: PodSecurityContextIn | None = Field(None, alias="securityContext")
 
 
 class _PodIn(StrictModel):
@@ -144,7 +148,8 @@ def _check_pod_spec(spec: _PodSpecIn, loc: Loc, labels: dict[str, str], issues: 
             issues.add(cloc + ("name",), f"container name {container_in.name} is already used by containers"
                                          f"[{seen[container_in.name]}]: give each container of a pod its own name")
         seen.setdefault(container_in.name, index)
-        container = _check_container(container_in, cloc, port_names, issues, image_args)
+        container = _check_container(container_in, cloc, port_names, issues, image_args,
+                                     (spec.security_context, loc + ("securityContext",)))
         if container is not None:
             containers.append(container)
     _check_pod_extras(spec, loc, issues)
@@ -261,7 +266,7 @@ def dns_name_problem(value: str, what: str, example: str, wildcard: bool = False
         if wildcard:
             return f"{shown} is not a valid {what}: '*' may only be the whole first label, e.g. *.example.com"
         return f"{shown} is not a valid {what}: a '*' (wildcard) is not allowed here"
-    if ADDRESS_TEXT.match(value):
+    if ADDRESS_TEXT.fullmatch(value):
         return f"{shown} is an IP address, but a {what} must be a DNS name, e.g. {example}"
     if value != value.lower() and all(names.is_dns_label(label) for label in value.lower().split(".")[-len(labels):]):
         return f"{shown} has upper-case letters: write DNS names in lower case, {short(value.lower(), 60)}"
@@ -273,7 +278,7 @@ def dns_name_problem(value: str, what: str, example: str, wildcard: bool = False
 
 
 def _check_container(container: _ContainerIn, loc: Loc, port_names: dict[str, Loc], issues: Issues,
-                     image_args: ImageArgs) -> Container | None:
+                     image_args: ImageArgs, pod_security: tuple[PodSecurityContextIn | None, Loc]) -> Container | None:
     before = len(issues)
     problem = names.dns_label_problem(container.name)
     if problem:
@@ -286,15 +291,17 @@ def _check_container(container: _ContainerIn, loc: Loc, port_names: dict[str, Lo
             if "\0" in arg:
                 issues.add(loc + (key, index), "contains a NUL character, which no program argument can hold: remove it")
     for index, env in enumerate(container.env or []):
-        if not _ENV_NAME.match(env.name):
+        if not _ENV_NAME.fullmatch(env.name):
             issues.add(loc + ("env", index, "name"), f"{short(repr(env.name), 40)} is not a valid variable name: use "
                                                      "letters, digits, '_', '-' and '.', not starting with a digit")
     ports = _check_ports(container.ports or [], loc + ("ports",), port_names, issues)
+    security = check_security(pod_security[0], container.security_context, pod_security[1],
+                              loc + ("securityContext",), issues)
     argv = _argv(container, loc, issues, image_args) if len(issues) == before else None
     if argv is None or len(issues) > before:
         return None
     env = tuple((e.name, e.value or "") for e in container.env or [])
-    return Container(name=container.name, image=container.image, argv=argv, ports=ports, env=env)
+    return Container(name=container.name, image=container.image, argv=argv, ports=ports, env=env, security=security)
 
 
 def _check_ports(ports_in: list[_PortIn], loc: Loc, port_names: dict[str, Loc],
@@ -330,7 +337,7 @@ def protocol_problem(protocol: str) -> str | None:
 
 def port_name_problem(name: str) -> str | None:
     """IANA service name rules, as Kubernetes applies them to port names."""
-    if (len(name) <= _PORT_NAME_MAX and _PORT_NAME.match(name) and re.search("[a-z]", name)
+    if (len(name) <= _PORT_NAME_MAX and _PORT_NAME.fullmatch(name) and re.search("[a-z]", name)
             and "--" not in name and not name.startswith("-") and not name.endswith("-")):
         return None
     return (f"{short(repr(name), 40)} is not a valid port name: at most {_PORT_NAME_MAX} lower-case letters, digits "
