@@ -14,6 +14,7 @@ from pathlib import Path
 
 from apiserver import state
 from apiserver.desired import object_key, current_lab, model_of
+from apiserver.files import read_manifest
 from apiserver.spec import parse_objects, pods_from_objects
 from cni import network_policy
 from kubelet import pods as kubelet
@@ -24,6 +25,7 @@ from reconcile.resync import resync, sync_policies
 from services import addons, kube_proxy
 from services.endpoints import RunningPod
 from topo import crash
+from topo.security_spec import root_warning
 from topo.errors import SpecError, SpecIssue, StateError
 from topo.model import Lab, Pod
 
@@ -128,14 +130,15 @@ def apply_file(name: str | None, file: str) -> list[str]:
         warning = network_policy.not_enforced_warning(current_lab(st))
     if warning and any(o.get("kind") == "NetworkPolicy" for o in objects):
         report.append(warning)  # "Warning: ..." lines go to stderr (lab/cli.py), as kubectl prints warnings
+    root = root_warning(dataclasses.replace(lab, pods=tuple(new)))
+    if root:
+        report.append("W" + root[1:])  # the containers this file starts as root on the machine
     return report
 
 
 def _read(file: str) -> str:
-    try:
-        return Path(file).read_text()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SpecError(file, [SpecIssue("", f"cannot read: {exc}")]) from exc
+    """The manifest file, read the one way every spec file is (size limit, symlink loops, devices refused)."""
+    return read_manifest(file)
 
 
 def _pending(lab: Lab, pod: Pod) -> state.PodState:

@@ -301,3 +301,19 @@ def test_progress_bar_on_a_terminal_only(tmp_path: Path) -> None:
         assert "removing namespaces" not in piped.stdout + piped.stderr
     finally:
         lab("down", name, check=False)
+
+
+def test_apply_reads_files_as_a_spec_is_read_and_names_root_containers(lab_up, tmp_path: Path) -> None:
+    """`lab apply -f` refuses what `lab up` refuses (a file over the size limit, in one line, before reading
+    it), and says which containers it starts as root on the machine, as `lab up` does."""
+    name = unique("applyin")
+    lab_up(seed_spec(name))
+    big = tmp_path / "big.yaml"
+    big.write_text("# padding\n" * 200_000)  # 2 MB of comments
+    refused = lab("apply", "--lab", name, "-f", str(big), check=False)
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    root = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "rooty"},
+            "spec": {"nodeName": "node1", "securityContext": {"runAsUser": 0},
+                     "containers": [{"name": "c", "image": "pause"}]}}
+    out = lab("apply", "--lab", name, "-f", manifests(tmp_path, "root", root))
+    assert "run" in out.stderr and "as root" in out.stderr and "default/rooty/c" in out.stderr, out.stderr
