@@ -81,7 +81,8 @@ def test_expected_cases_and_metrics(bench) -> None:
     # every path but the ClusterIP answers ping (no interface holds a VIP in iptables mode)
     assert all(("rtt_ms" in c["samples"]) == (name != "host-gw ClusterIP") for name, c in dataplanes.items())
     services = suites["services"]["cases"]
-    assert {(c["mode"], c["services"]) for c in services} >= {("iptables", 10), ("nftables", 100)}
+    assert {(c["mode"], c["services"]) for c in services} >= {("iptables-nft", 10), ("iptables-legacy", 10),
+                                                              ("nftables", 100)}
     assert all({"full_sync_s", "first_p50_us", "last_p99_us"} <= c["samples"].keys() for c in services)
     dns = {c["name"]: c for c in suites["dns"]["cases"]}
     assert {"ndots 5", "trailing dot"} <= dns.keys()
@@ -96,3 +97,23 @@ def test_one_png_per_suite(bench) -> None:
         png = plots / f"{suite}.png"
         assert png.exists(), png
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_scale_suite_quick(tmp_path: Path) -> None:
+    """`lab bench scale --quick`: the seed lab's life (up, one-pod apply and delete, status, down) timed as
+    the CLI runs it, every metric present and positive, nothing left behind; the sizes are checked."""
+    require_root()
+    require_tool("mnexec")
+    out = tmp_path / "scale.json"
+    before = _bench_namespaces()
+    proc = subprocess.run([sys.executable, "-m", "lab.cli", "bench", "scale", "--quick", "--json", str(out)],
+                          capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "== scale" in proc.stdout and "apply 1 pod s" in proc.stdout
+    case, = json.loads(out.read_text())["suites"]["scale"]["cases"]
+    assert {"up_s", "apply_one_s", "delete_one_s", "status_s", "down_s"} == case["median"].keys()
+    assert all(_positive(v) for v in case["median"].values())
+    assert _bench_namespaces() == before
+    bad = subprocess.run([sys.executable, "-m", "lab.cli", "bench", "scale", "--sizes", "10,x"], capture_output=True,
+                         text=True, cwd=REPO, timeout=30)
+    assert bad.returncode == 2 and "--sizes" in bad.stderr
