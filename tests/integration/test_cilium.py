@@ -136,3 +136,17 @@ def test_nothing_is_left_after_a_killed_lab_up(tmp_path: Path) -> None:
         assert leftovers(name) == {"netns": [], "state": []}
     finally:
         lab("down", name, check=False)
+
+
+def test_lab_cilium_mirrors_the_debug_cli(cil: dict) -> None:
+    out = lab("cilium", "--lab", cil["name"], "node2", "service", "list").stdout
+    assert out.splitlines()[0].split() == ["ID", "Frontend", "Service", "Type", "Backend"]
+    assert f"{cil['vip']['web']}:80/TCP" in out and f"{cil['ips']['web-1']}:8080/TCP (active)" in out
+    lb = lab("cilium", "--lab", cil["name"], "node2", "bpf", "lb", "list").stdout
+    assert "BACKEND ADDRESS (REVNAT_ID) (SLOT)" in lb
+    tunnels = json.loads(lab("cilium", "--lab", cil["name"], "--json", "node2", "bpf", "tunnel", "list").stdout)
+    assert tunnels == ([{"tunnel": "10.244.1.0:0", "value": "192.168.1.10:0"}] if cil["mode"] == "tunnel" else [])
+    maps_out = lab("cilium", "--lab", cil["name"], "node1", "map", "list").stdout
+    assert "cilium_lb4_services_v2" in maps_out and "Num entries" in maps_out
+    eps = json.loads(lab("cilium", "--lab", cil["name"], "--json", "node1", "endpoint", "list").stdout)
+    assert [e["ipv4"] for e in eps] == [cil["ips"]["web-1"]]
