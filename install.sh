@@ -28,6 +28,7 @@ packages=(
   python3 python3-venv python3-pip
   iptables nftables conntrack ipset ipvsadm tcpdump iperf3 curl frr ethtool dnsmasq-base nginx-light bind9-dnsutils
   graphviz
+  clang libbpf-dev bpftool  # the cilium profile: BPF C compiled with clang, loaded through libbpf
 )
 # --test: vagrant (to validate the Vagrantfile) and the test VM's pieces (tests/vm: qemu in software
 # emulation, busybox for its initramfs, kmod for depmod and the guest's modprobe; the kernel itself is
@@ -70,4 +71,6 @@ echo "$here/.venv/mininet-only" > "$site/debian-mininet.pth"
 .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null
 .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]"
 .venv/bin/python -c 'import mininet.net, pyroute2, yaml, pydantic' 
+# the cilium profile's BPF objects, compiled once into the cache keyed by their sources' hash
+.venv/bin/python -c 'from cilium import build; build.compile_all()' 
 echo "install.sh: ready. Run labs with $here/.venv/bin/lab (or: source .venv/bin/activate)"

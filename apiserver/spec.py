@@ -42,7 +42,7 @@ from topo import names
 from topo.cluster_spec import ClusterIn, NodeIn, check_cluster, check_disjoint, check_flat_underlay, check_nodes
 from topo.errors import SpecError, SpecIssue
 from topo.link_spec import LinkIn, check_link
-from topo.model import CNI_PROFILES, Cluster, Ingress, KubeProxy, Lab, Network, NetworkPolicy, Pod, Service, Underlay
+from topo.model import CILIUM_ROUTING_MODES, CNI_PROFILES, Cni, Cluster, Ingress, KubeProxy, Lab, Network, NetworkPolicy, Pod, Service, Underlay
 from topo.object_spec import Parsed, Reader, lab_namespaces, read_namespace
 from topo.placement_spec import pods_against_lab
 from topo.schema import (MAX_NODES, MAX_OBJECTS, Issues, Loc, Source, StrictModel, compose, describe, short, validate,
@@ -325,8 +325,11 @@ def _build_lab(lab_in: _LabIn, issues: Issues) -> Lab:
     underlay_in = spec.underlay or _UnderlayIn()
     network_in = spec.network or NetworkIn()
     cni = check_cni(spec.cni, issues)
+    if cni is not None and cni.profile == "cilium":
+        check_cilium_backend(cni, network_in, issues)
     if cni is not None and network_in.backend is None:  # a profile sets the backend's default only
-        network_in = network_in.model_copy(update={"backend": CNI_PROFILES[cni.profile][0]})
+        backend = CILIUM_ROUTING_MODES[cni.routing_mode] if cni.routing_mode else CNI_PROFILES[cni.profile][0]
+        network_in = network_in.model_copy(update={"backend": backend})
     racks = _rack_names(underlay_in)
     cluster = check_cluster(spec.cluster or ClusterIn(), issues)
     underlay = _check_underlay(underlay_in, issues)
@@ -360,6 +363,21 @@ def _build_lab(lab_in: _LabIn, issues: Issues) -> Lab:
     lab.pods = tuple(pods_against_lab(parsed, lab, set(namespaces), issues, place=nodes is not None and not issues,
                                       reserved=addon_pods(lab)))  # the addons' pods take addresses too
     return lab
+
+
+def check_cilium_backend(cni: Cni, network_in: NetworkIn, issues: Issues) -> None:
+    """The cilium profile routes in tunnel mode (backend vxlan) or native mode (backend host-gw)."""
+    backend = network_in.backend
+    if backend is None:
+        return
+    modes = {b: m for m, b in CILIUM_ROUTING_MODES.items()}
+    if backend not in modes:
+        issues.add(("spec", "network", "backend"), f"cni.profile cilium routes with routingMode tunnel (backend "
+                                                   f"vxlan) or native (backend host-gw), not {short(repr(backend), 20)}")
+    elif cni.routing_mode is not None and CILIUM_ROUTING_MODES[cni.routing_mode] != backend:
+        issues.add(("spec", "network", "backend"), f"backend {backend} contradicts cni.routingMode "
+                                                   f"{cni.routing_mode} (which means backend "
+                                                   f"{CILIUM_ROUTING_MODES[cni.routing_mode]}): give one of them")
 
 
 def _check_underlay(underlay_in: _UnderlayIn, issues: Issues) -> Underlay | None:

@@ -81,6 +81,8 @@ class NetConf:
     hairpin: bool = True  # Flannel's default bridge config sets hairpinMode, so a pod reaches itself via its service
     name: str = "kubenet"
     cni_version: str = "1.0.0"  # the config's cniVersion: results are written in it
+    # "bridge" (cni0, Flannel and Calico profiles) or "cilium" (routed lxc veths, cilium_host: cni/lxc.py)
+    mode: str = "bridge"
 
     @property
     def gateway(self) -> IPv4Interface:
@@ -92,7 +94,7 @@ class NetConf:
     def to_json(self) -> dict[str, Any]:
         return {
             "cniVersion": self.cni_version, "name": self.name, "type": PLUGIN_TYPE, "bridge": self.bridge,
-            "isGateway": True, "hairpinMode": self.hairpin, "mtu": self.mtu,
+            "isGateway": True, "hairpinMode": self.hairpin, "mtu": self.mtu, "mode": self.mode,
             "ipam": {"type": "host-local", "subnet": str(self.subnet), "gateway": str(self.gateway.ip),
                      "dataDir": self.data_dir, "node": self.node},
         }
@@ -107,6 +109,7 @@ class NetConf:
             conf = cls(node=str(ipam["node"]), subnet=IPv4Network(ipam["subnet"]), data_dir=str(ipam["dataDir"]),
                        bridge=str(data.get("bridge", "cni0")), mtu=int(data.get("mtu", 1500)),
                        hairpin=bool(data.get("hairpinMode", True)), name=str(data.get("name", "kubenet")),
+                       mode=str(data.get("mode", "bridge")),
                        cni_version=str(data["cniVersion"]))
         except CniError:
             raise
@@ -124,6 +127,7 @@ class CniArgs:
     ifname: str = "eth0"
     pod_namespace: str = ""
     pod_name: str = ""
+    host_prefix: str = "veth"  # the node-side veth's name prefix: "lxc" in the cilium profile
 
     @property
     def pod(self) -> str:
@@ -133,7 +137,7 @@ class CniArgs:
     def host_ifname(self) -> str:
         """Derived from the sandbox (container id), not the pod: a recreated sandbox of the same pod
         gets its own veth, and a late DEL of the old one cannot touch the new one's."""
-        return names.host_veth(self.container_id, self.ifname)
+        return names.host_veth(self.container_id, self.ifname, self.host_prefix)
 
 
 IpamSession = Callable[[], AbstractContextManager[NodeIpam]]

@@ -10,6 +10,7 @@ import shutil
 
 from apiserver import state
 from apiserver.desired import model_of
+from cilium import agent
 from kubelet import runtime
 from topo import netns
 from topo.errors import StateError
@@ -71,6 +72,12 @@ def enter(lab: str, target: str, ns: str, pause_pid: int | None) -> None:
     fd = netns.open_fd(ns)
     netns.setns(fd, netns.CLONE_NEWNET)
     os.close(fd)
+    # The cilium profile: join the cgroup of the pod's containers (or the node's own), where its socket
+    # load balancer is attached, so a command typed in the pod sees services as the pod's processes do.
+    if pause_pid is not None:
+        agent.join_cgroup_of(pause_pid)
+    else:
+        agent.join_node(lab, target)  # a node of a cilium lab; nothing for routers and external hosts
     if pause_pid is not None:
         # Join the pod as its containers are joined: its UTS (host name) and mount namespace (its own
         # /etc/resolv.conf, /etc/hosts and /sys).

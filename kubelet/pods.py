@@ -17,6 +17,8 @@ from ipaddress import IPv4Address
 from pathlib import Path
 
 from apiserver import state
+from cilium import agent
+from cni.lxc import LXC_PREFIX, LxcPlugin
 from cni.plugin import BridgePlugin, CniArgs, NetConf
 from kubelet import runtime
 from services import addons
@@ -40,18 +42,30 @@ def running_pods(st: state.LabState, lab: Lab) -> list[RunningPod]:
 
 def netconf(lab: Lab, node: str, ipam_dir: Path) -> NetConf:
     """The network configuration a node's kubelet hands the CNI plugin (bridge, PodCIDR, MTU, lease folder)."""
-    return NetConf(node=node, subnet=lab.node(node).pod_cidr, data_dir=str(ipam_dir), mtu=lab.network.mtu)
+    return NetConf(node=node, subnet=lab.node(node).pod_cidr, data_dir=str(ipam_dir), mtu=lab.network.mtu,
+                   mode="cilium" if lab.cni.profile == "cilium" else "bridge")
 
 
 def cni_args(lab: Lab, namespace: str, name: str) -> CniArgs:
     """What kubelet would pass the plugin for this pod (CNI_CONTAINERID, CNI_NETNS, CNI_IFNAME, CNI_ARGS)."""
     return CniArgs(container_id=names.sandbox_id(lab.name, namespace, name),
                    netns=netns.path(names.pod_netns(lab.name, namespace, name)), ifname=POD_IFNAME,
-                   pod_namespace=namespace, pod_name=name)
+                   pod_namespace=namespace, pod_name=name,
+                   host_prefix=LXC_PREFIX if lab.cni.profile == "cilium" else "veth")
 
 
 def plugin(lab: Lab, node: str, host: Rtnl) -> BridgePlugin:
-    return BridgePlugin(netconf(lab, node, state.ipam_dir(lab.name)), host)
+    return plugin_for(netconf(lab, node, state.ipam_dir(lab.name)), host)
+
+
+def plugin_for(conf: NetConf, host: Rtnl) -> BridgePlugin:
+    """The CNI plugin a node's kubelet calls: the bridge (cni0) or, in the cilium profile, routed lxc veths."""
+    return LxcPlugin(conf, host) if conf.mode == "cilium" else BridgePlugin(conf, host)
+
+
+def in_pod_cgroup(lab: Lab, node: str) -> contextlib.AbstractContextManager[None]:
+    """Where a pod's processes start: in the cilium profile, the node's cgroup (its socket LB)."""
+    return agent.spawning_in(lab.name, node) if lab.cni.profile == "cilium" else contextlib.nullcontext()
 
 
 def add_pod(st: state.LabState, lab: Lab, pod: Pod,
@@ -68,14 +82,16 @@ def add_pod(st: state.LabState, lab: Lab, pod: Pod,
         netns.create(ns)
         crash.point("pod-netns")
         try:
-            pause_pid = runtime.start_sandbox(ns, addons.pod_hostname(pod), pause, files)
+            with in_pod_cgroup(lab, pod.node):
+                pause_pid = runtime.start_sandbox(ns, addons.pod_hostname(pod), pause, files)
             result = cni.add(args)
             crash.point("pod-cni-added")
             ip = result["ips"][0]["address"].split("/")[0]
             runtime.write_pod_files(files, addons.pod_resolv_conf(lab, pod), addons.pod_hosts(pod, ip, lab.dns.domain))
             if before_start is not None:
                 before_start(pod, IPv4Address(ip))
-            containers = runtime.start_pod_containers(pod, ns, pause_pid, state.log_dir(lab.name))
+            with in_pod_cgroup(lab, pod.node):
+                containers = runtime.start_pod_containers(pod, ns, pause_pid, state.log_dir(lab.name))
             crash.point("pod-started")
         except BaseException:
             runtime.remove_sandbox(ns)

@@ -15,8 +15,10 @@ from pathlib import Path
 
 from apiserver import state
 from cni import network_policy
+from cilium import agent
 from cni.plugin import BridgePlugin, memory_session
 from kubelet import runtime
+from kubelet.pods import in_pod_cgroup, plugin_for
 from lab import progress
 from lab.plan import HOST_SYSCTLS, SWITCH_SYSCTLS, NodeOps, Plan, PodOps
 from routing import bgp, frr, ipip, vxlan
@@ -65,7 +67,7 @@ def write_sysctls(ns: str, values: tuple[tuple[str, str], ...]) -> None:
 
 def setup_node(node: NodeOps, handles: NodeHandles) -> BridgePlugin:
     host = handles.get(node.netns)
-    plugin = BridgePlugin(node.netconf, host)
+    plugin = plugin_for(node.netconf, host)
     plugin.ensure_bridge()
     devices: dict[str, int] = {}
     for route in node.routes:
@@ -88,13 +90,15 @@ def add_pod(lab: Lab, op: PodOps, plugin: BridgePlugin, pause: str, logs: Path) 
     files = state.pod_dir(lab.name, op.pod)
     runtime.write_pod_files(files, addons.pod_resolv_conf(lab, op.pod), addons.pod_hosts(op.pod, None))
     netns.create(op.netns)
-    pause_pid = runtime.start_sandbox(op.netns, addons.pod_hostname(op.pod), pause, files)
+    with in_pod_cgroup(lab, op.node):
+        pause_pid = runtime.start_sandbox(op.netns, addons.pod_hostname(op.pod), pause, files)
     result = plugin.add(op.args)
-    got = result["ips"][0]["address"]
-    if got != str(op.address):
-        raise ApplyError(f"pod {op.pod.key}: CNI gave {got}, the plan said {op.address}")
+    got = result["ips"][0]["address"].split("/")[0]  # the cilium profile's pods hold a /32
+    if got != str(op.address.ip):
+        raise ApplyError(f"pod {op.pod.key}: CNI gave {got}, the plan said {op.address.ip}")
     runtime.write_pod_files(files, addons.pod_resolv_conf(lab, op.pod), addons.pod_hosts(op.pod, op.address.ip, lab.dns.domain))
-    containers = runtime.start_pod_containers(op.pod, op.netns, pause_pid, logs)
+    with in_pod_cgroup(lab, op.node):
+        containers = runtime.start_pod_containers(op.pod, op.netns, pause_pid, logs)
     return state.pod_state(op.pod, str(op.address.ip), op.netns, pause_pid, containers)
 
 
@@ -149,6 +153,8 @@ def apply(plan: Plan, st: state.LabState) -> float | None:
         plugins: dict[str, BridgePlugin] = {}
         for node in plan.nodes:
             plugins[node.name] = setup_node(node, handles)
+            if plan.lab.cni.profile == "cilium":
+                agent.setup_node(plan.lab, node.name)
         for node_name, plugin in plugins.items():
             ipam = plan.ipam[node_name]
             plugin.ipam = lambda ipam=ipam: memory_session(ipam)
@@ -170,7 +176,7 @@ def apply(plan: Plan, st: state.LabState) -> float | None:
         for addon in ("dns", "ingress"):  # their daemons have just started with the files as written
             addons.mark_loaded(addon, state.lab_dir(plan.lab.name))
         start_external(plan.lab)
-        kube_proxy.sync(plan.lab, running, state.lab_dir(plan.lab.name) / "kube-proxy")
+        sync_services(plan.lab, running)
         start_bgp(plan.speakers, plan.lab.name)
         wait_carrier([handles.get(h.netns) for h in plan.underlay.hosts] +
                      [handles.get(ns) for ns in plan.underlay.switch_netns])
@@ -183,6 +189,14 @@ def apply(plan: Plan, st: state.LabState) -> float | None:
                 if plan.lab.network.backend == "ipip" else 0.0
             return programmed + frr.wait_converged(list(speakers), rtnl, folders, timeout=BGP_TIMEOUT)
     return None
+
+
+def sync_services(lab: Lab, running: list[RunningPod]) -> None:
+    """kube-proxy's rules, or in the cilium profile (no kube-proxy at all) the agent's service maps."""
+    if lab.cni.profile == "cilium":
+        agent.sync(lab, running)
+    else:
+        kube_proxy.sync(lab, running, state.lab_dir(lab.name) / "kube-proxy")
 
 
 BGP_TIMEOUT = 30.0  # a few seconds is normal here; thirty means something is broken
@@ -230,6 +244,7 @@ def teardown(lab: str, wait: bool = True) -> list[str]:
     _delete_watched(kinds["n"] + others, kinds["u"], "-eth", wait)  # switch ports: <switch>-eth<N>
     for ns in kinds["u"]:
         netns.delete(ns)
+    agent.remove(lab)  # the cilium profile's cgroups and bpffs pins (programs go with them and the devices)
     return spaces
 
 

@@ -316,6 +316,17 @@ def _cmd_link(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_cilium(args: argparse.Namespace) -> int:
+    import json
+
+    from observe import cilium
+
+    command = " ".join(args.words)
+    rows = cilium.run(args.lab, args.node, command)
+    print(json.dumps(rows, indent=2) if args.json else cilium.render(command, rows))
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from lab import bench
 
@@ -472,6 +483,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--count", type=int, default=1, help="how many random faults (default 1, at most 5)")
     p.add_argument("--list", action="store_true", help="list the faults and their parameters")
     p.set_defaults(func=_cmd_break)
+
+    p = sub.add_parser("cilium", help="Cilium's debug CLI on a node of a cilium lab: lab cilium NODE service list | "
+                                      "bpf lb list | bpf ct list global | endpoint list | bpf tunnel list | map list")
+    p.add_argument("--lab", help="the lab, when more than one is running")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("node")
+    p.add_argument("words", nargs="+", metavar="COMMAND")
+    p.set_defaults(func=_cmd_cilium)
 
     p = sub.add_parser("validate", help="check a spec without building anything (no root needed)")
     p.add_argument("spec", nargs="?")

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from apiserver import state
 from apiserver.desired import resolve_spec
 from apiserver.spec import load_spec
+from cilium import agent
 from lab import apply, plan
 from services import addons, kube_proxy
 from topo import kernel, names, netns
@@ -84,6 +85,8 @@ def require_kernel_features(lab: Lab) -> None:
     if lines:
         raise FeatureMissing("\n".join(lines))
     kube_proxy.require_tools(lab)
+    if lab.cni.profile == "cilium":
+        agent.require()
 
 
 def down(name: str | None) -> tuple[str, float, str | None]:
@@ -122,6 +125,7 @@ def clean(everything: bool = False) -> list[str]:
     removed = []
     labs = {names.lab_of_netns(ns) for ns in netns.list_names(names.NETNS_PREFIX)}
     labs |= set(state.known_labs())
+    labs |= agent.leftover_labs()  # the cilium profile's pins and cgroups
     labs.discard(None)
     for lab in sorted(labs):  # type: ignore[type-var]
         with state.try_locked(lab) as mine:

@@ -79,9 +79,13 @@ def pod_ops(lab: Lab, pod: Pod, ipam: NodeIpam) -> PodOps:
 
 def build(lab: Lab, ipam_dir: Path) -> Plan:
     backend = lab.network.backend
+    cilium = lab.cni.profile == "cilium"
     routes = host_gw.routes(lab) if backend == "host-gw" else []
-    tunnels = {p.vtep.node: p for p in vxlan.plan(lab)} if backend == "vxlan" else {}
-    service_route = None if lab.underlay.routed else lab.cluster.service_cidr
+    # cilium's tunnel is cilium_vxlan and its tunnel map (cilium/agent.py), not Flannel's flannel.1
+    tunnels = {p.vtep.node: p for p in vxlan.plan(lab)} if backend == "vxlan" and not cilium else {}
+    # No route for the service CIDR in the cilium profile: ClusterIPs are translated at the socket, before
+    # any route lookup, and a ping to one goes nowhere.
+    service_route = None if lab.underlay.routed or cilium else lab.cluster.service_cidr
     nodes = tuple(NodeOps(name=n.name, netns=lab.node_netns(n.name), netconf=netconf(lab, n.name, ipam_dir),
                           routes=tuple(r for r in routes if r.node == n.name), vxlan=tunnels.get(n.name),
                           service_route=service_route, ipip=ipip.tunnel(n) if backend == "ipip" else None)

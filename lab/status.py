@@ -62,7 +62,8 @@ def describe(st: state.LabState, reveal: bool = False) -> dict[str, Any]:
               if reveal or f.seed is None else {"fault": None, "params": None, "detail": None, "seed": f.seed}
               for f in recorded(st.name)]
     return {"name": st.name, "phase": st.phase, "spec": st.spec_file, "exercise": st.exercise, "faults": faults,
-            "backend": lab.network.backend, "mtu": lab.network.mtu, "kubeProxy": lab.kube_proxy.mode,
+            "backend": lab.network.backend, "mtu": lab.network.mtu, "kubeProxy": "none (replaced by cilium)" if lab.cni.profile == "cilium" else lab.kube_proxy.mode,
+            "cni": lab.cni.profile,
             "services": services, "external": [{"name": e.name, "ip": str(e.ip)} for e in lab.external],
             "underlay": str(lab.underlay.subnet), "podCIDR": str(lab.cluster.pod_cidr),
             "serviceCIDR": str(lab.cluster.service_cidr), "nodes": nodes, "pods": pods}
@@ -77,7 +78,8 @@ def render(info: dict[str, Any]) -> str:
     head = (f"lab {info['name']} ({info['phase']}): backend {info['backend']}, MTU {info['mtu']}, "
             f"kube-proxy {info['kubeProxy']}, "
             f"underlay {info['underlay']}, pods {info['podCIDR']}, services {info['serviceCIDR']}")
-    nodes = [["NODE", "IP", "PODCIDR", "CNI0"]] + [
+    gateway = "CILIUM_HOST" if info.get("cni") == "cilium" else "CNI0"
+    nodes = [["NODE", "IP", "PODCIDR", gateway]] + [
         [n["name"], n["ip"], n["podCIDR"], n["gateway"]] for n in info["nodes"]]
     pods = [["POD", "NAMESPACE", "NODE", "IP", "STATUS"]] + [
         [p["name"], p["namespace"], p["node"], p["ip"], p["status"]] for p in info["pods"]]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from apiserver import state
 from apiserver.desired import current_lab
+from cilium import agent
 from cni import network_policy
 from kubelet import runtime
 from kubelet.pods import running_pods
@@ -25,7 +26,12 @@ def resync(st: state.LabState) -> kube_proxy.SyncReport:
     again after a crash finishes what the crash interrupted, and a layer that is in line costs nothing."""
     lab = current_lab(st)
     running = running_pods(st, lab)
-    report = kube_proxy.sync(lab, running, state.lab_dir(st.name) / "kube-proxy")
+    if lab.cni.profile == "cilium":  # no kube-proxy: the agent's service maps
+        cilium_report = agent.sync(lab, running)
+        report = kube_proxy.SyncReport(cilium_report.nodes, cilium_report.frontends, cilium_report.backends,
+                                       cilium_report.seconds)
+    else:
+        report = kube_proxy.sync(lab, running, state.lab_dir(st.name) / "kube-proxy")
     sync_policies(lab, running, st.name)
     run_dir = state.lab_dir(st.name)
     addons.write_configs(lab, running, run_dir)

@@ -322,13 +322,18 @@ class IngressController:
 # `spec.cni.profile`: which CNI a lab plays. A profile sets the pod backend's default (spec.network.backend
 # still overrides it) and whether NetworkPolicy is enforced. Flannel has no policy engine: a cluster running
 # it stores NetworkPolicy objects and nothing happens, which is what the lab reproduces (with a warning).
-# Calico routes with BGP and enforces every policy. Cilium (an eBPF dataplane that also replaces kube-proxy)
-# has its place in the registry but is not available yet.
+# Calico routes with BGP and enforces every policy. Cilium is an eBPF dataplane that also replaces
+# kube-proxy (cilium/, docs/cilium.md); its NetworkPolicy comes with a later issue, so a cilium lab with a
+# NetworkPolicy is refused.
 CNI_PROFILES: dict[str, tuple[str, bool]] = {  # profile -> (default backend, enforces NetworkPolicy)
     "flannel": ("vxlan", False),
     "calico": ("bgp", True),
+    "cilium": ("vxlan", False),
 }
-PLANNED_CNI_PROFILES = {"cilium": "an eBPF dataplane that replaces kube-proxy"}
+PLANNED_CNI_PROFILES: dict[str, str] = {}
+# Cilium's routingMode and the backend that carries it: tunnel (VXLAN through cilium_vxlan, the default)
+# or native (routes to each node's PodCIDR via its underlay IP, host-gw style).
+CILIUM_ROUTING_MODES = {"tunnel": "vxlan", "native": "host-gw"}
 
 
 @dataclass(frozen=True)
@@ -338,6 +343,7 @@ class Cni:
 
     profile: str = "flannel"
     given: bool = False
+    routing_mode: str | None = None  # cilium only: tunnel or native (None: from the backend)
 
     @property
     def enforces_policy(self) -> bool:

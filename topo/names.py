@@ -77,12 +77,13 @@ def sandbox_id(lab: str, namespace: str, pod: str) -> str:
     return f"{lab}.{namespace}.{pod}"
 
 
-def host_veth(container_id: str, ifname: str = "eth0") -> str:
-    """Node-side veth name: 'veth' + 8 hex digits of the sandbox id, well under 15 characters.
+def host_veth(container_id: str, ifname: str = "eth0", prefix: str = "veth") -> str:
+    """Node-side veth name: 'veth' (Cilium's profile: 'lxc', as Cilium names them) + 8 hex digits of the
+    sandbox id, well under 15 characters.
 
     Derived from the container id (as real CNI plugins derive theirs), so it is stable across ADD
     retries, CHECK finds the link again, and a new sandbox never reuses an old one's name.
     """
-    name = "veth" + short_hash("sandbox", container_id, ifname, length=8)
+    name = prefix + short_hash("sandbox", container_id, ifname, length=8)
     assert len(name) <= IFNAMSIZ
     return name

@@ -212,14 +212,14 @@ class Rtnl:
             _nest(IFLA_LINKINFO, _str(IFLA_INFO_KIND, "bridge"))
         self.request(RTM_NEWLINK, body, NLM_F_CREATE | NLM_F_EXCL)
 
-    def add_veth(self, name: str, peer: str, peer_netns_fd: int, mtu: int, master: int | None = None) -> None:
+    def add_veth(self, name: str, peer: str, peer_netns_fd: int | None, mtu: int, master: int | None = None) -> None:
         """Create a veth pair, this end enslaved to `master`, the peer already in another namespace.
 
         Neither end can be brought up in the same request (the kernel opens a veth before its peer is
         attached: ENOTCONN), so `set_link(up=True)` on each end follows.
         """
         peer_msg = IFINFO.pack(0, 0, 0, 0, 0) + _str(IFLA_IFNAME, peer) + _u32(IFLA_MTU, mtu) + \
-            _u32(IFLA_NET_NS_FD, peer_netns_fd)
+            (_u32(IFLA_NET_NS_FD, peer_netns_fd) if peer_netns_fd is not None else b"")  # None: this namespace
         body = IFINFO.pack(0, 0, 0, 0, 0) + _str(IFLA_IFNAME, name) + _u32(IFLA_MTU, mtu) + \
             (_u32(IFLA_MASTER, master) if master is not None else b"") + \
             _nest(IFLA_LINKINFO, _str(IFLA_INFO_KIND, "veth"),

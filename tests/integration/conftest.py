@@ -77,6 +77,11 @@ def leftovers(name: str) -> dict[str, list]:
             pass
     state_dir = Path("/run/kubenet-lab") / name
     found = {"netns": spaces, "state": [str(state_dir)] if state_dir.exists() else []}
+    # the cilium profile's bpffs pins and cgroups (its programs hang off those and the lab's devices)
+    bpf = [str(p) for p in (Path("/sys/fs/bpf/kubenet-lab") / name, Path(f"/sys/fs/cgroup/unified/{prefix[:-1]}"))
+           if p.exists()]
+    if bpf:
+        found["bpf"] = bpf
     if pids:
         found["processes"] = sorted(set(pids))
     return found

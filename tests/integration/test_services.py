@@ -1,5 +1,6 @@
-"""Services for real, in each kube-proxy mode this kernel can run: DNAT spread, no ping, hairpin,
-affinity, NodePort with both traffic policies, egress NAT to the external web, endpoint churn."""
+"""Services for real, in each kube-proxy mode this kernel can run and in the cilium profile (no kube-proxy:
+socket LB): DNAT spread, no ping, hairpin, affinity, NodePort with both traffic policies, egress NAT to the
+external web, endpoint churn."""
 from __future__ import annotations
 
 import collections
@@ -33,8 +34,9 @@ def service(name: str, app: str, port: int = 80, **spec: object) -> dict:
 
 
 def services_lab(name: str, mode: str) -> dict:
+    proxy = {"cni": {"profile": "cilium"}} if mode == "cilium" else {"kubeProxy": {"mode": mode}}
     return {"apiVersion": "kubenet-lab/v1alpha1", "kind": "Lab", "metadata": {"name": name},
-            "spec": {"kubeProxy": {"mode": mode},
+            "spec": {**proxy,
                      "external": [{"name": "web", "ip": "192.168.1.200", "serves": ["http"]}],
                      "nodes": [{"name": "node1", "ip": "192.168.1.10"}, {"name": "node2", "ip": "192.168.1.11"}],
                      "objects": [pod("web-1", "node1", "web"), pod("web-2", "node1", "web"),
@@ -48,14 +50,14 @@ def services_lab(name: str, mode: str) -> dict:
                                          externalTrafficPolicy="Local")]}}
 
 
-MODES = ["iptables", "nftables"]
+MODES = ["iptables", "nftables", "cilium"]  # cilium: the eBPF profile that replaces kube-proxy (cilium/)
 
 
 @pytest.fixture(scope="module", params=MODES)
 def svc_lab(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     require_root()
     require_tool("mnexec")
-    require_tool("iptables-restore" if request.param == "iptables" else "nft")
+    require_tool({"iptables": "iptables-restore", "nftables": "nft", "cilium": "clang"}[request.param])
     name = unique(f"svc-{request.param[:3]}")
     lab("up", str(write_spec(tmp_path_factory.mktemp(name), services_lab(name, request.param))))
     info = json.loads(lab("status", name, "--json").stdout)
@@ -107,13 +109,21 @@ def test_client_ip_affinity_pins_a_client_to_one_endpoint(svc_lab: dict) -> None
     assert len(set(got)) == 1, collections.Counter(got)
 
 
+def no_external_nodeport(svc_lab: dict) -> None:
+    if svc_lab["mode"] == "cilium":
+        pytest.skip("cilium profile: NodePort from outside the cluster (the tc program on the underlay "
+                    "interface) is not built yet (docs/cilium.md)")
+
+
 def test_nodeport_cluster_policy_answers_on_every_node_and_snats(svc_lab: dict) -> None:
+    no_external_nodeport(svc_lab)
     for node_ip in ("192.168.1.10", "192.168.1.11"):
         seen = in_lab(svc_lab["name"], "web", "curl", "-s", "--max-time", "5", f"http://{node_ip}:30080/clientip")
         assert seen.split(":")[0] in ("192.168.1.10", "192.168.1.11", "10.244.1.1", "10.244.2.1"), seen
 
 
 def test_nodeport_local_policy_keeps_the_client_ip_and_needs_a_local_endpoint(svc_lab: dict) -> None:
+    no_external_nodeport(svc_lab)
     seen = in_lab(svc_lab["name"], "web", "curl", "-s", "--max-time", "5", "http://192.168.1.11:30081/clientip")
     assert seen.split(":")[0] == "192.168.1.200"  # the external host itself: no SNAT
     proc = lab("exec", "--lab", svc_lab["name"], "web", "--", "curl", "-s", "--max-time", "3",
@@ -138,6 +148,11 @@ def test_rules_look_like_kube_proxys(svc_lab: dict) -> None:
         chain = ipt.service_chain("default/web:http", "tcp")
         assert "-A KUBE-SERVICES -d 10.96.0.100/32 -p tcp" in rules and chain in rules
         assert rules.count("-m statistic --mode random") >= 2 and "KUBE-NODEPORTS" in rules
+    elif svc_lab["mode"] == "cilium":  # no kube-proxy at all: no KUBE-* chain in either backend, no nft table
+        for node in ("node1", "node2"):
+            for save in ("iptables-legacy-save", "iptables-nft-save"):
+                assert "KUBE-" not in in_lab(svc_lab["name"], node, save)
+            assert "kube-proxy" not in in_lab(svc_lab["name"], node, "nft", "list", "tables")
     else:
         rules = in_lab(svc_lab["name"], "node1", "nft", "list", "table", "ip", "kube-proxy")
         assert "10.96.0.100 . tcp . 80 : goto service-" in rules and "default/web/tcp/http" in rules

@@ -18,6 +18,7 @@ REPO = Path(__file__).resolve().parents[2]
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("topo",),
     ("routing", "cni", "services", "images"),
+    ("cilium",),
     ("apiserver",),
     ("kubelet",),
     ("reconcile",),

@@ -1,0 +1,306 @@
+"""The cilium-agent role on each node: its BPF maps pinned in the lab's own bpffs folder, the socket-LB
+programs on the node's own cgroup, cilium_vxlan with its tunnel programs, and the service maps kept in
+line with the lab's services and endpoints.
+
+Where things live (all found by the lab's name, so `lab down`/`lab clean` remove them after a kill -9 too):
+- pins: /sys/fs/bpf/kubenet-lab/LAB/NODE/<map> (bpffs mounted when it is not);
+- cgroups: /sys/fs/cgroup/unified/klab_LAB/NODE, holding every process of the node's pods (and `lab exec`
+  into them); the machine's root cgroup is never touched;
+- tc programs: on the node's own devices, gone with its namespace.
+
+A sync reads what the maps hold (the kernel is the record), computes what they should hold
+(cilium/maps.py) and writes only the difference, each map in one BPF_MAP_UPDATE_BATCH (deletions in one
+BPF_MAP_DELETE_BATCH): run again after a crash, it finishes what was interrupted.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from cilium import build, libbpf, maps
+from services.endpoints import RunningPod
+from services.kube_proxy import host_iptables_backend, iptables_restore, load
+from topo import names, netns
+from topo.errors import ApplyError, FeatureMissing
+from topo.model import NODE_IFNAME, Lab
+
+BPFFS = Path("/sys/fs/bpf")
+PIN_ROOT = BPFFS / "kubenet-lab"
+CGROUP2 = Path("/sys/fs/cgroup/unified")
+VXLAN_DEVICE, VXLAN_PORT = "cilium_vxlan", 8472
+SOCK_PROGRAMS = (("cil_sock4_connect", libbpf.BPF_CGROUP_INET4_CONNECT),
+                 ("cil_sock4_sendmsg", libbpf.BPF_CGROUP_UDP4_SENDMSG),
+                 ("cil_sock4_recvmsg", libbpf.BPF_CGROUP_UDP4_RECVMSG),
+                 ("cil_sock4_getpeername", libbpf.BPF_CGROUP_INET4_GETPEERNAME))
+
+
+def lab_pins(lab: str) -> Path:
+    return PIN_ROOT / lab
+
+
+def pins(lab: str, node: str) -> Path:
+    return PIN_ROOT / lab / node
+
+
+def lab_cgroup(lab: str) -> Path:
+    return CGROUP2 / f"{names.NETNS_PREFIX}{lab}"
+
+
+def cgroup(lab: str, node: str) -> Path:
+    return lab_cgroup(lab) / node
+
+
+def tunnel(lab: Lab) -> bool:
+    """Cilium's routingMode: tunnel (VXLAN, the default) or native (backend host-gw)."""
+    return lab.network.backend == "vxlan"
+
+
+def require() -> None:
+    """What the profile needs of the machine, checked before anything is built."""
+    if not (CGROUP2 / "cgroup.procs").exists():
+        raise FeatureMissing(f"cni.profile cilium attaches its socket load balancer to a cgroup v2 tree: "
+                             f"{CGROUP2} is not a cgroup2 mount")
+    libbpf.lib()
+    build.compile_all()
+
+
+def ensure_bpffs() -> None:
+    """Mount bpffs at /sys/fs/bpf when it is not (never unmounted: other users may pin there too)."""
+    with open("/proc/self/mounts") as fh:
+        if any(line.split()[1:3] == [str(BPFFS), "bpf"] for line in fh):
+            return
+    proc = subprocess.run(["mount", "-t", "bpf", "bpf", str(BPFFS)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise ApplyError(f"cannot mount bpffs at {BPFFS}: {proc.stderr.strip()}")
+
+
+# ---- a node ------------------------------------------------------------------------------------
+
+def setup_node(lab: Lab, node: str) -> None:
+    """Everything of the agent on one node: pins, cgroup and its socket-LB programs, the node config, the
+    tunnel (device, programs, map), egress masquerade. Idempotent: a second run replaces programs and
+    leaves one attached per hook."""
+    ensure_bpffs()
+    folder = pins(lab.name, node)
+    folder.mkdir(parents=True, exist_ok=True)
+    group = cgroup(lab.name, node)
+    group.mkdir(parents=True, exist_ok=True)
+    with libbpf.BpfObject(str(build.object_path("bpf_sock")), str(folder)) as obj:
+        for program, hook in SOCK_PROGRAMS:
+            libbpf.attach_cgroup(obj.prog_fd(program), str(group), hook)
+        libbpf.update(obj.map_fd(maps.CONFIG), maps.CONFIG_KEY.pack(0), maps.node_config(lab, node))
+    if tunnel(lab):
+        _setup_tunnel(lab, node, folder)
+    _masquerade(lab, node)
+
+
+def _setup_tunnel(lab: Lab, node: str, folder: Path) -> None:
+    ns = lab.node_netns(node)
+    with netns.rtnl_in(ns) as rt:
+        if rt.link(VXLAN_DEVICE) is None:
+            _ip(ns, f"link add {VXLAN_DEVICE} type vxlan external dstport {VXLAN_PORT}\n"
+                    f"link set {VXLAN_DEVICE} arp off mtu {lab.node(node).link.mtu or 1500} up\n")
+        index = rt.link(VXLAN_DEVICE).index  # type: ignore[union-attr]
+        for other in lab.nodes:
+            if other.name != node:
+                rt.replace_route(other.pod_cidr, oif=index)
+    with libbpf.BpfObject(str(build.object_path("bpf_overlay")), str(folder)) as obj:
+        with netns.entered(ns):
+            libbpf.attach_tc(obj.prog_fd("cil_to_overlay"), index, libbpf.BPF_TC_EGRESS)
+            libbpf.attach_tc(obj.prog_fd("cil_from_overlay"), index, libbpf.BPF_TC_INGRESS)
+        _write_exact(obj.map_fd(maps.TUNNEL), maps.TUNNEL, maps.tunnel_entries(lab, node))
+
+
+def _ip(ns: str, script: str) -> None:
+    with netns.entered(ns):
+        proc = subprocess.run(["ip", "-batch", "-"], input=script, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise ApplyError(f"ip in {ns} failed: {(proc.stderr.strip().splitlines() or ['?'])[0]}")
+
+
+def masquerade_rules(lab: Lab, node: str) -> str:
+    """Cilium's iptables masquerade (its default without BPF masquerading): pods' traffic to anything
+    outside the cluster's pod CIDR leaves with the node's address; pod to pod never. Chain names as
+    Cilium's (CILIUM_POST_nat); the only nat rules of a cilium node: no KUBE-* chain anywhere."""
+    me = lab.node(node)
+    return ("*nat\n:PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:POSTROUTING ACCEPT [0:0]\n"
+            ":CILIUM_POST_nat - [0:0]\n"
+            '-A POSTROUTING -m comment --comment "cilium-feeder: CILIUM_POST_nat" -j CILIUM_POST_nat\n'
+            f"-A CILIUM_POST_nat -s {me.pod_cidr} ! -d {lab.cluster.pod_cidr} ! -o cilium_+ "
+            f'-m comment --comment "cilium masquerade non-cluster" -j MASQUERADE\nCOMMIT\n')
+
+
+def _masquerade(lab: Lab, node: str) -> None:
+    load(lab.node_netns(node), iptables_restore(host_iptables_backend()), masquerade_rules(lab, node))
+
+
+# ---- maps --------------------------------------------------------------------------------------
+
+def _read(fd: int, name: str) -> dict[bytes, bytes]:
+    key_size, value_size = maps.SIZES[name]
+    return dict(libbpf.entries(fd, key_size, value_size))
+
+
+def _write_exact(fd: int, name: str, want: dict[bytes, bytes], have: dict[bytes, bytes] | None = None,
+                 delete: bool = True) -> tuple[int, int]:
+    """Make a map hold exactly `want`: one batch of updates (only what differs), then one of deletions."""
+    have = _read(fd, name) if have is None else have
+    changed = [(k, v) for k, v in want.items() if have.get(k) != v]
+    if changed:
+        libbpf.update_batch(fd, b"".join(k for k, _ in changed), b"".join(v for _, v in changed), len(changed))
+    stale = [k for k in have if k not in want] if delete else []
+    if stale:
+        libbpf.delete_batch(fd, b"".join(stale), len(stale))
+    return len(changed), len(stale)
+
+
+@dataclass
+class SyncReport:
+    nodes: int
+    frontends: int
+    backends: int
+    written: int
+    deleted: int
+    seconds: float
+
+
+@contextlib.contextmanager
+def _pinned(lab: str, node: str, *wanted: str) -> Iterator[dict[str, int]]:
+    fds: dict[str, int] = {}
+    try:
+        for name in wanted:
+            fds[name] = libbpf.obj_get(str(pins(lab, node) / name))
+        yield fds
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+
+
+def sync_node(lab: Lab, running: list[RunningPod], node: str) -> tuple[int, int, int, int]:
+    """One node's service maps brought in line: (frontends, backends, entries written, entries deleted)."""
+    entries = maps.services_of(lab, running, node)
+    with _pinned(lab.name, node, maps.SERVICES, maps.BACKENDS, maps.REVNAT) as fds:
+        have = {name: _read(fd, name) for name, fd in fds.items()}
+        want = maps.desired(entries, maps.ids_from(have))
+        written = deleted = 0
+        # Order: backends, then reverse NAT, then the service slots (slot 0 last in its batch), so no slot
+        # ever names a backend that is not there yet; deletions the other way round.
+        for name in (maps.BACKENDS, maps.REVNAT):
+            w, _ = _write_exact(fds[name], name, want[name], have[name], delete=False)
+            written += w
+        services = dict(sorted(want[maps.SERVICES].items(), key=lambda kv: maps.unpack_lb4_key(kv[0])[1] == 0))
+        w, d = _write_exact(fds[maps.SERVICES], maps.SERVICES, services, have[maps.SERVICES])
+        written, deleted = written + w, deleted + d
+        for name in (maps.BACKENDS, maps.REVNAT):
+            stale = [k for k in have[name] if k not in want[name]]
+            if stale:
+                libbpf.delete_batch(fds[name], b"".join(stale), len(stale))
+                deleted += len(stale)
+    return len(entries), len(want[maps.BACKENDS]), written, deleted
+
+
+def sync(lab: Lab, running: list[RunningPod]) -> SyncReport:
+    """Every node's service maps for the lab's current services and ready pods."""
+    started = time.monotonic()
+    frontends = backends = written = deleted = 0
+    for node in lab.nodes:
+        f, b, w, d = sync_node(lab, running, node.name)
+        frontends, backends, written, deleted = f, max(backends, b), written + w, deleted + d
+    return SyncReport(len(lab.nodes), frontends, backends, written, deleted, time.monotonic() - started)
+
+
+# ---- processes in the node's cgroup ------------------------------------------------------------
+
+def _own_cgroup() -> Path:
+    with open("/proc/self/cgroup") as fh:
+        for line in fh:
+            if line.startswith("0::"):
+                return CGROUP2 / line.strip()[3:].lstrip("/")
+    return CGROUP2
+
+
+def _join(folder: Path, pid: int = 0) -> None:
+    with open(folder / "cgroup.procs", "w") as fh:
+        fh.write(str(pid or os.getpid()))
+
+
+@contextlib.contextmanager
+def spawning_in(lab: str, node: str) -> Iterator[None]:
+    """Processes started inside this block start in the node's cgroup (its socket LB applies from their
+    first instruction: a child inherits the cgroup of its parent at fork). This process joins the
+    node's cgroup for the block and goes back to where it was."""
+    home = _own_cgroup()
+    _join(cgroup(lab, node))
+    try:
+        yield
+    finally:
+        _join(home)
+
+
+def join_cgroup_of(pid: int) -> None:
+    """Join the cgroup `pid` is in when it is one of a lab's (`lab exec` into a pod joins its containers')."""
+    with contextlib.suppress(OSError):
+        with open(f"/proc/{pid}/cgroup") as fh:
+            for line in fh:
+                if line.startswith("0::/" + names.NETNS_PREFIX):
+                    _join(CGROUP2 / line.strip()[4:])
+
+
+def join_node(lab: str, node: str) -> None:
+    """`lab exec NODE`: the node's own processes go through its socket LB too (Cilium's host reachable
+    services), when the lab has one."""
+    if cgroup(lab, node).is_dir():
+        _join(cgroup(lab, node))
+
+
+# ---- teardown ----------------------------------------------------------------------------------
+
+def remove(lab: str, timeout: float = 5.0) -> list[str]:
+    """The lab's cgroups (once their processes are gone) and pins; what could not be removed is returned."""
+    left = []
+    group = lab_cgroup(lab)
+    if group.is_dir():
+        for folder in sorted((p for p in group.iterdir() if p.is_dir()), reverse=True) + [group]:
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    folder.rmdir()
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError as exc:
+                    if exc.errno != errno.EBUSY or time.monotonic() > deadline:
+                        left.append(f"{folder}: {exc.strerror}")
+                        break
+                    _kill_members(folder)
+                    time.sleep(0.02)
+    shutil.rmtree(lab_pins(lab), ignore_errors=True)
+    with contextlib.suppress(OSError):
+        PIN_ROOT.rmdir()  # only when no other lab pins anything
+    return left
+
+
+def _kill_members(folder: Path) -> None:
+    """A process still in a lab's cgroup after its namespaces are gone (a `lab exec` that outlived them)."""
+    with contextlib.suppress(OSError):
+        for pid in (folder / "cgroup.procs").read_text().split():
+            with contextlib.suppress(OSError):
+                os.kill(int(pid), 9)
+
+
+def leftover_labs() -> set[str]:
+    """Labs that still have pins or cgroups (for `lab clean`)."""
+    found = set()
+    if PIN_ROOT.is_dir():
+        found |= {p.name for p in PIN_ROOT.iterdir()}
+    if CGROUP2.is_dir():
+        found |= {p.name[len(names.NETNS_PREFIX):] for p in CGROUP2.iterdir()
+                  if p.is_dir() and p.name.startswith(names.NETNS_PREFIX)}
+    return {lab for lab in found if names.is_dns_label(lab, names.LAB_NAME_MAX)}

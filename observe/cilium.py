@@ -1,0 +1,168 @@
+"""`lab cilium NODE CMD`: the read-only commands of Cilium's debug CLI (`cilium-dbg` in the agent pod), run
+against a node's pinned maps, with the same column headings so a learner can compare with a real cluster:
+`service list`, `bpf lb list`, `bpf ct list global`, `endpoint list`, `bpf tunnel list`, `map list`, each
+with `--json`. Everything is read from the kernel (the maps pinned under /sys/fs/bpf/kubenet-lab/LAB/NODE),
+never from the lab's own records, except the endpoints' labels, which Cilium also takes from Kubernetes.
+"""
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from ipaddress import IPv4Address
+from typing import Any
+
+from apiserver import state
+from apiserver.desired import current_lab
+from cilium import agent, libbpf, maps
+from topo import netns
+from topo.errors import StateError
+
+COMMANDS = ("service list", "bpf lb list", "bpf ct list global", "endpoint list", "bpf tunnel list", "map list")
+
+
+def _dump(lab: str, node: str, name: str) -> dict[bytes, bytes]:
+    path = agent.pins(lab, node) / name
+    if not path.exists():
+        raise StateError(f"{path} is not pinned: is lab {lab} a cilium lab, and {node} one of its nodes?")
+    fd = libbpf.obj_get(str(path))
+    try:
+        key_size, value_size = maps.SIZES[name]
+        return dict(libbpf.entries(fd, key_size, value_size))
+    finally:
+        os.close(fd)
+
+
+def _services(lab: str, node: str) -> tuple[dict[maps.Frontend, dict[int, tuple[int, int, int, int]]],
+                                             dict[int, maps.Backend]]:
+    by_frontend: dict[maps.Frontend, dict[int, tuple[int, int, int, int]]] = defaultdict(dict)
+    for key, value in _dump(lab, node, maps.SERVICES).items():
+        fe, slot = maps.unpack_lb4_key(key)
+        backend_id, count, rev, flags, _f2 = maps.LB4_SERVICE.unpack(value)
+        by_frontend[fe][slot] = (backend_id, count, rev, flags)
+    backends = {maps.BACKEND_KEY.unpack(k)[0]: maps.unpack_backend(v)
+                for k, v in _dump(lab, node, maps.BACKENDS).items()}
+    return by_frontend, backends
+
+
+def _type(flags: int) -> str:
+    kind = "NodePort" if flags & maps.SVC_FLAG_NODEPORT else "ClusterIP"
+    extras = (["Local"] if flags & maps.SVC_FLAG_LOCAL else []) + (["sessionAffinity"] if flags & maps.SVC_FLAG_AFFINITY else [])
+    return ", ".join([kind, *extras])
+
+
+def service_list(lab: str, node: str) -> list[dict[str, Any]]:
+    by_frontend, backends = _services(lab, node)
+    out = []
+    for fe, slots in sorted(by_frontend.items(), key=lambda kv: kv[1].get(0, (0, 0, 0, 0))[2]):
+        master = slots.get(0, (0, 0, 0, 0))
+        chosen = [backends.get(slots[s][0]) for s in sorted(slots) if s > 0]
+        out.append({"id": master[2], "frontend": str(fe), "type": _type(master[3]),
+                    "backends": [{"id": slots[s][0], "address": str(b) if b else "<missing>",
+                                  "state": "active" if b else "missing"}
+                                 for s, b in zip(sorted(s for s in slots if s > 0), chosen)],
+                    "count": master[1]})
+    return out
+
+
+def lb_list(lab: str, node: str) -> list[dict[str, Any]]:
+    by_frontend, backends = _services(lab, node)
+    out = []
+    for fe, slots in sorted(by_frontend.items()):
+        for slot in sorted(slots):
+            backend_id, count, rev, flags = slots[slot]
+            if slot == 0:
+                backend = f"0.0.0.0:0 ({rev}) (0) [{_type(flags)}]"
+            else:
+                be = backends.get(backend_id)
+                backend = f"{be if be else '<missing backend ' + str(backend_id) + '>'} ({rev}) ({slot})"
+            out.append({"service": str(fe), "backend": backend, "slot": slot, "revnat": rev, "count": count})
+    return out
+
+
+def tunnel_list(lab: str, node: str) -> list[dict[str, str]]:
+    out = []
+    for key, value in _dump(lab, node, maps.TUNNEL).items():
+        prefix = IPv4Address(maps.TUNNEL_KEY.unpack(key)[0])
+        endpoint = IPv4Address(maps.TUNNEL_VALUE.unpack(value)[0])
+        out.append({"tunnel": f"{prefix}:0", "value": f"{endpoint}:0"})
+    return sorted(out, key=lambda e: e["tunnel"])
+
+
+def ct_list(lab: str, node: str) -> list[dict[str, Any]]:
+    out = []
+    for key, value in _dump(lab, node, maps.CT).items():
+        daddr, saddr, dport, sport, proto, _flags = maps.CT_KEY.unpack(key)
+        lifetime, _na, _np, rev, _sa, _sp, closing, packets, nbytes = maps.CT_VALUE.unpack(value)
+        out.append({"proto": maps.PROTOCOL_NAMES.get(proto, str(proto)),
+                    "tuple": f"{IPv4Address(saddr)}:{maps.port_of(sport)} -> {IPv4Address(daddr)}:{maps.port_of(dport)}",
+                    "expires": lifetime, "packets": packets, "bytes": nbytes, "revnat": rev, "closing": bool(closing)})
+    return out
+
+
+def endpoint_list(lab_name: str, node: str) -> list[dict[str, Any]]:
+    st = state.resolve(lab_name)
+    lab = current_lab(st)
+    out = []
+    with netns.rtnl_in(lab.node_netns(node)) as rt:
+        links = {l.name: l.index for l in rt.links()}
+    from kubelet.pods import cni_args
+
+    for pod in lab.pods:
+        ps = st.pods.get(pod.key)
+        if pod.node != node or ps is None:
+            continue
+        veth = cni_args(lab, pod.namespace, pod.name).host_ifname
+        labels = [f"k8s:{k}={v}" for k, v in sorted(pod.label_map.items())] + \
+                 [f"k8s:io.kubernetes.pod.namespace={pod.namespace}"]
+        out.append({"endpoint": links.get(veth, 0), "policyIngress": "Disabled", "policyEgress": "Disabled",
+                    "identity": "-", "labels": labels, "ipv6": "", "ipv4": ps.ip, "interface": veth,
+                    "status": "ready" if ps.phase == "Running" else ps.phase.lower()})
+    return sorted(out, key=lambda e: e["endpoint"])
+
+
+def map_list(lab: str, node: str) -> list[dict[str, Any]]:
+    folder = agent.pins(lab, node)
+    if not folder.is_dir():
+        raise StateError(f"{folder} does not exist: is lab {lab} a cilium lab, and {node} one of its nodes?")
+    return [{"name": p.name, "entries": len(_dump(lab, node, p.name)), "errors": 0, "cache": False}
+            for p in sorted(folder.iterdir()) if p.name in maps.SIZES]
+
+
+def run(lab_name: str | None, node: str, command: str) -> list[dict[str, Any]]:
+    st = state.resolve(lab_name)
+    if command not in COMMANDS:
+        raise StateError(f"unknown command {command!r}; known: {', '.join(COMMANDS)}")
+    fn = {"service list": service_list, "bpf lb list": lb_list, "bpf ct list global": ct_list,
+          "endpoint list": endpoint_list, "bpf tunnel list": tunnel_list, "map list": map_list}[command]
+    return fn(st.name, node)
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("   ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def render(command: str, rows: list[dict[str, Any]]) -> str:
+    """Cilium's own headings for each command."""
+    if command == "service list":
+        lines = [["ID", "Frontend", "Service Type", "Backend"]]
+        for r in rows:
+            bes = [f"{i} => {b['address']} ({b['state']})" for i, b in enumerate(r["backends"], 1)] or [""]
+            lines.append([str(r["id"]), r["frontend"], r["type"], bes[0]])
+            lines += [["", "", "", b] for b in bes[1:]]
+        return _table(lines)
+    if command == "bpf lb list":
+        return _table([["SERVICE ADDRESS", "BACKEND ADDRESS (REVNAT_ID) (SLOT)"]] +
+                      [[r["service"] if r["slot"] == 0 else "", r["backend"]] for r in rows])
+    if command == "bpf tunnel list":
+        return _table([["TUNNEL", "VALUE"]] + [[r["tunnel"], r["value"]] for r in rows])
+    if command == "bpf ct list global":
+        return "\n".join(f"{r['proto']} OUT {r['tuple']} expires={r['expires']} RxPackets={r['packets']} "
+                         f"RxBytes={r['bytes']} RevNAT={r['revnat']}" for r in rows) or "(no entries)"
+    if command == "endpoint list":
+        return _table([["ENDPOINT", "POLICY (ingress) ENFORCEMENT", "POLICY (egress) ENFORCEMENT", "IDENTITY",
+                        "LABELS (source:key[=value])", "IPv6", "IPv4", "STATUS"]] +
+                      [[str(r["endpoint"]), r["policyIngress"], r["policyEgress"], r["identity"],
+                        ", ".join(r["labels"]), r["ipv6"], r["ipv4"], r["status"]] for r in rows])
+    return _table([["Name", "Num entries", "Num errors", "Cache enabled"]] +
+                  [[r["name"], str(r["entries"]), str(r["errors"]), str(r["cache"]).lower()] for r in rows])

@@ -1,0 +1,152 @@
+"""The cilium profile on the real kernel: pods wired the Cilium way (lxc veths, /32 routes, cilium_host, no
+cni0), the tunnel driven by cilium_tunnel_map or native routes, socket-level load balancing (the pod never
+sends a packet to the ClusterIP, yet sees it as its peer), the maps pinned per lab and node, incremental
+map updates on `lab apply`/`lab delete`, nothing left after `lab down` even after a kill -9, and
+NetworkPolicy refused. Service behaviour itself is shared with the other modes in test_services.py."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import require_root, require_tool
+from tests.integration.conftest import REPO, in_lab, lab, leftovers, unique, write_spec
+
+pytestmark = pytest.mark.integration
+
+AGNHOST = [{"name": "app", "image": "agnhost", "args": ["netexec", "--http-port=8080", "--udp-port=8081"]}]
+
+
+def pod(name: str, node: str, app: str) -> dict:
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "labels": {"app": app}},
+            "spec": {"nodeName": node, "containers": AGNHOST}}
+
+
+def service(name: str, app: str) -> dict:
+    return {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name},
+            "spec": {"selector": {"app": app}, "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}}
+
+
+def cilium_lab(name: str, mode: str) -> dict:
+    return {"apiVersion": "kubenet-lab/v1alpha1", "kind": "Lab", "metadata": {"name": name},
+            "spec": {"cni": {"profile": "cilium", "routingMode": mode},
+                     "nodes": [{"name": "node1", "ip": "192.168.1.10"}, {"name": "node2", "ip": "192.168.1.11"}],
+                     "objects": [pod("web-1", "node1", "web"), pod("client", "node2", "client"),
+                                 service("web", "web")]}}
+
+
+@pytest.fixture(scope="module", params=["tunnel", "native"])
+def cil(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    require_root()
+    require_tool("mnexec")
+    require_tool("clang")
+    name = unique(f"cil-{request.param[:3]}")
+    lab("up", str(write_spec(tmp_path_factory.mktemp(name), cilium_lab(name, request.param))))
+    info = json.loads(lab("status", name, "--json").stdout)
+    yield {"name": name, "mode": request.param, "ips": {p["name"]: p["ip"] for p in info["pods"]},
+           "vip": {s["name"]: s["clusterIP"] for s in info["services"]}}
+    lab("down", name)
+    assert leftovers(name) == {"netns": [], "state": []}
+
+
+def test_pods_are_routed_through_lxc_veths_with_no_bridge(cil: dict) -> None:
+    links = in_lab(cil["name"], "node1", "ip", "-o", "link")
+    assert "cni0" not in links and "cilium_host" in links and "cilium_net" in links
+    lxc = [l.split(":")[1].strip().split("@")[0] for l in links.splitlines() if ": lxc" in l]
+    assert len(lxc) == 1 and len(lxc[0]) == 11, links  # lxc + 8 hex digits
+    assert "10.244.1.1/32" in in_lab(cil["name"], "node1", "ip", "-o", "addr", "show", "cilium_host")
+    assert f"{cil['ips']['web-1']} dev {lxc[0]} scope link" in in_lab(cil["name"], "node1", "ip", "route")
+    assert "default via 10.244.2.1 dev eth0" in in_lab(cil["name"], "client", "ip", "route")
+    assert f"{cil['ips']['client']}/32" in in_lab(cil["name"], "client", "ip", "-o", "addr", "show", "eth0")
+
+
+def test_cross_node_traffic_takes_the_routing_mode(cil: dict) -> None:
+    routes = in_lab(cil["name"], "node2", "ip", "route")
+    if cil["mode"] == "tunnel":
+        assert "10.244.1.0/24 dev cilium_vxlan" in routes
+        details = in_lab(cil["name"], "node2", "ip", "-d", "link", "show", "cilium_vxlan")
+        assert "external" in details and "dstport 8472" in details
+        pinned = f"/sys/fs/bpf/kubenet-lab/{cil['name']}/node2/cilium_tunnel_map"
+        dump = json.loads(subprocess.run(["bpftool", "-j", "map", "dump", "pinned", pinned], capture_output=True,
+                                         text=True, check=True).stdout)
+        assert len(dump) == 1  # node1's PodCIDR -> node1's IP
+    else:
+        assert "10.244.1.0/24 via 192.168.1.10 dev eth0" in routes and "cilium_vxlan" not in routes
+    out = in_lab(cil["name"], "client", "curl", "-s", "--max-time", "5", f"http://{cil['ips']['web-1']}:8080/clientip")
+    assert out.split(":")[0] == cil["ips"]["client"]
+
+
+def test_the_pod_never_sends_to_the_clusterip_yet_sees_it_as_its_peer(cil: dict) -> None:
+    vip, backend = cil["vip"]["web"], cil["ips"]["web-1"]
+    script = ("tcpdump -lni eth0 -c 4 tcp > /tmp/.cap 2>/dev/null & sleep 0.7; "
+              f"python3 -c \"import socket; s=socket.create_connection(('{vip}', 80), 3); print(s.getpeername()[0])\"; "
+              "wait; cat /tmp/.cap")
+    out = in_lab(cil["name"], "client", "sh", "-c", script, timeout=30)
+    peer, capture = out.splitlines()[0], "\n".join(out.splitlines()[1:])
+    assert peer == vip  # getpeername4 translates back
+    assert f"> {backend}.8080" in capture and vip not in capture, capture
+
+
+def test_maps_are_pinned_with_ciliums_names_and_follow_apply_and_delete(cil: dict, tmp_path: Path) -> None:
+    pinned = Path(f"/sys/fs/bpf/kubenet-lab/{cil['name']}/node2")
+    names = {p.name for p in pinned.iterdir()}
+    assert {"cilium_lb4_services_v2", "cilium_lb4_backends_v3", "cilium_lb4_reverse_nat",
+            "cilium_tunnel_map"} <= names
+
+    def backends() -> int:
+        out = subprocess.run(["bpftool", "-j", "map", "dump", "pinned", str(pinned / "cilium_lb4_backends_v3")],
+                             capture_output=True, text=True, check=True).stdout
+        return len(json.loads(out))
+
+    before = backends()
+    extra = tmp_path / "web-2.yaml"
+    extra.write_text(json.dumps(pod("web-2", "node2", "web")))
+    lab("apply", "--lab", cil["name"], "-f", str(extra))
+    assert backends() == before + 1
+    lab("delete", "--lab", cil["name"], "pod", "web-2")
+    assert backends() == before
+
+
+def test_network_policy_is_refused_in_one_line(cil: dict, tmp_path: Path) -> None:
+    policy = tmp_path / "deny.yaml"
+    policy.write_text(json.dumps({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+                                  "metadata": {"name": "deny"}, "spec": {"podSelector": {}}}))
+    proc = lab("apply", "--lab", cil["name"], "-f", str(policy), check=False)
+    assert proc.returncode == 2 and "cilium" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_nothing_is_left_after_a_killed_lab_up(tmp_path: Path) -> None:
+    require_root()
+    require_tool("clang")
+    name = unique("cil-kill")
+    spec = write_spec(tmp_path, cilium_lab(name, "tunnel"))
+    env = dict(os.environ, KUBENET_LAB_CRASH_AT="up-pod:2")
+    try:
+        killed = subprocess.run([sys.executable, "-m", "lab.cli", "up", str(spec)], capture_output=True, text=True,
+                                timeout=120, cwd=REPO, env=env)
+        assert killed.returncode == -signal.SIGKILL, killed.stderr
+        assert leftovers(name).get("bpf"), "the killed lab up should have pinned maps and made cgroups"
+        lab("down", name)
+        assert leftovers(name) == {"netns": [], "state": []}
+    finally:
+        lab("down", name, check=False)
+
+
+def test_lab_cilium_mirrors_the_debug_cli(cil: dict) -> None:
+    out = lab("cilium", "--lab", cil["name"], "node2", "service", "list").stdout
+    assert out.splitlines()[0].split() == ["ID", "Frontend", "Service", "Type", "Backend"]
+    assert f"{cil['vip']['web']}:80/TCP" in out and f"{cil['ips']['web-1']}:8080/TCP (active)" in out
+    lb = lab("cilium", "--lab", cil["name"], "node2", "bpf", "lb", "list").stdout
+    assert "BACKEND ADDRESS (REVNAT_ID) (SLOT)" in lb
+    tunnels = json.loads(lab("cilium", "--lab", cil["name"], "--json", "node2", "bpf", "tunnel", "list").stdout)
+    assert tunnels == ([{"tunnel": "10.244.1.0:0", "value": "192.168.1.10:0"}] if cil["mode"] == "tunnel" else [])
+    maps_out = lab("cilium", "--lab", cil["name"], "node1", "map", "list").stdout
+    assert "cilium_lb4_services_v2" in maps_out and "Num entries" in maps_out
+    eps = json.loads(lab("cilium", "--lab", cil["name"], "--json", "node1", "endpoint", "list").stdout)
+    assert [e["ipv4"] for e in eps] == [cil["ips"]["web-1"]]
