@@ -1,9 +1,11 @@
 """`lab apply -f` and `lab delete`: change the objects of a running lab, as kubectl changes a cluster.
 
-A pod added later goes through exactly the path a pod of `lab up` takes (sandbox, CNI ADD with the
-node's persisted IPAM leases, containers); a deleted pod through CNI DEL, so its IP returns to the pool.
-After any change, every node's service rules, the DNS records and the ingress routes are brought up to
-date (`resync`, reconcile/resync.py).
+Every change starts with `reconcile.recover` (finishing what a killed command left), records what it wants
+before touching the kernel (objects, pods `Pending` or `Terminating`), makes or removes pods through the
+path every pod takes (kubelet/pods.py: sandbox, CNI ADD with the node's persisted IPAM leases, containers;
+CNI DEL returns the IP to the pool), and ends with `resync` (reconcile/resync.py), which brings every
+node's service rules, the policies, the DNS records and the ingress routes in line and makes the daemons
+load them. docs/architecture.md, "Changes converge", has the whole protocol.
 """
 from __future__ import annotations
 
@@ -121,8 +123,8 @@ def apply_file(name: str | None, file: str) -> list[str]:
                 st.pods[pod.key] = kubelet.add_pod(st, lab, pod, lambda p, ip: _protect(st, lab, p, ip))
                 saver.maybe()
                 crash.point("pod-recorded")
-                verb = f"moved to {pod.node}" if pod in moved else f"created ({pod.node}"
-                report.append(f"pod {pod.key} {verb}, {st.pods[pod.key].ip})")
+                verb = "moved to" if pod in moved else "created"
+                report.append(f"pod {pod.key} {verb} ({pod.node}, {st.pods[pod.key].ip})")
                 advance(1)
         state.save(st)
         crash.point("resync")
