@@ -23,6 +23,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("reconcile",),
     ("observe",),
     ("grading",),
+    ("ui",),
     ("lab",),
 )
 RANK = {package: rank for rank, layer in enumerate(LAYERS) for package in layer}
