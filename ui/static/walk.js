@@ -145,7 +145,7 @@ function play(steps) {
   walk.steps = steps;
   walk.at = 0;
   const list = document.getElementById("steps");
-  list.replaceChildren(...steps.map((s, i) => h("li", { onclick: () => { walk.at = i; show(); } },
+  list.replaceChildren(...steps.map((s, i) => h("li", { "data-kind": s.kind, onclick: () => { walk.at = i; show(); } },
     h("span", { class: `kind ${s.kind}` }, s.kind), `${s.place}: ${s.text}`)));
   document.getElementById("player").hidden = false;
   show();
