@@ -45,9 +45,9 @@ class LabBackend:
             return drawn
 
     def interval(self) -> float:
-        """How long the poller waits between readings: at least MIN_INTERVAL, and at least as long as a
-        reading takes (a big lab is not read back to back)."""
-        return max(MIN_INTERVAL, self.build_seconds)
+        """How long the poller waits after a reading before the next: readings start every MIN_INTERVAL,
+        or, when a reading takes longer (1,000 pods: about 0.6 s), a quarter of its time after it."""
+        return max(MIN_INTERVAL - self.build_seconds, self.build_seconds / 4, 0.05)
 
     # ------------------------------------------------------------------------------- inspection
 

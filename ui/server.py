@@ -40,6 +40,7 @@ from topo.errors import LabError
 STATIC = Path(__file__).resolve().parent / "static"
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:-]{0,252}$")  # pods, nodes, services, IPs, ports, DNS names
 PROTOCOLS = (None, "tcp", "udp", "icmp")
+SHARED = 0.25  # seconds a reading of the lab serves every open page (several tabs: one reading)
 KEEPALIVE = 15.0  # seconds between comments on a quiet event stream (proxies and browsers keep it open)
 HEADERS = [
     (b"content-security-policy", b"default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
@@ -186,7 +187,7 @@ def make_app(backend: Backend, token: str, port: int, stopping: asyncio.Event | 
             yield "retry: 1000\n\n"
             while not stop.is_set():
                 try:
-                    data = await asyncio.to_thread(backend.graph, backend.interval() * 0.9)
+                    data = await asyncio.to_thread(backend.graph, SHARED)
                 except LabError as exc:
                     data = {"gone": True, "error": str(exc)}
                 except OSError as exc:
