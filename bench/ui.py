@@ -4,7 +4,7 @@ navigation to the diagram drawn), how long drawing takes in the page, how long t
 lab back (lab graph's comparison), and how long a `lab apply` of one pod takes to show on an open page
 (from `lab apply` returning to the pod in the page's SVG), for the seed lab and for 50 nodes x 20 pods.
 
-    .venv/bin/python bench/ui.py [--repeat 5] [--big-nodes 50] [--big-pods 20]      (as root)
+    .venv/bin/python bench/ui.py [--repeat 5] [--big-nodes 50] [--big-pods 20] [--screenshot PNG]   (as root)
 
 Every lab and server it starts is stopped at the end, also on failure or Ctrl-C.
 """
@@ -53,7 +53,7 @@ def wait_for(driver, script: str, timeout: float = 30.0) -> float:
     raise TimeoutError(script)
 
 
-def measure(label: str, spec: dict, repeat: int, folder: Path) -> dict:
+def measure(label: str, spec: dict, repeat: int, folder: Path, shot: Path | None = None) -> dict:
     import yaml
 
     name = spec["metadata"]["name"]
@@ -84,6 +84,9 @@ def measure(label: str, spec: dict, repeat: int, folder: Path) -> dict:
             paints.append(driver.execute_script("return window.__labui.updatedAt - performance.timeOrigin") / 1000)
             renders.append(driver.execute_script("return window.__labui.lastRenderMs") / 1000)
         elements = driver.execute_script("return document.querySelectorAll('#diagram *').length")
+        if shot is not None:
+            shot.parent.mkdir(parents=True, exist_ok=True)
+            driver.save_screenshot(str(shot))
         updates = []
         for i in range(repeat):
             pod = f"bench-ui-{i}"
@@ -113,13 +116,14 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--big-nodes", type=int, default=50)
     parser.add_argument("--big-pods", type=int, default=20)
+    parser.add_argument("--screenshot", metavar="PNG", help="save the big lab's page here (docs/ui/1000-pods.png)")
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         rows.append(measure("seed", seed_spec(f"bui-{uuid.uuid4().hex[:6]}"), args.repeat, Path(tmp)))
         big = f"{args.big_nodes} nodes x {args.big_pods} pods"
         rows.append(measure(big, scale_spec(f"bui-{uuid.uuid4().hex[:6]}", args.big_nodes, args.big_pods),
-                            args.repeat, Path(tmp)))
+                            args.repeat, Path(tmp), Path(args.screenshot) if args.screenshot else None))
     keys = ["lab", "first_paint_s", "render_s", "server_graph_s", "update_after_apply_s", "update_max_s",
             "svg_elements", "graph_json_kb"]
     print(" | ".join(keys))

@@ -8,7 +8,8 @@ import { api, state, selectTab } from "./common.js";
 
 const svg = document.getElementById("diagram");
 const expanded = new Set();
-const view = { x: 0, y: 0, w: 1000, h: 700, fitted: false, content: { w: 1000, h: 700 } };
+// `moved`: the user zoomed or panned; until then every redraw fits the whole lab (it may have grown).
+const view = { x: 0, y: 0, w: 1000, h: 700, fitted: false, moved: false, content: { w: 1000, h: 700 } };
 
 function applyView() { svg.setAttribute("viewBox", `${view.x} ${view.y} ${view.w} ${view.h}`); }
 
@@ -21,6 +22,7 @@ function fit() {
 }
 
 function zoom(factor, cx, cy) {
+  view.moved = true;
   const nx = cx - (cx - view.x) * factor, ny = cy - (cy - view.y) * factor;
   view.x = nx; view.y = ny; view.w *= factor; view.h *= factor;
   applyView();
@@ -36,7 +38,7 @@ function draw() {
   if (!g || g.gone) return;
   const t0 = performance.now();
   view.content = render(svg, g, expanded);
-  if (!view.fitted) { fit(); view.fitted = true; } else applyView();
+  if (!view.fitted || !view.moved) { fit(); view.fitted = true; } else applyView();
   markSelected();
   reapplyStep();
   const problems = document.getElementById("problems");
@@ -100,7 +102,7 @@ function setupCanvas() {
     const r = svg.getBoundingClientRect();
     const dx = (evt.clientX - drag.x) / r.width * view.w, dy = (evt.clientY - drag.y) / r.height * view.h;
     if (Math.abs(evt.clientX - drag.x) + Math.abs(evt.clientY - drag.y) > 3) { drag.moved = true; svg.classList.add("panning"); }
-    if (drag.moved) { view.x -= dx; view.y -= dy; drag.x = evt.clientX; drag.y = evt.clientY; applyView(); }
+    if (drag.moved) { view.moved = true; view.x -= dx; view.y -= dy; drag.x = evt.clientX; drag.y = evt.clientY; applyView(); }
   });
   window.addEventListener("mouseup", () => { setTimeout(() => { drag = null; }, 0); svg.classList.remove("panning"); });
   svg.addEventListener("click", (evt) => {
@@ -126,7 +128,7 @@ function setupCanvas() {
   });
   document.getElementById("zoom-in").onclick = () => zoom(1 / 1.3, view.x + view.w / 2, view.y + view.h / 2);
   document.getElementById("zoom-out").onclick = () => zoom(1.3, view.x + view.w / 2, view.y + view.h / 2);
-  document.getElementById("zoom-fit").onclick = fit;
+  document.getElementById("zoom-fit").onclick = () => { view.moved = false; fit(); };
   window.addEventListener("resize", () => { if (view.fitted) fit(); });
 }
 

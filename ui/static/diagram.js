@@ -41,8 +41,8 @@ function drawPod(g, pod, x, y, node) {
                       "data-veth": `${node}:${pod.veth}`, transform: `translate(${x},${y})` }, g);
   el("rect", { width: POD_W, height: POD_H }, p);
   el("text", { x: 8, y: 17 }, p, podLabel(pod));
-  el("text", { x: 8, y: 34, class: bad(pod.status) ? "bad" : "" }, p,
-     bad(pod.status) ? `${pod.ip} · ${pod.note}` : pod.role === "dns" ? `${pod.ip} · cluster DNS` : pod.ip);
+  const second = bad(pod.status) ? `${pod.ip} · ${pod.note}` : pod.role === "dns" ? `${pod.ip} · cluster DNS` : pod.ip;
+  el("text", { x: 8, y: 34, class: bad(pod.status) ? "bad" : "" }, p, second.length > 25 ? second.slice(0, 24) + "…" : second);
   tip(p, `pod ${pod.namespace}/${pod.name}\nIP ${pod.ip}\nveth ${pod.veth} on ${node}${pod.note ? "\n" + pod.note : ""}`);
 }
 
@@ -138,7 +138,7 @@ export function render(svg, graph, expanded) {
   const boxes = {};
   const sizes = graph.nodes.map((n) => nodeSize(n, expanded));
   const cols = graph.nodes.length <= 4 ? Math.max(1, graph.nodes.length) : Math.ceil(Math.sqrt(graph.nodes.length * 1.6));
-  let x = 20, y = 20, rowH = 0, right = 20;
+  let x = 20, y = 50, rowH = 0, right = 20;
   graph.nodes.forEach((node, i) => {
     if (i && i % cols === 0) { x = 20; y += rowH + 40; rowH = 0; }
     boxes[node.name] = drawNode(svg, node, x, y, sizes[i], expanded);
@@ -201,7 +201,7 @@ export function render(svg, graph, expanded) {
     el("text", { x: 20, y: 12, class: down ? "bad" : "small" }, svg, `${graph.sessions.length} BGP sessions, ${down} not Established`);
   }
   // Services on the right.
-  let sy = 20;
+  let sy = 50;
   const sx = Math.max(right, 20 + width + 40);
   const svcG = el("g", { class: "services" }, svg);
   el("text", { x: sx, y: sy + 4, class: "small" }, svcG, `Services (kube-proxy ${graph.kube_proxy}, ${graph.service_cidr})`);
