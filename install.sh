@@ -32,8 +32,11 @@ packages=(
 )
 # --test: vagrant (to validate the Vagrantfile) and the test VM's pieces (tests/vm: qemu in software
 # emulation, busybox for its initramfs, kmod for depmod and the guest's modprobe; the kernel itself is
-# fetched by tests/vm/run with apt-get download on first use, into /var/cache/kubenet-lab/vm).
-[ "$with_tests" = 1 ] && packages+=(vagrant qemu-system-x86 busybox-static kmod containernetworking-plugins)
+# fetched by tests/vm/run with apt-get download on first use, into /var/cache/kubenet-lab/vm); Debian's
+# chromium, its driver and a font for the browser tests of `lab ui` (Selenium drives them: no browser
+# download).
+[ "$with_tests" = 1 ] && packages+=(vagrant qemu-system-x86 busybox-static kmod containernetworking-plugins
+                                   chromium chromium-driver fonts-dejavu-core)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -70,7 +73,7 @@ echo "$here/.venv/mininet-only" > "$site/debian-mininet.pth"
 
 .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null
 .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]"
-.venv/bin/python -c 'import mininet.net, pyroute2, yaml, pydantic' 
+.venv/bin/python -c 'import mininet.net, pyroute2, yaml, pydantic, starlette, uvicorn'
 # the cilium profile's BPF objects, compiled once into the cache keyed by their sources' hash
 .venv/bin/python -c 'from cilium import build; build.compile_all()' 
 echo "install.sh: ready. Run labs with $here/.venv/bin/lab (or: source .venv/bin/activate)"

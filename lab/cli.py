@@ -233,6 +233,18 @@ def _cmd_trace(args: argparse.Namespace) -> int:
     return 0 if result.delivered else 1
 
 
+def _cmd_ui(args: argparse.Namespace) -> int:
+    from lab.lifecycle import require_root
+    from ui import server
+
+    if not args.port.isdigit() or not 0 <= int(args.port) <= 65535:
+        raise StateError(f"--port {args.port}: a port is a number from 0 (any free one) to 65535")
+    require_root()
+    server.serve(args.lab, int(args.port), args.open, announce=lambda line: print(line, flush=True))
+    print("lab ui: stopped", flush=True)
+    return 0
+
+
 def _cmd_grade(args: argparse.Namespace) -> int:
     from grading import grade
     from lab.lifecycle import require_root
@@ -463,6 +475,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lab", help="the lab, when more than one is running")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_trace)
+
+    p = sub.add_parser("ui", help="serve a live web page of the running lab on 127.0.0.1 (diagram, inspect, "
+                                  "step-through traces, grading) and print its URL")
+    p.add_argument("--lab", help="the lab, when more than one is running")
+    p.add_argument("--port", default="0", help="the port on 127.0.0.1 (default: a free one)")
+    p.add_argument("--open", action="store_true", help="also open the page in the default browser")
+    p.set_defaults(func=_cmd_ui)
 
     p = sub.add_parser("grade", help="run the checks of the running lab's exercise: a score, and hints")
     p.add_argument("exercise", nargs="?", help="an exercise folder (default: the one the lab was built from)")

@@ -13,6 +13,7 @@ What counts, so that the number is the same every time (graders compare it with 
 """
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import time
@@ -36,11 +37,14 @@ class Count:
     answer: list[str]
     cluster: list[dns.Query] = field(default_factory=list)
     upstream: list[dns.Query] = field(default_factory=list)
+    # "TYPE name" -> what the cluster DNS did with the pod's question: "NXDOMAIN", "is 10.96.0.100",
+    # "forwarded to 192.168.1.200", ... in the order its log said it (lab ui plays these one by one)
+    outcomes: dict[str, list[str]] = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return {"pod": self.pod, "podIP": self.pod_ip, "name": self.name, "resolvConf": self.resolv_conf,
                 "answer": self.answer, "clusterQueries": [q.__dict__ for q in self.cluster],
-                "upstreamQueries": [q.__dict__ for q in self.upstream],
+                "upstreamQueries": [q.__dict__ for q in self.upstream], "outcomes": self.outcomes,
                 "dnsSpecVersion": dns.DNS_SCHEMA_VERSION}
 
 
@@ -78,11 +82,52 @@ def count(lab_name: str | None, target: str, name: str, family: str = "any") -> 
         raise StateError(f"could not resolve in {key}: {proc.stderr.strip() or f'exit {proc.returncode}'}")
     answer = sorted({line.split()[0] for line in proc.stdout.splitlines() if line.strip()})
     _settle(logs)  # dnsmasq writes its log asynchronously
-    cluster = _distinct(q for q in dns.parse_log(_tail(logs[0], offsets[0])) if q.source == pod_ip)
+    cluster_log = _tail(logs[0], offsets[0])
+    cluster = _distinct(q for q in dns.parse_log(cluster_log) if q.source == pod_ip)
     asked = {(q.qtype, q.name.lower()) for q in cluster}
     upstream = _distinct(q for q in dns.parse_log(_tail(logs[1], offsets[1])) if (q.qtype, q.name.lower()) in asked)
     resolv = (state.pod_dir_of(st.name, key) / "resolv.conf").read_text()
-    return Count(key, pod_ip, name, resolv, answer, cluster, upstream)
+    return Count(key, pod_ip, name, resolv, answer, cluster, upstream, outcomes(cluster_log, pod_ip))
+
+
+_QUERY_LINE = re.compile(r"\bquery\[(?P<qtype>[^\]]+)\] (?P<name>\S+) from (?P<source>\S+)$")
+_OUTCOME_LINE = re.compile(r"\b(?P<what>config|reply|cached|forwarded) (?P<name>\S+) (?P<verb>is|to) (?P<value>.+)$")
+
+
+def outcomes(log: str, pod_ip: str) -> dict[str, list[str]]:
+    """What dnsmasq did with each of the pod's questions ("TYPE name" -> its lines after the question:
+    "NXDOMAIN", "is 10.96.0.100", "forwarded to 192.168.1.200", "reply is 192.168.1.101").
+
+    dnsmasq's outcome lines name the question's name, not its type; glibc asks A and AAAA at once, so an
+    answer goes to the pod's pending question of that name whose type the value fits (an IPv4 address or
+    NODATA-IPv4: A; an IPv6 address or NODATA-IPv6: AAAA), anything else (a forward) to its latest question
+    of that name."""
+    out: dict[str, list[str]] = {}
+    pending: dict[str, dict[str, str]] = {}  # name -> qtype -> "TYPE name", the pod's open questions
+    for line in log.splitlines():
+        line = line.rstrip()
+        q = _QUERY_LINE.search(line)
+        if q:
+            if q["source"] == pod_ip:
+                key = f"{q['qtype']} {q['name']}"
+                asked = pending.setdefault(q["name"].lower(), {})
+                asked.pop(q["qtype"], None)
+                asked[q["qtype"]] = key  # the latest last
+                out.setdefault(key, [])
+            continue
+        o = _OUTCOME_LINE.search(line)
+        asked = pending.get(o["name"].lower()) if o else None
+        if not o or not asked:
+            continue
+        value = o["value"].strip()
+        fits = None if o["what"] == "forwarded" else "A" if re.match(r"^(\d+\.){3}\d+$|NODATA-IPv4", value) else \
+            "AAAA" if (":" in value and " " not in value) or "NODATA-IPv6" in value else None
+        key = asked.get(fits or "", list(asked.values())[-1])
+        text = value if o["what"] == "config" and value.startswith(("NXDOMAIN", "NODATA")) else \
+            f"{o['what']} {o['verb']} {value}" if o["what"] != "config" else f"is {value}"
+        if text not in out[key]:
+            out[key].append(text)
+    return out
 
 
 def _distinct(queries) -> list[dns.Query]:

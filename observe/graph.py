@@ -190,24 +190,32 @@ def _link_state(view: NsView | None, dev: str, need_carrier: bool = True) -> tup
     return OK, ""
 
 
-def _expected_routes(lab: Lab, node: str) -> list[tuple[IPv4Network, IPv4Address | None, str | None, str | None]]:
-    """(dst, via, dev, proto) of the cross-node routes the backend installs in `node`; None: any."""
+Expected = list[tuple[IPv4Network, IPv4Address | None, str | None, str | None]]
+
+
+def _expected_routes(lab: Lab) -> dict[str, Expected]:
+    """Per node, (dst, via, dev, proto) of the cross-node routes the backend installs there; None: any.
+    Planned once for the whole lab (per node, it would be quadratic in the nodes)."""
     backend = lab.network.backend
+    out: dict[str, Expected] = {n.name: [] for n in lab.nodes}
     if backend == "host-gw":
-        return [(r.dst, r.via, r.dev, None) for r in host_gw.routes(lab) if r.node == node]
-    if backend == "vxlan":
-        mine = next(p for p in vxlan.plan(lab) if p.vtep.node == node)
-        return [(peer.pod_cidr, peer.address.ip, vxlan.DEVICE, None) for peer in mine.peers]
-    if backend == "bgp":
-        return [(p.pod_cidr, None, None, "bgp") for p in lab.nodes if p.name != node]
-    if backend == "ipip":
+        for r in host_gw.routes(lab):
+            out[r.node].append((r.dst, r.via, r.dev, None))
+    elif backend == "vxlan":
+        for mine in vxlan.plan(lab):
+            out[mine.vtep.node] = [(peer.pod_cidr, peer.address.ip, vxlan.DEVICE, None) for peer in mine.peers]
+    elif backend == "bgp":
+        for node in lab.nodes:
+            out[node.name] = [(p.pod_cidr, None, None, "bgp") for p in lab.nodes if p.name != node.name]
+    elif backend == "ipip":
         # Calico's routes (routing/ipip.py): via the other node's IP, through tunl0 onlink when the
         # ipipMode encapsulates towards it (Always: every node; CrossSubnet: other racks only), else eth0.
-        return [(r.dst, r.via, r.dev, "bgp") for r in ipip.expected_routes(lab) if r.node == node]
-    return []
+        for r in ipip.expected_routes(lab):
+            out[r.node].append((r.dst, r.via, r.dev, "bgp"))
+    return out
 
 
-def _route_lines(lab: Lab, node_name: str, view: NsView | None) -> list[RouteLine]:
+def _route_lines(lab: Lab, node_name: str, view: NsView | None, expected: Expected) -> list[RouteLine]:
     node = lab.node(node_name)
     own = RouteLine(str(node.pod_cidr), f"{node.pod_cidr} dev {BRIDGE}", "", own=True)
     lines = [own]
@@ -219,7 +227,7 @@ def _route_lines(lab: Lab, node_name: str, view: NsView | None) -> list[RouteLin
         if observed.dev != BRIDGE or observed.type != "unicast":
             own.status, own.note = WRONG, f"goes to {observed.dev or observed.type}, not {BRIDGE}"
     expected_dsts = {node.pod_cidr}
-    for dst, via, dev, proto in _expected_routes(lab, node_name):
+    for dst, via, dev, proto in expected:
         expected_dsts.add(dst)
         want = " ".join(x for x in (str(dst), f"via {via}" if via else "", f"dev {dev}" if dev else "",
                                     f"proto {proto}" if proto else "") if x)
@@ -363,6 +371,7 @@ def _services(lab: Lab, sps: list[ServicePortEndpoints], obs: Observation) -> li
 def build(lab: Lab, running: list[RunningPod], sps: list[ServicePortEndpoints], obs: Observation) -> Graph:
     """Compare the lab as specified (and as its pods run) with what the kernel holds."""
     up = underlay.plan(lab)
+    expected = _expected_routes(lab)
     graph = Graph(lab.name, lab.network.backend, lab.kube_proxy.mode, str(lab.cluster.pod_cidr),
                   str(lab.cluster.service_cidr),
                   str(lab.underlay.subnet) if lab.underlay.subnet else ", ".join(str(r.subnet) for r in lab.underlay.racks),
@@ -379,7 +388,7 @@ def build(lab: Lab, running: list[RunningPod], sps: list[ServicePortEndpoints], 
             cni0.status, cni0.note = WRONG, f"lacks {node.gateway}"
         box = NodeBox(node.name, str(node.ip), str(node.pod_cidr), node.rack, eth0, cni0,
                       _tunnel(lab, node.name, view), _pods(lab, node.name, view, running, obs),
-                      _route_lines(lab, node.name, view))
+                      _route_lines(lab, node.name, view, expected[node.name]))
         if view is None:
             box.status, box.note = MISSING, "namespace gone"
         graph.nodes.append(box)

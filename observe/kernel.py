@@ -187,8 +187,8 @@ def read_neighbours(handle: Rtnl, names: dict[int, str]) -> tuple[list[NeighEntr
     return neigh, fdb
 
 
-def read_namespace(ns: str) -> NsView | None:
-    """Everything rtnetlink tells about one namespace; None when the namespace is gone."""
+def read_namespace(ns: str, full: bool = True) -> NsView | None:
+    """Everything rtnetlink tells about a namespace (`full=False`: links, addresses); None when it is gone."""
     if not netns.exists(ns):
         return None
     try:
@@ -201,6 +201,8 @@ def read_namespace(ns: str) -> NsView | None:
         view = NsView(name=ns, links={link.name: link for link in links.values()})
         for index, address in handle.addrs():
             view.addrs.setdefault(names.get(index, str(index)), []).append(address)
+        if not full:
+            return view
         view.routes = read_routes(handle, names)
         view.neigh, view.fdb = read_neighbours(handle, names)
         return view
@@ -581,8 +583,9 @@ def observe(lab: Any, pod_namespaces: list[str], frr_folder: Any) -> Observation
     from topo import underlay
 
     plan = underlay.plan(lab)
-    spaces = [h.netns for h in plan.hosts] + list(plan.switch_netns) + pod_namespaces
-    obs = Observation(namespaces={ns: read_namespace(ns) for ns in spaces})
+    spaces = [h.netns for h in plan.hosts] + list(plan.switch_netns)
+    obs = Observation(namespaces={ns: read_namespace(ns) for ns in spaces})  # pods: links, addresses (graph.py)
+    obs.namespaces.update({ns: read_namespace(ns, full=False) for ns in pod_namespaces})
     speakers = bgp.node_speakers(lab) + bgp.router_speakers(lab)
     if speakers:
         # vtysh does not need the namespace (it talks to the instance's socket): ask all at once.

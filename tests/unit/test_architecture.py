@@ -24,6 +24,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("reconcile",),
     ("observe",),
     ("grading",),
+    ("ui",),
     ("lab",),
 )
 RANK = {package: rank for rank, layer in enumerate(LAYERS) for package in layer}
