@@ -90,8 +90,8 @@ def count(lab_name: str | None, target: str, name: str, family: str = "any") -> 
     return Count(key, pod_ip, name, resolv, answer, cluster, upstream, outcomes(cluster_log, pod_ip))
 
 
-_QUERY_LINE = re.compile(r"\bquery\[(?P<qtype>[^\]]+)\] (?P<name>\S+) from (?P<source>\S+)$")
-_OUTCOME_LINE = re.compile(r"\b(?P<what>config|reply|cached|forwarded) (?P<name>\S+) (?P<verb>is|to) (?P<value>.+)$")
+_QUERY_LINE = re.compile(r"\bquery\[(?P<qtype>[^\]]+)\] (?P<name>\S+) from (?P<source>\S+)\Z")
+_OUTCOME_LINE = re.compile(r"\b(?P<what>config|reply|cached|forwarded) (?P<name>\S+) (?P<verb>is|to) (?P<value>.+)\Z")
 
 
 def outcomes(log: str, pod_ip: str) -> dict[str, list[str]]:

@@ -38,7 +38,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from topo.errors import LabError
 
 STATIC = Path(__file__).resolve().parent / "static"
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:-]{0,252}$")  # pods, nodes, services, IPs, ports, DNS names
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:-]{0,252}\Z")  # pods, nodes, services, IPs, ports, DNS names
 PROTOCOLS = (None, "tcp", "udp", "icmp")
 SHARED = 0.25  # seconds a reading of the lab serves every open page (several tabs: one reading)
 KEEPALIVE = 15.0  # seconds between comments on a quiet event stream (proxies and browsers keep it open)
