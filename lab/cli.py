@@ -198,7 +198,7 @@ def _cmd_dns_count(args: argparse.Namespace) -> int:
     from observe import dnscount
 
     require_root()
-    result = dnscount.count(args.lab, args.pod, args.name, args.family)
+    result = dnscount.count(args.lab, args.pod, args.name, args.family, args.resolver)
     print(json.dumps(result.to_json(), indent=2) if args.json else dnscount.render(result))
     return 0
 
@@ -405,6 +405,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("dns-count", help="resolve NAME inside POD and count the DNS queries it cost")
     p.add_argument("pod", help="a pod name or namespace/pod")
     p.add_argument("name", help="the name to resolve, e.g. api.example.com (a trailing dot makes it absolute)")
+    p.add_argument("--resolver", choices=["glibc", "musl", "node-lookup", "node-resolve"], default="glibc",
+                   help="who resolves: glibc getaddrinfo (getent, the default), musl getaddrinfo (Alpine), Node.js "
+                        "dns.lookup (the C library's resolver) or dns.resolve4+resolve6 (c-ares)")
     p.add_argument("--family", choices=["any", "inet", "inet6"], default="any",
                    help="any: A and AAAA as most programs ask (getent ahosts); inet: A only")
     p.add_argument("--lab", help="the lab, when more than one is running")
