@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from kubelet import cgroups
 from tests.conftest import require_root, require_tool
 from topo import netns, process
 
@@ -77,6 +78,9 @@ def leftovers(name: str) -> dict[str, list]:
             pass
     state_dir = Path("/run/kubenet-lab") / name
     found = {"netns": spaces, "state": [str(state_dir)] if state_dir.exists() else []}
+    groups = cgroups.leftovers(name)  # CPU limits: the lab's cgroup tree (kubelet/cgroups.py)
+    if groups:
+        found["cgroups"] = groups
     if pids:
         found["processes"] = sorted(set(pids))
     return found
