@@ -28,6 +28,7 @@ packages=(
   python3 python3-venv python3-pip
   iptables nftables conntrack ipset ipvsadm tcpdump iperf3 curl frr ethtool dnsmasq-base nginx-light bind9-dnsutils
   graphviz
+  musl-tools nodejs gcc libc6-dev
 )
 # --test: vagrant (to validate the Vagrantfile) and the test VM's pieces (tests/vm: qemu in software
 # emulation, busybox for its initramfs, kmod for depmod and the guest's modprobe; the kernel itself is
@@ -70,4 +71,8 @@ echo "$here/.venv/mininet-only" > "$site/debian-mininet.pth"
 .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null
 .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]"
 .venv/bin/python -c 'import mininet.net, pyroute2, yaml, pydantic' 
+# The DNS clients `lab dns-count --resolver` and `lab bench dns` run in pods: musl-gcc (musl-tools) and gcc
+# build images/dnsclient/dnsclient.c once into /var/cache/kubenet-lab/dnsclient/<source hash>/ (rebuilt
+# only when the source changes; also built on first use).
+.venv/bin/python -c 'from images import dnsclient; print("install.sh: DNS clients", dnsclient.binary("musl"), dnsclient.binary("glibc"))'
 echo "install.sh: ready. Run labs with $here/.venv/bin/lab (or: source .venv/bin/activate)"

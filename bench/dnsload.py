@@ -139,6 +139,7 @@ def run_case(lab: str, setting: Setting, clients: int, rate: float, seconds: flo
     offsets = {k: _size(p) for k, p in logs.items() if k != "cache"}
     cache_offsets = [_size(p) for p in cache_logs]
     before = _conntrack(nodes)
+    throttle = _throttled(lab)
     procs = []
     started = time.monotonic()
     for key in keys:
@@ -157,6 +158,7 @@ def run_case(lab: str, setting: Setting, clients: int, rate: float, seconds: flo
     elapsed = time.monotonic() - started
     time.sleep(0.3)  # dnsmasq writes its log asynchronously
     after = _conntrack(nodes)
+    throttle = {k: v - throttle.get(k, 0) for k, v in _throttled(lab).items()}
     queries, answers, nx = _log_counts(_tail(logs["cluster"], offsets["cluster"]))
     upstream, _, _ = _log_counts(_tail(logs["upstream"], offsets["upstream"]))
     cache_queries = sum(_log_counts(_tail(p, o))[0] for p, o in zip(cache_logs, cache_offsets))
@@ -170,7 +172,18 @@ def run_case(lab: str, setting: Setting, clients: int, rate: float, seconds: flo
             "p50_ms": q[49], "p99_ms": q[98], "failures": sum(r["failures"] for r in results),
             "over_1s": sum(r["over_1s"] for r in results),
             "insert_failed": after["insert_failed"] - before["insert_failed"],
-            "conntrack_drop": after["drop"] - before["drop"]}
+            "conntrack_drop": after["drop"] - before["drop"],
+            # periods in which the DNS pod's quota ran out (cpu.stat nr_throttled of its cgroup)
+            "dns_throttled_periods": throttle.get("nr_throttled", 0)}
+
+
+def _throttled(lab: str) -> dict[str, int]:
+    from kubelet import cgroups
+
+    for root in cgroups.lab_roots():
+        for stat in (root / lab).rglob("coredns/cpu.stat"):
+            return cgroups.throttled(stat.parent)
+    return {}
 
 
 if __name__ == "__main__":

@@ -475,13 +475,14 @@ class DnsLoad(Suite):
                  _spread(c, "dns_queries_per_s", ".0f"), _spread(c, "nxdomain_share", ".0%"),
                  _spread(c, "upstream_queries_per_s", ".0f"), _spread(c, "node_cache_queries_per_s", ".0f"),
                  _spread(c, "lookups_per_s", ".0f"), _spread(c, "p50_ms", ".1f"), _spread(c, "p99_ms", ".1f"),
-                 _spread(c, "failures", ".0f"), _spread(c, "over_1s", ".0f"), _spread(c, "insert_failed", ".0f")]
+                 _spread(c, "failures", ".0f"), _spread(c, "over_1s", ".0f"), _spread(c, "insert_failed", ".0f"),
+                 _spread(c, "dns_throttled_periods", ".0f")]
                 for c in self.cases]
         return (f"{self.rate:g} lookups/s per client for {self.seconds:g} s; cluster DNS limited to "
                 f"{_script('dnsload').DNS_CPU} CPU; autopath: not available (dnsmasq cannot expand search paths "
                 "server-side)\n" + _table(["setting", "clients", "queries/lookup at DNS", "DNS q/s", "NXDOMAIN",
                                             "upstream q/s", "node cache q/s", "lookups/s", "p50 ms", "p99 ms",
-                                            "failures", ">1 s", "insert_failed"], rows))
+                                            "failures", ">1 s", "insert_failed", "DNS throttled"], rows))
 
     def plot(self, plt, path: Path) -> None:
         fig, ax = plt.subplots(figsize=(7, 4))
