@@ -29,6 +29,7 @@ packages=(
   iptables nftables conntrack ipset ipvsadm tcpdump iperf3 curl frr ethtool dnsmasq-base nginx-light bind9-dnsutils
   graphviz
   clang libbpf-dev bpftool  # the cilium profile: BPF C compiled with clang, loaded through libbpf
+  musl-tools nodejs gcc libc6-dev
 )
 # --test: vagrant (to validate the Vagrantfile) and the test VM's pieces (tests/vm: qemu in software
 # emulation, busybox for its initramfs, kmod for depmod and the guest's modprobe; the kernel itself is
@@ -76,4 +77,8 @@ echo "$here/.venv/mininet-only" > "$site/debian-mininet.pth"
 .venv/bin/python -c 'import mininet.net, pyroute2, yaml, pydantic, starlette, uvicorn'
 # the cilium profile's BPF objects, compiled once into the cache keyed by their sources' hash
 .venv/bin/python -c 'from cilium import build; build.compile_all()' 
+# The DNS clients `lab dns-count --resolver` and `lab bench dns` run in pods: musl-gcc (musl-tools) and gcc
+# build images/dnsclient/dnsclient.c once into /var/cache/kubenet-lab/dnsclient/<source hash>/ (rebuilt
+# only when the source changes; also built on first use).
+.venv/bin/python -c 'from images import dnsclient; print("install.sh: DNS clients", dnsclient.binary("musl"), dnsclient.binary("glibc"))'
 echo "install.sh: ready. Run labs with $here/.venv/bin/lab (or: source .venv/bin/activate)"

@@ -20,7 +20,7 @@ from apiserver import state
 from cilium import agent
 from cni.lxc import LXC_PREFIX, LxcPlugin
 from cni.plugin import BridgePlugin, CniArgs, NetConf
-from kubelet import runtime
+from kubelet import cgroups, runtime
 from services import addons
 from services.endpoints import RunningPod
 from topo import crash, names, netns
@@ -91,7 +91,7 @@ def add_pod(st: state.LabState, lab: Lab, pod: Pod,
             if before_start is not None:
                 before_start(pod, IPv4Address(ip))
             with in_pod_cgroup(lab, pod.node):
-                containers = runtime.start_pod_containers(pod, ns, pause_pid, state.log_dir(lab.name))
+                containers = runtime.start_pod_containers(pod, ns, pause_pid, state.log_dir(lab.name), lab.name)
             crash.point("pod-started")
         except BaseException:
             runtime.remove_sandbox(ns)
@@ -108,6 +108,7 @@ def remove_pod(lab: Lab, key: str, node: str | None) -> None:
     namespace, name = key.split("/", 1)
     args = cni_args(lab, namespace, name)
     runtime.remove_sandbox(names.pod_netns(lab.name, namespace, name))
+    cgroups.remove_pod(lab.name, names.pod_netns(lab.name, namespace, name))
     shutil.rmtree(state.pod_dir_of(lab.name, key), ignore_errors=True)
     for log in state.log_dir(lab.name).glob(f"{namespace}_{name}_*.log"):
         with contextlib.suppress(OSError):

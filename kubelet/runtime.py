@@ -16,6 +16,7 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+from kubelet import cgroups
 from topo import netns, process
 from topo.errors import ApplyError
 from topo.model import Container, Pod, SecurityContext
@@ -122,8 +123,10 @@ def start_sandbox(pod_netns: str, hostname: str, pause: str, files: Path | None 
         return process.spawn((pause, "infinity"), None)
 
 
-def start_container(pod_netns: str, pause_pid: int, container: Container, log: Path) -> int | None:
-    """Start a container's process in the pod's namespaces (those of its pause process)."""
+def start_container(pod_netns: str, pause_pid: int, container: Container, log: Path,
+                    lab: str | None = None) -> int | None:
+    """Start a container's process in the pod's namespaces (those of its pause process); with a CPU limit,
+    in its cgroup of `lab`'s tree (kubelet/cgroups.py)."""
     if not container.argv:
         return None  # the `pause` image: the sandbox's own pause process is the container
     if not sandbox_alive(pod_netns, pause_pid):
@@ -134,7 +137,14 @@ def start_container(pod_netns: str, pause_pid: int, container: Container, log: P
         argv = confined(container.argv, container.security)
         env = {"HOME": "/", **env} if not container.security.root else env
     with _in_pod(pod_netns, pause_pid):
-        return process.spawn(argv, str(log), env)
+        pid = process.spawn(argv, str(log), env)
+    if container.cpu_limit_millis is not None and lab is not None:
+        try:
+            cgroups.limit(lab, pod_netns, container.name, pid, container.cpu_limit_millis)
+        except BaseException:
+            process.kill_all([pid])
+            raise
+    return pid
 
 
 def confined(argv: tuple[str, ...], security: SecurityContext) -> tuple[str, ...]:
@@ -172,10 +182,11 @@ def in_pod(pid: int, pod_netns: str) -> bool:
         return False
 
 
-def start_pod_containers(pod: Pod, pod_netns: str, pause_pid: int, logs: Path) -> dict[str, int]:
+def start_pod_containers(pod: Pod, pod_netns: str, pause_pid: int, logs: Path, lab: str | None = None) -> dict[str, int]:
     pids: dict[str, int] = {}
     for container in pod.containers:
-        pid = start_container(pod_netns, pause_pid, container, logs / f"{pod.namespace}_{pod.name}_{container.name}.log")
+        pid = start_container(pod_netns, pause_pid, container, logs / f"{pod.namespace}_{pod.name}_{container.name}.log",
+                              lab)
         if pid is not None:
             pids[container.name] = pid
     return pids

@@ -17,9 +17,10 @@ from apiserver import state
 from cni import network_policy
 from cilium import agent
 from cni.plugin import BridgePlugin, memory_session
-from kubelet import runtime
+from kubelet import cgroups, runtime
 from kubelet.pods import in_pod_cgroup, plugin_for
 from lab import progress
+from reconcile import nodelocal
 from lab.plan import HOST_SYSCTLS, SWITCH_SYSCTLS, NodeOps, Plan, PodOps
 from routing import bgp, frr, ipip, vxlan
 from services import addons, dns, kube_proxy
@@ -98,7 +99,7 @@ def add_pod(lab: Lab, op: PodOps, plugin: BridgePlugin, pause: str, logs: Path) 
         raise ApplyError(f"pod {op.pod.key}: CNI gave {got}, the plan said {op.address.ip}")
     runtime.write_pod_files(files, addons.pod_resolv_conf(lab, op.pod), addons.pod_hosts(op.pod, op.address.ip, lab.dns.domain))
     with in_pod_cgroup(lab, op.node):
-        containers = runtime.start_pod_containers(op.pod, op.netns, pause_pid, logs)
+        containers = runtime.start_pod_containers(op.pod, op.netns, pause_pid, logs, lab.name)
     return state.pod_state(op.pod, str(op.address.ip), op.netns, pause_pid, containers)
 
 
@@ -177,6 +178,7 @@ def apply(plan: Plan, st: state.LabState) -> float | None:
             addons.mark_loaded(addon, state.lab_dir(plan.lab.name))
         start_external(plan.lab)
         sync_services(plan.lab, running)
+        nodelocal.sync(plan.lab)  # NodeLocal DNSCache, when the spec asks for it
         start_bgp(plan.speakers, plan.lab.name)
         wait_carrier([handles.get(h.netns) for h in plan.underlay.hosts] +
                      [handles.get(ns) for ns in plan.underlay.switch_netns])
@@ -233,6 +235,7 @@ def teardown(lab: str, wait: bool = True) -> list[str]:
     spaces = lab_namespaces(lab)
     inodes = [i for ns in spaces if (i := netns.inode(ns)) is not None]
     process.kill_all(process.pids_in_netns(inodes))
+    cgroups.remove_lab(lab)
     crash.point("down-processes")
     kinds = {"p": [], "n": [], "u": []}  # type: dict[str, list[str]]
     for ns in spaces:

@@ -32,7 +32,8 @@ from topo import names, netns
 from topo.errors import FeatureMissing, StateError
 
 REPO = Path(__file__).resolve().parent.parent
-SUITES = ("dataplanes", "services", "dns", "updown", "scale")
+SUITES = ("dataplanes", "services", "dns", "dns-load", "updown", "scale")  # `dns` also runs `dns-load`
+DNS_CLIENTS = (20, 50, 100, 200)  # `lab bench dns` storm sizes without --clients
 SCALE_SIZES = (1000,)  # `lab bench scale` without --sizes; 10,000 takes minutes (issue 15 measured it)
 DNS_NAME = "api.example.com"
 
@@ -431,7 +432,75 @@ class Scale(Suite):
         plt.close(fig)
 
 
-SUITE_CLASSES = {"dataplanes": Dataplanes, "services": Services, "dns": Dns, "updown": Updown, "scale": Scale}
+class DnsLoad(Suite):
+    """The ndots:5 storm and its fixes (bench/dnsload.py), side by side: every setting at every client count."""
+    name = "dns-load"
+    RATE, SECONDS = 2.0, 4.0  # lookups per second per client, seconds per case
+
+    def __init__(self, quick: bool, clients: tuple[int, ...] = DNS_CLIENTS) -> None:
+        super().__init__(quick)
+        script = _script("dnsload")
+        self.clients = (4,) if quick else clients
+        self.rate, self.seconds = (5.0, 2.0) if quick else (self.RATE, self.SECONDS)
+        self.lab, self.folder = "", Path()
+        settings = [s for s in script.SETTINGS if not quick or s.name in script.QUICK_SETTINGS]
+        for count in self.clients:
+            for setting in settings:
+                self.cases.append(Case(f"{setting.name} x{count}", self._runner(setting, count),
+                                       {"setting": setting.name, "clients": count, "rate": self.rate,
+                                        "seconds": self.seconds, "libc": setting.libc, "lookup": setting.lookup,
+                                        "dns_cpu": script.DNS_CPU}))
+
+    def _runner(self, setting, count: int) -> Callable[[], dict[str, float]]:  # type: ignore[no-untyped-def]
+        return lambda: _script("dnsload").run_case(self.lab, setting, count, self.rate, self.seconds, self.folder)
+
+    def setup(self, stack: ExitStack, folder: Path) -> None:
+        import yaml
+
+        from images import dnsclient
+
+        try:
+            dnsclient.binary("glibc")
+            dnsclient.binary("musl")
+        except dnsclient.ClientMissing as exc:
+            raise FeatureMissing(f"lab bench dns: {exc}") from exc
+        self.lab, self.folder = f"bench-storm-{uuid.uuid4().hex[:4]}", folder
+        path = folder / f"{self.lab}.yaml"
+        path.write_text(yaml.safe_dump(_script("dnsload").storm_spec(self.lab, max(self.clients)), sort_keys=False))
+        stack.callback(remove_lab, self.lab)
+        _lab_cli("up", str(path))
+
+    def table(self) -> str:
+        rows = [[c.info["setting"], str(c.info["clients"]), _spread(c, "dns_queries_per_lookup", ".1f"),
+                 _spread(c, "dns_queries_per_s", ".0f"), _spread(c, "nxdomain_share", ".0%"),
+                 _spread(c, "upstream_queries_per_s", ".0f"), _spread(c, "node_cache_queries_per_s", ".0f"),
+                 _spread(c, "lookups_per_s", ".0f"), _spread(c, "p50_ms", ".1f"), _spread(c, "p99_ms", ".1f"),
+                 _spread(c, "failures", ".0f"), _spread(c, "over_1s", ".0f"), _spread(c, "insert_failed", ".0f"),
+                 _spread(c, "dns_throttled_periods", ".0f")]
+                for c in self.cases]
+        return (f"{self.rate:g} lookups/s per client for {self.seconds:g} s; cluster DNS limited to "
+                f"{_script('dnsload').DNS_CPU} CPU; autopath: not available (dnsmasq cannot expand search paths "
+                "server-side)\n" + _table(["setting", "clients", "queries/lookup at DNS", "DNS q/s", "NXDOMAIN",
+                                            "upstream q/s", "node cache q/s", "lookups/s", "p50 ms", "p99 ms",
+                                            "failures", ">1 s", "insert_failed", "DNS throttled"], rows))
+
+    def plot(self, plt, path: Path) -> None:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for setting in dict.fromkeys(c.info["setting"] for c in self.cases):
+            cases = [c for c in self.cases if c.info["setting"] == setting]
+            ax.plot([c.info["clients"] for c in cases], [c.median()["dns_queries_per_s"] for c in cases],
+                    marker="o", label=setting)
+        ax.set_xlabel("client pods")
+        ax.set_ylabel("queries/s at the cluster DNS")
+        ax.set_title(f"The ndots:5 storm: {self.rate:g} lookups/s per client of {DNS_NAME}")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(path)
+        plt.close(fig)
+
+
+SUITE_CLASSES = {"dataplanes": Dataplanes, "services": Services, "dns": Dns, "dns-load": DnsLoad, "updown": Updown,
+                 "scale": Scale}
 
 
 def machine(suites: list[Suite]) -> dict:
@@ -444,7 +513,7 @@ def machine(suites: list[Suite]) -> dict:
 
 
 def run(selected: list[str], quick: bool, repeat: int | None, json_path: str | None, plot_dir: str | None,
-        sizes: tuple[int, ...] = SCALE_SIZES) -> int:
+        sizes: tuple[int, ...] = SCALE_SIZES, clients: tuple[int, ...] = DNS_CLIENTS) -> int:
     from lab.lifecycle import require_root
 
     unknown = [name for name in selected if name not in SUITES]
@@ -464,7 +533,10 @@ def run(selected: list[str], quick: bool, repeat: int | None, json_path: str | N
             import matplotlib.pyplot as plt
         except ImportError as exc:
             raise FeatureMissing("--plot needs matplotlib: .venv/bin/pip install matplotlib") from exc
-    suites = [SUITE_CLASSES[name](quick, sizes) if name == "scale" else SUITE_CLASSES[name](quick)
+    if "dns" in selected:
+        selected = [*selected, "dns-load"]
+    extra = {"scale": (sizes,), "dns-load": (clients,)}
+    suites = [SUITE_CLASSES[name](quick, *extra.get(name, ()))
               for name in dict.fromkeys(selected or [s for s in SUITES if s != "scale"])]
     total = sum(len(s.cases) for s in suites) * repeat
     done = 0

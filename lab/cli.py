@@ -198,7 +198,7 @@ def _cmd_dns_count(args: argparse.Namespace) -> int:
     from observe import dnscount
 
     require_root()
-    result = dnscount.count(args.lab, args.pod, args.name, args.family)
+    result = dnscount.count(args.lab, args.pod, args.name, args.family, args.resolver)
     print(json.dumps(result.to_json(), indent=2) if args.json else dnscount.render(result))
     return 0
 
@@ -348,7 +348,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         raise StateError(f"--sizes {args.sizes}: give pod counts separated by commas, e.g. 1000,10000") from None
     if any(not 100 <= s <= 20_000 for s in sizes):
         raise StateError("--sizes: each size is 100 to 20,000 pods")
-    return bench.run(args.suites, args.quick, args.repeat, args.json, args.plot, sizes)
+    try:
+        clients = tuple(int(c) for c in args.clients.split(",")) if args.clients else bench.DNS_CLIENTS
+    except ValueError:
+        raise StateError(f"--clients {args.clients}: give client pod counts separated by commas, e.g. 20,50") from None
+    if any(not 1 <= c <= 240 for c in clients):
+        raise StateError("--clients: each count is 1 to 240 client pods (two nodes' PodCIDRs)")
+    return bench.run(args.suites, args.quick, args.repeat, args.json, args.plot, sizes, clients)
 
 
 def version() -> str:
@@ -428,6 +434,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("dns-count", help="resolve NAME inside POD and count the DNS queries it cost")
     p.add_argument("pod", help="a pod name or namespace/pod")
     p.add_argument("name", help="the name to resolve, e.g. api.example.com (a trailing dot makes it absolute)")
+    p.add_argument("--resolver", choices=["glibc", "musl", "node-lookup", "node-resolve"], default="glibc",
+                   help="who resolves: glibc getaddrinfo (getent, the default), musl getaddrinfo (Alpine), Node.js "
+                        "dns.lookup (the C library's resolver) or dns.resolve4+resolve6 (c-ares)")
     p.add_argument("--family", choices=["any", "inet", "inet6"], default="any",
                    help="any: A and AAAA as most programs ask (getent ahosts); inet: A only")
     p.add_argument("--lab", help="the lab, when more than one is running")
@@ -448,6 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("suites", nargs="*", metavar="SUITE",
                    help="dataplanes, services, dns, updown, scale (default: all but scale)")
     p.add_argument("--sizes", help="scale: lab sizes in pods, e.g. 1000,10000 (default 1000)")
+    p.add_argument("--clients", help="dns: storm client pod counts, e.g. 20,50,100,200 (the default)")
     p.add_argument("--quick", action="store_true", help="small sizes and 1 repetition: under a minute")
     p.add_argument("--repeat", type=int, help="repetitions of each case, interleaved (default 3; 1 with --quick)")
     p.add_argument("--json", metavar="FILE", help="write every sample, the medians and the machine description")

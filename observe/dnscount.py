@@ -1,8 +1,15 @@
-"""`lab dns-count POD NAME`: what one name lookup in a pod costs the cluster DNS.
+"""`lab dns-count POD NAME [--resolver R]`: what one name lookup in a pod costs the cluster DNS.
 
-The pod resolves the name with the real system resolver (glibc's `getent`, run inside the pod, so it
-reads the pod's own resolv.conf with its search list and ndots), and the queries the DNS servers logged
-meanwhile from that pod are counted and listed: the ndots:5 search-list expansion, seen for real.
+The pod resolves the name with a real resolver run inside the pod, so it reads the pod's own resolv.conf
+with its search list and ndots: glibc's `getent` (the default), musl's getaddrinfo (Alpine's C library),
+Node.js's dns.lookup or dns.resolve4/resolve6 (c-ares) (images/dnsclient.py). The queries the DNS servers
+logged meanwhile from that pod are counted and listed: the ndots:5 search-list expansion, seen for real.
+The pod's own side is captured too (observe/dnswire.py): every query in the order sent, which were in
+flight together, each answer, and how long the lookup took on the wire.
+
+With NodeLocal DNSCache the pod asks the cache on its node: the cache's log is counted from the pod's
+address, and the cluster DNS's, which only sees the cache asking, like the upstream's: the pod's own
+questions, each once. A cache hit never reaches the cluster DNS.
 
 What counts, so that the number is the same every time (graders compare it with a learner's answer):
 - at the cluster DNS, the questions the pod asked (its log names the asking pod's IP, so other pods'
@@ -21,9 +28,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from apiserver import state
+from apiserver.desired import current_lab
+from images import dnsclient
 from kubelet.execute import find_target
+from observe import dnswire
+from reconcile import nodelocal as nodelocal_sync
 from services import addons, dns
-from topo.errors import StateError
+from topo.errors import FeatureMissing, StateError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -40,12 +51,27 @@ class Count:
     # "TYPE name" -> what the cluster DNS did with the pod's question: "NXDOMAIN", "is 10.96.0.100",
     # "forwarded to 192.168.1.200", ... in the order its log said it (lab ui plays these one by one)
     outcomes: dict[str, list[str]] = field(default_factory=dict)
+    resolver: str = "glibc"
+    wire: list[dnswire.Exchange] = field(default_factory=list)  # what the pod sent and got, in order
+    node_cache: list[dns.Query] | None = None  # NodeLocal DNSCache: the queries its cache received
+    cache_hits: int = 0
+
+    @property
+    def duration_ms(self) -> float:
+        """First query sent to last answer received, on the pod's wire."""
+        ends = [q.answered for q in self.wire if q.answered is not None]
+        return round(max(ends) * 1000, 3) if ends else 0.0
 
     def to_json(self) -> dict:
-        return {"pod": self.pod, "podIP": self.pod_ip, "name": self.name, "resolvConf": self.resolv_conf,
-                "answer": self.answer, "clusterQueries": [q.__dict__ for q in self.cluster],
-                "upstreamQueries": [q.__dict__ for q in self.upstream], "outcomes": self.outcomes,
-                "dnsSpecVersion": dns.DNS_SCHEMA_VERSION}
+        out = {"pod": self.pod, "podIP": self.pod_ip, "name": self.name, "resolvConf": self.resolv_conf,
+               "resolver": self.resolver, "answer": self.answer, "clusterQueries": [q.__dict__ for q in self.cluster],
+               "upstreamQueries": [q.__dict__ for q in self.upstream], "outcomes": self.outcomes,
+               "podQueries": [q.to_json() for q in self.wire], "durationMs": self.duration_ms,
+               "steps": max((q.step for q in self.wire), default=0), "dnsSpecVersion": dns.DNS_SCHEMA_VERSION}
+        if self.node_cache is not None:
+            out["nodeCacheQueries"] = [q.__dict__ for q in self.node_cache]
+            out["nodeCacheHits"] = self.cache_hits
+        return out
 
 
 def _size(path: Path) -> int:
@@ -60,7 +86,7 @@ def _tail(path: Path, offset: int) -> str:
         return fh.read().decode(errors="replace")
 
 
-def count(lab_name: str | None, target: str, name: str, family: str = "any") -> Count:
+def count(lab_name: str | None, target: str, name: str, family: str = "any", resolver: str = "glibc") -> Count:
     st = state.resolve(lab_name)
     _ns, pause_pid = find_target(st, target)
     if pause_pid is None:
@@ -68,26 +94,54 @@ def count(lab_name: str | None, target: str, name: str, family: str = "any") -> 
     key = target if "/" in target else next(k for k in st.pods if k.split("/", 1)[1] == target)
     pod_ip = st.pods[key].ip
     run_dir = state.lab_dir(st.name)
+    lab = current_lab(st)
+    cache_log = None
+    if lab.dns.node_local:
+        cache_log = nodelocal_sync.log_file(st.name, st.pods[key].node)
     logs = [addons.dns_dir(run_dir) / "queries.log", run_dir / "upstream-dns" / "queries.log"]
+    if cache_log is not None:
+        logs.append(cache_log)
     if not logs[0].parent.exists():
         raise StateError(f"lab {st.name} has no cluster DNS (spec.dns.enabled is false)")
     offsets = [_size(p) for p in logs]
-    database = {"any": "ahosts", "inet": "ahostsv4", "inet6": "ahostsv6"}[family]
+    if resolver == "glibc":
+        argv = ["getent", {"any": "ahosts", "inet": "ahostsv4", "inet6": "ahostsv6"}[family], name]
+    elif family != "any":
+        raise StateError(f"--family {family} is only for --resolver glibc (getent ahostsv4/ahostsv6)")
+    else:
+        try:
+            argv = dnsclient.once_argv(resolver, name)
+        except dnsclient.ClientMissing as exc:
+            raise FeatureMissing(str(exc)) from exc
+    capture = dnswire.Capture(st.pods[key].netns)
     try:
-        proc = subprocess.run([sys.executable, "-m", "lab.cli", "exec", "--lab", st.name, key, "--", "getent",
-                               database, name], capture_output=True, text=True, cwd=REPO, timeout=60)
+        proc = subprocess.run([sys.executable, "-m", "lab.cli", "exec", "--lab", st.name, key, "--", *argv],
+                              capture_output=True, text=True, cwd=REPO, timeout=60)
     except subprocess.TimeoutExpired as exc:
+        capture.close()
         raise StateError(f"resolving {name} in {key} took over 60 s (is the cluster DNS pod running?)") from exc
-    if proc.returncode not in (0, 2):  # getent: 2 = the name does not exist, which is an answer too
+    if proc.returncode not in (0, 2):  # getent and the C client: 2 = the name does not exist, an answer too
+        capture.close()
         raise StateError(f"could not resolve in {key}: {proc.stderr.strip() or f'exit {proc.returncode}'}")
-    answer = sorted({line.split()[0] for line in proc.stdout.splitlines() if line.strip()})
+    answer = dnsclient.addresses(resolver, proc.stdout)
     _settle(logs)  # dnsmasq writes its log asynchronously
-    cluster_log = _tail(logs[0], offsets[0])
-    cluster = _distinct(q for q in dns.parse_log(cluster_log) if q.source == pod_ip)
-    asked = {(q.qtype, q.name.lower()) for q in cluster}
+    wire = capture.read()
+    if cache_log is not None:
+        seen_log = _tail(logs[2], offsets[2])  # the pod asked the node's cache; what it did is in its log
+        cached = dns.parse_log(seen_log)
+        node_cache = _distinct(q for q in cached if q.source == pod_ip)
+        asked = {(q.qtype, q.name.lower()) for q in node_cache}
+        cluster = _distinct(q for q in dns.parse_log(_tail(logs[0], offsets[0])) if (q.qtype, q.name.lower()) in asked)
+        hits = _tail(logs[2], offsets[2]).count(" cached ")
+    else:
+        node_cache, hits = None, 0
+        seen_log = _tail(logs[0], offsets[0])
+        cluster = _distinct(q for q in dns.parse_log(seen_log) if q.source == pod_ip)
+        asked = {(q.qtype, q.name.lower()) for q in cluster}
     upstream = _distinct(q for q in dns.parse_log(_tail(logs[1], offsets[1])) if (q.qtype, q.name.lower()) in asked)
     resolv = (state.pod_dir_of(st.name, key) / "resolv.conf").read_text()
-    return Count(key, pod_ip, name, resolv, answer, cluster, upstream, outcomes(cluster_log, pod_ip))
+    return Count(key, pod_ip, name, resolv, answer, cluster, upstream, outcomes(seen_log, pod_ip), resolver, wire,
+                 node_cache, hits)
 
 
 _QUERY_LINE = re.compile(r"\bquery\[(?P<qtype>[^\]]+)\] (?P<name>\S+) from (?P<source>\S+)\Z")
@@ -157,9 +211,22 @@ def _settle(paths: list[Path], quiet: float = 0.15, timeout: float = 2.0) -> Non
 
 def render(c: Count) -> str:
     options = " ".join(line for line in c.resolv_conf.splitlines() if line.startswith(("search", "options")))
-    lines = [f"{c.pod} ({c.pod_ip}) resolved {c.name} -> {', '.join(c.answer) or 'no answer'}",
-             f"  with: {options}",
-             f"{len(c.cluster)} queries at the cluster DNS (dnsmasq, Kubernetes DNS specification "
+    lines = [f"{c.pod} ({c.pod_ip}) resolved {c.name} with {c.resolver} -> {', '.join(c.answer) or 'no answer'}",
+             f"  with: {options}"]
+    if c.wire:
+        steps = max(q.step for q in c.wire)
+        lines.append(f"{len(c.wire)} queries sent by the pod in {steps} steps, {c.duration_ms:.1f} ms "
+                     "(step: queries in flight together; ms sent -> answered):")
+        for q in c.wire:
+            got = (f"{q.answered * 1000:7.1f}  {q.rcode} {' '.join(q.answers)}".rstrip()
+                   if q.answered is not None else "     no answer")
+            lines.append(f"  {q.step:>2}  {q.sent * 1000:7.1f} -> {got:<24} {q.qtype:5} {q.name} "
+                         f"({q.proto} :{q.port} -> {q.server})")
+    if c.node_cache is not None:
+        lines.append(f"{len(c.node_cache)} queries at the node's cache (NodeLocal DNSCache), {c.cache_hits} answered "
+                     "from its cache")
+    lines += [
+              f"{len(c.cluster)} queries at the cluster DNS (dnsmasq, Kubernetes DNS specification "
              f"{dns.DNS_SCHEMA_VERSION}: TXT dns-version.<zone>):"]
     lines += [f"  {q.qtype:5} {q.name}" for q in c.cluster]
     if c.upstream:

@@ -13,6 +13,7 @@ from cilium import agent
 from cni import network_policy
 from kubelet import runtime
 from kubelet.pods import running_pods
+from reconcile import nodelocal
 from services import addons, kube_proxy
 from services.endpoints import RunningPod
 from topo import process
@@ -36,6 +37,7 @@ def resync(st: state.LabState) -> kube_proxy.SyncReport:
     run_dir = state.lab_dir(st.name)
     addons.write_configs(lab, running, run_dir)
     reload_addons(st, lab)
+    nodelocal.sync(lab)
     state.save(st)
     return report
 
@@ -79,4 +81,4 @@ def _restart_container(st: state.LabState, lab: Lab, key: str) -> None:
     if ps is None or pod is None:
         return
     process.kill_all([pid for pid in ps.containers.values() if runtime.in_pod(pid, ps.netns)])
-    ps.containers = runtime.start_pod_containers(pod, ps.netns, ps.pause_pid, state.log_dir(lab.name))
+    ps.containers = runtime.start_pod_containers(pod, ps.netns, ps.pause_pid, state.log_dir(lab.name), lab.name)

@@ -16,7 +16,7 @@ import signal
 from ipaddress import IPv4Address
 from pathlib import Path
 
-from services import dns, ingress
+from services import dns, ingress, nodelocal
 from services.endpoints import RunningPod, resolve
 from topo.errors import SpecError, SpecIssue
 from topo.model import Container, ContainerPort, Lab, Pod, Service, ServicePort
@@ -85,7 +85,8 @@ def with_addons(lab: Lab, run_dir: Path) -> Lab:
     if node is not None:
         folder = dns_dir(run_dir)
         ports = (ContainerPort(53, "UDP", "dns"), ContainerPort(53, "TCP", "dns-tcp"))
-        container = Container("coredns", "coredns", tuple(dns.dnsmasq_argv(folder / "dnsmasq.conf")), ports)
+        container = Container("coredns", "coredns", tuple(dns.dnsmasq_argv(folder / "dnsmasq.conf")), ports,
+                              cpu_limit_millis=lab.dns.cpu_limit_millis)
         pods.append(Pod(DNS_POD, DNS_NAMESPACE, node, DNS_LABELS, (container,)))
         services.append(Service(DNS_SERVICE, DNS_NAMESPACE, dns.cluster_dns_ip(lab.cluster.service_cidr),
                                 (ServicePort("dns", 53, "dns", "UDP"), ServicePort("dns-tcp", 53, "dns-tcp", "TCP")),
@@ -103,8 +104,23 @@ def with_addons(lab: Lab, run_dir: Path) -> Lab:
     return dataclasses.replace(lab, pods=tuple(pods), services=tuple(services), namespaces=namespaces)
 
 
+def host_search(lab: Lab, node: str) -> tuple[str, ...]:
+    """The search domains of a node's own /etc/resolv.conf: its dnsSearch, else spec.dns.nodeSearch."""
+    try:
+        given = lab.node(node).dns_search
+    except KeyError:
+        given = None
+    return given if given is not None else lab.dns.node_search
+
+
+def pod_nameserver(lab: Lab) -> IPv4Address:
+    """kubelet's --cluster-dns: NodeLocal DNSCache's link-local address when the lab runs it (pods ask the
+    cache on their own node), else the kube-dns Service's ClusterIP."""
+    return nodelocal.LOCAL_IP if lab.dns.node_local else dns.cluster_dns_ip(lab.cluster.service_cidr)
+
+
 def pod_resolv_conf(lab: Lab, pod: Pod) -> str:
-    return dns.resolv_conf(pod, dns.cluster_dns_ip(lab.cluster.service_cidr), lab.dns.domain, upstream(lab))
+    return dns.resolv_conf(pod, pod_nameserver(lab), lab.dns.domain, upstream(lab), host_search(lab, pod.node))
 
 
 def pod_hosts(pod: Pod, ip: IPv4Address | str | None, domain: str = "cluster.local") -> str:

@@ -126,13 +126,17 @@ def _fit_searches(searches: list[str]) -> list[str]:
     return searches
 
 
-def resolv_conf(pod: Pod, cluster_dns: IPv4Address, domain: str, upstream: IPv4Address | None) -> str:
+def resolv_conf(pod: Pod, cluster_dns: IPv4Address, domain: str, upstream: IPv4Address | None,
+                host_search: Iterable[str] = ()) -> str:
     """The /etc/resolv.conf kubelet (and containerd) gives `pod`.
 
-    ClusterFirst (and ClusterFirstWithHostNet): the cluster DNS only, search `<ns>.svc.<domain>
-    svc.<domain> <domain>` followed by the node's own search domains (the lab's nodes have none), options
-    `ndots:5` (the node's options are NOT kept). Default: the node's resolver as is — in the lab a node's
-    resolv.conf is `nameserver <upstream>` when the lab has an external DNS host, and empty otherwise.
+    ClusterFirst (and ClusterFirstWithHostNet): the cluster DNS only (`cluster_dns`: the kube-dns
+    ClusterIP, or NodeLocal DNSCache's 169.254.20.10 when kubelet's --cluster-dns names it), search
+    `<ns>.svc.<domain> svc.<domain> <domain>` followed by the node's own search domains (`host_search`,
+    what the node's /etc/resolv.conf says: spec.nodes[].dnsSearch or spec.dns.nodeSearch; a cloud node has
+    one, e.g. us-west-2.compute.internal), options `ndots:5` (the node's options are NOT kept). Default:
+    the node's resolver as is — in the lab a node's resolv.conf is its search line and `nameserver
+    <upstream>` when the lab has an external DNS host.
     None: nothing but dnsConfig. Then dnsConfig is appended: nameservers and searches after the base ones
     without duplicates, options merged by name with dnsConfig winning; then the limits are applied (3
     nameservers, kubelet's search limits)."""
@@ -140,11 +144,12 @@ def resolv_conf(pod: Pod, cluster_dns: IPv4Address, domain: str, upstream: IPv4A
         raise ValueError(f"pod {pod.key}: unknown dnsPolicy {pod.dns_policy!r} (one of {', '.join(DNS_POLICIES)})")
     if pod.dns_policy in CLUSTER_FIRST:
         servers = [str(cluster_dns)]
-        searches = _dedup([f"{pod.namespace}.svc.{domain}", f"svc.{domain}", domain])
+        # kubelet's generateSearchesForDNSClusterFirst: the cluster's three, then the host's, no duplicates
+        searches = _dedup([f"{pod.namespace}.svc.{domain}", f"svc.{domain}", domain, *host_search])
         options = list(DEFAULT_OPTIONS)
     elif pod.dns_policy == "Default":
         servers = [str(upstream)] if upstream is not None else []
-        searches, options = [], []
+        searches, options = _dedup(host_search), []
     else:  # None
         servers, searches, options = [], [], []
     config = pod.dns_config

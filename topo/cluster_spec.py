@@ -37,6 +37,7 @@ class NodeIn(StrictModel):
     pod_cidr: str | None = Field(None, alias="podCIDR")
     rack: str | None = None
     link: LinkIn | None = None
+    dns_search: list[str] | None = Field(None, alias="dnsSearch")  # the node's host search domains
 
 
 # ---------------------------------------------------------------------------- cluster
@@ -187,7 +188,8 @@ def check_nodes(nodes_in: list[NodeIn], cluster: Cluster | None, underlay: Under
     if cidrs is None or underlay is None or len(issues) > before:
         return None
     return [Node(name=n.name, ip=ip, pod_cidr=cidr, index=i, rack=n.rack,  # type: ignore[arg-type]
-                 link=link.merged(underlay.link))  # type: ignore[union-attr]
+                 link=link.merged(underlay.link),  # type: ignore[union-attr]
+                 dns_search=tuple(n.dns_search) if n.dns_search is not None else None)
             for i, (n, ip, cidr, link) in enumerate(zip(nodes_in, ips, cidrs, links))]
 
 

@@ -71,6 +71,7 @@ class Container:
     ports: tuple[ContainerPort, ...] = ()
     env: tuple[tuple[str, str], ...] = ()  # the container's `env`, set on its process
     security: SecurityContext | None = None
+    cpu_limit_millis: int | None = None  # resources.limits.cpu in millicores: a CFS quota (kubelet/cgroups.py)
 
 
 @dataclass(frozen=True)
@@ -137,6 +138,7 @@ class Node:
     index: int  # position in the spec, 0-based; names the node's underlay switch port
     rack: str | None = None  # routed underlays: the rack (subnet behind one top-of-rack router)
     link: LinkSpec = LinkSpec()  # this node's underlay link, defaults from underlay.link already merged in
+    dns_search: tuple[str, ...] | None = None  # the node's own resolv.conf search list (None: spec.dns.nodeSearch)
 
     @property
     def gateway(self) -> IPv4Interface:
@@ -272,6 +274,9 @@ class ClusterDns:
     enabled: bool = True
     node: str | None = None  # where its pod runs; None: the last node (node2 in the explainer's picture)
     domain: str = "cluster.local"
+    node_search: tuple[str, ...] = ()  # the nodes' host search domains unless a node gives its own dnsSearch
+    node_local: bool = False  # NodeLocal DNSCache: a caching DNS on 169.254.20.10 in every node
+    cpu_limit_millis: int | None = None  # resources.limits.cpu of the DNS pod, in millicores
 
 
 @dataclass(frozen=True)

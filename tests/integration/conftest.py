@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from kubelet import cgroups
 from tests.conftest import require_root, require_tool
 from topo import netns, process
 
@@ -82,6 +83,9 @@ def leftovers(name: str) -> dict[str, list]:
            if p.exists()]
     if bpf:
         found["bpf"] = bpf
+    groups = cgroups.leftovers(name)  # CPU limits: the lab's cgroup tree (kubelet/cgroups.py)
+    if groups:
+        found["cgroups"] = groups
     if pids:
         found["processes"] = sorted(set(pids))
     return found

@@ -16,7 +16,11 @@ from tests.integration.conftest import REPO
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-SUITES = ("dataplanes", "services", "dns", "updown")
+SUITES = ("dataplanes", "services", "dns", "dns-load", "updown")
+# counters that are honestly zero on a healthy run (no failures, no conntrack race, no NXDOMAIN for an
+# absolute name, no node cache in use for the settings that bypass it)
+ZERO_OK = {"failures", "over_1s", "insert_failed", "conntrack_drop", "nxdomain_share", "node_cache_queries_per_s",
+           "dns_throttled_periods"}
 
 
 def _bench_namespaces() -> list[str]:
@@ -67,6 +71,9 @@ def test_json_schema(bench) -> None:
             assert case["samples"].keys() == case["median"].keys()
             for metric, values in case["samples"].items():
                 assert isinstance(values, list) and values, (suite, case["name"], metric)
+                if metric in ZERO_OK:
+                    assert all(_positive(v) or v == 0 for v in values), (suite, case["name"], metric, values)
+                    continue
                 assert all(_positive(v) for v in values), (suite, case["name"], metric, values)
                 assert _positive(case["median"][metric]), (suite, case["name"], metric)
 
@@ -89,6 +96,15 @@ def test_expected_cases_and_metrics(bench) -> None:
     # the ndots:5 search-list expansion costs more queries than the absolute name (a count, not a timing)
     assert dns["ndots 5"]["median"]["cluster_queries"] > dns["trailing dot"]["median"]["cluster_queries"]
     assert all({"up_s", "down_s"} <= c["samples"].keys() for c in suites["updown"]["cases"])
+    # the storm: measured at the cluster DNS, per setting (counts of queries, not timings)
+    load = {c["setting"]: c["median"] for c in suites["dns-load"]["cases"]}
+    assert {"ndots:5 glibc", "ndots:2 (dnsConfig)", "trailing dot", "NodeLocal DNSCache"} <= load.keys()
+    assert load["ndots:5 glibc"]["dns_queries_per_lookup"] == pytest.approx(10, abs=0.5)  # 4 search domains + name
+    assert load["trailing dot"]["dns_queries_per_lookup"] == pytest.approx(2, abs=0.2)
+    assert load["ndots:2 (dnsConfig)"]["dns_queries_per_lookup"] == pytest.approx(2, abs=0.2)
+    assert load["NodeLocal DNSCache"]["dns_queries_per_lookup"] < 1  # cache hits never reach the cluster DNS
+    assert all({"p50_ms", "p99_ms", "dns_queries_per_s", "upstream_queries_per_s"} <= c["samples"].keys()
+               for c in suites["dns-load"]["cases"])
 
 
 def test_one_png_per_suite(bench) -> None:
