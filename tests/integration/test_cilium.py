@@ -28,17 +28,21 @@ def pod(name: str, node: str, app: str) -> dict:
             "spec": {"nodeName": node, "containers": AGNHOST}}
 
 
-def service(name: str, app: str) -> dict:
+def service(name: str, app: str, **spec: object) -> dict:
+    port = {"name": "http", "port": 80, "targetPort": 8080}
+    if "nodePort" in spec:
+        port["nodePort"] = spec.pop("nodePort")
     return {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name},
-            "spec": {"selector": {"app": app}, "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}}
+            "spec": {"selector": {"app": app}, "ports": [port], **spec}}
 
 
 def cilium_lab(name: str, mode: str) -> dict:
     return {"apiVersion": "kubenet-lab/v1alpha1", "kind": "Lab", "metadata": {"name": name},
             "spec": {"cni": {"profile": "cilium", "routingMode": mode},
                      "nodes": [{"name": "node1", "ip": "192.168.1.10"}, {"name": "node2", "ip": "192.168.1.11"}],
+                     "external": [{"name": "ext", "ip": "192.168.1.200"}],
                      "objects": [pod("web-1", "node1", "web"), pod("client", "node2", "client"),
-                                 service("web", "web")]}}
+                                 service("web", "web"), service("web-np", "web", type="NodePort", nodePort=30080)]}}
 
 
 @pytest.fixture(scope="module", params=["tunnel", "native"])
@@ -136,6 +140,56 @@ def test_nothing_is_left_after_a_killed_lab_up(tmp_path: Path) -> None:
         assert leftovers(name) == {"netns": [], "state": []}
     finally:
         lab("down", name, check=False)
+
+
+RST_CLIENT = """
+import socket, struct, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)
+s.sendall(b"GET /hostname HTTP/1.1\\r\\nHost: np\\r\\n\\r\\n")  # keep-alive: the server holds it open
+s.recv(1)
+print(s.getsockname()[1], flush=True)
+sys.stdin.readline()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+s.close()
+"""
+
+
+def ct_entries(lab_name: str, node: str, port: int) -> list[dict]:
+    rows = json.loads(lab("cilium", "--lab", lab_name, "--json", node, "bpf", "ct", "list", "global").stdout)
+    return [r for r in rows if f":{port} " in r["tuple"] + " " or r["snat"].endswith(f":{port}")]
+
+
+def test_nodeport_from_outside_reaches_a_backend_on_the_other_node(cil: dict) -> None:
+    """The external host has no socket LB: cil_from_netdev on node2's eth0 translates its connection to
+    web-1 on node1 (through cilium_vxlan or the native route), SNATed to node2, and the reply back."""
+    got = in_lab(cil["name"], "ext", "curl", "-s", "--max-time", "5", "http://192.168.1.11:30080/clientip")
+    assert got.split(":")[0] == "192.168.1.11", got  # externalTrafficPolicy Cluster: SNAT to the node
+    assert in_lab(cil["name"], "ext", "curl", "-s", "--max-time", "5", "http://192.168.1.11:30080/hostname") == "web-1"
+
+
+def test_nodeport_connections_are_tracked_and_removed_by_fin_timeout_and_rst(cil: dict) -> None:
+    """cilium_ct4_global: a connection from outside holds an OUT entry (client -> node port, with the
+    backend and the SNAT address) and an IN entry (the backend's replies); a FIN leaves both closing for
+    10 s at most; an RST removes both at once."""
+    port = int(in_lab(cil["name"], "ext", "curl", "-s", "--max-time", "5", "-w", "%{local_port}", "-o",
+                      "/dev/null", "http://192.168.1.11:30080/hostname"))
+    rows = ct_entries(cil["name"], "node2", port)
+    out = [r for r in rows if r["direction"] == "OUT"]
+    assert len(out) == 1 and out[0]["tuple"] == f"192.168.1.200:{port} -> 192.168.1.11:30080", rows
+    assert out[0]["snat"].startswith("192.168.1.11:") and out[0]["nat"].endswith(":8080")
+    assert [r["direction"] for r in rows].count("IN") == 1
+    assert all(r["closing"] and r["remaining"] <= 10 for r in rows), rows  # FIN: the close timeout
+    proc = subprocess.Popen([sys.executable, "-m", "lab.cli", "exec", "--lab", cil["name"], "ext", "--",
+                             sys.executable, "-c", RST_CLIENT, "192.168.1.11", "30080"], cwd=REPO,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        held = int(proc.stdout.readline())
+        rows = ct_entries(cil["name"], "node2", held)
+        assert len(rows) == 2 and not any(r["closing"] for r in rows) and all(r["remaining"] > 3600 for r in rows)
+        proc.communicate("\n", timeout=10)
+    finally:
+        proc.kill()
+    assert ct_entries(cil["name"], "node2", held) == []  # the RST removed both directions
 
 
 def test_lab_cilium_mirrors_the_debug_cli(cil: dict) -> None:
