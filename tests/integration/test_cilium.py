@@ -204,3 +204,23 @@ def test_lab_cilium_mirrors_the_debug_cli(cil: dict) -> None:
     assert "cilium_lb4_services_v2" in maps_out and "Num entries" in maps_out
     eps = json.loads(lab("cilium", "--lab", cil["name"], "--json", "node1", "endpoint", "list").stdout)
     assert [e["ipv4"] for e in eps] == [cil["ips"]["web-1"]]
+
+
+def test_lab_graph_draws_the_cilium_wiring_and_names_a_lost_tunnel_map_entry(cil: dict) -> None:
+    g = json.loads(lab("graph", cil["name"], "--json").stdout)
+    assert g["problems"] == [] and g["kube_proxy"].startswith("replaced by cilium")
+    node2 = next(n for n in g["nodes"] if n["name"] == "node2")
+    assert node2["cni0"]["name"] == "cilium_host" and all(p["veth"].startswith("lxc") for p in node2["pods"])
+    if cil["mode"] == "native":
+        assert node2["tunnel"] is None
+        return
+    assert "10.244.1.0/24 → 192.168.1.10" in node2["tunnel"]["detail"]
+    pinned = f"/sys/fs/bpf/kubenet-lab/{cil['name']}/node2/cilium_tunnel_map"
+    key = ["10", "244", "1", "0"] + ["0"] * 12 + ["1", "0", "0", "0"]
+    subprocess.run(["bpftool", "map", "delete", "pinned", pinned, "key", *key], check=True)
+    try:
+        problems = json.loads(lab("graph", cil["name"], "--json").stdout)["problems"]
+        assert problems == ["node2: cilium_vxlan: cilium_tunnel_map lacks 10.244.1.0 → 192.168.1.10"]
+    finally:
+        subprocess.run(["bpftool", "map", "update", "pinned", pinned, "key", *key, "value",
+                        "192", "168", "1", "10"] + ["0"] * 12 + ["1", "0", "0", "0"], check=True)
