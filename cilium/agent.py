@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cilium import build, libbpf, maps
+from cni.lxc import LXC_PREFIX
 from services.endpoints import RunningPod
 from services.kube_proxy import host_iptables_backend, iptables_restore, load
 from topo import names, netns
@@ -39,6 +40,7 @@ SOCK_PROGRAMS = (("cil_sock4_connect", libbpf.BPF_CGROUP_INET4_CONNECT),
                  ("cil_sock4_sendmsg", libbpf.BPF_CGROUP_UDP4_SENDMSG),
                  ("cil_sock4_recvmsg", libbpf.BPF_CGROUP_UDP4_RECVMSG),
                  ("cil_sock4_getpeername", libbpf.BPF_CGROUP_INET4_GETPEERNAME))
+FROM_CONTAINER = "cil_from_container"  # pinned program (bpf_host.c), attached to each lxc veth's ingress
 
 
 def lab_pins(lab: str) -> Path:
@@ -98,7 +100,41 @@ def setup_node(lab: Lab, node: str) -> None:
         libbpf.update(obj.map_fd(maps.CONFIG), maps.CONFIG_KEY.pack(0), maps.node_config(lab, node))
     if tunnel(lab):
         _setup_tunnel(lab, node, folder)
+    _setup_nodeport(lab, node, folder)
     _masquerade(lab, node)
+
+
+def _setup_nodeport(lab: Lab, node: str, folder: Path) -> None:
+    """NodePort from outside: cil_from_netdev on the underlay device's ingress; cil_from_container pinned
+    next to the maps for the pods' lxc veths (attached by `attach_endpoints`, one attach per device)."""
+    ns = lab.node_netns(node)
+    with netns.rtnl_in(ns) as rt:
+        link = rt.link(NODE_IFNAME)
+        if link is None:
+            raise ApplyError(f"{node} has no {NODE_IFNAME}")
+    with libbpf.BpfObject(str(build.object_path("bpf_host")), str(folder)) as obj:
+        obj.pin_program(FROM_CONTAINER, str(folder / FROM_CONTAINER))
+        with netns.entered(ns):
+            libbpf.attach_tc(obj.prog_fd("cil_from_netdev"), link.index, libbpf.BPF_TC_INGRESS)
+
+
+def attach_endpoints(lab: Lab, node: str) -> int:
+    """cil_from_container on every lxc veth of the node that does not have it yet (a pod made since the
+    last sync, or a sync a crash cut short): one in-process attach per new device. Returns how many."""
+    ns = lab.node_netns(node)
+    with netns.rtnl_in(ns) as rt:
+        devices = [l.index for l in rt.links() if l.name.startswith(LXC_PREFIX)]
+    missing = []
+    with netns.entered(ns):
+        missing = [i for i in devices if not libbpf.tc_attached(i, libbpf.BPF_TC_INGRESS)]
+        if missing:
+            fd = libbpf.obj_get(str(pins(lab.name, node) / FROM_CONTAINER))
+            try:
+                for index in missing:
+                    libbpf.attach_tc(fd, index, libbpf.BPF_TC_INGRESS)
+            finally:
+                os.close(fd)
+    return len(missing)
 
 
 def _setup_tunnel(lab: Lab, node: str, folder: Path) -> None:
@@ -206,11 +242,24 @@ def sync_node(lab: Lab, running: list[RunningPod], node: str) -> tuple[int, int,
     return len(entries), len(want[maps.BACKENDS]), written, deleted
 
 
+def collect_ct(lab: str, node: str) -> int:
+    """Cilium's CT garbage collection: remove the connections past their lifetime (bpf_ktime_get_ns and
+    time.monotonic read the same clock), in one batch. Returns how many."""
+    with _pinned(lab, node, maps.CT) as fds:
+        now = time.monotonic()
+        dead = [k for k, v in _read(fds[maps.CT], maps.CT).items() if maps.CT_VALUE.unpack(v)[0] < now]
+        if dead:
+            libbpf.delete_batch(fds[maps.CT], b"".join(dead), len(dead))
+    return len(dead)
+
+
 def sync(lab: Lab, running: list[RunningPod]) -> SyncReport:
     """Every node's service maps for the lab's current services and ready pods."""
     started = time.monotonic()
     frontends = backends = written = deleted = 0
     for node in lab.nodes:
+        attach_endpoints(lab, node.name)
+        collect_ct(lab.name, node.name)
         f, b, w, d = sync_node(lab, running, node.name)
         frontends, backends, written, deleted = f, max(backends, b), written + w, deleted + d
     return SyncReport(len(lab.nodes), frontends, backends, written, deleted, time.monotonic() - started)

@@ -14,7 +14,7 @@ from topo.errors import ApplyError, FeatureMissing
 
 SOURCES = Path(__file__).resolve().parent / "bpf"
 CACHE = Path(os.environ.get("KUBENET_LAB_BPF_CACHE", "/var/cache/kubenet-lab/bpf"))
-PROGRAMS = ("bpf_sock", "bpf_overlay")
+PROGRAMS = ("bpf_sock", "bpf_overlay", "bpf_host")
 # Debian puts asm/types.h under the multiarch folder, where clang -target bpf does not look by itself.
 CFLAGS = ["-O2", "-g", "-target", "bpf", "-Wall", "-Werror", "-I/usr/include/x86_64-linux-gnu"]
 

@@ -8,6 +8,7 @@ complaint).
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno
@@ -82,6 +83,8 @@ def lib() -> ctypes.CDLL:
             ("bpf_prog_attach", i, [i, i, i, u32]), ("bpf_prog_detach2", i, [i, i, i]),
             ("bpf_tc_hook_create", i, [ctypes.POINTER(_TcHook)]),
             ("bpf_tc_attach", i, [ctypes.POINTER(_TcHook), ctypes.POINTER(_TcOpts)]),
+            ("bpf_tc_query", i, [ctypes.POINTER(_TcHook), ctypes.POINTER(_TcOpts)]),
+            ("bpf_program__pin", i, [vp, ctypes.c_char_p]),
             ("bpf_obj_get", i, [ctypes.c_char_p]),
             ("bpf_map_update_batch", i, [i, vp, vp, ctypes.POINTER(u32), ctypes.POINTER(_BatchOpts)]),
             ("bpf_map_delete_batch", i, [i, vp, ctypes.POINTER(u32), ctypes.POINTER(_BatchOpts)]),
@@ -126,6 +129,17 @@ class BpfObject:
             raise ApplyError(f"BPF object has no program {name}")
         return lib().bpf_program__fd(prog)
 
+    def pin_program(self, name: str, path: str) -> None:
+        """Pin a program (replacing an older pin of the same name), so later commands attach it by path."""
+        prog = lib().bpf_object__find_program_by_name(self._obj, name.encode())
+        if not prog:
+            raise ApplyError(f"BPF object has no program {name}")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        rc = lib().bpf_program__pin(prog, path.encode())
+        if rc:
+            raise _fail(f"cannot pin {name} at {path}", rc)
+
     def map_fd(self, name: str) -> int:
         found = lib().bpf_object__find_map_by_name(self._obj, name.encode())
         if not found:
@@ -167,6 +181,13 @@ def attach_tc(prog_fd: int, ifindex: int, point: int) -> None:
     rc = lib().bpf_tc_attach(ctypes.byref(hook), ctypes.byref(opts))
     if rc:
         raise _fail(f"cannot attach a tc program to ifindex {ifindex}", rc)
+
+
+def tc_attached(ifindex: int, point: int) -> int:
+    """The id of the program attached direct-action at this hook (handle 1, priority 1), 0 when none."""
+    hook = _TcHook(sz=ctypes.sizeof(_TcHook), ifindex=ifindex, attach_point=point)
+    opts = _TcOpts(sz=ctypes.sizeof(_TcOpts), handle=1, priority=1)
+    return opts.prog_id if lib().bpf_tc_query(ctypes.byref(hook), ctypes.byref(opts)) == 0 else 0
 
 
 def obj_get(path: str) -> int:

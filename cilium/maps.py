@@ -42,6 +42,7 @@ REVERSE_SK_KEY = struct.Struct("=Q4s2s2x")
 REVERSE_SK_VALUE = struct.Struct("=4s2sH")
 CT_KEY = struct.Struct("=4s4s2s2sBB2x")
 CT_VALUE = struct.Struct("=Q4s2sH4s2sBxQQ")
+TUPLE_F_OUT, TUPLE_F_IN = 0, 1  # a CT entry's direction: as the client sent it / as the backend replies
 SIZES = {SERVICES: (LB4_KEY.size, LB4_SERVICE.size), BACKENDS: (BACKEND_KEY.size, LB4_BACKEND.size),
          REVNAT: (REV_NAT_KEY.size, REV_NAT.size), TUNNEL: (TUNNEL_KEY.size, TUNNEL_VALUE.size),
          REVERSE_SK: (REVERSE_SK_KEY.size, REVERSE_SK_VALUE.size), AFFINITY: (16, 16),

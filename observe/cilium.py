@@ -7,6 +7,7 @@ never from the lab's own records, except the endpoints' labels, which Cilium als
 from __future__ import annotations
 
 import os
+import time
 from collections import defaultdict
 from ipaddress import IPv4Address
 from typing import Any
@@ -89,14 +90,22 @@ def tunnel_list(lab: str, node: str) -> list[dict[str, str]]:
 
 
 def ct_list(lab: str, node: str) -> list[dict[str, Any]]:
+    """cilium_ct4_global: the NodePort program's connections, one entry per direction (OUT: as the client
+    sent it, with the backend it goes to and the SNAT address; IN: as the backend replies, with the
+    frontend and client restored). `expires` is in the kernel's monotonic seconds, as Cilium prints it."""
     out = []
+    now = int(time.monotonic())
     for key, value in _dump(lab, node, maps.CT).items():
-        daddr, saddr, dport, sport, proto, _flags = maps.CT_KEY.unpack(key)
-        lifetime, _na, _np, rev, _sa, _sp, closing, packets, nbytes = maps.CT_VALUE.unpack(value)
+        daddr, saddr, dport, sport, proto, flags = maps.CT_KEY.unpack(key)
+        lifetime, na, np_, rev, sa, sp, closing, packets, nbytes = maps.CT_VALUE.unpack(value)
+        nat = f"{IPv4Address(na)}:{maps.port_of(np_)}"
+        snat = f"{IPv4Address(sa)}:{maps.port_of(sp)}" if sa != bytes(4) else ""
         out.append({"proto": maps.PROTOCOL_NAMES.get(proto, str(proto)),
+                    "direction": "IN" if flags == maps.TUPLE_F_IN else "OUT",
                     "tuple": f"{IPv4Address(saddr)}:{maps.port_of(sport)} -> {IPv4Address(daddr)}:{maps.port_of(dport)}",
-                    "expires": lifetime, "packets": packets, "bytes": nbytes, "revnat": rev, "closing": bool(closing)})
-    return out
+                    "nat": nat, "snat": snat, "expires": lifetime, "remaining": lifetime - now,
+                    "packets": packets, "bytes": nbytes, "revnat": rev, "closing": bool(closing)})
+    return sorted(out, key=lambda r: (r["direction"] == "IN", r["tuple"]))
 
 
 def endpoint_list(lab_name: str, node: str) -> list[dict[str, Any]]:
@@ -157,8 +166,11 @@ def render(command: str, rows: list[dict[str, Any]]) -> str:
     if command == "bpf tunnel list":
         return _table([["TUNNEL", "VALUE"]] + [[r["tunnel"], r["value"]] for r in rows])
     if command == "bpf ct list global":
-        return "\n".join(f"{r['proto']} OUT {r['tuple']} expires={r['expires']} RxPackets={r['packets']} "
-                         f"RxBytes={r['bytes']} RevNAT={r['revnat']}" for r in rows) or "(no entries)"
+        return "\n".join(f"{r['proto']} {r['direction']} {r['tuple']} expires={r['expires']} "
+                         f"({r['remaining']}s) Packets={r['packets']} Bytes={r['bytes']} RevNAT={r['revnat']} "
+                         + (f"BackendAddr={r['nat']}" + (f" SNAT={r['snat']}" if r["snat"] else "")
+                            if r["direction"] == "OUT" else f"Frontend={r['nat']} Client={r['snat']}")
+                         + (" closing" if r["closing"] else "") for r in rows) or "(no entries)"
     if command == "endpoint list":
         return _table([["ENDPOINT", "POLICY (ingress) ENFORCEMENT", "POLICY (egress) ENFORCEMENT", "IDENTITY",
                         "LABELS (source:key[=value])", "IPv6", "IPv4", "STATUS"]] +

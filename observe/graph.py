@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
+from observe import graph_cilium
 from observe.kernel import NsView, Observation
 from routing import bgp, host_gw, ipip, vxlan
 from services.endpoints import RunningPod, ServicePortEndpoints
@@ -215,10 +216,13 @@ def _expected_routes(lab: Lab) -> dict[str, Expected]:
     return out
 
 
-def _route_lines(lab: Lab, node_name: str, view: NsView | None, expected: Expected) -> list[RouteLine]:
+def _route_lines(lab: Lab, node_name: str, view: NsView | None, expected: Expected,
+                 running: list[RunningPod]) -> list[RouteLine]:
     node = lab.node(node_name)
+    if lab.cni.profile == "cilium":  # no PodCIDR route: a /32 per local pod, remote PodCIDRs by routingMode
+        return _check_routes(lab, view, [], set(), [(d, v, dev, None) for d, v, dev in
+                                                    graph_cilium.expected_routes(lab, node_name, running)])
     own = RouteLine(str(node.pod_cidr), f"{node.pod_cidr} dev {BRIDGE}", "", own=True)
-    lines = [own]
     observed = view.route_to(node.pod_cidr) if view else None
     if observed is None:
         own.status, own.note = MISSING, "missing route"
@@ -226,7 +230,11 @@ def _route_lines(lab: Lab, node_name: str, view: NsView | None, expected: Expect
         own.observed = observed.text()
         if observed.dev != BRIDGE or observed.type != "unicast":
             own.status, own.note = WRONG, f"goes to {observed.dev or observed.type}, not {BRIDGE}"
-    expected_dsts = {node.pod_cidr}
+    return _check_routes(lab, view, [own], {node.pod_cidr}, expected)
+
+
+def _check_routes(lab: Lab, view: NsView | None, lines: list[RouteLine], expected_dsts: set[IPv4Network],
+                  expected: Expected) -> list[RouteLine]:
     for dst, via, dev, proto in expected:
         expected_dsts.add(dst)
         want = " ".join(x for x in (str(dst), f"via {via}" if via else "", f"dev {dev}" if dev else "",
@@ -298,7 +306,8 @@ def _pods(lab: Lab, node_name: str, view: NsView | None, running: list[RunningPo
         pod = rp.pod
         if pod.node != node_name:
             continue
-        veth = names.host_veth(names.sandbox_id(lab.name, pod.namespace, pod.name))
+        cilium = lab.cni.profile == "cilium"
+        veth = names.host_veth(names.sandbox_id(lab.name, pod.namespace, pod.name), prefix="lxc" if cilium else "veth")
         box = PodBox(pod.name, pod.namespace, str(rp.ip), veth,
                      role="dns" if (pod.namespace, pod.name) == DNS_KEY else "")
         pod_view = obs.namespaces.get(lab.pod_netns(pod))
@@ -308,6 +317,8 @@ def _pods(lab: Lab, node_name: str, view: NsView | None, running: list[RunningPo
             box.status, box.note = MISSING, "namespace gone"
         elif not pod_view.has_addr(POD_IFNAME, rp.ip):
             box.status, box.note = WRONG, f"{POD_IFNAME} lacks {rp.ip}"
+        elif cilium:
+            box.status, box.note = graph_cilium.pod_state(view, veth)
         else:
             state, note = _link_state(view, veth)
             link = view.links.get(veth) if view else None
@@ -340,6 +351,7 @@ def _sessions(lab: Lab, obs: Observation) -> list[Session]:
 
 def _services(lab: Lab, sps: list[ServicePortEndpoints], obs: Observation) -> list[ServiceBox]:
     out = []
+    rules = "service map entries" if lab.cni.profile == "cilium" else "rules"
     for sp in sps:
         svc = sp.service
         box = ServiceBox(svc.name, svc.namespace, str(svc.cluster_ip), sp.port.port, sp.port.protocol,
@@ -352,7 +364,7 @@ def _services(lab: Lab, sps: list[ServicePortEndpoints], obs: Observation) -> li
             line = EndpointLine(str(ep), ep.pod, ep.node)
             lacking = [n for n, targets in programmed.items() if targets is None or str(ep) not in targets]
             if lacking and not nowhere:
-                line.status, line.note = MISSING, f"not in the rules of {', '.join(lacking)}"
+                line.status, line.note = MISSING, f"not in the {rules} of {', '.join(lacking)}"
             box.endpoints.append(line)
         for extra in sorted({t for targets in programmed.values() if targets for t in targets} -
                             {str(e) for e in sp.endpoints}):
@@ -360,10 +372,10 @@ def _services(lab: Lab, sps: list[ServicePortEndpoints], obs: Observation) -> li
         if not sp.endpoints:
             box.status, box.note = DOWN, "no endpoints (connections are rejected)"
         elif nowhere:
-            box.status, box.note = MISSING, "no node has rules for it"
+            box.status, box.note = MISSING, f"no node has {rules} for it"
         elif any(v is None for v in programmed.values()):
             box.status = MISSING
-            box.note = f"no rules on {', '.join(n for n, v in programmed.items() if v is None)}"
+            box.note = f"no {rules} on {', '.join(n for n, v in programmed.items() if v is None)}"
         out.append(box)
     return out
 
@@ -372,7 +384,9 @@ def build(lab: Lab, running: list[RunningPod], sps: list[ServicePortEndpoints], 
     """Compare the lab as specified (and as its pods run) with what the kernel holds."""
     up = underlay.plan(lab)
     expected = _expected_routes(lab)
-    graph = Graph(lab.name, lab.network.backend, lab.kube_proxy.mode, str(lab.cluster.pod_cidr),
+    cilium = lab.cni.profile == "cilium"
+    proxy = "replaced by cilium (eBPF service maps)" if cilium else lab.kube_proxy.mode
+    graph = Graph(lab.name, lab.network.backend, proxy, str(lab.cluster.pod_cidr),
                   str(lab.cluster.service_cidr),
                   str(lab.underlay.subnet) if lab.underlay.subnet else ", ".join(str(r.subnet) for r in lab.underlay.racks),
                   lab.network.ipip_mode if lab.network.backend == "ipip" else "")
@@ -382,13 +396,19 @@ def build(lab: Lab, running: list[RunningPod], sps: list[ServicePortEndpoints], 
         eth0.status, eth0.note = _link_state(view, NODE_IFNAME)
         if eth0.status == OK and view is not None and not view.has_addr(NODE_IFNAME, node.ip):
             eth0.status, eth0.note = WRONG, f"lacks {node.ip}"
-        cni0 = Device(BRIDGE, str(node.gateway))
-        cni0.status, cni0.note = _link_state(view, BRIDGE, need_carrier=bool(lab.pods_on(node.name)))
-        if cni0.status == OK and view is not None and not view.has_addr(BRIDGE, node.gateway.ip):
-            cni0.status, cni0.note = WRONG, f"lacks {node.gateway}"
-        box = NodeBox(node.name, str(node.ip), str(node.pod_cidr), node.rack, eth0, cni0,
-                      _tunnel(lab, node.name, view), _pods(lab, node.name, view, running, obs),
-                      _route_lines(lab, node.name, view, expected[node.name]))
+        if cilium:  # cilium_host in cni0's place, cilium_vxlan with its tunnel map in flannel.1's
+            name, address, detail, status, note = graph_cilium.host_device(lab, node.name, view)
+            cni0 = Device(name, address, status, note, detail)
+            row = graph_cilium.tunnel_device(lab, node.name, view, obs)
+            tunnel = Device(row[0], row[1], row[3], row[4], row[2]) if row else None
+        else:
+            cni0 = Device(BRIDGE, str(node.gateway))
+            cni0.status, cni0.note = _link_state(view, BRIDGE, need_carrier=bool(lab.pods_on(node.name)))
+            if cni0.status == OK and view is not None and not view.has_addr(BRIDGE, node.gateway.ip):
+                cni0.status, cni0.note = WRONG, f"lacks {node.gateway}"
+            tunnel = _tunnel(lab, node.name, view)
+        box = NodeBox(node.name, str(node.ip), str(node.pod_cidr), node.rack, eth0, cni0, tunnel,
+                      _pods(lab, node.name, view, running, obs), _route_lines(lab, node.name, view, expected[node.name], running))
         if view is None:
             box.status, box.note = MISSING, "namespace gone"
         graph.nodes.append(box)
@@ -497,4 +517,6 @@ def graph_of(name: str | None) -> Graph:
     running = running_pods(st, lab)
     sps = endpoints.resolve(lab.services, running)
     obs = observe(lab, [ps.netns for ps in st.pods.values()], lambda s: frr_folder(state.lab_dir(st.name), s))
+    if lab.cni.profile == "cilium":
+        graph_cilium.fill(lab, obs)  # the service and tunnel maps, in place of kube-proxy's rules
     return build(lab, running, sps, obs)

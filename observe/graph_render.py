@@ -83,7 +83,7 @@ def to_text(graph: Graph, color: bool = False) -> str:
 
 
 def _node_rows(node: NodeBox, mark, note) -> list[str]:
-    rows = [f"├─ {mark(node.cni0.status)} {node.cni0.name} bridge  {node.cni0.address}{note(node.cni0.status, node.cni0.note)}"]
+    rows = [f"├─ {mark(node.cni0.status)} {node.cni0.name} {node.cni0.detail or 'bridge'}  {node.cni0.address}{note(node.cni0.status, node.cni0.note)}"]
     for i, pod in enumerate(node.pods):
         branch = "└─" if i == len(node.pods) - 1 else "├─"
         role = "  [cluster DNS]" if pod.role == "dns" else ""
@@ -223,7 +223,7 @@ def to_dot(graph: Graph) -> str:
                         attrs = _style(pod.status, PALETTE["pod_fill"], PALETTE["pod_line"])
                     row.node(pid, _label(title, *rows, status=pod.status, note=pod.note), **attrs)
             column = f"stack_{_id(node.name)}"  # bridge, tunnel and NIC in one straight column
-            c.node(bridge, _label(f"{node.cni0.name} bridge", node.cni0.address, status=node.cni0.status,
+            c.node(bridge, _label(f"{node.cni0.name} {node.cni0.detail or 'bridge'}", node.cni0.address, status=node.cni0.status,
                                   note=node.cni0.note),
                    **_style(node.cni0.status, PALETTE["bridge_fill"], PALETTE["bridge_line"]), width="2.2",
                    group=column)

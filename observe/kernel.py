@@ -572,6 +572,7 @@ class Observation:
     namespaces: dict[str, NsView | None] = field(default_factory=dict)  # netns name -> view (None: gone)
     bgp: dict[str, dict[str, str]] = field(default_factory=dict)  # speaker -> peer name -> BGP state
     services: dict[str, dict[ServiceKey, list[str]]] = field(default_factory=dict)  # node -> programmed
+    tunnels: dict[str, dict[str, str]] = field(default_factory=dict)  # cilium: node -> PodCIDR -> node IP
 
 
 def observe(lab: Any, pod_namespaces: list[str], frr_folder: Any) -> Observation:

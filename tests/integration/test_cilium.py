@@ -28,17 +28,21 @@ def pod(name: str, node: str, app: str) -> dict:
             "spec": {"nodeName": node, "containers": AGNHOST}}
 
 
-def service(name: str, app: str) -> dict:
+def service(name: str, app: str, **spec: object) -> dict:
+    port = {"name": "http", "port": 80, "targetPort": 8080}
+    if "nodePort" in spec:
+        port["nodePort"] = spec.pop("nodePort")
     return {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name},
-            "spec": {"selector": {"app": app}, "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}}
+            "spec": {"selector": {"app": app}, "ports": [port], **spec}}
 
 
 def cilium_lab(name: str, mode: str) -> dict:
     return {"apiVersion": "kubenet-lab/v1alpha1", "kind": "Lab", "metadata": {"name": name},
             "spec": {"cni": {"profile": "cilium", "routingMode": mode},
                      "nodes": [{"name": "node1", "ip": "192.168.1.10"}, {"name": "node2", "ip": "192.168.1.11"}],
+                     "external": [{"name": "ext", "ip": "192.168.1.200"}],
                      "objects": [pod("web-1", "node1", "web"), pod("client", "node2", "client"),
-                                 service("web", "web")]}}
+                                 service("web", "web"), service("web-np", "web", type="NodePort", nodePort=30080)]}}
 
 
 @pytest.fixture(scope="module", params=["tunnel", "native"])
@@ -138,6 +142,56 @@ def test_nothing_is_left_after_a_killed_lab_up(tmp_path: Path) -> None:
         lab("down", name, check=False)
 
 
+RST_CLIENT = """
+import socket, struct, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)
+s.sendall(b"GET /hostname HTTP/1.1\\r\\nHost: np\\r\\n\\r\\n")  # keep-alive: the server holds it open
+s.recv(1)
+print(s.getsockname()[1], flush=True)
+sys.stdin.readline()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+s.close()
+"""
+
+
+def ct_entries(lab_name: str, node: str, port: int) -> list[dict]:
+    rows = json.loads(lab("cilium", "--lab", lab_name, "--json", node, "bpf", "ct", "list", "global").stdout)
+    return [r for r in rows if f":{port} " in r["tuple"] + " " or r["snat"].endswith(f":{port}")]
+
+
+def test_nodeport_from_outside_reaches_a_backend_on_the_other_node(cil: dict) -> None:
+    """The external host has no socket LB: cil_from_netdev on node2's eth0 translates its connection to
+    web-1 on node1 (through cilium_vxlan or the native route), SNATed to node2, and the reply back."""
+    got = in_lab(cil["name"], "ext", "curl", "-s", "--max-time", "5", "http://192.168.1.11:30080/clientip")
+    assert got.split(":")[0] == "192.168.1.11", got  # externalTrafficPolicy Cluster: SNAT to the node
+    assert in_lab(cil["name"], "ext", "curl", "-s", "--max-time", "5", "http://192.168.1.11:30080/hostname") == "web-1"
+
+
+def test_nodeport_connections_are_tracked_and_removed_by_fin_timeout_and_rst(cil: dict) -> None:
+    """cilium_ct4_global: a connection from outside holds an OUT entry (client -> node port, with the
+    backend and the SNAT address) and an IN entry (the backend's replies); a FIN leaves both closing for
+    10 s at most; an RST removes both at once."""
+    port = int(in_lab(cil["name"], "ext", "curl", "-s", "--max-time", "5", "-w", "%{local_port}", "-o",
+                      "/dev/null", "http://192.168.1.11:30080/hostname"))
+    rows = ct_entries(cil["name"], "node2", port)
+    out = [r for r in rows if r["direction"] == "OUT"]
+    assert len(out) == 1 and out[0]["tuple"] == f"192.168.1.200:{port} -> 192.168.1.11:30080", rows
+    assert out[0]["snat"].startswith("192.168.1.11:") and out[0]["nat"].endswith(":8080")
+    assert [r["direction"] for r in rows].count("IN") == 1
+    assert all(r["closing"] and r["remaining"] <= 10 for r in rows), rows  # FIN: the close timeout
+    proc = subprocess.Popen([sys.executable, "-m", "lab.cli", "exec", "--lab", cil["name"], "ext", "--",
+                             sys.executable, "-c", RST_CLIENT, "192.168.1.11", "30080"], cwd=REPO,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        held = int(proc.stdout.readline())
+        rows = ct_entries(cil["name"], "node2", held)
+        assert len(rows) == 2 and not any(r["closing"] for r in rows) and all(r["remaining"] > 3600 for r in rows)
+        proc.communicate("\n", timeout=10)
+    finally:
+        proc.kill()
+    assert ct_entries(cil["name"], "node2", held) == []  # the RST removed both directions
+
+
 def test_lab_cilium_mirrors_the_debug_cli(cil: dict) -> None:
     out = lab("cilium", "--lab", cil["name"], "node2", "service", "list").stdout
     assert out.splitlines()[0].split() == ["ID", "Frontend", "Service", "Type", "Backend"]
@@ -150,3 +204,23 @@ def test_lab_cilium_mirrors_the_debug_cli(cil: dict) -> None:
     assert "cilium_lb4_services_v2" in maps_out and "Num entries" in maps_out
     eps = json.loads(lab("cilium", "--lab", cil["name"], "--json", "node1", "endpoint", "list").stdout)
     assert [e["ipv4"] for e in eps] == [cil["ips"]["web-1"]]
+
+
+def test_lab_graph_draws_the_cilium_wiring_and_names_a_lost_tunnel_map_entry(cil: dict) -> None:
+    g = json.loads(lab("graph", cil["name"], "--json").stdout)
+    assert g["problems"] == [] and g["kube_proxy"].startswith("replaced by cilium")
+    node2 = next(n for n in g["nodes"] if n["name"] == "node2")
+    assert node2["cni0"]["name"] == "cilium_host" and all(p["veth"].startswith("lxc") for p in node2["pods"])
+    if cil["mode"] == "native":
+        assert node2["tunnel"] is None
+        return
+    assert "10.244.1.0/24 → 192.168.1.10" in node2["tunnel"]["detail"]
+    pinned = f"/sys/fs/bpf/kubenet-lab/{cil['name']}/node2/cilium_tunnel_map"
+    key = ["10", "244", "1", "0"] + ["0"] * 12 + ["1", "0", "0", "0"]
+    subprocess.run(["bpftool", "map", "delete", "pinned", pinned, "key", *key], check=True)
+    try:
+        problems = json.loads(lab("graph", cil["name"], "--json").stdout)["problems"]
+        assert problems == ["node2: cilium_vxlan: cilium_tunnel_map lacks 10.244.1.0 → 192.168.1.10"]
+    finally:
+        subprocess.run(["bpftool", "map", "update", "pinned", pinned, "key", *key, "value",
+                        "192", "168", "1", "10"] + ["0"] * 12 + ["1", "0", "0", "0"], check=True)

@@ -109,21 +109,13 @@ def test_client_ip_affinity_pins_a_client_to_one_endpoint(svc_lab: dict) -> None
     assert len(set(got)) == 1, collections.Counter(got)
 
 
-def no_external_nodeport(svc_lab: dict) -> None:
-    if svc_lab["mode"] == "cilium":
-        pytest.skip("cilium profile: NodePort from outside the cluster (the tc program on the underlay "
-                    "interface) is not built yet (docs/cilium.md)")
-
-
 def test_nodeport_cluster_policy_answers_on_every_node_and_snats(svc_lab: dict) -> None:
-    no_external_nodeport(svc_lab)
     for node_ip in ("192.168.1.10", "192.168.1.11"):
         seen = in_lab(svc_lab["name"], "web", "curl", "-s", "--max-time", "5", f"http://{node_ip}:30080/clientip")
         assert seen.split(":")[0] in ("192.168.1.10", "192.168.1.11", "10.244.1.1", "10.244.2.1"), seen
 
 
 def test_nodeport_local_policy_keeps_the_client_ip_and_needs_a_local_endpoint(svc_lab: dict) -> None:
-    no_external_nodeport(svc_lab)
     seen = in_lab(svc_lab["name"], "web", "curl", "-s", "--max-time", "5", "http://192.168.1.11:30081/clientip")
     assert seen.split(":")[0] == "192.168.1.200"  # the external host itself: no SNAT
     proc = lab("exec", "--lab", svc_lab["name"], "web", "--", "curl", "-s", "--max-time", "3",
