@@ -8,6 +8,7 @@ it was last seen, and a NetworkPolicy drop only in a chain of one of the probe's
 from __future__ import annotations
 
 from cni import network_policy
+from observe import ipvs
 from observe import kernel as observed
 from observe.kernel import Rule
 from observe.places import Lookup, Place
@@ -93,7 +94,7 @@ def dnat_chain(ns: str, mode: str, hit: list[Rule], before_dst: tuple, after_dst
     if mode == "ipvs":
         # IPVS translates in its own hook (LOCAL_IN: kube-ipvs0 makes the ClusterIP local), not by a rule.
         ip, proto, port = before_dst
-        for vs in observed.ipvs_servers(ns):
+        for vs in ipvs.ipvs_servers(ns):
             if vs.key == (ip, proto, port):
                 fwd = next((f for real, f in vs.reals if real == after_dst), None)
                 what = f"real server {after_dst} ({fwd})" if fwd else f"{after_dst}, not one of its real servers"

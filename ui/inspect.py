@@ -12,7 +12,7 @@ from typing import Any
 from apiserver import state
 from apiserver.desired import current_lab
 from kubelet.pods import running_pods
-from observe import kernel
+from observe import ipvs, kernel
 from observe.kernel import NsView, Rule
 from routing import ipip, vxlan
 from services import endpoints
@@ -146,7 +146,7 @@ def service_rules(ns: str, mode: str, cluster_ip: str, protocol: str, port: int)
         return {"mode": mode, "element": f"{key} : {verdict}" if verdict else "",
                 "map": [f"{k} : {v}" for k, v in elements.items()], "rules": [_rule(r) for r in chosen]}
     if mode == "ipvs":
-        servers = [vs for vs in kernel.ipvs_servers(ns) if (vs.ip, vs.protocol, vs.port) == (cluster_ip, proto, port)]
+        servers = [vs for vs in ipvs.ipvs_servers(ns) if (vs.ip, vs.protocol, vs.port) == (cluster_ip, proto, port)]
         return {"mode": mode, "rules": [], "map": [],
                 "virtual": [{"server": f"{vs.protocol.upper()} {vs.ip}:{vs.port} {vs.scheduler}",
                              "reals": [f"-> {real} {fwd}" for real, fwd in vs.reals]} for vs in servers]}

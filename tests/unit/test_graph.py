@@ -337,7 +337,7 @@ def test_ipip_cross_subnet_encapsulates_only_between_racks(tmp_path: Path) -> No
 def test_ipvs_mode_services_are_read_from_the_ipvs_table(tmp_path: Path) -> None:
     """kube-proxy's IPVS mode: the graph compares the spec with the node's virtual servers (as
     observe.kernel reads them from /proc/net/ip_vs), not with iptables rules it does not have."""
-    from observe import kernel as observe
+    from observe import ipvs
 
     lab, running = model(seed_text(proxy="ipvs"), tmp_path)
     obs = healthy(lab, running)
@@ -348,7 +348,7 @@ def test_ipvs_mode_services_are_read_from_the_ipvs_table(tmp_path: Path) -> None
         ip = f"{int(sp.service.cluster_ip):08X}"
         lines.append(f"{sp.protocol.upper()}  {ip}:{sp.port.port:04X} rr ")
         lines += [f"  -> {int(e.ip):08X}:{e.port:04X}      Masq    1      0          0         " for e in sp.endpoints]
-    table = observe.ipvs_services(observe.parse_ip_vs("\n".join(lines) + "\n"))
+    table = ipvs.ipvs_services(ipvs.parse_ip_vs("\n".join(lines) + "\n"))
     obs.services = {n.name: table for n in lab.nodes}
     g = draw(lab, running, obs)
     assert g.kube_proxy == "ipvs" and g.problems == []

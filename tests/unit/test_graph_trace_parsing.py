@@ -8,6 +8,7 @@ from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
 from observe import capture, hops, netfilter, packets
+from observe import ipvs
 from observe import kernel as observe
 from observe.capture import Probe, Sighting
 from observe.places import Place
@@ -431,15 +432,15 @@ TCP  192.168.1.11:30080 rr
 
 
 def test_the_ipvs_table_is_read_from_proc_and_from_ipvsadm() -> None:
-    proc = observe.parse_ip_vs(PROC_IP_VS)
+    proc = ipvs.parse_ip_vs(PROC_IP_VS)
     assert [(v.protocol, v.ip, v.port, v.scheduler) for v in proc] == [
         ("tcp", "10.96.0.100", 80, "rr"), ("udp", "10.96.0.10", 53, "rr"), ("tcp", "192.168.1.11", 30080, "rr")]
     assert proc[0].reals == (("10.244.2.2:8080", "Masq"), ("10.244.1.2:8080", "Masq"))
     assert proc[2].reals == ()  # a NodePort without endpoints; the firewall-mark service is left out
-    assert observe.ipvs_services(proc) == {("10.96.0.100", "tcp", 80): ["10.244.2.2:8080", "10.244.1.2:8080"],
+    assert ipvs.ipvs_services(proc) == {("10.96.0.100", "tcp", 80): ["10.244.2.2:8080", "10.244.1.2:8080"],
                                            ("10.96.0.10", "udp", 53): ["10.244.2.3:53"],
                                            ("192.168.1.11", "tcp", 30080): []}
-    shown = observe.ipvs_services(observe.parse_ip_vs(IPVSADM_LN))
+    shown = ipvs.ipvs_services(ipvs.parse_ip_vs(IPVSADM_LN))
     assert shown[("10.96.0.100", "tcp", 80)] == ["10.244.1.2:8080", "10.244.2.2:8080"]
-    assert set(shown) == set(observe.ipvs_services(proc))
-    assert observe.parse_ip_vs("") == []
+    assert set(shown) == set(ipvs.ipvs_services(proc))
+    assert ipvs.parse_ip_vs("") == []
