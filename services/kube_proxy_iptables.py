@@ -421,52 +421,25 @@ def render_delta(old: str, new: str) -> str | None:
         if any(was.get(chain) != chains_now.get(chain) for chain in fixed) or any(
                 chain not in chains_now for chain in fixed if chain in was):
             return None
-        changed = [c for c, rules in chains_now.items() if c not in fixed and was.get(c) != rules]
+        changed = [c for c, rules in chains_now.items()
+                   if c not in fixed and (was.get(c) != rules or (table, c) in _EVERY_SYNC)]
         gone = [c for c in was if c not in chains_now and c not in fixed]
         if not changed and not gone:
             continue
-        edits: list[str] = []
-        rewrite = []
-        for chain in changed:
-            patch = _patch(table, chain, was.get(chain), chains_now[chain])
-            if patch is None:
-                rewrite.append(chain)
-            else:
-                edits += patch
         out.append(f"*{table}")
-        out += [f":{chain} - [0:0]" for chain in (*rewrite, *gone)]
-        for chain in rewrite:
+        out += [f":{chain} - [0:0]" for chain in (*changed, *gone)]
+        for chain in changed:
             out += [f"-A {chain} {spec}" if spec else f"-A {chain}" for spec in chains_now[chain]]
-        out += edits
         out += [f"-X {chain}" for chain in gone]
         out.append("COMMIT")
     return "\n".join(out) + "\n" if out else ""
 
 
-# Chains holding one rule per service port, each matching its own (address or node port, protocol, port),
-# so their order does not matter (nat KUBE-SERVICES: except its last rule, the jump to KUBE-NODEPORTS).
-# kube-proxy rewrites these whole on every sync; at 10,000 services that is 10,000 rules of one chain, the
-# bulk of a "+1 service" load, so here a change to them is sent as rule edits instead.
-_ORDER_FREE = {("nat", KUBE_SERVICES): 1, ("nat", KUBE_NODEPORTS): 0, ("filter", KUBE_SERVICES): 0,
-               ("filter", KUBE_EXTERNAL_SERVICES): 0}  # -> how many rules at the end must stay in place
-
-
-def _patch(table: str, chain: str, old: list[str] | None, new: list[str]) -> list[str] | None:
-    """The `-D`/`-I` lines that turn `old` into `new` for an order-free chain (new rules go to the top,
-    which keeps the fixed last rules last), or None: rewrite the chain whole."""
-    tail = _ORDER_FREE.get((table, chain))
-    if tail is None or old is None or len(old) < tail or len(new) < tail:
-        return None
-    if tail and old[-tail:] != new[-tail:]:
-        return None
-    before, after = set(old[:len(old) - tail]), set(new[:len(new) - tail])
-    if len(before) != len(old) - tail or len(after) != len(new) - tail:
-        return None  # a repeated rule: edits by text would be ambiguous
-    removed = [spec for spec in old[:len(old) - tail] if spec not in after]
-    added = [spec for spec in new[:len(new) - tail] if spec not in before]
-    if len(removed) + len(added) > len(new) // 2 + 1:
-        return None  # most of the chain changed: a rewrite is shorter
-    return [f"-D {chain} {spec}" for spec in removed] + [f"-I {chain} 1 {spec}" for spec in reversed(added)]
+# The chains holding one rule per service port. kube-proxy's partial sync writes them whole on every
+# sync, changed or not (only unchanged services' own KUBE-SVC/KUBE-SEP chains are left out), so a rule of
+# theirs deleted by hand comes back with the next change of any Service (what exercise 13's solution uses).
+_EVERY_SYNC = {("nat", KUBE_SERVICES), ("nat", KUBE_NODEPORTS), ("filter", KUBE_SERVICES),
+               ("filter", KUBE_EXTERNAL_SERVICES)}
 
 
 def chains(text: str, table: str = "nat") -> dict[str, list[str]]:

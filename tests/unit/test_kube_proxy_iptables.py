@@ -364,8 +364,9 @@ def test_the_kernel_holds_exactly_the_rendered_rules(case: str) -> None:
 
 def test_partial_sync_writes_only_the_changed_chains() -> None:
     """kube-proxy's partial sync (Kubernetes 1.28+, issue 17): after one more service only its chains are
-    written (flushed and filled), KUBE-SERVICES gets one inserted rule instead of a rewrite, and a removed
-    service's chains are flushed and deleted; a change to a built-in chain needs a full restore."""
+    written (flushed and filled) besides the top-level chains, which kube-proxy writes whole on every sync
+    (KUBE-SERVICES, KUBE-NODEPORTS, KUBE-EXTERNAL-SERVICES); a removed service's chains are flushed and
+    deleted; a change to a built-in chain needs a full restore."""
     from bench.services import CLUSTER as C, NODE as N, service_ports
 
     sps = service_ports(50)
@@ -374,12 +375,28 @@ def test_partial_sync_writes_only_the_changed_chains() -> None:
     delta = kp.render_delta(before, after)
     assert delta is not None
     lines = delta.splitlines()
-    assert [line for line in lines if line.startswith("-I ")] == [
-        line.replace("-A KUBE-SERVICES ", "-I KUBE-SERVICES 1 ", 1) for line in after.splitlines()
-        if line.startswith("-A KUBE-SERVICES ") and "default/svc-50 " in line]
-    assert ":KUBE-SERVICES - [0:0]" not in lines and not any(line.startswith("-D ") for line in lines)
-    assert all("svc-50" in line for line in lines if line.startswith("-A "))
+    written = {line.split()[1] for line in lines if line.startswith("-A ")}
+    assert {c for c in written if not c.startswith(("KUBE-SVC-", "KUBE-SEP-"))} <= {
+        "KUBE-SERVICES", "KUBE-NODEPORTS", "KUBE-EXTERNAL-SERVICES"}
+    assert all("svc-50" in line for line in lines if line.startswith("-A KUBE-S") and "KUBE-SERVICES" not in line)
+    assert ":KUBE-SERVICES - [0:0]" in lines  # written whole: every service's rule, the new one included
+    assert sum(line.startswith("-A KUBE-SERVICES ") for line in lines) == sum(
+        line.startswith("-A KUBE-SERVICES ") for line in after.splitlines())
     back = kp.render_delta(after, before)
     assert back is not None and sum(line.startswith("-X ") for line in back.splitlines()) == 3  # SVC + 2 SEP
-    assert kp.render_delta(after, after) == ""
+    assert kp.render_delta(after, after) is not None  # the top-level chains are written on every sync
+
+
+def test_partial_sync_restores_a_service_rule_deleted_by_hand() -> None:
+    """A KUBE-SERVICES rule deleted by hand (`lab break rule-delete`) is back after the next sync, as with
+    kube-proxy, which writes KUBE-SERVICES whole every time: the delta holds that service's jump."""
+    from bench.services import CLUSTER as C, NODE as N, service_ports
+
+    sps = service_ports(3)
+    before, after = kp.render(N, sps, C), kp.render(N, sps + service_ports(4)[3:], C)
+    lost = next(line for line in before.splitlines() if line.startswith("-A KUBE-SERVICES ") and "svc-1 " in line)
+    delta = kp.render_delta(before, after)
+    assert lost in delta.splitlines()
+
+
     assert kp.render_delta(before, before.replace("-A PREROUTING ", "-A PREROUTING -i lo ", 1)) is None
