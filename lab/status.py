@@ -8,7 +8,7 @@ from apiserver.desired import current_lab, model_of
 from grading.faults import recorded
 from kubelet import runtime
 from kubelet.pods import running_pods
-from services import endpoints
+from services import endpoints, kube_proxy
 from topo import names
 
 
@@ -62,7 +62,7 @@ def describe(st: state.LabState, reveal: bool = False) -> dict[str, Any]:
               if reveal or f.seed is None else {"fault": None, "params": None, "detail": None, "seed": f.seed}
               for f in recorded(st.name)]
     return {"name": st.name, "phase": st.phase, "spec": st.spec_file, "exercise": st.exercise, "faults": faults,
-            "backend": lab.network.backend, "mtu": lab.network.mtu, "kubeProxy": "none (replaced by cilium)" if lab.cni.profile == "cilium" else lab.kube_proxy.mode,
+            "backend": lab.network.backend, "mtu": lab.network.mtu, "kubeProxy": kube_proxy.mode_label(lab),
             "cni": lab.cni.profile,
             "services": services, "external": [{"name": e.name, "ip": str(e.ip)} for e in lab.external],
             "underlay": str(lab.underlay.subnet), "podCIDR": str(lab.cluster.pod_cidr),

@@ -20,6 +20,7 @@ from typing import Any
 from observe import graph_cilium
 from observe.kernel import NsView, Observation
 from routing import bgp, host_gw, ipip, vxlan
+from services import kube_proxy
 from services.endpoints import RunningPod, ServicePortEndpoints
 from topo import names, underlay
 from topo.model import BRIDGE, NODE_IFNAME, POD_IFNAME, Lab
@@ -385,7 +386,7 @@ def build(lab: Lab, running: list[RunningPod], sps: list[ServicePortEndpoints], 
     up = underlay.plan(lab)
     expected = _expected_routes(lab)
     cilium = lab.cni.profile == "cilium"
-    proxy = "replaced by cilium (eBPF service maps)" if cilium else lab.kube_proxy.mode
+    proxy = kube_proxy.mode_label(lab)
     graph = Graph(lab.name, lab.network.backend, proxy, str(lab.cluster.pod_cidr),
                   str(lab.cluster.service_cidr),
                   str(lab.underlay.subnet) if lab.underlay.subnet else ", ".join(str(r.subnet) for r in lab.underlay.racks),

@@ -141,6 +141,7 @@ class TraceResult:
     dropped_by: str = ""
     seconds: float = 0.0
     watched: list[str] = field(default_factory=list)
+    kube_proxy: str = ""  # kube-proxy's mode and iptables backend, as `lab status` names them
     capture_lost: list[str] = field(default_factory=list)  # "node1: 3 frames dropped (...)": the path may lack hops
 
     def to_json(self) -> dict[str, Any]:
@@ -324,7 +325,8 @@ def _endpoint(ip: str, port: int | None) -> str:
 
 
 def render(result: TraceResult) -> str:
-    lines = [f"lab trace {result.lab}: {result.source} -> {result.destination}"]
+    lines = [f"lab trace {result.lab}: {result.source} -> {result.destination}"
+             + (f" (kube-proxy {result.kube_proxy})" if result.kube_proxy else "")]
     lines += _hop_lines(result.hops)
     if result.reply:
         lines.append("reply:")

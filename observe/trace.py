@@ -55,7 +55,7 @@ from observe.hops import Kernel, Tracer, TraceResult, classify, origin, walk
 from observe.netfilter import counters_in, moved_rules
 from observe.places import Lookup, places_to_watch
 from observe.verdict import verdict
-from services import endpoints
+from services import endpoints, kube_proxy
 from topo.errors import StateError
 
 MAX_TIMEOUT = 4.0
@@ -102,7 +102,8 @@ def run(lab_name: str | None, source_text: str, target_text: str, protocol: str 
     port = f":{target.port}" if target.port else ""
     dest = f"{target.name} ({target.ip}{port}/{target.protocol})" if target.name != str(target.ip) else \
         f"{target.ip}{port}/{target.protocol}"
-    result = TraceResult(st.name, source.name, dest, target.protocol, target.port)
+    result = TraceResult(st.name, source.name, dest, target.protocol, target.port,
+                         kube_proxy=kube_proxy.mode_label(lab))
     result.hops = tracer.hops(forward, reply=False)
     result.reply = tracer.hops(reply, reply=True)
     result.watched = sorted(p.name for p in watch)

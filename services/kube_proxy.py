@@ -61,6 +61,16 @@ def iptables_backend(proxy: KubeProxy) -> str:
     return host_iptables_backend() if proxy.iptables == "auto" else proxy.iptables
 
 
+def mode_label(lab: Lab) -> str:
+    """kube-proxy's mode as `lab status`, `lab graph` and `lab trace` name it, with the iptables backend the
+    rules live in (what a learner must type to see them: `iptables-save` is the nft one on Debian 12)."""
+    if lab.cni.profile == "cilium":
+        return "replaced by cilium (eBPF service maps)"
+    if lab.kube_proxy.mode == "iptables":
+        return f"iptables ({iptables_backend(lab.kube_proxy)} backend)"
+    return lab.kube_proxy.mode
+
+
 def iptables_restore(backend: str, noflush: bool = False) -> list[str]:
     return [f"iptables-{backend}-restore", "-w", "5"] + (["--noflush"] if noflush else [])
 
