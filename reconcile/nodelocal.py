@@ -75,23 +75,36 @@ def _ensure_jumps(ns: str, backend: str) -> None:
 
 
 def _ensure_daemon(ns: str, where: Path, digest: str) -> str:
+    """The node's cache running with the configuration as written. The running caches are found in the
+    kernel (processes of the node's namespace started with this folder's config), not trusted from the
+    record alone: a command killed between starting one and recording it leaves a cache nobody recorded,
+    which must not be started a second time next to it (it would fail to bind and serve nothing new)."""
     record = where / "loaded.json"
     try:
         loaded = json.loads(record.read_text())
     except (OSError, ValueError):
         loaded = {}
-    pid = loaded.get("pid")
-    inode = netns.inode(ns)
-    alive = isinstance(pid, int) and process.alive(pid) and _in_netns(pid, inode)
-    if alive and loaded.get("digest") == digest:
+    running = _caches(ns, where / "dnsmasq.conf")
+    if running == [loaded.get("pid")] and loaded.get("digest") == digest:
         return "none"
-    if alive:
-        process.kill_all([pid])
+    if running:
+        process.kill_all(running)
     new = process.spawn_in(ns, nodelocal.argv(where / "dnsmasq.conf"), str(where / "dnsmasq.out"))
     tmp = record.with_suffix(".tmp")
     tmp.write_text(json.dumps({"pid": new, "digest": digest}))
     os.replace(tmp, record)
-    return "restarted" if alive else "started"
+    return "restarted" if running else "started"
+
+
+def _caches(ns: str, conf: Path) -> list[int]:
+    """The live processes of namespace `ns` running with config file `conf` (the node's caches)."""
+    inode = netns.inode(ns)
+    out = []
+    for pid in process.pids_in_netns([inode] if inode is not None else []):
+        with contextlib.suppress(OSError):
+            if f"--conf-file={conf}" in Path(f"/proc/{pid}/cmdline").read_text().split("\0") and process.alive(pid):
+                out.append(pid)
+    return sorted(out)
 
 
 def _in_netns(pid: int, inode: int | None) -> bool:

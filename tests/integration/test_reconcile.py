@@ -317,3 +317,23 @@ def test_apply_reads_files_as_a_spec_is_read_and_names_root_containers(lab_up, t
                      "containers": [{"name": "c", "image": "pause"}]}}
     out = lab("apply", "--lab", name, "-f", manifests(tmp_path, "root", root))
     assert "run" in out.stderr and "as root" in out.stderr and "default/rooty/c" in out.stderr, out.stderr
+
+
+def test_killed_in_the_node_cache_layer_converges(lab_up, tmp_path: Path) -> None:
+    """NodeLocal DNSCache reconciles like the other layers: a command killed just after a node's cache
+    started but before it was recorded leaves one cache, not two, once the same command is run again."""
+    name = unique("crash")
+    data = seed_spec(name)
+    data["spec"]["dns"]["nodeLocal"] = True
+    lab_up(data)
+    file = manifests(tmp_path, "pod", pause_pod("cached", "node1"))
+    killed = crashing(["apply", "--lab", name, "-f", file], "nodelocal", count=1)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    lab("apply", "--lab", name, "-f", file)
+    assert_converged(name, ["default/cached"])
+    for node in ("node1", "node2"):
+        # one process table for the machine: count the caches by their node's config file
+        caches = in_lab(name, node, "pgrep", "-fc", f"conf-file=/run/kubenet-lab/{name}/nodelocal/{node}/", check=False)
+        assert caches.strip() == "1", f"{node}: {caches!r} node caches"
+    got = in_lab(name, "default/cached", "getent", "hosts", "web.default.svc.cluster.local", check=False)
+    assert got.split()[:1] == ["10.96.0.100"], got
