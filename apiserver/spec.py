@@ -29,6 +29,7 @@ from typing import Any
 from pydantic import Field
 
 from cni.spec import CniIn, check_cni, network_policies_against_lab, profile_of, read_network_policy
+from cni.vpc_spec import check_vpc, read_aws_node, vpc_against_lab, vpc_nodes
 from images import agnhost
 from routing.spec import (FabricIn, NetworkIn, RackIn, check_host_names, check_network, check_routed, check_routing,
                           host_names)
@@ -320,6 +321,7 @@ def _build_lab(lab_in: _LabIn, issues: Issues) -> Lab:
     underlay_in = spec.underlay or _UnderlayIn()
     network_in = spec.network or NetworkIn()
     cni = check_cni(spec.cni, issues)
+    vpc = check_vpc(spec.cni, cni.profile if cni is not None else None, network_in.backend, spec.nodes, issues)
     if cni is not None and network_in.backend is None:  # a profile sets the backend's default only
         network_in = network_in.model_copy(update={"backend": CNI_PROFILES[cni.profile][0]})
     racks = _rack_names(underlay_in)
@@ -330,6 +332,8 @@ def _build_lab(lab_in: _LabIn, issues: Issues) -> Lab:
         fabric_cidr = underlay_in.fabric.cidr if underlay_in.fabric is not None else None
         check_disjoint(spec.cluster or ClusterIn(), cluster, underlay, underlay_in.subnet, fabric_cidr, issues)
     nodes = check_nodes(spec.nodes, cluster, underlay, racks, issues)
+    if nodes is not None and vpc is not None:
+        nodes = vpc_nodes(nodes, spec.nodes, vpc)
     check_host_names(spec.nodes, underlay_in.racks, underlay_in.fabric, issues)
     if network is not None:
         check_routing(network_in, network, spec.nodes, racks, issues)
@@ -350,6 +354,9 @@ def _build_lab(lab_in: _LabIn, issues: Issues) -> Lab:
     lab.services = tuple(services_against_lab(parsed, lab, service_cidr, set(namespaces), issues))
     lab.ingresses = tuple(ingresses_against_lab(parsed, lab, set(namespaces), issues, running=False))
     lab.cni = cni or profile_of(lab.network.backend)
+    if vpc is not None:
+        lab.vpc = vpc
+        vpc_against_lab(lab, issues)
     lab.network_policies = tuple(network_policies_against_lab(parsed, lab, set(namespaces), issues))
     lab.objects = tuple(p.manifest for p in parsed)  # after services_against_lab: it fills in allocated IPs and ports
     lab.pods = tuple(pods_against_lab(parsed, lab, set(namespaces), issues, place=nodes is not None and not issues))
@@ -492,6 +499,7 @@ KINDS: dict[tuple[str, str], Reader] = {
     ("v1", "Service"): read_service,
     ("networking.k8s.io/v1", "Ingress"): read_ingress,
     ("networking.k8s.io/v1", "NetworkPolicy"): read_network_policy,
+    ("apps/v1", "DaemonSet"): read_aws_node,  # kube-system/aws-node only: the aws-vpc profile's settings
 }
 
 

@@ -37,6 +37,7 @@ class NodeIn(StrictModel):
     pod_cidr: str | None = Field(None, alias="podCIDR")
     rack: str | None = None
     link: LinkIn | None = None
+    instance_type: str | None = Field(None, alias="instanceType")  # aws-vpc profile (cni.vpc_spec checks it)
 
 
 # ---------------------------------------------------------------------------- cluster
