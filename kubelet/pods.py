@@ -18,6 +18,8 @@ from pathlib import Path
 
 from apiserver import state
 from cni.plugin import BridgePlugin, CniArgs, NetConf
+from cni.vpc_ipamd import IPAMD_FILE, IpamdFile
+from cni.vpc_plugin import VpcPlugin
 from kubelet import runtime
 from services import addons
 from services.endpoints import RunningPod
@@ -50,7 +52,14 @@ def cni_args(lab: Lab, namespace: str, name: str) -> CniArgs:
                    pod_namespace=namespace, pod_name=name)
 
 
-def plugin(lab: Lab, node: str, host: Rtnl) -> BridgePlugin:
+def ipamd_file(lab: Lab) -> IpamdFile:
+    """The aws-vpc profile's ipamd books (every node's ENIs and the subnets'), next to the lease files."""
+    return IpamdFile(state.ipam_dir(lab.name) / IPAMD_FILE, lab)
+
+
+def plugin(lab: Lab, node: str, host: Rtnl) -> BridgePlugin | VpcPlugin:
+    if lab.cni.profile == "aws-vpc":
+        return VpcPlugin(node, host, ipamd_file(lab).locked, lab.network.mtu)
     return BridgePlugin(netconf(lab, node, state.ipam_dir(lab.name)), host)
 
 
