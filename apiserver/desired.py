@@ -11,6 +11,7 @@ import dataclasses
 from pathlib import Path
 
 from apiserver import state
+from cni.vpc_spec import with_aws_node
 from services import addons
 from topo.model import Container, ContainerPort, Lab, Pod
 from apiserver.spec import ingresses_from_objects, network_policies_from_objects, parse_spec_text, services_from_objects
@@ -62,6 +63,9 @@ def current_lab(st: state.LabState) -> Lab:
         services=tuple(s for s in spec.services if f"Service/{s.key}" not in replaced),
         ingresses=tuple(i for i in spec.ingresses if f"Ingress/{i.key}" not in replaced),
         network_policies=tuple(p for p in spec.network_policies if f"NetworkPolicy/{p.key}" not in replaced))
+    for obj in st.objects:
+        if obj.get("kind") == "DaemonSet":  # kube-system/aws-node: the aws-vpc profile's warm pool settings
+            lab = dataclasses.replace(lab, vpc=with_aws_node(lab.vpc, obj))
     applied = [o for o in st.objects if o.get("kind") == "Service"]
     lab = dataclasses.replace(lab, services=lab.services + tuple(services_from_objects(applied, lab, None)))
     applied = [o for o in st.objects if o.get("kind") == "Ingress"]

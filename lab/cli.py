@@ -100,6 +100,15 @@ def _cmd_clean(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_ipam(args: argparse.Namespace) -> int:
+    from apiserver import state
+    from lab import ipam
+
+    info = ipam.describe(state.resolve(args.lab))
+    print(json.dumps(info, indent=2) if args.json else ipam.render(info))
+    return 0
+
+
 def _cmd_status(args: argparse.Namespace) -> int:
     from apiserver import state
     from lab import status
@@ -349,6 +358,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reveal", action="store_true", help="show what random faults (lab break --random, a "
                    "capstone) broke: the answer to the puzzle")
     p.set_defaults(func=_cmd_status)
+
+    p = sub.add_parser("ipam", help="aws-vpc profile: the VPC subnet's books, each node's ENIs and warm pool")
+    p.add_argument("--lab", help="the lab, when more than one is running")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_ipam)
 
     p = sub.add_parser("exec", help="run a command (default: a shell) in a node or pod: lab exec POD -- CMD")
     p.add_argument("--lab", help="the lab, when more than one is running")

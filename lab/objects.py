@@ -26,6 +26,7 @@ from services.endpoints import RunningPod
 from topo import crash
 from topo.errors import SpecError, SpecIssue, StateError
 from topo.model import Lab, Pod
+from cni.vpc_plugin import VpcAssignError
 
 
 def _remember(st: state.LabState, objects: list[dict], before: Lab) -> list[str]:
@@ -46,6 +47,8 @@ def _remember(st: state.LabState, objects: list[dict], before: Lab) -> list[str]
         kind, namespace, name = key.split("/", 2)
         if kind == "Namespace" and name not in before.namespaces:
             report.append(f"namespace {name} created")
+        elif kind == "DaemonSet":
+            report.append(f"daemonset.apps {namespace}/{name} configured (ipamd's warm pool settings)")
         elif kind in ("Service", "Ingress", "NetworkPolicy"):
             report.append(f"{kind.lower()} {namespace}/{name} {'configured' if key in existing else 'created'}")
     return report
@@ -87,6 +90,9 @@ def apply_file(name: str | None, file: str) -> list[str]:
             ingresses=tuple(i for i in before.ingresses if f"Ingress/{i.key}" not in named),
             network_policies=tuple(p for p in before.network_policies if f"NetworkPolicy/{p.key}" not in named))
         objects = parse_objects(text, others, file)
+        if before.cni.profile != "aws-vpc" and any(o.get("kind") == "DaemonSet" for o in objects):
+            raise SpecError(file, [SpecIssue("", "kube-system/aws-node holds the Amazon VPC CNI's settings: this lab "
+                                                 f"plays {before.cni.profile}, not aws-vpc")])
         _pin_addresses(objects, before)
         wanted = pods_from_objects(objects, others, file)
         # A pod's node cannot change in place (Kubernetes refuses the update: spec.nodeName is immutable);
@@ -116,12 +122,16 @@ def apply_file(name: str | None, file: str) -> list[str]:
         with progress.bar(f"lab apply: pods of {Path(file).name}", len(new)) as advance:
             for pod in new:
                 st.pods[pod.key] = _pending(lab, pod)
-                st.pods[pod.key] = kubelet.add_pod(st, lab, pod, lambda p, ip: _protect(st, lab, p, ip))
+                if not _make(st, lab, pod):
+                    report.append(f"pod {pod.key} created ({pod.node}), Pending: {st.pods[pod.key].message}")
+                    advance(1)
+                    continue
                 saver.maybe()
                 crash.point("pod-recorded")
                 verb = f"moved to {pod.node}" if pod in moved else f"created ({pod.node}"
                 report.append(f"pod {pod.key} {verb}, {st.pods[pod.key].ip})")
                 advance(1)
+        report += retry_waiting(st, lab)
         state.save(st)
         crash.point("resync")
         resync(st)
@@ -129,6 +139,39 @@ def apply_file(name: str | None, file: str) -> list[str]:
     if warning and any(o.get("kind") == "NetworkPolicy" for o in objects):
         report.append(warning)  # "Warning: ..." lines go to stderr (lab/cli.py), as kubectl prints warnings
     return report
+
+
+def _make(st: state.LabState, lab: Lab, pod: Pod) -> bool:
+    """Make one pod; False when the CNI had no address for it (aws-vpc: the subnet ran dry). Such a pod is
+    recorded Pending with reason ContainerCreating and the CNI's message, not rolled back: it is still wanted,
+    and the next `lab apply`/`lab delete` retries it (kubelet retries a failed sandbox the same way)."""
+    try:
+        st.pods[pod.key] = kubelet.add_pod(st, lab, pod, lambda p, ip: _protect(st, lab, p, ip))
+        return True
+    except VpcAssignError as exc:
+        st.pods[pod.key] = state.waiting_pod(pod, lab.pod_netns(pod), exc.msg)
+        return False
+
+
+def retry_waiting(st: state.LabState, lab: Lab) -> list[str]:
+    """Give every pod waiting for an address another try, oldest first; report those that got one. The record
+    stays "waiting" while it is tried, so a crash in the middle leaves it waiting (recover removes what was made
+    of it) rather than forgotten."""
+    out = []
+    if lab.cni.profile == "aws-vpc":  # ipamd's reconcile loop: every node's pool against the current settings
+        with kubelet.ipamd_file(lab).locked() as ipamd:
+            for pool in ipamd.nodes.values():
+                ipamd.top_up(pool)
+    for key, ps in list(st.pods.items()):
+        if not ps.waiting:
+            continue
+        pod = next((p for p in lab.pods if p.key == key), None)
+        if pod is None:
+            continue
+        state.save(st)
+        if _make(st, lab, pod):
+            out.append(f"pod {key} got an address and started ({pod.node}, {st.pods[key].ip})")
+    return out
 
 
 def _read(file: str) -> str:
@@ -329,6 +372,7 @@ def _delete_objects(name: str | None, wanted: list[tuple[str, str, str]], missin
             for key in pods:
                 _delete_pod(st, lab, key)
                 advance(1)
+        report += retry_waiting(st, current_lab(st))
         state.save(st)
         crash.point("resync")
         resync(st)
