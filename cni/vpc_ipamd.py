@@ -43,6 +43,7 @@ from topo.model import Lab, VpcCni
 AWS_RESERVED = 5  # per subnet: network, VPC router (+1), DNS (+2), future use (+3), broadcast
 ASSIGN_FAILED = "failed to assign an IP address to container"  # the VPC CNI's message for a pod without an IP
 SUBNET_FULL = "InsufficientFreeAddressesInSubnet"  # EC2's error code, as ipamd logs it
+NO_PREFIX = "InsufficientCidrBlocks"  # EC2's error code when no free /28 is left for a prefix
 LOG_KEEP = 200
 
 
@@ -194,7 +195,7 @@ class Ipamd:
                 need = 1 if want is None else max(1, math.ceil((want - self.total(pool)) / PREFIX_SIZE))
                 got = self.free_prefixes(subnet)[:min(room, need)]
                 if not got:
-                    return self._stuck(pool, f"no free /{PREFIX_LEN} prefix left in subnet {subnet}")
+                    return self._stuck(pool, f"no free /{PREFIX_LEN} prefix left in subnet {subnet}", NO_PREFIX)
                 eni.prefixes += got
                 self._log(f"{pool.node}: assigned {len(got)} prefix(es) {', '.join(map(str, got))} to {eni.id}")
                 return True
@@ -210,7 +211,7 @@ class Ipamd:
             return True
         if len(pool.enis) >= pool.type.enis:
             return self._stuck(pool, f"max ENIs ({pool.type.enis}) already attached to the instance "
-                                     f"({pool.instance})", subnet_full=False)
+                                     f"({pool.instance})", "")
         free = self.free(subnet)
         if not free:
             return self._stuck(pool, f"subnet {subnet} has no free address for a new ENI")
@@ -221,8 +222,8 @@ class Ipamd:
                   f"subnet {subnet})")
         return True
 
-    def _stuck(self, pool: NodePool, why: str, subnet_full: bool = True) -> bool:
-        self._log(f"{pool.node}: failed to increase pool: {SUBNET_FULL + ': ' if subnet_full else ''}{why}")
+    def _stuck(self, pool: NodePool, why: str, code: str = SUBNET_FULL) -> bool:
+        self._log(f"{pool.node}: failed to increase pool: {code + ': ' if code else ''}{why}")
         return False
 
     def _shrink(self, pool: NodePool) -> None:
@@ -285,6 +286,8 @@ class Ipamd:
                 (len(e.prefixes) if self.config.prefix_delegation else len(e.ips)) >= self.slots(pool)
                 for e in self.pod_enis(pool)):
             return f"every address of its {pool.type.enis} ENIs is in use ({pool.instance})"
+        if self.config.prefix_delegation:
+            return f"{NO_PREFIX}: subnet {self.pod_subnet(pool)} has no free /{PREFIX_LEN} prefix"
         return f"{SUBNET_FULL}: subnet {self.pod_subnet(pool)} has no free address"
 
     def release(self, node: str, container_id: str) -> IPv4Address | None:
