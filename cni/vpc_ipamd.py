@@ -114,6 +114,7 @@ class Ipamd:
     others: dict[IPv4Network, set[IPv4Address]]  # subnet -> addresses held by what is not an ENI (routers, hosts)
     nodes: dict[str, NodePool] = field(default_factory=dict)
     log: list[str] = field(default_factory=list)
+    _asking: int = 0  # 1 while a pod waits on an empty pool: the request counts toward WARM_IP_TARGET's target
 
     # ---- the subnets ---------------------------------------------------------------------------
     def pod_subnet(self, pool: NodePool) -> IPv4Network:
@@ -157,7 +158,8 @@ class Ipamd:
         """With WARM_IP_TARGET / MINIMUM_IP_TARGET: the addresses the pool should hold (None: ENI/prefix mode)."""
         if not self._ip_targets():
             return None
-        want = max(len(pool.assigned) + (self.config.warm_ip_target or 0), self.config.minimum_ip_target or 0)
+        want = max(len(pool.assigned) + self._asking + (self.config.warm_ip_target or 0),
+                   self.config.minimum_ip_target or 0)
         if self.config.prefix_delegation:
             return math.ceil(want / PREFIX_SIZE) * PREFIX_SIZE
         return want
@@ -270,7 +272,11 @@ class Ipamd:
             if holder == container_id:
                 return ip
         if not self.available(pool):
-            self.top_up(pool)
+            self._asking = 1
+            try:
+                self.top_up(pool)
+            finally:
+                self._asking = 0
         free = self.available(pool)
         if not free:
             why = self.why_empty(pool)

@@ -32,7 +32,7 @@ from topo import names, netns
 from topo.errors import FeatureMissing, StateError
 
 REPO = Path(__file__).resolve().parent.parent
-SUITES = ("dataplanes", "services", "dns", "updown")
+SUITES = ("dataplanes", "services", "dns", "updown", "ipam")
 DNS_NAME = "api.example.com"
 
 
@@ -384,7 +384,59 @@ class Updown(Suite):
         plt.close(fig)
 
 
-SUITE_CLASSES = {"dataplanes": Dataplanes, "services": Services, "dns": Dns, "updown": Updown}
+class Ipam(Suite):
+    """bench/vpc_ipam.py: pods that fit in one small VPC subnet per aws-vpc setting (computed and observed),
+    and `lab apply` of one pod with a warm address against an empty warm pool."""
+
+    name = "ipam"
+
+    def __init__(self, quick: bool) -> None:
+        super().__init__(quick)
+        self.folder: Path | None = None
+        script = _script("vpc_ipam")
+        for setting in (script.QUICK if quick else script.SETTINGS):
+            self.cases.append(Case(setting, self._fits(setting), {"subnet": script.SUBNET, "nodes": script.NODES,
+                                                                   "instanceType": script.INSTANCE}))
+        for warm in (True, False):
+            self.cases.append(Case("one pod, warm pool" if warm else "one pod, empty pool (WARM_IP_TARGET=0)",
+                                   self._wait(warm), {"warm": warm}))
+
+    def _fits(self, setting: str) -> Callable[[], dict[str, float]]:
+        return lambda: _script("vpc_ipam").observed(setting, self.folder)
+
+    def _wait(self, warm: bool) -> Callable[[], dict[str, float]]:
+        return lambda: {"apply_s": _script("vpc_ipam").wait_for_address(self.folder, warm)}
+
+    def setup(self, stack: ExitStack, folder: Path) -> None:
+        self.folder = folder
+
+    def table(self) -> str:
+        fits = [c for c in self.cases if "warm" not in c.info]
+        rows = [[c.name, f"{c.median()['computed_first']:.0f}", _spread(c, "observed_first", ".0f"),
+                 f"{c.median()['computed_most']:.0f}", _spread(c, "observed_most", ".0f")] for c in fits]
+        subnet = fits[0].info["subnet"] if fits else ""
+        head = ["setting (" + subnet + ", 3 x t3.medium)", "first waits after: computed", "observed",
+                "fit at most: computed", "observed"]
+        waits = [[c.name, _spread(c, "apply_s", ".3f")] for c in self.cases if "warm" in c.info]
+        return _table(head, rows) + "\n\n" + _table(["lab apply of one pod", "wall s"], waits)
+
+    def plot(self, plt, path: Path) -> None:
+        fits = [c for c in self.cases if "warm" not in c.info]
+        fig, ax = plt.subplots(figsize=(9, 4))
+        xs = range(len(fits))
+        ax.bar([x - 0.2 for x in xs], [c.median()["observed_first"] for c in fits], 0.4, label="first pod waits after")
+        ax.bar([x + 0.2 for x in xs], [c.median()["observed_most"] for c in fits], 0.4, label="fit at most")
+        ax.set_xticks(list(xs), [c.name.split(" (")[0] for c in fits], rotation=15, fontsize=7)
+        ax.set_ylabel("pods running")
+        ax.set_yscale("symlog")
+        ax.set_title("pods that fit in one VPC subnet, per setting (observed)")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(path)
+        plt.close(fig)
+
+
+SUITE_CLASSES = {"dataplanes": Dataplanes, "services": Services, "dns": Dns, "updown": Updown, "ipam": Ipam}
 
 
 def machine(suites: list[Suite]) -> dict:

@@ -418,8 +418,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lab", help="the lab, when more than one is running")
     p.set_defaults(func=_cmd_link)
 
-    p = sub.add_parser("bench", help="measure data planes, service rules, DNS queries and lab up/down (needs root)")
-    p.add_argument("suites", nargs="*", metavar="SUITE", help="dataplanes, services, dns, updown (default: all)")
+    p = sub.add_parser("bench", help="measure data planes, service rules, DNS queries, lab up/down and VPC subnet fit (needs root)")
+    p.add_argument("suites", nargs="*", metavar="SUITE", help="dataplanes, services, dns, updown, ipam (default: all)")
     p.add_argument("--quick", action="store_true", help="small sizes and 1 repetition: under a minute")
     p.add_argument("--repeat", type=int, help="repetitions of each case, interleaved (default 3; 1 with --quick)")
     p.add_argument("--json", metavar="FILE", help="write every sample, the medians and the machine description")

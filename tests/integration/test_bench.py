@@ -88,6 +88,13 @@ def test_expected_cases_and_metrics(bench) -> None:
     # the ndots:5 search-list expansion costs more queries than the absolute name (a count, not a timing)
     assert dns["ndots 5"]["median"]["cluster_queries"] > dns["trailing dot"]["median"]["cluster_queries"]
     assert all({"up_s", "down_s"} <= c["samples"].keys() for c in suites["updown"]["cases"])
+    # aws-vpc: what the ipamd model predicts for the subnet is what the running lab holds (docs/vpc-ipam.md)
+    ipam = {c["name"]: c["median"] for c in suites["ipam"]["cases"]}
+    fits = {n: m for n, m in ipam.items() if "computed_first" in m}
+    assert fits and all(m["observed_first"] == m["computed_first"] and m["observed_most"] == m["computed_most"]
+                        for m in fits.values()), fits
+    assert fits["default (WARM_ENI_TARGET=1)"]["observed_first"] == 17
+    assert fits["WARM_IP_TARGET=1"]["observed_first"] == 21
 
 
 def test_one_png_per_suite(bench) -> None:
