@@ -11,7 +11,7 @@ import dataclasses
 from pathlib import Path
 
 from apiserver import state
-from cni.vpc_spec import with_aws_node
+from cni.vpc_spec import applied_nodes, with_aws_node
 from services import addons
 from topo.model import Container, ContainerPort, Lab, Pod
 from apiserver.spec import ingresses_from_objects, network_policies_from_objects, parse_spec_text, services_from_objects
@@ -31,8 +31,17 @@ def resolve_spec(spec: str | None) -> Path:
 
 
 def model_of(st: state.LabState) -> Lab:
-    """The model of a running lab, re-derived from the spec text it was built from (with its addons)."""
-    return addons.with_addons(parse_spec_text(st.spec_text, st.spec_file), state.lab_dir(st.name))
+    """The model of a running lab, re-derived from the spec text it was built from (with its addons), and the
+    nodes that joined it since (`lab apply` of a Node: the infrastructure, not an object the spec describes)."""
+    return addons.with_addons(with_joined_nodes(parse_spec_text(st.spec_text, st.spec_file), st),
+                              state.lab_dir(st.name))
+
+
+def with_joined_nodes(lab: Lab, st: state.LabState) -> Lab:
+    nodes = [o for o in st.objects if o.get("kind") == "Node"]
+    if not nodes:
+        return lab
+    return dataclasses.replace(lab, nodes=lab.nodes + tuple(applied_nodes(lab, nodes)))
 
 
 def object_key(obj: dict) -> str:
@@ -49,7 +58,7 @@ def current_lab(st: state.LabState) -> Lab:
     ports were pinned when they were applied, against the spec's surviving objects, so they come out the
     same every time.
     """
-    spec = parse_spec_text(st.spec_text, st.spec_file)
+    spec = with_joined_nodes(parse_spec_text(st.spec_text, st.spec_file), st)
     replaced = {object_key(o) for o in st.objects} | set(st.deleted)
     namespaces = dict(spec.namespaces)
     for obj in st.objects:

@@ -29,7 +29,7 @@ from typing import Any
 from pydantic import Field
 
 from cni.spec import CniIn, check_cni, network_policies_against_lab, profile_of, read_network_policy
-from cni.vpc_spec import check_vpc, read_aws_node, vpc_against_lab, vpc_nodes
+from cni.vpc_spec import check_vpc, read_aws_node, read_node, vpc_against_lab, vpc_nodes, vpc_objects_against_lab
 from images import agnhost
 from routing.spec import (FabricIn, NetworkIn, RackIn, check_host_names, check_network, check_routed, check_routing,
                           host_names)
@@ -500,6 +500,7 @@ KINDS: dict[tuple[str, str], Reader] = {
     ("networking.k8s.io/v1", "Ingress"): read_ingress,
     ("networking.k8s.io/v1", "NetworkPolicy"): read_network_policy,
     ("apps/v1", "DaemonSet"): read_aws_node,  # kube-system/aws-node only: the aws-vpc profile's settings
+    ("v1", "Node"): read_node,  # an instance joining an aws-vpc lab (lab apply)
 }
 
 
@@ -522,6 +523,7 @@ def _objects_against_lab(parsed: list[Parsed], lab: Lab, issues: Issues, pods: b
                       if services else [])
     found_ingresses = ingresses_against_lab(parsed, lab, set(namespaces), issues, running=True) if ingresses else []
     found_pods = pods_against_lab(parsed, lab, set(namespaces), issues, place=place) if pods else []
-    if pods and services and ingresses:  # every kind: NetworkPolicies too
+    if pods and services and ingresses:  # every kind: NetworkPolicies, aws-node and Nodes too
         network_policies_against_lab(parsed, lab, set(namespaces), issues)
+        vpc_objects_against_lab(parsed, lab, issues)
     return found_pods, found_services, found_ingresses

@@ -173,3 +173,85 @@ def with_aws_node(vpc: VpcCni, manifest: dict) -> VpcCni:
     env = {e["name"]: e["value"] for e in containers[0].get("env", [])}
     values = {INT_ENV[k]: int(v) for k, v in env.items() if k in INT_ENV and str(v).isdigit()}
     return replace(vpc, **values)
+
+
+# ---------------------------------------------------------------------------- Node objects (lab apply)
+
+INSTANCE_LABEL = "node.kubernetes.io/instance-type"  # the well-known label kubelet sets from the instance
+IP_ANNOTATION = "kubenet-lab.io/primary-ip"  # the primary address the "instance" got from the subnet
+WAITING_ANNOTATION = "kubenet-lab.io/waiting"  # why it has none yet (the subnet is full)
+
+
+def read_node(obj: Any, loc: Loc, issues: Issues) -> Parsed | None:
+    """A v1 Node: one more instance joining the cluster (the aws-vpc profile). Its instance type is the
+    well-known label node.kubernetes.io/instance-type (default m5.large); its address is not given: like an
+    EC2 instance it gets the subnet's next free address when it is launched (`lab apply`)."""
+    meta = obj.get("metadata")
+    if not isinstance(meta, dict) or not isinstance(meta.get("name"), str):
+        issues.add(loc + ("metadata", "name"), "a Node needs metadata.name, e.g. node4")
+        return None
+    name = meta["name"]
+    from topo import names
+
+    problem = names.dns_label_problem(name)
+    if problem:
+        issues.add(loc + ("metadata", "name"), problem)
+        return None
+    labels = meta.get("labels") or {}
+    if not isinstance(labels, dict):
+        issues.add(loc + ("metadata", "labels"), "labels must be a mapping")
+        return None
+    kind = str(labels.get(INSTANCE_LABEL, DEFAULT_INSTANCE_TYPE))
+    if kind not in INSTANCE_TYPES:
+        close = close_match(kind, tuple(INSTANCE_TYPES))
+        hint = f" (did you mean {close}?)" if close else ""
+        issues.add(loc + ("metadata", "labels", INSTANCE_LABEL),
+                   f"unknown instance type {short(repr(kind), 30)}{hint}; built in: {', '.join(INSTANCE_TYPES)}")
+        return None
+    extra = set(obj) - {"apiVersion", "kind", "metadata", "spec"}
+    if extra or (obj.get("spec") not in (None, {})):
+        issues.add(loc + ("spec",), "a Node here takes only metadata (name, labels); its address comes from the "
+                                    "subnet and its PodCIDR is not used by the aws-vpc profile")
+        return None
+    manifest = {"apiVersion": "v1", "kind": "Node",
+                "metadata": {"name": name, "labels": {**labels, INSTANCE_LABEL: kind}}}
+    return Parsed("v1", "Node", loc, manifest, name, None, {**labels, INSTANCE_LABEL: kind})
+
+
+def vpc_objects_against_lab(parsed: list[Parsed], lab: Lab, issues: Issues) -> None:
+    """DaemonSet aws-node and Node objects only for a lab playing aws-vpc; a new Node on a flat underlay,
+    with a name no node, router or external host has."""
+    taken = {n.name for n in lab.nodes} | set(lab.routers) | {e.name for e in lab.external}
+    for obj in parsed:
+        if obj.kind not in ("DaemonSet", "Node"):
+            continue
+        if lab.cni.profile != "aws-vpc":
+            what = "kube-system/aws-node holds the Amazon VPC CNI's settings" if obj.kind == "DaemonSet" else \
+                "adding a Node is modelled for the aws-vpc profile only (an instance launched into the VPC subnet)"
+            issues.add(obj.loc + ("kind",), f"{what}: this lab plays {lab.cni.profile}, not aws-vpc")
+        elif obj.kind == "Node" and lab.underlay.routed:
+            issues.add(obj.loc + ("kind",), "adding a Node to a routed underlay (racks) is not supported: the lab "
+                                            "adds nodes to a flat underlay only")
+        elif obj.kind == "Node" and obj.name in taken:
+            issues.add(obj.loc + ("metadata", "name"), f"{obj.name} is already a node, router or external host of "
+                                                       "this lab: pick another name")
+
+
+def applied_nodes(lab: Lab, manifests: list[dict]) -> list[Node]:
+    """The nodes that joined a running lab (Node objects that got a primary address), as model nodes."""
+    from ipaddress import IPv4Address
+
+    used = {n.pod_cidr for n in lab.nodes}
+    blocks = (b for b in list(lab.cluster.pod_cidr.subnets(new_prefix=lab.cluster.node_cidr_mask_size))[1:]
+              if b not in used)
+    out = []
+    for manifest in manifests:
+        meta = manifest["metadata"]
+        ip = (meta.get("annotations") or {}).get(IP_ANNOTATION)
+        if not ip or lab.underlay.subnet is None:
+            continue
+        kind = meta["labels"][INSTANCE_LABEL]
+        limit = INSTANCE_TYPES[kind].max_pods(lab.vpc.prefix_delegation, lab.vpc.custom_network is not None)
+        out.append(Node(name=meta["name"], ip=IPv4Address(ip), pod_cidr=next(blocks),
+                        index=len(lab.nodes) + len(out), link=lab.underlay.link, instance_type=kind, max_pods=limit))
+    return out

@@ -18,7 +18,7 @@ from apiserver.spec import parse_objects, pods_from_objects
 from cni import network_policy
 from kubelet import pods as kubelet
 from kubelet.pods import running_pods
-from lab import progress
+from lab import nodes, progress
 from reconcile.recover import recover
 from reconcile.resync import resync, sync_policies
 from services import addons, kube_proxy
@@ -35,11 +35,15 @@ def _remember(st: state.LabState, objects: list[dict], before: Lab) -> list[str]
     existing = {f"Service/{s.key}": s for s in before.services} | {f"Ingress/{i.key}": i for i in before.ingresses} | {
         f"NetworkPolicy/{p.key}": p for p in before.network_policies}
     report = []
+    before_nodes = {n.name for n in before.nodes} | {object_key(o).rsplit("/", 1)[1] for o in st.objects
+                                                     if o.get("kind") == "Node"}
     for obj in objects:
         key = object_key(obj)
         if key in st.deleted:
             st.deleted.remove(key)
         if key in known:
+            if obj.get("kind") == "Node":  # a running instance keeps its address (and its waiting note)
+                obj["metadata"]["annotations"] = dict(st.objects[known[key]]["metadata"].get("annotations") or {})
             st.objects[known[key]] = obj
         else:
             known[key] = len(st.objects)
@@ -47,6 +51,8 @@ def _remember(st: state.LabState, objects: list[dict], before: Lab) -> list[str]
         kind, namespace, name = key.split("/", 2)
         if kind == "Namespace" and name not in before.namespaces:
             report.append(f"namespace {name} created")
+        elif kind == "Node":
+            report.append(f"node/{name} {'unchanged' if name in before_nodes else 'created'}")
         elif kind == "DaemonSet":
             report.append(f"daemonset.apps {namespace}/{name} configured (ipamd's warm pool settings)")
         elif kind in ("Service", "Ingress", "NetworkPolicy"):
@@ -90,9 +96,6 @@ def apply_file(name: str | None, file: str) -> list[str]:
             ingresses=tuple(i for i in before.ingresses if f"Ingress/{i.key}" not in named),
             network_policies=tuple(p for p in before.network_policies if f"NetworkPolicy/{p.key}" not in named))
         objects = parse_objects(text, others, file)
-        if before.cni.profile != "aws-vpc" and any(o.get("kind") == "DaemonSet" for o in objects):
-            raise SpecError(file, [SpecIssue("", "kube-system/aws-node holds the Amazon VPC CNI's settings: this lab "
-                                                 f"plays {before.cni.profile}, not aws-vpc")])
         _pin_addresses(objects, before)
         wanted = pods_from_objects(objects, others, file)
         # A pod's node cannot change in place (Kubernetes refuses the update: spec.nodeName is immutable);
@@ -131,7 +134,7 @@ def apply_file(name: str | None, file: str) -> list[str]:
                 verb = f"moved to {pod.node}" if pod in moved else f"created ({pod.node}"
                 report.append(f"pod {pod.key} {verb}, {st.pods[pod.key].ip})")
                 advance(1)
-        report += retry_waiting(st, lab)
+        report += converge_vpc(st)
         state.save(st)
         crash.point("resync")
         resync(st)
@@ -153,15 +156,24 @@ def _make(st: state.LabState, lab: Lab, pod: Pod) -> bool:
         return False
 
 
+def converge_vpc(st: state.LabState) -> list[str]:
+    """aws-vpc: ipamd's reconcile loop (every node's pool against the current settings, releasing or
+    growing), then nodes waiting for a primary address, then pods waiting for one."""
+    lab = current_lab(st)
+    if lab.cni.profile != "aws-vpc":
+        return []
+    with kubelet.ipamd_file(lab).locked() as ipamd:
+        for pool in ipamd.nodes.values():
+            ipamd.top_up(pool)
+    report = nodes.join(st)
+    return report + retry_waiting(st, current_lab(st))
+
+
 def retry_waiting(st: state.LabState, lab: Lab) -> list[str]:
     """Give every pod waiting for an address another try, oldest first; report those that got one. The record
     stays "waiting" while it is tried, so a crash in the middle leaves it waiting (recover removes what was made
     of it) rather than forgotten."""
     out = []
-    if lab.cni.profile == "aws-vpc":  # ipamd's reconcile loop: every node's pool against the current settings
-        with kubelet.ipamd_file(lab).locked() as ipamd:
-            for pool in ipamd.nodes.values():
-                ipamd.top_up(pool)
     for key, ps in list(st.pods.items()):
         if not ps.waiting:
             continue
@@ -372,7 +384,7 @@ def _delete_objects(name: str | None, wanted: list[tuple[str, str, str]], missin
             for key in pods:
                 _delete_pod(st, lab, key)
                 advance(1)
-        report += retry_waiting(st, current_lab(st))
+        report += converge_vpc(st)
         state.save(st)
         crash.point("resync")
         resync(st)

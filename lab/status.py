@@ -66,7 +66,10 @@ def describe(st: state.LabState, reveal: bool = False) -> dict[str, Any]:
     faults = [{"fault": f.fault, "params": f.params, "detail": f.detail, "seed": f.seed}
               if reveal or f.seed is None else {"fault": None, "params": None, "detail": None, "seed": f.seed}
               for f in recorded(st.name)]
-    return {"name": st.name, "phase": st.phase, "spec": st.spec_file, "exercise": st.exercise, "faults": faults,
+    waiting_nodes = [{"name": o["metadata"]["name"], "message": (o["metadata"].get("annotations") or {}).get(
+        "kubenet-lab.io/waiting", "")} for o in st.objects if o.get("kind") == "Node"
+        and o["metadata"]["name"] not in {n.name for n in lab.nodes}]
+    return {"name": st.name, "phase": st.phase, "waitingNodes": waiting_nodes, "spec": st.spec_file, "exercise": st.exercise, "faults": faults,
             "backend": lab.network.backend, "mtu": lab.network.mtu, "kubeProxy": lab.kube_proxy.mode,
             "services": services, "external": [{"name": e.name, "ip": str(e.ip)} for e in lab.external],
             "underlay": str(lab.underlay.subnet), "podCIDR": str(lab.cluster.pod_cidr),
@@ -82,10 +85,16 @@ def render(info: dict[str, Any]) -> str:
     head = (f"lab {info['name']} ({info['phase']}): backend {info['backend']}, MTU {info['mtu']}, "
             f"kube-proxy {info['kubeProxy']}, "
             f"underlay {info['underlay']}, pods {info['podCIDR']}, services {info['serviceCIDR']}")
-    nodes = [["NODE", "IP", "PODCIDR", "CNI0"]] + [
-        [n["name"], n["ip"], n["podCIDR"], n["gateway"]] for n in info["nodes"]]
+    if info["backend"] == "vpc":  # aws-vpc: no PodCIDR or cni0; the instance sizes the node (lab ipam: its ENIs)
+        nodes = [["NODE", "IP", "INSTANCE", "MAX-PODS", "STATUS"]] + [
+            [n["name"], n["ip"], n.get("instanceType") or "", str(n.get("maxPods")), "Ready"] for n in info["nodes"]]
+    else:
+        nodes = [["NODE", "IP", "PODCIDR", "CNI0"]] + [
+            [n["name"], n["ip"], n["podCIDR"], n["gateway"]] for n in info["nodes"]]
     pods = [["POD", "NAMESPACE", "NODE", "IP", "STATUS"]] + [
         [p["name"], p["namespace"], p["node"], p["ip"], p["status"]] for p in info["pods"]]
+    if info.get("waitingNodes"):  # Node objects the subnet had no address for (aws-vpc)
+        nodes += [[n["name"], "<none>", "", "", "NotReady: cannot join: " + n["message"]] for n in info["waitingNodes"]]
     parts = [head, table(nodes), table(pods) if info["pods"] else "(no pods)"]
     waiting = [p for p in info["pods"] if p.get("message")]
     if waiting:  # kubelet's event for a sandbox that could not be made, as `kubectl describe pod` shows it

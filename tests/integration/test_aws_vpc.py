@@ -184,3 +184,31 @@ def test_a_killed_retry_keeps_the_waiting_pod_and_the_books_converge(lab_up, tmp
     books = ipam(name)
     assert sum(n["assigned"] for n in books["nodes"]) == 18
     assert len({p["ip"] for p in listed}) == 18
+
+
+def test_a_node_joins_with_a_subnet_address_and_cannot_when_the_subnet_is_dry(lab_up, tmp_path) -> None:
+    """`lab apply` of a Node launches one more instance: it takes the subnet's next free address and its own
+    warm pool, and its pods reach the others; once the subnet is full the next Node waits NotReady with
+    InsufficientFreeAddressesInSubnet, and joins when the warm pools give addresses back."""
+    name = unique("vpcnode")
+    lab_up(vpc_lab(name, "10.0.0.0/27", "t3.medium", 2, dns={"enabled": False}))
+    node = {"apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": "node3", "labels": {"node.kubernetes.io/instance-type": "t3.medium"}}}
+    out = apply(name, tmp_path, node)
+    assert "node node3 joined (t3.medium, 10.0.0.16, max pods 17)" in out, out
+    out = apply(name, tmp_path, pod("p1", "node1"), pod("p3", "node3"))
+    ips = {p["name"]: p["ip"] for p in pods(name)}
+    assert source_seen(name, "p3", ips["p1"]) == ips["p3"]
+    apply(name, tmp_path, deployment("web", 12))
+    assert ipam(name)["subnets"][0]["free"] == 0
+    node4 = {**node, "metadata": {**node["metadata"], "name": "node4"}}
+    out = apply(name, tmp_path, node4)
+    assert "node node4 cannot join: InsufficientFreeAddressesInSubnet" in out, out
+    status = lab("status", name).stdout
+    assert re.search(r"node4\s+<none>\s+NotReady: cannot join: InsufficientFreeAddressesInSubnet", status), status
+    with pytest.raises(AssertionError):
+        in_lab(name, "node4", "true")  # not a node of the lab (yet)
+    out = apply(name, tmp_path, aws_node(WARM_IP_TARGET="1"))
+    assert "node node4 joined" in out, out
+    assert "10.0.0." in in_lab(name, "node4", "ip", "-4", "addr", "show", "eth0")
+    assert len([n for n in ipam(name)["nodes"]]) == 4
