@@ -29,7 +29,8 @@ from typing import Any
 from pydantic import Field
 
 from cni.spec import CniIn, check_cni, network_policies_against_lab, profile_of, read_network_policy
-from cni.vpc_spec import check_vpc, read_aws_node, read_node, vpc_against_lab, vpc_nodes, vpc_objects_against_lab
+from cni.vpc_spec import (check_vpc, not_in_a_spec, read_aws_node, read_node, vpc_against_lab, vpc_nodes,
+                           vpc_objects_against_lab)
 from images import agnhost
 from routing.spec import (FabricIn, NetworkIn, RackIn, check_host_names, check_network, check_routed, check_routing,
                           host_names)
@@ -344,6 +345,7 @@ def _build_lab(lab_in: _LabIn, issues: Issues) -> Lab:
     external = check_external(spec.external or [], spec.nodes, taken_names, underlay, racks, dns, issues)
     entries = [(("spec", "objects", i), obj) for i, obj in enumerate(spec.objects or [])]
     parsed = _read_objects(entries, issues)
+    not_in_a_spec(parsed, issues)
     namespaces = lab_namespaces(parsed, {}, issues)
     lab = Lab(name=lab_in.metadata.name, cluster=cluster or DEFAULTS[0], underlay=underlay or DEFAULTS[1],
               network=network or DEFAULTS[2], nodes=tuple(nodes or ()), namespaces=namespaces,

@@ -255,3 +255,15 @@ def applied_nodes(lab: Lab, manifests: list[dict]) -> list[Node]:
         out.append(Node(name=meta["name"], ip=IPv4Address(ip), pod_cidr=next(blocks),
                         index=len(lab.nodes) + len(out), link=lab.underlay.link, instance_type=kind, max_pods=limit))
     return out
+
+
+def not_in_a_spec(parsed: list[Parsed], issues: Issues) -> None:
+    """A lab spec says its nodes in spec.nodes and aws-node's settings in spec.cni.env; the objects are for
+    `lab apply` to a running lab."""
+    for obj in parsed:
+        if obj.kind == "Node":
+            issues.add(obj.loc + ("kind",), "a lab spec lists its nodes in spec.nodes; a Node object adds one to a "
+                                            "running lab (lab apply -f)")
+        elif obj.kind == "DaemonSet":
+            issues.add(obj.loc + ("kind",), "a lab spec sets aws-node's variables in spec.cni.env; the DaemonSet "
+                                            "changes them on a running lab (lab apply -f)")

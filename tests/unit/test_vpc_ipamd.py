@@ -144,3 +144,36 @@ def test_unknown_instance_type_and_reserved_node_address():
     with pytest.raises(SpecError) as err:
         lab_of(nodes=(("node1", "10.0.0.2", "m5.large"),))
     assert "spec.nodes[0].ip" in str(err.value) and "AWS reserves" in str(err.value)
+
+
+def test_aws_node_and_node_objects_are_checked_against_the_lab():
+    from apiserver.spec import parse_objects
+
+    vpc = lab_of()
+    flannel = parse_spec_text(SPEC.replace("cni: {profile: aws-vpc, env: ENV EXTRA}", "cni: {profile: flannel}")
+                              .replace("SUBNET", "10.0.0.0/22").replace("NODES", "    - {name: node1, ip: 10.0.0.10}"))
+    ds = ("apiVersion: apps/v1\nkind: DaemonSet\nmetadata: {name: aws-node, namespace: kube-system}\nspec:\n"
+          "  template:\n    spec:\n      containers:\n        - name: aws-node\n          env:\n"
+          "            - {name: WARM_IP_TARGET, value: \"2\"}\n")
+    assert parse_objects(ds, vpc, "ds.yaml")[0]["metadata"]["name"] == "aws-node"
+    with pytest.raises(SpecError) as err:
+        parse_objects(ds, flannel, "ds.yaml")
+    assert "ds.yaml:2: kind: kube-system/aws-node holds the Amazon VPC CNI's settings" in str(err.value)
+    with pytest.raises(SpecError) as err:
+        parse_objects(ds.replace("WARM_IP_TARGET", "ENABLE_PREFIX_DELEGATION"), vpc, "ds.yaml")
+    assert "on a running lab" in str(err.value) and "spec.template.spec.containers[0].env" in str(err.value)
+    node = "apiVersion: v1\nkind: Node\nmetadata:\n  name: NAME\n  labels: {node.kubernetes.io/instance-type: TYPE}\n"
+    assert parse_objects(node.replace("NAME", "node2").replace("TYPE", "t3.small"), vpc, "n.yaml")
+    for name, kind, needle in (("node1", "t3.small", "already a node"), ("node2", "t3.smal", "did you mean t3.small?"),
+                               ("Node_2", "t3.small", "metadata.name")):
+        with pytest.raises(SpecError) as err:
+            parse_objects(node.replace("NAME", name).replace("TYPE", kind), vpc, "n.yaml")
+        assert needle in str(err.value) and str(err.value).startswith("n.yaml:"), str(err.value)
+
+
+def test_a_lab_spec_takes_no_node_or_aws_node_objects():
+    text = SPEC.replace("SUBNET", "10.0.0.0/22").replace("ENV", "{}").replace("EXTRA", "").replace(
+        "NODES", "    - {name: node1, ip: 10.0.0.10}") + "  objects:\n    - {apiVersion: v1, kind: Node, metadata: {name: x}}\n"
+    with pytest.raises(SpecError) as err:
+        parse_spec_text(text, "t.yaml")
+    assert "spec.objects[0].kind: a lab spec lists its nodes in spec.nodes" in str(err.value)
