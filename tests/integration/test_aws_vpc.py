@@ -99,6 +99,10 @@ def test_pods_are_subnet_addresses_routed_bare_across_nodes(lab_up, tmp_path) ->
     # leaving the VPC: SNAT to the node's primary address (AWS_VPC_K8S_CNI_EXTERNALSNAT=false)
     assert in_lab(name, "a", "curl", "-s", "-m", "5", "http://192.168.1.200/clientip").split(":")[0] == "192.168.1.10"
     assert "AWS-SNAT-CHAIN-0" in in_lab(name, "node1", "iptables-save", "-t", "nat")
+    # lab graph compares this dataplane: no bridge, a /32 per pod; a lost /32 is named
+    assert json.loads(lab("graph", name, "--json").stdout)["problems"] == []
+    in_lab(name, "node1", "ip", "route", "del", f"{a}/32")
+    assert f"node1: missing route {a}/32 dev veth" in " ".join(json.loads(lab("graph", name, "--json").stdout)["problems"])
 
 
 # ---- running dry, and the fixes -----------------------------------------------------------------
