@@ -323,7 +323,7 @@ def others_of(lab: Lab) -> dict[IPv4Network, set[IPv4Address]]:
     for subnet in subnets:
         held = {r.router_ip for r in lab.underlay.racks if r.router_ip in subnet}
         held |= {e.ip for e in lab.external if e.ip in subnet}
-        out[subnet] = held
+        out[subnet] = held - reserved_of(subnet)  # a ToR at .1 is the VPC router AWS reserves anyway
     return out
 
 

@@ -5,6 +5,7 @@ daemonset aws-node -n kube-system WARM_IP_TARGET=2` does on EKS).
 """
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 from ipaddress import IPv4Network
 from typing import Any
@@ -41,7 +42,7 @@ def read_env(env: dict[str, Any], loc: Loc, issues: Issues, allowed: tuple[str, 
             continue
         text = str(value).lower() if isinstance(value, bool) else str(value)
         if key in INT_ENV:
-            if not text.isdigit():
+            if not re.fullmatch(r"[0-9]{1,6}", text):
                 issues.add(here, f"{key} must be a whole number of addresses (0 or more), got {show(value)}")
                 continue
             out[INT_ENV[key]] = int(text)
@@ -171,7 +172,7 @@ def with_aws_node(vpc: VpcCni, manifest: dict) -> VpcCni:
     """The settings after an applied aws-node DaemonSet (its env overrides the spec's, as a kubectl set env)."""
     containers = manifest["spec"]["template"]["spec"]["containers"]
     env = {e["name"]: e["value"] for e in containers[0].get("env", [])}
-    values = {INT_ENV[k]: int(v) for k, v in env.items() if k in INT_ENV and str(v).isdigit()}
+    values = {INT_ENV[k]: int(v) for k, v in env.items() if k in INT_ENV and re.fullmatch(r"[0-9]{1,6}", str(v))}
     return replace(vpc, **values)
 
 

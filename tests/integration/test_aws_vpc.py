@@ -105,6 +105,25 @@ def test_pods_are_subnet_addresses_routed_bare_across_nodes(lab_up, tmp_path) ->
     assert f"node1: missing route {a}/32 dev veth" in " ".join(json.loads(lab("graph", name, "--json").stdout)["problems"])
 
 
+def test_racks_are_subnets_and_pods_cross_them_by_the_routers(lab_up) -> None:
+    """Routed underlay: one VPC subnet per rack; a rack's router ARPs for a pod address like any host and the
+    node answers for it, so pods cross racks with their addresses, through the routers, unencapsulated."""
+    name = unique("vpcrack")
+    lab_up({"apiVersion": "kubenet-lab/v1alpha1", "kind": "Lab", "metadata": {"name": name},
+            "spec": {"underlay": {"racks": [{"name": "rack1", "subnet": "192.168.1.0/24"},
+                                            {"name": "rack2", "subnet": "192.168.2.0/24"}]},
+                     "cni": {"profile": "aws-vpc"}, "dns": {"enabled": False},
+                     "nodes": [{"name": "node1", "ip": "192.168.1.10", "rack": "rack1"},
+                               {"name": "node2", "ip": "192.168.2.10", "rack": "rack2"}],
+                     "objects": [pod("a", "node1"), pod("b", "node2")]}})
+    ips = {p["name"]: p["ip"] for p in pods(name)}
+    assert IPv4Address(ips["a"]) in IPv4Network("192.168.1.0/24") and IPv4Address(ips["b"]) in IPv4Network("192.168.2.0/24")
+    assert source_seen(name, "a", ips["b"]) == ips["a"]
+    books = ipam(name)
+    assert [(s["subnet"], s["other"], s["nodes"], s["pods"]) for s in books["subnets"]] == [
+        ("192.168.1.0/24", 0, 2, 1), ("192.168.2.0/24", 0, 2, 1)]  # the ToR at .1 is AWS's reserved router
+
+
 # ---- running dry, and the fixes -----------------------------------------------------------------
 
 def test_a_small_subnet_runs_dry_and_warm_ip_target_frees_it(lab_up, tmp_path) -> None:

@@ -177,3 +177,10 @@ def test_a_lab_spec_takes_no_node_or_aws_node_objects():
     with pytest.raises(SpecError) as err:
         parse_spec_text(text, "t.yaml")
     assert "spec.objects[0].kind: a lab spec lists its nodes in spec.nodes" in str(err.value)
+
+
+@pytest.mark.parametrize("value", ["'²'", "'1 '", "-1", "1.5", "'0x10'"])
+def test_targets_are_plain_whole_numbers(value):
+    with pytest.raises(SpecError) as err:
+        lab_of(env=f"{{WARM_IP_TARGET: {value}}}")
+    assert "spec.cni.env.WARM_IP_TARGET: WARM_IP_TARGET must be a whole number" in str(err.value)
