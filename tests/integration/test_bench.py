@@ -16,7 +16,7 @@ from tests.integration.conftest import REPO
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-SUITES = ("dataplanes", "services", "dns", "updown")
+SUITES = ("dataplanes", "services", "dns", "updown", "ipam")
 
 
 def _bench_namespaces() -> list[str]:
@@ -81,7 +81,7 @@ def test_expected_cases_and_metrics(bench) -> None:
     # every path but the ClusterIP answers ping (no interface holds a VIP in iptables mode)
     assert all(("rtt_ms" in c["samples"]) == (name != "host-gw ClusterIP") for name, c in dataplanes.items())
     services = suites["services"]["cases"]
-    assert {(c["mode"], c["services"]) for c in services} >= {("iptables", 10), ("nftables", 100)}
+    assert {(c["mode"], c["services"]) for c in services} >= {("iptables-nft", 10), ("nftables", 100)}
     assert all({"full_sync_s", "first_p50_us", "last_p99_us"} <= c["samples"].keys() for c in services)
     dns = {c["name"]: c for c in suites["dns"]["cases"]}
     assert {"ndots 5", "trailing dot"} <= dns.keys()
