@@ -184,3 +184,23 @@ def test_targets_are_plain_whole_numbers(value):
     with pytest.raises(SpecError) as err:
         lab_of(env=f"{{WARM_IP_TARGET: {value}}}")
     assert "spec.cni.env.WARM_IP_TARGET: WARM_IP_TARGET must be a whole number" in str(err.value)
+
+
+def test_aws_snat_returns_vpc_traffic_and_snats_the_rest_to_the_node():
+    from services.kube_proxy_iptables import aws_snat
+
+    lines = aws_snat(IPv4Address("10.0.0.10"), [IPv4Network("10.0.0.0/27")], [IPv4Address("10.0.0.20")])
+    assert lines[0].startswith("-A POSTROUTING ") and lines[0].endswith("-j AWS-SNAT-CHAIN-0")
+    # the external host (the lab's internet) is sent to SNAT before the VPC's RETURN would keep the pod address
+    order = [l.split(" -j ")[-1] for l in lines[1:]]
+    assert order[:3] == ["AWS-SNAT-CHAIN-1", "RETURN", "AWS-SNAT-CHAIN-1"]
+    assert "-d 10.0.0.20/32" in lines[1] and "-d 10.0.0.0/27" in lines[2]
+    assert lines[-1].startswith("-A AWS-SNAT-CHAIN-1 ! -o vlan+") and "SNAT --to-source 10.0.0.10" in lines[-1]
+
+
+def test_lab_ipam_shows_address_runs():
+    from lab.ipam import _ranges
+
+    assert _ranges(["10.0.0.4", "10.0.0.5", "10.0.0.6", "10.0.0.9", "10.0.0.13", "10.0.0.14"]) == \
+        "10.0.0.4-6, 10.0.0.9, 10.0.0.13-14"
+    assert _ranges(["10.0.0.16/28"]) == "10.0.0.16/28"
