@@ -12,6 +12,7 @@ import functools
 from pathlib import Path
 
 from apiserver import state
+from cni.vpc_spec import applied_nodes, with_aws_node
 from services import addons
 from topo.model import Container, ContainerPort, Lab, Pod
 from apiserver.spec import ingresses_from_objects, network_policies_from_objects, parse_spec_text, services_from_objects
@@ -42,8 +43,17 @@ def spec_of(st: state.LabState) -> Lab:
 
 
 def model_of(st: state.LabState) -> Lab:
-    """The model of a running lab, re-derived from the spec text it was built from (with its addons)."""
-    return addons.with_addons(spec_of(st), state.lab_dir(st.name))
+    """The model of a running lab, re-derived from the spec text it was built from (with its addons), and the
+    nodes that joined it since (`lab apply` of a Node: the infrastructure, not an object the spec describes)."""
+    return addons.with_addons(with_joined_nodes(spec_of(st), st),
+                              state.lab_dir(st.name))
+
+
+def with_joined_nodes(lab: Lab, st: state.LabState) -> Lab:
+    nodes = [o for o in st.objects if o.get("kind") == "Node"]
+    if not nodes:
+        return lab
+    return dataclasses.replace(lab, nodes=lab.nodes + tuple(applied_nodes(lab, nodes)))
 
 
 def object_key(obj: dict) -> str:
@@ -60,7 +70,7 @@ def current_lab(st: state.LabState) -> Lab:
     ports were pinned when they were applied, against the spec's surviving objects, so they come out the
     same every time.
     """
-    spec = spec_of(st)
+    spec = with_joined_nodes(spec_of(st), st)
     replaced = {object_key(o) for o in st.objects} | set(st.deleted)
     namespaces = dict(spec.namespaces)
     for obj in st.objects:
@@ -74,6 +84,9 @@ def current_lab(st: state.LabState) -> Lab:
         services=tuple(s for s in spec.services if f"Service/{s.key}" not in replaced),
         ingresses=tuple(i for i in spec.ingresses if f"Ingress/{i.key}" not in replaced),
         network_policies=tuple(p for p in spec.network_policies if f"NetworkPolicy/{p.key}" not in replaced))
+    for obj in st.objects:
+        if obj.get("kind") == "DaemonSet":  # kube-system/aws-node: the aws-vpc profile's warm pool settings
+            lab = dataclasses.replace(lab, vpc=with_aws_node(lab.vpc, obj))
     applied = [o for o in st.objects if o.get("kind") == "Service"]
     lab = dataclasses.replace(lab, services=lab.services + tuple(services_from_objects(applied, lab, None)))
     applied = [o for o in st.objects if o.get("kind") == "Ingress"]

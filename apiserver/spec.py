@@ -30,6 +30,8 @@ from pydantic import Field
 
 from apiserver.files import SPEC_MISSING, read_manifest
 from cni.spec import CniIn, check_cni, network_policies_against_lab, profile_of, read_network_policy
+from cni.vpc_spec import (check_vpc, not_in_a_spec, read_aws_node, read_node, vpc_against_lab, vpc_nodes,
+                           vpc_objects_against_lab)
 from images import agnhost
 from routing.spec import (FabricIn, NetworkIn, RackIn, check_host_names, check_network, check_routed, check_routing,
                           host_names)
@@ -327,6 +329,7 @@ def _build_lab(lab_in: _LabIn, issues: Issues) -> Lab:
     cni = check_cni(spec.cni, issues)
     if cni is not None and cni.profile == "cilium":
         check_cilium_backend(cni, network_in, issues)
+    vpc = check_vpc(spec.cni, cni.profile if cni is not None else None, network_in.backend, spec.nodes, issues)
     if cni is not None and network_in.backend is None:  # a profile sets the backend's default only
         backend = CILIUM_ROUTING_MODES[cni.routing_mode] if cni.routing_mode else CNI_PROFILES[cni.profile][0]
         network_in = network_in.model_copy(update={"backend": backend})
@@ -338,6 +341,8 @@ def _build_lab(lab_in: _LabIn, issues: Issues) -> Lab:
         fabric_cidr = underlay_in.fabric.cidr if underlay_in.fabric is not None else None
         check_disjoint(spec.cluster or ClusterIn(), cluster, underlay, underlay_in.subnet, fabric_cidr, issues)
     nodes = check_nodes(spec.nodes, cluster, underlay, racks, issues)
+    if nodes is not None and vpc is not None:
+        nodes = vpc_nodes(nodes, spec.nodes, vpc)
     check_host_names(spec.nodes, underlay_in.racks, underlay_in.fabric, issues)
     if network is not None:
         check_routing(network_in, network, spec.nodes, racks, issues)
@@ -348,6 +353,7 @@ def _build_lab(lab_in: _LabIn, issues: Issues) -> Lab:
     external = check_external(spec.external or [], spec.nodes, taken_names, underlay, racks, dns, issues)
     entries = [(("spec", "objects", i), obj) for i, obj in enumerate(spec.objects or [])]
     parsed = _read_objects(entries, issues)
+    not_in_a_spec(parsed, issues)
     namespaces = lab_namespaces(parsed, {}, issues)
     lab = Lab(name=lab_in.metadata.name, cluster=cluster or DEFAULTS[0], underlay=underlay or DEFAULTS[1],
               network=network or DEFAULTS[2], nodes=tuple(nodes or ()), namespaces=namespaces,
@@ -358,6 +364,9 @@ def _build_lab(lab_in: _LabIn, issues: Issues) -> Lab:
     lab.services = tuple(services_against_lab(parsed, lab, service_cidr, set(namespaces), issues))
     lab.ingresses = tuple(ingresses_against_lab(parsed, lab, set(namespaces), issues, running=False))
     lab.cni = cni or profile_of(lab.network.backend)
+    if vpc is not None:
+        lab.vpc = vpc
+        vpc_against_lab(lab, issues)
     lab.network_policies = tuple(network_policies_against_lab(parsed, lab, set(namespaces), issues))
     lab.objects = tuple(p.manifest for p in parsed)  # after services_against_lab: it fills in allocated IPs and ports
     lab.pods = tuple(pods_against_lab(parsed, lab, set(namespaces), issues, place=nodes is not None and not issues,
@@ -516,6 +525,8 @@ KINDS: dict[tuple[str, str], Reader] = {
     ("v1", "Service"): read_service,
     ("networking.k8s.io/v1", "Ingress"): read_ingress,
     ("networking.k8s.io/v1", "NetworkPolicy"): read_network_policy,
+    ("apps/v1", "DaemonSet"): read_aws_node,  # kube-system/aws-node only: the aws-vpc profile's settings
+    ("v1", "Node"): read_node,  # an instance joining an aws-vpc lab (lab apply)
 }
 
 
@@ -538,6 +549,7 @@ def _objects_against_lab(parsed: list[Parsed], lab: Lab, issues: Issues, pods: b
                       if services else [])
     found_ingresses = ingresses_against_lab(parsed, lab, set(namespaces), issues, running=True) if ingresses else []
     found_pods = pods_against_lab(parsed, lab, set(namespaces), issues, place=place) if pods else []
-    if pods and services and ingresses:  # every kind: NetworkPolicies too
+    if pods and services and ingresses:  # every kind: NetworkPolicies, aws-node and Nodes too
         network_policies_against_lab(parsed, lab, set(namespaces), issues)
+        vpc_objects_against_lab(parsed, lab, issues)
     return found_pods, found_services, found_ingresses

@@ -47,6 +47,15 @@ class PodState:
     phase: str = "Running"  # "Pending" while being made, "Terminating" while being removed (crash markers)
     hostname: str | None = None  # spec.hostname and spec.subdomain, for the cluster DNS's names
     subdomain: str | None = None
+    # Pending with a reason: a pod that stays Pending on purpose, not a crash marker (`reconcile.recover` keeps
+    # it and retries). "ContainerCreating": the CNI could give it no address (aws-vpc: the subnet ran dry);
+    # `message` is what kubelet's event would say.
+    reason: str | None = None
+    message: str | None = None
+
+    @property
+    def waiting(self) -> bool:
+        return self.phase == "Pending" and self.reason is not None
 
 
 @dataclass
@@ -103,6 +112,16 @@ def pod_state(pod: Pod, ip: str, netns: str, pause_pid: int, containers: dict[st
     return PodState(node=pod.node, ip=ip, netns=netns, pause_pid=pause_pid, containers=containers,
                     owner=pod.owner, labels=pod.label_map, ports=ports, hostname=pod.hostname,
                     subdomain=pod.subdomain)
+
+
+WAITING_REASON = "ContainerCreating"  # what `kubectl get pods` shows for a pod whose sandbox keeps failing
+
+
+def waiting_pod(pod: Pod, netns: str, message: str) -> PodState:
+    """The record of a pod that is to exist but has no sandbox yet: Pending, ContainerCreating, the message."""
+    record = pod_state(pod, "", netns, 0, {})
+    record.phase, record.reason, record.message = "Pending", WAITING_REASON, message
+    return record
 
 
 def pod_dir(lab: str, pod: Pod) -> Path:

@@ -154,7 +154,7 @@ def up_lab(backend: str, folder: Path) -> tuple[str, int]:
 
 
 def down_lab(name: str) -> None:
-    from lab.bench import remove_lab  # `lab down`, or the crash-safe teardown if the build never finished
+    from lab.bench_base import remove_lab  # `lab down`, or the crash-safe teardown if the build never finished
 
     remove_lab(name)
 
@@ -185,6 +185,6 @@ def measure_lab(name: str, seconds: int, path: str = "across nodes") -> dict[str
 
 
 if __name__ == "__main__":
-    from lab.bench import script_main
+    from lab.bench_base import script_main
 
     sys.exit(script_main("dataplanes", __doc__))

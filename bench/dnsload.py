@@ -187,6 +187,6 @@ def _throttled(lab: str) -> dict[str, int]:
 
 
 if __name__ == "__main__":
-    from lab.bench import script_main
+    from lab.bench_base import script_main
 
     sys.exit(script_main("dns", __doc__))

@@ -58,7 +58,7 @@ def updown_once(make: callable, folder: Path) -> tuple[float, float]:
         up = timed("up", str(path))
         down = timed("down", name)
     except BaseException:
-        from lab.bench import remove_lab  # `lab down`, or the crash-safe teardown if the build never finished
+        from lab.bench_base import remove_lab  # `lab down`, or the crash-safe teardown if the build never finished
 
         remove_lab(name)
         raise
@@ -66,6 +66,6 @@ def updown_once(make: callable, folder: Path) -> tuple[float, float]:
 
 
 if __name__ == "__main__":
-    from lab.bench import script_main
+    from lab.bench_base import script_main
 
     sys.exit(script_main("updown", __doc__))

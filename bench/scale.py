@@ -74,7 +74,7 @@ def measure(make: callable, folder: Path) -> dict[str, float]:
         status = _timed("status", name)
         down = _timed("down", name)
     except BaseException:
-        from lab.bench import remove_lab
+        from lab.bench_base import remove_lab
 
         remove_lab(name)
         raise
@@ -83,6 +83,6 @@ def measure(make: callable, folder: Path) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    from lab.bench import script_main
+    from lab.bench_base import script_main
 
     sys.exit(script_main("scale", __doc__))

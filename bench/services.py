@@ -182,6 +182,6 @@ def measure_case(mode: str, count: int, connects: int) -> dict:
 
 
 if __name__ == "__main__":
-    from lab.bench import script_main
+    from lab.bench_base import script_main
 
     sys.exit(script_main("services", __doc__))

@@ -24,11 +24,20 @@ SELECTOR_OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist")
 _PEER_EXAMPLE = "{podSelector: {matchLabels: {app: web}}}, {namespaceSelector: {...}} or {ipBlock: {cidr: ...}}"
 
 
+class EniConfigIn(StrictModel):
+    """The aws-vpc profile's custom networking: the ENIConfig's subnet pods take their addresses from."""
+
+    subnet: str = Field(examples=["subnet: 100.64.0.0/24"])
+
+
 class CniIn(StrictModel):
-    """The CNI the lab plays (see topo.model.CNI_PROFILES)."""
+    """The CNI the lab plays (see topo.model.CNI_PROFILES); env and eniConfig: the aws-vpc profile's settings
+    (cni.vpc_spec)."""
 
     profile: str | None = None
     routing_mode: str | None = Field(None, alias="routingMode")  # cilium: tunnel (default) or native
+    env: dict[str, Any] | None = None
+    eni_config: EniConfigIn | None = Field(None, alias="eniConfig")
 
 
 class _SelectorRequirementIn(StrictModel):
@@ -119,7 +128,8 @@ def check_cni(cni_in: CniIn | None, issues: Issues) -> Cni | None:
     close = close_match(profile, tuple(CNI_PROFILES) + tuple(PLANNED_CNI_PROFILES))
     hint = f" (did you mean {close}?)" if close else ""
     issues.add(loc, f"unknown CNI profile {short(repr(profile), 40)}{hint}; available: {available} (flannel: "
-                    "VXLAN, no NetworkPolicy; calico: BGP, NetworkPolicy enforced; cilium: eBPF, no kube-proxy)")
+                    "VXLAN, no NetworkPolicy; calico: BGP, NetworkPolicy enforced; cilium: eBPF, no kube-proxy; "
+                    "aws-vpc: pod IPs from the VPC subnet)")
     return None
 
 

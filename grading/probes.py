@@ -480,6 +480,16 @@ def _true_value(ctx: Context, v: schema.ValueIn) -> Any:
         if v.pod_capacity is not None:
             return node.pod_capacity
         return node.pod_capacity - sum(1 for ps in ctx.st.pods.values() if ps.node == node.name)
+    if v.max_pods is not None or v.subnet_free is not None:
+        node = look.lab.node(look.live(v.max_pods or v.subnet_free).name)  # type: ignore[arg-type]
+        if node.max_pods is None:
+            raise StateError(f"{node.name} has no max pods or VPC subnet: this lab does not play aws-vpc")
+        if v.max_pods is not None:
+            return node.max_pods
+        from kubelet.pods import ipamd_file
+
+        books = ipamd_file(look.lab).read()
+        return len(books.free(books.pod_subnet(books.nodes[node.name])))
     if v.route_via is not None:
         target = look.live(v.route_via.on)
         with netns.rtnl_in(target.netns) as rt:

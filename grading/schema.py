@@ -185,6 +185,8 @@ class ValueIn(StrictModel):
     mtu: DevIn | None = None
     pod_capacity: str | None = Field(None, alias="podCapacity")
     free_pod_ips: str | None = Field(None, alias="freePodIPs")
+    max_pods: str | None = Field(None, alias="maxPods")  # aws-vpc: EKS's max pods of the node's instance type
+    subnet_free: str | None = Field(None, alias="subnetFree")  # aws-vpc: free addresses of the node's pod subnet
     route_via: RouteViaIn | None = Field(None, alias="routeVia")
     command: CommandValueIn | None = None
     dns_queries: DnsQueriesIn | None = Field(None, alias="dnsQueries")

@@ -20,6 +20,8 @@ from apiserver import state
 from cilium import agent
 from cni.lxc import LXC_PREFIX, LxcPlugin
 from cni.plugin import BridgePlugin, CniArgs, NetConf
+from cni.vpc_ipamd import IPAMD_FILE, IpamdFile
+from cni.vpc_plugin import VpcPlugin
 from kubelet import cgroups, runtime
 from services import addons
 from services.endpoints import RunningPod
@@ -54,7 +56,14 @@ def cni_args(lab: Lab, namespace: str, name: str) -> CniArgs:
                    host_prefix=LXC_PREFIX if lab.cni.profile == "cilium" else "veth")
 
 
-def plugin(lab: Lab, node: str, host: Rtnl) -> BridgePlugin:
+def ipamd_file(lab: Lab) -> IpamdFile:
+    """The aws-vpc profile's ipamd books (every node's ENIs and the subnets'), next to the lease files."""
+    return IpamdFile(state.ipam_dir(lab.name) / IPAMD_FILE, lab)
+
+
+def plugin(lab: Lab, node: str, host: Rtnl) -> BridgePlugin | VpcPlugin:
+    if lab.cni.profile == "aws-vpc":
+        return VpcPlugin(node, host, ipamd_file(lab).locked, lab.network.mtu)
     return plugin_for(netconf(lab, node, state.ipam_dir(lab.name)), host)
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from apiserver import state
 from cni import network_policy
 from cilium import agent
+from cni import vpc_ipamd, vpc_plugin
 from cni.plugin import BridgePlugin, memory_session
 from kubelet import cgroups, runtime
 from kubelet.pods import in_pod_cgroup, plugin_for
@@ -66,9 +67,17 @@ def write_sysctls(ns: str, values: tuple[tuple[str, str], ...]) -> None:
                 fh.write(value)
 
 
-def setup_node(node: NodeOps, handles: NodeHandles) -> BridgePlugin:
+def setup_node(node: NodeOps, handles: NodeHandles, ipamd=None) -> BridgePlugin | vpc_plugin.VpcPlugin:
     host = handles.get(node.netns)
-    plugin = plugin_for(node.netconf, host)
+    plugin: BridgePlugin | vpc_plugin.VpcPlugin
+    if node.vpc:
+        plugin = vpc_plugin.VpcPlugin(node.name, host, lambda: vpc_plugin.memory_session(ipamd), node.netconf.mtu)
+        # answer ARP for the node's pods at once (the kernel delays proxy replies by up to 0.8 s otherwise)
+        write_sysctls(node.netns, ((f"net/ipv4/neigh/{NODE_IFNAME}/proxy_delay", "0"),))
+        for subnet in node.onlink:
+            host.replace_route(subnet, oif=plugin.ensure_bridge())
+    else:
+        plugin = plugin_for(node.netconf, host)
     plugin.ensure_bridge()
     devices: dict[str, int] = {}
     for route in node.routes:
@@ -87,7 +96,7 @@ def setup_node(node: NodeOps, handles: NodeHandles) -> BridgePlugin:
     return plugin
 
 
-def add_pod(lab: Lab, op: PodOps, plugin: BridgePlugin, pause: str, logs: Path) -> state.PodState:
+def add_pod(lab: Lab, op: PodOps, plugin: BridgePlugin | vpc_plugin.VpcPlugin, pause: str, logs: Path) -> state.PodState:
     files = state.pod_dir(lab.name, op.pod)
     runtime.write_pod_files(files, addons.pod_resolv_conf(lab, op.pod), addons.pod_hosts(op.pod, None))
     netns.create(op.netns)
@@ -151,14 +160,17 @@ def apply(plan: Plan, st: state.LabState) -> float | None:
         for ns in plan.underlay.switch_netns:
             write_sysctls(ns, SWITCH_SYSCTLS)
         start_bgp(plan.routers, plan.lab.name)
-        plugins: dict[str, BridgePlugin] = {}
+        plugins: dict[str, BridgePlugin | vpc_plugin.VpcPlugin] = {}
         for node in plan.nodes:
-            plugins[node.name] = setup_node(node, handles)
+            plugins[node.name] = setup_node(node, handles, plan.ipamd)
             if plan.lab.cni.profile == "cilium":
                 agent.setup_node(plan.lab, node.name)
         for node_name, plugin in plugins.items():
             ipam = plan.ipam[node_name]
-            plugin.ipam = lambda ipam=ipam: memory_session(ipam)
+            if isinstance(plugin, BridgePlugin):
+                plugin.ipam = lambda ipam=ipam: memory_session(ipam)
+        for pod, message in plan.waiting:  # aws-vpc: no address left for these; the next reconcile retries
+            st.pods[pod.key] = state.waiting_pod(pod, plan.lab.pod_netns(pod), message)
         running = [RunningPod(op.pod, op.address.ip) for op in plan.pods]
         addons.write_configs(plan.lab, running, state.lab_dir(plan.lab.name))
         # Policy first: the plan knows every pod's IP, so each pod starts isolated as its policies say (Calico
@@ -174,6 +186,8 @@ def apply(plan: Plan, st: state.LabState) -> float | None:
         finally:
             for node in plan.nodes:
                 node.netconf.lease_file().write(plan.ipam[node.name])
+            if plan.ipamd is not None:
+                vpc_ipamd.IpamdFile(state.ipam_dir(plan.lab.name) / vpc_ipamd.IPAMD_FILE, plan.lab).write(plan.ipamd)
         for addon in ("dns", "ingress"):  # their daemons have just started with the files as written
             addons.mark_loaded(addon, state.lab_dir(plan.lab.name))
         start_external(plan.lab)

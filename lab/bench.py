@@ -11,151 +11,24 @@ close() paths.
 from __future__ import annotations
 
 import datetime
-import importlib.util
 import json
 import os
 import platform
 import shutil
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
 import uuid
 from collections.abc import Callable
 from contextlib import ExitStack
-from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 
-from topo import names, netns
+from lab.bench_base import Case, Suite, _lab_cli, _ratio, _script, _spread, _table, remove_lab
+from lab.bench_suites import DNS_CLIENTS, SCALE_SIZES, DnsLoad, Ipam, Scale
 from topo.errors import FeatureMissing, StateError
 
-REPO = Path(__file__).resolve().parent.parent
-SUITES = ("dataplanes", "services", "dns", "dns-load", "updown", "scale")  # `dns` also runs `dns-load`
-DNS_CLIENTS = (20, 50, 100, 200)  # `lab bench dns` storm sizes without --clients
-SCALE_SIZES = (1000,)  # `lab bench scale` without --sizes; 10,000 takes minutes (issue 15 measured it)
+SUITES = ("dataplanes", "services", "dns", "dns-load", "updown", "ipam", "scale")  # `dns` also runs `dns-load`
 DNS_NAME = "api.example.com"
-
-
-def script_main(suite: str, doc: str) -> int:
-    """The bench/ scripts' command line: `lab bench SUITE` under another name (one implementation).
-
-    Run as `python -m lab.cli bench ...` in a child process, from this source tree and in the caller's
-    folder (so relative --json and --plot paths mean the same): the scheduler never imports the CLI that
-    imports it. A Ctrl-C reaches the child too (same process group), which cleans up and exits; its exit
-    status is the script's."""
-    import argparse
-
-    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
-    parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--json", help="write every sample and the machine description here")
-    parser.add_argument("--plot", help="write a PNG into this folder")
-    args = parser.parse_args()
-    extra = [*(["--json", args.json] if args.json else []), *(["--plot", args.plot] if args.plot else [])]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    child = subprocess.Popen([sys.executable, "-m", "lab.cli", "bench", suite, "--repeat", str(args.repeat), *extra],
-                             env=env)
-    while True:
-        try:
-            return child.wait()
-        except KeyboardInterrupt:
-            continue  # the child got the same Ctrl-C: let it finish its cleanup
-
-
-def remove_lab(name: str) -> None:
-    """Take a lab down as a user would; if that fails (a build killed before its state was written),
-    remove whatever namespaces and state of that name are left, as `lab clean` does."""
-    proc = subprocess.run([sys.executable, "-m", "lab.cli", "down", name], cwd=REPO, capture_output=True)
-    if proc.returncode == 0:
-        return
-    from apiserver import state
-    from lab import apply
-
-    if netns.list_names(f"{names.NETNS_PREFIX}{name}{names.SEP}") or state.lab_dir(name).exists():
-        with state.locked(name):
-            apply.teardown(name)
-            state.remove(name)
-
-
-def _script(name: str) -> ModuleType:
-    """One of the bench/ scripts, imported from the source tree (bench/ is not an installed package)."""
-    key = f"_kubenet_bench_{name}"
-    if key in sys.modules:
-        return sys.modules[key]
-    path = REPO / "bench" / f"{name}.py"
-    if not path.exists():
-        raise FeatureMissing(f"lab bench needs the source tree's bench/ scripts ({path} is missing)")
-    spec = importlib.util.spec_from_file_location(key, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[key] = module
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module
-
-
-def _lab_cli(*args: str) -> str:
-    proc = subprocess.run([sys.executable, "-m", "lab.cli", *args], cwd=REPO, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise StateError(f"lab {' '.join(args)} failed: {proc.stderr.strip() or f'exit {proc.returncode}'}")
-    return proc.stdout
-
-
-@dataclass
-class Case:
-    name: str
-    run: Callable[[], dict[str, float]]  # one sample of every metric
-    info: dict = field(default_factory=dict)  # fixed facts of the case (MTU, mode, service count)
-    samples: dict[str, list[float]] = field(default_factory=dict)
-
-    def add(self, sample: dict[str, float]) -> None:
-        for key, value in sample.items():
-            self.samples.setdefault(key, []).append(value)
-
-    def median(self) -> dict[str, float]:
-        return {k: statistics.median(v) for k, v in self.samples.items()}
-
-    def to_json(self) -> dict:
-        return {"name": self.name, **self.info, "samples": self.samples, "median": self.median(),
-                "min": {k: min(v) for k, v in self.samples.items()},
-                "max": {k: max(v) for k, v in self.samples.items()}}
-
-
-def _spread(case: Case, key: str, fmt: str) -> str:
-    values = case.samples[key]
-    med = format(statistics.median(values), fmt)
-    if len(values) == 1:
-        return med
-    return f"{med} ({format(min(values), fmt)}-{format(max(values), fmt)})"
-
-
-def _ratio(value: float, base: float, fmt: str) -> str:
-    return format(value / base, fmt) if base else "n/a"
-
-
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
-    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
-
-
-class Suite:
-    name = ""
-
-    def __init__(self, quick: bool) -> None:
-        self.quick = quick
-        self.cases: list[Case] = []
-
-    def setup(self, stack: ExitStack, folder: Path) -> None:
-        """Build what the cases measure; register its removal on `stack`."""
-
-    def table(self) -> str:
-        raise NotImplementedError
-
-    def plot(self, plt, path: Path) -> None:
-        raise NotImplementedError
-
-    def to_json(self) -> dict:
-        return {"cases": [c.to_json() for c in self.cases]}
 
 
 class Dataplanes(Suite):
@@ -386,121 +259,8 @@ class Updown(Suite):
         plt.close(fig)
 
 
-class Scale(Suite):
-    """The change path's cost as a lab grows (bench/scale.py): the seed lab, then each size, side by side."""
-    name = "scale"
-
-    def __init__(self, quick: bool, sizes: tuple[int, ...] = SCALE_SIZES) -> None:
-        super().__init__(quick)
-        self.folder: Path | None = None
-        self.cases.append(Case("seed lab (3 pods)", self._runner(None), {"pods": 3}))
-        for size in () if quick else sizes:
-            nodes, per_node = _script("scale").shape(size)
-            self.cases.append(Case(f"{nodes} nodes x {per_node} pods", self._runner(size), {"pods": nodes * per_node}))
-
-    def _runner(self, size: int | None) -> Callable[[], dict[str, float]]:
-        def run() -> dict[str, float]:
-            sc = _script("scale")
-            return sc.measure(sc.seed_spec if size is None else (lambda n: sc.scale_spec(n, size)), self.folder)
-        return run
-
-    def setup(self, stack: ExitStack, folder: Path) -> None:
-        self.folder = folder
-
-    def table(self) -> str:
-        seed = self.cases[0].median().get("apply_one_s") if self.cases[0].samples else None
-        rows = []
-        for c in self.cases:
-            ratio = f"{c.median()['apply_one_s'] / seed:.2f}x" if seed and c.samples else "-"
-            rows.append([c.name, _spread(c, "up_s", ".2f"), _spread(c, "apply_one_s", ".3f"), ratio,
-                         _spread(c, "delete_one_s", ".3f"), _spread(c, "status_s", ".3f"), _spread(c, "down_s", ".2f")])
-        return _table(["case", "lab up s", "apply 1 pod s", "vs seed", "delete 1 pod s", "lab status s",
-                       "lab down s"], rows)
-
-    def plot(self, plt, path: Path) -> None:
-        fig, ax = plt.subplots(figsize=(8, 4))
-        xs = range(len(self.cases))
-        for offset, key, label in ((-0.3, "apply_one_s", "apply 1 pod"), (-0.1, "delete_one_s", "delete 1 pod"),
-                                   (0.1, "status_s", "lab status")):
-            ax.bar([x + offset for x in xs], [c.median()[key] for c in self.cases], 0.2, label=label)
-        ax.set_xticks(list(xs), [c.name for c in self.cases])
-        ax.set_ylabel("wall time (s)")
-        ax.set_title("one change vs the size of the lab (CLI wall time)")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(path)
-        plt.close(fig)
-
-
-class DnsLoad(Suite):
-    """The ndots:5 storm and its fixes (bench/dnsload.py), side by side: every setting at every client count."""
-    name = "dns-load"
-    RATE, SECONDS = 2.0, 4.0  # lookups per second per client, seconds per case
-
-    def __init__(self, quick: bool, clients: tuple[int, ...] = DNS_CLIENTS) -> None:
-        super().__init__(quick)
-        script = _script("dnsload")
-        self.clients = (4,) if quick else clients
-        self.rate, self.seconds = (5.0, 2.0) if quick else (self.RATE, self.SECONDS)
-        self.lab, self.folder = "", Path()
-        settings = [s for s in script.SETTINGS if not quick or s.name in script.QUICK_SETTINGS]
-        for count in self.clients:
-            for setting in settings:
-                self.cases.append(Case(f"{setting.name} x{count}", self._runner(setting, count),
-                                       {"setting": setting.name, "clients": count, "rate": self.rate,
-                                        "seconds": self.seconds, "libc": setting.libc, "lookup": setting.lookup,
-                                        "dns_cpu": script.DNS_CPU}))
-
-    def _runner(self, setting, count: int) -> Callable[[], dict[str, float]]:  # type: ignore[no-untyped-def]
-        return lambda: _script("dnsload").run_case(self.lab, setting, count, self.rate, self.seconds, self.folder)
-
-    def setup(self, stack: ExitStack, folder: Path) -> None:
-        import yaml
-
-        from images import dnsclient
-
-        try:
-            dnsclient.binary("glibc")
-            dnsclient.binary("musl")
-        except dnsclient.ClientMissing as exc:
-            raise FeatureMissing(f"lab bench dns: {exc}") from exc
-        self.lab, self.folder = f"bench-storm-{uuid.uuid4().hex[:4]}", folder
-        path = folder / f"{self.lab}.yaml"
-        path.write_text(yaml.safe_dump(_script("dnsload").storm_spec(self.lab, max(self.clients)), sort_keys=False))
-        stack.callback(remove_lab, self.lab)
-        _lab_cli("up", str(path))
-
-    def table(self) -> str:
-        rows = [[c.info["setting"], str(c.info["clients"]), _spread(c, "dns_queries_per_lookup", ".1f"),
-                 _spread(c, "dns_queries_per_s", ".0f"), _spread(c, "nxdomain_share", ".0%"),
-                 _spread(c, "upstream_queries_per_s", ".0f"), _spread(c, "node_cache_queries_per_s", ".0f"),
-                 _spread(c, "lookups_per_s", ".0f"), _spread(c, "p50_ms", ".1f"), _spread(c, "p99_ms", ".1f"),
-                 _spread(c, "failures", ".0f"), _spread(c, "over_1s", ".0f"), _spread(c, "insert_failed", ".0f"),
-                 _spread(c, "dns_throttled_periods", ".0f")]
-                for c in self.cases]
-        return (f"{self.rate:g} lookups/s per client for {self.seconds:g} s; cluster DNS limited to "
-                f"{_script('dnsload').DNS_CPU} CPU; autopath: not available (dnsmasq cannot expand search paths "
-                "server-side)\n" + _table(["setting", "clients", "queries/lookup at DNS", "DNS q/s", "NXDOMAIN",
-                                            "upstream q/s", "node cache q/s", "lookups/s", "p50 ms", "p99 ms",
-                                            "failures", ">1 s", "insert_failed", "DNS throttled"], rows))
-
-    def plot(self, plt, path: Path) -> None:
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for setting in dict.fromkeys(c.info["setting"] for c in self.cases):
-            cases = [c for c in self.cases if c.info["setting"] == setting]
-            ax.plot([c.info["clients"] for c in cases], [c.median()["dns_queries_per_s"] for c in cases],
-                    marker="o", label=setting)
-        ax.set_xlabel("client pods")
-        ax.set_ylabel("queries/s at the cluster DNS")
-        ax.set_title(f"The ndots:5 storm: {self.rate:g} lookups/s per client of {DNS_NAME}")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(path)
-        plt.close(fig)
-
-
 SUITE_CLASSES = {"dataplanes": Dataplanes, "services": Services, "dns": Dns, "dns-load": DnsLoad, "updown": Updown,
-                 "scale": Scale}
+                 "ipam": Ipam, "scale": Scale}
 
 
 def machine(suites: list[Suite]) -> dict:

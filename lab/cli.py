@@ -111,6 +111,15 @@ def _cmd_clean(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_ipam(args: argparse.Namespace) -> int:
+    from apiserver import state
+    from lab import ipam
+
+    info = ipam.describe(state.resolve(args.lab))
+    print(json.dumps(info, indent=2) if args.json else ipam.render(info))
+    return 0
+
+
 def _cmd_status(args: argparse.Namespace) -> int:
     from apiserver import state
     from lab import status
@@ -396,6 +405,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "capstone) broke: the answer to the puzzle")
     p.set_defaults(func=_cmd_status)
 
+    p = sub.add_parser("ipam", help="aws-vpc profile: the VPC subnet's books, each node's ENIs and warm pool")
+    p.add_argument("--lab", help="the lab, when more than one is running")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_ipam)
+
     p = sub.add_parser("exec", help="run a command (default: a shell) in a node or pod: lab exec POD -- CMD")
     p.add_argument("--lab", help="the lab, when more than one is running")
     p.add_argument("target", help="a node name, a pod name, or namespace/pod")
@@ -453,9 +467,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lab", help="the lab, when more than one is running")
     p.set_defaults(func=_cmd_link)
 
-    p = sub.add_parser("bench", help="measure data planes, service rules, DNS queries and lab up/down (needs root)")
+    p = sub.add_parser("bench", help="measure data planes, service rules, DNS queries, lab up/down and VPC subnet fit "
+                                     "(needs root)")
     p.add_argument("suites", nargs="*", metavar="SUITE",
-                   help="dataplanes, services, dns, updown, scale (default: all but scale)")
+                   help="dataplanes, services, dns, updown, ipam, scale (default: all but scale)")
     p.add_argument("--sizes", help="scale: lab sizes in pods, e.g. 1000,10000 (default 1000)")
     p.add_argument("--clients", help="dns: storm client pod counts, e.g. 20,50,100,200 (the default)")
     p.add_argument("--quick", action="store_true", help="small sizes and 1 repetition: under a minute")

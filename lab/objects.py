@@ -21,7 +21,7 @@ from apiserver.spec import parse_objects, pods_from_objects
 from cni import network_policy
 from kubelet import pods as kubelet
 from kubelet.pods import running_pods
-from lab import progress
+from lab import nodes, progress
 from reconcile.recover import recover
 from reconcile.resync import resync, sync_policies
 from services import addons, kube_proxy
@@ -30,6 +30,7 @@ from topo import crash
 from topo.security_spec import root_warning
 from topo.errors import SpecError, SpecIssue, StateError
 from topo.model import Lab, Pod
+from cni.vpc_plugin import VpcAssignError
 
 
 def _remember(st: state.LabState, objects: list[dict], before: Lab) -> list[str]:
@@ -38,11 +39,15 @@ def _remember(st: state.LabState, objects: list[dict], before: Lab) -> list[str]
     existing = {f"Service/{s.key}": s for s in before.services} | {f"Ingress/{i.key}": i for i in before.ingresses} | {
         f"NetworkPolicy/{p.key}": p for p in before.network_policies}
     report = []
+    before_nodes = {n.name for n in before.nodes} | {object_key(o).rsplit("/", 1)[1] for o in st.objects
+                                                     if o.get("kind") == "Node"}
     for obj in objects:
         key = object_key(obj)
         if key in st.deleted:
             st.deleted.remove(key)
         if key in known:
+            if obj.get("kind") == "Node":  # a running instance keeps its address (and its waiting note)
+                obj["metadata"]["annotations"] = dict(st.objects[known[key]]["metadata"].get("annotations") or {})
             st.objects[known[key]] = obj
         else:
             known[key] = len(st.objects)
@@ -50,6 +55,10 @@ def _remember(st: state.LabState, objects: list[dict], before: Lab) -> list[str]
         kind, namespace, name = key.split("/", 2)
         if kind == "Namespace" and name not in before.namespaces:
             report.append(f"namespace {name} created")
+        elif kind == "Node":
+            report.append(f"node/{name} {'unchanged' if name in before_nodes else 'created'}")
+        elif kind == "DaemonSet":
+            report.append(f"daemonset.apps {namespace}/{name} configured (ipamd's warm pool settings)")
         elif kind in ("Service", "Ingress", "NetworkPolicy"):
             report.append(f"{kind.lower()} {namespace}/{name} {'configured' if key in existing else 'created'}")
     return report
@@ -120,12 +129,16 @@ def apply_file(name: str | None, file: str) -> list[str]:
         with progress.bar(f"lab apply: pods of {Path(file).name}", len(new)) as advance:
             for pod in new:
                 st.pods[pod.key] = _pending(lab, pod)
-                st.pods[pod.key] = kubelet.add_pod(st, lab, pod, lambda p, ip: _protect(st, lab, p, ip))
+                if not _make(st, lab, pod):
+                    report.append(f"pod {pod.key} created ({pod.node}), Pending: {st.pods[pod.key].message}")
+                    advance(1)
+                    continue
                 saver.maybe()
                 crash.point("pod-recorded")
                 verb = "moved to" if pod in moved else "created"
                 report.append(f"pod {pod.key} {verb} ({pod.node}, {st.pods[pod.key].ip})")
                 advance(1)
+        report += converge_vpc(st)
         state.save(st)
         crash.point("resync")
         resync(st)
@@ -136,6 +149,48 @@ def apply_file(name: str | None, file: str) -> list[str]:
     if root:
         report.append("W" + root[1:])  # the containers this file starts as root on the machine
     return report
+
+
+def _make(st: state.LabState, lab: Lab, pod: Pod) -> bool:
+    """Make one pod; False when the CNI had no address for it (aws-vpc: the subnet ran dry). Such a pod is
+    recorded Pending with reason ContainerCreating and the CNI's message, not rolled back: it is still wanted,
+    and the next `lab apply`/`lab delete` retries it (kubelet retries a failed sandbox the same way)."""
+    try:
+        st.pods[pod.key] = kubelet.add_pod(st, lab, pod, lambda p, ip: _protect(st, lab, p, ip))
+        return True
+    except VpcAssignError as exc:
+        st.pods[pod.key] = state.waiting_pod(pod, lab.pod_netns(pod), exc.msg)
+        return False
+
+
+def converge_vpc(st: state.LabState) -> list[str]:
+    """aws-vpc: ipamd's reconcile loop (every node's pool against the current settings, releasing or
+    growing), then nodes waiting for a primary address, then pods waiting for one."""
+    lab = current_lab(st)
+    if lab.cni.profile != "aws-vpc":
+        return []
+    with kubelet.ipamd_file(lab).locked() as ipamd:
+        for pool in ipamd.nodes.values():
+            ipamd.top_up(pool)
+    report = nodes.join(st)
+    return report + retry_waiting(st, current_lab(st))
+
+
+def retry_waiting(st: state.LabState, lab: Lab) -> list[str]:
+    """Give every pod waiting for an address another try, oldest first; report those that got one. The record
+    stays "waiting" while it is tried, so a crash in the middle leaves it waiting (recover removes what was made
+    of it) rather than forgotten."""
+    out = []
+    for key, ps in list(st.pods.items()):
+        if not ps.waiting:
+            continue
+        pod = next((p for p in lab.pods if p.key == key), None)
+        if pod is None:
+            continue
+        state.save(st)
+        if _make(st, lab, pod):
+            out.append(f"pod {key} got an address and started ({pod.node}, {st.pods[key].ip})")
+    return out
 
 
 def _read(file: str) -> str:
@@ -335,6 +390,7 @@ def _delete_objects(name: str | None, wanted: list[tuple[str, str, str]], missin
             for key in pods:
                 _delete_pod(st, lab, key)
                 advance(1)
+        report += converge_vpc(st)
         state.save(st)
         crash.point("resync")
         resync(st)

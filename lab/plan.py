@@ -5,10 +5,11 @@ so it can be unit-tested without root; `lab/apply.py` only carries it out.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from ipaddress import IPv4Interface, IPv4Network
 from pathlib import Path
 
+from cni import vpc_ipamd
 from cni.ipam import NodeIpam
 from cni.plugin import CniArgs, NetConf
 from kubelet.pods import cni_args, netconf
@@ -49,6 +50,8 @@ class NodeOps:
     # A route covering the service CIDR, so connections a node itself opens to a ClusterIP get past the
     # route lookup to the DNAT rules (a real node has a default route for that; a flat lab's do not).
     service_route: IPv4Network | None = None
+    vpc: bool = False  # aws-vpc profile: pods routed from eth0 (neighbour proxy), no cni0
+    onlink: tuple[IPv4Network, ...] = ()  # aws-vpc custom networking: the pod subnet, reachable on eth0
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,8 @@ class Plan:
     ipam: dict[str, NodeIpam]
     routers: tuple[bgp.Speaker, ...] = ()  # the fabric's BGP speakers (routed underlays)
     speakers: tuple[bgp.Speaker, ...] = ()  # the nodes' BGP speakers (backend bgp)
+    ipamd: vpc_ipamd.Ipamd | None = None  # aws-vpc profile: ipamd's books, every pod's address drawn from them
+    waiting: tuple[tuple[Pod, str], ...] = ()  # aws-vpc: pods no address was left for, with the CNI's message
 
 
 def pod_ops(lab: Lab, pod: Pod, ipam: NodeIpam) -> PodOps:
@@ -91,6 +96,24 @@ def build(lab: Lab, ipam_dir: Path) -> Plan:
                           service_route=service_route, ipip=ipip.tunnel(n) if backend == "ipip" else None)
                   for n in lab.nodes)
     ipam = {n.name: NodeIpam(n.name, n.pod_cidr) for n in lab.nodes}
-    pods = tuple(pod_ops(lab, pod, ipam[pod.node]) for pod in lab.pods)
-    return Plan(lab=lab, underlay=underlay.plan(lab), nodes=nodes, pods=pods, ipam=ipam,
-                routers=tuple(bgp.router_speakers(lab)), speakers=tuple(bgp.node_speakers(lab)))
+    ipamd, waiting = None, []
+    if lab.cni.profile == "aws-vpc":
+        onlink = (lab.vpc.custom_network,) if lab.vpc.custom_network is not None else ()
+        nodes = tuple(replace(n, vpc=True, onlink=onlink) for n in nodes)
+        ipamd = vpc_ipamd.fresh(lab)
+        pods = []
+        for pod in lab.pods:
+            args = cni_args(lab, pod.namespace, pod.name)
+            try:
+                ip = ipamd.assign(pod.node, args.container_id)
+            except vpc_ipamd.IpamdExhausted as exc:
+                waiting.append((pod, str(exc)))
+                continue
+            pods.append(PodOps(pod=pod, netns=lab.pod_netns(pod), node=pod.node, args=args,
+                               address=IPv4Interface(f"{ip}/32")))
+        # the CNI ADD of each planned pod finds its address already assigned to its sandbox in these books
+    else:
+        pods = [pod_ops(lab, pod, ipam[pod.node]) for pod in lab.pods]
+    return Plan(lab=lab, underlay=underlay.plan(lab), nodes=nodes, pods=tuple(pods), ipam=ipam,
+                routers=tuple(bgp.router_speakers(lab)), speakers=tuple(bgp.node_speakers(lab)),
+                ipamd=ipamd, waiting=tuple(waiting))

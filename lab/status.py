@@ -17,6 +17,8 @@ def pod_status(pod: state.PodState) -> str:
     command makes it, Terminating while one removes it, Running while a container (or, for a pod of only
     the pause image, its sandbox) runs, Terminated once every container has exited (the lab does not keep
     exit codes, so it cannot say Completed or Error), Dead when the sandbox itself is gone."""
+    if pod.waiting:  # Pending on purpose, e.g. no address left (aws-vpc): kubectl shows the waiting reason
+        return pod.reason or "Pending"
     if pod.phase != "Running":
         return pod.phase
     if not runtime.sandbox_alive(pod.netns, pod.pause_pid):
@@ -43,13 +45,16 @@ def describe(st: state.LabState, reveal: bool = False) -> dict[str, Any]:
     """The lab as JSON-able data. Random faults (`lab break --random`, a capstone's) are a puzzle: only
     their seed is shown, unless `reveal` (the details stay in the lab's faults.json for graders)."""
     lab = model_of(st)
-    nodes = [{"name": n.name, "ip": str(n.ip), "podCIDR": str(n.pod_cidr), "gateway": str(n.gateway.ip),
-              "netns": lab.node_netns(n.name)} for n in lab.nodes]
+    vpc = lab.cni.profile == "aws-vpc"  # no PodCIDR, no cni0: pods take subnet addresses (`lab ipam`)
+    nodes = [{"name": n.name, "ip": str(n.ip), "podCIDR": "-" if vpc else str(n.pod_cidr),
+              "gateway": "-" if vpc else str(n.gateway.ip), "netns": lab.node_netns(n.name),
+              "instanceType": n.instance_type, "maxPods": n.max_pods} for n in lab.nodes]
     pods = []
     for key, pod in sorted(st.pods.items(), key=lambda kv: (kv[1].node, kv[0])):
         namespace, name = key.split("/", 1)
         pods.append({"namespace": namespace, "name": name, "node": pod.node, "ip": pod.ip,
-                     "netns": pod.netns, "status": pod_status(pod), "containers": pod.containers})
+                     "netns": pod.netns, "status": pod_status(pod), "containers": pod.containers,
+                     "message": pod.message if pod.waiting else None})
     services = []
     if lab.services or st.objects:
         now = current_lab(st)  # services need the lab as it runs now
@@ -61,7 +66,11 @@ def describe(st: state.LabState, reveal: bool = False) -> dict[str, Any]:
     faults = [{"fault": f.fault, "params": f.params, "detail": f.detail, "seed": f.seed}
               if reveal or f.seed is None else {"fault": None, "params": None, "detail": None, "seed": f.seed}
               for f in recorded(st.name)]
-    return {"name": st.name, "phase": st.phase, "spec": st.spec_file, "exercise": st.exercise, "faults": faults,
+    waiting_nodes = [{"name": o["metadata"]["name"], "message": (o["metadata"].get("annotations") or {}).get(
+        "kubenet-lab.io/waiting", "")} for o in st.objects if o.get("kind") == "Node"
+        and o["metadata"]["name"] not in {n.name for n in lab.nodes}]
+    return {"name": st.name, "phase": st.phase, "waitingNodes": waiting_nodes, "spec": st.spec_file,
+            "exercise": st.exercise, "faults": faults,
             "backend": lab.network.backend, "mtu": lab.network.mtu, "kubeProxy": kube_proxy.mode_label(lab),
             "cni": lab.cni.profile,
             "services": services, "external": [{"name": e.name, "ip": str(e.ip)} for e in lab.external],
@@ -78,12 +87,22 @@ def render(info: dict[str, Any]) -> str:
     head = (f"lab {info['name']} ({info['phase']}): backend {info['backend']}, MTU {info['mtu']}, "
             f"kube-proxy {info['kubeProxy']}, "
             f"underlay {info['underlay']}, pods {info['podCIDR']}, services {info['serviceCIDR']}")
-    gateway = "CILIUM_HOST" if info.get("cni") == "cilium" else "CNI0"
-    nodes = [["NODE", "IP", "PODCIDR", gateway]] + [
-        [n["name"], n["ip"], n["podCIDR"], n["gateway"]] for n in info["nodes"]]
+    if info["backend"] == "vpc":  # aws-vpc: no PodCIDR or cni0; the instance sizes the node (lab ipam: its ENIs)
+        nodes = [["NODE", "IP", "INSTANCE", "MAX-PODS", "STATUS"]] + [
+            [n["name"], n["ip"], n.get("instanceType") or "", str(n.get("maxPods")), "Ready"] for n in info["nodes"]]
+    else:
+        gateway = "CILIUM_HOST" if info.get("cni") == "cilium" else "CNI0"
+        nodes = [["NODE", "IP", "PODCIDR", gateway]] + [
+            [n["name"], n["ip"], n["podCIDR"], n["gateway"]] for n in info["nodes"]]
     pods = [["POD", "NAMESPACE", "NODE", "IP", "STATUS"]] + [
         [p["name"], p["namespace"], p["node"], p["ip"], p["status"]] for p in info["pods"]]
+    if info.get("waitingNodes"):  # Node objects the subnet had no address for (aws-vpc)
+        nodes += [[n["name"], "<none>", "", "", "NotReady: cannot join: " + n["message"]] for n in info["waitingNodes"]]
     parts = [head, table(nodes), table(pods) if info["pods"] else "(no pods)"]
+    waiting = [p for p in info["pods"] if p.get("message")]
+    if waiting:  # kubelet's event for a sandbox that could not be made, as `kubectl describe pod` shows it
+        parts.append("EVENTS\n" + "\n".join(f"  {p['namespace']}/{p['name']}: FailedCreatePodSandBox: {p['message']}"
+                                            for p in waiting))
     if info["services"]:
         parts.append(table([["SERVICE", "NAMESPACE", "TYPE", "CLUSTER-IP", "PORT", "ENDPOINTS"]] + [
             [s["name"], s["namespace"], s["type"], s["clusterIP"],

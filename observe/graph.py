@@ -217,6 +217,27 @@ def _expected_routes(lab: Lab) -> dict[str, Expected]:
     return out
 
 
+def _vpc_route_lines(lab: Lab, node_name: str, view: NsView | None, running: list[RunningPod]) -> list[RouteLine]:
+    """aws-vpc: no PodCIDR route and no cross-node routes; each of the node's pods is a /32 to its host veth
+    (the underlay reaches it because eth0 answers ARP for it: `ip neigh show proxy`)."""
+    lines = []
+    for rp in running:
+        if rp.pod.node != node_name:
+            continue
+        veth = names.host_veth(names.sandbox_id(lab.name, rp.pod.namespace, rp.pod.name))
+        dst = IPv4Network(f"{rp.ip}/32")
+        line = RouteLine(str(dst), f"{dst} dev {veth}", "", own=True)
+        got = view.route_to(dst) if view else None
+        if got is None or got.dst != dst:
+            line.status, line.note = MISSING, "missing route"
+        else:
+            line.observed = got.text()
+            if got.dev != veth:
+                line.status, line.note = WRONG, f"goes to {got.dev or got.type}, not {veth}"
+        lines.append(line)
+    return lines
+
+
 def _route_lines(lab: Lab, node_name: str, view: NsView | None, expected: Expected,
                  running: list[RunningPod]) -> list[RouteLine]:
     node = lab.node(node_name)
@@ -323,8 +344,11 @@ def _pods(lab: Lab, node_name: str, view: NsView | None, running: list[RunningPo
         else:
             state, note = _link_state(view, veth)
             link = view.links.get(veth) if view else None
-            if state == OK and link is not None and link.master != BRIDGE:
+            routed = lab.cni.profile == "aws-vpc"  # the VPC CNI routes each pod: its veth is on no bridge
+            if state == OK and link is not None and not routed and link.master != BRIDGE:
                 state, note = WRONG, f"{veth} not on {BRIDGE}"
+            elif state == OK and link is not None and routed and link.master is not None:
+                state, note = WRONG, f"{veth} is on {link.master}: the VPC CNI routes pods, no bridge"
             box.status, box.note = state, note
         out.append(box)
     return out
@@ -397,19 +421,25 @@ def build(lab: Lab, running: list[RunningPod], sps: list[ServicePortEndpoints], 
         eth0.status, eth0.note = _link_state(view, NODE_IFNAME)
         if eth0.status == OK and view is not None and not view.has_addr(NODE_IFNAME, node.ip):
             eth0.status, eth0.note = WRONG, f"lacks {node.ip}"
+        vpc = lab.cni.profile == "aws-vpc"
+        tunnel = None
         if cilium:  # cilium_host in cni0's place, cilium_vxlan with its tunnel map in flannel.1's
             name, address, detail, status, note = graph_cilium.host_device(lab, node.name, view)
             cni0 = Device(name, address, status, note, detail)
             row = graph_cilium.tunnel_device(lab, node.name, view, obs)
             tunnel = Device(row[0], row[1], row[3], row[4], row[2]) if row else None
+        elif vpc:  # drawn as "no bridge": pods are routed as /32s and eth0 answers ARP for them
+            cni0 = Device("no", f"pods routed as /32s, answered for on {NODE_IFNAME} ({node.instance_type})")
         else:
             cni0 = Device(BRIDGE, str(node.gateway))
             cni0.status, cni0.note = _link_state(view, BRIDGE, need_carrier=bool(lab.pods_on(node.name)))
             if cni0.status == OK and view is not None and not view.has_addr(BRIDGE, node.gateway.ip):
                 cni0.status, cni0.note = WRONG, f"lacks {node.gateway}"
             tunnel = _tunnel(lab, node.name, view)
-        box = NodeBox(node.name, str(node.ip), str(node.pod_cidr), node.rack, eth0, cni0, tunnel,
-                      _pods(lab, node.name, view, running, obs), _route_lines(lab, node.name, view, expected[node.name], running))
+        routes = _vpc_route_lines(lab, node.name, view, running) if vpc else \
+            _route_lines(lab, node.name, view, expected[node.name], running)
+        box = NodeBox(node.name, str(node.ip), "-" if vpc else str(node.pod_cidr), node.rack, eth0, cni0, tunnel,
+                      _pods(lab, node.name, view, running, obs), routes)
         if view is None:
             box.status, box.note = MISSING, "namespace gone"
         graph.nodes.append(box)

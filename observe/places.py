@@ -210,6 +210,8 @@ class Lookup:
             return f"port to {host}" if host else "port"
         if place.kind == "node":
             if dev in self.veths:
+                if self.lab.cni.profile == "aws-vpc":  # routed, no bridge: the VPC CNI's host-side veth
+                    return f"{_pod_label(self.veths[dev])}'s veth, routed (/32)"
                 return f"{_pod_label(self.veths[dev])}'s veth on {BRIDGE}"
             gateway = f"bridge, gateway {self.lab.node(place.name).gateway.ip}"
             return {BRIDGE: gateway, vxlan.DEVICE: f"VXLAN VNI {vxlan.VNI}", ipip.DEVICE: "IP-in-IP tunnel",

@@ -51,6 +51,9 @@ def recover(st: state.LabState, lab: Lab) -> Recovery:
     result before returning. Cheap when nothing is wrong: one directory listing and each node's lease file."""
     done = Recovery()
     for key, ps in list(st.pods.items()):
+        if ps.waiting:  # Pending on purpose (no address): clear what a killed retry made of it, keep it wanted
+            kubelet.remove_pod(lab, key, ps.node if ps.node in {n.name for n in lab.nodes} else None)
+            continue
         if ps.phase in ("Pending", "Terminating"):
             kubelet.remove_pod(lab, key, ps.node if ps.node in {n.name for n in lab.nodes} else None)
             del st.pods[key]
@@ -63,9 +66,12 @@ def recover(st: state.LabState, lab: Lab) -> Recovery:
         namespace, _, pod = space[len(prefix):].partition(names.SEP)
         kubelet.remove_pod(lab, f"{namespace}/{pod}", None)
         done.orphans.append(space)
-    for node in lab.nodes:
-        if _repair_leases(st, lab, node.name):
-            done.leases.append(node.name)
+    if lab.cni.profile == "aws-vpc":
+        done.leases += _repair_ipamd(st, lab)
+    else:
+        for node in lab.nodes:
+            if _repair_leases(st, lab, node.name):
+                done.leases.append(node.name)
     if done.changed:
         st.record()
     return done
@@ -92,3 +98,35 @@ def _repair_leases(st: state.LabState, lab: Lab, node: str) -> bool:
     last = current.last_reserved if current is not None else max(wanted, default=None)
     lease_file.write(NodeIpam(node, conf.subnet, last, wanted))
     return True
+
+
+def _repair_ipamd(st: state.LabState, lab: Lab) -> list[str]:
+    """aws-vpc: ipamd's assignments held against the recorded running pods, the kernel's truth. An address
+    assigned to no running pod is given back to the warm pool; a running pod's address missing from the books
+    (a lost or damaged file) is written back onto the ENI that holds it, or onto the node's primary ENI. Returns
+    the nodes whose books changed."""
+    books = kubelet.ipamd_file(lab)
+    try:
+        ipamd = books.read()
+    except (ValueError, KeyError, TypeError, AttributeError):
+        books.path.unlink(missing_ok=True)
+        ipamd = books.read()
+    changed = []
+    for node in lab.nodes:
+        pool = ipamd.nodes[node.name]
+        wanted = {}
+        for key, ps in st.pods.items():
+            if ps.node == node.name and ps.ip and not ps.waiting:
+                namespace, name = key.split("/", 1)
+                wanted[IPv4Address(ps.ip)] = names.sandbox_id(lab.name, namespace, name)
+        if pool.assigned == wanted:
+            continue
+        held = {ip for e in pool.enis for ip in e.pool()}
+        home = (ipamd.pod_enis(pool) or pool.enis)[0]
+        home.ips += [ip for ip in wanted if ip not in held]
+        pool.assigned = wanted
+        ipamd.top_up(pool)
+        changed.append(node.name)
+    if changed or not books.path.exists():
+        books.write(ipamd)
+    return changed

@@ -28,14 +28,14 @@ import json
 import shutil
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from services import endpoints as ep
 from services import kube_proxy_ipvs as ipvs
 from topo import kernel, netns
 from topo.errors import ApplyError, FeatureMissing
-from topo.model import KubeProxy, Lab, Node
+from topo.model import Cluster, KubeProxy, Lab, Node
 
 IPTABLES_RESTORE = ["iptables-legacy-restore", "-w", "5"]  # kept for callers naming the legacy loader
 NFT = ["nft", "-f", "-"]
@@ -135,7 +135,14 @@ def sync_node(lab: Lab, node: Node, sps: list[ep.ServicePortEndpoints], folder: 
     if lab.kube_proxy.mode == "iptables":
         from services import kube_proxy_iptables as ipt
 
-        sync_iptables(ns, ipt.render(node, sps, lab.cluster), iptables_backend(lab.kube_proxy),
+        egress = None
+        if lab.cni.profile == "aws-vpc" and not lab.vpc.external_snat:
+            vpc = [r.subnet for r in lab.underlay.racks] or [lab.underlay.subnet]
+            vpc += [lab.vpc.custom_network] if lab.vpc.custom_network is not None else []
+            egress = ipt.aws_snat(node.ip, [c for c in vpc if c is not None], [e.ip for e in lab.external])
+        elif lab.cni.profile == "aws-vpc":
+            egress = []  # AWS_VPC_K8S_CNI_EXTERNALSNAT=true: an external NAT gateway translates, the node does not
+        sync_iptables(ns, ipt.render(node, sps, cluster_of(lab), egress), iptables_backend(lab.kube_proxy),
                       folder / f"{node.name}.iptables.rules")
     elif lab.kube_proxy.mode == "nftables":
         from services import kube_proxy_nftables as nft
@@ -157,6 +164,21 @@ def sync_node(lab: Lab, node: Node, sps: list[ep.ServicePortEndpoints], folder: 
         require(lab)
         sync_ipvs(ns, ipvs.build(node, sps, lab.cluster), folder / f"{node.name}.ipvs.json",
                   iptables_backend(lab.kube_proxy))
+
+
+def cluster_of(lab: Lab) -> Cluster:
+    """The cluster as kube-proxy's --cluster-cidr sees it. aws-vpc: pods are not in a PodCIDR range but in the
+    VPC's subnets, so that range (the custom networking subnet, the flat subnet, or the smallest range holding
+    every rack's subnet) is what tells pod sources from off-cluster ones."""
+    if lab.cni.profile != "aws-vpc":
+        return lab.cluster
+    if lab.vpc.custom_network is not None:
+        return replace(lab.cluster, pod_cidr=lab.vpc.custom_network)
+    subnets = [r.subnet for r in lab.underlay.racks] or [lab.underlay.subnet]
+    wide = subnets[0]
+    while not all(s.subnet_of(wide) for s in subnets):
+        wide = wide.supernet()
+    return replace(lab.cluster, pod_cidr=wide)
 
 
 def sync_iptables(ns: str, text: str, backend: str, saved: Path) -> str:

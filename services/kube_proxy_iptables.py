@@ -37,7 +37,7 @@ import base64
 import functools
 import hashlib
 import shlex
-from ipaddress import IPv4Network
+from ipaddress import IPv4Address, IPv4Network
 
 from services.endpoints import Endpoint, ServicePortEndpoints
 from topo.model import Cluster, Node
@@ -352,7 +352,26 @@ def _service_port_rules(node: Node, sp: ServicePortEndpoints, cluster: Cluster) 
     return found
 
 
-def render(node: Node, sps: list[ServicePortEndpoints], cluster: Cluster) -> str:
+def aws_snat(node_ip: IPv4Address, vpc_cidrs: list[IPv4Network], outside: list[IPv4Address]) -> list[str]:
+    """The Amazon VPC CNI's egress SNAT with AWS_VPC_K8S_CNI_EXTERNALSNAT=false (its chain names): traffic
+    to the VPC's own CIDRs keeps the pod's source address; anything else leaves with the node's primary address,
+    as it would through the instance's primary ENI. `outside`: the lab's external hosts, which stand for the
+    internet even though they sit on the node segment, so they are sent to SNAT before the VPC RETURN."""
+    snat = _c("AWS, SNAT")
+    lines = [f"-A POSTROUTING {_c('AWS SNAT CHAIN')} -j {AWS_SNAT_0}"]
+    lines += [f"-A {AWS_SNAT_0} -d {ip}/32 {_c('kubenet-lab: external host, outside the VPC')} -j {AWS_SNAT_1}"
+              for ip in outside]
+    lines += [f"-A {AWS_SNAT_0} -d {cidr} {_c('AWS SNAT CHAIN')} -j RETURN" for cidr in vpc_cidrs]
+    lines += [f"-A {AWS_SNAT_0} {_c('AWS SNAT CHAIN')} -j {AWS_SNAT_1}",
+              f"-A {AWS_SNAT_1} ! -o vlan+ -m addrtype ! --dst-type LOCAL {snat} -j SNAT --to-source {node_ip} "
+              "--random-fully"]
+    return lines
+
+
+AWS_SNAT_0, AWS_SNAT_1 = "AWS-SNAT-CHAIN-0", "AWS-SNAT-CHAIN-1"
+
+
+def render(node: Node, sps: list[ServicePortEndpoints], cluster: Cluster, egress: list[str] | None = None) -> str:
     """The complete iptables-restore input (filter and nat) programming `node` as kube-proxy would.
 
     Service ports come in the order given (that is the order of their rules in KUBE-SERVICES and
@@ -372,7 +391,9 @@ def render(node: Node, sps: list[ServicePortEndpoints], cluster: Cluster) -> str
     nat.add(KUBE_SERVICES, f"{_c('kubernetes service nodeports; NOTE: this must be the last rule in this chain')} "
                            f"-m addrtype --dst-type LOCAL -j {KUBE_NODEPORTS}")
     _forward_rules(filt)
-    for line in egress_masquerade(cluster.pod_cidr, node.pod_cidr):
+    if egress is not None:  # another CNI's egress NAT (aws-vpc: aws_snat)
+        nat.chain(*{line.split(" ", 2)[1] for line in egress} - set(NAT_BUILTINS))
+    for line in egress if egress is not None else egress_masquerade(cluster.pod_cidr, node.pod_cidr):
         nat.add_line(line)
     header = f"# kubenet-lab: kube-proxy (iptables mode) and flannel egress NAT for node {node.name}"
     return "\n".join([header, *filt.lines(), *nat.lines()]) + "\n"

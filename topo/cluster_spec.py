@@ -38,6 +38,7 @@ class NodeIn(StrictModel):
     rack: str | None = None
     link: LinkIn | None = None
     dns_search: list[str] | None = Field(None, alias="dnsSearch")  # the node's host search domains
+    instance_type: str | None = Field(None, alias="instanceType")  # aws-vpc profile (cni.vpc_spec checks it)
 
 
 # ---------------------------------------------------------------------------- cluster

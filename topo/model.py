@@ -12,7 +12,7 @@ from typing import Any
 
 from topo import names
 
-BACKENDS = ("host-gw", "vxlan", "bgp", "ipip")
+BACKENDS = ("host-gw", "vxlan", "bgp", "ipip", "vpc")  # vpc: the Amazon VPC CNI's (pods in the subnet)
 DEFAULT_MTU = 1500
 VXLAN_OVERHEAD = 50  # outer Ethernet 14 + IP 20 + UDP 8 + VXLAN 8: why Flannel's vxlan MTU is 1450
 IPIP_OVERHEAD = 20  # the outer IPv4 header: why Calico's tunl0 and pods get 1480 on a 1500-byte network
@@ -139,6 +139,8 @@ class Node:
     rack: str | None = None  # routed underlays: the rack (subnet behind one top-of-rack router)
     link: LinkSpec = LinkSpec()  # this node's underlay link, defaults from underlay.link already merged in
     dns_search: tuple[str, ...] | None = None  # the node's own resolv.conf search list (None: spec.dns.nodeSearch)
+    instance_type: str | None = None  # aws-vpc profile: the EC2 instance type (ENIs, IPs per ENI)
+    max_pods: int | None = None  # aws-vpc profile: EKS's max pods for the instance type and settings
 
     @property
     def gateway(self) -> IPv4Interface:
@@ -146,7 +148,10 @@ class Node:
 
     @property
     def pod_capacity(self) -> int:
-        """Pod IPs a PodCIDR holds: all hosts minus the gateway (a /24 holds 253, not 254)."""
+        """Pod IPs a PodCIDR holds: all hosts minus the gateway (a /24 holds 253, not 254). With the aws-vpc
+        profile: max pods minus the two host-network pods (aws-node, kube-proxy) the lab runs as daemons."""
+        if self.max_pods is not None:
+            return self.max_pods - 2
         return max(self.pod_cidr.num_addresses - 3, 0)
 
 
@@ -334,6 +339,9 @@ CNI_PROFILES: dict[str, tuple[str, bool]] = {  # profile -> (default backend, en
     "flannel": ("vxlan", False),
     "calico": ("bgp", True),
     "cilium": ("vxlan", False),
+    # The Amazon VPC CNI: pods get addresses of the VPC subnet itself (backend vpc: no overlay, no pod routes
+    # between nodes); NetworkPolicy enforced as by Amazon's network policy agent (the calico-style rules).
+    "aws-vpc": ("vpc", True),
 }
 PLANNED_CNI_PROFILES: dict[str, str] = {}
 # Cilium's routingMode and the backend that carries it: tunnel (VXLAN through cilium_vxlan, the default)
@@ -353,6 +361,30 @@ class Cni:
     @property
     def enforces_policy(self) -> bool:
         return CNI_PROFILES[self.profile][1]
+
+
+@dataclass(frozen=True)
+class VpcCni:
+    """The aws-node DaemonSet's settings (its environment variables, same names and defaults)."""
+
+    warm_eni_target: int = 1  # WARM_ENI_TARGET
+    warm_ip_target: int | None = None  # WARM_IP_TARGET
+    minimum_ip_target: int | None = None  # MINIMUM_IP_TARGET
+    prefix_delegation: bool = False  # ENABLE_PREFIX_DELEGATION
+    warm_prefix_target: int = 1  # WARM_PREFIX_TARGET
+    external_snat: bool = False  # AWS_VPC_K8S_CNI_EXTERNALSNAT: false = the node SNATs pod traffic leaving the VPC
+    custom_network: IPv4Network | None = None  # AWS_VPC_K8S_CNI_CUSTOM_NETWORK_CFG with an ENIConfig's subnet
+
+    def env(self) -> dict[str, str]:
+        out = {"WARM_ENI_TARGET": str(self.warm_eni_target), "WARM_PREFIX_TARGET": str(self.warm_prefix_target),
+               "ENABLE_PREFIX_DELEGATION": str(self.prefix_delegation).lower(),
+               "AWS_VPC_K8S_CNI_EXTERNALSNAT": str(self.external_snat).lower(),
+               "AWS_VPC_K8S_CNI_CUSTOM_NETWORK_CFG": str(self.custom_network is not None).lower()}
+        if self.warm_ip_target is not None:
+            out["WARM_IP_TARGET"] = str(self.warm_ip_target)
+        if self.minimum_ip_target is not None:
+            out["MINIMUM_IP_TARGET"] = str(self.minimum_ip_target)
+        return out
 
 
 @dataclass(frozen=True)
@@ -466,6 +498,7 @@ class Lab:
     ingress_controller: IngressController = IngressController()
     cni: Cni = Cni()
     network_policies: tuple[NetworkPolicy, ...] = ()
+    vpc: VpcCni = VpcCni()  # the aws-vpc profile's settings
     text: str = ""  # the spec text this model was parsed from (kept so later commands re-derive it)
 
     # --- names of kernel objects, derived here only -------------------------------------------

@@ -101,9 +101,10 @@ def _drafts(obj: Parsed, lab: Lab, issues: Issues, place: bool, total: list[int]
         return []  # replica names only matter once the lab is otherwise valid
     room = sum(capacity(node) for node in lab.nodes)
     if obj.replicas > room:
+        fix = ("larger instance types (max pods)" if any(n.max_pods is not None for n in lab.nodes) else
+               "larger PodCIDRs with a smaller cluster.nodeCIDRMaskSize")
         issues.add(obj.loc + ("spec", "replicas"), f"replicas {obj.replicas} is more than this lab's nodes can hold "
-                                                   f"({room} pods in all): lower replicas, or give nodes larger "
-                                                   "PodCIDRs with a smaller cluster.nodeCIDRMaskSize")
+                                                   f"({room} pods in all): lower replicas, or give nodes {fix}")
         return []
     total[0] += obj.replicas
     if total[0] > MAX_PODS:
@@ -177,6 +178,10 @@ def _node_for(draft: _Draft, lab: Lab, counts: dict[str, int]) -> str:
 
 def _capacity_message(lab: Lab, node: Node, count: int, addons: tuple[str, ...]) -> str:
     """host-local IPAM hands out the PodCIDR minus network, broadcast and the bridge's .1 gateway."""
+    if node.max_pods is not None:  # aws-vpc: the kubelet's max pods for the instance type (the EKS formula)
+        return (f"{node.name} would have {count} pods but max pods for its {node.instance_type} is {node.max_pods} "
+                f"({node.pod_capacity} besides the host-network aws-node and kube-proxy): pick a larger "
+                f"instanceType, or put fewer pods on {node.name}")
     mask = lab.cluster.node_cidr_mask_size
     counted = f" (counting {' and '.join(addons)})" if addons else ""
     if node.pod_capacity > MAX_PODS_PER_NODE:

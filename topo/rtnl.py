@@ -40,6 +40,7 @@ IFLA_VXLAN_ID, IFLA_VXLAN_LINK, IFLA_VXLAN_LOCAL, IFLA_VXLAN_LEARNING, IFLA_VXLA
 NDA_DST, NDA_LLADDR = 1, 2
 NUD_PERMANENT = 0x80
 NTF_SELF = 0x02
+NTF_PROXY = 0x08
 RTNH_F_ONLINK = 0x4
 RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_TABLE = 1, 4, 5, 15
 IFF_UP = 0x1
@@ -284,6 +285,20 @@ class Rtnl:
         body = NDMSG.pack(socket.AF_INET, index, NUD_PERMANENT, 0, 0) + _attr(NDA_DST, ip.packed) + \
             _attr(NDA_LLADDR, _mac(mac))
         self.request(RTM_NEWNEIGH, body, NLM_F_CREATE | NLM_F_REPLACE)
+
+    def add_proxy_neigh(self, index: int, ip: IPv4Address) -> None:
+        """A neighbour proxy entry: answer ARP for `ip` on this link (`ip neigh replace proxy IP dev DEV`)."""
+        body = NDMSG.pack(socket.AF_INET, index, 0, NTF_PROXY, 0) + _attr(NDA_DST, ip.packed)
+        self.request(RTM_NEWNEIGH, body, NLM_F_CREATE | NLM_F_REPLACE)
+
+    def del_proxy_neigh(self, index: int, ip: IPv4Address) -> None:
+        """Remove a neighbour proxy entry; one that is not there is fine."""
+        body = NDMSG.pack(socket.AF_INET, index, 0, NTF_PROXY, 0) + _attr(NDA_DST, ip.packed)
+        try:
+            self.request(RTM_DELNEIGH, body)
+        except NetlinkError as exc:
+            if exc.errno not in (errno.ENOENT, errno.ESRCH):
+                raise
 
     def replace_fdb(self, index: int, mac: str, dst: IPv4Address) -> None:
         """A VXLAN forwarding entry: frames for `mac` go to the VTEP at `dst` (`bridge fdb replace ... self`)."""

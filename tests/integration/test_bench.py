@@ -16,7 +16,7 @@ from tests.integration.conftest import REPO
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-SUITES = ("dataplanes", "services", "dns", "dns-load", "updown")
+SUITES = ("dataplanes", "services", "dns", "dns-load", "updown", "ipam")
 # counters that are honestly zero on a healthy run (no failures, no conntrack race, no NXDOMAIN for an
 # absolute name, no node cache in use for the settings that bypass it)
 ZERO_OK = {"failures", "over_1s", "insert_failed", "conntrack_drop", "nxdomain_share", "node_cache_queries_per_s",
@@ -105,6 +105,13 @@ def test_expected_cases_and_metrics(bench) -> None:
     assert load["NodeLocal DNSCache"]["dns_queries_per_lookup"] < 1  # cache hits never reach the cluster DNS
     assert all({"p50_ms", "p99_ms", "dns_queries_per_s", "upstream_queries_per_s"} <= c["samples"].keys()
                for c in suites["dns-load"]["cases"])
+    # aws-vpc: what the ipamd model predicts for the subnet is what the running lab holds (docs/vpc-ipam.md)
+    ipam = {c["name"]: c["median"] for c in suites["ipam"]["cases"]}
+    fits = {n: m for n, m in ipam.items() if "computed_first" in m}
+    assert fits and all(m["observed_first"] == m["computed_first"] and m["observed_most"] == m["computed_most"]
+                        for m in fits.values()), fits
+    assert fits["default (WARM_ENI_TARGET=1)"]["observed_first"] == 17
+    assert fits["WARM_IP_TARGET=1"]["observed_first"] == 21
 
 
 def test_one_png_per_suite(bench) -> None:

@@ -401,9 +401,9 @@ def test_unknown_backends_name_the_supported_ones() -> None:
     text = HEADER + "  network: {backend: BACKEND}\n  nodes: [{name: a, ip: 192.168.1.10}]\n"
     assert _errors(text.replace("BACKEND", "calico")) == [
         "t.yaml:5: spec.network.backend: unknown backend 'calico' (did you mean bgp?); supported: host-gw, vxlan, bgp, "
-        "ipip"]
+        "ipip, vpc"]
     assert _errors(text.replace("BACKEND", "udp")) == [
-        "t.yaml:5: spec.network.backend: unknown backend 'udp'; supported: host-gw, vxlan, bgp, ipip"]
+        "t.yaml:5: spec.network.backend: unknown backend 'udp'; supported: host-gw, vxlan, bgp, ipip, vpc"]
 
 
 def test_the_exercise_labs_still_load() -> None:
@@ -466,7 +466,7 @@ def test_many_problems_are_reported_together() -> None:
     assert _errors(fixed) == [
         "t.yaml:5: spec.cluster.podCIDR: 10.244.0.5/16 has host bits set (did you mean 10.244.0.0/16?)",
         "t.yaml:6: spec.network.backend: backend wireguard is not implemented yet; supported: host-gw, vxlan, bgp, "
-        "ipip",
+        "ipip, vpc",
         "t.yaml:6: spec.network.mtu: mtu 100 is out of range: use 576..9000 (1500 is Ethernet's usual size)",
         "t.yaml:8: spec.nodes[0].name: 'Node1' is not a valid name: use lower-case letters, digits and '-', "
         "starting and ending with a letter or digit",

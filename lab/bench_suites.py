@@ -1,0 +1,182 @@
+"""The `lab bench` suites that measure one gotcha each as a lab grows: `scale` (what one change costs at
+1,000 or 10,000 pods, bench/scale.py), `dns-load` (the ndots:5 storm and its fixes, bench/dnsload.py) and
+`ipam` (pods that fit in one VPC subnet per aws-vpc setting, bench/vpc_ipam.py).
+"""
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from contextlib import ExitStack
+from pathlib import Path
+
+from topo.errors import FeatureMissing
+
+from lab.bench_base import Case, Suite, _lab_cli, _script, _spread, _table, remove_lab
+
+DNS_CLIENTS = (20, 50, 100, 200)  # `lab bench dns` storm sizes without --clients
+SCALE_SIZES = (1000,)  # `lab bench scale` without --sizes; 10,000 takes minutes (issue 15 measured it)
+DNS_NAME = "api.example.com"
+
+
+class Scale(Suite):
+    """The change path's cost as a lab grows (bench/scale.py): the seed lab, then each size, side by side."""
+    name = "scale"
+
+    def __init__(self, quick: bool, sizes: tuple[int, ...] = SCALE_SIZES) -> None:
+        super().__init__(quick)
+        self.folder: Path | None = None
+        self.cases.append(Case("seed lab (3 pods)", self._runner(None), {"pods": 3}))
+        for size in () if quick else sizes:
+            nodes, per_node = _script("scale").shape(size)
+            self.cases.append(Case(f"{nodes} nodes x {per_node} pods", self._runner(size), {"pods": nodes * per_node}))
+
+    def _runner(self, size: int | None) -> Callable[[], dict[str, float]]:
+        def run() -> dict[str, float]:
+            sc = _script("scale")
+            return sc.measure(sc.seed_spec if size is None else (lambda n: sc.scale_spec(n, size)), self.folder)
+        return run
+
+    def setup(self, stack: ExitStack, folder: Path) -> None:
+        self.folder = folder
+
+    def table(self) -> str:
+        seed = self.cases[0].median().get("apply_one_s") if self.cases[0].samples else None
+        rows = []
+        for c in self.cases:
+            ratio = f"{c.median()['apply_one_s'] / seed:.2f}x" if seed and c.samples else "-"
+            rows.append([c.name, _spread(c, "up_s", ".2f"), _spread(c, "apply_one_s", ".3f"), ratio,
+                         _spread(c, "delete_one_s", ".3f"), _spread(c, "status_s", ".3f"), _spread(c, "down_s", ".2f")])
+        return _table(["case", "lab up s", "apply 1 pod s", "vs seed", "delete 1 pod s", "lab status s",
+                       "lab down s"], rows)
+
+    def plot(self, plt, path: Path) -> None:
+        fig, ax = plt.subplots(figsize=(8, 4))
+        xs = range(len(self.cases))
+        for offset, key, label in ((-0.3, "apply_one_s", "apply 1 pod"), (-0.1, "delete_one_s", "delete 1 pod"),
+                                   (0.1, "status_s", "lab status")):
+            ax.bar([x + offset for x in xs], [c.median()[key] for c in self.cases], 0.2, label=label)
+        ax.set_xticks(list(xs), [c.name for c in self.cases])
+        ax.set_ylabel("wall time (s)")
+        ax.set_title("one change vs the size of the lab (CLI wall time)")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(path)
+        plt.close(fig)
+
+class DnsLoad(Suite):
+    """The ndots:5 storm and its fixes (bench/dnsload.py), side by side: every setting at every client count."""
+    name = "dns-load"
+    RATE, SECONDS = 2.0, 4.0  # lookups per second per client, seconds per case
+
+    def __init__(self, quick: bool, clients: tuple[int, ...] = DNS_CLIENTS) -> None:
+        super().__init__(quick)
+        script = _script("dnsload")
+        self.clients = (4,) if quick else clients
+        self.rate, self.seconds = (5.0, 2.0) if quick else (self.RATE, self.SECONDS)
+        self.lab, self.folder = "", Path()
+        settings = [s for s in script.SETTINGS if not quick or s.name in script.QUICK_SETTINGS]
+        for count in self.clients:
+            for setting in settings:
+                self.cases.append(Case(f"{setting.name} x{count}", self._runner(setting, count),
+                                       {"setting": setting.name, "clients": count, "rate": self.rate,
+                                        "seconds": self.seconds, "libc": setting.libc, "lookup": setting.lookup,
+                                        "dns_cpu": script.DNS_CPU}))
+
+    def _runner(self, setting, count: int) -> Callable[[], dict[str, float]]:  # type: ignore[no-untyped-def]
+        return lambda: _script("dnsload").run_case(self.lab, setting, count, self.rate, self.seconds, self.folder)
+
+    def setup(self, stack: ExitStack, folder: Path) -> None:
+        import yaml
+
+        from images import dnsclient
+
+        try:
+            dnsclient.binary("glibc")
+            dnsclient.binary("musl")
+        except dnsclient.ClientMissing as exc:
+            raise FeatureMissing(f"lab bench dns: {exc}") from exc
+        self.lab, self.folder = f"bench-storm-{uuid.uuid4().hex[:4]}", folder
+        path = folder / f"{self.lab}.yaml"
+        path.write_text(yaml.safe_dump(_script("dnsload").storm_spec(self.lab, max(self.clients)), sort_keys=False))
+        stack.callback(remove_lab, self.lab)
+        _lab_cli("up", str(path))
+
+    def table(self) -> str:
+        rows = [[c.info["setting"], str(c.info["clients"]), _spread(c, "dns_queries_per_lookup", ".1f"),
+                 _spread(c, "dns_queries_per_s", ".0f"), _spread(c, "nxdomain_share", ".0%"),
+                 _spread(c, "upstream_queries_per_s", ".0f"), _spread(c, "node_cache_queries_per_s", ".0f"),
+                 _spread(c, "lookups_per_s", ".0f"), _spread(c, "p50_ms", ".1f"), _spread(c, "p99_ms", ".1f"),
+                 _spread(c, "failures", ".0f"), _spread(c, "over_1s", ".0f"), _spread(c, "insert_failed", ".0f"),
+                 _spread(c, "dns_throttled_periods", ".0f")]
+                for c in self.cases]
+        return (f"{self.rate:g} lookups/s per client for {self.seconds:g} s; cluster DNS limited to "
+                f"{_script('dnsload').DNS_CPU} CPU; autopath: not available (dnsmasq cannot expand search paths "
+                "server-side)\n" + _table(["setting", "clients", "queries/lookup at DNS", "DNS q/s", "NXDOMAIN",
+                                            "upstream q/s", "node cache q/s", "lookups/s", "p50 ms", "p99 ms",
+                                            "failures", ">1 s", "insert_failed", "DNS throttled"], rows))
+
+    def plot(self, plt, path: Path) -> None:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for setting in dict.fromkeys(c.info["setting"] for c in self.cases):
+            cases = [c for c in self.cases if c.info["setting"] == setting]
+            ax.plot([c.info["clients"] for c in cases], [c.median()["dns_queries_per_s"] for c in cases],
+                    marker="o", label=setting)
+        ax.set_xlabel("client pods")
+        ax.set_ylabel("queries/s at the cluster DNS")
+        ax.set_title(f"The ndots:5 storm: {self.rate:g} lookups/s per client of {DNS_NAME}")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(path)
+        plt.close(fig)
+
+
+class Ipam(Suite):
+    """bench/vpc_ipam.py: pods that fit in one small VPC subnet per aws-vpc setting (computed and observed),
+    and `lab apply` of one pod with a warm address against an empty warm pool."""
+
+    name = "ipam"
+
+    def __init__(self, quick: bool) -> None:
+        super().__init__(quick)
+        self.folder: Path | None = None
+        script = _script("vpc_ipam")
+        for setting in (script.QUICK if quick else script.SETTINGS):
+            self.cases.append(Case(setting, self._fits(setting), {"subnet": script.SUBNET, "nodes": script.NODES,
+                                                                   "instanceType": script.INSTANCE}))
+        for warm in (True, False):
+            self.cases.append(Case("one pod, warm pool" if warm else "one pod, empty pool (WARM_IP_TARGET=0)",
+                                   self._wait(warm), {"warm": warm}))
+
+    def _fits(self, setting: str) -> Callable[[], dict[str, float]]:
+        return lambda: _script("vpc_ipam").observed(setting, self.folder)
+
+    def _wait(self, warm: bool) -> Callable[[], dict[str, float]]:
+        return lambda: {"apply_s": _script("vpc_ipam").wait_for_address(self.folder, warm)}
+
+    def setup(self, stack: ExitStack, folder: Path) -> None:
+        self.folder = folder
+
+    def table(self) -> str:
+        fits = [c for c in self.cases if "warm" not in c.info]
+        rows = [[c.name, f"{c.median()['computed_first']:.0f}", _spread(c, "observed_first", ".0f"),
+                 f"{c.median()['computed_most']:.0f}", _spread(c, "observed_most", ".0f")] for c in fits]
+        subnet = fits[0].info["subnet"] if fits else ""
+        head = ["setting (" + subnet + ", 3 x t3.medium)", "first waits after: computed", "observed",
+                "fit at most: computed", "observed"]
+        waits = [[c.name, _spread(c, "apply_s", ".3f")] for c in self.cases if "warm" in c.info]
+        return _table(head, rows) + "\n\n" + _table(["lab apply of one pod", "wall s"], waits)
+
+    def plot(self, plt, path: Path) -> None:
+        fits = [c for c in self.cases if "warm" not in c.info]
+        fig, ax = plt.subplots(figsize=(9, 4))
+        xs = range(len(fits))
+        ax.bar([x - 0.2 for x in xs], [c.median()["observed_first"] for c in fits], 0.4, label="first pod waits after")
+        ax.bar([x + 0.2 for x in xs], [c.median()["observed_most"] for c in fits], 0.4, label="fit at most")
+        ax.set_xticks(list(xs), [c.name.split(" (")[0] for c in fits], rotation=15, fontsize=7)
+        ax.set_ylabel("pods running")
+        ax.set_yscale("symlog")
+        ax.set_title("pods that fit in one VPC subnet, per setting (observed)")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(path)
+        plt.close(fig)
