@@ -54,9 +54,9 @@ def test_a_file_over_the_size_limit_is_refused_before_it_is_read(tmp_path: Path,
     big = tmp_path / "big.yaml"
     with open(big, "wb") as fh:  # sparse: costs no disk
         fh.truncate(size)
-    lines, peak, seconds = _measured(lambda: load_spec(big))
+    lines, peak, _seconds = _measured(lambda: load_spec(big))
     _one_line(lines, str(big), "MiB")
-    assert peak < 1_000_000 and seconds < 5
+    assert peak < 1_000_000  # bounded memory; time is lab bench's business, not a unit test's
 
 
 def test_a_stream_over_the_size_limit_stops_reading_at_the_limit(tmp_path: Path) -> None:
@@ -107,9 +107,9 @@ def _namespaces(count: int) -> str:
 
 def test_one_object_over_the_limit_is_refused_before_any_object_is_checked() -> None:
     text = HEADER + NODES + "  objects:\n" + _namespaces(schema.MAX_OBJECTS + 1)
-    lines, peak, seconds = _measured(lambda: parse_spec_text(text, "t.yaml"))
+    lines, peak, _seconds = _measured(lambda: parse_spec_text(text, "t.yaml"))
     _one_line(lines, "t.yaml:7: spec.objects:", str(schema.MAX_OBJECTS))
-    assert peak < 100_000_000 and seconds < 10
+    assert peak < 100_000_000  # bounded memory; time is lab bench's business, not a unit test's
 
 
 def test_an_objects_file_over_the_object_limit_is_refused() -> None:
@@ -153,9 +153,9 @@ def _deployment(replicas: int, mask: int = 24, nodes: int = 1) -> str:
 
 def test_huge_replicas_are_refused_without_making_them() -> None:
     """A /9 per node would hold millions of pods: the per-node cap bounds what a Deployment may ask for."""
-    lines, peak, seconds = _measured(lambda: parse_spec_text(_deployment(2 ** 62, mask=9), "t.yaml"))
+    lines, peak, _seconds = _measured(lambda: parse_spec_text(_deployment(2 ** 62, mask=9), "t.yaml"))
     _one_line(lines, "spec.objects[0].spec.replicas", f"({schema.MAX_PODS_PER_NODE} pods in all)")
-    assert peak < 10_000_000 and seconds < 5
+    assert peak < 10_000_000  # bounded memory; time is lab bench's business, not a unit test's
 
 
 def test_pods_over_the_lab_limit_are_refused_before_they_are_named() -> None:
