@@ -1,4 +1,4 @@
-"""Reference solution of labs/15-dns-storm: count the storm from the untouched pod (4 search domains, the
+"""Reference solution of labs/16-dns-storm: count the storm from the untouched pod (4 search domains, the
 cluster's three and the node's cloud domain, then the name: 5 names x A and AAAA), recreate `app` with
 ndots:2 (api.example.com, 2 dots, is asked as is first; web.default, 1 dot, still takes the search list),
 then turn on NodeLocal DNSCache, a setting of the lab: edit lab.yaml, re-create the lab, and apply the app
