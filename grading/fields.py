@@ -148,10 +148,12 @@ def _check_probe(doc: StrictDocument, loc: tuple, kind: str, p: Any) -> None:
     elif kind == "dns":
         for i, value in enumerate(p.answer or []):
             _address(doc, loc + ("answer", i), value)
-        if p.answer is None and p.resolves is None and p.queries is None:
-            doc.add(loc, "says nothing to check: give answer, resolves or queries")
+        if p.answer is None and p.resolves is None and p.queries is None and p.sent is None:
+            doc.add(loc, "says nothing to check: give answer, resolves, queries or sent")
         if p.queries is not None:
             _bounds(doc, loc + ("queries",), p.queries, least=0)
+        if p.sent is not None:
+            _bounds(doc, loc + ("sent",), p.sent, least=0)
     elif kind == "route":
         _cidr(doc, loc + ("to",), p.to)
         _address(doc, loc + ("via",), p.via)
@@ -227,6 +229,8 @@ def _check_answer(doc: StrictDocument, loc: tuple, p: AnswerIn) -> None:
     elif isinstance(inner, DnsQueriesIn):
         _target(doc, where + ("from",), inner.source)
         _choice(doc, where + ("family",), inner.family, CHOICES["family"])
+        if inner.upstream and inner.sent:
+            doc.add(where, "give upstream or sent, not both")
     else:
         _target(doc, where + ("in",), inner.on)
         if isinstance(inner, RouteViaIn):

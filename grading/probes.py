@@ -142,10 +142,13 @@ def dns(ctx: Context, p: schema.DnsIn) -> Result:
     if src.kind != "pod":
         return Result(False, f"{p.source} is not a pod: DNS is looked up from inside a pod")
     got = dnscount.count(ctx.st.name, src.key, p.name, p.family)
+    sent = _sent(got)
+    cache = "" if got.node_cache is None else f"{len(sent)} sent to the node's cache, {got.cache_hits} answered from it, "
     where = (f"{src.key} resolved {p.name} -> {', '.join(got.answer) or 'nothing'} "
-             f"({len(got.cluster)} queries at the cluster DNS)")
-    if not got.cluster:  # "does not resolve" and "at most N queries" say nothing when the DNS is down
-        return Result(False, f"{where}; the cluster DNS logged no query from {src.key}: is it reachable and running?")
+             f"({cache}{len(got.cluster)} queries at the cluster DNS)")
+    if not sent:  # "does not resolve" and "at most N queries" say nothing when the DNS is down
+        server = "the cluster DNS" if got.node_cache is None else "the node's DNS cache"
+        return Result(False, f"{where}; {server} logged no query from {src.key}: is it reachable and running?")
     if p.resolves is not None and bool(got.answer) != p.resolves:
         return Result(False, f"{where}; expected it {'to resolve' if p.resolves else 'not to resolve'}")
     if p.answer is not None:
@@ -156,7 +159,18 @@ def dns(ctx: Context, p: schema.DnsIn) -> Result:
         n = len(got.cluster)
         if (p.queries.min is not None and n < p.queries.min) or (p.queries.max is not None and n > p.queries.max):
             return Result(False, f"{where}; expected {_bounds(p.queries)} queries")
+    if p.sent is not None:
+        n = len(sent)
+        if (p.sent.min is not None and n < p.sent.min) or (p.sent.max is not None and n > p.sent.max):
+            return Result(False, f"{where}; {n} queries sent, expected {_bounds(p.sent)}")
     return Result(True, where)
+
+
+def _sent(got: Any) -> list:
+    """The queries the pod sent for a lookup, each type and name once: what its node's cache received with
+    NodeLocal DNSCache (cache hits never reach the cluster DNS, whose log then shows none), else what the cluster
+    DNS received. Empty: the pod's DNS server logged nothing (it is down or unreachable)."""
+    return got.node_cache if got.node_cache is not None else got.cluster
 
 
 def _bounds(b: Any) -> str:
@@ -503,8 +517,12 @@ def _true_value(ctx: Context, v: schema.ValueIn) -> Any:
         q = v.dns_queries
         pod = look.live(q.source)
         got = dnscount.count(ctx.st.name, pod.key, q.name, q.family)
-        if not got.cluster:  # a dead DNS costs 0 queries: no answer to compare with
-            raise StateError(f"the cluster DNS logged no query from {pod.key}: is it reachable and running?")
+        if not _sent(got):  # a dead DNS costs 0 queries: no answer to compare with
+            raise StateError(f"the pod's DNS server logged no query from {pod.key}: is it reachable and running?")
+        if q.sent:
+            return len(_sent(got))
+        if not got.cluster:  # every query a cache hit: the cluster DNS's count of it is no stable answer
+            raise StateError(f"no query of {pod.key}'s lookup reached the cluster DNS (the node's cache answered)")
         return len(got.upstream if q.upstream else got.cluster)
     assert v.command is not None
     return _command_value(look, v.command)

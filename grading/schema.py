@@ -73,6 +73,8 @@ class DnsIn(StrictModel):
     answer: list[str] | None = None  # addresses, or targets whose address is meant (service/web, node1)
     resolves: bool | None = None
     queries: _Bounds | None = None  # queries the cluster DNS received for the lookup
+    # queries the pod sent for the lookup: its node's cache received them (NodeLocal DNSCache), else the cluster DNS
+    sent: _Bounds | None = None
 
 
 class RouteIn(StrictModel):
@@ -162,6 +164,7 @@ class DnsQueriesIn(StrictModel):
     name: str = Field(examples=["name: api.example.com"])
     family: str = "any"
     upstream: bool = False  # count the queries forwarded to the upstream DNS instead
+    sent: bool = False  # count the queries the pod sent (to its node's cache with NodeLocal DNSCache) instead
 
 
 class DevIn(StrictModel):
