@@ -152,8 +152,12 @@ def _remove_one(folder: Path) -> None:
 
 
 def remove_lab(lab: str) -> None:
+    """The lab's cgroup tree, and the shared kubenet-lab folder above it once no lab has one (a cgroup folder
+    is removed only when empty, so another lab's tree is never touched)."""
     for root in lab_roots():
         _remove_tree(root / lab)
+        with contextlib.suppress(OSError):
+            root.rmdir()
 
 
 def remove_pod(lab: str, pod_netns: str) -> None:
