@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import json
 import statistics
-import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -23,6 +21,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
+from lab_updown import scale_spec as deployment_spec, seed_spec, timed  # noqa: E402 (bench/ on the path)
+
+__all__ = ["measure", "scale_spec", "seed_spec", "shape"]  # what lab bench scale uses (seed_spec: the baseline)
 CHANGES = 3  # one-pod apply/delete pairs per lab: their median is the sample
 
 
@@ -34,7 +35,6 @@ def shape(pods: int) -> tuple[int, int]:
 
 
 def scale_spec(name: str, pods: int) -> dict:
-    from lab_updown import scale_spec as deployment_spec
 
     nodes, per_node = shape(pods)
     data = deployment_spec(name, nodes, per_node)
@@ -43,18 +43,9 @@ def scale_spec(name: str, pods: int) -> dict:
     return data
 
 
-def seed_spec(name: str) -> dict:
-    data = yaml.safe_load((REPO / "labs" / "00-seed" / "lab.yaml").read_text())
-    data["metadata"]["name"] = name
-    return data
-
-
 def _timed(*args: str) -> float:
-    start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "lab.cli", *args, *(["-q"] if args[0] in ("up", "down", "apply", "delete")
-                                                            else [])],
-                   cwd=REPO, check=True, stdout=subprocess.DEVNULL)
-    return time.perf_counter() - start
+    quiet = ["-q"] if args[0] in ("up", "down", "apply", "delete") else []  # no progress bar in the timing
+    return timed(*args, *quiet)
 
 
 def measure(make: callable, folder: Path) -> dict[str, float]:

@@ -13,11 +13,10 @@ one program fewer here (docs/cilium.md lists the simplifications).
 from __future__ import annotations
 
 import contextlib
-import os
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from typing import Any
 
-from cni.plugin import CHECK_FAILED, BridgePlugin, CniArgs, CniError
+from cni.plugin import CHECK_FAILED, BridgePlugin, CniArgs, CniError, routed_veth
 from topo import netns
 from topo.errors import ApplyError
 from topo.rtnl import NetlinkError
@@ -58,28 +57,9 @@ class LxcPlugin(BridgePlugin):
         return host.index
 
     def _wire(self, args: CniArgs, bridge: int, address: IPv4Interface) -> dict[str, Any]:
-        host_if = args.host_ifname
-        fd = netns.open_fd(args.netns)
-        try:
-            self.host.add_veth(host_if, args.ifname, fd, self.conf.mtu)
-        finally:
-            os.close(fd)
-        host_link = self.host.link(host_if)
-        assert host_link is not None
-        self.host.set_link(host_link.index, up=True)
+        host_link, pod_link = routed_veth(self.host, args, self.conf.mtu, address.ip, self.router)
         pod_address = IPv4Interface(f"{address.ip}/32")
-        with netns.rtnl_in(args.netns) as pod:
-            pod_link = pod.link(args.ifname)
-            if pod_link is None:
-                raise ApplyError(f"{host_if} was made but {args.ifname} is not in {args.netns}")
-            pod.set_link(pod_link.index, up=True)
-            lo = pod.link("lo")
-            if lo is not None and not lo.up:
-                pod.set_link(lo.index, up=True)
-            pod.add_addr(pod_link.index, pod_address)
-            pod.replace_route(host32(self.router), oif=pod_link.index)
-            pod.replace_route(DEFAULT, gateway=self.router, oif=pod_link.index)
-        self.host.replace_route(host32(address.ip), oif=host_link.index)
+        host_if = args.host_ifname
         return {
             "cniVersion": self.conf.cni_version,
             "interfaces": [{"name": host_if, "mac": host_link.mac},
@@ -91,16 +71,7 @@ class LxcPlugin(BridgePlugin):
 
     def check(self, args: CniArgs, prev_result: dict[str, Any] | None) -> None:
         """The lease, the lxc veth, its /32 route, and the pod's address and default route."""
-        if not prev_result:
-            raise CniError(7, "CHECK needs prevResult")
-        try:
-            want = IPv4Interface(prev_result["ips"][0]["address"])
-        except (KeyError, IndexError, ValueError, TypeError) as exc:
-            raise CniError(7, "prevResult has no usable ips[0].address") from exc
-        with self.ipam() as ipam:
-            leased = ipam.lookup(args.container_id, args.ifname)
-        if leased != want.ip:
-            raise CniError(CHECK_FAILED, f"IPAM lease of {args.container_id} is {leased}, prevResult says {want.ip}")
+        want = self._leased_as(args, prev_result)
         link = self.host.link(args.host_ifname)
         if link is None:
             raise CniError(CHECK_FAILED, f"{args.host_ifname} is missing")

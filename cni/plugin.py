@@ -305,8 +305,9 @@ class BridgePlugin:
         return stale
 
     # ---- CHECK -------------------------------------------------------------------------------
-    def check(self, args: CniArgs, prev_result: dict[str, Any] | None) -> None:
-        """Verify the pod is still wired as `prev_result` says; raise CniError naming what differs."""
+    def _leased_as(self, args: CniArgs, prev_result: dict[str, Any] | None) -> IPv4Interface:
+        """CHECK's first step for every wiring: prevResult's address, which IPAM must still lease to the
+        container (CNI SPEC 1.0.0, CHECK: code 7 for an unusable prevResult)."""
         if not prev_result:
             raise CniError(7, "CHECK needs prevResult")
         try:
@@ -317,6 +318,11 @@ class BridgePlugin:
             leased = ipam.lookup(args.container_id, args.ifname)
         if leased != want.ip:
             raise CniError(CHECK_FAILED, f"IPAM lease of {args.container_id} is {leased}, prevResult says {want.ip}")
+        return want
+
+    def check(self, args: CniArgs, prev_result: dict[str, Any] | None) -> None:
+        """Verify the pod is still wired as `prev_result` says; raise CniError naming what differs."""
+        want = self._leased_as(args, prev_result)
         host = self.host.link(args.host_ifname)
         bridge = self.host.link(self.conf.bridge)
         if host is None or bridge is None or host.master != bridge.index:
@@ -339,3 +345,34 @@ class BridgePlugin:
 @contextlib.contextmanager
 def memory_session(ipam: NodeIpam) -> Iterator[NodeIpam]:
     yield ipam
+
+
+def routed_veth(host: Rtnl, args: CniArgs, mtu: int, ip: IPv4Address, gateway: IPv4Address,
+                pin_gateway: bool = False) -> tuple[Link, Link]:
+    """A pod wired by a routed veth, as Cilium wires its lxc devices and the Amazon VPC CNI its pods: no
+    bridge; the pod holds `ip`/32 with an on-link route to `gateway` and a default route via it, and the
+    node routes `ip`/32 to the host end. `pin_gateway`: also a static neighbour entry for the gateway at the
+    host end's MAC (the VPC CNI's). Returns (host end, pod end)."""
+    fd = netns.open_fd(args.netns)
+    try:
+        host.add_veth(args.host_ifname, args.ifname, fd, mtu)
+    finally:
+        os.close(fd)
+    host_link = host.link(args.host_ifname)
+    assert host_link is not None
+    host.set_link(host_link.index, up=True)
+    with netns.rtnl_in(args.netns) as pod:
+        pod_link = pod.link(args.ifname)
+        if pod_link is None:
+            raise ApplyError(f"{args.host_ifname} was made but {args.ifname} is not in {args.netns}")
+        pod.set_link(pod_link.index, up=True)
+        lo = pod.link("lo")
+        if lo is not None and not lo.up:
+            pod.set_link(lo.index, up=True)
+        pod.add_addr(pod_link.index, IPv4Interface(f"{ip}/32"))
+        pod.replace_route(IPv4Network(f"{gateway}/32"), oif=pod_link.index)
+        pod.replace_route(IPv4Network("0.0.0.0/0"), gateway=gateway, oif=pod_link.index)
+        if pin_gateway:
+            pod.replace_neigh(pod_link.index, gateway, host_link.mac)
+    host.replace_route(IPv4Network(f"{ip}/32"), oif=host_link.index)
+    return host_link, pod_link

@@ -14,13 +14,12 @@ eth0, which would answer for every address the node routes elsewhere (docs/vpc-i
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from ipaddress import IPv4Address, IPv4Interface
 from typing import Any
 
-from cni.plugin import CniArgs, CniError, ifname_problem, INVALID_ENV, CONTAINER_UNKNOWN, PLUGIN_ERROR
+from cni.plugin import CONTAINER_UNKNOWN, INVALID_ENV, PLUGIN_ERROR, CniArgs, CniError, ifname_problem, routed_veth
 from cni.vpc_ipamd import Ipamd, IpamdExhausted
 from topo import netns
 from topo.errors import ApplyError, LabError
@@ -81,28 +80,8 @@ class VpcPlugin:
 
     def _wire(self, args: CniArgs, eth0: int, ip: IPv4Address) -> dict[str, Any]:
         host_if = args.host_ifname
-        fd = netns.open_fd(args.netns)
-        try:
-            self.host.add_veth(host_if, args.ifname, fd, self.mtu)
-        finally:
-            os.close(fd)
-        host_link = self.host.link(host_if)
-        assert host_link is not None
-        self.host.set_link(host_link.index, up=True)
+        host_link, pod_link = routed_veth(self.host, args, self.mtu, ip, GATEWAY, pin_gateway=True)
         address = IPv4Interface(f"{ip}/32")
-        with netns.rtnl_in(args.netns) as pod:
-            pod_link = pod.link(args.ifname)
-            if pod_link is None:
-                raise ApplyError(f"{host_if} was made but {args.ifname} is not in {args.netns}")
-            pod.set_link(pod_link.index, up=True)
-            lo = pod.link("lo")
-            if lo is not None and not lo.up:
-                pod.set_link(lo.index, up=True)
-            pod.add_addr(pod_link.index, address)
-            pod.replace_route(IPv4Network(f"{GATEWAY}/32"), oif=pod_link.index)
-            pod.replace_route(IPv4Network("0.0.0.0/0"), gateway=GATEWAY, oif=pod_link.index)
-            pod.replace_neigh(pod_link.index, GATEWAY, host_link.mac)
-        self.host.replace_route(IPv4Network(f"{ip}/32"), oif=host_link.index)
         self.host.add_proxy_neigh(eth0, ip)
         return {
             "cniVersion": "1.0.0",
