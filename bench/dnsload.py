@@ -34,6 +34,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from images import dnsclient  # noqa: E402
+from observe.dnscount import log_tail  # noqa: E402
 from services import dns, nodelocal  # noqa: E402
 from topo.model import DnsConfig, Pod  # noqa: E402
 
@@ -110,12 +111,6 @@ def _log_counts(text: str) -> tuple[int, int, int]:
     return text.count(" query["), len(answers), sum(1 for a in answers if a == "NXDOMAIN")
 
 
-def _tail(path: Path, offset: int) -> str:
-    if not path.exists():
-        return ""
-    with open(path, "rb") as fh:
-        fh.seek(offset)
-        return fh.read().decode(errors="replace")
 
 
 def _size(path: Path) -> int:
@@ -159,9 +154,9 @@ def run_case(lab: str, setting: Setting, clients: int, rate: float, seconds: flo
     time.sleep(0.3)  # dnsmasq writes its log asynchronously
     after = _conntrack(nodes)
     throttle = {k: v - throttle.get(k, 0) for k, v in _throttled(lab).items()}
-    queries, answers, nx = _log_counts(_tail(logs["cluster"], offsets["cluster"]))
-    upstream, _, _ = _log_counts(_tail(logs["upstream"], offsets["upstream"]))
-    cache_queries = sum(_log_counts(_tail(p, o))[0] for p, o in zip(cache_logs, cache_offsets))
+    queries, answers, nx = _log_counts(log_tail(logs["cluster"], offsets["cluster"]))
+    upstream, _, _ = _log_counts(log_tail(logs["upstream"], offsets["upstream"]))
+    cache_queries = sum(_log_counts(log_tail(p, o))[0] for p, o in zip(cache_logs, cache_offsets))
     latencies = sorted(ms for r in results for ms in r["ms"])
     lookups = sum(r["lookups"] for r in results)
     q = statistics.quantiles(latencies, n=100, method="inclusive") if len(latencies) > 1 else latencies * 99

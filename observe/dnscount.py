@@ -78,7 +78,8 @@ def _size(path: Path) -> int:
     return path.stat().st_size if path.exists() else 0
 
 
-def _tail(path: Path, offset: int) -> str:
+def log_tail(path: Path, offset: int) -> str:
+    """What a log file gained since `offset` (its size before the lookup): the lines of this lookup only."""
     if not path.exists():
         return ""
     with open(path, "rb") as fh:
@@ -127,18 +128,18 @@ def count(lab_name: str | None, target: str, name: str, family: str = "any", res
     _settle(logs)  # dnsmasq writes its log asynchronously
     wire = capture.read()
     if cache_log is not None:
-        seen_log = _tail(logs[2], offsets[2])  # the pod asked the node's cache; what it did is in its log
+        seen_log = log_tail(logs[2], offsets[2])  # the pod asked the node's cache; what it did is in its log
         cached = dns.parse_log(seen_log)
         node_cache = _distinct(q for q in cached if q.source == pod_ip)
         asked = {(q.qtype, q.name.lower()) for q in node_cache}
-        cluster = _distinct(q for q in dns.parse_log(_tail(logs[0], offsets[0])) if (q.qtype, q.name.lower()) in asked)
-        hits = _tail(logs[2], offsets[2]).count(" cached ")
+        cluster = _distinct(q for q in dns.parse_log(log_tail(logs[0], offsets[0])) if (q.qtype, q.name.lower()) in asked)
+        hits = log_tail(logs[2], offsets[2]).count(" cached ")
     else:
         node_cache, hits = None, 0
-        seen_log = _tail(logs[0], offsets[0])
+        seen_log = log_tail(logs[0], offsets[0])
         cluster = _distinct(q for q in dns.parse_log(seen_log) if q.source == pod_ip)
         asked = {(q.qtype, q.name.lower()) for q in cluster}
-    upstream = _distinct(q for q in dns.parse_log(_tail(logs[1], offsets[1])) if (q.qtype, q.name.lower()) in asked)
+    upstream = _distinct(q for q in dns.parse_log(log_tail(logs[1], offsets[1])) if (q.qtype, q.name.lower()) in asked)
     resolv = (state.pod_dir_of(st.name, key) / "resolv.conf").read_text()
     return Count(key, pod_ip, name, resolv, answer, cluster, upstream, outcomes(seen_log, pod_ip), resolver, wire,
                  node_cache, hits)

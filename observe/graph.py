@@ -18,6 +18,7 @@ from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
 from observe import graph_cilium
+from observe.graph_status import DOWN, EXTRA, MISSING, OK, WRONG, device_state
 from observe.kernel import NsView, Observation
 from routing import bgp, host_gw, ipip, vxlan
 from services import kube_proxy
@@ -25,7 +26,6 @@ from services.endpoints import RunningPod, ServicePortEndpoints
 from topo import names, underlay
 from topo.model import BRIDGE, NODE_IFNAME, POD_IFNAME, Lab
 
-OK, MISSING, DOWN, WRONG, EXTRA = "ok", "missing", "down", "wrong", "extra"
 DNS_KEY = ("kube-system", "coredns")  # the cluster DNS pod (services/addons.py names it so: the CoreDNS role)
 DNS_SERVICE = ("kube-system", "kube-dns")
 
@@ -179,17 +179,6 @@ class Graph:
 
 # ------------------------------------------------------------------------------------------- build
 
-def _link_state(view: NsView | None, dev: str, need_carrier: bool = True) -> tuple[str, str]:
-    if view is None:
-        return MISSING, "namespace gone"
-    link = view.links.get(dev)
-    if link is None:
-        return MISSING, f"no {dev}"
-    if not link.up:
-        return DOWN, f"{dev} is down"
-    if need_carrier and not link.carrier:
-        return DOWN, f"{dev} has no carrier"
-    return OK, ""
 
 
 Expected = list[tuple[IPv4Network, IPv4Address | None, str | None, str | None]]
@@ -291,7 +280,7 @@ def _tunnel(lab: Lab, node_name: str, view: NsView | None) -> Device | None:
         return None
     mine = next(p for p in vxlan.plan(lab) if p.vtep.node == node_name)
     dev = Device(vxlan.DEVICE, str(mine.vtep.address), detail=f"VNI {vxlan.VNI} · UDP {vxlan.PORT}")
-    dev.status, dev.note = _link_state(view, vxlan.DEVICE, need_carrier=False)
+    dev.status, dev.note = device_state(view, vxlan.DEVICE, need_carrier=False)
     if dev.status != OK or view is None:
         return dev
     if not view.has_addr(vxlan.DEVICE, mine.vtep.address.ip):
@@ -311,7 +300,7 @@ def _ipip_tunnel(lab: Lab, node_name: str, view: NsView | None) -> Device:
     """Calico's tunl0: up, holding the node's tunnel address, MTU 20 bytes below the underlay's."""
     t = ipip.tunnel(lab.node(node_name))
     dev = Device(ipip.DEVICE, str(t.address), detail=f"IP-in-IP (proto 4) · {lab.network.ipip_mode} · MTU {t.mtu}")
-    dev.status, dev.note = _link_state(view, ipip.DEVICE, need_carrier=False)
+    dev.status, dev.note = device_state(view, ipip.DEVICE, need_carrier=False)
     if dev.status != OK or view is None:
         return dev
     if not view.has_addr(ipip.DEVICE, t.address.ip):
@@ -342,7 +331,7 @@ def _pods(lab: Lab, node_name: str, view: NsView | None, running: list[RunningPo
         elif cilium:
             box.status, box.note = graph_cilium.pod_state(view, veth)
         else:
-            state, note = _link_state(view, veth)
+            state, note = device_state(view, veth)
             link = view.links.get(veth) if view else None
             routed = lab.cni.profile == "aws-vpc"  # the VPC CNI routes each pod: its veth is on no bridge
             if state == OK and link is not None and not routed and link.master != BRIDGE:
@@ -418,7 +407,7 @@ def build(lab: Lab, running: list[RunningPod], sps: list[ServicePortEndpoints], 
     for node in lab.nodes:
         view = obs.namespaces.get(lab.node_netns(node.name))
         eth0 = Device(NODE_IFNAME, str(lab.node_interface(node)))
-        eth0.status, eth0.note = _link_state(view, NODE_IFNAME)
+        eth0.status, eth0.note = device_state(view, NODE_IFNAME)
         if eth0.status == OK and view is not None and not view.has_addr(NODE_IFNAME, node.ip):
             eth0.status, eth0.note = WRONG, f"lacks {node.ip}"
         vpc = lab.cni.profile == "aws-vpc"
@@ -432,7 +421,7 @@ def build(lab: Lab, running: list[RunningPod], sps: list[ServicePortEndpoints], 
             cni0 = Device("no", f"pods routed as /32s, answered for on {NODE_IFNAME} ({node.instance_type})")
         else:
             cni0 = Device(BRIDGE, str(node.gateway))
-            cni0.status, cni0.note = _link_state(view, BRIDGE, need_carrier=bool(lab.pods_on(node.name)))
+            cni0.status, cni0.note = device_state(view, BRIDGE, need_carrier=bool(lab.pods_on(node.name)))
             if cni0.status == OK and view is not None and not view.has_addr(BRIDGE, node.gateway.ip):
                 cni0.status, cni0.note = WRONG, f"lacks {node.gateway}"
             tunnel = _tunnel(lab, node.name, view)
@@ -455,7 +444,7 @@ def build(lab: Lab, running: list[RunningPod], sps: list[ServicePortEndpoints], 
             subnet = str(lab.underlay.subnet or "")
         box = Segment(seg.switch, subnet)
         view = obs.namespaces.get(seg.netns)
-        box.status, box.note = _link_state(view, seg.switch)
+        box.status, box.note = device_state(view, seg.switch)
         graph.segments.append(box)
     host_ips: dict[str, list[str]] = {}
     for link in up.links:
@@ -465,12 +454,12 @@ def build(lab: Lab, running: list[RunningPod], sps: list[ServicePortEndpoints], 
         host = next(h for h in up.hosts if h.name == link.host)
         att = Attachment(link.host, link.intf, link.segment, link.port, link.peer, address=str(link.address),
                          peer_intf=link.peer_intf or "", peer_address=str(link.peer_address or ""))
-        state, note = _link_state(obs.namespaces.get(host.netns), link.intf)
+        state, note = device_state(obs.namespaces.get(host.netns), link.intf)
         if state == OK and link.segment is not None:
-            state, note = _link_state(obs.namespaces.get(segment_of[link.segment].netns), link.port or "")
+            state, note = device_state(obs.namespaces.get(segment_of[link.segment].netns), link.port or "")
         elif state == OK and link.peer is not None:
             peer = next(h for h in up.hosts if h.name == link.peer)
-            state, note = _link_state(obs.namespaces.get(peer.netns), link.peer_intf or "")
+            state, note = device_state(obs.namespaces.get(peer.netns), link.peer_intf or "")
         att.status, att.note = state, note
         graph.attachments.append(att)
     for host in up.hosts:

@@ -13,6 +13,7 @@ from __future__ import annotations
 from ipaddress import IPv4Network
 
 from cilium import agent, maps
+from observe.graph_status import MISSING, OK, WRONG, device_state
 from observe.kernel import NsView, Observation
 from routing import host_gw
 from services.endpoints import RunningPod
@@ -20,21 +21,7 @@ from topo.model import Lab
 
 HOST = "cilium_host"
 ROUTER = "router · pods routed on lxc veths, no bridge"
-OK, MISSING, DOWN, WRONG = "ok", "missing", "down", "wrong"  # observe/graph.py's statuses
 DeviceRow = tuple[str, str, str, str, str]  # name, address, detail, status, note (observe/graph.py's Device)
-
-
-def device_state(view: NsView | None, dev: str, need_carrier: bool = True) -> tuple[str, str]:
-    if view is None:
-        return MISSING, "namespace gone"
-    link = view.links.get(dev)
-    if link is None:
-        return MISSING, f"no {dev}"
-    if not link.up:
-        return DOWN, f"{dev} is down"
-    if need_carrier and not link.carrier:
-        return DOWN, f"{dev} has no carrier"
-    return OK, ""
 
 
 def fill(lab: Lab, obs: Observation) -> None:
