@@ -30,15 +30,19 @@ from topo.model import POD_IFNAME, Lab, Pod
 from topo.rtnl import IF_OPER_UNKNOWN, IF_OPER_UP, Rtnl
 
 
-def running_pods(st: state.LabState, lab: Lab) -> list[RunningPod]:
+def running_pods(st: state.LabState, lab: Lab, alive: dict[str, bool] | None = None) -> list[RunningPod]:
     """The lab's pods with their IPs, ready while their sandbox lives (what the endpoints controller sees).
-    A pod still being made or being removed is not an endpoint."""
+    A pod still being made or being removed is not an endpoint. `alive`: whether each pod's sandbox lives,
+    when the caller has just looked (`lab status`: looking twice cost 3 stats per pod, 55 ms at 1,000)."""
     out = []
     for pod in lab.pods:
         ps = st.pods.get(pod.key)
         if ps is None or ps.phase != "Running":
             continue
-        out.append(RunningPod(pod, IPv4Address(ps.ip), runtime.sandbox_alive(ps.netns, ps.pause_pid)))
+        ready = alive.get(pod.key) if alive is not None else None
+        if ready is None:
+            ready = runtime.sandbox_alive(ps.netns, ps.pause_pid)
+        out.append(RunningPod(pod, IPv4Address(ps.ip), ready))
     return out
 
 

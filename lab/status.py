@@ -12,7 +12,7 @@ from services import endpoints, kube_proxy
 from topo import names
 
 
-def pod_status(pod: state.PodState) -> str:
+def pod_status(pod: state.PodState, alive: bool | None = None) -> str:
     """The STATUS column as `kubectl get pods` words it where the lab knows as much: Pending while its
     command makes it, Terminating while one removes it, Running while a container (or, for a pod of only
     the pause image, its sandbox) runs, Terminated once every container has exited (the lab does not keep
@@ -21,7 +21,7 @@ def pod_status(pod: state.PodState) -> str:
         return pod.reason or "Pending"
     if pod.phase != "Running":
         return pod.phase
-    if not runtime.sandbox_alive(pod.netns, pod.pause_pid):
+    if not (runtime.sandbox_alive(pod.netns, pod.pause_pid) if alive is None else alive):
         return "Dead"
     if pod.containers and not any(runtime.in_pod(pid, pod.netns) for pid in pod.containers.values()):
         return "Terminated"
@@ -50,15 +50,18 @@ def describe(st: state.LabState, reveal: bool = False) -> dict[str, Any]:
               "gateway": "-" if vpc else str(n.gateway.ip), "netns": lab.node_netns(n.name),
               "instanceType": n.instance_type, "maxPods": n.max_pods} for n in lab.nodes]
     pods = []
+    # Each running pod's sandbox is looked at once, for its STATUS and for the services' endpoints.
+    alive = {key: runtime.sandbox_alive(pod.netns, pod.pause_pid) for key, pod in st.pods.items()
+             if pod.phase == "Running"}
     for key, pod in sorted(st.pods.items(), key=lambda kv: (kv[1].node, kv[0])):
         namespace, name = key.split("/", 1)
         pods.append({"namespace": namespace, "name": name, "node": pod.node, "ip": pod.ip,
-                     "netns": pod.netns, "status": pod_status(pod), "containers": pod.containers,
+                     "netns": pod.netns, "status": pod_status(pod, alive.get(key)), "containers": pod.containers,
                      "message": pod.message if pod.waiting else None})
     services = []
     if lab.services or st.objects:
         now = current_lab(st)  # services need the lab as it runs now
-        for sp in endpoints.resolve(now.services, running_pods(st, now)):
+        for sp in endpoints.resolve(now.services, running_pods(st, now, alive)):
             services.append({"namespace": sp.service.namespace, "name": sp.service.name, "type": sp.service.type,
                              "clusterIP": str(sp.service.cluster_ip), "port": sp.port.port,
                              "protocol": sp.port.protocol, "nodePort": sp.port.node_port,
