@@ -7,12 +7,16 @@ endpoint servers in a "pod" namespace behind a veth pair. Every service DNATs to
 differs between services is only where their rules sit in the lookup: iptables walks KUBE-SERVICES rule
 by rule (O(N)); nftables looks the address up in a verdict map (O(1)); IPVS (where the kernel has it, e.g.
 in the test VM) looks the virtual server up in its hash table (O(1)), its sync being the lab's own
-(kube-ipvs0 addresses, ipsets, the nat helper rules, ipvsadm -R; the +1 sync a delta).
+(kube-ipvs0 addresses, ipsets, the nat helper rules, ipvsadm -R; the +1 sync a delta). cilium: no rules at
+all; the cilium profile's socket-LB programs on a cgroup of the bed's own, its service maps synced by the
+agent's own code (cilium.agent.write_services: read the maps, write the difference in one batch per map),
+the client's sockets made in that cgroup, so connect() itself picks the backend (a hash lookup, O(1)).
 
     .venv/bin/python bench/services.py [--repeat 3] [--json FILE] [--plot DIR]   (= lab bench services)
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import sys
@@ -118,6 +122,33 @@ class Bed:
         finally:  # the namespaces go even if stopping the server is interrupted
             netns.delete(self.node)
             netns.delete(self.pod)
+            from cilium import agent
+
+            agent.remove(self.tag)  # the cilium case's cgroup and pins, when it made them
+
+
+def _cilium_entries(sps: list[ServicePortEndpoints]) -> list:
+    from cilium import maps
+
+    tcp = maps.PROTOCOLS["tcp"]
+    return [maps.ServiceEntry(maps.Frontend(sp.service.cluster_ip, sp.port.port, tcp),
+                              tuple(maps.Backend(e.ip, e.port, tcp) for e in sp.endpoints), name=sp.name)
+            for sp in sps]
+
+
+def _cilium_syncs(bed: Bed, sps: list[ServicePortEndpoints], sps2: list[ServicePortEndpoints]) -> tuple[float, float]:
+    """The cilium profile's full sync and +1 service sync of one node's maps, each from the entries built in
+    Python to the last batch written, as cilium.agent.sync_node runs it."""
+    from cilium import agent, maps
+
+    agent.setup_socket_lb(bed.tag, "node", maps.NODE_CONFIG.pack(NODE.pod_cidr.netmask.packed, NODE.ip.packed,
+                                                                 maps.VNI))
+    started = time.perf_counter()
+    agent.write_services(bed.tag, "node", _cilium_entries(sps))
+    full = time.perf_counter() - started
+    started = time.perf_counter()
+    agent.write_services(bed.tag, "node", _cilium_entries(sps2))
+    return full, time.perf_counter() - started
 
 
 def pct(samples: list[float], p: float) -> float:
@@ -137,6 +168,12 @@ def _ipvs_syncs(bed: Bed, sps: list[ServicePortEndpoints], sps2: list[ServicePor
         return full, time.perf_counter() - started
 
 
+def _socket_lb(bed: Bed, mode: str):  # type: ignore[no-untyped-def]
+    from cilium import agent
+
+    return agent.spawning_in(bed.tag, "node") if mode == "cilium" else contextlib.nullcontext()
+
+
 def measure_case(mode: str, count: int, connects: int) -> dict:
     """One measurement in a fresh bed: full sync, +1 service sync, and connect latencies (µs) to the first-
     and last-created service. The bed is removed before returning, also on failure."""
@@ -147,6 +184,8 @@ def measure_case(mode: str, count: int, connects: int) -> dict:
         # Each time covers what one node's sync costs: rendering the rules in Python plus loading them.
         if mode == "ipvs":
             full, one = _ipvs_syncs(bed, sps, sps2)
+        elif mode == "cilium":
+            full, one = _cilium_syncs(bed, sps, sps2)
         elif mode.startswith("iptables"):
             # kube_proxy.sync_iptables as a node's sync runs it: a full restore first, then the partial
             # sync (only the changed chains, --noflush) for the +1 service, in the same process (kube-proxy
@@ -172,8 +211,9 @@ def measure_case(mode: str, count: int, connects: int) -> dict:
             rs2 = kube_proxy_nftables.build(NODE, sps2, CLUSTER)
             bed.load(kube_proxy.NFT, kube_proxy_nftables.render_delta(rs, rs2))
             one = time.perf_counter() - started
-        first = bed.connect_us(vip(0), connects)
-        last = bed.connect_us(vip(count - 1), connects)
+        with _socket_lb(bed, mode):  # cilium: the client's sockets made in the node's cgroup
+            first = bed.connect_us(vip(0), connects)
+            last = bed.connect_us(vip(count - 1), connects)
     finally:
         bed.close()
     return {"mode": mode, "services": count, "full_sync_s": full, "one_service_update_s": one,

@@ -89,19 +89,26 @@ def setup_node(lab: Lab, node: str) -> None:
     """Everything of the agent on one node: pins, cgroup and its socket-LB programs, the node config, the
     tunnel (device, programs, map), egress masquerade. Idempotent: a second run replaces programs and
     leaves one attached per hook."""
-    ensure_bpffs()
-    folder = pins(lab.name, node)
-    folder.mkdir(parents=True, exist_ok=True)
-    group = cgroup(lab.name, node)
-    group.mkdir(parents=True, exist_ok=True)
-    with libbpf.BpfObject(str(build.object_path("bpf_sock")), str(folder)) as obj:
-        for program, hook in SOCK_PROGRAMS:
-            libbpf.attach_cgroup(obj.prog_fd(program), str(group), hook)
-        libbpf.update(obj.map_fd(maps.CONFIG), maps.CONFIG_KEY.pack(0), maps.node_config(lab, node))
+    folder = setup_socket_lb(lab.name, node, maps.node_config(lab, node))
     if tunnel(lab):
         _setup_tunnel(lab, node, folder)
     _setup_nodeport(lab, node, folder)
     _masquerade(lab, node)
+
+
+def setup_socket_lb(lab: str, node: str, config: bytes) -> Path:
+    """The node's pins folder and cgroup, the socket-LB programs attached to it, its node config written
+    (also what `lab bench services` measures, under a lab-shaped name). Returns the pins folder."""
+    ensure_bpffs()
+    folder = pins(lab, node)
+    folder.mkdir(parents=True, exist_ok=True)
+    group = cgroup(lab, node)
+    group.mkdir(parents=True, exist_ok=True)
+    with libbpf.BpfObject(str(build.object_path("bpf_sock")), str(folder)) as obj:
+        for program, hook in SOCK_PROGRAMS:
+            libbpf.attach_cgroup(obj.prog_fd(program), str(group), hook)
+        libbpf.update(obj.map_fd(maps.CONFIG), maps.CONFIG_KEY.pack(0), config)
+    return folder
 
 
 def _setup_nodeport(lab: Lab, node: str, folder: Path) -> None:
@@ -221,8 +228,12 @@ def _pinned(lab: str, node: str, *wanted: str) -> Iterator[dict[str, int]]:
 
 def sync_node(lab: Lab, running: list[RunningPod], node: str) -> tuple[int, int, int, int]:
     """One node's service maps brought in line: (frontends, backends, entries written, entries deleted)."""
-    entries = maps.services_of(lab, running, node)
-    with _pinned(lab.name, node, maps.SERVICES, maps.BACKENDS, maps.REVNAT) as fds:
+    return write_services(lab.name, node, maps.services_of(lab, running, node))
+
+
+def write_services(lab: str, node: str, entries: list[maps.ServiceEntry]) -> tuple[int, int, int, int]:
+    """The node's service maps made to hold exactly these frontends, comparing with what they hold now."""
+    with _pinned(lab, node, maps.SERVICES, maps.BACKENDS, maps.REVNAT) as fds:
         have = {name: _read(fd, name) for name, fd in fds.items()}
         want = maps.desired(entries, maps.ids_from(have))
         written = deleted = 0

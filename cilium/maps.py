@@ -155,16 +155,27 @@ class Ids:
 
     backends: dict[Backend, int] = field(default_factory=dict)
     frontends: dict[Frontend, int] = field(default_factory=dict)
+    _top: dict[str, int] = field(default_factory=dict)  # the highest id handed out or found, per kind
 
     def backend(self, be: Backend) -> int:
         if be not in self.backends:
-            self.backends[be] = _lowest_free(self.backends.values())
+            self.backends[be] = self._next("backends", self.backends.values(), 0xFFFFFFFF)
         return self.backends[be]
 
     def frontend(self, fe: Frontend) -> int:
         if fe not in self.frontends:
-            self.frontends[fe] = _lowest_free(self.frontends.values(), limit=0xFFFF)
+            self.frontends[fe] = self._next("frontends", self.frontends.values(), 0xFFFF)
         return self.frontends[fe]
+
+    def _next(self, kind: str, used: Iterable[int], limit: int) -> int:
+        """One above the highest id (kept as it grows: 10,000 new frontends cost no 10,000 scans), or the
+        lowest free one once the highest is at the limit."""
+        if kind not in self._top:
+            self._top[kind] = max(used, default=0)
+        if self._top[kind] < limit:
+            self._top[kind] += 1
+            return self._top[kind]
+        return _lowest_free(used, limit)
 
 
 def _lowest_free(used: Iterable[int], limit: int = 0xFFFFFFFF) -> int:

@@ -192,6 +192,34 @@ def _veth_detach(lookup: targets.Lookup, p: dict[str, Any]) -> str:
     return f"unplugged {pod.key}'s veth {veth} from cni0 on {node}"
 
 
+def _cilium_backend_delete(lookup: targets.Lookup, p: dict[str, Any]) -> str:
+    """Delete backend slot SLOT of every ClusterIP frontend of a Service from the node's pinned
+    cilium_lb4_services_v2 (slot 0 keeps its count: the socket LB still picks that slot and finds nothing),
+    in this process, one batch: what a stale or crashed agent leaves behind."""
+    from cilium import agent, libbpf, maps
+    from observe import cilium
+
+    node = lookup.live(p["in"])
+    if node.kind != "node" or lookup.lab.cni.profile != "cilium":
+        raise StateError(f"{p['in']} is not a node of a cilium lab: it has no service map")
+    key = p["service"] if "/" in p["service"] else f"default/{p['service']}"
+    svc = next((s for s in lookup.lab.services if s.key == key and s.cluster_ip is not None), None)
+    if svc is None:
+        raise StateError(f"no Service {key} with a ClusterIP in lab {lookup.st.name}")
+    held = cilium.slots(lookup.st.name, node.name)
+    doomed = [(fe, slots[p["slot"]]) for fe, (_count, slots) in sorted(held.items())
+              if fe.address == svc.cluster_ip and p["slot"] in slots]
+    if not doomed:
+        raise StateError(f"{node.name}'s {maps.SERVICES} has no slot {p['slot']} for {key} ({svc.cluster_ip})")
+    fd = libbpf.obj_get(str(agent.pins(lookup.st.name, node.name) / maps.SERVICES))
+    try:
+        libbpf.delete_batch(fd, b"".join(maps.lb4_key(fe, p["slot"]) for fe, _ in doomed), len(doomed))
+    finally:
+        os.close(fd)
+    gone = ", ".join(f"{fe} -> {be}" for fe, be in doomed)
+    return f"deleted slot {p['slot']} of {key} from {node.name}'s {maps.SERVICES} ({gone})"
+
+
 # ---------------------------------------------------------------------------- what --random picks from
 
 
@@ -256,6 +284,16 @@ def _cands_labels(lab: Lab, st: state.LabState) -> list[dict[str, Any]]:
     return out
 
 
+def _cands_cilium(lab: Lab, st: state.LabState) -> list[dict[str, Any]]:
+    if lab.cni.profile != "cilium":
+        return []
+    from services.addons import SERVICES
+
+    return [{"in": n.name, "service": s.key, "slot": 1} for n in lab.nodes for s in lab.services
+            if s.key not in SERVICES and s.cluster_ip is not None
+            and any(s.selects(st.pods[k].labels) for k in _app_pods(st) if k.split("/", 1)[0] == s.namespace)]
+
+
 def _cands_veth(lab: Lab, st: state.LabState) -> list[dict[str, Any]]:
     return [{"pod": key} for key in _app_pods(st)]
 
@@ -285,6 +323,10 @@ FAULTS: dict[str, Fault] = {f.name: f for f in (
            "value": Param("label-value", "the new value")},
           _label, _cands_labels),
     Fault("veth-detach", "unplug a pod's node-side veth from cni0", {"pod": _POD}, _veth_detach, _cands_veth),
+    Fault("cilium-backend-delete", "delete one backend slot of a Service from a cilium node's service map",
+          {"in": _ON, "service": Param("str", "the Service, NAME or NAMESPACE/NAME"),
+           "slot": Param("int", "the backend slot (1 to the backend count)", 1)},
+          _cilium_backend_delete, _cands_cilium),
 )}
 
 

@@ -130,7 +130,7 @@ def _check_probe(doc: StrictDocument, loc: tuple, kind: str, p: Any) -> None:
     if kind in ("reach", "http", "iperf"):
         _address(doc, loc + ("to",), p.to)
         _port(doc, loc + ("port",), p.port)
-    if kind in ("route", "bgp", "rule", "command"):
+    if kind in ("route", "bgp", "rule", "command", "lbmap"):
         _target(doc, loc + ("in",), p.on)
     if kind in ("reach", "http", "command"):
         _timeout(doc, loc + ("timeout",), p.timeout)
@@ -145,6 +145,8 @@ def _check_probe(doc: StrictDocument, loc: tuple, kind: str, p: Any) -> None:
         if not 100 <= p.status <= 599:
             doc.add(loc + ("status",), "must be an HTTP status code, 100-599")
         _regex(doc, loc + ("body",), p.body)
+        if p.spread and not p.to.startswith("service/"):
+            doc.add(loc + ("spread",), "needs to: service/NAME (the Service whose endpoints must all answer)")
     elif kind == "dns":
         for i, value in enumerate(p.answer or []):
             _address(doc, loc + ("answer", i), value)

@@ -14,18 +14,16 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
-from pathlib import Path
 from typing import Any
 
 import yaml
 
 from apiserver import state
 from grading import schema
+from grading.probe_base import Context, Result, get
 from grading.fields import route_protocol
 from observe import targets
 from routing import frr
@@ -34,22 +32,6 @@ from topo.errors import StateError
 
 assert schema.ROUTE_PROTOCOLS["bgp"] == frr.RTPROT_BGP  # the number zebra installs BGP routes with
 DROPPED, REFUSED = "timeout", "refused"  # observe.probe.connect's details for a silent drop and an active refusal
-
-
-@dataclass
-class Result:
-    passed: bool
-    detail: str
-
-
-@dataclass
-class Context:
-    lookup: targets.Lookup
-    answers_file: Path | None  # the learner's answers (answers.yaml), for `answer` checks
-
-    @property
-    def st(self) -> state.LabState:
-        return self.lookup.st
 
 
 def _connect(st: state.LabState, source: str, dest_ip: str, port: int, protocol: str, timeout: float):
@@ -102,37 +84,11 @@ def http(ctx: Context, p: schema.HttpIn) -> Result:
     src = ctx.lookup.live(p.source)
     _live_if_named(ctx, p.to)
     dest = str(ctx.lookup.address(p.to))
-    host = p.host or dest
-    request = (f"GET {p.path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: lab-grade\r\nConnection: close\r\n\r\n").encode()
-    where = f"GET http://{dest}:{p.port}{p.path}" + (f" (Host: {p.host})" if p.host else "") + f" from {src.key}"
-    try:
-        with netns.entered(src.netns):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        with sock:
-            sock.settimeout(p.timeout)
-            sock.connect((dest, p.port))
-            sock.sendall(request)
-            data = b""
-            deadline = time.monotonic() + p.timeout
-            while len(data) < 1 << 20 and time.monotonic() < deadline:
-                chunk = sock.recv(65536)
-                if not chunk:
-                    break
-                data += chunk
-    except OSError as exc:
-        return Result(False, f"{where}: {exc.strerror or exc}")
-    head, _, body = data.partition(b"\r\n\r\n")
-    match = re.match(rb"HTTP/1\.[01] (\d{3})", head)
-    if match is None:
-        return Result(False, f"{where}: no HTTP answer")
-    status = int(match.group(1))
-    text = body.decode("utf-8", "replace")
-    shown = " ".join(text.split())[:80]
-    if status != p.status:
-        return Result(False, f"{where}: status {status}, expected {p.status} (body: {shown!r})")
-    if p.body is not None and re.search(p.body, text) is None:
-        return Result(False, f"{where}: body {shown!r} does not match {p.body!r}")
-    return Result(True, f"{where}: {status} {shown!r}")
+    if p.spread:
+        from grading.probes_lb import spread
+
+        return spread(ctx, p, src, dest)
+    return get(ctx, p, src, dest)[0]
 
 
 def dns(ctx: Context, p: schema.DnsIn) -> Result:
@@ -556,6 +512,12 @@ def _command_value(look: targets.Lookup, cmd: schema.CommandValueIn) -> str | in
 
 RUNNERS: dict[str, Callable[[Context, Any], Result]] = {
     "reach": reach, "http": http, "dns": dns, "route": route, "bgp": bgp, "rule": rule, "link": link,
-    "command": command, "iperf": iperf, "pods": pods, "answer": answer,
+    "command": command, "iperf": iperf, "pods": pods, "answer": answer, "lbmap": lambda ctx, p: _lbmap(ctx, p),
 }
+
+
+def _lbmap(ctx: Context, p: schema.LbMapIn) -> Result:
+    from grading.probes_lb import lbmap
+
+    return lbmap(ctx, p)
 assert set(RUNNERS) == set(schema.PROBES)

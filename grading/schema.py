@@ -64,6 +64,9 @@ class HttpIn(StrictModel):
     status: int = 200
     body: str | None = None  # a regular expression the body must contain
     timeout: float = 2.0
+    # `to` is a Service: GET until every ready endpoint has answered (its body, /hostname, naming the pod);
+    # every answer must pass, and each endpoint gets 20 tries on average before the probe gives up
+    spread: bool = False
 
 
 class DnsIn(StrictModel):
@@ -121,6 +124,11 @@ class CommandIn(StrictModel):
     not_match: str | None = Field(None, alias="notMatch")
     exit_code: int | None = Field(None, alias="exitCode")  # default 0: a command that fails proves nothing
     timeout: float = 10.0
+
+
+class LbMapIn(StrictModel):
+    on: str = Field(alias="in", examples=["in: node1"])
+    service: str = Field(examples=["service: web"])  # NAME or NAMESPACE/NAME
 
 
 class PathIn(StrictModel):
@@ -203,6 +211,7 @@ class AnswerIn(StrictModel):
 PROBES: dict[str, type[StrictModel]] = {
     "reach": ReachIn, "http": HttpIn, "dns": DnsIn, "route": RouteIn, "bgp": BgpIn, "rule": RuleIn,
     "link": LinkIn, "command": CommandIn, "iperf": IperfIn, "pods": PodsIn, "answer": AnswerIn,
+    "lbmap": LbMapIn,
 }
 
 
@@ -231,6 +240,7 @@ class CheckIn(StrictModel):
     iperf: IperfIn | None = None
     pods: PodsIn | None = None
     answer: AnswerIn | None = None
+    lbmap: LbMapIn | None = None
 
 
 class TaskIn(StrictModel):

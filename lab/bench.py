@@ -95,6 +95,17 @@ def _ipvs_here() -> bool:
     return os.geteuid() == 0 and not kernel.missing(kernel.IPVS, kernel.DUMMY)
 
 
+def _cilium_here() -> bool:
+    """The cilium rows: a cgroup2 tree for the socket LB, libbpf and clang (its programs are compiled here)."""
+    from cilium import agent
+
+    try:
+        agent.require()
+    except Exception:  # FeatureMissing, ApplyError (a compile error): no rows rather than no suite
+        return False
+    return os.geteuid() == 0
+
+
 class Services(Suite):
     name = "services"
 
@@ -104,7 +115,8 @@ class Services(Suite):
         connects = 100 if quick else 200
         # iptables mode on both backends (spec.kubeProxy.iptables: nft is the machine's own on current
         # distributions and the lab's default there; legacy the older x_tables)
-        self.modes = ("iptables-nft", "iptables-legacy", "nftables") + (("ipvs",) if _ipvs_here() else ())
+        self.modes = ("iptables-nft", "iptables-legacy", "nftables") + (("ipvs",) if _ipvs_here() else ()) + \
+            (("cilium",) if _cilium_here() else ())
         for mode in self.modes:
             for count in counts:
                 self.cases.append(Case(f"{mode} {count}", self._runner(mode, count, connects),

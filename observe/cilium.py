@@ -45,6 +45,14 @@ def _services(lab: str, node: str) -> tuple[dict[maps.Frontend, dict[int, tuple[
     return by_frontend, backends
 
 
+def slots(lab: str, node: str) -> dict[maps.Frontend, tuple[int, dict[int, maps.Backend | None]]]:
+    """Each frontend of the node's service map: slot 0's backend count, and slot -> the backend it names
+    (None: a slot naming a backend id the backends map does not hold). Read from the kernel only."""
+    by_frontend, backends = _services(lab, node)
+    return {fe: (s.get(0, (0, 0, 0, 0))[1], {n: backends.get(v[0]) for n, v in s.items() if n > 0})
+            for fe, s in by_frontend.items()}
+
+
 def _type(flags: int) -> str:
     kind = "NodePort" if flags & maps.SVC_FLAG_NODEPORT else "ClusterIP"
     extras = (["Local"] if flags & maps.SVC_FLAG_LOCAL else []) + (["sessionAffinity"] if flags & maps.SVC_FLAG_AFFINITY else [])

@@ -7,8 +7,10 @@ thing it looks at is missing altogether, so every probe first asks `require_aliv
 """
 from __future__ import annotations
 
+import contextlib
 import shutil
 import subprocess
+from collections.abc import Iterator
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 
@@ -167,3 +169,18 @@ def host_veth(lookup: Lookup, pod: Target) -> str:
             if link.index == peer:
                 return link.name
     raise StateError(f"the peer of pod {pod.key}'s eth0 (index {peer}) is not on node {node}")
+
+
+@contextlib.contextmanager
+def socket_lb_of(lookup: Lookup, target: Target) -> Iterator[None]:
+    """Sockets made inside this block go through the target's socket load balancer, as its own processes'
+    do (a cilium lab's pods and nodes: the cgroup a socket is created in decides which connect4 program
+    runs). Elsewhere, and for routers and external hosts, nothing changes."""
+    node = lookup.st.pods[target.key].node if target.kind == "pod" else target.name if target.kind == "node" else None
+    if lookup.lab.cni.profile != "cilium" or node is None:
+        yield
+        return
+    from cilium import agent
+
+    with agent.spawning_in(lookup.st.name, node):
+        yield

@@ -1,4 +1,4 @@
-"""Honest grading of exercises 07-13, 15 and 16, proved per exercise as test_exercises.py proves 01-06: on the fresh
+"""Honest grading of exercises 07-16, proved per exercise as test_exercises.py proves 01-06: on the fresh
 lab every task check fails (and every guard check, `initially: pass`, passes), after the reference
 solution (tests/solutions/sNN_*.py, doing only what a learner can do) every check passes, exit codes 1
 then 0. The capstone (13) is graded with seeded random faults instead: something fails before, all
@@ -30,10 +30,12 @@ EXERCISES = {
     "10-nodeport-ingress": "s10_nodeport_ingress",
     "11-egress-nat": "s11_egress_nat",
     "12-network-policy": "s12_network_policy",
+    "14-cilium-socket-lb": "s14_cilium_socket_lb",
     "15-vpc-ip-exhaustion": "s15_vpc_ip_exhaustion",
     "16-dns-storm": "s16_dns_storm",
 }
-TOOLS = {"09-ndots": ["dnsmasq"], "16-dns-storm": ["dnsmasq"], "10-nodeport-ingress": ["nginx"], "12-network-policy": ["vtysh"]}
+TOOLS = {"09-ndots": ["dnsmasq"], "16-dns-storm": ["dnsmasq"], "10-nodeport-ingress": ["nginx"], "12-network-policy": ["vtysh"],
+         "14-cilium-socket-lb": ["clang", "tcpdump"]}
 # A seed whose 3 random faults (the exercise's `{random: 3}`, drawn by grading.faults.choose for this lab) leave
 # pods in place: node2's flannel.1 FDB flushed, client-1's eth0 down, node1's KUBE-SERVICES rule for web
 # deleted. The test adds one of every other kind the capstone can draw by hand (EXTRA), and the same

@@ -29,3 +29,11 @@ def test_ids_read_back_from_the_maps_are_kept_so_a_change_rewrites_little() -> N
     again = maps.desired([maps.ServiceEntry(WEB, (B2,))], maps.ids_from(first))
     assert maps.ids_from(again).backends[B2] == maps.ids_from(first).backends[B2]
     assert again[maps.REVNAT] == first[maps.REVNAT]
+
+
+def test_new_ids_go_above_the_highest_found_and_reuse_gaps_only_at_the_limit() -> None:
+    ids = maps.Ids(frontends={WEB: 7})
+    fresh = [maps.Frontend(IPv4Address(f"10.96.1.{i}"), 80, 6) for i in range(1, 4)]
+    assert [ids.frontend(fe) for fe in fresh] == [8, 9, 10]
+    full = maps.Ids(frontends={WEB: 0xFFFF, fresh[0]: 1})
+    assert full.frontend(fresh[1]) == 2  # the highest is at the 16-bit limit: the lowest free one
