@@ -255,7 +255,11 @@ PARALLEL_LOADS = 4  # rule loads under way at once (more only queue for the CPUs
 
 
 def _parallel_ok(lab: Lab) -> bool:
-    """Whether nodes' rules may be loaded at once: not when the loaders share the legacy xtables lock."""
+    """Whether nodes' rules may be loaded at once: in nftables mode and iptables mode on the nft backend.
+    Not when the loaders share the legacy xtables lock, and not in IPVS mode (its kernel feature probes and
+    its several loaders per node are not made to run side by side)."""
+    if lab.kube_proxy.mode == "ipvs":
+        return False
     return lab.kube_proxy.mode == "nftables" or iptables_backend(lab.kube_proxy) == "nft"
 
 

@@ -231,6 +231,7 @@ checks:
   - {name: guarded, task: t, description: d, needs: [link-absent], command: {in: node1, argv: ["true"]}}
   - {name: iperf, task: t, description: d, iperf: {from: node1, to: web, minMbit: 0.001}}
   - {name: pods, task: t, description: d, pods: {name: web}}
+  - {name: lbmap, task: t, description: d, lbmap: {in: node1, service: web}}
   - {name: answer, task: t, description: d, answer: {key: k, value: {podCapacity: node1}}}
 """
 

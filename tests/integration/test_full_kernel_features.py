@@ -258,8 +258,9 @@ def min_rtt(ns: str, ip: str) -> float:
 
 
 def udp_lost_percent(ns: str, ip: str) -> float:
-    out = in_ns(ns, "iperf3", "-c", ip, "-u", "-b", "2M", "-t", "3", "-J", timeout=90)
-    return json.loads(out)["end"]["sum"]["lost_percent"]
+    out = json.loads(in_ns(ns, "iperf3", "-c", ip, "-u", "-b", "2M", "-t", "3", "-J", timeout=90))
+    assert "sum" in out["end"], f"iperf3 gave no result: {out.get('error')}"
+    return out["end"]["sum"]["lost_percent"]
 
 
 @pytest.mark.fullkernel
