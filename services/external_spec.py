@@ -11,7 +11,7 @@ from ipaddress import IPv4Address
 from pydantic import Field
 
 from topo import names
-from topo.cluster_spec import NodeIn, host_addresses, host_problem, node_segment, other_rack_hint
+from topo.cluster_spec import NodeIn, node_segment, segment_ip_problem
 from topo.model import ClusterDns, ExternalHost, Underlay
 from topo.address_spec import ADDRESS_TEXT, parse_address
 from topo.schema import Issues, Loc, StrictModel, close_match, short
@@ -127,16 +127,9 @@ def _check_external_ip(host: ExternalIn, loc: Loc, underlay: Underlay | None, ra
     ip = parse_address(host.ip, loc + ("ip",), issues, "underlay.subnet" if racks is None else "its rack's subnet")
     if ip is None or segment is None:
         return None
-    subnet, where, rack = segment
-    router_ip = rack.router_ip if rack is not None else None
-    problem = host_problem(ip, subnet, where, router_ip)
-    if problem and rack is not None and ip not in subnet:
-        problem += other_rack_hint(ip, underlay)
-    if problem is None and rack is not None and ip == router_ip:
-        problem = (f"{ip} is the address of {rack.router}, the router of rack {rack.name}: pick another address "
-                   f"in {host_addresses(subnet, router_ip)}")
+    problem = segment_ip_problem(ip, segment, underlay)
     if problem is None and ip in taken:
-        problem = f"{ip} is already {taken[ip]}: give the external host an address of its own in {where}"
+        problem = f"{ip} is already {taken[ip]}: give the external host an address of its own in {segment[1]}"
     if problem:
         issues.add(loc + ("ip",), problem)
         return None

@@ -200,18 +200,26 @@ def _check_node_ip(node: NodeIn, loc: Loc, underlay: Underlay | None, racks: tup
     ip = parse_address(node.ip, loc + ("ip",), issues, "underlay.subnet" if racks is None else "its rack's subnet")
     if ip is None or segment is None:
         return ip
-    subnet, where, rack = segment
-    taken = rack.router_ip if rack is not None else None
-    problem = host_problem(ip, subnet, where, taken)
-    if problem and rack is not None and ip not in subnet:
-        problem += other_rack_hint(ip, underlay)
-    if problem is None and rack is not None and ip == rack.router_ip:
-        problem = (f"{ip} is the address of {rack.router}, the router of rack {rack.name} (its nodes' gateway): "
-                   f"pick another address in {host_addresses(subnet, taken)}")
+    problem = segment_ip_problem(ip, segment, underlay, " (its nodes' gateway)")
     if problem:
         issues.add(loc + ("ip",), problem)
         return None
     return ip
+
+
+def segment_ip_problem(ip: IPv4Address, segment: tuple[IPv4Network, str, Rack | None], underlay: Underlay | None,
+                       router_note: str = "") -> str | None:
+    """What is wrong with a host's (node's or external host's) IP in its segment: outside it, its network or
+    broadcast address, or its rack router's address (`router_note` says what that router is to the host)."""
+    subnet, where, rack = segment
+    router_ip = rack.router_ip if rack is not None else None
+    problem = host_problem(ip, subnet, where, router_ip)
+    if problem and rack is not None and ip not in subnet:
+        problem += other_rack_hint(ip, underlay)
+    if problem is None and rack is not None and ip == router_ip:
+        problem = (f"{ip} is the address of {rack.router}, the router of rack {rack.name}{router_note}: "
+                   f"pick another address in {host_addresses(subnet, router_ip)}")
+    return problem
 
 
 def node_segment(rack_name: str | None, loc: Loc, underlay: Underlay | None, racks: tuple[str, ...] | None,
