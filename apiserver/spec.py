@@ -20,7 +20,9 @@ images' argument checks from here (`IMAGE_ARGS`).
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
+from collections.abc import Iterator
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -95,16 +97,10 @@ def load_spec(path: str | Path) -> Lab:
 
 def parse_spec_text(text: str, file: str | None = None) -> Lab:
     """Validate a lab spec given as text; `file` is only used in messages and as Lab.source."""
-    try:
+    with _only_spec_errors(file, "be a lab spec"):
         lab = _parse_lab(text, file)
         lab.text = text
         return lab
-    except SpecError:
-        raise
-    except RecursionError:
-        raise SpecError(file, [SpecIssue("", "the YAML is nested too deeply to be a lab spec")]) from None
-    except Exception as exc:
-        raise _internal(file, exc) from exc
 
 
 def parse_objects(text: str, lab: Lab, file: str | None = None) -> list[dict]:
@@ -113,7 +109,7 @@ def parse_objects(text: str, lab: Lab, file: str | None = None) -> list[dict]:
     The file holds one or more YAML documents (separated by ---), each an object or a `kind: List` with
     `items`. Returns the normalized manifests (defaults filled in), in file order, List items flattened.
     """
-    try:
+    with _only_spec_errors(file, "hold Kubernetes objects"):
         source = Source()
         issues = Issues(source)
         entries = _object_documents(text, source, issues)
@@ -127,12 +123,6 @@ def parse_objects(text: str, lab: Lab, file: str | None = None) -> list[dict]:
         _objects_against_lab(parsed, lab, issues)
         issues.raise_if_any(file)
         return [p.manifest for p in parsed]  # with allocated cluster IPs and node ports filled in
-    except SpecError:
-        raise
-    except RecursionError:
-        raise SpecError(file, [SpecIssue("", "the YAML is nested too deeply to hold Kubernetes objects")]) from None
-    except Exception as exc:
-        raise _internal(file, exc) from exc
 
 
 def pods_from_objects(objects: list[dict], lab: Lab, file: str | None) -> list[Pod]:
@@ -205,6 +195,19 @@ def _of_kind(objects: list[dict], lab: Lab, file: str | None, kind: str) -> list
 
 def _file_error(file: str, message: str) -> SpecError:
     return SpecError(file, [SpecIssue("", message)])
+
+
+@contextlib.contextmanager
+def _only_spec_errors(file: str | None, what: str) -> Iterator[None]:
+    """The promise of this module: only SpecError leaves it (deep YAML and our own bugs included)."""
+    try:
+        yield
+    except SpecError:
+        raise
+    except RecursionError:
+        raise SpecError(file, [SpecIssue("", f"the YAML is nested too deeply to {what}")]) from None
+    except Exception as exc:
+        raise _internal(file, exc) from exc
 
 
 def _internal(file: str | None, exc: BaseException) -> SpecError:
