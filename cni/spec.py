@@ -322,9 +322,6 @@ def network_policies_against_lab(parsed: list[Parsed], lab: Lab, namespaces: set
         if obj.policy is None:
             continue
         key = obj.policy.key
-        if lab.cni.profile == "cilium":
-            issues.add(obj.loc + ("kind",), "NetworkPolicy is not available with cni.profile cilium yet (it comes "
-                                            "with a later issue): remove it, or use cni.profile calico")
         if obj.namespace not in namespaces:
             issues.add(obj.loc + ("metadata", "namespace"),
                        f"namespace {obj.namespace} does not exist: add a v1 Namespace object named {obj.namespace}")

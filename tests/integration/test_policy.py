@@ -1,6 +1,8 @@
-"""NetworkPolicy on real labs: the calico profile enforces it, the flannel profile stores it and warns.
+"""NetworkPolicy on real labs: the calico profile (nftables) and the cilium profile (security identities,
+per-endpoint BPF policy maps) enforce it and pass the same truth tables; the flannel profile stores it and
+warns.
 
-One calico lab serves every case (policies are applied, probed and deleted in turn): namespaces x, y, z,
+One lab per enforcing profile serves every case (policies are applied, probed and deleted in turn): namespaces x, y, z,
 each with pods a and c on node1 and b on node2, like the upstream NetworkPolicy e2e tests' x/y/z a/b/c
 layout, so every matrix holds same-node (bridged) and cross-node (routed) pairs. Each case is a policy from
 the Kubernetes documentation's semantics and the matrix it must give, compared row by row with what
@@ -19,6 +21,7 @@ import pytest
 import yaml
 
 from apiserver import desired, state
+from cilium import agent
 from kubelet import runtime
 from lab import objects
 from observe import probe
@@ -138,8 +141,8 @@ def _show(rows: list[str]) -> str:
 
 
 class Lab:
-    def __init__(self, name: str, folder: Path) -> None:
-        self.name, self.folder = name, folder
+    def __init__(self, name: str, folder: Path, profile: str = "calico") -> None:
+        self.name, self.folder, self.profile = name, folder, profile
 
     def apply(self, *objects: dict) -> subprocess.CompletedProcess[str]:
         path = self.folder / f"apply-{time.monotonic_ns()}.yaml"
@@ -150,6 +153,12 @@ class Lab:
         """In-process (the CLI's own call), to spare a Python start per policy; `apply` runs the CLI."""
         ns, name = key.split("/")
         objects.delete(self.name, kind, name, ns)
+
+    def socket_lb(self) -> contextlib.AbstractContextManager[None]:
+        """Sockets made in this block reach ClusterIPs as the pods' own do. The cilium profile translates a
+        ClusterIP at connect() in the cgroup of the pods' node (no kube-proxy, no route to the service CIDR),
+        so the in-process probe joins node1's cgroup for the block (every node's service maps are alike)."""
+        return agent.spawning_in(self.name, "node1") if self.profile == "cilium" else contextlib.nullcontext()
 
     def rows(self, port: int = 80, protocol: str = "tcp") -> list[str]:
         return probe.matrix(state.resolve(self.name), port, protocol, TIMEOUT, pods=PODS).rows()
@@ -166,15 +175,20 @@ def _lab(tmp_path_factory: pytest.TempPathFactory, profile: str) -> Iterator[Lab
     folder = tmp_path_factory.mktemp(name)
     try:
         lab("up", str(write_spec(folder, spec(name, profile))))
-        yield Lab(name, folder)
+        yield Lab(name, folder, profile)
     finally:
         lab("down", name, check=False)
         assert leftovers(name) == {"netns": [], "state": []}
 
 
-@pytest.fixture(scope="module")
-def calico(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    with _lab(tmp_path_factory, "calico") as made:
+PROFILES = ("calico", "cilium")  # the profiles that enforce NetworkPolicy, each with the same truth tables
+CALICO_ONLY = pytest.mark.parametrize("calico", ["calico"], indirect=True)  # reads Calico's nftables
+
+
+@pytest.fixture(scope="module", params=PROFILES)
+def calico(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    """The module's enforcing lab, one per profile (the name is kept from when calico was the only one)."""
+    with _lab(tmp_path_factory, request.param) as made:
         yield made
 
 
@@ -189,7 +203,8 @@ def test_policy_matrix(calico: Lab, case: str) -> None:
             # DNS still works: the kube-dns ClusterIP is DNATed to the coredns pod in kube-system, and the
             # policy is judged after that translation, on TCP and UDP alike.
             st = state.resolve(calico.name)
-            assert probe.connect(st, "x/a", "10.96.0.10", 53, "tcp").allowed
+            with calico.socket_lb():
+                assert probe.connect(st, "x/a", "10.96.0.10", 53, "tcp").allowed
             assert "kube-dns.kube-system.svc.cluster.local" in in_lab(
                 calico.name, "x/a", "getent", "ahostsv4", "kube-dns.kube-system.svc.cluster.local")
             # and anything else is dropped, not refused: node2's port 80 is closed, yet no RST comes back
@@ -239,6 +254,7 @@ def test_enforcement_survives_pod_churn(calico: Lab) -> None:
         calico.delete("networkpolicy", "x/from-y-b")
 
 
+@CALICO_ONLY
 def test_drops_are_counted_on_the_rule_that_names_the_policy(calico: Lab) -> None:
     calico.apply(policy("deny", {"podSelector": sel(app="a"), "policyTypes": ["Ingress"]}))
     try:
@@ -255,7 +271,8 @@ def _through(calico: Lab, sources: list[str], to_ip: str, server: str, port: int
     """Connect from each source to `to_ip` (a ClusterIP, say) with the probe's listener in pod `server`."""
     st = state.resolve(calico.name)
     by_name, _ = probe.endpoints(st)
-    results = probe.run([(by_name[s], to_ip) for s in sources], [by_name[server]], port, "tcp", TIMEOUT)
+    with calico.socket_lb():
+        results = probe.run([(by_name[s], to_ip) for s in sources], [by_name[server]], port, "tcp", TIMEOUT)
     return {s: r.allowed for s, r in zip(sources, results)}
 
 
@@ -303,6 +320,7 @@ def test_a_namespace_label_removed_on_reapply_stops_matching(calico: Lab) -> Non
     assert probe.connect(st, "y/b", target, 80, timeout=TIMEOUT).allowed
 
 
+@CALICO_ONLY
 def test_a_new_pod_is_isolated_before_its_containers_start(calico: Lab, monkeypatch: pytest.MonkeyPatch) -> None:
     """`lab apply` (in-process, to watch it) loads the new pod's policy rules once it has its IP and before
     its containers start: the node's ruleset, read the moment they start, already isolates it."""
