@@ -88,8 +88,7 @@ def _write_policy(fd: int, want: dict[identity.PolicyKey, int]) -> tuple[int, in
     if changed:
         libbpf.update_batch(fd, b"".join(k for k, _ in changed), b"".join(v for _, v in changed), len(changed))
     stale = [k for k in have if k not in packed]
-    for key in stale:  # LPM tries take no batch deletions
-        libbpf.delete(fd, key)
+    libbpf.delete_batch(fd, b"".join(stale), len(stale))
     return len(changed), len(stale)
 
 
@@ -97,11 +96,10 @@ def _exact(fd: int, name: str, want: dict[bytes, bytes]) -> tuple[int, int]:
     key_size, value_size = identity.SIZES[name]
     have = dict(libbpf.entries(fd, key_size, value_size))
     changed = [(k, v) for k, v in want.items() if have.get(k) != v]
-    for key, value in changed:  # LPM tries and hashes alike, one syscall each, in-process
-        libbpf.update(fd, key, value)
+    if changed:  # LPM tries take batches too (generic batch ops)
+        libbpf.update_batch(fd, b"".join(k for k, _ in changed), b"".join(v for _, v in changed), len(changed))
     stale = [k for k in have if k not in want]
-    for key in stale:
-        libbpf.delete(fd, key)
+    libbpf.delete_batch(fd, b"".join(stale), len(stale))
     return len(changed), len(stale)
 
 

@@ -396,3 +396,54 @@ def test_flannel_stores_policies_without_enforcing_them(tmp_path_factory: pytest
         assert "calico" not in tables
         status = state.resolve(flannel.name)
         assert status.objects and all(o["kind"] == "NetworkPolicy" for o in status.objects)
+
+
+CILIUM_ONLY = pytest.mark.parametrize("calico", ["cilium"], indirect=True)
+
+
+@CILIUM_ONLY
+def test_a_relabel_changes_one_identity_and_the_ipcache_entry_on_every_node(calico: Lab) -> None:
+    """Cilium's model: relabelling y/b gives it a new security identity; every node's ipcache changes in
+    that one /32 entry, no other pod's identity moves, node2's policy maps (nothing there selects on app)
+    stay as they were, and x/a's policy map on node1 gains the new identity: the verdicts follow."""
+    from observe import cilium as debug
+
+    def ipcache(node: str) -> dict[str, int]:
+        return {r["prefix"]: r["identity"] for r in debug.ipcache_list(calico.name, node)}
+
+    def identities() -> dict[str, int]:
+        return {e["pod"]: e["identity"] for n in ("node1", "node2") for e in debug.endpoint_list(calico.name, n)}
+
+    def policy_maps(node: str) -> dict[str, list]:
+        return {e["pod"]: debug.policy_get(calico.name, node, str(e["endpoint"]))
+                for e in debug.endpoint_list(calico.name, node)}
+
+    special = policy("special", {"podSelector": sel(app="a"), "ingress": [
+        {"from": [{"namespaceSelector": {}, "podSelector": sel(app="special")}]}]})
+    calico.apply(special)
+    try:
+        calico.check(lambda s, d: d != "x/a")
+        before = {n: ipcache(n) for n in ("node1", "node2")}
+        ids, node2_maps = identities(), policy_maps("node2")
+        x_a = next(e for e in debug.endpoint_list(calico.name, "node1") if e["pod"] == "x/a")
+        assert x_a["policyIngress"] == "Enabled" and x_a["policyEgress"] == "Disabled"
+        calico.apply(_pod("y/b", app="special"))
+        after_ids = identities()
+        assert after_ids["y/b"] != ids["y/b"] and after_ids["y/b"] not in ids.values()
+        assert {k: v for k, v in after_ids.items() if k != "y/b"} == {k: v for k, v in ids.items() if k != "y/b"}
+        y_b = f"{state.resolve(calico.name).pods['y/b'].ip}/32"
+        for node in ("node1", "node2"):
+            now = ipcache(node)
+            assert {k for k in now if now[k] != before[node].get(k)} == {y_b}
+            assert now[y_b] == after_ids["y/b"]
+        assert policy_maps("node2") == node2_maps
+        allowed = [r for r in debug.policy_get(calico.name, "node1", "x/a") if r["direction"] == "Ingress"]
+        assert {r["identity"] for r in allowed} == {1, after_ids["y/b"]}  # the host, and the relabelled pod
+        assert all(r["networkPolicy"] == "x/special" for r in allowed if r["identity"] != 1)
+        calico.check(lambda s, d: d != "x/a" or s == "y/b")
+        listing = lab("cilium", "--lab", calico.name, "node1", "identity", "list").stdout
+        assert f"{after_ids['y/b']}" in listing and "k8s:app=special" in listing
+    finally:
+        calico.apply(_pod("y/b"))
+        calico.delete("networkpolicy", "x/special")
+    calico.check(lambda s, d: True)
