@@ -22,14 +22,14 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
+from cilium import events
 from cni.network_policy import (NAMESPACE_NAME_LABEL, Workload, egress_policies, ingress_policies, named_port,
                                 peer_workloads)
 from topo.model import IPBlock, Lab, NetworkPolicy, Pod
 
 # Cilium's reserved identities (pkg/identity/numericidentity.go)
 ID_UNKNOWN, ID_HOST, ID_WORLD, ID_UNMANAGED, ID_HEALTH, ID_INIT, ID_REMOTE_NODE = 0, 1, 2, 3, 4, 5, 6
-RESERVED = {ID_HOST: "reserved:host", ID_WORLD: "reserved:world", ID_UNMANAGED: "reserved:unmanaged",
-            ID_HEALTH: "reserved:health", ID_INIT: "reserved:init", ID_REMOTE_NODE: "reserved:remote-node"}
+RESERVED = events.RESERVED_IDENTITIES
 CLUSTER_MIN = 256  # Cilium's first cluster-local identity
 LOCAL_SCOPE = 1 << 24  # Cilium's IdentityScopeLocal: CIDR identities live above it
 WORLD = IPv4Network("0.0.0.0/0")
@@ -40,7 +40,7 @@ EP_F_INGRESS_ENFORCED, EP_F_EGRESS_ENFORCED = 1, 2
 
 LXC, IPCACHE, POLICY_MAPS, POLICY_CT = "cilium_lxc", "cilium_ipcache", "kubenet_policy_maps", "kubenet_ct4_policy"
 ENDPOINT_KEY = struct.Struct("=4sBBH")  # ip4, family, key, cluster_id
-ENDPOINT_INFO = struct.Struct("=IHHII")  # ifindex, unused, lxc_id, flags, sec_id
+ENDPOINT_INFO = struct.Struct("=IHHIIII")  # ifindex, unused, lxc_id, flags, sec_id, isolated_by[ingress, egress]
 IPCACHE_KEY = struct.Struct("=IHBB4s")  # prefixlen (32 + address bits), cluster_id, pad, family, ip4
 IPCACHE_VALUE = struct.Struct("=I4sHBBI")  # sec_identity, tunnel_endpoint, pad, key, flags, cidr_identity
 POLICY_KEY = struct.Struct("=IIBB2s")  # prefixlen, sec_label, egress, protocol, dport (be)
@@ -206,14 +206,22 @@ def endpoint_key(ip: IPv4Address) -> bytes:
     return ENDPOINT_KEY.pack(ip.packed, FAMILY_IPV4, 0, 0)
 
 
-def endpoint_info(endpoint: int, flags: int, identity: int) -> bytes:
-    return ENDPOINT_INFO.pack(endpoint, 0, endpoint, flags, identity)
+def endpoint_info(endpoint: int, flags: int, identity: int, isolated_by: tuple[int, int] = (0, 0)) -> bytes:
+    return ENDPOINT_INFO.pack(endpoint, 0, endpoint, flags, identity, *isolated_by)
 
 
 def enforcement(lab: Lab, pod: Pod) -> int:
     """EP_F_* bits: which directions a policy selects the pod for (Cilium's policy enforcement state)."""
     return ((EP_F_INGRESS_ENFORCED if ingress_policies(lab, pod) else 0)
             | (EP_F_EGRESS_ENFORCED if egress_policies(lab, pod) else 0))
+
+
+def isolated_by(lab: Lab, pod: Pod, alloc: Allocation) -> tuple[int, int]:
+    """Per direction (ingress, egress), the number of the first policy (by name) isolating the pod, 0 when
+    none does: what a drop event of its default deny names (Kubernetes policies only allow, so a drop is
+    decided by the policies that isolate the pod; the first stands for them)."""
+    return tuple(alloc.policy(found[0].key) if found else 0  # type: ignore[return-value]
+                 for found in (ingress_policies(lab, pod), egress_policies(lab, pod)))
 
 
 def port_prefixes(low: int, high: int) -> list[tuple[int, int]]:

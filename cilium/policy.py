@@ -27,7 +27,7 @@ from services.endpoints import RunningPod
 from topo import names, netns
 from topo.model import Lab
 
-ALLOCATION_FILE = "identities.json"  # in the folder the caller passes (the lab's state dir / cilium)
+ALLOCATION_FILE = "identities.json"  # in the folder callers pass: the lab's state dir / cilium (events.POLICY_RECORD)
 POLICY_PIN = re.compile(r"cilium_policy_(\d{5})")
 
 
@@ -144,7 +144,8 @@ def sync_node(lab: Lab, node: str, workloads: list[Workload], model: identity.Mo
                 os.close(fd)
             written, deleted = written + w, deleted + d
             lxc[identity.endpoint_key(workload.ip)] = identity.endpoint_info(
-                index, identity.enforcement(lab, workload.pod), model.of_pod[workload.pod.key])
+                index, identity.enforcement(lab, workload.pod), model.of_pod[workload.pod.key],
+                identity.isolated_by(lab, workload.pod, model.alloc))
         w, d = _exact(fds[identity.LXC], identity.LXC, lxc)
         written, deleted = written + w, deleted + d
         keep = {index for _, index in local}

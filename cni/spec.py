@@ -128,7 +128,8 @@ def check_cni(cni_in: CniIn | None, issues: Issues) -> Cni | None:
     close = close_match(profile, tuple(CNI_PROFILES) + tuple(PLANNED_CNI_PROFILES))
     hint = f" (did you mean {close}?)" if close else ""
     issues.add(loc, f"unknown CNI profile {short(repr(profile), 40)}{hint}; available: {available} (flannel: "
-                    "VXLAN, no NetworkPolicy; calico: BGP, NetworkPolicy enforced; cilium: eBPF, no kube-proxy; "
+                    "VXLAN, no NetworkPolicy; calico: BGP, NetworkPolicy enforced; cilium: eBPF, no kube-proxy, "
+                    "NetworkPolicy by identities; "
                     "aws-vpc: pod IPs from the VPC subnet)")
     return None
 

@@ -45,6 +45,8 @@ struct endpoint_info {
 	__u16 lxc_id;   /* the endpoint id (here the lxc veth's ifindex in the node) */
 	__u32 flags;    /* EP_F_* */
 	__u32 sec_id;   /* the endpoint's security identity */
+	__u32 isolated_by[2]; /* kubenet-lab's own: per POLICY_INGRESS/EGRESS, the number of the first policy
+			       * isolating the endpoint (0: none), named in the drop events of its default deny */
 };
 
 struct ipcache_key {
@@ -257,8 +259,9 @@ static __always_inline int policy_verdict(struct __sk_buff *skb, struct l4 *p, s
 		if (!allow && cidr_peer != peer)
 			allow = policy_lookup(policy, cidr_peer, dir, p);
 		if (!allow) {
-			policy_event(skb, p, EVENT_POLICY_VERDICT, DROP_POLICY, src_id, dst_id, 0, flags);
-			policy_event(skb, p, EVENT_DROP, DROP_POLICY, src_id, dst_id, 0, flags);
+			__u32 isolating = ep->isolated_by[dir & 1];
+			policy_event(skb, p, EVENT_POLICY_VERDICT, DROP_POLICY, src_id, dst_id, isolating, flags);
+			policy_event(skb, p, EVENT_DROP, DROP_POLICY, src_id, dst_id, isolating, flags);
 			return TC_ACT_SHOT;
 		}
 		__sync_fetch_and_add(&allow->packets, 1);

@@ -158,7 +158,8 @@ class Node:
             cilium_policy._write_policy(fd, identity.endpoint_policy(lab, w, workloads, model))
             libbpf.update(self.obj.map_fd(identity.POLICY_MAPS), (10 + index).to_bytes(4, "little"), fd.to_bytes(4, "little"))
             libbpf.update(self.obj.map_fd(identity.LXC), identity.endpoint_key(w.ip),
-                          identity.endpoint_info(10 + index, identity.enforcement(lab, w.pod), model.of_pod[w.pod.key]))
+                          identity.endpoint_info(10 + index, identity.enforcement(lab, w.pod), model.of_pod[w.pod.key],
+                                                 identity.isolated_by(lab, w.pod, model.alloc)))
         return workloads, model
 
     def run(self, program: str, frame: bytes) -> int:
@@ -197,10 +198,10 @@ def test_allowed_and_denied_first_packets_leave_a_verdict_event(node: Node) -> N
     got = node.ring.drain()
     verdicts = [(e.type, e.dport, bool(e.flags & events.FLOW_F_ALLOWED), e.policy_id) for e in got]
     pid = model.alloc.policies["x/from-y"]
-    assert verdicts == [(events.EVENT_POLICY_VERDICT, 8005, True, pid),
-                        (events.EVENT_POLICY_VERDICT, 8011, False, 0), (events.EVENT_DROP, 8011, False, 0),
-                        (events.EVENT_POLICY_VERDICT, 8005, False, 0), (events.EVENT_DROP, 8005, False, 0),
-                        (events.EVENT_POLICY_VERDICT, 8005, True, 0)]
+    assert verdicts == [(events.EVENT_POLICY_VERDICT, 8005, True, pid),  # the policy that allowed it
+                        (events.EVENT_POLICY_VERDICT, 8011, False, pid), (events.EVENT_DROP, 8011, False, pid),
+                        (events.EVENT_POLICY_VERDICT, 8005, False, pid), (events.EVENT_DROP, 8005, False, pid),
+                        (events.EVENT_POLICY_VERDICT, 8005, True, 0)]  # x/c: no policy isolates it
     drop = got[2]
     assert drop.subtype == events.DROP_POLICY and drop.flags & events.FLOW_F_INGRESS
     assert (drop.src_identity, drop.dst_identity) == (model.of_pod["y/a"], model.of_pod["x/a"])
