@@ -12,16 +12,18 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import subprocess
 import time
 from collections.abc import Callable, Iterator
+from ipaddress import IPv4Network
 from pathlib import Path
 
 import pytest
 import yaml
 
 from apiserver import desired, state
-from cilium import agent
+from cilium import agent, libbpf
 from kubelet import runtime
 from lab import objects
 from observe import probe
@@ -447,3 +449,75 @@ def test_a_relabel_changes_one_identity_and_the_ipcache_entry_on_every_node(cali
         calico.apply(_pod("y/b"))
         calico.delete("networkpolicy", "x/special")
     calico.check(lambda s, d: True)
+
+
+@CILIUM_ONLY
+def test_a_denied_connection_leaves_one_drop_event_naming_the_policy(calico: Lab) -> None:
+    """The node's cilium_events ring gets, for a denied connection, a policy verdict and a DROP_POLICY drop
+    naming x/deny (the agent's numbering, recorded for `lab observe`), with both pods' identities; an allowed
+    connection's verdict names no policy when nothing isolates its pods."""
+    import json
+
+    from cilium import events
+    from observe import cilium as debug
+    from tests.unit.test_cilium_policy import Ring
+
+    calico.apply(policy("deny", {"podSelector": sel(app="a"), "policyTypes": ["Ingress"]}))
+    fd = libbpf.obj_get(str(agent.pins(calico.name, "node1") / events.EVENTS))
+    ring = Ring(fd)
+    try:
+        ring.drain()  # what earlier tests left
+        st = state.resolve(calico.name)
+        assert not probe.connect(st, "x/c", st.pods["x/a"].ip, 80, timeout=TIMEOUT).allowed  # same node
+        got = [e for e in ring.drain() if e.type == events.EVENT_DROP]
+        record = json.loads((state.lab_dir(calico.name) / events.POLICY_RECORD).read_text())
+        ids = {e["pod"]: e["identity"] for e in debug.endpoint_list(calico.name, "node1")}
+        assert got and {events.policy_names(record)[e.policy_id] for e in got} == {"x/deny"}
+        drop = got[0]
+        assert drop.subtype == events.DROP_POLICY and drop.flags & events.FLOW_F_INGRESS
+        assert (str(drop.saddr), str(drop.daddr), drop.dport) == (st.pods["x/c"].ip, st.pods["x/a"].ip, 80)
+        assert (drop.src_identity, drop.dst_identity) == (ids["x/c"], ids["x/a"])
+        assert "k8s:app=c" in events.identity_labels(record)[drop.src_identity]
+        assert len(got) <= 3  # one per attempt (SYN retransmissions are new attempts), not per packet
+        assert probe.connect(st, "x/a", st.pods["x/c"].ip, 80, timeout=TIMEOUT).allowed
+        allowed = [e for e in ring.drain() if e.type == events.EVENT_POLICY_VERDICT]
+        assert allowed and all(e.flags & events.FLOW_F_ALLOWED and e.policy_id == 0 for e in allowed)
+    finally:
+        ring.close()
+        os.close(fd)
+        calico.delete("networkpolicy", "x/deny")
+
+
+@CILIUM_ONLY
+def test_the_policy_maps_converge_after_a_sync_cut_short(calico: Lab) -> None:
+    """Entries lost as a crash mid-sync would lose them (x/a's policy map unpinned and unhooked, y/b's
+    ipcache entry gone on node1) come back with the next sync, and enforcement with them."""
+    from cilium import identity
+    from observe import cilium as debug
+    from reconcile import resync
+
+    calico.apply(policy("from-y", {"podSelector": sel(app="a"), "ingress": [
+        {"from": [{"namespaceSelector": sel(ns="y")}]}]}))
+    rule = lambda s, d: d != "x/a" or ns_of(s) == "y"  # noqa: E731
+    try:
+        calico.check(rule)
+        folder = agent.pins(calico.name, "node1")
+        x_a = next(e for e in debug.endpoint_list(calico.name, "node1") if e["pod"] == "x/a")
+        want = debug.policy_get(calico.name, "node1", "x/a")
+        (folder / identity.policy_map_name(x_a["endpoint"])).unlink()
+        fd = libbpf.obj_get(str(folder / identity.POLICY_MAPS))
+        libbpf.delete(fd, int(x_a["endpoint"]).to_bytes(4, "little"))
+        os.close(fd)
+        st = state.resolve(calico.name)
+        fd = libbpf.obj_get(str(folder / identity.IPCACHE))
+        libbpf.delete(fd, identity.ipcache_key(IPv4Network(f"{st.pods['y/b'].ip}/32")))
+        os.close(fd)
+        calico.check(lambda s, d: True)  # x/a's map is gone: nothing enforced for it (not yet regenerated)
+        resync.resync(st)
+        assert [{k: v for k, v in r.items() if k not in ("packets", "bytes")}
+                for r in debug.policy_get(calico.name, "node1", "x/a")] == \
+               [{k: v for k, v in r.items() if k not in ("packets", "bytes")} for r in want]
+        assert (folder / identity.policy_map_name(x_a["endpoint"])).exists()
+        calico.check(rule)
+    finally:
+        calico.delete("networkpolicy", "x/from-y")
