@@ -96,6 +96,7 @@ def lib() -> ctypes.CDLL:
             ("bpf_program__pin", i, [vp, ctypes.c_char_p]),
             ("bpf_obj_get", i, [ctypes.c_char_p]),
             ("bpf_obj_pin", i, [i, ctypes.c_char_p]),
+            ("bpf_obj_get_info_by_fd", i, [i, vp, ctypes.POINTER(u32)]),
             ("bpf_map_create", i, [i, ctypes.c_char_p, u32, u32, u32, ctypes.POINTER(_MapCreateOpts)]),
             ("bpf_map_update_batch", i, [i, vp, vp, ctypes.POINTER(u32), ctypes.POINTER(_BatchOpts)]),
             ("bpf_map_delete_batch", i, [i, vp, ctypes.POINTER(u32), ctypes.POINTER(_BatchOpts)]),
@@ -221,6 +222,16 @@ def obj_pin(fd: int, path: str) -> None:
     rc = lib().bpf_obj_pin(fd, path.encode())
     if rc:
         raise _fail(f"cannot pin {path}", rc)
+
+
+def map_id(fd: int) -> int:
+    """The kernel's id of a map (struct bpf_map_info: type, then id), what a map-in-map lookup returns."""
+    info = ctypes.create_string_buffer(96)
+    size = ctypes.c_uint32(96)
+    rc = lib().bpf_obj_get_info_by_fd(fd, info, ctypes.byref(size))
+    if rc:
+        raise _fail("BPF_OBJ_GET_INFO_BY_FD failed", rc)
+    return int.from_bytes(info.raw[4:8], "little")
 
 
 def lookup(fd: int, key: bytes, value_size: int) -> bytes | None:

@@ -119,6 +119,32 @@ def _policy_map(folder: Path, endpoint: int) -> int:
     return fd
 
 
+HOOK_CHUNK = 256  # policy maps held open at once (well under the default limit of 1024 descriptors)
+
+
+def _write_endpoints(lab: Lab, folder: Path, outer: int, local: list[tuple[Workload, int]],
+                     workloads: list[Workload], model: identity.Model) -> tuple[int, int]:
+    """These endpoints' policy maps (made when missing) brought in line, then hooked into
+    kubenet_policy_maps. Every write to a map-in-map waits for an RCU grace period (about 30 ms here), once
+    per syscall: so only the slots that do not hold their map already, all in one batch."""
+    written = deleted = 0
+    hooks: list[tuple[bytes, int]] = []
+    with contextlib.ExitStack() as stack:
+        for workload, index in local:
+            fd = _policy_map(folder, index)
+            stack.callback(os.close, fd)
+            w, d = _write_policy(fd, identity.endpoint_policy(lab, workload, workloads, model))
+            written, deleted = written + w, deleted + d
+            key = index.to_bytes(4, "little")
+            held = libbpf.lookup(outer, key, 4)
+            if held is None or int.from_bytes(held, "little") != libbpf.map_id(fd):
+                hooks.append((key, fd))
+        if hooks:
+            libbpf.update_batch(outer, b"".join(k for k, _ in hooks),
+                                b"".join(fd.to_bytes(4, "little") for _, fd in hooks), len(hooks))
+    return written + len(hooks), deleted
+
+
 def sync_node(lab: Lab, node: str, workloads: list[Workload], model: identity.Model) -> tuple[int, int, int]:
     """One node: its ipcache, its endpoints' policy maps and cilium_lxc. (endpoints, written, deleted)"""
     folder = agent.pins(lab.name, node)
@@ -135,25 +161,21 @@ def sync_node(lab: Lab, node: str, workloads: list[Workload], model: identity.Mo
                       identity.ipcache_entries(lab, node, workloads, model))
         written, deleted = written + w, deleted + d
         lxc: dict[bytes, bytes] = {}
-        for workload, index in local:
-            fd = _policy_map(folder, index)
-            try:
-                w, d = _write_policy(fd, identity.endpoint_policy(lab, workload, workloads, model))
-                libbpf.update(fds[identity.POLICY_MAPS], index.to_bytes(4, "little"), fd.to_bytes(4, "little"))
-            finally:
-                os.close(fd)
+        for start in range(0, len(local), HOOK_CHUNK):  # a chunk's maps stay open until its batch is written
+            w, d = _write_endpoints(lab, folder, fds[identity.POLICY_MAPS], local[start:start + HOOK_CHUNK],
+                                    workloads, model)
             written, deleted = written + w, deleted + d
+        for workload, index in local:
             lxc[identity.endpoint_key(workload.ip)] = identity.endpoint_info(
                 index, identity.enforcement(lab, workload.pod), model.of_pod[workload.pod.key],
                 identity.isolated_by(lab, workload.pod, model.alloc))
         w, d = _exact(fds[identity.LXC], identity.LXC, lxc)
         written, deleted = written + w, deleted + d
         keep = {index for _, index in local}
-        outer = [k for k, _ in libbpf.entries(fds[identity.POLICY_MAPS], 4, 4)]
-        for key in outer:
-            if int.from_bytes(key, "little") not in keep:
-                libbpf.delete(fds[identity.POLICY_MAPS], key)
-                deleted += 1
+        outer = [k for k, _ in libbpf.entries(fds[identity.POLICY_MAPS], 4, 4)
+                 if int.from_bytes(k, "little") not in keep]
+        libbpf.delete_batch(fds[identity.POLICY_MAPS], b"".join(outer), len(outer))
+        deleted += len(outer)
         for pin in folder.iterdir():
             m = POLICY_PIN.fullmatch(pin.name)
             if m and int(m.group(1)) not in keep:
