@@ -52,9 +52,14 @@ def load_allocation(folder: Path) -> identity.Allocation:
 
 
 def save_allocation(folder: Path, alloc: identity.Allocation) -> None:
+    """Atomically (a crash leaves the old record or the new one), and only when it changed."""
+    text = json.dumps(alloc.to_json(), indent=1) + "\n"
+    with contextlib.suppress(OSError):
+        if (folder / ALLOCATION_FILE).read_text() == text:
+            return
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f".{ALLOCATION_FILE}.{os.getpid()}"
-    tmp.write_text(json.dumps(alloc.to_json(), indent=1) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, folder / ALLOCATION_FILE)
 
 
