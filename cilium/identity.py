@@ -129,6 +129,9 @@ class Model:
     alloc: Allocation
     of_pod: dict[str, int]  # pod key -> identity
     prefixes: list[IPv4Network]  # every ipBlock CIDR and except, most specific first
+    # a rule's keys (or peers) computed once per sync, not once per endpoint it selects
+    rules: dict[tuple[str, int, int], Any] = field(default_factory=dict)
+    peers: dict[tuple[str, int, int], Any] = field(default_factory=dict)
 
 
 def policy_prefixes(lab: Lab) -> list[IPv4Network]:
@@ -286,21 +289,35 @@ def _within(ip: IPv4Address, block: IPBlock) -> bool:
     return ip in block.cidr and not any(ip in e for e in block.excepts)
 
 
-def _rule_keys(lab: Lab, pol: NetworkPolicy, rule: Any, direction: int, me: Workload, workloads: list[Workload],
-               model: Model) -> list[PolicyKey]:
-    out: list[PolicyKey] = []
-    alternatives: list[tuple[set[int], list[Workload] | None]] = []  # identities, the pods they stand for
+def _alternatives(lab: Lab, pol: NetworkPolicy, rule: Any, workloads: list[Workload], model: Model
+                  ) -> list[tuple[set[int], list[Workload] | None]]:
+    """Each peer of a rule as (identities, the pods they stand for); no peers: any (identity 0)."""
+    out: list[tuple[set[int], list[Workload] | None]] = []
     if not rule.peers:
-        alternatives.append(({0}, None))
+        out.append(({0}, None))
     for peer in rule.peers:
         if peer.ip_block is not None:
             inside = [w for w in workloads if _within(w.ip, peer.ip_block)]
-            alternatives.append((_block_identities(model, peer.ip_block), inside))
+            out.append((_block_identities(model, peer.ip_block), inside))
         else:
             pods = peer_workloads(lab, pol, peer, workloads)
             if pods:
-                alternatives.append(({model.of_pod[w.pod.key] for w in pods}, pods))
-    for identities, pods in alternatives:
+                out.append(({model.of_pod[w.pod.key] for w in pods}, pods))
+    return out
+
+
+def _rule_keys(lab: Lab, pol: NetworkPolicy, rule: Any, index: int, direction: int, me: Workload,
+               workloads: list[Workload], model: Model) -> list[PolicyKey]:
+    """A rule's keys, the same for every endpoint the policy selects unless an ingress port is named (the
+    endpoint's own number): computed once per sync then."""
+    own = direction == INGRESS and any(isinstance(p.port, str) for p in rule.ports)
+    slot = (pol.key, direction, index)
+    if not own and slot in model.rules:
+        return model.rules[slot]  # type: ignore[no-any-return]
+    out: list[PolicyKey] = []
+    if slot not in model.peers:
+        model.peers[slot] = _alternatives(lab, pol, rule, workloads, model)
+    for identities, pods in model.peers[slot]:
         for port in rule.ports or (None,):
             if port is None:
                 out += [k for i in identities for k in _keys(i, direction, None, None, None)]
@@ -323,6 +340,8 @@ def _rule_keys(lab: Lab, pol: NetworkPolicy, rule: Any, direction: int, me: Work
                             out += _keys(model.of_pod[w.pod.key], direction, proto, n, n)
             else:
                 out += [k for i in identities for k in _keys(i, direction, proto, port.port, port.end_port)]
+    if not own:
+        model.rules[slot] = out
     return out
 
 
@@ -338,7 +357,7 @@ def endpoint_policy(lab: Lab, me: Workload, workloads: list[Workload], model: Mo
             out[PolicyKey(ID_HOST, INGRESS, 0, 0, 40)] = 0
         for pol in policies:
             pid = model.alloc.policy(pol.key)
-            for rule in (pol.ingress if direction == INGRESS else pol.egress):
-                for key in _rule_keys(lab, pol, rule, direction, me, workloads, model):
+            for index, rule in enumerate(pol.ingress if direction == INGRESS else pol.egress):
+                for key in _rule_keys(lab, pol, rule, index, direction, me, workloads, model):
                     out.setdefault(key, pid)
     return out
