@@ -233,3 +233,19 @@ def test_a_packet_of_no_endpoint_is_left_alone(node: Node) -> None:
     node.load(DENY_X)
     assert node.run("cil_to_container", packet(X_C, 40000, IPv4Address("10.244.1.99"), 80)) == TC_ACT_OK
     assert node.ring.drain() == []
+
+
+def test_the_debug_cli_renders_cilium_headings() -> None:
+    from observe import cilium as debug
+
+    ids = debug.render("identity list", [{"id": 1, "labels": ["reserved:host"]},
+                                         {"id": 256, "labels": ["k8s:app=a", "k8s:io.kubernetes.pod.namespace=x"]}])
+    assert ids.splitlines()[0].split() == ["ID", "LABELS"]
+    assert ids.splitlines()[2].startswith("256") and ids.splitlines()[3].strip() == "k8s:io.kubernetes.pod.namespace=x"
+    got = debug.render("bpf policy get 6", [
+        {"policy": "Allow", "direction": "Ingress", "identity": 256, "proto": "TCP", "port": "80-87", "prefix": 61,
+         "labels": ["k8s:app=a", "k8s:io.cilium.k8s.namespace.labels.ns=y", "k8s:io.kubernetes.pod.namespace=y"],
+         "bytes": 74, "packets": 1, "policyId": 1, "networkPolicy": "x/from-y"}])
+    head, row = got.splitlines()
+    assert head.split()[:4] == ["POLICY", "DIRECTION", "LABELS", "(source:key[=value])"] and "NETWORKPOLICY" in head
+    assert "80-87/TCP" in row and "x/from-y" in row and "namespace.labels" not in row
