@@ -41,6 +41,8 @@ SOCK_PROGRAMS = (("cil_sock4_connect", libbpf.BPF_CGROUP_INET4_CONNECT),
                  ("cil_sock4_recvmsg", libbpf.BPF_CGROUP_UDP4_RECVMSG),
                  ("cil_sock4_getpeername", libbpf.BPF_CGROUP_INET4_GETPEERNAME))
 FROM_CONTAINER = "cil_from_container"  # pinned program (bpf_host.c), attached to each lxc veth's ingress
+TO_CONTAINER = "cil_to_container"  # pinned too, attached to each lxc veth's egress (the pod's ingress policy)
+ENDPOINT_PROGRAMS = ((FROM_CONTAINER, libbpf.BPF_TC_INGRESS), (TO_CONTAINER, libbpf.BPF_TC_EGRESS))
 
 
 def lab_pins(lab: str) -> Path:
@@ -120,28 +122,33 @@ def _setup_nodeport(lab: Lab, node: str, folder: Path) -> None:
         if link is None:
             raise ApplyError(f"{node} has no {NODE_IFNAME}")
     with libbpf.BpfObject(str(build.object_path("bpf_host")), str(folder)) as obj:
-        obj.pin_program(FROM_CONTAINER, str(folder / FROM_CONTAINER))
+        for program, _point in ENDPOINT_PROGRAMS:
+            obj.pin_program(program, str(folder / program))
         with netns.entered(ns):
             libbpf.attach_tc(obj.prog_fd("cil_from_netdev"), link.index, libbpf.BPF_TC_INGRESS)
 
 
 def attach_endpoints(lab: Lab, node: str) -> int:
-    """cil_from_container on every lxc veth of the node that does not have it yet (a pod made since the
-    last sync, or a sync a crash cut short): one in-process attach per new device. Returns how many."""
+    """cil_from_container (lxc ingress) and cil_to_container (lxc egress) on every lxc veth of the node that
+    does not have them yet (a pod made since the last sync, or a sync a crash cut short): one in-process
+    attach per new device and hook. Returns how many attaches."""
     ns = lab.node_netns(node)
     with netns.rtnl_in(ns) as rt:
         devices = [l.index for l in rt.links() if l.name.startswith(LXC_PREFIX)]
-    missing = []
+    done = 0
     with netns.entered(ns):
-        missing = [i for i in devices if not libbpf.tc_attached(i, libbpf.BPF_TC_INGRESS)]
-        if missing:
-            fd = libbpf.obj_get(str(pins(lab.name, node) / FROM_CONTAINER))
+        for program, point in ENDPOINT_PROGRAMS:
+            missing = [i for i in devices if not libbpf.tc_attached(i, point)]
+            if not missing:
+                continue
+            fd = libbpf.obj_get(str(pins(lab.name, node) / program))
             try:
                 for index in missing:
-                    libbpf.attach_tc(fd, index, libbpf.BPF_TC_INGRESS)
+                    libbpf.attach_tc(fd, index, point)
             finally:
                 os.close(fd)
-    return len(missing)
+            done += len(missing)
+    return done
 
 
 def _setup_tunnel(lab: Lab, node: str, folder: Path) -> None:

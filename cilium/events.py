@@ -64,3 +64,36 @@ def unpack(record: bytes) -> RawEvent:
     return RawEvent(ktime, type_, subtype, proto, tcp_flags, ifindex, IPv4Address(saddr), IPv4Address(daddr),
                     int.from_bytes(sport, "big"), int.from_bytes(dport, "big"), orig_addr,
                     int.from_bytes(orig_port, "big"), rev_nat, src_id, dst_id, policy_id, length, cookie, flags)
+
+
+# ---- policy verdicts (cil_from_container / cil_to_container, cilium/bpf/policy.h) ----------------------
+# Sent for the FIRST packet of a connection only (no kubenet_ct4_policy entry yet), never for the packets a
+# CT entry lets through, so a busy connection costs the ring nothing:
+# - EVENT_POLICY_VERDICT, flags FLOW_F_ALLOWED set or not, FLOW_F_INGRESS when judged at the destination
+#   endpoint (its ingress policy; else the source's egress policy); subtype DROP_POLICY when denied;
+# - and, when denied, EVENT_DROP with subtype DROP_POLICY ("Policy denied").
+# ifindex is the pod's lxc veth (its endpoint id), src_identity/dst_identity the security identities
+# (Cilium's numbers: 1 host, 2 world, 6 remote-node, 256+ pods' label sets, 2^24+ ipBlock CIDRs).
+# policy_id is the agent's number of a NetworkPolicy: the one whose rule allowed the connection, or, for a
+# drop, the first (by name) of the policies isolating the endpoint in that direction (Kubernetes policies
+# only allow: a drop is the isolating policies' default deny); 0 when no policy is involved (a direction no
+# policy selects the pod for). The numbering, with the identities' labels, is what cilium/policy.py records
+# in the lab's state folder (apiserver.state.lab_dir(LAB) / POLICY_RECORD):
+#   {"identities": [{"id": 256, "labels": ["k8s:app=a", ...]}], "cidrs": {"10.0.0.0/8": 16777217},
+#    "policies": {"x/deny": 1}, "next": {...}}
+POLICY_RECORD = "cilium/identities.json"
+RESERVED_IDENTITIES = {1: "reserved:host", 2: "reserved:world", 3: "reserved:unmanaged", 4: "reserved:health",
+                       5: "reserved:init", 6: "reserved:remote-node"}
+
+
+def policy_names(record: dict) -> dict[int, str]:
+    """policy_id -> "namespace/name", from the parsed POLICY_RECORD."""
+    return {int(number): str(key) for key, number in record.get("policies", {}).items()}
+
+
+def identity_labels(record: dict) -> dict[int, list[str]]:
+    """security identity -> its labels (reserved ones, pods' label sets, `cidr:PREFIX`), from POLICY_RECORD."""
+    out = {i: [name] for i, name in RESERVED_IDENTITIES.items()}
+    out.update({int(e["id"]): list(e["labels"]) for e in record.get("identities", [])})
+    out.update({int(n): [f"cidr:{prefix}"] for prefix, n in record.get("cidrs", {}).items()})
+    return out

@@ -24,6 +24,8 @@ BPF_CGROUP_UDP4_RECVMSG = 19
 BPF_CGROUP_INET4_GETPEERNAME = 29
 BPF_TC_INGRESS, BPF_TC_EGRESS = 1, 2
 BPF_ANY = 0
+BPF_MAP_TYPE_LPM_TRIE = 11
+BPF_F_NO_PREALLOC = 1
 
 
 class _OpenOpts(ctypes.Structure):
@@ -45,6 +47,13 @@ class _TcOpts(ctypes.Structure):
 
 class _BatchOpts(ctypes.Structure):
     _fields_ = [("sz", ctypes.c_size_t), ("elem_flags", ctypes.c_uint64), ("flags", ctypes.c_uint64)]
+
+
+class _MapCreateOpts(ctypes.Structure):
+    _fields_ = [("sz", ctypes.c_size_t), ("btf_fd", ctypes.c_uint32), ("btf_key_type_id", ctypes.c_uint32),
+                ("btf_value_type_id", ctypes.c_uint32), ("btf_vmlinux_value_type_id", ctypes.c_uint32),
+                ("inner_map_fd", ctypes.c_uint32), ("map_flags", ctypes.c_uint32), ("map_extra", ctypes.c_uint64),
+                ("numa_node", ctypes.c_uint32), ("map_ifindex", ctypes.c_uint32)]
 
 
 class _TestRunOpts(ctypes.Structure):
@@ -86,6 +95,9 @@ def lib() -> ctypes.CDLL:
             ("bpf_tc_query", i, [ctypes.POINTER(_TcHook), ctypes.POINTER(_TcOpts)]),
             ("bpf_program__pin", i, [vp, ctypes.c_char_p]),
             ("bpf_obj_get", i, [ctypes.c_char_p]),
+            ("bpf_obj_pin", i, [i, ctypes.c_char_p]),
+            ("bpf_obj_get_info_by_fd", i, [i, vp, ctypes.POINTER(u32)]),
+            ("bpf_map_create", i, [i, ctypes.c_char_p, u32, u32, u32, ctypes.POINTER(_MapCreateOpts)]),
             ("bpf_map_update_batch", i, [i, vp, vp, ctypes.POINTER(u32), ctypes.POINTER(_BatchOpts)]),
             ("bpf_map_delete_batch", i, [i, vp, ctypes.POINTER(u32), ctypes.POINTER(_BatchOpts)]),
             ("bpf_map_lookup_batch", i, [i, vp, vp, vp, vp, ctypes.POINTER(u32), ctypes.POINTER(_BatchOpts)]),
@@ -195,6 +207,37 @@ def obj_get(path: str) -> int:
     if fd < 0:
         raise _fail(f"cannot open pinned {path}", fd)
     return fd
+
+
+def map_create(map_type: int, name: str, key_size: int, value_size: int, max_entries: int, flags: int = 0) -> int:
+    """A new map (its fd; the caller pins or closes it). `name` is the kernel's short name (15 characters)."""
+    opts = _MapCreateOpts(sz=ctypes.sizeof(_MapCreateOpts), map_flags=flags)
+    fd = lib().bpf_map_create(map_type, name[:15].encode(), key_size, value_size, max_entries, ctypes.byref(opts))
+    if fd < 0:
+        raise _fail(f"cannot create map {name}", fd)
+    return fd
+
+
+def obj_pin(fd: int, path: str) -> None:
+    rc = lib().bpf_obj_pin(fd, path.encode())
+    if rc:
+        raise _fail(f"cannot pin {path}", rc)
+
+
+def map_id(fd: int) -> int:
+    """The kernel's id of a map (struct bpf_map_info: type, then id), what a map-in-map lookup returns."""
+    info = ctypes.create_string_buffer(96)
+    size = ctypes.c_uint32(96)
+    rc = lib().bpf_obj_get_info_by_fd(fd, info, ctypes.byref(size))
+    if rc:
+        raise _fail("BPF_OBJ_GET_INFO_BY_FD failed", rc)
+    return int.from_bytes(info.raw[4:8], "little")
+
+
+def lookup(fd: int, key: bytes, value_size: int) -> bytes | None:
+    """One entry's value, None when the map has no such key."""
+    value = ctypes.create_string_buffer(value_size)
+    return value.raw if lib().bpf_map_lookup_elem(fd, key, value) == 0 else None
 
 
 def update_batch(fd: int, keys: bytes, values: bytes, count: int) -> None:

@@ -299,8 +299,8 @@ def sync(lab: Lab, workloads: list[Workload], folder: Path) -> SyncReport:
     """Program every node for the lab's current policies and running pods (calico profile only). A node
     whose rendered rules are unchanged since the last load (a fingerprint is kept in `folder`) is skipped."""
     started = time.monotonic()
-    if not lab.cni.enforces_policy:
-        return SyncReport(0, len(lab.network_policies), 0.0, False)
+    if not lab.cni.enforces_policy or lab.cni.profile == "cilium":  # cilium: identities in BPF (cilium/policy.py)
+        return SyncReport(0, len(lab.network_policies), 0.0, lab.cni.enforces_policy)
     loaded = 0
     for node in lab.nodes:
         text = render(lab, node.name, workloads)

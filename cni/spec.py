@@ -128,7 +128,8 @@ def check_cni(cni_in: CniIn | None, issues: Issues) -> Cni | None:
     close = close_match(profile, tuple(CNI_PROFILES) + tuple(PLANNED_CNI_PROFILES))
     hint = f" (did you mean {close}?)" if close else ""
     issues.add(loc, f"unknown CNI profile {short(repr(profile), 40)}{hint}; available: {available} (flannel: "
-                    "VXLAN, no NetworkPolicy; calico: BGP, NetworkPolicy enforced; cilium: eBPF, no kube-proxy; "
+                    "VXLAN, no NetworkPolicy; calico: BGP, NetworkPolicy enforced; cilium: eBPF, no kube-proxy, "
+                    "NetworkPolicy by identities; "
                     "aws-vpc: pod IPs from the VPC subnet)")
     return None
 
@@ -322,9 +323,6 @@ def network_policies_against_lab(parsed: list[Parsed], lab: Lab, namespaces: set
         if obj.policy is None:
             continue
         key = obj.policy.key
-        if lab.cni.profile == "cilium":
-            issues.add(obj.loc + ("kind",), "NetworkPolicy is not available with cni.profile cilium yet (it comes "
-                                            "with a later issue): remove it, or use cni.profile calico")
         if obj.namespace not in namespaces:
             issues.add(obj.loc + ("metadata", "namespace"),
                        f"namespace {obj.namespace} does not exist: add a v1 Namespace object named {obj.namespace}")

@@ -16,6 +16,7 @@ from pathlib import Path
 from apiserver import state
 from cni import network_policy
 from cilium import agent
+from cilium import policy as cilium_policy
 from cni import vpc_ipamd, vpc_plugin
 from cni.plugin import BridgePlugin, memory_session
 from kubelet import cgroups, runtime
@@ -211,6 +212,7 @@ def sync_services(lab: Lab, running: list[RunningPod]) -> None:
     """kube-proxy's rules, or in the cilium profile (no kube-proxy at all) the agent's service maps."""
     if lab.cni.profile == "cilium":
         agent.sync(lab, running)
+        cilium_policy.sync(lab, running, state.lab_dir(lab.name) / "cilium")  # endpoints just attached
     else:
         kube_proxy.sync(lab, running, state.lab_dir(lab.name) / "kube-proxy")
 

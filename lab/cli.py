@@ -529,7 +529,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_break)
 
     p = sub.add_parser("cilium", help="Cilium's debug CLI on a node of a cilium lab: lab cilium NODE service list | "
-                                      "bpf lb list | bpf ct list global | endpoint list | bpf tunnel list | map list")
+                                      "bpf lb list | bpf ct list global | endpoint list | bpf tunnel list | map list | "
+                                      "identity list | bpf ipcache list | bpf policy get ENDPOINT")
     p.add_argument("--lab", help="the lab, when more than one is running")
     p.add_argument("--json", action="store_true")
     p.add_argument("node")

@@ -10,6 +10,7 @@ from __future__ import annotations
 from apiserver import state
 from apiserver.desired import current_lab
 from cilium import agent
+from cilium import policy as cilium_policy
 from cni import network_policy
 from kubelet import runtime
 from kubelet.pods import running_pods
@@ -70,6 +71,9 @@ def reload_addons(st: state.LabState, lab: Lab) -> dict[str, str]:
 def sync_policies(lab: Lab, running: list[RunningPod], name: str) -> network_policy.SyncReport:
     """Every node's NetworkPolicy rules for the pods running now (ready or not: a pod keeps its isolation
     while it starts, as Calico programs a workload's policy before it is ready)."""
+    if lab.cni.profile == "cilium":  # identities, ipcache and endpoint policy maps (cilium/policy.py)
+        report = cilium_policy.sync(lab, running, state.lab_dir(name) / "cilium")
+        return network_policy.SyncReport(report.nodes, len(lab.network_policies), report.seconds, True)
     workloads = [network_policy.Workload(r.pod, r.ip) for r in running]
     return network_policy.sync(lab, workloads, state.lab_dir(name) / "network-policy")
 

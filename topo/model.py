@@ -333,12 +333,12 @@ class IngressController:
 # still overrides it) and whether NetworkPolicy is enforced. Flannel has no policy engine: a cluster running
 # it stores NetworkPolicy objects and nothing happens, which is what the lab reproduces (with a warning).
 # Calico routes with BGP and enforces every policy. Cilium is an eBPF dataplane that also replaces
-# kube-proxy (cilium/, docs/cilium.md); its NetworkPolicy comes with a later issue, so a cilium lab with a
-# NetworkPolicy is refused.
+# kube-proxy (cilium/, docs/cilium.md) and enforces NetworkPolicy with security identities in its BPF
+# programs (cilium/identity.py, cilium/policy.py), not with the calico profile's nftables.
 CNI_PROFILES: dict[str, tuple[str, bool]] = {  # profile -> (default backend, enforces NetworkPolicy)
     "flannel": ("vxlan", False),
     "calico": ("bgp", True),
-    "cilium": ("vxlan", False),
+    "cilium": ("vxlan", True),
     # The Amazon VPC CNI: pods get addresses of the VPC subnet itself (backend vpc: no overlay, no pod routes
     # between nodes); NetworkPolicy enforced as by Amazon's network policy agent (the calico-style rules).
     "aws-vpc": ("vpc", True),

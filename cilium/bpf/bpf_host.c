@@ -7,9 +7,12 @@
  * - cil_from_container, on the ingress of each pod's lxc veth (in Cilium it lives in bpf_lxc.c): a local
  *   backend's reply is translated back and sent straight out to the client, so the node's IP stack never
  *   sees a reply addressed to its own address for a connection it has no socket for.
- * One object per node: cil_from_container is pinned next to the maps, and each new lxc veth gets it
- * attached from the pin (cilium/agent.py), with no load per pod. */
-#include "nodeport.h"
+ * - cil_from_container also enforces the pod's egress policy, and cil_to_container, on the egress of each
+ *   lxc veth (what reaches the pod), its ingress policy (policy.h; in Cilium, bpf_lxc.c's policy tail
+ *   calls). Both let the packets of connections a verdict already allowed pass by their CT entry.
+ * One object per node: both are pinned next to the maps, and each new lxc veth gets them attached from the
+ * pins (cilium/agent.py), with no load per pod. */
+#include "policy.h"
 
 SEC("tc")
 int cil_from_netdev(struct __sk_buff *skb)
@@ -32,10 +35,30 @@ SEC("tc")
 int cil_from_container(struct __sk_buff *skb)
 {
 	struct pkt p = {};
-	if (parse(skb, &p) < 0)
+	if (parse(skb, &p) == 0) {
+		int ret = nodeport_rev_nat(skb, &p);
+		if (ret >= 0)
+			return ret; /* a NodePort reply of a local backend, sent on to its client */
+	}
+	struct l4 q = {};
+	if (parse_l4(skb, &q) < 0)
 		return TC_ACT_OK;
-	int ret = nodeport_rev_nat(skb, &p);
-	return ret >= 0 ? ret : TC_ACT_OK;
+	struct endpoint_info *ep = lookup_endpoint(q.saddr);
+	if (!ep)
+		return TC_ACT_OK; /* not an endpoint of this node (yet) */
+	return policy_verdict(skb, &q, ep, POLICY_EGRESS);
+}
+
+SEC("tc")
+int cil_to_container(struct __sk_buff *skb)
+{
+	struct l4 q = {};
+	if (parse_l4(skb, &q) < 0)
+		return TC_ACT_OK;
+	struct endpoint_info *ep = lookup_endpoint(q.daddr);
+	if (!ep)
+		return TC_ACT_OK;
+	return policy_verdict(skb, &q, ep, POLICY_INGRESS);
 }
 
 char _license[] SEC("license") = "GPL";

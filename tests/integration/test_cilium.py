@@ -2,7 +2,7 @@
 cni0), the tunnel driven by cilium_tunnel_map or native routes, socket-level load balancing (the pod never
 sends a packet to the ClusterIP, yet sees it as its peer), the maps pinned per lab and node, incremental
 map updates on `lab apply`/`lab delete`, nothing left after `lab down` even after a kill -9, and
-NetworkPolicy refused. Service behaviour itself is shared with the other modes in test_services.py."""
+a NetworkPolicy enforced. Service behaviour itself is shared with the other modes in test_services.py."""
 from __future__ import annotations
 
 import json
@@ -117,12 +117,26 @@ def test_maps_are_pinned_with_ciliums_names_and_follow_apply_and_delete(cil: dic
     assert backends() == before
 
 
-def test_network_policy_is_refused_in_one_line(cil: dict, tmp_path: Path) -> None:
-    policy = tmp_path / "deny.yaml"
+def test_a_network_policy_is_enforced_on_the_lxc_veths_and_removed(cil: dict, tmp_path: Path) -> None:
+    """web-1 admits only pods labelled app=client (on 8080): the client still gets through the ClusterIP
+    (the socket LB picked web-1, the policy judged the real destination), a NodePort connection from outside
+    (SNATed to node2: identity remote-node) is dropped, and deleting the policy opens it again.
+    tests/integration/test_policy.py runs the full truth tables in this profile."""
+    policy = tmp_path / "web-from-client.yaml"
     policy.write_text(json.dumps({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
-                                  "metadata": {"name": "deny"}, "spec": {"podSelector": {}}}))
-    proc = lab("apply", "--lab", cil["name"], "-f", str(policy), check=False)
-    assert proc.returncode == 2 and "cilium" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+                                  "metadata": {"name": "web-from-client"},
+                                  "spec": {"podSelector": {"matchLabels": {"app": "web"}}, "ingress": [
+                                      {"from": [{"podSelector": {"matchLabels": {"app": "client"}}}],
+                                       "ports": [{"port": 8080}]}]}}))
+    url = "http://192.168.1.11:30080/hostname"
+    assert lab("apply", "--lab", cil["name"], "-f", str(policy)).stderr == ""  # enforced: no warning
+    try:
+        assert in_lab(cil["name"], "client", "curl", "-s", "--max-time", "5", f"http://{cil['vip']['web']}/hostname") == "web-1"
+        proc = lab("exec", "--lab", cil["name"], "ext", "--", "curl", "-s", "--max-time", "1", url, check=False)
+        assert proc.returncode == 28  # a drop: curl's timeout, no answer at all
+    finally:
+        lab("delete", "--lab", cil["name"], "networkpolicy", "web-from-client")
+    assert in_lab(cil["name"], "ext", "curl", "-s", "--max-time", "5", url) == "web-1"
 
 
 def test_nothing_is_left_after_a_killed_lab_up(tmp_path: Path) -> None:

@@ -1,6 +1,8 @@
-"""NetworkPolicy on real labs: the calico profile enforces it, the flannel profile stores it and warns.
+"""NetworkPolicy on real labs: the calico profile (nftables) and the cilium profile (security identities,
+per-endpoint BPF policy maps) enforce it and pass the same truth tables; the flannel profile stores it and
+warns.
 
-One calico lab serves every case (policies are applied, probed and deleted in turn): namespaces x, y, z,
+One lab per enforcing profile serves every case (policies are applied, probed and deleted in turn): namespaces x, y, z,
 each with pods a and c on node1 and b on node2, like the upstream NetworkPolicy e2e tests' x/y/z a/b/c
 layout, so every matrix holds same-node (bridged) and cross-node (routed) pairs. Each case is a policy from
 the Kubernetes documentation's semantics and the matrix it must give, compared row by row with what
@@ -10,15 +12,18 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import subprocess
 import time
 from collections.abc import Callable, Iterator
+from ipaddress import IPv4Network
 from pathlib import Path
 
 import pytest
 import yaml
 
 from apiserver import desired, state
+from cilium import agent, libbpf
 from kubelet import runtime
 from lab import objects
 from observe import probe
@@ -138,8 +143,8 @@ def _show(rows: list[str]) -> str:
 
 
 class Lab:
-    def __init__(self, name: str, folder: Path) -> None:
-        self.name, self.folder = name, folder
+    def __init__(self, name: str, folder: Path, profile: str = "calico") -> None:
+        self.name, self.folder, self.profile = name, folder, profile
 
     def apply(self, *objects: dict) -> subprocess.CompletedProcess[str]:
         path = self.folder / f"apply-{time.monotonic_ns()}.yaml"
@@ -150,6 +155,12 @@ class Lab:
         """In-process (the CLI's own call), to spare a Python start per policy; `apply` runs the CLI."""
         ns, name = key.split("/")
         objects.delete(self.name, kind, name, ns)
+
+    def socket_lb(self) -> contextlib.AbstractContextManager[None]:
+        """Sockets made in this block reach ClusterIPs as the pods' own do. The cilium profile translates a
+        ClusterIP at connect() in the cgroup of the pods' node (no kube-proxy, no route to the service CIDR),
+        so the in-process probe joins node1's cgroup for the block (every node's service maps are alike)."""
+        return agent.spawning_in(self.name, "node1") if self.profile == "cilium" else contextlib.nullcontext()
 
     def rows(self, port: int = 80, protocol: str = "tcp") -> list[str]:
         return probe.matrix(state.resolve(self.name), port, protocol, TIMEOUT, pods=PODS).rows()
@@ -166,15 +177,20 @@ def _lab(tmp_path_factory: pytest.TempPathFactory, profile: str) -> Iterator[Lab
     folder = tmp_path_factory.mktemp(name)
     try:
         lab("up", str(write_spec(folder, spec(name, profile))))
-        yield Lab(name, folder)
+        yield Lab(name, folder, profile)
     finally:
         lab("down", name, check=False)
         assert leftovers(name) == {"netns": [], "state": []}
 
 
-@pytest.fixture(scope="module")
-def calico(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    with _lab(tmp_path_factory, "calico") as made:
+PROFILES = ("calico", "cilium")  # the profiles that enforce NetworkPolicy, each with the same truth tables
+CALICO_ONLY = pytest.mark.parametrize("calico", ["calico"], indirect=True)  # reads Calico's nftables
+
+
+@pytest.fixture(scope="module", params=PROFILES)
+def calico(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    """The module's enforcing lab, one per profile (the name is kept from when calico was the only one)."""
+    with _lab(tmp_path_factory, request.param) as made:
         yield made
 
 
@@ -189,7 +205,8 @@ def test_policy_matrix(calico: Lab, case: str) -> None:
             # DNS still works: the kube-dns ClusterIP is DNATed to the coredns pod in kube-system, and the
             # policy is judged after that translation, on TCP and UDP alike.
             st = state.resolve(calico.name)
-            assert probe.connect(st, "x/a", "10.96.0.10", 53, "tcp").allowed
+            with calico.socket_lb():
+                assert probe.connect(st, "x/a", "10.96.0.10", 53, "tcp").allowed
             assert "kube-dns.kube-system.svc.cluster.local" in in_lab(
                 calico.name, "x/a", "getent", "ahostsv4", "kube-dns.kube-system.svc.cluster.local")
             # and anything else is dropped, not refused: node2's port 80 is closed, yet no RST comes back
@@ -239,6 +256,7 @@ def test_enforcement_survives_pod_churn(calico: Lab) -> None:
         calico.delete("networkpolicy", "x/from-y-b")
 
 
+@CALICO_ONLY
 def test_drops_are_counted_on_the_rule_that_names_the_policy(calico: Lab) -> None:
     calico.apply(policy("deny", {"podSelector": sel(app="a"), "policyTypes": ["Ingress"]}))
     try:
@@ -255,7 +273,8 @@ def _through(calico: Lab, sources: list[str], to_ip: str, server: str, port: int
     """Connect from each source to `to_ip` (a ClusterIP, say) with the probe's listener in pod `server`."""
     st = state.resolve(calico.name)
     by_name, _ = probe.endpoints(st)
-    results = probe.run([(by_name[s], to_ip) for s in sources], [by_name[server]], port, "tcp", TIMEOUT)
+    with calico.socket_lb():
+        results = probe.run([(by_name[s], to_ip) for s in sources], [by_name[server]], port, "tcp", TIMEOUT)
     return {s: r.allowed for s, r in zip(sources, results)}
 
 
@@ -303,6 +322,7 @@ def test_a_namespace_label_removed_on_reapply_stops_matching(calico: Lab) -> Non
     assert probe.connect(st, "y/b", target, 80, timeout=TIMEOUT).allowed
 
 
+@CALICO_ONLY
 def test_a_new_pod_is_isolated_before_its_containers_start(calico: Lab, monkeypatch: pytest.MonkeyPatch) -> None:
     """`lab apply` (in-process, to watch it) loads the new pod's policy rules once it has its IP and before
     its containers start: the node's ruleset, read the moment they start, already isolates it."""
@@ -378,3 +398,126 @@ def test_flannel_stores_policies_without_enforcing_them(tmp_path_factory: pytest
         assert "calico" not in tables
         status = state.resolve(flannel.name)
         assert status.objects and all(o["kind"] == "NetworkPolicy" for o in status.objects)
+
+
+CILIUM_ONLY = pytest.mark.parametrize("calico", ["cilium"], indirect=True)
+
+
+@CILIUM_ONLY
+def test_a_relabel_changes_one_identity_and_the_ipcache_entry_on_every_node(calico: Lab) -> None:
+    """Cilium's model: relabelling y/b gives it a new security identity; every node's ipcache changes in
+    that one /32 entry, no other pod's identity moves, node2's policy maps (nothing there selects on app)
+    stay as they were, and x/a's policy map on node1 gains the new identity: the verdicts follow."""
+    from observe import cilium as debug
+
+    def ipcache(node: str) -> dict[str, int]:
+        return {r["prefix"]: r["identity"] for r in debug.ipcache_list(calico.name, node)}
+
+    def identities() -> dict[str, int]:
+        return {e["pod"]: e["identity"] for n in ("node1", "node2") for e in debug.endpoint_list(calico.name, n)}
+
+    def policy_maps(node: str) -> dict[str, list]:
+        return {e["pod"]: debug.policy_get(calico.name, node, str(e["endpoint"]))
+                for e in debug.endpoint_list(calico.name, node)}
+
+    special = policy("special", {"podSelector": sel(app="a"), "ingress": [
+        {"from": [{"namespaceSelector": {}, "podSelector": sel(app="special")}]}]})
+    calico.apply(special)
+    try:
+        calico.check(lambda s, d: d != "x/a")
+        before = {n: ipcache(n) for n in ("node1", "node2")}
+        ids, node2_maps = identities(), policy_maps("node2")
+        x_a = next(e for e in debug.endpoint_list(calico.name, "node1") if e["pod"] == "x/a")
+        assert x_a["policyIngress"] == "Enabled" and x_a["policyEgress"] == "Disabled"
+        calico.apply(_pod("y/b", app="special"))
+        after_ids = identities()
+        assert after_ids["y/b"] != ids["y/b"] and after_ids["y/b"] not in ids.values()
+        assert {k: v for k, v in after_ids.items() if k != "y/b"} == {k: v for k, v in ids.items() if k != "y/b"}
+        y_b = f"{state.resolve(calico.name).pods['y/b'].ip}/32"
+        for node in ("node1", "node2"):
+            now = ipcache(node)
+            assert {k for k in now if now[k] != before[node].get(k)} == {y_b}
+            assert now[y_b] == after_ids["y/b"]
+        assert policy_maps("node2") == node2_maps
+        allowed = [r for r in debug.policy_get(calico.name, "node1", "x/a") if r["direction"] == "Ingress"]
+        assert {r["identity"] for r in allowed} == {1, after_ids["y/b"]}  # the host, and the relabelled pod
+        assert all(r["networkPolicy"] == "x/special" for r in allowed if r["identity"] != 1)
+        calico.check(lambda s, d: d != "x/a" or s == "y/b")
+        listing = lab("cilium", "--lab", calico.name, "node1", "identity", "list").stdout
+        assert f"{after_ids['y/b']}" in listing and "k8s:app=special" in listing
+    finally:
+        calico.apply(_pod("y/b"))
+        calico.delete("networkpolicy", "x/special")
+    calico.check(lambda s, d: True)
+
+
+@CILIUM_ONLY
+def test_a_denied_connection_leaves_one_drop_event_naming_the_policy(calico: Lab) -> None:
+    """The node's cilium_events ring gets, for a denied connection, a policy verdict and a DROP_POLICY drop
+    naming x/deny (the agent's numbering, recorded for `lab observe`), with both pods' identities; an allowed
+    connection's verdict names no policy when nothing isolates its pods."""
+    import json
+
+    from cilium import events
+    from observe import cilium as debug
+    from tests.unit.test_cilium_policy import Ring
+
+    calico.apply(policy("deny", {"podSelector": sel(app="a"), "policyTypes": ["Ingress"]}))
+    fd = libbpf.obj_get(str(agent.pins(calico.name, "node1") / events.EVENTS))
+    ring = Ring(fd)
+    try:
+        ring.drain()  # what earlier tests left
+        st = state.resolve(calico.name)
+        assert not probe.connect(st, "x/c", st.pods["x/a"].ip, 80, timeout=TIMEOUT).allowed  # same node
+        got = [e for e in ring.drain() if e.type == events.EVENT_DROP]
+        record = json.loads((state.lab_dir(calico.name) / events.POLICY_RECORD).read_text())
+        ids = {e["pod"]: e["identity"] for e in debug.endpoint_list(calico.name, "node1")}
+        assert got and {events.policy_names(record)[e.policy_id] for e in got} == {"x/deny"}
+        drop = got[0]
+        assert drop.subtype == events.DROP_POLICY and drop.flags & events.FLOW_F_INGRESS
+        assert (str(drop.saddr), str(drop.daddr), drop.dport) == (st.pods["x/c"].ip, st.pods["x/a"].ip, 80)
+        assert (drop.src_identity, drop.dst_identity) == (ids["x/c"], ids["x/a"])
+        assert "k8s:app=c" in events.identity_labels(record)[drop.src_identity]
+        assert len(got) <= 3  # one per attempt (SYN retransmissions are new attempts), not per packet
+        assert probe.connect(st, "x/a", st.pods["x/c"].ip, 80, timeout=TIMEOUT).allowed
+        allowed = [e for e in ring.drain() if e.type == events.EVENT_POLICY_VERDICT]
+        assert allowed and all(e.flags & events.FLOW_F_ALLOWED and e.policy_id == 0 for e in allowed)
+    finally:
+        ring.close()
+        os.close(fd)
+        calico.delete("networkpolicy", "x/deny")
+
+
+@CILIUM_ONLY
+def test_the_policy_maps_converge_after_a_sync_cut_short(calico: Lab) -> None:
+    """Entries lost as a crash mid-sync would lose them (x/a's policy map unpinned and unhooked, y/b's
+    ipcache entry gone on node1) come back with the next sync, and enforcement with them."""
+    from cilium import identity
+    from observe import cilium as debug
+    from reconcile import resync
+
+    calico.apply(policy("from-y", {"podSelector": sel(app="a"), "ingress": [
+        {"from": [{"namespaceSelector": sel(ns="y")}]}]}))
+    rule = lambda s, d: d != "x/a" or ns_of(s) == "y"  # noqa: E731
+    try:
+        calico.check(rule)
+        folder = agent.pins(calico.name, "node1")
+        x_a = next(e for e in debug.endpoint_list(calico.name, "node1") if e["pod"] == "x/a")
+        want = debug.policy_get(calico.name, "node1", "x/a")
+        (folder / identity.policy_map_name(x_a["endpoint"])).unlink()
+        fd = libbpf.obj_get(str(folder / identity.POLICY_MAPS))
+        libbpf.delete(fd, int(x_a["endpoint"]).to_bytes(4, "little"))
+        os.close(fd)
+        st = state.resolve(calico.name)
+        fd = libbpf.obj_get(str(folder / identity.IPCACHE))
+        libbpf.delete(fd, identity.ipcache_key(IPv4Network(f"{st.pods['y/b'].ip}/32")))
+        os.close(fd)
+        calico.check(lambda s, d: True)  # x/a's map is gone: nothing enforced for it (not yet regenerated)
+        resync.resync(st)
+        assert [{k: v for k, v in r.items() if k not in ("packets", "bytes")}
+                for r in debug.policy_get(calico.name, "node1", "x/a")] == \
+               [{k: v for k, v in r.items() if k not in ("packets", "bytes")} for r in want]
+        assert (folder / identity.policy_map_name(x_a["endpoint"])).exists()
+        calico.check(rule)
+    finally:
+        calico.delete("networkpolicy", "x/from-y")
