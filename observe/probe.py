@@ -416,6 +416,8 @@ def _loop(conns: list[_Conn], servers: list[_Conn], sel: selectors.BaseSelector,
         for key, _ in sel.select(min(left, 0.05)):
             sock = key.fileobj
             conn = key.data
+            if sock.fileno() < 0:  # type: ignore[union-attr]
+                continue  # closed by an earlier event of this same select(): another attempt of its pair won
             if conn is None:
                 servers += _serve(sock, sel, protocol)  # type: ignore[arg-type]
             elif conn.result is None:
