@@ -127,3 +127,27 @@ def test_the_descriptor_limit_is_put_back() -> None:
         assert resource.getrlimit(resource.RLIMIT_NOFILE) == (lowered, hard)
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_an_attempt_closed_by_its_twin_in_the_same_select_is_skipped() -> None:
+    """Two TCP attempts of one pair ready in one select(): the first through wins and closes the other,
+    whose event in the same batch must be skipped (EBADF, then ValueError, under load)."""
+    import selectors
+    import socket
+    import time
+
+    from observe import probe
+    from observe.probe import ProbeResult, _Conn
+
+    first, first_peer = socket.socketpair()
+    second, second_peer = socket.socketpair()
+    sel = selectors.DefaultSelector()
+    result = ProbeResult("x/a", "10.244.1.2", 80, "tcp", False, "")
+    conn = _Conn(None, "10.244.1.2", result, attempts=[first, second],
+                 started=time.monotonic())
+    for sock in (first, second):
+        sock.setblocking(False)
+        sel.register(sock, selectors.EVENT_WRITE, conn)  # both writable at once: one select() returns both
+    first_peer.close(), second_peer.close()
+    probe._loop([conn], [], sel, "tcp", time.monotonic() + 1.0)
+    assert conn.phase == "done" and conn.result.allowed
