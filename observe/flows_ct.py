@@ -25,7 +25,6 @@ import errno
 import re
 import socket
 import struct
-from ipaddress import IPv4Address
 
 from observe.flow import DROPPED, FORWARDED, TRANSLATED, TYPE_DROP, TYPE_TRACE, Flow
 from observe.flows import Names, now, tcp_flag_names
@@ -84,8 +83,8 @@ def messages(data: bytes):
 def _tuple(raw: bytes) -> tuple[str, str, int, int, int]:
     top = attrs(raw)
     ip, proto = attrs(top.get(CTA_TUPLE_IP, b"")), attrs(top.get(CTA_TUPLE_PROTO, b""))
-    src = str(IPv4Address(ip[CTA_IP_V4_SRC])) if len(ip.get(CTA_IP_V4_SRC, b"")) == 4 else ""
-    dst = str(IPv4Address(ip[CTA_IP_V4_DST])) if len(ip.get(CTA_IP_V4_DST, b"")) == 4 else ""
+    src = socket.inet_ntoa(ip[CTA_IP_V4_SRC]) if len(ip.get(CTA_IP_V4_SRC, b"")) == 4 else ""
+    dst = socket.inet_ntoa(ip[CTA_IP_V4_DST]) if len(ip.get(CTA_IP_V4_DST, b"")) == 4 else ""
     num = proto.get(CTA_PROTO_NUM, b"\0")[0]
     sport = struct.unpack("!H", proto[CTA_PROTO_SRC_PORT])[0] if CTA_PROTO_SRC_PORT in proto else 0
     dport = struct.unpack("!H", proto[CTA_PROTO_DST_PORT])[0] if CTA_PROTO_DST_PORT in proto else 0

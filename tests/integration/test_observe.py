@@ -17,6 +17,7 @@ import select
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -49,8 +50,11 @@ class Observer:
     """`lab observe --follow --json ...` in the background; `stop()` sends Ctrl-C and returns the flows."""
 
     def __init__(self, name: str, *flags: str) -> None:
+        # stdout to a file, as a terminal would take it: a pipe nobody reads until the end would fill and
+        # stall the observer (its rings would then drop events, as they are meant to)
+        self.out = tempfile.TemporaryFile("w+")
         self.proc = subprocess.Popen([sys.executable, "-m", "lab.cli", "observe", "--lab", name, "--follow", "--json",
-                                      *flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+                                      *flags], stdout=self.out, stderr=subprocess.PIPE, text=True, cwd=REPO)
         self.ready = ""
         deadline = time.monotonic() + READY_TIMEOUT
         while "lab observe:" not in self.ready:
@@ -64,10 +68,13 @@ class Observer:
     def stop(self, settle: float = 0.5) -> list[dict]:
         time.sleep(settle)  # the last events are on their way through the rings
         self.proc.send_signal(signal.SIGINT)
-        out, err = self.proc.communicate(timeout=20)
+        _, err = self.proc.communicate(timeout=20)
         assert self.proc.returncode == 0, err
         assert "Traceback" not in err, err
-        return [json.loads(line) for line in out.splitlines() if line.strip()]
+        self.out.seek(0)
+        lines = self.out.read().splitlines()
+        self.out.close()
+        return [json.loads(line) for line in lines if line.strip()]
 
 
 def pod_ip(name: str, pod: str) -> str:

@@ -279,3 +279,26 @@ def test_the_dns_socket_filter_jumps_stay_inside_the_program() -> None:
         if code != 0x06:  # BPF_RET
             assert i + 1 + jt < len(prog) and i + 1 + jf < len(prog)
     assert prog[-1][3] == 0 and prog[-2][3] > 0  # the last two: keep, drop
+
+
+# ---- the command's own refusals ----------------------------------------------------------------
+
+def _args(*argv: str):
+    from lab import cli
+    return cli.build_parser().parse_args(["observe", *argv])
+
+
+@pytest.mark.parametrize("argv,message", [
+    (("--since", "10s"), "keeps no history"), (("--since", "yesterday"), "duration"),
+    (("--last", "0"), "at least 1"), (("--duration", "forever"), "duration"), (("--port", "70000"), "out of range"),
+])
+def test_observe_refuses_what_it_cannot_do_in_one_line(argv: tuple, message: str) -> None:
+    from observe import flows_cli
+    with pytest.raises(StateError, match=message):
+        flows_cli.command(_args(*argv))
+
+
+def test_observe_flags_are_hubbles() -> None:
+    args = _args("--from-pod", "x/a", "--to-service", "web", "--verdict", "DROPPED", "--type", "drop", "-f", "-j")
+    assert (args.from_pod, args.to_service, args.verdict, args.type, args.follow, args.json) == \
+        ("x/a", "web", "DROPPED", "drop", True, True)
