@@ -229,6 +229,22 @@ class RingSource:
             os.close(self.lock)
 
 
+# Where the cilium agent records its numbering of NetworkPolicies and identities (issue 19's policy half:
+# cilium/events.POLICY_RECORD, {"policies": {"ns/name": id}, "identities": [{"id", "labels"}], ...}), in the
+# lab's state folder. Read here without depending on it: a lab without it shows `policy#N`.
+POLICY_RECORD = "cilium/identities.json"
+
+
+def policy_names(lab_dir: Path) -> dict[int, str]:
+    """policy_id -> "namespace/name" from the agent's record ({} when there is none or it is unreadable)."""
+    import json
+    try:
+        record = json.loads((lab_dir / POLICY_RECORD).read_text())
+        return {int(number): str(key) for key, number in record.get("policies", {}).items()}
+    except (OSError, ValueError, AttributeError, TypeError):
+        return {}
+
+
 def _named(flow: Flow, ids: dict[int, str]) -> Flow:
     import dataclasses
     return dataclasses.replace(flow, policies=tuple(ids.get(int(p.split("#")[1]), p) if p.startswith("policy#")

@@ -85,11 +85,13 @@ class Observer:
         from cilium import agent
         from observe import flows_cilium
         cookies = flows_cilium.netns_cookies({ps.netns: ps.ip for ps in st.pods.values() if ps.ip})
+        self._policy_names = flows_cilium.policy_names(state.lab_dir(self.name))
         for node in nodes:
             folder = agent.pins(self.name, node)
             try:
-                self.sources.append(flows_cilium.RingSource(node, folder, state.RUN_DIR / self.name, self.names,
-                                                            cookies))
+                ring = flows_cilium.RingSource(node, folder, state.RUN_DIR / self.name, self.names, cookies)
+                ring.policy_names = self._policy_names  # shared: a refresh updates every ring
+                self.sources.append(ring)
             except OSError as exc:
                 self.notes.append(f"{node}: no cilium_events ({exc.strerror or exc})")
             except Exception as exc:  # an older lab without the ring pinned
@@ -119,6 +121,10 @@ class Observer:
             st = state.resolve(self.name)
             fresh = flows.names_of(st, current_lab(st))
             self.names.update(fresh)
+            if self.profile == "cilium":  # policies applied since: their numbers get names
+                from observe import flows_cilium
+                self._policy_names.clear()
+                self._policy_names.update(flows_cilium.policy_names(state.lab_dir(self.name)))
 
     def events(self, stop: Callable[[], bool] = lambda: False, poll: float = 0.2) -> Iterator[Flow | Lost]:
         """Matching flows as they come, and Lost reports; ends when `stop()` says so."""

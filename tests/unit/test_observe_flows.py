@@ -216,10 +216,10 @@ def test_drop_rule_prefixes() -> None:
 # ---- cilium_events -----------------------------------------------------------------------------
 
 def record(type_: int, subtype: int, saddr: str, daddr: str, dport: int, orig: str = "0.0.0.0", orig_port: int = 0,
-           rev_nat: int = 0, flags: int = 0, cookie: int = 0) -> bytes:
+           rev_nat: int = 0, flags: int = 0, cookie: int = 0, policy_id: int = 0) -> bytes:
     return events.FLOW_EVENT.pack(5_000_000_000, type_, subtype, 6, 0x02, 0, socket.inet_aton(saddr),
                                   socket.inet_aton(daddr), struct.pack("!H", 40000), struct.pack("!H", dport),
-                                  socket.inet_aton(orig), struct.pack("!H", orig_port), rev_nat, 0, 0, 0, 0, cookie,
+                                  socket.inet_aton(orig), struct.pack("!H", orig_port), rev_nat, 0, 0, policy_id, 0, cookie,
                                   flags)
 
 
@@ -302,3 +302,15 @@ def test_observe_flags_are_hubbles() -> None:
     args = _args("--from-pod", "x/a", "--to-service", "web", "--verdict", "DROPPED", "--type", "drop", "-f", "-j")
     assert (args.from_pod, args.to_service, args.verdict, args.type, args.follow, args.json) == \
         ("x/a", "web", "DROPPED", "drop", True, True)
+
+
+def test_cilium_policy_numbers_get_the_agents_names(tmp_path) -> None:
+    (tmp_path / "cilium").mkdir()
+    (tmp_path / "cilium" / "identities.json").write_text('{"policies": {"default/deny-web": 3}, "identities": []}')
+    ids = flows_cilium.policy_names(tmp_path)
+    assert ids == {3: "default/deny-web"} and flows_cilium.policy_names(tmp_path / "none") == {}
+    raw = events.unpack(record(events.EVENT_DROP, events.DROP_POLICY, "10.244.1.2", "10.244.2.2", 8080,
+                               flags=events.FLOW_F_INGRESS, policy_id=3))
+    f = flows_cilium._named(flows_cilium.to_flow(raw, "node2", names(), {}, T0), ids)
+    assert f.policies == ("default/deny-web",)
+    assert flows.to_json(f)["flow"]["ingress_denied_by"][0]["name"] == "deny-web"
