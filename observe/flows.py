@@ -223,19 +223,21 @@ def compact(f: Flow, with_node: bool = False) -> str:
     dst = f"{_end(f.destination, f.destination_port)} {_ident(f.destination)}"
     point = f.trace_observation_point or ("dns-response" if f.dns and f.dns.response else
                                           "dns-request" if f.dns else "")
-    if f.type == TYPE_POLICY:
-        point = f"policy-verdict:L3-L4 {f.traffic_direction}".strip()
+    verdict = f.verdict
+    if f.type == TYPE_POLICY:  # Hubble's wording for policy verdicts: ALLOWED by an L3-L4 rule, or DENIED
+        point = f"policy-verdict:{'none' if f.verdict == DROPPED else 'L3-L4'} {f.traffic_direction}".strip()
+        verdict = "DENIED" if f.verdict == DROPPED else "ALLOWED"
     svc = ""
     if f.destination_service is not None and not f.destination.name.startswith("svc/"):
         svc = f" via svc {f.destination_service.namespace}/{f.destination_service.name}"
         svc += f" ({f.original_destination})" if f.original_destination else ""
-    reason = f"{f.drop_reason_desc} " if f.verdict == DROPPED and f.drop_reason_desc else ""
+    reason = f"{f.drop_reason_desc} " if f.verdict == DROPPED and f.drop_reason_desc and f.type != TYPE_POLICY else ""
     if "snat" in f.extra:
         svc += f" snat to {f.extra['snat']}"
     arrow = "->"
     if f.is_reply:  # Hubble keeps the client on the left: `client <- server`
         src, dst, arrow = dst, src, "<-"
-    line = f"{stamp}{node}: {src} {arrow} {dst}{svc} {point + ' ' if point else ''}{reason}{f.verdict} ({_detail(f)})"
+    line = f"{stamp}{node}: {src} {arrow} {dst}{svc} {point + ' ' if point else ''}{reason}{verdict} ({_detail(f)})"
     if f.policies:
         line += f" by {', '.join(f.policies)}"
     return line

@@ -12,7 +12,8 @@ import pytest
 
 from cilium import events
 from observe import flows, flows_cilium, flows_ct, flows_dns
-from observe.flow import DROPPED, FORWARDED, TRACED, TRANSLATED, TYPE_DNS, TYPE_DROP, TYPE_TRACE, Dns, Flow, Service
+from observe.flow import (DROPPED, FORWARDED, TRACED, TRANSLATED, TYPE_DNS, TYPE_DROP, TYPE_POLICY, TYPE_TRACE,
+                          Dns, Flow, Service)
 from topo.errors import StateError
 
 T0 = datetime(2026, 12, 5, 18, 0, 0, 123000, tzinfo=timezone.utc)
@@ -314,3 +315,12 @@ def test_cilium_policy_numbers_get_the_agents_names(tmp_path) -> None:
     f = flows_cilium._named(flows_cilium.to_flow(raw, "node2", names(), {}, T0), ids)
     assert f.policies == ("default/deny-web",)
     assert flows.to_json(f)["flow"]["ingress_denied_by"][0]["name"] == "deny-web"
+
+
+def test_policy_verdicts_read_as_hubbles() -> None:
+    f = flow(type=TYPE_POLICY, verdict=DROPPED, drop_reason_desc="Policy denied", traffic_direction="INGRESS",
+             policies=("default/deny-web",))
+    assert "policy-verdict:none INGRESS DENIED (TCP Flags: SYN) by default/deny-web" in flows.compact(f)
+    ok = flow(type=TYPE_POLICY, traffic_direction="EGRESS")
+    assert "policy-verdict:L3-L4 EGRESS ALLOWED (TCP Flags: SYN)" in flows.compact(ok)
+    assert flows.to_json(f)["flow"]["verdict"] == "DROPPED" and flows.to_json(f)["flow"]["event_type"]["type"] == 5
