@@ -41,7 +41,8 @@ NFULNL_COPY_PACKET = 2
 NFULA_PAYLOAD, NFULA_PREFIX = 9, 10
 NLM_F_REQUEST, NLM_F_ACK = 1, 4
 NLMSG_ERROR = 2
-CTA_TUPLE_ORIG, CTA_TUPLE_REPLY, CTA_STATUS = 1, 2, 3
+CTA_TUPLE_ORIG, CTA_TUPLE_REPLY, CTA_STATUS, CTA_PROTOINFO = 1, 2, 3, 4
+CTA_PROTOINFO_TCP, CTA_PROTOINFO_TCP_STATE, TCP_CONNTRACK_SYN_SENT = 1, 1, 1
 CTA_TUPLE_IP, CTA_TUPLE_PROTO = 1, 2
 CTA_IP_V4_SRC, CTA_IP_V4_DST = 1, 2
 CTA_PROTO_NUM, CTA_PROTO_SRC_PORT, CTA_PROTO_DST_PORT = 1, 2, 3
@@ -113,10 +114,15 @@ def ct_flow(payload: bytes, node: str, names: Names) -> Flow | None:
     if status & IPS_SRC_NAT or (rdst, rdport) != (src, sport):
         extra["snat"] = f"{rdst}:{rdport}"  # masquerade: the source the destination sees
         verdict = TRANSLATED
+    flags: tuple[str, ...] = ()
+    if proto == 6:  # the state conntrack gave it: SYN_SENT for a connection's SYN (a mid-stream pickup is not)
+        info = attrs(attrs(top.get(CTA_PROTOINFO, b"")).get(CTA_PROTOINFO_TCP, b""))
+        state = info.get(CTA_PROTOINFO_TCP_STATE, b"")
+        flags = ("SYN",) if state[:1] == bytes([TCP_CONNTRACK_SYN_SENT]) else ()
     summary = f"conntrack new{' dnat to ' + backend + ':' + str(backend_port) if orig else ''}" \
               f"{' snat to ' + extra['snat'] if 'snat' in extra else ''}"
     return Flow(now(), verdict, TYPE_TRACE, node, names.endpoint(src), names.endpoint(backend), name,
-                sport, backend_port, ("SYN",) if proto == 6 else (), service, orig,
+                sport, backend_port, flags, service, orig,
                 trace_observation_point="to-stack" if backend not in names.pods else "to-endpoint",
                 summary=summary, extra=extra)
 

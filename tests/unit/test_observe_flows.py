@@ -168,9 +168,11 @@ def ct_tuple(src: str, dst: str, proto: int, sport: int, dport: int) -> bytes:
     return ip + pr
 
 
-def ct_new(orig: tuple, reply: tuple, status: int) -> bytes:
+def ct_new(orig: tuple, reply: tuple, status: int, tcp_state: int = 1) -> bytes:
+    """A NEW event as ctnetlink sends it; TCP with CTA_PROTOINFO_TCP_STATE (1: SYN_SENT, 3: ESTABLISHED)."""
+    info = nla(4, nla(1, nla(1, bytes([tcp_state])), True), True) if orig[2] == 6 else b""
     return struct.pack("=BBH", socket.AF_INET, 0, 0) + nla(1, ct_tuple(*orig), True) + \
-        nla(2, ct_tuple(*reply), True) + nla(3, struct.pack("!I", status))
+        nla(2, ct_tuple(*reply), True) + nla(3, struct.pack("!I", status)) + info
 
 
 def test_a_conntrack_event_with_dnat_is_a_translated_flow_to_the_backend() -> None:
@@ -185,6 +187,9 @@ def test_a_conntrack_event_without_nat_is_forwarded_and_node_traffic_is_left_out
     f = flows_ct.ct_flow(ct_new(("10.244.1.2", "10.244.2.2", 6, 40000, 8080),
                                 ("10.244.2.2", "10.244.1.2", 6, 8080, 40000), 0x8), "node2", names())
     assert f.verdict == FORWARDED and f.tcp_flags == ("SYN",) and f.node_name == "node2"
+    pickup = flows_ct.ct_flow(ct_new(("10.244.1.2", "10.244.2.2", 6, 40001, 8080),
+                                     ("10.244.2.2", "10.244.1.2", 6, 8080, 40001), 0x8, tcp_state=3), "node2", names())
+    assert pickup.tcp_flags == ()  # conntrack picked up a connection mid-stream: no SYN claimed
     bgp = ct_new(("192.168.1.10", "192.168.1.11", 6, 40000, 179), ("192.168.1.11", "192.168.1.10", 6, 179, 40000), 0)
     assert flows_ct.ct_flow(bgp, "node1", names()) is None
 
