@@ -148,6 +148,34 @@ def _cmdline(pid: str) -> str:
         return ""
 
 
+NODE_PORT = """apiVersion: v1
+kind: Service
+metadata: {name: web-np, namespace: default}
+spec:
+  type: NodePort
+  selector: {app: web}
+  ports: [{port: 80, targetPort: 8080, nodePort: 30080}]
+"""
+
+
+def test_a_nodeport_connection_from_outside_names_the_service_and_the_backend(seed, tmp_path) -> None:
+    name, _profile = seed
+    path = tmp_path / "np.yaml"
+    path.write_text(NODE_PORT)
+    lab("apply", "--lab", name, "-f", str(path))
+    try:
+        obs = Observer(name, "--to-service", "web-np")
+        backend = in_lab(name, "external-web", "curl", "-s", "-m", "3", "192.168.1.10:30080/hostname")
+        seen = flows_of(obs.stop())
+    finally:
+        lab("delete", "--lab", name, "service", "web-np", check=False)
+    translated = [f for f in seen if f["verdict"] == "TRANSLATED"]
+    assert translated, seen
+    f = translated[0]
+    assert f["source"]["labels"] == ["reserved:host"] and f["IP"]["source"] == "192.168.1.200"
+    assert f["original_destination"] == "192.168.1.10:30080" and f["destination"]["pod_name"] == backend
+
+
 DENY = """apiVersion: networking.k8s.io/v1
 kind: NetworkPolicy
 metadata: {name: deny-to-node2-pod1, namespace: default}
