@@ -16,9 +16,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Network
 
-from observe.flow import (DROPPED, TRANSLATED, TYPE_DNS, TYPE_DROP, TYPE_L34, TYPE_POLICY, TYPE_TRACE,
+from observe.flow import (DROPPED, TYPE_DNS, TYPE_DROP, TYPE_L34, TYPE_POLICY, TYPE_TRACE,
                           VERDICTS, Dns, Flow, FlowEndpoint, Service)
 from topo.errors import StateError
 
@@ -250,7 +250,7 @@ def _detail(f: Flow) -> str:
             return f"DNS Query {d.query} {' '.join(d.qtypes)}"
         answer = " ".join(f'"{ip}"' for ip in d.ips)
         rcode = f"RCode: {RCODE_TEXT.get(d.rcode, d.rcode)} " if d.rcode else ""
-        return f"DNS Answer {rcode}{answer + ' ' if answer else ''}(Query {d.query} {' '.join(d.qtypes)})".replace("  ", " ")
+        return f"DNS Answer {rcode}{answer + ' ' if answer else ''}(Query {d.query} {' '.join(d.qtypes)})"
     if f.protocol == "TCP":
         return f"TCP Flags: {', '.join(f.tcp_flags)}" if f.tcp_flags else "TCP"
     return f.protocol
@@ -340,13 +340,6 @@ def flow_from_json(data: dict) -> Flow:
                     fl["l7"]["type"] == "RESPONSE") if dns else None, fl.get("Summary", ""))
 
 
-def translated(f: Flow) -> bool:
-    return f.verdict == TRANSLATED
-
-
 def now() -> datetime:
     return datetime.now(timezone.utc)
 
-
-def ip(raw: bytes) -> str:
-    return str(IPv4Address(raw))

@@ -14,9 +14,9 @@ import contextlib
 import socket
 import struct
 
-from observe.capture import _LD_B_ABS, _LD_H_ABS, _LD_H_IND, _RET_K, _JEQ_K, _JSET_K, SKF_AD_OFF, \
-    SKF_AD_PROTOCOL, SKF_NET_OFF, attach_filter
-from observe.dnswire import QTYPES, _udp_dns, parse
+from observe.capture import _JEQ_K, _JSET_K, _LD_B_ABS, _LD_H_ABS, _LD_H_IND, _RET_K, SKF_AD_OFF, SKF_AD_PROTOCOL, \
+    attach_filter
+from observe.dnswire import _udp_dns, parse
 from observe.flow import FORWARDED, TYPE_DNS, Dns, Flow
 from observe.flows import Names, now
 from topo import netns
@@ -25,7 +25,6 @@ from topo.model import POD_IFNAME
 ETH_P_ALL, PACKET_OUTGOING = 0x0003, 4
 SOL_PACKET, PACKET_STATISTICS = 263, 6
 RCODE_NUMBERS = {"NOERROR": 0, "FORMERR": 1, "SERVFAIL": 2, "NXDOMAIN": 3, "NOTIMP": 4, "REFUSED": 5}
-_ = QTYPES
 
 
 def dns_filter() -> list[tuple[int, int, int, int]]:

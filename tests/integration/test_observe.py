@@ -134,7 +134,8 @@ def test_follow_ends_on_ctrl_c_with_nothing_left_running(seed) -> None:
     first = Observer(name)
     assert "another observer" not in first.ready and "no " not in first.ready.split("\n", 1)[0], first.ready
     first.stop(settle=0)
-    mine = [p for p in os.listdir("/proc") if p.isdigit() and _cmdline(p).startswith(f"{sys.executable}\0-m\0lab.cli\0observe\0--lab\0{name}")]
+    argv = f"{sys.executable}\0-m\0lab.cli\0observe\0--lab\0{name}"
+    mine = [p for p in os.listdir("/proc") if p.isdigit() and _cmdline(p).startswith(argv)]
     assert mine == []
     second = Observer(name)  # the NFLOG groups, the ring's lock: all given back by the first
     assert "another" not in second.ready, second.ready

@@ -6,7 +6,7 @@ import dataclasses
 import socket
 import struct
 from datetime import datetime, timezone
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Network
 
 import pytest
 
