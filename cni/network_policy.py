@@ -143,6 +143,18 @@ def _q(text: str) -> str:
     return f'comment "{text if len(text) <= COMMENT_MAX else text[:COMMENT_MAX - 3] + "..."}"'
 
 
+# `lab observe` (observe/flows_ct.py) reads the drops: each counted drop also logs to NFLOG group 1 (to a
+# workload) or 2 (from one), the groups Calico's felix uses, with the rule's comment as the prefix. Without a
+# listener bound to the group the kernel logs nothing: the verdict and its cost stay what they were.
+NFLOG_GROUPS = {"ingress": 1, "egress": 2}
+
+
+def _log(text: str, direction: str) -> str:
+    text = text.replace('"', "'")
+    text = text if len(text) <= COMMENT_MAX else text[:COMMENT_MAX - 3] + "..."
+    return f'log prefix "{text}" group {NFLOG_GROUPS[direction]}'
+
+
 def _addresses(ips: list[IPv4Address]) -> str:
     return ", ".join(str(ip) for ip in sorted(set(ips)))
 
@@ -218,7 +230,8 @@ def _workload_chain(lab: Lab, workload: Workload, direction: str, policies: list
     pod = workload.pod
     # Calico's workload chains begin with conntrack's verdicts: established/related accepted (done once, in
     # cali-FORWARD, here) and invalid dropped (felix's DisableConntrackInvalidCheck, false by default).
-    lines = [f"ct state invalid counter drop {_q(f'{pod.key} {direction}: invalid packet (conntrack)')}"]
+    invalid = f"{pod.key} {direction}: invalid packet (conntrack)"
+    lines = [f"ct state invalid counter {_log(invalid, direction)} drop {_q(invalid)}"]
     if not policies:
         return lines + [f"return {_q(f'{pod.key} {direction}: not isolated (no policy selects it)')}"]
     # A pod cannot block access to itself (Kubernetes' NetworkPolicy docs): its own packets coming back
@@ -230,7 +243,8 @@ def _workload_chain(lab: Lab, workload: Workload, direction: str, policies: list
         lines.append(f"jump {policy_chain(direction, policy)} {_q(policy.key)}")
         lines.append(f"{_MARK_TEST} return {_q(f'{policy.key} allowed it')}")
     listed = ", ".join(p.key for p in policies)
-    lines.append(f"counter drop {_q(f'{pod.key} {direction}: no policy allows it ({listed})')}")
+    denied = f"{pod.key} {direction}: no policy allows it ({listed})"
+    lines.append(f"counter {_log(denied, direction)} drop {_q(denied)}")
     return lines
 
 

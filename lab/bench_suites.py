@@ -180,3 +180,65 @@ class Ipam(Suite):
         fig.tight_layout()
         fig.savefig(path)
         plt.close(fig)
+
+
+class Observe(Suite):
+    """What `lab observe --follow` costs the traffic it watches (bench/observe.py), per profile: the same
+    lab measured without and with an observer, alternately, so the ratio compares like with like."""
+    name = "observe"
+
+    def __init__(self, quick: bool) -> None:
+        super().__init__(quick)
+        self.seconds = 1 if quick else 3
+        self.profiles = ("calico",) if quick else ("flannel", "calico", "cilium")
+        self.labs: dict[str, str] = {}
+        for profile in self.profiles:
+            for observed in (False, True):
+                self.cases.append(Case(f"{profile} {'observed' if observed else 'none'}",
+                                       self._runner(profile, observed), {"profile": profile, "observed": observed}))
+
+    def _runner(self, profile: str, observed: bool) -> Callable[[], dict[str, float]]:
+        def run() -> dict[str, float]:
+            return _script("observe").measure(self.labs[profile], self.seconds, observed)
+        return run
+
+    def setup(self, stack: ExitStack, folder: Path) -> None:
+        import shutil
+
+        if shutil.which("iperf3") is None:
+            raise FeatureMissing("lab bench observe needs iperf3 (./install.sh installs it)")
+        for profile in self.profiles:
+            if profile == "cilium":
+                try:
+                    from cilium import agent
+                    agent.require()
+                except Exception:  # no cgroup2/clang/libbpf here: measure the other profiles
+                    self.cases = [c for c in self.cases if c.info["profile"] != "cilium"]
+                    continue
+            self.labs[profile] = _script("observe").up_lab(profile, folder)
+            stack.callback(remove_lab, self.labs[profile])
+
+    def table(self) -> str:
+        rows = []
+        for c in self.cases:
+            base = next(b for b in self.cases if b.info["profile"] == c.info["profile"] and not b.info["observed"])
+            rows.append([c.name, _spread(c, "gbps", ".2f"), _ratio_of(c, base, "gbps"), _spread(c, "connects_s", ".0f"),
+                         _ratio_of(c, base, "connects_s"), _spread(c, "flows", ".0f") if c.info["observed"] else "-",
+                         _spread(c, "lost", ".0f") if c.info["observed"] else "-"])
+        return _table(["case", "Gbit/s 1 stream", "vs none", "connects/s (ClusterIP)", "vs none", "flows shown",
+                       "events lost"], rows)
+
+    def plot(self, plt, path: Path) -> None:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.bar([c.name for c in self.cases], [c.median()["gbps"] for c in self.cases], color="tab:blue")
+        ax.set_ylabel("Gbit/s (iperf3, one TCP stream, pod to pod across nodes)")
+        ax.set_title("lab observe --follow running vs none")
+        fig.tight_layout()
+        fig.savefig(path)
+        plt.close(fig)
+
+
+def _ratio_of(case: Case, base: Case, key: str) -> str:
+    if not case.samples or not base.samples or not base.median()[key]:
+        return "-"
+    return f"{case.median()[key] / base.median()[key]:.2f}x"

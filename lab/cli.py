@@ -242,6 +242,14 @@ def _cmd_trace(args: argparse.Namespace) -> int:
     return 0 if result.delivered else 1
 
 
+def _cmd_observe(args: argparse.Namespace) -> int:
+    from lab.lifecycle import require_root
+    from observe import flows_cli
+
+    require_root()
+    return flows_cli.command(args)
+
+
 def _cmd_ui(args: argparse.Namespace) -> int:
     from lab.lifecycle import require_root
     from ui import server
@@ -470,7 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="measure data planes, service rules, DNS queries, lab up/down and VPC subnet fit "
                                      "(needs root)")
     p.add_argument("suites", nargs="*", metavar="SUITE",
-                   help="dataplanes, services, dns, updown, ipam, scale (default: all but scale)")
+                   help="dataplanes, services, dns, updown, ipam, scale, observe (default: all but scale and observe)")
     p.add_argument("--sizes", help="scale: lab sizes in pods, e.g. 1000,10000 (default 1000)")
     p.add_argument("--clients", help="dns: storm client pod counts, e.g. 20,50,100,200 (the default)")
     p.add_argument("--quick", action="store_true", help="small sizes and 1 repetition: under a minute")
@@ -500,6 +508,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lab", help="the lab, when more than one is running")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_trace)
+
+    p = sub.add_parser("observe", help="the flows the lab carries, live, as hubble observe prints them (verdicts, "
+                                       "Services and backends, drops with the policy, DNS)")
+    from observe.flows_cli import add_arguments
+    add_arguments(p)
+    p.set_defaults(func=_cmd_observe)
 
     p = sub.add_parser("ui", help="serve a live web page of the running lab on 127.0.0.1 (diagram, inspect, "
                                   "step-through traces, grading) and print its URL")

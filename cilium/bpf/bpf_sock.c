@@ -3,6 +3,7 @@
  * the backend's address from the first byte; getpeername() and recvmsg() translate back, so the
  * application still sees the ClusterIP. Attached to the lab's per-node cgroup, never the machine's. */
 #include "maps.h"
+#include "events.h"
 #include <linux/in.h>
 #include <bpf/bpf_endian.h>
 
@@ -20,6 +21,24 @@ static __always_inline __u8 proto_of(struct bpf_sock_addr *ctx)
 	return ctx->type == 2 /* SOCK_DGRAM */ ? IPPROTO_UDP : IPPROTO_TCP;
 }
 
+/* A socket-LB event for `lab observe` (Cilium's trace_sock notification: XLATE_PRE/POST_DIRECTION_FWD, or a
+ * drop when the service has no backend). The source address is the socket's bound one (0 before a bind);
+ * the netns cookie names the pod. Only connects/sends to a service pay for it. */
+static __always_inline void sock_event(struct bpf_sock_addr *ctx, __u8 type, __u8 subtype, __be32 daddr,
+				       __be16 dport, __be32 orig, __be16 orig_port, __u16 rev_nat)
+{
+	struct flow_event ev = {.ktime_ns = bpf_ktime_get_ns(), .type = type, .subtype = subtype,
+				.proto = proto_of(ctx), .daddr = daddr, .dport = dport, .orig_daddr = orig,
+				.orig_dport = orig_port, .rev_nat_index = rev_nat,
+				.cookie = bpf_get_netns_cookie(ctx)};
+	struct bpf_sock *sk = ctx->sk;
+	if (sk) {
+		ev.saddr = sk->src_ip4;
+		ev.sport = bpf_htons((__u16)sk->src_port);
+	}
+	emit_event(&ev);
+}
+
 /* -1: not a service; 0: a service without a usable backend (reject); 1: rewritten. */
 static __always_inline int translate(struct bpf_sock_addr *ctx)
 {
@@ -29,8 +48,10 @@ static __always_inline int translate(struct bpf_sock_addr *ctx)
 	struct lb4_service *svc = lookup_service(addr, port, proto);
 	if (!svc)
 		return -1;
-	if (svc->count == 0)
+	if (svc->count == 0) {
+		sock_event(ctx, EVENT_DROP, DROP_NO_SERVICE, addr, port, 0, 0, svc->rev_nat_index);
 		return 0;
+	}
 	__u32 backend_id = 0;
 	struct lb4_backend *backend = 0;
 	struct lb_affinity_key akey = {};
@@ -66,6 +87,9 @@ static __always_inline int translate(struct bpf_sock_addr *ctx)
 	struct ipv4_revnat_entry *old = bpf_map_lookup_elem(&cilium_lb4_reverse_sk, &rkey);
 	if (!old || old->address != addr || old->port != port) /* write only when new (LRU updates cost) */
 		bpf_map_update_elem(&cilium_lb4_reverse_sk, &rkey, &rval, BPF_ANY);
+	sock_event(ctx, EVENT_TRACE_SOCK, XLATE_PRE_DIRECTION_FWD, addr, port, 0, 0, svc->rev_nat_index);
+	sock_event(ctx, EVENT_TRACE_SOCK, XLATE_POST_DIRECTION_FWD, backend->address, backend->port, addr, port,
+		   svc->rev_nat_index);
 	ctx->user_ip4 = backend->address;
 	ctx->user_port = backend->port;
 	return 1;

@@ -14,6 +14,7 @@
  * Cilium's numbers (its CT_SYN_TIMEOUT, CT_CONNECTION_LIFETIME_*, CT_CLOSE_TIMEOUT defaults). */
 #pragma once
 #include "maps.h"
+#include "events.h"
 #include <stddef.h>
 #include <linux/if_ether.h>
 #include <linux/in.h>
@@ -233,6 +234,21 @@ static __always_inline int nodeport_rev_nat(struct __sk_buff *skb, struct pkt *p
 	return forward(skb, p);
 }
 
+/* A NodePort event for `lab observe` (Cilium's trace/drop notifications), sent once per new connection, not
+ * per packet: TRACE_FROM_NETWORK with the client, the backend picked and the frontend it was addressed to
+ * (orig_*), or a drop when no backend is there. */
+static __always_inline void nodeport_event(struct __sk_buff *skb, struct pkt *p, __u8 type, __u8 subtype,
+					   __be32 backend, __be16 backend_port, __u16 rev_nat)
+{
+	struct flow_event ev = {.ktime_ns = bpf_ktime_get_ns(), .type = type, .subtype = subtype,
+				.proto = p->proto, .tcp_flags = p->tcp_flags, .ifindex = skb->ifindex,
+				.saddr = p->saddr, .daddr = backend ? backend : p->daddr,
+				.sport = p->sport, .dport = backend ? backend_port : p->dport,
+				.orig_daddr = backend ? p->daddr : 0, .orig_dport = backend ? p->dport : 0,
+				.rev_nat_index = rev_nat, .len = skb->len};
+	emit_event(&ev);
+}
+
 /* A SNAT port whose reply tuple is free: the client's own port when it is, else random ones. */
 static __always_inline int pick_nat_port(struct ipv4_ct_tuple *reply)
 {
@@ -271,8 +287,10 @@ static __always_inline int nodeport_lb(struct __sk_buff *skb, struct pkt *p, str
 			return -1;
 		if (!syn)
 			return -1; /* not a connection's start: the stack answers it (an RST: no socket there) */
-		if (svc->count == 0)
-			return TC_ACT_SHOT; /* Local policy without a local endpoint: no backend here */
+		if (svc->count == 0) { /* Local policy without a local endpoint: no backend here */
+			nodeport_event(skb, p, EVENT_DROP, DROP_NO_SERVICE, 0, 0, svc->rev_nat_index);
+			return TC_ACT_SHOT;
+		}
 		skey.backend_slot = (bpf_get_prandom_u32() % svc->count) + 1;
 		struct lb4_service *slot = bpf_map_lookup_elem(&cilium_lb4_services_v2, &skey);
 		if (!slot)
@@ -300,6 +318,8 @@ static __always_inline int nodeport_lb(struct __sk_buff *skb, struct pkt *p, str
 		if (!ct)
 			return TC_ACT_SHOT;
 		other = reply;
+		nodeport_event(skb, p, EVENT_TRACE, TRACE_FROM_NETWORK, backend->address, backend->port,
+			       svc->rev_nat_index);
 	}
 	int closed = ct_touch(&key, ct, p, now, skb->len);
 	__be32 backend = ct->nat_addr, snat_addr = ct->snat_addr;

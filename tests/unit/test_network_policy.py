@@ -126,7 +126,8 @@ def test_named_ports_resolve_per_destination_pod() -> None:
 def test_isolated_pods_drop_with_a_counter_and_a_comment_naming_the_policies() -> None:
     lab = _lab(CASES["default-deny-ingress"])
     text = np.render(lab, "node1", _workloads(lab))
-    assert 'counter drop comment "x/a ingress: no policy allows it (x/deny)"' in text
+    assert ('counter log prefix "x/a ingress: no policy allows it (x/deny)" group 1 drop '
+            'comment "x/a ingress: no policy allows it (x/deny)"') in text  # logged for `lab observe`
     assert 'return comment "y/a ingress: not isolated (no policy selects it)"' in text
     assert "cali-tw-" + np.chain_suffix(lab, lab.pods[0]) in text
 
@@ -145,7 +146,7 @@ def test_a_pod_cannot_block_access_to_itself() -> None:
     to, out = _chain(text, f"cali-tw-{veth}"), _chain(text, f"cali-fw-{veth}")
     assert to[1] == 'ip saddr 10.244.1.2 return comment "x/a ingress: itself (a pod cannot block access to itself)"'
     assert out[1] == 'ip daddr 10.244.1.2 return comment "x/a egress: itself (a pod cannot block access to itself)"'
-    assert to[2].startswith("meta mark set") and out[-1].startswith("counter drop")
+    assert to[2].startswith("meta mark set") and out[-1].startswith("counter log prefix")
 
 
 def test_invalid_packets_are_dropped_at_every_workload_first() -> None:
@@ -154,8 +155,10 @@ def test_invalid_packets_are_dropped_at_every_workload_first() -> None:
     for pod in ("x/a", "y/a"):  # isolated or not, as Calico's workload chains
         veth = np.chain_suffix(lab, next(p for p in lab.pods if p.key == pod))
         for chain, direction in (("tw", "ingress"), ("fw", "egress")):
+            text_ = f"{pod} {direction}: invalid packet (conntrack)"
+            group = 1 if direction == "ingress" else 2  # NFLOG, for `lab observe`
             assert _chain(text, f"cali-{chain}-{veth}")[0] == \
-                f'ct state invalid counter drop comment "{pod} {direction}: invalid packet (conntrack)"'
+                f'ct state invalid counter log prefix "{text_}" group {group} drop comment "{text_}"'
 
 
 def test_a_reapplied_namespace_replaces_its_labels() -> None:
