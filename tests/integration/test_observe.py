@@ -92,8 +92,6 @@ def test_an_allowed_connection_is_forwarded(seed) -> None:
         "node2-pod1"
     seen = flows_of(obs.stop())
     forwarded = [f for f in seen if f["verdict"] == "FORWARDED" and f["l4"]["TCP"]["destination_port"] == 8080]
-    if profile == "cilium" and not forwarded:
-        pytest.xfail("cilium: the lxc programs do not emit policy verdicts / traces yet (issue 19, other half)")
     assert forwarded, seen
     f = forwarded[0]
     assert (f["source"]["namespace"], f["source"]["pod_name"]) == ("default", "node1-pod1")
@@ -194,8 +192,6 @@ def test_a_denied_connection_is_dropped_naming_the_policy(seed, tmp_path) -> Non
     path = tmp_path / "deny.yaml"
     path.write_text(DENY)
     applied = lab("apply", "--lab", name, "-f", str(path), check=False)
-    if profile == "cilium" and applied.returncode != 0 and "not available with cni.profile cilium" in applied.stderr:
-        pytest.xfail("cilium: NetworkPolicy comes with issue 19's other half (identity-based policy)")
     assert applied.returncode == 0, applied.stderr
     try:
         obs = Observer(name, "--verdict", "DROPPED", "--to-pod", "node2-pod1")
@@ -203,8 +199,6 @@ def test_a_denied_connection_is_dropped_naming_the_policy(seed, tmp_path) -> Non
         seen = flows_of(obs.stop())
     finally:
         lab("delete", "--lab", name, "networkpolicy", "deny-to-node2-pod1", check=False)
-    if profile == "cilium" and not seen:
-        pytest.xfail("cilium: the lxc programs do not emit policy drops yet (issue 19, other half)")
     assert seen
     f = seen[0]
     assert f["source"]["pod_name"] == "node1-pod1" and f["destination"]["pod_name"] == "node2-pod1"
