@@ -14,6 +14,7 @@ import ctypes.util
 import errno
 import functools
 import os
+import sys
 from collections.abc import Iterator
 
 from topo.errors import ApplyError, FeatureMissing
@@ -197,6 +198,17 @@ def obj_get(path: str) -> int:
     return fd
 
 
+def map_id(fd: int) -> int:
+    """The kernel's id of an open map (BPF_OBJ_GET_INFO_BY_FD; struct bpf_map_info's `id`, after its u32
+    `type`): unique while the map lives, so a map re-created under the same pin has another."""
+    info = ctypes.create_string_buffer(96)  # the leading fields of struct bpf_map_info; the kernel fills what fits
+    size = ctypes.c_uint32(len(info))
+    rc = lib().bpf_obj_get_info_by_fd(fd, info, ctypes.byref(size))
+    if rc:
+        raise _fail("BPF_OBJ_GET_INFO_BY_FD failed", rc)
+    return int.from_bytes(info.raw[4:8], sys.byteorder)
+
+
 def update_batch(fd: int, keys: bytes, values: bytes, count: int) -> None:
     """All entries in one BPF_MAP_UPDATE_BATCH (the kernel may take them in chunks: loop until done)."""
     done = 0
@@ -235,8 +247,9 @@ def entries(fd: int, key_size: int, value_size: int) -> Iterator[tuple[bytes, by
         opts = _BatchOpts(sz=ctypes.sizeof(_BatchOpts))
         rc = lib().bpf_map_lookup_batch(fd, None if first else token_in, token_out, keys, values,
                                         ctypes.byref(n), ctypes.byref(opts))
+        kr, vr = keys.raw, values.raw  # .raw copies the whole buffer: once per chunk, not once per entry
         for i in range(n.value):
-            yield keys.raw[i * key_size:(i + 1) * key_size], values.raw[i * value_size:(i + 1) * value_size]
+            yield kr[i * key_size:(i + 1) * key_size], vr[i * value_size:(i + 1) * value_size]
         if rc:
             if rc == -errno.ENOENT or ctypes.get_errno() == errno.ENOENT:
                 return
