@@ -198,11 +198,12 @@ def measure_case(mode: str, count: int, connects: int) -> dict:
             with tempfile.TemporaryDirectory() as folder:
                 saved = Path(folder) / "node.iptables.rules"
                 kube_proxy_iptables._RULES_CACHE.clear()  # the full sync renders everything, as a fresh start
+                kube_proxy_iptables._BY_ID.clear()
                 started = time.perf_counter()
-                kube_proxy.sync_iptables(bed.node, kube_proxy_iptables.render(NODE, sps, CLUSTER), backend, saved)
+                kube_proxy.sync_iptables(bed.node, kube_proxy_iptables.plan(NODE, sps, CLUSTER), backend, saved)
                 full = time.perf_counter() - started
                 started = time.perf_counter()
-                how = kube_proxy.sync_iptables(bed.node, kube_proxy_iptables.render(NODE, sps2, CLUSTER), backend,
+                how = kube_proxy.sync_iptables(bed.node, kube_proxy_iptables.plan(NODE, sps2, CLUSTER), backend,
                                                saved)
                 one = time.perf_counter() - started
                 assert how == "partial", how

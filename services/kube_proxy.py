@@ -33,6 +33,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from services import endpoints as ep
+from services import kube_proxy_iptables as ipt
 from services import kube_proxy_ipvs as ipvs
 from topo import kernel, netns
 from topo.errors import ApplyError, FeatureMissing
@@ -134,8 +135,6 @@ def _state_file(folder: Path, node: str) -> Path:
 def sync_node(lab: Lab, node: Node, sps: list[ep.ServicePortEndpoints], folder: Path) -> None:
     ns = lab.node_netns(node.name)
     if lab.kube_proxy.mode == "iptables":
-        from services import kube_proxy_iptables as ipt
-
         egress = None
         if lab.cni.profile == "aws-vpc" and not lab.vpc.external_snat:
             vpc = [r.subnet for r in lab.underlay.racks] or [lab.underlay.subnet]
@@ -143,7 +142,7 @@ def sync_node(lab: Lab, node: Node, sps: list[ep.ServicePortEndpoints], folder: 
             egress = ipt.aws_snat(node.ip, [c for c in vpc if c is not None], [e.ip for e in lab.external])
         elif lab.cni.profile == "aws-vpc":
             egress = []  # AWS_VPC_K8S_CNI_EXTERNALSNAT=true: an external NAT gateway translates, the node does not
-        sync_iptables(ns, ipt.render(node, sps, cluster_of(lab), egress), iptables_backend(lab.kube_proxy),
+        sync_iptables(ns, ipt.plan(node, sps, cluster_of(lab), egress), iptables_backend(lab.kube_proxy),
                       folder / f"{node.name}.iptables.rules")
     elif lab.kube_proxy.mode == "nftables":
         from services import kube_proxy_nftables as nft
@@ -182,29 +181,17 @@ def cluster_of(lab: Lab) -> Cluster:
     return replace(lab.cluster, pod_cidr=wide)
 
 
-def sync_iptables(ns: str, text: str, backend: str, saved: Path) -> str:
-    """Bring one node's iptables rules to `text` (a full restore input): the first time, and whenever a
-    partial load is impossible or fails, by a full restore; else only the changed chains (kube-proxy's
-    partial sync). `saved` keeps the text last loaded. Returns "full", "partial" or "none"."""
-    from services import kube_proxy_iptables as ipt
+def sync_iptables(ns: str, plan: ipt.Plan, backend: str, saved: Path) -> str:
+    """Bring one node's iptables rules to `plan` (services/kube_proxy_iptables.plan): the first time, and
+    whenever a partial load is impossible or fails, by a full restore; else kube-proxy's partial sync, only
+    the changed chains (services/kube_proxy_partial.py). `saved` keeps what was loaded. Returns "full",
+    "partial" or "none"."""
+    from services import kube_proxy_partial
 
-    old = saved.read_text() if saved.exists() else None
-    if old == text:
-        return "none"  # this node's rules did not change: nothing to load
-    delta = ipt.render_delta(old, text) if old is not None else None
-    how = "partial"
-    try:
-        if delta is None:
-            raise ApplyError("no partial sync possible")
-        load(ns, iptables_restore(backend, noflush=True), delta)
-    except ApplyError:
-        load(ns, iptables_restore(backend), text)
-        how = "full"
-    saved.parent.mkdir(parents=True, exist_ok=True)
-    tmp = saved.with_suffix(".tmp")
-    tmp.write_text(text)
-    tmp.replace(saved)
-    return how
+    def run(noflush: bool, script: str) -> None:
+        load(ns, iptables_restore(backend, noflush=noflush), script)
+
+    return kube_proxy_partial.sync(ns, plan, backend, saved, run)
 
 
 def sync_ipvs(ns: str, plan: ipvs.IpvsPlan, saved: Path, backend: str | None = None) -> None:
