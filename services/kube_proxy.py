@@ -145,21 +145,7 @@ def sync_node(lab: Lab, node: Node, sps: list[ep.ServicePortEndpoints], folder: 
         sync_iptables(ns, ipt.plan(node, sps, cluster_of(lab), egress), iptables_backend(lab.kube_proxy),
                       folder / f"{node.name}.iptables.rules")
     elif lab.kube_proxy.mode == "nftables":
-        from services import kube_proxy_nftables as nft
-
-        new = nft.build(node, sps, lab.cluster)
-        saved = _state_file(folder, node.name)
-        old = nft.from_json(json.loads(saved.read_text())) if saved.exists() else None
-        script = nft.render_delta(old, new) if old is not None else nft.render_full(new)
-        try:
-            if script:  # an empty delta: nothing changed for this node
-                load(ns, NFT, script)
-        except ApplyError:
-            if old is None:
-                raise
-            load(ns, NFT, nft.render_full(new))  # the node's table was changed behind our back: replace it
-        folder.mkdir(parents=True, exist_ok=True)
-        saved.write_text(json.dumps(nft.to_json(new)))
+        sync_nftables(ns, node, sps, lab.cluster, _state_file(folder, node.name))
     else:
         require(lab)
         sync_ipvs(ns, ipvs.build(node, sps, lab.cluster), folder / f"{node.name}.ipvs.json",
@@ -192,6 +178,15 @@ def sync_iptables(ns: str, plan: ipt.Plan, backend: str, saved: Path) -> str:
         load(ns, iptables_restore(backend, noflush=noflush), script)
 
     return kube_proxy_partial.sync(ns, plan, backend, saved, run)
+
+
+def sync_nftables(ns: str, node: Node, sps: list[ep.ServicePortEndpoints], cluster: Cluster, saved: Path) -> str:
+    """Bring one node's `table ip kube-proxy` to these service ports: the difference only, or the table
+    replaced whole when the kernel may not hold what was loaded last (services/kube_proxy_nft_sync.py).
+    Returns "full", "partial" or "none"."""
+    from services import kube_proxy_nft_sync
+
+    return kube_proxy_nft_sync.sync(ns, node, sps, cluster, saved, lambda script: load(ns, NFT, script))
 
 
 def sync_ipvs(ns: str, plan: ipvs.IpvsPlan, saved: Path, backend: str | None = None) -> None:

@@ -442,7 +442,7 @@ def plan(node: Node, sps: list[ServicePortEndpoints], cluster: Cluster, egress: 
     for n, part in enumerate(parts):
         if part is None:
             parts[n] = _service_port_rules(node, live[n], cluster, large)
-    if len(_BY_ID) > 64:
+    if len(_BY_ID) > 1024:  # nodes x clusters seen by this process
         _BY_ID.clear()
     _BY_ID[key] = (live, ids, parts, cluster)
     return Plan(node, cluster, tuple(egress) if egress is not None else None, list(parts))
