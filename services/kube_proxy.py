@@ -11,11 +11,13 @@ host's rules), so `iptables-save` typed in a node shows KUBE-SERVICES. On Debian
 its per-connection scan is shallower; docs/benchmarks.md has both measured.
 
 Syncs after the first are partial, as kube-proxy's since Kubernetes 1.28 (its "partial sync": only the
-changed services' chains are written): the last rule set loaded into each node is kept, and only the
-chains that changed are sent, with `--noflush` (a chain declared in the input is flushed and rewritten,
-every other chain stays), chains that are gone are flushed and deleted (`-X`). A change to a built-in
-chain, or a failed partial load (the tables were changed behind our back), falls back to a full restore.
-nftables syncs are incremental too: only the difference of the ruleset is sent. IPVS mode keeps
+changed services' chains are written, with `--noflush`; chains that are gone are flushed and deleted,
+`-X`); the top-level chains are written whole as kube-proxy writes them, or edited by position when the
+kernel shows nobody else touched them. A change to a built-in chain, an interrupted sync, or a failed
+partial load (the tables were changed behind our back) falls back to a full restore. How the work stays
+proportional to the change (records compared by identity, a journal of loads): kube_proxy_partial.py.
+nftables syncs are incremental too, with the table replaced whole when the kernel's nf_tables generation
+shows it was changed by someone else: kube_proxy_nft_sync.py. IPVS mode keeps
 each node's last plan too: kube-ipvs0's addresses, the virtual and real servers change one by one (as
 kube-proxy's own syncs do; a restore from scratch would also drop every connection entry), and the
 ipsets and the nat helper rules are reloaded only when they changed.

@@ -1,10 +1,10 @@
 """kube-proxy's iptables mode, rendered for one node as a complete `iptables-restore` input.
 
-Pure: no kernel, no root. `render()` returns the text that `iptables-legacy-restore` (without --noflush)
-loads into a node's namespace. The lab owns the node's `nat` and `filter` tables, so each load replaces
-both atomically: rules of services that are gone vanish with the chains that held them, and no
-`-X` bookkeeping is needed (real kube-proxy uses --noflush and deletes its stale chains one by one,
-because it shares those tables with other software on the node).
+Pure: no kernel, no root. `render()` (or `plan().text()`) returns the text a full sync loads with
+`iptables-restore` (without --noflush) into a node's namespace, replacing its `nat` and `filter` tables
+atomically. Later syncs are kube-proxy's partial ones (`--noflush`, only what changed, stale chains
+deleted with `-X`), computed from two Plans by services/kube_proxy_partial.py; `render_delta` is the same
+on two full texts.
 
 Layout, chain names and comments are those of kube-proxy's `pkg/proxy/iptables/proxier.go` (current,
 EndpointSlice-era versions), written in the form `iptables-save` prints, so a learner running
