@@ -9,10 +9,18 @@ by rule (O(N)); nftables looks the address up in a verdict map (O(1)); IPVS (whe
 in the test VM) looks the virtual server up in its hash table (O(1)), its sync being the lab's own
 (kube-ipvs0 addresses, ipsets, the nat helper rules, ipvsadm -R; the +1 sync a delta). cilium: no rules at
 all; the cilium profile's socket-LB programs on a cgroup of the bed's own, its service maps synced by the
-agent's own code (cilium.agent.write_services: read the maps, write the difference in one batch per map),
-the client's sockets made in that cgroup, so connect() itself picks the backend (a hash lookup, O(1)).
+agent's own code (cilium.agent.write_services: the first time read the maps and write the difference in one
+batch per map, the +1 only the new frontend's entries), the client's sockets made in that cgroup, so
+connect() itself picks the backend (a hash lookup, O(1)).
+
+Every sync is timed through the function a lab's node sync calls (kube_proxy.sync_iptables, sync_nftables,
+sync_ipvs, cilium.agent.write_services), with its saved state in a temporary folder; the +1 service runs in
+the same process as the full sync, with the same service port objects plus one (kube-proxy and the cilium
+agent are long-running daemons: only the change is computed, see docs/services.md "Partial sync").
 
     .venv/bin/python bench/services.py [--repeat 3] [--json FILE] [--plot DIR]   (= lab bench services)
+    .venv/bin/python bench/services.py --modes iptables-nft,cilium --counts 10000 [--repeat 3] [--connects 200]
+                                        (chosen cases only, measured in this process, median and range)
 """
 from __future__ import annotations
 
@@ -137,17 +145,21 @@ def _cilium_entries(sps: list[ServicePortEndpoints]) -> list:
 
 
 def _cilium_syncs(bed: Bed, sps: list[ServicePortEndpoints], sps2: list[ServicePortEndpoints]) -> tuple[float, float]:
-    """The cilium profile's full sync and +1 service sync of one node's maps, each from the entries built in
-    Python to the last batch written, as cilium.agent.sync_node runs it."""
+    """The cilium profile's full sync and +1 service sync of one node's maps, each timed around
+    cilium.agent.write_services as cilium.agent.sync_node runs it. The entries are built before: they are the
+    agent's services in memory, and the +1 list holds the same entry objects plus the new one, as a
+    long-running agent's would (its write then computes and writes only the new frontend's entries)."""
     from cilium import agent, maps
 
     agent.setup_socket_lb(bed.tag, "node", maps.NODE_CONFIG.pack(NODE.pod_cidr.netmask.packed, NODE.ip.packed,
                                                                  maps.VNI))
+    entries = _cilium_entries(sps)
+    entries2 = entries + _cilium_entries(sps2[len(sps):])
     started = time.perf_counter()
-    agent.write_services(bed.tag, "node", _cilium_entries(sps))
+    agent.write_services(bed.tag, "node", entries)
     full = time.perf_counter() - started
     started = time.perf_counter()
-    agent.write_services(bed.tag, "node", _cilium_entries(sps2))
+    agent.write_services(bed.tag, "node", entries2)
     return full, time.perf_counter() - started
 
 
@@ -194,23 +206,28 @@ def measure_case(mode: str, count: int, connects: int) -> dict:
             with tempfile.TemporaryDirectory() as folder:
                 saved = Path(folder) / "node.iptables.rules"
                 kube_proxy_iptables._RULES_CACHE.clear()  # the full sync renders everything, as a fresh start
+                kube_proxy_iptables._BY_ID.clear()
                 started = time.perf_counter()
-                kube_proxy.sync_iptables(bed.node, kube_proxy_iptables.render(NODE, sps, CLUSTER), backend, saved)
+                kube_proxy.sync_iptables(bed.node, kube_proxy_iptables.plan(NODE, sps, CLUSTER), backend, saved)
                 full = time.perf_counter() - started
                 started = time.perf_counter()
-                how = kube_proxy.sync_iptables(bed.node, kube_proxy_iptables.render(NODE, sps2, CLUSTER), backend,
+                how = kube_proxy.sync_iptables(bed.node, kube_proxy_iptables.plan(NODE, sps2, CLUSTER), backend,
                                                saved)
                 one = time.perf_counter() - started
                 assert how == "partial", how
         else:
-            started = time.perf_counter()
-            rs = kube_proxy_nftables.build(NODE, sps, CLUSTER)
-            bed.load(kube_proxy.NFT, kube_proxy_nftables.render_full(rs))
-            full = time.perf_counter() - started
-            started = time.perf_counter()
-            rs2 = kube_proxy_nftables.build(NODE, sps2, CLUSTER)
-            bed.load(kube_proxy.NFT, kube_proxy_nftables.render_delta(rs, rs2))
-            one = time.perf_counter() - started
+            # kube_proxy.sync_nftables as a node's sync runs it: the whole table first, then (same process,
+            # kube-proxy being a daemon) only the changed service port's chains and elements
+            with tempfile.TemporaryDirectory() as folder:
+                saved = Path(folder) / "node.nft.json"
+                kube_proxy_nftables._BY_ID.clear()
+                started = time.perf_counter()
+                kube_proxy.sync_nftables(bed.node, NODE, sps, CLUSTER, saved)
+                full = time.perf_counter() - started
+                started = time.perf_counter()
+                how = kube_proxy.sync_nftables(bed.node, NODE, sps2, CLUSTER, saved)
+                one = time.perf_counter() - started
+                assert how == "partial", how
         with _socket_lb(bed, mode):  # cilium: the client's sockets made in the node's cgroup
             first = bed.connect_us(vip(0), connects)
             last = bed.connect_us(vip(count - 1), connects)
@@ -221,7 +238,40 @@ def measure_case(mode: str, count: int, connects: int) -> dict:
             "last_p50_us": pct(last, 50), "last_p99_us": pct(last, 99)}
 
 
+def _direct(modes: list[str], counts: list[int], repeat: int, connects: int) -> None:
+    """`--modes`/`--counts`: the chosen cases only, measured here (not through `lab bench`), one row each
+    with the median of `repeat` runs and their range."""
+    import statistics
+
+    print("mode              services  full sync s            +1 service s              last/first p50")
+    for mode in modes:
+        for count in counts:
+            rows = [measure_case(mode, count, connects) for _ in range(repeat)]
+
+            def spread(key: str) -> str:
+                values = [r[key] for r in rows]
+                return f"{statistics.median(values):.4f} ({min(values):.4f}-{max(values):.4f})"
+
+            ratio = statistics.median(r["last_p50_us"] / r["first_p50_us"] for r in rows)
+            print(f"{mode:17} {count:>8,}  {spread('full_sync_s'):22} {spread('one_service_update_s'):25} "
+                  f"{ratio:.2f}x", flush=True)
+
+
 if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--modes", help="comma-separated: iptables-nft,iptables-legacy,nftables,ipvs,cilium")
+    parser.add_argument("--counts", help="comma-separated service counts, e.g. 10000")
+    parser.add_argument("--connects", type=int, default=200)
+    known, rest = parser.parse_known_args()
+    if known.modes or known.counts:
+        repeat = 3
+        if "--repeat" in rest:
+            repeat = int(rest[rest.index("--repeat") + 1])
+        _direct((known.modes or "iptables-nft,iptables-legacy,nftables,cilium").split(","),
+                [int(c) for c in (known.counts or "10,100,1000,10000").split(",")], repeat, known.connects)
+        sys.exit(0)
     from lab.bench_base import script_main
 
     sys.exit(script_main("services", __doc__))

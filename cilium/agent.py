@@ -21,7 +21,7 @@ import shutil
 import subprocess
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cilium import build, libbpf, maps
@@ -238,26 +238,159 @@ def sync_node(lab: Lab, running: list[RunningPod], node: str) -> tuple[int, int,
     return write_services(lab.name, node, maps.services_of(lab, running, node))
 
 
+@dataclass
+class _Written:
+    """What this process last wrote into one node's three service maps: the agent's memory, as Cilium's agent
+    keeps its services between two updates and writes only what an update changes. Held per process only: a
+    new process (every `lab apply`) starts without it and compares with what the maps hold."""
+
+    map_ids: tuple[int, ...]  # the maps it was written to (a map re-created under the same pin has a new id)
+    ids: maps.Ids
+    contents: dict[str, dict[bytes, bytes]]  # what the three maps hold
+    entries: dict[int, tuple[maps.ServiceEntry, bytes]]  # id(entry) -> (the entry, kept alive; its slot-0 key)
+    parts: dict[bytes, tuple[dict[bytes, bytes], dict[bytes, bytes], dict[bytes, bytes]]]  # per frontend
+    users: dict[bytes, int]  # backend map key -> how many frontends name it
+    front: dict[bytes, int] = field(default_factory=dict)  # a frontend's slot-0 key -> id() of its entry
+    last: list[maps.ServiceEntry] = field(default_factory=list)  # the entries as last passed, in order
+
+
+_WRITTEN: dict[tuple[str, str], _Written] = {}
+_SERVICE_MAPS = (maps.SERVICES, maps.BACKENDS, maps.REVNAT)
+
+
 def write_services(lab: str, node: str, entries: list[maps.ServiceEntry]) -> tuple[int, int, int, int]:
-    """The node's service maps made to hold exactly these frontends, comparing with what they hold now."""
-    with _pinned(lab, node, maps.SERVICES, maps.BACKENDS, maps.REVNAT) as fds:
-        have = {name: _read(fd, name) for name, fd in fds.items()}
-        want = maps.desired(entries, maps.ids_from(have))
-        written = deleted = 0
-        # Order: backends, then reverse NAT, then the service slots (slot 0 last in its batch), so no slot
-        # ever names a backend that is not there yet; deletions the other way round.
-        for name in (maps.BACKENDS, maps.REVNAT):
-            w, _ = _write_exact(fds[name], name, want[name], have[name], delete=False)
-            written += w
-        services = dict(sorted(want[maps.SERVICES].items(), key=lambda kv: maps.unpack_lb4_key(kv[0])[1] == 0))
-        w, d = _write_exact(fds[maps.SERVICES], maps.SERVICES, services, have[maps.SERVICES])
-        written, deleted = written + w, deleted + d
-        for name in (maps.BACKENDS, maps.REVNAT):
-            stale = [k for k in have[name] if k not in want[name]]
-            if stale:
-                libbpf.delete_batch(fds[name], b"".join(stale), len(stale))
-                deleted += len(stale)
-    return len(entries), len(want[maps.BACKENDS]), written, deleted
+    """The node's service maps made to hold exactly these frontends.
+
+    Without a memory of this process's last write to these very maps (a new process, another map under the
+    pin, a write that failed half way), the three maps are read and compared whole: whatever they hold,
+    the sync converges. With it, only the entries whose frontends changed are computed and written, a cost
+    independent of the number of services: the unchanged ones are recognized by identity (the caller
+    passes the same ServiceEntry objects, as a long-running agent holds its services)."""
+    with _pinned(lab, node, *_SERVICE_MAPS) as fds:
+        map_ids = tuple(libbpf.map_id(fds[name]) for name in _SERVICE_MAPS)
+        memo = _WRITTEN.pop((lab, node), None)  # popped: an exception below leaves no memory behind
+        if memo is None or memo.map_ids != map_ids:
+            memo, want, have = _full(fds, map_ids, entries)
+        else:
+            want, have = _partial(memo, *_changes(memo, entries))
+        written, deleted = _write_ordered(fds, want, have)
+        for name in _SERVICE_MAPS:
+            held = memo.contents[name]
+            held.update(want[name])
+            for key in have[name].keys() - want[name].keys():
+                held.pop(key, None)
+        if len(memo.parts) == len(memo.entries):  # no two entries with one frontend: the memory is exact
+            memo.last = list(entries)
+            _WRITTEN[(lab, node)] = memo
+    return len(entries), len(memo.users), written, deleted
+
+
+def _full(fds: dict[str, int], map_ids: tuple[int, ...], entries: list[maps.ServiceEntry]) -> tuple[_Written, dict, dict]:
+    """Every frontend computed, compared with what the maps hold now (the kernel is the record)."""
+    have = {name: _read(fds[name], name) for name in _SERVICE_MAPS}
+    memo = _Written(map_ids, maps.ids_from(have), {name: dict(have[name]) for name in _SERVICE_MAPS}, {}, {}, {})
+    want: dict[str, dict[bytes, bytes]] = {name: {} for name in _SERVICE_MAPS}
+    for entry in entries:
+        part = maps.contribution(entry, memo.ids)
+        key = next(iter(part[0]))  # slot 0
+        memo.entries[id(entry)] = (entry, key)
+        memo.front[key] = id(entry)
+        memo.parts[key] = part
+    for part in memo.parts.values():
+        for name, content in zip(_SERVICE_MAPS, part):
+            want[name].update(content)
+        for bkey in part[1]:
+            memo.users[bkey] = memo.users.get(bkey, 0) + 1
+    return memo, want, have
+
+
+def _changes(memo: _Written, entries: list[maps.ServiceEntry]) -> tuple[list[maps.ServiceEntry], list[int]]:
+    """The entries new since the last write, and the ids of those gone. An entry is the one written before when
+    it is the same object (a pointer comparison), or else equal to the entry written for its frontend (which
+    it then stands for)."""
+    last = memo.last
+    if len(entries) >= len(last) and entries[:len(last)] == last:  # identical objects compare at pointer speed
+        return entries[len(last):], []  # the common case of a long-running agent: services added at the end
+    now = {id(entry): entry for entry in entries}  # ids of live objects: the memory holds its entries alive
+    fresh = []
+    for i in now.keys() - memo.entries.keys():
+        entry = now[i]
+        key = maps.lb4_key(entry.frontend, 0)
+        was = memo.front.get(key)
+        if was is not None and was not in now and memo.entries[was][0] == entry:
+            del memo.entries[was]  # an equal entry, another object: it stands for the one written
+            memo.entries[i] = (entry, key)
+            memo.front[key] = i
+        else:
+            fresh.append(entry)
+    gone = list(memo.entries.keys() - now.keys()) if len(memo.entries) != len(now) - len(fresh) else []
+    return fresh, gone
+
+
+def _partial(memo: _Written, fresh: list[maps.ServiceEntry], gone: list[int]) -> tuple[dict, dict]:
+    """Only the changed frontends' entries: what they should hold (want) and what the maps hold there (have)."""
+    old_keys = {memo.entries[k][1] for k in gone}
+    old_parts = [memo.parts.pop(key) for key in old_keys if key in memo.parts]
+    gone_entries = [memo.entries.pop(k)[0] for k in gone]
+    for key in old_keys:
+        memo.front.pop(key, None)
+    new_parts = []
+    for entry in fresh:
+        part = maps.contribution(entry, memo.ids)
+        key = next(iter(part[0]))
+        memo.entries[id(entry)] = (entry, key)
+        memo.front[key] = id(entry)
+        memo.parts[key] = part  # a frontend held twice leaves len(parts) < len(entries): not memorized
+        new_parts.append(part)
+    for part, step in [(p, -1) for p in old_parts] + [(p, 1) for p in new_parts]:
+        for bkey in part[1]:
+            memo.users[bkey] = memo.users.get(bkey, 0) + step
+    want: dict[str, dict[bytes, bytes]] = {name: {} for name in _SERVICE_MAPS}
+    have: dict[str, dict[bytes, bytes]] = {name: {} for name in _SERVICE_MAPS}
+    for part in new_parts:
+        for name, content in zip(_SERVICE_MAPS, part):
+            want[name].update(content)
+    for name, index in ((maps.SERVICES, 0), (maps.REVNAT, 2)):
+        held = memo.contents[name]
+        for part in old_parts + new_parts:
+            have[name].update((k, held[k]) for k in part[index] if k in held)
+    held = memo.contents[maps.BACKENDS]
+    for part in old_parts + new_parts:
+        for bkey, value in part[1].items():
+            if bkey in held:
+                have[maps.BACKENDS][bkey] = held[bkey]
+            if memo.users.get(bkey, 0) > 0:
+                want[maps.BACKENDS].setdefault(bkey, value)
+            else:
+                memo.users.pop(bkey, None)
+    # ids of frontends and backends no longer named, as a fresh read of the maps would not find them
+    for entry in gone_entries:
+        if maps.lb4_key(entry.frontend, 0) not in memo.parts:
+            memo.ids.frontends.pop(entry.frontend, None)
+        for be in entry.backends:
+            bid = memo.ids.backends.get(be)
+            if bid is not None and maps.BACKEND_KEY.pack(bid) not in memo.users:
+                del memo.ids.backends[be]
+    return want, have
+
+
+def _write_ordered(fds: dict[str, int], want: dict[str, dict[bytes, bytes]],
+                   have: dict[str, dict[bytes, bytes]]) -> tuple[int, int]:
+    """Order: backends, then reverse NAT, then the service slots (slot 0 last in its batch), so no slot ever
+    names a backend that is not there yet; deletions the other way round."""
+    written = deleted = 0
+    for name in (maps.BACKENDS, maps.REVNAT):
+        w, _ = _write_exact(fds[name], name, want[name], have[name], delete=False)
+        written += w
+    services = dict(sorted(want[maps.SERVICES].items(), key=lambda kv: kv[0][6:8] == b"\0\0"))  # slot 0 last
+    w, d = _write_exact(fds[maps.SERVICES], maps.SERVICES, services, have[maps.SERVICES])
+    written, deleted = written + w, deleted + d
+    for name in (maps.BACKENDS, maps.REVNAT):
+        stale = [k for k in have[name] if k not in want[name]]
+        if stale:
+            libbpf.delete_batch(fds[name], b"".join(stale), len(stale))
+            deleted += len(stale)
+    return written, deleted
 
 
 def collect_ct(lab: str, node: str) -> int:

@@ -14,6 +14,7 @@ import ctypes.util
 import errno
 import functools
 import os
+import sys
 from collections.abc import Iterator
 
 from topo.errors import ApplyError, FeatureMissing
@@ -225,7 +226,8 @@ def obj_pin(fd: int, path: str) -> None:
 
 
 def map_id(fd: int) -> int:
-    """The kernel's id of a map (struct bpf_map_info: type, then id), what a map-in-map lookup returns."""
+    """The kernel's id of an open map (struct bpf_map_info: u32 type, then u32 id): what a map-in-map lookup
+    returns, and unique while the map lives (a map re-created under the same pin has another)."""
     info = ctypes.create_string_buffer(96)
     size = ctypes.c_uint32(96)
     rc = lib().bpf_obj_get_info_by_fd(fd, info, ctypes.byref(size))
@@ -278,8 +280,9 @@ def entries(fd: int, key_size: int, value_size: int) -> Iterator[tuple[bytes, by
         opts = _BatchOpts(sz=ctypes.sizeof(_BatchOpts))
         rc = lib().bpf_map_lookup_batch(fd, None if first else token_in, token_out, keys, values,
                                         ctypes.byref(n), ctypes.byref(opts))
+        kr, vr = keys.raw, values.raw  # .raw copies the whole buffer: once per chunk, not once per entry
         for i in range(n.value):
-            yield keys.raw[i * key_size:(i + 1) * key_size], values.raw[i * value_size:(i + 1) * value_size]
+            yield kr[i * key_size:(i + 1) * key_size], vr[i * value_size:(i + 1) * value_size]
         if rc:
             if rc == -errno.ENOENT or ctypes.get_errno() == errno.ENOENT:
                 return

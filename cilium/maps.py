@@ -186,20 +186,31 @@ def _lowest_free(used: Iterable[int], limit: int = 0xFFFFFFFF) -> int:
     return next(i for i in range(1, limit + 1) if i not in taken)
 
 
+def contribution(entry: ServiceEntry, ids: Ids) -> tuple[dict[bytes, bytes], dict[bytes, bytes], dict[bytes, bytes]]:
+    """What one frontend puts in the three service maps: its slots (0 and one per backend), its backends' entries
+    and its reverse-NAT entry (ids allocated in `ids`). The agent's incremental sync writes only the
+    contributions of the frontends that changed."""
+    rev = ids.frontend(entry.frontend)
+    fe = entry.frontend
+    services = {lb4_key(fe, 0): lb4_service(entry.affinity_timeout, len(entry.backends), rev, entry.flags)}
+    backends: dict[bytes, bytes] = {}
+    for slot, be in enumerate(entry.backends, 1):
+        bid = ids.backend(be)
+        backends[BACKEND_KEY.pack(bid)] = lb4_backend(be)
+        services[lb4_key(fe, slot)] = lb4_service(bid, 0, rev, entry.flags)
+    return services, backends, {REV_NAT_KEY.pack(rev): REV_NAT.pack(fe.address.packed, be16(fe.port))}
+
+
 def desired(entries: list[ServiceEntry], ids: Ids) -> dict[str, dict[bytes, bytes]]:
     """The exact contents of the three service maps for these frontends (ids allocated in `ids`)."""
     services: dict[bytes, bytes] = {}
     backends: dict[bytes, bytes] = {}
     revnat: dict[bytes, bytes] = {}
     for entry in entries:
-        rev = ids.frontend(entry.frontend)
-        revnat[REV_NAT_KEY.pack(rev)] = REV_NAT.pack(entry.frontend.address.packed, be16(entry.frontend.port))
-        services[lb4_key(entry.frontend, 0)] = lb4_service(entry.affinity_timeout, len(entry.backends), rev,
-                                                           entry.flags)
-        for slot, be in enumerate(entry.backends, 1):
-            bid = ids.backend(be)
-            backends[BACKEND_KEY.pack(bid)] = lb4_backend(be)
-            services[lb4_key(entry.frontend, slot)] = lb4_service(bid, 0, rev, entry.flags)
+        s, b, r = contribution(entry, ids)
+        services.update(s)
+        backends.update(b)
+        revnat.update(r)
     return {SERVICES: services, BACKENDS: backends, REVNAT: revnat}
 
 
@@ -209,9 +220,8 @@ def ids_from(current: dict[str, dict[bytes, bytes]]) -> Ids:
     for key, value in current.get(BACKENDS, {}).items():
         ids.backends[unpack_backend(value)] = BACKEND_KEY.unpack(key)[0]
     for key, value in current.get(SERVICES, {}).items():
-        fe, slot = unpack_lb4_key(key)
-        if slot == 0:
-            ids.frontends[fe] = LB4_SERVICE.unpack(value)[2]
+        if key[6:8] == b"\0\0":  # slot 0 (the key's u16 at offset 6): one per frontend, the others skipped unparsed
+            ids.frontends[unpack_lb4_key(key)[0]] = LB4_SERVICE.unpack(value)[2]
     return ids
 
 

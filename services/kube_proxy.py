@@ -11,11 +11,13 @@ host's rules), so `iptables-save` typed in a node shows KUBE-SERVICES. On Debian
 its per-connection scan is shallower; docs/benchmarks.md has both measured.
 
 Syncs after the first are partial, as kube-proxy's since Kubernetes 1.28 (its "partial sync": only the
-changed services' chains are written): the last rule set loaded into each node is kept, and only the
-chains that changed are sent, with `--noflush` (a chain declared in the input is flushed and rewritten,
-every other chain stays), chains that are gone are flushed and deleted (`-X`). A change to a built-in
-chain, or a failed partial load (the tables were changed behind our back), falls back to a full restore.
-nftables syncs are incremental too: only the difference of the ruleset is sent. IPVS mode keeps
+changed services' chains are written, with `--noflush`; chains that are gone are flushed and deleted,
+`-X`); the top-level chains are written whole as kube-proxy writes them, or edited by position when the
+kernel shows nobody else touched them. A change to a built-in chain, an interrupted sync, or a failed
+partial load (the tables were changed behind our back) falls back to a full restore. How the work stays
+proportional to the change (records compared by identity, a journal of loads): kube_proxy_partial.py.
+nftables syncs are incremental too, with the table replaced whole when the kernel's nf_tables generation
+shows it was changed by someone else: kube_proxy_nft_sync.py. IPVS mode keeps
 each node's last plan too: kube-ipvs0's addresses, the virtual and real servers change one by one (as
 kube-proxy's own syncs do; a restore from scratch would also drop every connection entry), and the
 ipsets and the nat helper rules are reloaded only when they changed.
@@ -33,6 +35,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from services import endpoints as ep
+from services import kube_proxy_iptables as ipt
 from services import kube_proxy_ipvs as ipvs
 from topo import kernel, netns
 from topo.errors import ApplyError, FeatureMissing
@@ -134,8 +137,6 @@ def _state_file(folder: Path, node: str) -> Path:
 def sync_node(lab: Lab, node: Node, sps: list[ep.ServicePortEndpoints], folder: Path) -> None:
     ns = lab.node_netns(node.name)
     if lab.kube_proxy.mode == "iptables":
-        from services import kube_proxy_iptables as ipt
-
         egress = None
         if lab.cni.profile == "aws-vpc" and not lab.vpc.external_snat:
             vpc = [r.subnet for r in lab.underlay.racks] or [lab.underlay.subnet]
@@ -143,24 +144,10 @@ def sync_node(lab: Lab, node: Node, sps: list[ep.ServicePortEndpoints], folder: 
             egress = ipt.aws_snat(node.ip, [c for c in vpc if c is not None], [e.ip for e in lab.external])
         elif lab.cni.profile == "aws-vpc":
             egress = []  # AWS_VPC_K8S_CNI_EXTERNALSNAT=true: an external NAT gateway translates, the node does not
-        sync_iptables(ns, ipt.render(node, sps, cluster_of(lab), egress), iptables_backend(lab.kube_proxy),
+        sync_iptables(ns, ipt.plan(node, sps, cluster_of(lab), egress), iptables_backend(lab.kube_proxy),
                       folder / f"{node.name}.iptables.rules")
     elif lab.kube_proxy.mode == "nftables":
-        from services import kube_proxy_nftables as nft
-
-        new = nft.build(node, sps, lab.cluster)
-        saved = _state_file(folder, node.name)
-        old = nft.from_json(json.loads(saved.read_text())) if saved.exists() else None
-        script = nft.render_delta(old, new) if old is not None else nft.render_full(new)
-        try:
-            if script:  # an empty delta: nothing changed for this node
-                load(ns, NFT, script)
-        except ApplyError:
-            if old is None:
-                raise
-            load(ns, NFT, nft.render_full(new))  # the node's table was changed behind our back: replace it
-        folder.mkdir(parents=True, exist_ok=True)
-        saved.write_text(json.dumps(nft.to_json(new)))
+        sync_nftables(ns, node, sps, lab.cluster, _state_file(folder, node.name))
     else:
         require(lab)
         sync_ipvs(ns, ipvs.build(node, sps, lab.cluster), folder / f"{node.name}.ipvs.json",
@@ -182,29 +169,26 @@ def cluster_of(lab: Lab) -> Cluster:
     return replace(lab.cluster, pod_cidr=wide)
 
 
-def sync_iptables(ns: str, text: str, backend: str, saved: Path) -> str:
-    """Bring one node's iptables rules to `text` (a full restore input): the first time, and whenever a
-    partial load is impossible or fails, by a full restore; else only the changed chains (kube-proxy's
-    partial sync). `saved` keeps the text last loaded. Returns "full", "partial" or "none"."""
-    from services import kube_proxy_iptables as ipt
+def sync_iptables(ns: str, plan: ipt.Plan, backend: str, saved: Path) -> str:
+    """Bring one node's iptables rules to `plan` (services/kube_proxy_iptables.plan): the first time, and
+    whenever a partial load is impossible or fails, by a full restore; else kube-proxy's partial sync, only
+    the changed chains (services/kube_proxy_partial.py). `saved` keeps what was loaded. Returns "full",
+    "partial" or "none"."""
+    from services import kube_proxy_partial
 
-    old = saved.read_text() if saved.exists() else None
-    if old == text:
-        return "none"  # this node's rules did not change: nothing to load
-    delta = ipt.render_delta(old, text) if old is not None else None
-    how = "partial"
-    try:
-        if delta is None:
-            raise ApplyError("no partial sync possible")
-        load(ns, iptables_restore(backend, noflush=True), delta)
-    except ApplyError:
-        load(ns, iptables_restore(backend), text)
-        how = "full"
-    saved.parent.mkdir(parents=True, exist_ok=True)
-    tmp = saved.with_suffix(".tmp")
-    tmp.write_text(text)
-    tmp.replace(saved)
-    return how
+    def run(noflush: bool, script: str) -> None:
+        load(ns, iptables_restore(backend, noflush=noflush), script)
+
+    return kube_proxy_partial.sync(ns, plan, backend, saved, run)
+
+
+def sync_nftables(ns: str, node: Node, sps: list[ep.ServicePortEndpoints], cluster: Cluster, saved: Path) -> str:
+    """Bring one node's `table ip kube-proxy` to these service ports: the difference only, or the table
+    replaced whole when the kernel may not hold what was loaded last (services/kube_proxy_nft_sync.py).
+    Returns "full", "partial" or "none"."""
+    from services import kube_proxy_nft_sync
+
+    return kube_proxy_nft_sync.sync(ns, node, sps, cluster, saved, lambda script: load(ns, NFT, script))
 
 
 def sync_ipvs(ns: str, plan: ipvs.IpvsPlan, saved: Path, backend: str | None = None) -> None:

@@ -287,20 +287,35 @@ def _port_rules(sp: ServicePortEndpoints, node_name: str, pods: IPv4Network) -> 
     return _PortRules(tuple(elements), tuple(chains.values()), tuple(sets.values()))
 
 
-def build(node: Node, sps: list[ServicePortEndpoints], cluster: Cluster) -> Ruleset:
-    """The node's whole kube-proxy table for these service ports (kube-proxy's syncProxyRules).
+_BY_ID: dict[tuple, tuple] = {}  # (node name, pods) -> (service ports, kept alive; their ids; their parts)
 
-    Each service port's rules are computed once and reused while it is unchanged, so a sync in a
-    long-running process after one change costs little more than that change.
-    """
+
+def parts(node: Node, sps: list[ServicePortEndpoints], cluster: Cluster) -> list[_PortRules]:
+    """Each service port's contribution, in order. The service port objects of the last call for this node
+    are looked up by identity (a pointer lookup, not hashing each one whole), the others in _port_rules'
+    cache: a long-running sync after one change computes that change only."""
+    live = [sp for sp in sps if sp.service.cluster_ip is not None]
+    key = (node.name, cluster.pod_cidr)
+    ids = list(map(id, live))
+    last = _BY_ID.get(key)
+    known = dict(zip(last[1], last[2])) if last is not None else {}
+    out: list = [known.get(i) for i in ids]
+    for n, part in enumerate(out):
+        if part is None:
+            out[n] = _port_rules(live[n], node.name, cluster.pod_cidr)
+    if len(_BY_ID) > 1024:  # nodes seen by this process
+        _BY_ID.clear()
+    _BY_ID[key] = (live, ids, out)
+    return out
+
+
+def assemble(node: Node, cluster: Cluster, port_parts: list[_PortRules]) -> Ruleset:
+    """The node's whole kube-proxy table made of these contributions (and the fixed chains, maps, egress)."""
     chains: dict[str, Chain] = {c.name: c for c in _static_chains()}
     sets: dict[str, Set] = {}
     elements: dict[str, dict[str, str]] = {m: {} for m in (SERVICE_IPS, SERVICE_NODEPORTS,
                                                            NO_ENDPOINT_SERVICES, NO_ENDPOINT_NODEPORTS)}
-    for sp in sps:
-        if sp.service.cluster_ip is None:
-            continue
-        part = _port_rules(sp, node.name, cluster.pod_cidr)
+    for part in port_parts:
         for map_name, key, verdict in part.elements:
             elements[map_name][key] = verdict
         for chain in part.chains:
@@ -320,6 +335,15 @@ def build(node: Node, sps: list[ServicePortEndpoints], cluster: Cluster) -> Rule
         Map(SERVICE_NODEPORTS, nodeport_map, "NodePort traffic", tuple(elements[SERVICE_NODEPORTS].items())),
     )
     return Ruleset(tuple(chains.values()), maps, tuple(sets.values()), _egress(node, cluster))
+
+
+def build(node: Node, sps: list[ServicePortEndpoints], cluster: Cluster) -> Ruleset:
+    """The node's whole kube-proxy table for these service ports (kube-proxy's syncProxyRules).
+
+    Each service port's rules are computed once and reused while it is unchanged, so a sync in a
+    long-running process after one change costs little more than that change.
+    """
+    return assemble(node, cluster, parts(node, sps, cluster))
 
 
 # --- render ----------------------------------------------------------------------------------------

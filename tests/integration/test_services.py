@@ -165,6 +165,37 @@ def test_endpoints_follow_pod_churn(svc_lab: dict, tmp_path: Path) -> None:
     assert "web-3" in set(dial(name, "client", svc_lab["vip"]["web"], 80, 60))
 
 
+def test_a_hand_edit_is_repaired_by_the_next_change_of_any_service(svc_lab: dict, tmp_path: Path) -> None:
+    """Partial syncs (issue 17) keep kube-proxy's promise: iptables mode writes KUBE-SERVICES whole when
+    anything else changed the tables (here: a rule deleted by hand), nftables mode replaces its table when
+    the namespace's nf_tables generation moved (here: a service chain flushed by hand). Either way the
+    next change of another Service brings `web` back, on the node that was edited."""
+    if svc_lab["mode"] == "cilium":
+        pytest.skip("no kube-proxy rules in the cilium profile (its map repair: exercise 14)")
+    name, vip = svc_lab["name"], svc_lab["vip"]["web"]
+    if svc_lab["mode"] == "iptables":
+        listing = in_lab(name, "node2", "iptables", "-t", "nat", "-S", "KUBE-SERVICES")
+        rule = next(line for line in listing.splitlines() if f"-d {vip}/32 -p tcp" in line)
+        in_lab(name, "node2", "iptables", "-t", "nat", "-D", "KUBE-SERVICES", str(
+            [line for line in listing.splitlines() if line.startswith("-A ")].index(rule) + 1))
+        assert f"-A KUBE-SERVICES -d {vip}/32 -p tcp" not in in_lab(name, "node2", "iptables-save", "-t", "nat")
+    else:
+        elements = in_lab(name, "node2", "nft", "list", "map", "ip", "kube-proxy", "service-ips")
+        chain = next(part.split("goto ")[1].split(",")[0].strip() for part in elements.split(",\n")
+                     if f"{vip} . tcp . 80 : goto" in part)
+        in_lab(name, "node2", "nft", "flush", "chain", "ip", "kube-proxy", chain)
+        assert "dnat" not in in_lab(name, "node2", "nft", "list", "chain", "ip", "kube-proxy", chain)
+    spec = tmp_path / "other.yaml"
+    spec.write_text(json.dumps(service("other", "solo")))
+    lab("apply", "--lab", name, "-f", str(spec))
+    try:
+        assert set(dial(name, "client", vip, 80, 30)) == {"web-1", "web-2", "web-3"}
+        if svc_lab["mode"] == "iptables":
+            assert f"-A KUBE-SERVICES -d {vip}/32 -p tcp" in in_lab(name, "node2", "iptables-save", "-t", "nat")
+    finally:
+        lab("delete", "--lab", name, "service", "other")
+
+
 def test_ipvs_mode_is_refused_here_with_the_reason(tmp_path: Path) -> None:
     if kernel.has_ipvs():
         pytest.skip("this kernel has IPVS: the ipvs dataplane test belongs to the VM suite")
