@@ -444,3 +444,19 @@ def test_the_ipvs_table_is_read_from_proc_and_from_ipvsadm() -> None:
     assert shown[("10.96.0.100", "tcp", 80)] == ["10.244.1.2:8080", "10.244.2.2:8080"]
     assert set(shown) == set(ipvs.ipvs_services(proc))
     assert ipvs.parse_ip_vs("") == []
+
+
+def test_a_udp_probe_to_port_53_is_a_dns_query_and_its_answer_is_told_apart() -> None:
+    """A UDP probe to a DNS server is a real query (so CoreDNS answers it); the answer echoes the question,
+    token and all, and must still count as the reply, never as the probe."""
+    token = b"0123456789ab"
+    query = capture.dns_query(token, "cluster.local")
+    assert query[12:13] == bytes([26]) and b"\x07cluster\x05local\x00" in query and query.endswith(b"\x00\x01\x00\x01")
+    assert capture.is_dns_query(query, token) and not capture.is_dns_query(query, b"ffffffffffff")
+    answer = query[:2] + b"\x81\x83" + query[4:]  # QR, RD, RA, NXDOMAIN: the question echoed
+    assert not capture.is_dns_query(answer, token)
+    request = ether(ip_header("10.244.1.2", "10.244.2.3", 17, struct.pack("!HHHH", 40000, 53, 8 + len(query), 0) + query))
+    back = ether(ip_header("10.244.2.3", "10.244.1.2", 17, struct.pack("!HHHH", 53, 40000, 8 + len(answer), 0) + answer))
+    probe = Probe("udp", IPv4Address("10.96.0.10"), 53, 40000, token, 0)
+    forward, reply = hops.classify([_s(POD_A, "eth0", True, request), _s(POD_A, "eth0", False, back)], probe, POD_A)
+    assert [s.outgoing for s in forward] == [True] and [s.outgoing for s in reply] == [False]
