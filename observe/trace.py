@@ -37,6 +37,11 @@ order, and its text), observe/netfilter.py (rule counters, DNAT/SNAT, drops), ob
   of the probe's own pods'), no route (`ip route get` fails there), a frame larger than the next link's
   MTU (a switch drops it silently), a next hop that never answered ARP. A drop counter that moved
   elsewhere (other traffic) is only a "possibly", and the route analysis still runs.
+- **The cilium profile** (observe/trace_cilium.py). The probe's socket is made in the source node's lab
+  cgroup, so the socket-LB programs rewrite it as they rewrite a pod's own; the trace names the program,
+  hook, frontend, slot and backend id from the reverse_sk entry of the socket's cookie, NodePort's tc
+  programs with their cilium_ct4_global entries, and the cilium_tunnel_map entry at a VXLAN hop; a
+  connect() the socket LB refused is explained from the frontend's slots.
 - **Names.** Pods and hosts are resolved as checks name them (observe/targets.py); `svc/[NS/]NAME` and
   `pod/[NS/]NAME` say which is meant, an address in the service CIDR is its Service, and a bare name that
   is both a Service and a pod or host is refused.

@@ -30,7 +30,8 @@ from observe import cilium as debug
 from observe.capture import Probe
 from observe.hops import Hop
 from observe.packets import Packet
-from observe.places import Lookup, Place, Target
+from observe.places import MAX_NODES, Lookup, Place, Target
+from topo.errors import StateError
 
 PROGRAM = {"connect4": "cil_sock4_connect", "sendmsg4": "cil_sock4_sendmsg"}
 REVERSE = {"tcp": ("getpeername4", "cil_sock4_getpeername"), "udp": ("recvmsg4", "cil_sock4_recvmsg")}
@@ -71,13 +72,23 @@ class CiliumTrace:
     # ---- reading (while the probe's socket is open) -------------------------------------------
 
     def read(self, probe: Probe) -> None:
+        """The maps that can explain this probe, read before its socket closes: the source node's service
+        maps and its socket's reverse_sk entries (socket LB), or the CT entries of the node a NodePort
+        request went to (every node, up to MAX_NODES, for an address that is no node's)."""
+        lb = self.socket_lb()
+        if lb:
+            wanted = {self.node}
+        elif self.target.kind == "node":
+            wanted = {self.target.name}
+        else:
+            wanted = {n.name for n in self.lookup.lab.nodes[:MAX_NODES]}
         for node in self.lookup.lab.nodes:
-            if not agent.pins(self.lab, node.name).is_dir():
+            if node.name not in wanted or not agent.pins(self.lab, node.name).is_dir():
                 continue
             try:
-                slots, backends = debug._services(self.lab, node.name)
+                slots, backends = debug._services(self.lab, node.name) if lb else ({}, {})
                 mine = []
-                if node.name == self.node and probe.cookie:
+                if lb and probe.cookie:
                     for key, value in debug._dump(self.lab, node.name, maps.REVERSE_SK).items():
                         cookie, addr, port = maps.REVERSE_SK_KEY.unpack(key)
                         if cookie == probe.cookie:
@@ -85,8 +96,8 @@ class CiliumTrace:
                             proto = maps.PROTOCOLS.get(probe.protocol, 0)
                             mine.append((maps.Backend(IPv4Address(addr), maps.port_of(port), proto),
                                          maps.Frontend(IPv4Address(fa), maps.port_of(fp), proto), rev))
-                ct = debug.ct_list(self.lab, node.name) if not self.socket_lb() else []
-            except OSError:
+                ct = [] if lb else debug.ct_list(self.lab, node.name)
+            except (OSError, StateError):  # a map gone mid-trace: nothing to say rather than a guess
                 continue
             self.nodes[node.name] = NodeMaps(slots, backends, mine, ct)
 
@@ -230,7 +241,7 @@ class CiliumTrace:
             return ""
         try:
             rows = debug.tunnel_list(self.lab, place.name)
-        except (OSError, Exception):  # noqa: BLE001 - a map gone mid-trace: say nothing rather than guess
+        except (OSError, StateError):  # a map gone mid-trace: say nothing rather than guess
             return ""
         mask = self.lookup.lab.nodes[0].pod_cidr.prefixlen
         for row in rows:
