@@ -163,14 +163,18 @@ def measure(run, dst: str, seconds: int, iperf_port: int = 5201, http_port: int 
             ping: bool = True, paired: str | None = None) -> dict[str, float]:
     """One sample of every metric of a path: one TCP stream, 4 parallel streams, ping RTT (not for a
     ClusterIP, which answers no ping), TCP connect time (curl's, and connect() p50 in one process; for a
-    ClusterIP also to `paired`, its backend pod, in the same loop)."""
+    ClusterIP also to `paired`, its backend pod: one stream right after the ClusterIP's, connects in the
+    same loop, so both share the machine's noise of that moment)."""
     one = run("iperf3", "-c", dst, "-p", str(iperf_port), "-t", str(seconds), "-J", "--connect-timeout", "3000")
     four = run("iperf3", "-c", dst, "-p", str(iperf_port), "-t", str(seconds), "-P", "4", "-J",
                "--connect-timeout", "3000")
     sample = {"gbps": iperf_gbps(one), "gbps_4_streams": iperf_gbps(four),
               "connect_us": connect_us(run, f"http://{dst}:{http_port}/echo?msg=x")}
-    if paired:  # a ClusterIP: its backend pod's IP measured in the same loop, alternating
-        sample["connect_p50_us"], sample["connect_p50_pod_us"] = connect_p50_us(run, http_port, dst, paired)
+    if paired:  # a ClusterIP: its backend pod's IP measured right after it / in the same loop, alternating
+        pod = run("iperf3", "-c", paired, "-p", str(iperf_port), "-t", str(seconds), "-J", "--connect-timeout", "3000")
+        sample["gbps_pod"] = iperf_gbps(pod)
+        sample["connect_p50_us"], sample["connect_p50_pod_us"] = connect_p50_us(run, http_port, dst, paired,
+                                                                                 count=400)
     else:
         sample["connect_p50_us"] = connect_p50_us(run, http_port, dst)[0]
     if ping:

@@ -230,7 +230,9 @@ class Tracer:
         post: list[Hop] = []
         hit = self.hits.get(place.netns, [])
         if self.cilium is not None and place.kind == "node":
-            return self._cilium_nat_hops(place, before, after, reply, dev)
+            found = self._cilium_nat_hops(place, before, after, reply, dev)
+            if found is not None:
+                return found
         if (before.dst, before.dport) != (after.dst, after.dport):
             old, new = _endpoint(before.dst, before.dport), _endpoint(after.dst, after.dport)
             if reply:
@@ -253,15 +255,18 @@ class Tracer:
         return pre, post
 
     def _cilium_nat_hops(self, place: Place, before: Packet, after: Packet, reply: bool,
-                         dev: str) -> tuple[list[Hop], list[Hop]]:
+                         dev: str) -> tuple[list[Hop], list[Hop]] | None:
         """A cilium node translates with tc programs and cilium_ct4_global (NodePort), and masquerades to
-        the outside with its CILIUM_POST_nat rule: no kube-proxy chain to name."""
+        the outside with its CILIUM_POST_nat rule: no kube-proxy chain to name. None: a reply that no CT
+        entry of the NodePort programs explains (conntrack undoing the masquerade: the generic text)."""
         pre: list[Hop] = []
         post: list[Hop] = []
         dnat = (before.dst, before.dport) != (after.dst, after.dport)
         snat = (before.src, before.sport) != (after.src, after.sport)
         if reply and (dnat or snat):
             text = self.cilium.nodeport(place, before, reply=True, dev=dev)
+            if not text:
+                return None
             frm, to = (_endpoint(before.src, before.sport), _endpoint(after.src, after.sport)) if snat else \
                 (_endpoint(before.dst, before.dport), _endpoint(after.dst, after.dport))
             if snat and dnat:

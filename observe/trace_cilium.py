@@ -210,7 +210,8 @@ class CiliumTrace:
 
     def nodeport(self, place: Place, before: Packet, reply: bool, dev: str) -> str:
         """The tc program that translated a packet entering a node by `dev`, with its cilium_ct4_global
-        entry: cil_from_container on a pod's lxc veth, cil_from_netdev on eth0."""
+        entry: cil_from_container on a pod's lxc veth, cil_from_netdev on eth0 ("" for a reply no IN
+        entry explains)."""
         held = self.nodes.get(place.name)
         if reply:
             program = f"cil_from_container (tc ingress on {dev}, the backend's lxc veth)" \
@@ -219,9 +220,10 @@ class CiliumTrace:
             if held is not None:
                 entry = next((r for r in held.ct if r["direction"] == "IN" and
                               r["tuple"] == f"{before.src}:{before.sport} -> {before.dst}:{before.dport}"), None)
-            tail = f": {maps.CT} IN {entry['tuple']} Frontend={entry['nat']} Client={entry['snat']}" if entry else \
-                f" from its {maps.CT} IN entry"
-            return f"{program} reverses the NodePort translation{tail}"
+            if entry is None:
+                return ""  # not a NodePort reply (conntrack undoing the masquerade), or its entry is gone
+            return (f"{program} reverses the NodePort translation: {maps.CT} IN {entry['tuple']} "
+                    f"Frontend={entry['nat']} Client={entry['snat']}")
         entry = None
         if held is not None:
             entry = next((r for r in held.ct if r["direction"] == "OUT" and
