@@ -89,7 +89,7 @@ class Dataplanes(Suite):
                 text += (f"\n{vip} vs pod to pod: connect() p50 {b['connect_p50_us']:.1f} / {pod_us:.1f} us = "
                          f"{_ratio(b['connect_p50_us'], pod_us, '.2f')}x (one loop, alternating)"
                          f", throughput {b['gbps']:.2f} / {b.get('gbps_pod', a['gbps']):.2f} Gbit/s = "
-                         f"{_ratio(b['gbps'], b.get('gbps_pod', a['gbps']), '.2f')}x (right after each other)"
+                         f"{_ratio(b['gbps'], b.get('gbps_pod', a['gbps']), '.2f')}x (ClusterIP, pod, pod, ClusterIP)"
                          + (" (issue 18's targets: <= 1.1x, >= 0.95x)" if pod == "cilium" else ""))
         return text
 
