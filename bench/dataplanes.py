@@ -118,7 +118,12 @@ class BareVeth:
 
 
 def iperf_gbps(output: str) -> float:
-    return json.loads(output)["end"]["sum_received"]["bits_per_second"] / 1e9
+    """iperf3 -J's received rate; NaN when it printed no result (a connection that failed under load)
+    rather than losing the whole run."""
+    try:
+        return json.loads(output)["end"]["sum_received"]["bits_per_second"] / 1e9
+    except (ValueError, KeyError):
+        return float("nan")
 
 
 def ping_ms(output: str) -> float:
