@@ -460,3 +460,35 @@ def test_a_udp_probe_to_port_53_is_a_dns_query_and_its_answer_is_told_apart() ->
     probe = Probe("udp", IPv4Address("10.96.0.10"), 53, 40000, token, 0)
     forward, reply = hops.classify([_s(POD_A, "eth0", True, request), _s(POD_A, "eth0", False, back)], probe, POD_A)
     assert [s.outgoing for s in forward] == [True] and [s.outgoing for s in reply] == [False]
+
+
+def test_the_cilium_trace_explains_a_refused_connect_from_the_frontends_slots(monkeypatch) -> None:
+    """A frontend whose slot 0 counts more backends than its slots name: a deleted slot and a slot naming
+    a backend id the backends map lacks are both named, and a refused connect() (EPERM) says so."""
+    import errno
+    from types import SimpleNamespace
+
+    from cilium import maps
+    from observe import trace_cilium
+    from observe.places import Target
+
+    lookup = SimpleNamespace(st=SimpleNamespace(name="lab1"), lab=SimpleNamespace(nodes=[]))
+    target = Target("service", "web", IPv4Address("10.96.0.100"), 80, "tcp")
+    ct = trace_cilium.CiliumTrace(lookup, Place("pa", "a", "pod", node="node2"), target)  # type: ignore[arg-type]
+    monkeypatch.setattr(trace_cilium.CiliumTrace, "socket_lb", lambda self: True)
+    fe = maps.Frontend(IPv4Address("10.96.0.100"), 80, maps.PROTOCOLS["tcp"])
+    backend = maps.Backend(IPv4Address("10.244.1.2"), 8080, maps.PROTOCOLS["tcp"])
+    ct.nodes["node2"] = trace_cilium.NodeMaps({fe: {0: (0, 3, 1, 0), 2: (7, 0, 1, 0), 3: (9, 0, 1, 0)}},
+                                              {7: backend}, [])
+    holes = ct.holes()
+    assert "frontend 10.96.0.100:80/TCP has 3 backends in slot 0" in holes
+    assert "slot 1 of 3 is missing from node2's cilium_lb4_services_v2" in holes
+    assert "slot 3 names backend id 9, which cilium_lb4_backends_v3 does not hold" in holes
+    refused = Probe("tcp", target.ip, 80, 0, b"t", 0, refused_errno=errno.EPERM, hook="connect4")
+    text = ct.refusal(refused)
+    assert text.startswith("the socket LB refused connect() (Operation not permitted, no packet was sent): "
+                           "cil_sock4_connect (cgroup/connect4) on node2 picked a slot at random in 1..3")
+    assert holes in text
+    assert ct.refusal(Probe("tcp", target.ip, 80, 0, b"t", 0, refused_errno=errno.EMSGSIZE)) == ""
+    ct.nodes["node2"].slots[fe] = {0: (0, 1, 1, 0), 1: (7, 0, 1, 0)}
+    assert ct.holes() == ""  # whole again
