@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """Throughput (one and four TCP streams), ping RTT and TCP connect time per path: pod to pod across two
-nodes for each backend (host-gw, vxlan, bgp), and on the host-gw lab pod to pod on one node, pod to a
-ClusterIP and external host to a NodePort; against a bare veth pair between two namespaces (the
-physical limit of this machine). The measuring functions here are what `lab bench dataplanes` runs.
+nodes for each backend (host-gw, vxlan, bgp, and the cilium profile in tunnel mode), on the host-gw lab
+pod to pod on one node, pod to a ClusterIP and external host to a NodePort, and on the cilium lab pod to
+a ClusterIP across nodes (the socket LB next to pod to pod: issue 18's connect p50 and throughput
+targets); against a bare veth pair between two namespaces (the physical limit of this machine). The
+measuring functions here are what `lab bench dataplanes` runs.
 
 Cases are interleaved (every repetition runs each case once) and medians are reported, because all
 "nodes" share one kernel and two cores: run-to-run noise of 10-25 % is normal here, and only differences
@@ -40,9 +42,15 @@ NODE_PORT_IPERF, NODE_PORT_HTTP = 30201, 30208
 EXTERNAL = "192.168.1.200"
 
 
+CILIUM = "cilium"  # a "backend" here: the cilium profile in its default tunnel mode (VXLAN), no kube-proxy
+
+
 def two_node_lab(name: str, backend: str) -> dict:
     """Pods a and c on node1, b on node2, each an iperf3 server and an HTTP server (for connect times);
-    a NodePort service in front of b; an external client host on the underlay."""
+    a NodePort service in front of b; an external client host on the underlay. `cilium`: the same lab
+    with the cilium profile (tunnel mode), whose ClusterIP is served by the socket LB."""
+    cni = {"profile": "cilium"} if backend == CILIUM else None
+    backend = "vxlan" if backend == CILIUM else backend
     containers = [{"name": "iperf", "image": "iperf3", "command": ["iperf3", "-s"]},
                   {"name": "http", "image": "agnhost", "args": ["netexec", "--http-port=8080"]}]
     pods = [{"apiVersion": "v1", "kind": "Pod", "metadata": {"name": p, "labels": {"app": p}},
@@ -53,7 +61,7 @@ def two_node_lab(name: str, backend: str) -> dict:
                         "ports": [{"name": "iperf", "port": 5201, "nodePort": NODE_PORT_IPERF},
                                   {"name": "http", "port": 8080, "nodePort": NODE_PORT_HTTP}]}}
     return {"apiVersion": "kubenet-lab/v1alpha1", "kind": "Lab", "metadata": {"name": name},
-            "spec": {"network": {"backend": backend}, "dns": {"enabled": False},
+            "spec": {"network": {"backend": backend}, "dns": {"enabled": False}, **({"cni": cni} if cni else {}),
                      "external": [{"name": "ext", "ip": EXTERNAL, "serves": []}],
                      "nodes": [{"name": "node1", "ip": "192.168.1.10"}, {"name": "node2", "ip": "192.168.1.11"}],
                      "objects": [*pods, service]}}
@@ -110,7 +118,12 @@ class BareVeth:
 
 
 def iperf_gbps(output: str) -> float:
-    return json.loads(output)["end"]["sum_received"]["bits_per_second"] / 1e9
+    """iperf3 -J's received rate; NaN when it printed no result (a connection that failed under load)
+    rather than losing the whole run."""
+    try:
+        return json.loads(output)["end"]["sum_received"]["bits_per_second"] / 1e9
+    except (ValueError, KeyError):
+        return float("nan")
 
 
 def ping_ms(output: str) -> float:
@@ -125,15 +138,57 @@ def connect_us(run, url: str, count: int = 20) -> float:
     return statistics.median(times) if times else float("nan")
 
 
+CONNECT_LOOP = """import socket, statistics, sys, time
+port, count, dsts = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3:]
+times = {d: [] for d in dsts}
+for _ in range(count):
+    for d in dsts:
+        s = socket.socket()
+        t = time.perf_counter()
+        s.connect((d, port))
+        times[d].append(time.perf_counter() - t)
+        s.close()
+print(" ".join(str(statistics.median(times[d]) * 1e6) for d in dsts))
+"""
+
+
+def connect_p50_us(run, port: int, *dsts: str, count: int = 200) -> list[float]:
+    """Median connect() time to each destination, `count` connections each, made one after another by one
+    process inside the source, the destinations alternating (so a ClusterIP and its pod IP share every
+    moment of the machine's noise). No process start per connection, unlike curl's time_connect: what a
+    socket LB's connect4 program adds (about 1 us in 25) shows here."""
+    out = run("python3", "-c", CONNECT_LOOP, str(port), str(count), *dsts).strip()
+    try:
+        return [float(x) for x in out.splitlines()[-1].split()]
+    except (ValueError, IndexError):
+        return [float("nan")] * len(dsts)
+
+
 def measure(run, dst: str, seconds: int, iperf_port: int = 5201, http_port: int = 8080,
-            ping: bool = True) -> dict[str, float]:
+            ping: bool = True, paired: str | None = None) -> dict[str, float]:
     """One sample of every metric of a path: one TCP stream, 4 parallel streams, ping RTT (not for a
-    ClusterIP, which answers no ping), TCP connect time."""
+    ClusterIP, which answers no ping), TCP connect time (curl's, and connect() p50 in one process; for a
+    ClusterIP also to `paired`, its backend pod: streams in the order ClusterIP, pod, pod, ClusterIP, and
+    connects in the same loop, so both share the machine's noise of that moment)."""
     one = run("iperf3", "-c", dst, "-p", str(iperf_port), "-t", str(seconds), "-J", "--connect-timeout", "3000")
     four = run("iperf3", "-c", dst, "-p", str(iperf_port), "-t", str(seconds), "-P", "4", "-J",
                "--connect-timeout", "3000")
     sample = {"gbps": iperf_gbps(one), "gbps_4_streams": iperf_gbps(four),
               "connect_us": connect_us(run, f"http://{dst}:{http_port}/echo?msg=x")}
+    if paired:  # a ClusterIP: its backend pod's IP measured next to it (ABBA) / in the same loop, alternating
+        def stream(to: str) -> float:
+            return iperf_gbps(run("iperf3", "-c", to, "-p", str(iperf_port), "-t", str(seconds), "-J",
+                                  "--connect-timeout", "3000"))
+
+        # ClusterIP, pod, pod, ClusterIP: whichever runs second in a pair tends to be faster here, so
+        # each comes first once; the reported numbers are the means of each's two streams.
+        pod = [stream(paired), stream(paired)]
+        sample["gbps"] = (sample["gbps"] + stream(dst)) / 2
+        sample["gbps_pod"] = sum(pod) / 2
+        sample["connect_p50_us"], sample["connect_p50_pod_us"] = connect_p50_us(run, http_port, dst, paired,
+                                                                                 count=400)
+    else:
+        sample["connect_p50_us"] = connect_p50_us(run, http_port, dst)[0]
     if ping:
         sample["rtt_ms"] = ping_ms(run("ping", "-c", "20", "-i", "0.01", "-q", dst))
     return sample
@@ -178,7 +233,7 @@ def measure_lab(name: str, seconds: int, path: str = "across nodes") -> dict[str
     if path == "ClusterIP":
         vip = next(s["clusterIP"] for s in json.loads(lab_cli("status", name, "--json"))["services"]
                    if s["name"] == "b")
-        return measure(_in(name, "a"), vip, seconds, ping=False)
+        return measure(_in(name, "a"), vip, seconds, ping=False, paired="10.244.2.2")
     if path == "NodePort":
         return measure(_in(name, "ext"), "192.168.1.10", seconds, NODE_PORT_IPERF, NODE_PORT_HTTP)
     raise ValueError(path)

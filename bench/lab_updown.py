@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """How long `lab up` and `lab down` take, as a user sees them (the CLI, start to exit), for the seed lab
-and for 50 nodes x 20 pods.
+for the seed lab with the cilium profile
+(side by side with the default profile), and for 50 nodes x 20 pods.
 
 `lab down` returns only once the kernel has destroyed the pod and node namespaces (it waits for their
 veth peers to vanish), so its time is counted until the kernel has finished, not just until the unmounts.
@@ -39,6 +40,14 @@ def scale_spec(name: str, nodes: int, pods_per_node: int) -> dict:
 def seed_spec(name: str) -> dict:
     data = yaml.safe_load((REPO / "labs" / "00-seed" / "lab.yaml").read_text())
     data["metadata"]["name"] = name
+    return data
+
+
+def cilium_seed_spec(name: str) -> dict:
+    """The seed lab with `cni.profile: cilium` and nothing else changed (its host-gw backend makes it
+    routingMode native): what issue 18's `lab up` ratio compares with the default profile."""
+    data = seed_spec(name)
+    data["spec"]["cni"] = {"profile": "cilium"}
     return data
 
 

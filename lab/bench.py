@@ -41,8 +41,12 @@ class Dataplanes(Suite):
         super().__init__(quick)
         self.backends = ("host-gw",) if quick else ("host-gw", "vxlan", "bgp")
         self.seconds = 1 if quick else 5
+        # The cilium profile (tunnel mode) and its ClusterIP across nodes: the socket LB next to pod to pod.
+        self.cilium = not quick and _cilium_here()
+        self.backends += ("cilium",) if self.cilium else ()
         self.cases = [Case("bare veth", lambda: {}), *(Case(b, lambda: {}) for b in self.backends),
-                      *(Case(f"host-gw {p}", lambda: {}) for p in self.EXTRA_PATHS)]
+                      *(Case(f"host-gw {p}", lambda: {}) for p in self.EXTRA_PATHS),
+                      *([Case("cilium ClusterIP", lambda: {})] if self.cilium else [])]
 
     def setup(self, stack: ExitStack, folder: Path) -> None:
         if shutil.which("iperf3") is None:
@@ -64,15 +68,30 @@ class Dataplanes(Suite):
             case.info.update(mtu=mtu, path={"same node": "pod to pod on one node", "ClusterIP": "pod to ClusterIP",
                                             "NodePort": "external host to NodePort"}[path])
             case.run = lambda lab=lab, path=path: dp.measure_lab(lab, self.seconds, path)
+        if self.cilium:
+            lab, mtu = labs["cilium"]
+            self.cases[-1].info.update(mtu=mtu, path="pod to ClusterIP across nodes (socket LB)")
+            self.cases[-1].run = lambda lab=lab: dp.measure_lab(lab, self.seconds, "ClusterIP")
 
     def table(self) -> str:
         base = self.cases[0].median()["gbps"]
         rows = [[c.name, c.info.get("path", ""), str(c.info.get("mtu", "")), _spread(c, "gbps", ".2f"),
                  _ratio(c.median()["gbps"], base, ".0%"), _spread(c, "gbps_4_streams", ".2f"),
                  _spread(c, "rtt_ms", ".3f") if "rtt_ms" in c.samples else "no ping (a VIP)",
-                 _spread(c, "connect_us", ".0f")] for c in self.cases]
-        return _table(["case", "path", "MTU", "Gbit/s 1 stream", "vs bare veth", "Gbit/s 4 streams", "RTT ms",
-                       "TCP connect us"], rows)
+                 _spread(c, "connect_us", ".0f"), _spread(c, "connect_p50_us", ".1f")] for c in self.cases]
+        text = _table(["case", "path", "MTU", "Gbit/s 1 stream", "vs bare veth", "Gbit/s 4 streams", "RTT ms",
+                       "TCP connect us (curl)", "connect() p50 us"], rows)
+        by_name = {c.name: c for c in self.cases if c.samples}
+        for pod, vip in (("host-gw", "host-gw ClusterIP"), ("cilium", "cilium ClusterIP")):
+            if pod in by_name and vip in by_name:
+                a, b = by_name[pod].median(), by_name[vip].median()
+                pod_us = b.get("connect_p50_pod_us", a["connect_p50_us"])  # the pod IP in the same loop
+                text += (f"\n{vip} vs pod to pod: connect() p50 {b['connect_p50_us']:.1f} / {pod_us:.1f} us = "
+                         f"{_ratio(b['connect_p50_us'], pod_us, '.2f')}x (one loop, alternating)"
+                         f", throughput {b['gbps']:.2f} / {b.get('gbps_pod', a['gbps']):.2f} Gbit/s = "
+                         f"{_ratio(b['gbps'], b.get('gbps_pod', a['gbps']), '.2f')}x (ClusterIP, pod, pod, ClusterIP)"
+                         + (" (issue 18's targets: <= 1.1x, >= 0.95x)" if pod == "cilium" else ""))
+        return text
 
     def plot(self, plt, path: Path) -> None:
         fig, ax = plt.subplots(figsize=(7, 4))
@@ -239,13 +258,15 @@ class Updown(Suite):
         super().__init__(quick)
         self.folder: Path | None = None
         self.cases.append(Case("seed lab (2 nodes, 3 pods)", self._runner("seed"), {"nodes": 2, "pods": 3}))
+        if _cilium_here():  # the same lab with cni.profile cilium, interleaved with the default one
+            self.cases.append(Case("seed lab, cilium profile", self._runner("cilium"), {"nodes": 2, "pods": 3}))
         if not quick:
             self.cases.append(Case("50 nodes x 20 pods", self._runner("1000"), {"nodes": 50, "pods": 1000}))
 
     def _runner(self, which: str) -> Callable[[], dict[str, float]]:
         def run() -> dict[str, float]:
             ud = _script("lab_updown")
-            make = ud.seed_spec if which == "seed" else (lambda n: ud.scale_spec(n, 50, 20))
+            make = {"seed": ud.seed_spec, "cilium": ud.cilium_seed_spec}.get(which) or (lambda n: ud.scale_spec(n, 50, 20))
             up, down = ud.updown_once(make, self.folder)
             return {"up_s": up, "down_s": down}
         return run
@@ -254,8 +275,10 @@ class Updown(Suite):
         self.folder = folder
 
     def table(self) -> str:
-        rows = [[c.name, _spread(c, "up_s", ".2f"), _spread(c, "down_s", ".2f")] for c in self.cases]
-        return _table(["case", "lab up s", "lab down s"], rows)
+        seed = self.cases[0].median()["up_s"] if self.cases[0].samples else 0.0
+        rows = [[c.name, _spread(c, "up_s", ".2f"), _ratio(c.median()["up_s"], seed, ".2f") + "x" if c.samples else "-",
+                 _spread(c, "down_s", ".2f")] for c in self.cases]
+        return _table(["case", "lab up s", "vs seed lab", "lab down s"], rows)
 
     def plot(self, plt, path: Path) -> None:
         fig, ax = plt.subplots(figsize=(7, 4))

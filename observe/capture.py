@@ -7,6 +7,7 @@ and time, and reports the frames it could not queue, so a capture that lost fram
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
@@ -15,6 +16,8 @@ import select
 import socket
 import struct
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 from typing import Any
@@ -29,6 +32,7 @@ PACKET_OUTGOING = 4
 SOL_PACKET, PACKET_STATISTICS = 263, 6
 SO_ATTACH_FILTER, SO_RCVBUFFORCE = 26, 33
 IP_MTU_DISCOVER, IP_PMTUDISC_DO = 10, 2
+SO_COOKIE = 57  # the socket's cookie: the key the socket-LB programs file their reverse NAT under
 CAPTURE_BUFFER = 4 << 20  # per socket, forced past net.core.rmem_max (SO_RCVBUFFORCE: we are root)
 MAX_FRAMES = 20000  # read at most this many captured frames in all ...
 READ_BUDGET = 0.5  # ... and for at most this long (seconds): sustained traffic cannot make a trace spin
@@ -226,7 +230,29 @@ class Probe:
     sent_at: float = 0.0  # time.monotonic(), as answered_at: only their difference (the RTT) is shown
     answer: str = ""  # what the source socket got: connected, refused, reply, an error text, or ""
     answered_at: float | None = None
-    refused_locally: str = ""  # the source's own kernel would not send it (EMSGSIZE, no route)
+    refused_locally: str = ""  # the source's own kernel would not send it (EMSGSIZE, no route, a socket LB's EPERM)
+    refused_errno: int = 0
+    cookie: int = 0  # SO_COOKIE of the probe's socket
+    hook: str = ""  # the socket call a cgroup sock_addr program could run at: connect4 or sendmsg4
+    peer: str = ""  # the peer the application saw (getpeername, or recvfrom's address): ADDR:PORT
+
+
+DNS_PORT = 53
+PROBE_LABEL = b"kubenet-trace-"
+
+
+def dns_query(token: bytes, domain: str) -> bytes:
+    """A DNS query (RFC 1035: id, RD, one question, type A) for kubenet-trace-TOKEN.DOMAIN: a UDP probe to
+    port 53 that a DNS server really answers (NXDOMAIN, the question echoed), carrying the token."""
+    labels = [PROBE_LABEL + token, *(part.encode() for part in domain.strip(".").split(".") if part)]
+    qname = b"".join(bytes([len(l)]) + l for l in labels) + b"\0"
+    return struct.pack("!HHHHHH", int(token[:4], 16), 0x0100, 1, 0, 0, 0) + qname + struct.pack("!HH", 1, 1)
+
+
+def is_dns_query(payload: bytes, token: bytes) -> bool:
+    """The probe's own DNS query (QR clear, its first question label kubenet-trace-TOKEN), not the answer."""
+    label = PROBE_LABEL + token
+    return len(payload) > 12 and not payload[2] & 0x80 and payload[12:13 + len(label)] == bytes([len(label)]) + label
 
 
 def _bind_random(sock: socket.socket) -> int:
@@ -242,11 +268,20 @@ def _bind_random(sock: socket.socket) -> int:
     return sock.getsockname()[1]
 
 
-def send_probe(source: Place, target: Target, size: int, timeout: float) -> Probe:
-    """One probe from inside the source's namespace; returns when answered or after `timeout`."""
+def send_probe(source: Place, target: Target, size: int, timeout: float,
+               socket_lb: Callable[[], AbstractContextManager[Any]] | None = None,
+               before_close: Callable[[Probe], None] | None = None, dns_domain: str = "cluster.local") -> Probe:
+    """One probe from inside the source's namespace; returns when answered or after `timeout`.
+
+    `socket_lb`: a context in which the socket is created, so the cgroup programs of the source's own
+    processes apply to it (the cilium profile: the node's cgroup decides which connect4/sendmsg4 runs).
+    There UDP goes out by sendto() (sendmsg4; recvmsg4 translates the answer's source back), as a
+    resolver's query does; to port 53 it is a real DNS query (dns_query). `before_close` reads state while the connection is still open (a NodePort
+    connection's CT entries go with its RST)."""
     token = os.urandom(6).hex().encode()
     proto = target.protocol
-    with netns.entered(source.netns):
+    unconnected = socket_lb is not None and proto == "udp"
+    with netns.entered(source.netns), (socket_lb or nullcontext)():
         if proto == "icmp":
             sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
         elif proto == "tcp":
@@ -268,32 +303,54 @@ def send_probe(source: Place, target: Target, size: int, timeout: float) -> Prob
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # RST on close
             probe = Probe(proto, target.ip, target.port, _bind_random(sock), token, 0)
             probe.sent_at = time.monotonic()
-            sock.connect_ex((dst, target.port or 0))
+            probe.hook = "connect4"
+            code = sock.connect_ex((dst, target.port or 0))
+            if code not in (0, errno.EINPROGRESS):  # refused before any packet (a socket LB's EPERM)
+                raise OSError(code, os.strerror(code))
             _, writable, _ = select.select([], [sock], [], timeout)
             if writable:
                 err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
                 probe.answer = "connected" if err == 0 else "refused" if err == errno.ECONNREFUSED else os.strerror(err)
                 probe.answered_at = time.monotonic()
+                if err == 0:
+                    probe.peer = "%s:%d" % sock.getpeername()  # through getpeername4, where a socket LB is
         else:
             probe = Probe(proto, target.ip, target.port, _bind_random(sock), token, 0)
-            payload = (UDP_MARK + token).ljust(max(size, 0), b".")
-            sock.connect((dst, target.port or 0))
+            payload = dns_query(token, dns_domain) if target.port == DNS_PORT else \
+                (UDP_MARK + token).ljust(max(size, 0), b".")
+            probe.hook = "sendmsg4" if unconnected else "connect4"
+            if not unconnected:
+                sock.connect((dst, target.port or 0))
             probe.sent_at = time.monotonic()
             try:
-                sock.send(payload)
+                if unconnected:
+                    sock.sendto(payload, (dst, target.port or 0))
+                else:
+                    sock.send(payload)
                 readable, _, _ = select.select([sock], [], [], timeout)
                 if readable:
-                    sock.recv(65535)
+                    _, peer = sock.recvfrom(65535)
+                    probe.peer = "%s:%d" % peer[:2]  # through recvmsg4, where a socket LB is
                     probe.answer, probe.answered_at = "reply", time.monotonic()
             except OSError as exc:
                 probe.answer = "refused" if exc.errno == errno.ECONNREFUSED else os.strerror(exc.errno or 0)
                 probe.answered_at = time.monotonic()
+        with contextlib.suppress(OSError):
+            probe.cookie = struct.unpack("Q", sock.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8))[0]
+        if before_close is not None:
+            before_close(probe)
         return probe
     except OSError as exc:
-        # The source's own kernel refused to send (a DF packet above the route's MTU, no route): a verdict
-        # as much as a drop on the way is.
+        # The source's own kernel refused to send (a DF packet above the route's MTU, no route, a socket
+        # LB without a backend): a verdict as much as a drop on the way is.
         refused = Probe(proto, target.ip, target.port, 0, token, 0, time.monotonic())
         refused.refused_locally = os.strerror(exc.errno) if exc.errno else str(exc)
+        refused.refused_errno = exc.errno or 0
+        refused.hook = "sendmsg4" if unconnected else "connect4"
+        with contextlib.suppress(OSError):
+            refused.cookie = struct.unpack("Q", sock.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8))[0]
+        if before_close is not None:
+            before_close(refused)
         return refused
     finally:
         sock.close()

@@ -12,7 +12,7 @@ from ipaddress import IPv4Address
 from typing import Any
 
 from observe import kernel as observed
-from observe.capture import Probe, Sighting
+from observe.capture import DNS_PORT, Probe, Sighting, is_dns_query
 from observe.kernel import NsView, Rule, RouteView
 from observe.netfilter import dnat_chain, snat_rule
 from observe.packets import (ICMP_ECHO, ICMP_ECHO_REPLY, IPPROTO_IPIP, TCP_ACK, TCP_RST, TCP_SYN, UDP_MARK,
@@ -38,7 +38,8 @@ def classify(sightings: list[Sighting], probe: Probe, source: Place) -> tuple[li
         if probe.protocol == "icmp":
             return p.proto == "icmp" and p.icmp_type == ICMP_ECHO and probe.token in p.payload
         if probe.protocol == "udp":  # the answer echoes the token too, without the "echo " command
-            return p.proto == "udp" and p.payload.startswith(UDP_MARK) and probe.token in p.payload
+            return p.proto == "udp" and (p.payload.startswith(UDP_MARK) and probe.token in p.payload or
+                                         p.dport == DNS_PORT and is_dns_query(p.payload, probe.token))
         return p.proto == "tcp" and isn is not None and p.seq == isn and bool(p.flags & TCP_SYN) and \
             not p.flags & TCP_ACK
 
@@ -60,7 +61,8 @@ def classify(sightings: list[Sighting], probe: Probe, source: Place) -> tuple[li
             return p.proto == "tcp" and isn is not None and p.ack == (isn + 1) & 0xFFFFFFFF and \
                 bool(p.flags & (TCP_SYN | TCP_RST))
         as_sent = p.src == str(probe.dst) and p.sport == probe.port and p.dport == probe.sport  # back at the source
-        return p.proto == "udp" and (p.form in reverse or as_sent) and not p.payload.startswith(UDP_MARK)
+        return p.proto == "udp" and (p.form in reverse or as_sent) and not p.payload.startswith(UDP_MARK) and \
+            not is_dns_query(p.payload, probe.token)
 
     reply = [s for s in sightings if is_reply(s.eff)]
     return forward, reply
@@ -194,6 +196,7 @@ class Tracer:
                  hits: dict[str, list[Rule]]) -> None:
         self.lookup, self.kernel, self.source, self.target, self.probe = lookup, kernel, source, target, probe
         self.hits = hits
+        self.cilium: Any = None  # observe.trace_cilium.CiliumTrace in a cilium lab: programs and maps, not rules
 
     def _capture_hop(self, s: Sighting, show_packet: bool) -> Hop:
         desc = self.lookup.describe_dev(s.place, s.dev)
@@ -219,12 +222,17 @@ class Tracer:
                    detail={"dst": str(got.dst), "via": str(got.via) if got.via else None, "dev": got.dev,
                            "proto": got.proto, "type": got.type})
 
-    def _nat_hops(self, place: Place, before: Packet, after: Packet, reply: bool) -> tuple[list[Hop], list[Hop]]:
+    def _nat_hops(self, place: Place, before: Packet, after: Packet, reply: bool,
+                  dev: str = "") -> tuple[list[Hop], list[Hop]]:
         """(before routing, after routing): a destination rewrite happens in PREROUTING/OUTPUT, a source
         rewrite in POSTROUTING; on the reply path conntrack undoes them at the same two points."""
         pre: list[Hop] = []
         post: list[Hop] = []
         hit = self.hits.get(place.netns, [])
+        if self.cilium is not None and place.kind == "node":
+            found = self._cilium_nat_hops(place, before, after, reply, dev)
+            if found is not None:
+                return found
         if (before.dst, before.dport) != (after.dst, after.dport):
             old, new = _endpoint(before.dst, before.dport), _endpoint(after.dst, after.dport)
             if reply:
@@ -246,6 +254,40 @@ class Tracer:
                                 detail={"from": old, "to": new, "rule": rule}))
         return pre, post
 
+    def _cilium_nat_hops(self, place: Place, before: Packet, after: Packet, reply: bool,
+                         dev: str) -> tuple[list[Hop], list[Hop]] | None:
+        """A cilium node translates with tc programs and cilium_ct4_global (NodePort), and masquerades to
+        the outside with its CILIUM_POST_nat rule: no kube-proxy chain to name. None: a reply that no CT
+        entry of the NodePort programs explains (conntrack undoing the masquerade: the generic text)."""
+        pre: list[Hop] = []
+        post: list[Hop] = []
+        dnat = (before.dst, before.dport) != (after.dst, after.dport)
+        snat = (before.src, before.sport) != (after.src, after.sport)
+        if reply and (dnat or snat):
+            text = self.cilium.nodeport(place, before, reply=True, dev=dev)
+            if not text:
+                return None
+            frm, to = (_endpoint(before.src, before.sport), _endpoint(after.src, after.sport)) if snat else \
+                (_endpoint(before.dst, before.dport), _endpoint(after.dst, after.dport))
+            if snat and dnat:
+                frm = f"{frm} > {_endpoint(before.dst, before.dport)}"
+                to = f"{to} > {_endpoint(after.dst, after.dport)}"
+            pre.append(Hop(place.name, "un-nat", f"reverse NAT {frm} -> {to} by {text}",
+                           detail={"from": frm, "to": to, "program": text.split(" ", 1)[0]}))
+            return pre, post
+        if dnat:
+            old, new = _endpoint(before.dst, before.dport), _endpoint(after.dst, after.dport)
+            text = self.cilium.nodeport(place, before, reply=False, dev=dev)
+            pre.append(Hop(place.name, "dnat", f"DNAT {old} -> {new} by {text}",
+                           detail={"from": old, "to": new, "program": "cil_from_netdev", "rule": text}))
+        if snat:
+            old, new = _endpoint(before.src, before.sport), _endpoint(after.src, after.sport)
+            rule = "cil_from_netdev (externalTrafficPolicy: Cluster)" if dnat else \
+                snat_rule(self.hits.get(place.netns, []), place.netns)
+            (pre if dnat else post).append(Hop(place.name, "snat", f"SNAT {old} -> {new} by {rule}",
+                                               detail={"from": old, "to": new, "rule": rule}))
+        return pre, post
+
     def _encap_hop(self, place: Place, inner_out: Sighting, outer_out: Sighting) -> Hop:
         p = outer_out.packet
         if p.encap == "ipip":
@@ -254,13 +296,17 @@ class Tracer:
                        inner_out.dev, detail={"outer_src": p.src, "outer_dst": p.dst, "proto": IPPROTO_IPIP})
         fdb = ""
         view = self.kernel.view(place.netns)
-        if view is not None and p.inner_mac:
+        tunnel = self.cilium.tunnel(place, inner_out.eff.dst) if self.cilium is not None else ""
+        if tunnel:
+            fdb = f"; {tunnel}"
+        elif view is not None and p.inner_mac:
             entry = next((e for e in view.fdb if e.dev == inner_out.dev and e.mac == p.inner_mac), None)
             if entry is not None:
                 fdb = f"; FDB {entry.mac} -> {entry.dst}"
         return Hop(place.name, "encap", f"{inner_out.dev} encapsulates: outer {p.src} > {p.dst} UDP {p.dport}, "
                                         f"VNI {p.vni}{fdb}", inner_out.dev,
-                   detail={"outer_src": p.src, "outer_dst": p.dst, "port": p.dport, "vni": p.vni})
+                   detail={"outer_src": p.src, "outer_dst": p.dst, "port": p.dport, "vni": p.vni,
+                           **({"tunnel_map": tunnel} if tunnel else {})})
 
     def hops(self, sightings: list[Sighting], reply: bool) -> list[Hop]:
         out: list[Hop] = []
@@ -276,7 +322,10 @@ class Tracer:
                         self.kernel.source_address(self.source.netns, str(self.probe.dst))
                     sent = Packet(src or s.eff.src, str(self.probe.dst), s.eff.proto, s.eff.length,
                                   self.probe.sport or s.eff.sport, self.probe.port if self.probe.protocol != "icmp" else None)
-                    if self.probe.protocol != "icmp":
+                    lb = self.cilium.rewrite(self.probe) if self.cilium is not None else None
+                    if lb is not None:  # the socket LB rewrote the call: no packet ever carried the frontend
+                        pre = [lb]
+                    elif self.probe.protocol != "icmp":
                         pre, post = self._nat_hops(s.place, sent, s.eff, reply)
                     out += pre + [route] + post
             if same_place and prev is not None:
@@ -311,12 +360,18 @@ class Tracer:
             bridge = a_port.master if a_port and a_port.master else "the bridge"
             out.append(Hop(place.name, "bridge", f"{bridge} forwards the frame {a.dev} -> {b.dev} (layer 2, "
                                                  "no routing)", detail={"bridge": bridge}))
-        pre, post = self._nat_hops(place, a.eff, b.eff, reply)
+        pre, post = self._nat_hops(place, a.eff, b.eff, reply, a.dev)
         out += pre
         if not bridged and not a.outgoing and b.outgoing and place.kind in ("node", "router", "external", "pod"):
             # In transit through a tunnel (a router between racks), the kernel routes the outer packet.
             x, y = (a.packet, b.packet) if a.packet.encap and b.packet.encap else (a.eff, b.eff)
-            out.append(self._route_hop(place, y.dst, x.src, a.dev))
+            route = self._route_hop(place, y.dst, x.src, a.dev)
+            if self.cilium is not None and any(h.detail.get("program") in ("cil_from_netdev", "cil_from_container")
+                                               for h in pre):
+                # The tc program sent it on itself (bpf_fib_lookup + bpf_redirect_neigh, or the tunnel).
+                route.text = f"{pre[0].detail['program']} redirects it to {b.dev}, past the node's IP stack " \
+                             f"(the FIB it asked: {route.text})"
+            out.append(route)
         return out + post
 
 

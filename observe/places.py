@@ -76,7 +76,10 @@ class Lookup:
             place = Place(ps.netns, _pod_label(key), "pod", IPv4Address(ps.ip), ps.node)
             self.places[ps.netns] = place
             self.pods[key] = place
-        self.veths = {names.host_veth(names.sandbox_id(lab.name, *key.split("/", 1))): key for key in st.pods}
+        self.cilium = lab.cni.profile == "cilium"
+        prefix = "lxc" if self.cilium else "veth"  # Cilium names a pod's host-side veth lxc + hash
+        self.veths = {names.host_veth(names.sandbox_id(lab.name, *key.split("/", 1)), prefix=prefix): key
+                      for key in st.pods}
         self.veth_of = {st.pods[key].netns: veth for veth, key in self.veths.items()}  # pod netns -> its veth
         self.ports: dict[tuple[str, str], str] = {}  # (switch netns, port) -> host
         seg_ns = {s.switch: s.netns for s in self.plan.segments}
@@ -210,10 +213,15 @@ class Lookup:
             return f"port to {host}" if host else "port"
         if place.kind == "node":
             if dev in self.veths:
+                if self.cilium:  # no bridge: each pod's lxc veth is routed by a /32
+                    return f"{_pod_label(self.veths[dev])}'s lxc veth, routed (/32)"
                 if self.lab.cni.profile == "aws-vpc":  # routed, no bridge: the VPC CNI's host-side veth
                     return f"{_pod_label(self.veths[dev])}'s veth, routed (/32)"
                 return f"{_pod_label(self.veths[dev])}'s veth on {BRIDGE}"
             gateway = f"bridge, gateway {self.lab.node(place.name).gateway.ip}"
+            if self.cilium:
+                return {"cilium_vxlan": "Cilium's VXLAN device, UDP 8472", "cilium_host":
+                        f"router address {self.lab.node(place.name).gateway.ip}", "eth0": "underlay NIC"}.get(dev, "")
             return {BRIDGE: gateway, vxlan.DEVICE: f"VXLAN VNI {vxlan.VNI}", ipip.DEVICE: "IP-in-IP tunnel",
                     "eth0": "underlay NIC"}.get(dev, "")
         return ""

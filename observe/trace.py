@@ -37,6 +37,11 @@ order, and its text), observe/netfilter.py (rule counters, DNAT/SNAT, drops), ob
   of the probe's own pods'), no route (`ip route get` fails there), a frame larger than the next link's
   MTU (a switch drops it silently), a next hop that never answered ARP. A drop counter that moved
   elsewhere (other traffic) is only a "possibly", and the route analysis still runs.
+- **The cilium profile** (observe/trace_cilium.py). The probe's socket is made in the source node's lab
+  cgroup, so the socket-LB programs rewrite it as they rewrite a pod's own; the trace names the program,
+  hook, frontend, slot and backend id from the reverse_sk entry of the socket's cookie, NodePort's tc
+  programs with their cilium_ct4_global entries, and the cilium_tunnel_map entry at a VXLAN hop; a
+  connect() the socket LB refused is explained from the frontend's slots.
 - **Names.** Pods and hosts are resolved as checks name them (observe/targets.py); `svc/[NS/]NAME` and
   `pod/[NS/]NAME` say which is meant, an address in the service CIDR is its Service, and a bare name that
   is both a Service and a pod or host is refused.
@@ -54,6 +59,7 @@ from observe.capture import Captures, send_probe
 from observe.hops import Kernel, Tracer, TraceResult, classify, origin, walk
 from observe.netfilter import counters_in, moved_rules
 from observe.places import Lookup, places_to_watch
+from observe.trace_cilium import CiliumTrace
 from observe.verdict import verdict
 from services import endpoints, kube_proxy
 from topo.errors import StateError
@@ -82,9 +88,12 @@ def run(lab_name: str | None, source_text: str, target_text: str, protocol: str 
     watch = places_to_watch(lookup, source, target)
     counted = [p.netns for p in watch if p.kind in ("node", "router", "external")]  # where rules live
     before = counters_in(counted)
+    ebpf = CiliumTrace(lookup, source, target) if lab.cni.profile == "cilium" else None
+    socket_lb = ebpf.spawn if ebpf is not None and ebpf.socket_lb() else None
     captures = Captures(watch, target.protocol)
     try:
-        probe = send_probe(source, target, size, timeout)
+        probe = send_probe(source, target, size, timeout, socket_lb, ebpf.read if ebpf is not None else None,
+                           lab.dns.domain)
         if probe.answered_at is not None:
             time.sleep(GRACE)  # an unanswered probe already waited the whole timeout
         sightings = captures.read()
@@ -99,6 +108,7 @@ def run(lab_name: str | None, source_text: str, target_text: str, protocol: str 
                    lookup.peers)
     reply = walk(reply, start, lookup.peers) if start else []
     tracer = Tracer(lookup, kernel, source, target, probe, hits)
+    tracer.cilium = ebpf
     port = f":{target.port}" if target.port else ""
     dest = f"{target.name} ({target.ip}{port}/{target.protocol})" if target.name != str(target.ip) else \
         f"{target.ip}{port}/{target.protocol}"
@@ -106,10 +116,19 @@ def run(lab_name: str | None, source_text: str, target_text: str, protocol: str 
                          kube_proxy=kube_proxy.mode_label(lab))
     result.hops = tracer.hops(forward, reply=False)
     result.reply = tracer.hops(reply, reply=True)
+    back = ebpf.reverse(probe) if ebpf is not None else None
+    if back is not None:
+        result.reply.append(back)
     result.watched = sorted(p.name for p in watch)
     result.capture_lost = [f"{name}: {what}" for name, what in captures.lost.items()]
     verdict(result, tracer, forward, reply, kernel, hits, {p.netns for p in watch})
-    if not forward:
+    refused = ebpf.refused_hop(probe) if ebpf is not None and not forward else None
+    if refused is not None:  # the socket LB said no at the call: no packet, no route taken
+        result.hops.insert(0, refused)
+    elif not forward:
         result.hops.insert(0, tracer._route_hop(source, str(target.ip), None, None))
+    holes = ebpf.holes() if ebpf is not None and ebpf.socket_lb() else ""
+    if holes and result.delivered:
+        result.verdict += f"; but {holes}: a connect() that picks such a slot is refused"
     result.seconds = round(time.monotonic() - started, 3)
     return result

@@ -169,6 +169,9 @@ def _refused_at_source(tracer: Tracer) -> list[str]:
     """Why a probe never left: no route at the source, or its own kernel refused to send it."""
     kernel, source, target, probe = tracer.kernel, tracer.source, tracer.target, tracer.probe
     reasons = []
+    refused = tracer.cilium.refusal(probe) if tracer.cilium is not None else ""
+    if refused:  # the socket LB said no at connect()/sendto(): no route or MTU question arises
+        return [refused]
     got = kernel.route(source.netns, str(target.ip), None, None)
     if isinstance(got, str):
         reasons.append(f"no route in {source.name} to {target.ip}: {got}")

@@ -444,3 +444,51 @@ def test_the_ipvs_table_is_read_from_proc_and_from_ipvsadm() -> None:
     assert shown[("10.96.0.100", "tcp", 80)] == ["10.244.1.2:8080", "10.244.2.2:8080"]
     assert set(shown) == set(ipvs.ipvs_services(proc))
     assert ipvs.parse_ip_vs("") == []
+
+
+def test_a_udp_probe_to_port_53_is_a_dns_query_and_its_answer_is_told_apart() -> None:
+    """A UDP probe to a DNS server is a real query (so CoreDNS answers it); the answer echoes the question,
+    token and all, and must still count as the reply, never as the probe."""
+    token = b"0123456789ab"
+    query = capture.dns_query(token, "cluster.local")
+    assert query[12:13] == bytes([26]) and b"\x07cluster\x05local\x00" in query and query.endswith(b"\x00\x01\x00\x01")
+    assert capture.is_dns_query(query, token) and not capture.is_dns_query(query, b"ffffffffffff")
+    answer = query[:2] + b"\x81\x83" + query[4:]  # QR, RD, RA, NXDOMAIN: the question echoed
+    assert not capture.is_dns_query(answer, token)
+    request = ether(ip_header("10.244.1.2", "10.244.2.3", 17, struct.pack("!HHHH", 40000, 53, 8 + len(query), 0) + query))
+    back = ether(ip_header("10.244.2.3", "10.244.1.2", 17, struct.pack("!HHHH", 53, 40000, 8 + len(answer), 0) + answer))
+    probe = Probe("udp", IPv4Address("10.96.0.10"), 53, 40000, token, 0)
+    forward, reply = hops.classify([_s(POD_A, "eth0", True, request), _s(POD_A, "eth0", False, back)], probe, POD_A)
+    assert [s.outgoing for s in forward] == [True] and [s.outgoing for s in reply] == [False]
+
+
+def test_the_cilium_trace_explains_a_refused_connect_from_the_frontends_slots(monkeypatch) -> None:
+    """A frontend whose slot 0 counts more backends than its slots name: a deleted slot and a slot naming
+    a backend id the backends map lacks are both named, and a refused connect() (EPERM) says so."""
+    import errno
+    from types import SimpleNamespace
+
+    from cilium import maps
+    from observe import trace_cilium
+    from observe.places import Target
+
+    lookup = SimpleNamespace(st=SimpleNamespace(name="lab1"), lab=SimpleNamespace(nodes=[]))
+    target = Target("service", "web", IPv4Address("10.96.0.100"), 80, "tcp")
+    ct = trace_cilium.CiliumTrace(lookup, Place("pa", "a", "pod", node="node2"), target)  # type: ignore[arg-type]
+    monkeypatch.setattr(trace_cilium.CiliumTrace, "socket_lb", lambda self: True)
+    fe = maps.Frontend(IPv4Address("10.96.0.100"), 80, maps.PROTOCOLS["tcp"])
+    backend = maps.Backend(IPv4Address("10.244.1.2"), 8080, maps.PROTOCOLS["tcp"])
+    ct.nodes["node2"] = trace_cilium.NodeMaps({fe: {0: (0, 3, 1, 0), 2: (7, 0, 1, 0), 3: (9, 0, 1, 0)}},
+                                              {7: backend}, [])
+    holes = ct.holes()
+    assert "frontend 10.96.0.100:80/TCP has 3 backends in slot 0" in holes
+    assert "slot 1 of 3 is missing from node2's cilium_lb4_services_v2" in holes
+    assert "slot 3 names backend id 9, which cilium_lb4_backends_v3 does not hold" in holes
+    refused = Probe("tcp", target.ip, 80, 0, b"t", 0, refused_errno=errno.EPERM, hook="connect4")
+    text = ct.refusal(refused)
+    assert text.startswith("the socket LB refused connect() (Operation not permitted, no packet was sent): "
+                           "cil_sock4_connect (cgroup/connect4) on node2 picked a slot at random in 1..3")
+    assert holes in text
+    assert ct.refusal(Probe("tcp", target.ip, 80, 0, b"t", 0, refused_errno=errno.EMSGSIZE)) == ""
+    ct.nodes["node2"].slots[fe] = {0: (0, 1, 1, 0), 1: (7, 0, 1, 0)}
+    assert ct.holes() == ""  # whole again
