@@ -25,7 +25,7 @@ from pathlib import Path
 
 from services import kube_proxy_nftables as nft
 from services.endpoints import ServicePortEndpoints
-from services.kube_proxy_partial import nft_generation
+from services.kube_proxy_partial import journal_path, nft_generation, pending_path, saved_files
 from topo.errors import ApplyError
 from topo.model import Cluster, Node
 
@@ -65,31 +65,12 @@ def replace_parts(rs: nft.Ruleset, old: nft.Ruleset, new: nft.Ruleset) -> nft.Ru
     return nft.Ruleset(tuple(chains.values()), tuple(maps), tuple(sets.values()), new.egress)
 
 
-def _journal(saved: Path) -> Path:
-    return saved.with_name(saved.name + ".journal")
-
-
-def _pending(saved: Path) -> Path:
-    return saved.with_name(saved.name + ".pending")
-
-
-def _files(saved: Path) -> tuple:
-    out = []
-    for path in (saved, _journal(saved)):
-        try:
-            st = path.stat()
-            out.append((st.st_ino, st.st_size, st.st_mtime_ns))
-        except OSError:
-            out.append(None)
-    return tuple(out)
-
-
 def read_saved(saved: Path) -> tuple[nft.Ruleset | None, int | None]:
     """The ruleset last loaded and the generation read right after loading it; (None, None) if unknown."""
     try:
         data = json.loads(saved.read_text())
         rs, generation = nft.from_json(data), data.get("generation")
-        journal = _journal(saved)
+        journal = journal_path(saved)
         if journal.exists():
             for line in journal.read_text().splitlines():
                 record = json.loads(line)
@@ -105,7 +86,7 @@ def _save_whole(saved: Path, rs: nft.Ruleset, generation: int | None) -> None:
     tmp = saved.with_name(saved.name + ".tmp")
     tmp.write_text(json.dumps({**nft.to_json(rs), "generation": generation}))
     tmp.replace(saved)
-    _journal(saved).unlink(missing_ok=True)
+    journal_path(saved).unlink(missing_ok=True)
 
 
 def sync(ns: str, node: Node, sps: list[ServicePortEndpoints], cluster: Cluster, saved: Path,
@@ -114,7 +95,7 @@ def sync(ns: str, node: Node, sps: list[ServicePortEndpoints], cluster: Cluster,
     "partial" or "none"."""
     key = str(saved)
     memory = _LOADED.pop(key, None)
-    pending = _pending(saved)
+    pending = pending_path(saved)
     interrupted = pending.exists()
     now_parts = nft.parts(node, sps, cluster)
     generation = nft_generation(ns)
@@ -124,7 +105,7 @@ def sync(ns: str, node: Node, sps: list[ServicePortEndpoints], cluster: Cluster,
     whole: nft.Ruleset | None = None
     if interrupted or generation is None:
         pass  # a full load
-    elif (memory is not None and memory.files == _files(saved) and memory.generation == generation
+    elif (memory is not None and memory.files == saved_files(saved) and memory.generation == generation
           and memory.fixed == fixed):
         old_ids, new_ids = {id(p): p for p in memory.parts}, {id(p): p for p in now_parts}
         gone = [old_ids[i] for i in old_ids.keys() - new_ids.keys()]
@@ -140,7 +121,7 @@ def sync(ns: str, node: Node, sps: list[ServicePortEndpoints], cluster: Cluster,
         if old is not None and old_generation == generation:
             script = nft.render_delta(old, whole)
             if not script:
-                _LOADED[key] = _Loaded(fixed, now_parts, _files(saved), generation)
+                _LOADED[key] = _Loaded(fixed, now_parts, saved_files(saved), generation)
                 return "none"
     saved.parent.mkdir(parents=True, exist_ok=True)
     pending.write_text("")
@@ -155,7 +136,7 @@ def sync(ns: str, node: Node, sps: list[ServicePortEndpoints], cluster: Cluster,
         load(nft.render_full(whole))
         how, record = "full", None
     after = nft_generation(ns)
-    journal = _journal(saved)
+    journal = journal_path(saved)
     if record is not None and (journal.stat().st_size if journal.exists() else 0) < JOURNAL_MAX:
         with journal.open("a") as fh:
             fh.write(json.dumps({"old": nft.to_json(record[0]), "new": nft.to_json(record[1]),
@@ -163,5 +144,5 @@ def sync(ns: str, node: Node, sps: list[ServicePortEndpoints], cluster: Cluster,
     else:
         _save_whole(saved, whole if whole is not None else nft.assemble(node, cluster, now_parts), after)
     pending.unlink()
-    _LOADED[key] = _Loaded(fixed, now_parts, _files(saved), after)
+    _LOADED[key] = _Loaded(fixed, now_parts, saved_files(saved), after)
     return how

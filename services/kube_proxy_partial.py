@@ -260,9 +260,10 @@ class _Loaded:
 _LOADED: dict[str, _Loaded] = {}
 
 
-def _files(saved: Path) -> tuple:
+def saved_files(saved: Path) -> tuple:
+    """What identifies the saved state on disk (inode, size, mtime of it and its journal): another writer shows."""
     out = []
-    for path in (saved, _journal(saved)):
+    for path in (saved, journal_path(saved)):
         try:
             st = path.stat()
             out.append((st.st_ino, st.st_size, st.st_mtime_ns))
@@ -271,11 +272,11 @@ def _files(saved: Path) -> tuple:
     return tuple(out)
 
 
-def _journal(saved: Path) -> Path:
+def journal_path(saved: Path) -> Path:
     return saved.with_name(saved.name + ".journal")
 
 
-def _pending(saved: Path) -> Path:
+def pending_path(saved: Path) -> Path:
     return saved.with_name(saved.name + ".pending")
 
 
@@ -283,7 +284,7 @@ def _read_saved(saved: Path) -> dict | None:
     """The tables as last loaded: the full text, then the journal replayed."""
     try:
         state = ipt.tables(saved.read_text())
-        journal = _journal(saved)
+        journal = journal_path(saved)
         if journal.exists():
             apply_delta(state, journal.read_text())
         return state
@@ -302,14 +303,14 @@ def sync(ns: str, plan: ipt.Plan, backend: str, saved: Path, load: Callable[[boo
     "none" (see the module's docstring)."""
     key = str(saved)
     memory = _LOADED.pop(key, None)
-    pending = _pending(saved)
+    pending = pending_path(saved)
     interrupted = pending.exists()
     new_top = None
     text = None
     delta: str | None = None
     if interrupted:
         memory = None
-    elif memory is not None and memory.files == _files(saved):
+    elif memory is not None and memory.files == saved_files(saved):
         edit = memory.generation is not None and memory.generation == _generation(ns, backend)
         delta, new_top = plan_delta(memory.plan, memory.top, plan, edit)
     if new_top is None:
@@ -322,7 +323,7 @@ def sync(ns: str, plan: ipt.Plan, backend: str, saved: Path, load: Callable[[boo
             delta = "" if old == new else ipt.delta_tables(old, new)
     if delta == "":
         if memory is None:  # the files are right, but who knows what changed in the kernel since: no edits next
-            _LOADED[key] = _Loaded(plan, new_top, _files(saved), None)
+            _LOADED[key] = _Loaded(plan, new_top, saved_files(saved), None)
         else:
             _LOADED[key] = _Loaded(plan, new_top, memory.files, memory.generation)
         return "none"
@@ -338,7 +339,7 @@ def sync(ns: str, plan: ipt.Plan, backend: str, saved: Path, load: Callable[[boo
         load(False, text)
         how = "full"
     generation = _generation(ns, backend)
-    journal = _journal(saved)
+    journal = journal_path(saved)
     if how == "partial" and text is None and (journal.stat().st_size if journal.exists() else 0) < JOURNAL_MAX:
         with journal.open("a") as fh:
             fh.write(delta)  # type: ignore[arg-type]
@@ -346,7 +347,7 @@ def sync(ns: str, plan: ipt.Plan, backend: str, saved: Path, load: Callable[[boo
         _write(saved, text if text is not None else plan.text())
         journal.unlink(missing_ok=True)
     pending.unlink()
-    _LOADED[key] = _Loaded(plan, new_top, _files(saved), generation)
+    _LOADED[key] = _Loaded(plan, new_top, saved_files(saved), generation)
     return how
 
 
