@@ -12,7 +12,8 @@ import ctypes
 import ctypes.util
 import errno
 import os
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 
 from topo.rtnl import Rtnl
 
@@ -38,11 +39,36 @@ def _check(ret: int, what: str) -> None:
 
 
 def setns(fd: int, nstype: int = 0) -> None:
-    _check(_libc.setns(fd, nstype), "setns")
+    if nstype & CLONE_NEWNS:
+        _single_threaded(lambda: _libc.setns(fd, nstype), "setns")
+    else:
+        _check(_libc.setns(fd, nstype), "setns")
 
 
 def unshare(flags: int) -> None:
-    _check(_libc.unshare(flags), "unshare")
+    if flags & CLONE_NEWNS:
+        _single_threaded(lambda: _libc.unshare(flags), "unshare")
+    else:
+        _check(_libc.unshare(flags), "unshare")
+
+
+def _single_threaded(call: Callable[[], int], what: str, wait: float = 2.0) -> None:
+    """Entering or making a mount namespace: the kernel refuses it (EINVAL) while another thread of this
+    process shares its filesystem attributes (setns(2), unshare(2)). A thread Python has joined may still be
+    leaving the kernel for a moment (a pool of parallel loads just finished), so wait for it; a thread that
+    stays is a bug of ours, told as such."""
+    deadline = time.monotonic() + wait
+    while True:
+        if call() == 0:
+            return
+        err = ctypes.get_errno()
+        others = len(os.listdir("/proc/self/task")) - 1
+        if err != errno.EINVAL or others == 0:
+            raise OSError(err, f"{what}: {os.strerror(err)}")
+        if time.monotonic() > deadline:
+            raise OSError(err, f"{what} of a mount namespace: {others} other thread(s) of this process are still "
+                               "running, and the kernel allows it only to a single-threaded process")
+        time.sleep(0.001)
 
 
 def sethostname(name: str) -> None:
