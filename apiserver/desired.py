@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 from pathlib import Path
 
 from apiserver import state
@@ -69,7 +70,38 @@ def current_lab(st: state.LabState) -> Lab:
     Applied services and ingresses are read back from their stored manifests, whose cluster IPs and node
     ports were pinned when they were applied, against the spec's surviving objects, so they come out the
     same every time.
+
+    A command asks for this several times (before and after its change, for recovery, resync, policies):
+    the part made of objects is derived once per set of objects, and only the pods, which change, are
+    put together again, reusing each spec pod's model where it runs as the spec placed it.
     """
+    objects = _objects_model(st.name, st.spec_text, st.spec_file, json.dumps(st.objects, sort_keys=True),
+                             tuple(st.deleted))
+    lab, templates = objects
+    addon_pods = [p for p in lab.pods if p.key not in st.pods]  # an addon that has just become enabled
+    pods = []
+    for key, ps in st.pods.items():
+        known = templates.get(key)
+        if known is not None:
+            labels = tuple(sorted(ps.labels.items()))
+            pods.append(known if known.node == ps.node and known.labels == labels
+                        else dataclasses.replace(known, node=ps.node, labels=labels))
+            continue
+        namespace, name = key.split("/", 1)
+        labels = tuple(sorted(ps.labels.items()))
+        ports = tuple(ContainerPort(number, proto, port_name) for port_name, number, proto in ps.ports)
+        pods.append(Pod(name=name, namespace=namespace, node=ps.node, labels=labels,
+                        containers=(Container("ports", None, (), ports),) if ports else (), owner=ps.owner,
+                        hostname=ps.hostname, subdomain=ps.subdomain))
+    return dataclasses.replace(lab, pods=tuple(pods + addon_pods))
+
+
+@functools.lru_cache(maxsize=8)
+def _objects_model(name: str, spec_text: str, spec_file: str | None, objects_json: str,
+                   deleted: tuple[str, ...]) -> tuple[Lab, dict[str, Pod]]:
+    """`current_lab` without its pods (addon pods aside), and the pod templates by key (spec and addon pods)."""
+    st = state.LabState(name=name, phase="up", pid=0, spec_file=spec_file, spec_text=spec_text,
+                        objects=json.loads(objects_json), deleted=list(deleted))
     spec = with_joined_nodes(spec_of(st), st)
     replaced = {object_key(o) for o in st.objects} | set(st.deleted)
     namespaces = dict(spec.namespaces)
@@ -95,18 +127,4 @@ def current_lab(st: state.LabState) -> Lab:
     lab = dataclasses.replace(lab, network_policies=lab.network_policies + tuple(
         network_policies_from_objects(applied, lab, None)))
     lab = addons.with_addons(dataclasses.replace(lab, pods=()), state.lab_dir(st.name))
-    templates = {p.key: p for p in spec.pods + lab.pods}  # containers of spec pods and addon pods
-    addon_pods = [p for p in lab.pods if p.key not in st.pods]  # an addon that has just become enabled
-    pods = []
-    for key, ps in st.pods.items():
-        namespace, name = key.split("/", 1)
-        labels = tuple(sorted(ps.labels.items()))
-        known = templates.get(key)
-        if known is not None:
-            pods.append(dataclasses.replace(known, node=ps.node, labels=labels))
-            continue
-        ports = tuple(ContainerPort(number, proto, port_name) for port_name, number, proto in ps.ports)
-        pods.append(Pod(name=name, namespace=namespace, node=ps.node, labels=labels,
-                        containers=(Container("ports", None, (), ports),) if ports else (), owner=ps.owner,
-                        hostname=ps.hostname, subdomain=ps.subdomain))
-    return dataclasses.replace(lab, pods=tuple(pods + addon_pods))
+    return lab, {p.key: p for p in spec.pods + lab.pods}  # containers of spec pods and addon pods

@@ -60,6 +60,10 @@ def _mount_template() -> int:
             netns.unshare(netns.CLONE_NEWNS)
             netns.make_slave("/")
             netns.umount_detached(netns.NETNS_DIR)
+            # Each pod mounts a sysfs of its own on /sys (`remount_sys`): the machine's /sys and the mounts
+            # under it (a dozen cgroup hierarchies) go here once, instead of being copied into every pod's
+            # namespace and detached again there (1 ms a pod).
+            netns.umount_detached("/sys")
             _template = os.open("/proc/thread-self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
         finally:
             netns.setns(home, netns.CLONE_NEWNS)
@@ -180,6 +184,24 @@ def in_pod(pid: int, pod_netns: str) -> bool:
         return os.stat(f"/proc/{pid}/ns/net").st_ino == netns.inode(pod_netns) and process.alive(pid)
     except OSError:
         return False
+
+
+def sandboxes_alive(sandboxes: dict[str, tuple[str, int]]) -> dict[str, bool]:
+    """`sandbox_alive` for many pods at once (key -> (netns, pause pid)): two stats a pod, the machine's own
+    namespaces looked up once. A process that has exited (a zombie too) has no namespace links any more, so
+    the stat of /proc/PID/ns/net alone tells it is alive; `lab status` and every change look at all pods,
+    which cost 55 ms a thousand pods one by one."""
+    home = os.fstat(netns.home_fd())
+    protected = netns.protected_inodes()
+    out = {}
+    for key, (pod_netns, pid) in sandboxes.items():
+        try:
+            pin = os.stat(netns.path(pod_netns))
+            out[key] = (pin.st_dev == home.st_dev and pin.st_ino not in protected
+                        and os.stat(f"/proc/{pid}/ns/net").st_ino == pin.st_ino)
+        except OSError:
+            out[key] = False
+    return out
 
 
 def start_pod_containers(pod: Pod, pod_netns: str, pause_pid: int, logs: Path, lab: str | None = None) -> dict[str, int]:

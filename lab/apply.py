@@ -98,7 +98,10 @@ def setup_node(node: NodeOps, handles: NodeHandles, ipamd=None) -> BridgePlugin 
 
 def add_pod(lab: Lab, op: PodOps, plugin: BridgePlugin | vpc_plugin.VpcPlugin, pause: str, logs: Path) -> state.PodState:
     files = state.pod_dir(lab.name, op.pod)
-    runtime.write_pod_files(files, addons.pod_resolv_conf(lab, op.pod), addons.pod_hosts(op.pod, None))
+    # The plan has the pod's address already: its hosts file is written once, final (`lab apply` writes it
+    # before the CNI ADD without the address, and again after).
+    runtime.write_pod_files(files, addons.pod_resolv_conf(lab, op.pod),
+                            addons.pod_hosts(op.pod, op.address.ip, lab.dns.domain))
     netns.create(op.netns)
     with in_pod_cgroup(lab, op.node):
         pause_pid = runtime.start_sandbox(op.netns, addons.pod_hostname(op.pod), pause, files)
@@ -106,7 +109,6 @@ def add_pod(lab: Lab, op: PodOps, plugin: BridgePlugin | vpc_plugin.VpcPlugin, p
     got = result["ips"][0]["address"].split("/")[0]  # the cilium profile's pods hold a /32
     if got != str(op.address.ip):
         raise ApplyError(f"pod {op.pod.key}: CNI gave {got}, the plan said {op.address.ip}")
-    runtime.write_pod_files(files, addons.pod_resolv_conf(lab, op.pod), addons.pod_hosts(op.pod, op.address.ip, lab.dns.domain))
     with in_pod_cgroup(lab, op.node):
         containers = runtime.start_pod_containers(op.pod, op.netns, pause_pid, logs, lab.name)
     return state.pod_state(op.pod, str(op.address.ip), op.netns, pause_pid, containers)
