@@ -104,7 +104,8 @@ def add_pod(lab: Lab, op: PodOps, plugin: BridgePlugin | vpc_plugin.VpcPlugin, p
                             addons.pod_hosts(op.pod, op.address.ip, lab.dns.domain))
     netns.create(op.netns)
     with in_pod_cgroup(lab, op.node):
-        pause_pid = runtime.start_sandbox(op.netns, addons.pod_hostname(op.pod), pause, files)
+        pause_pid = runtime.start_sandbox(op.netns, addons.pod_hostname(op.pod), pause, files,
+                                          runtime.needs_sysfs(op.pod))
     result = plugin.add(op.args)
     got = result["ips"][0]["address"].split("/")[0]  # the cilium profile's pods hold a /32
     if got != str(op.address.ip):

@@ -5,7 +5,6 @@ from typing import Any
 
 from apiserver import state
 from apiserver.desired import current_lab
-from grading.faults import recorded
 from kubelet import runtime
 from kubelet.pods import alive_sandboxes, running_pods
 from services import endpoints, kube_proxy
@@ -73,7 +72,7 @@ def describe(st: state.LabState, reveal: bool = False) -> dict[str, Any]:
                              "endpoints": [str(e) for e in sp.endpoints]})
     faults = [{"fault": f.fault, "params": f.params, "detail": f.detail, "seed": f.seed}
               if reveal or f.seed is None else {"fault": None, "params": None, "detail": None, "seed": f.seed}
-              for f in recorded(st.name)]
+              for f in _recorded_faults(st.name)]
     waiting_nodes = [{"name": o["metadata"]["name"], "message": (o["metadata"].get("annotations") or {}).get(
         "kubenet-lab.io/waiting", "")} for o in st.objects if o.get("kind") == "Node"
         and o["metadata"]["name"] not in {n.name for n in lab.nodes}]
@@ -84,6 +83,16 @@ def describe(st: state.LabState, reveal: bool = False) -> dict[str, Any]:
             "services": services, "external": [{"name": e.name, "ip": str(e.ip)} for e in lab.external],
             "underlay": str(lab.underlay.subnet), "podCIDR": str(lab.cluster.pod_cidr),
             "serviceCIDR": str(lab.cluster.service_cidr), "nodes": nodes, "pods": pods}
+
+
+def _recorded_faults(name: str) -> list:
+    """The faults applied to the lab (grading/faults.py), read only when there are any: that module loads the
+    spec validator (pydantic), a tenth of a second `lab status` does not need otherwise."""
+    if not (state.lab_dir(name) / "faults.json").exists():  # grading.faults.FAULTS_FILE
+        return []
+    from grading.faults import recorded
+
+    return recorded(name)
 
 
 def table(rows: list[list[str]]) -> str:
