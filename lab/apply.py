@@ -96,16 +96,37 @@ def setup_node(node: NodeOps, handles: NodeHandles, ipamd=None) -> BridgePlugin 
     return plugin
 
 
-def add_pod(lab: Lab, op: PodOps, plugin: BridgePlugin | vpc_plugin.VpcPlugin, pause: str, logs: Path) -> state.PodState:
-    files = state.pod_dir(lab.name, op.pod)
-    # The plan has the pod's address already: its hosts file is written once, final (`lab apply` writes it
-    # before the CNI ADD without the address, and again after).
-    runtime.write_pod_files(files, addons.pod_resolv_conf(lab, op.pod),
-                            addons.pod_hosts(op.pod, op.address.ip, lab.dns.domain))
-    netns.create(op.netns)
-    with in_pod_cgroup(lab, op.node):
-        pause_pid = runtime.start_sandbox(op.netns, addons.pod_hostname(op.pod), pause, files,
-                                          runtime.needs_sysfs(op.pod))
+POD_BATCH = 50  # pods whose namespaces are made before their sandboxes start (see add_pods); 25-200 do as well
+
+
+def add_pods(lab: Lab, ops: tuple[PodOps, ...], plugins: dict[str, BridgePlugin | vpc_plugin.VpcPlugin], pause: str,
+             logs: Path) -> Iterator[state.PodState]:
+    """Make pods in batches, each step for a whole batch before the next: files and network namespaces,
+    then the pause processes, then CNI ADD and containers pod by pod. A process started right after a
+    network namespace was made costs twice as much or more (measured, 400 pods: 4.5 ms a spawn alternating,
+    2.3-2.6 ms in batches of 25-50, 1.9 ms in batches of 200), so `lab up` does not alternate them. Yields each pod's record once it is
+    made, in order; a failure leaves the rest to the caller's teardown (the lab is still building)."""
+    for start in range(0, len(ops), POD_BATCH):
+        batch = ops[start:start + POD_BATCH]
+        for op in batch:
+            # The plan has the pod's address already: its hosts file is written once, final (`lab apply`
+            # writes it before the CNI ADD without the address, and again after).
+            runtime.write_pod_files(state.pod_dir(lab.name, op.pod), addons.pod_resolv_conf(lab, op.pod),
+                                    addons.pod_hosts(op.pod, op.address.ip, lab.dns.domain))
+            netns.create(op.netns)
+        sandboxes = {}
+        for op in batch:
+            with in_pod_cgroup(lab, op.node):
+                sandboxes[op.pod.key] = runtime.start_sandbox(op.netns, addons.pod_hostname(op.pod), pause,
+                                                              state.pod_dir(lab.name, op.pod),
+                                                              runtime.needs_sysfs(op.pod))
+        for op in batch:
+            yield finish_pod(lab, op, plugins[op.node], sandboxes[op.pod.key], logs)
+
+
+def finish_pod(lab: Lab, op: PodOps, plugin: BridgePlugin | vpc_plugin.VpcPlugin, pause_pid: int,
+               logs: Path) -> state.PodState:
+    """CNI ADD and the containers of a pod whose sandbox runs."""
     result = plugin.add(op.args)
     got = result["ips"][0]["address"].split("/")[0]  # the cilium profile's pods hold a /32
     if got != str(op.address.ip):
@@ -182,8 +203,8 @@ def apply(plan: Plan, st: state.LabState) -> float | None:
                             state.lab_dir(plan.lab.name) / "network-policy")
         try:
             with progress.bar(f"lab up {plan.lab.name}: pods", len(plan.pods)) as advance:
-                for op in plan.pods:
-                    st.pods[op.pod.key] = add_pod(plan.lab, op, plugins[op.node], pause, logs)
+                for op, record in zip(plan.pods, add_pods(plan.lab, plan.pods, plugins, pause, logs)):
+                    st.pods[op.pod.key] = record
                     crash.point("up-pod")
                     advance(1)
         finally:
