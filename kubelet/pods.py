@@ -38,8 +38,20 @@ def running_pods(st: state.LabState, lab: Lab, alive: dict[str, bool] | None = N
     pods = [(pod, ps) for pod in lab.pods if (ps := st.pods.get(pod.key)) is not None and ps.phase == "Running"]
     unknown = {pod.key: (ps.netns, ps.pause_pid) for pod, ps in pods if alive is None or pod.key not in alive}
     looked = runtime.sandboxes_alive(unknown) if unknown else {}
-    return [RunningPod(pod, _address(ps.ip), alive[pod.key] if pod.key not in looked else looked[pod.key])
-            for pod, ps in pods]
+    out = []
+    for pod, ps in pods:
+        ready = alive[pod.key] if pod.key not in looked else looked[pod.key]
+        ip = _address(ps.ip)
+        seen = _running.get(pod.key)
+        if seen is None or seen.pod is not pod or seen.ready != ready or seen.ip is not ip:
+            seen = _running[pod.key] = RunningPod(pod, ip, ready)
+        out.append(seen)
+    return out
+
+
+# Each pod's RunningPod, kept for the next call in this process: a command gathers the endpoints two or three
+# times, mostly of the same pod objects (apiserver.desired reuses them), and each is a frozen dataclass.
+_running: dict[str, RunningPod] = {}
 
 
 _addresses: dict[str, IPv4Address] = {}
