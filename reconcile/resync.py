@@ -37,8 +37,8 @@ def resync(st: state.LabState, alive: dict[str, bool] | None = None) -> kube_pro
     sync_policies(lab, running, st.name)
     run_dir = state.lab_dir(st.name)
     addons.write_configs(lab, running, run_dir)
-    if reload_addons(st, lab):
-        state.save(st)  # a restarted container's new pid (the caller saved everything else before)
+    if "restart" in reload_addons(st, lab).values():
+        state.save(st)  # a restarted container's new pid (the caller saved everything else before; a SIGHUP changes nothing)
     nodelocal.sync(lab)
     return report
 
