@@ -85,6 +85,7 @@ def enter(lab: str, target: str, ns: str, pause_pid: int | None) -> None:
             fd = os.open(f"/proc/{pause_pid}/ns/{kind}", os.O_RDONLY | os.O_CLOEXEC)
             netns.setns(fd, flag)
             os.close(fd)
+        runtime.ensure_sysfs()  # a pod of only the pause image gets its /sys when first entered
     else:
         netns.unshare(netns.CLONE_NEWNS)  # a private mount namespace for this command only
         netns.make_slave("/")

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from apiserver import state
@@ -97,17 +98,41 @@ def setup_node(node: NodeOps, handles: NodeHandles, ipamd=None) -> BridgePlugin 
     return plugin
 
 
-def add_pod(lab: Lab, op: PodOps, plugin: BridgePlugin | vpc_plugin.VpcPlugin, pause: str, logs: Path) -> state.PodState:
-    files = state.pod_dir(lab.name, op.pod)
-    runtime.write_pod_files(files, addons.pod_resolv_conf(lab, op.pod), addons.pod_hosts(op.pod, None))
-    netns.create(op.netns)
-    with in_pod_cgroup(lab, op.node):
-        pause_pid = runtime.start_sandbox(op.netns, addons.pod_hostname(op.pod), pause, files)
+POD_BATCH = 50  # pods whose namespaces are made before their sandboxes start (see add_pods); 25-200 do as well
+
+
+def add_pods(lab: Lab, ops: tuple[PodOps, ...], plugins: dict[str, BridgePlugin | vpc_plugin.VpcPlugin], pause: str,
+             logs: Path) -> Iterator[state.PodState]:
+    """Make pods in batches, each step for a whole batch before the next: files and network namespaces,
+    then the pause processes, then CNI ADD and containers pod by pod. A process started right after a
+    network namespace was made costs twice as much or more (measured, 400 pods: 4.5 ms a spawn alternating,
+    2.3-2.6 ms in batches of 25-50, 1.9 ms in batches of 200), so `lab up` does not alternate them. Yields each pod's record once it is
+    made, in order; a failure leaves the rest to the caller's teardown (the lab is still building)."""
+    for start in range(0, len(ops), POD_BATCH):
+        batch = ops[start:start + POD_BATCH]
+        for op in batch:
+            # The plan has the pod's address already: its hosts file is written once, final (`lab apply`
+            # writes it before the CNI ADD without the address, and again after).
+            runtime.write_pod_files(state.pod_dir(lab.name, op.pod), addons.pod_resolv_conf(lab, op.pod),
+                                    addons.pod_hosts(op.pod, op.address.ip, lab.dns.domain))
+            netns.create(op.netns)
+        sandboxes = {}
+        for op in batch:
+            with in_pod_cgroup(lab, op.node):
+                sandboxes[op.pod.key] = runtime.start_sandbox(op.netns, addons.pod_hostname(op.pod), pause,
+                                                              state.pod_dir(lab.name, op.pod),
+                                                              runtime.needs_sysfs(op.pod))
+        for op in batch:
+            yield finish_pod(lab, op, plugins[op.node], sandboxes[op.pod.key], logs)
+
+
+def finish_pod(lab: Lab, op: PodOps, plugin: BridgePlugin | vpc_plugin.VpcPlugin, pause_pid: int,
+               logs: Path) -> state.PodState:
+    """CNI ADD and the containers of a pod whose sandbox runs."""
     result = plugin.add(op.args)
     got = result["ips"][0]["address"].split("/")[0]  # the cilium profile's pods hold a /32
     if got != str(op.address.ip):
         raise ApplyError(f"pod {op.pod.key}: CNI gave {got}, the plan said {op.address.ip}")
-    runtime.write_pod_files(files, addons.pod_resolv_conf(lab, op.pod), addons.pod_hosts(op.pod, op.address.ip, lab.dns.domain))
     with in_pod_cgroup(lab, op.node):
         containers = runtime.start_pod_containers(op.pod, op.netns, pause_pid, logs, lab.name)
     return state.pod_state(op.pod, str(op.address.ip), op.netns, pause_pid, containers)
@@ -180,8 +205,8 @@ def apply(plan: Plan, st: state.LabState) -> float | None:
                             state.lab_dir(plan.lab.name) / "network-policy")
         try:
             with progress.bar(f"lab up {plan.lab.name}: pods", len(plan.pods)) as advance:
-                for op in plan.pods:
-                    st.pods[op.pod.key] = add_pod(plan.lab, op, plugins[op.node], pause, logs)
+                for op, record in zip(plan.pods, add_pods(plan.lab, plan.pods, plugins, pause, logs)):
+                    st.pods[op.pod.key] = record
                     crash.point("up-pod")
                     advance(1)
         finally:
@@ -257,8 +282,11 @@ def teardown(lab: str, wait: bool = True) -> list[str]:
     for ns in spaces:
         kind = ns[len(names.NETNS_PREFIX) + len(lab) + 1:].split(names.SEP, 1)[0]
         kinds.setdefault(kind, []).append(ns)
-    # Pods first, watched from their nodes; then nodes, watched from the underlay switch.
-    _delete_watched(kinds["p"], kinds["n"], "veth", wait)
+    # Pods first, watched from their nodes; then nodes, watched from the underlay switch. While the kernel
+    # destroys the pods' namespaces (it works alone: this process only waits), their files go: at 10,000
+    # pods, removing them after everything else took longer than the namespaces themselves.
+    _delete_watched(kinds["p"], kinds["n"], "veth", wait,
+                    meanwhile=lambda: shutil.rmtree(state.lab_dir(lab) / "pods", ignore_errors=True))
     others = [ns for kind, spaces_of in kinds.items() if kind not in ("p", "n", "u") for ns in spaces_of]
     _delete_watched(kinds["n"] + others, kinds["u"], "-eth", wait)  # switch ports: <switch>-eth<N>
     for ns in kinds["u"]:
@@ -268,10 +296,12 @@ def teardown(lab: str, wait: bool = True) -> list[str]:
 
 
 def _delete_watched(doomed: list[str], watchers: list[str], peer_mark: str, wait: bool,
-                    timeout: float = 30.0) -> None:
+                    timeout: float = 30.0, meanwhile: Callable[[], None] | None = None) -> None:
     """Unpin `doomed` and wait until the links whose names hold `peer_mark` (their veth peers) vanish from
-    `watchers`."""
+    `watchers`; `meanwhile` runs between the two."""
     if not doomed:
+        if meanwhile is not None:
+            meanwhile()
         return
     with node_handles() as handles:
         before = {}
@@ -284,6 +314,8 @@ def _delete_watched(doomed: list[str], watchers: list[str], peer_mark: str, wait
                 netns.delete(ns)
                 crash.point("down-namespace")
                 advance(1)
+        if meanwhile is not None:
+            meanwhile()
         deadline = time.monotonic() + timeout
         while wait and before and time.monotonic() < deadline:
             if all(_peer_count(handles.get(ns), peer_mark) == 0 for ns in before):

@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass
 
 from apiserver import state
-from apiserver.desired import resolve_spec
+from apiserver.desired import remember_spec, resolve_spec
 from apiserver.spec import load_spec
 from cilium import agent
 from lab import apply, plan
@@ -55,6 +55,7 @@ def up(spec: str | None, keep_on_failure: bool = False) -> UpResult:
             bgp_seconds = apply.apply(plan.build(lab, state.ipam_dir(lab.name)), st)
             st.phase = "up"
             state.save(st)
+            remember_spec(st)  # later commands read the validated model instead of validating the spec again
         except BaseException:
             if keep_on_failure:
                 st.phase = "failed"

@@ -16,6 +16,7 @@ Then the caller's own work, and `resync` (which is itself convergent), bring eve
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 
@@ -69,23 +70,36 @@ def recover(st: state.LabState, lab: Lab) -> Recovery:
     if lab.cni.profile == "aws-vpc":
         done.leases += _repair_ipamd(st, lab)
     else:
+        by_node: dict[str, dict[str, str]] = {}  # node -> {ip: pod key}, gathered in one pass over the pods
+        for key, ps in st.pods.items():
+            if ps.ip:
+                by_node.setdefault(ps.node, {})[ps.ip] = key
         for node in lab.nodes:
-            if _repair_leases(st, lab, node.name):
+            if _repair_leases(st, lab, node.name, by_node.get(node.name, {})):
                 done.leases.append(node.name)
     if done.changed:
         st.record()
     return done
 
 
-def _repair_leases(st: state.LabState, lab: Lab, node: str) -> bool:
-    """Rewrite `node`'s lease file when it does not hold exactly the recorded pods' addresses."""
+def _repair_leases(st: state.LabState, lab: Lab, node: str, held: dict[str, str]) -> bool:
+    """Rewrite `node`'s lease file when it does not hold exactly the recorded pods' addresses (`held`:
+    address -> pod key of the pods recorded on this node)."""
     conf = kubelet.netconf(lab, node, state.ipam_dir(lab.name))
     lease_file = conf.lease_file()
+    try:
+        data = json.loads(lease_file.path.read_text())
+        # In order (the common case) when the file holds exactly these addresses for these sandboxes: compared
+        # as the text the file holds, without building the pool (a lab's every lease, on every command).
+        if data["subnet"] == str(conf.subnet) and {ip: (v["containerID"], v["ifname"]) for ip, v in data["leases"].items()} == {
+                ip: (names.sandbox_id(lab.name, *key.split("/", 1)), POD_IFNAME) for ip, key in held.items()}:
+            return False
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass  # missing or damaged: looked at in full below
     wanted: dict[IPv4Address, Lease] = {}
-    for key, ps in st.pods.items():
-        if ps.node == node and ps.ip:
-            namespace, name = key.split("/", 1)
-            wanted[IPv4Address(ps.ip)] = Lease(names.sandbox_id(lab.name, namespace, name), POD_IFNAME, key)
+    for ip, key in held.items():
+        namespace, name = key.split("/", 1)
+        wanted[IPv4Address(ip)] = Lease(names.sandbox_id(lab.name, namespace, name), POD_IFNAME, key)
     try:
         current = lease_file.read()
     except (ValueError, KeyError, TypeError, AttributeError):  # damaged: nothing in it can be trusted

@@ -21,13 +21,14 @@ from topo import process
 from topo.model import Lab
 
 
-def resync(st: state.LabState) -> kube_proxy.SyncReport:
+def resync(st: state.LabState, alive: dict[str, bool] | None = None) -> kube_proxy.SyncReport:
     """Bring everything derived from the lab's objects up to date after a change of pods or services:
     every node's service rules, the NetworkPolicy rules, the cluster DNS's records, the ingress
     controller's routes. Each layer compares what it wants with what it last loaded, so running this
-    again after a crash finishes what the crash interrupted, and a layer that is in line costs nothing."""
+    again after a crash finishes what the crash interrupted, and a layer that is in line costs nothing.
+    `alive`: whether each pod's sandbox lives, when the caller has just looked (`kubelet.pods.alive_sandboxes`)."""
     lab = current_lab(st)
-    running = running_pods(st, lab)
+    running = running_pods(st, lab, alive)
     if lab.cni.profile == "cilium":  # no kube-proxy: the agent's service maps
         cilium_report = agent.sync(lab, running)
         report = kube_proxy.SyncReport(cilium_report.nodes, cilium_report.frontends, cilium_report.backends,
@@ -37,9 +38,9 @@ def resync(st: state.LabState) -> kube_proxy.SyncReport:
     sync_policies(lab, running, st.name)
     run_dir = state.lab_dir(st.name)
     addons.write_configs(lab, running, run_dir)
-    reload_addons(st, lab)
+    if "restart" in reload_addons(st, lab).values():
+        state.save(st)  # a restarted container's new pid (the caller saved everything else before; a SIGHUP changes nothing)
     nodelocal.sync(lab)
-    state.save(st)
     return report
 
 

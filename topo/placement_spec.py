@@ -6,6 +6,8 @@ pods on the same nodes.
 """
 from __future__ import annotations
 
+import functools
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -137,11 +139,14 @@ def _place(drafts: list[_Draft], lab: Lab, issues: Issues, reserved: Reserved) -
     """Pick each pod's node: its nodeName; for replica i, nodes[i mod count]; otherwise the node with the
     fewest pods so far (earlier node on a tie), a stand-in for the scheduler's spreading. Existing pods count;
     the addon pods `reserved` for each node count against its capacity only (spreading stays as it was)."""
-    counts = {node.name: len(lab.pods_on(node.name)) for node in lab.nodes}
+    # One pass over the pods, not one per node: `lab apply` places a new pod against every running one
+    # (a million comparisons at 10,000 pods on 100 nodes).
+    running = Counter(pod.node for pod in lab.pods)
+    counts = {node.name: running[node.name] for node in lab.nodes}
     extra = {node.name: len(reserved.get(node.name, ())) for node in lab.nodes}
     overflow_at: dict[str, Loc] = {}
     def veth_of(namespace: str, name: str) -> str:
-        return names.host_veth(names.sandbox_id(lab.name, namespace, name))
+        return _host_veth(names.sandbox_id(lab.name, namespace, name))
 
     veths: dict[tuple[str, str], str] = {(pod.node, veth_of(pod.namespace, pod.name)): pod.key for pod in lab.pods}
     pods = []
@@ -166,6 +171,13 @@ def _place(drafts: list[_Draft], lab: Lab, issues: Issues, reserved: Reserved) -
         issues.add(loc, _capacity_message(lab, lab.node(node_name), counts[node_name] + extra[node_name],
                                           reserved.get(node_name, ())))
     return pods
+
+
+@functools.lru_cache(maxsize=65536)
+def _host_veth(sandbox: str) -> str:
+    """names.host_veth, remembered: a command places pods against the same running pods several times (the
+    spec, then the applied objects), and each name is a SHA-256."""
+    return names.host_veth(sandbox)
 
 
 def _node_for(draft: _Draft, lab: Lab, counts: dict[str, int]) -> str:

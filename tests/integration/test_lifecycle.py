@@ -71,6 +71,8 @@ def test_up_twice_is_refused_and_down_of_unknown_lab_is_clear(lab_up, tmp_path: 
     assert again.returncode == 2 and f"lab {name} is already up" in again.stderr and "Traceback" not in again.stderr
     assert leftovers(name) == before
     in_lab(name, "p", "true")
+    # a pod of only the pause image gets its /sys when first entered: its own interfaces, as for any pod
+    assert sorted(in_lab(name, "p", "ls", "/sys/class/net").split()) == ["eth0", "lo"]
     down = lab("down", unique("ghost"), check=False)
     assert down.returncode == 2 and "is not running" in down.stderr
     bad = lab("down", "../../etc", check=False)
