@@ -12,6 +12,7 @@ import shutil
 import sys
 from collections.abc import Sequence
 
+from lab.version import VersionAction
 from topo.errors import LabError, SpecError, StateError
 
 
@@ -374,31 +375,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return bench.run(args.suites, args.quick, args.repeat, args.json, args.plot, sizes, clients)
 
 
-def version() -> str:
-    """The installed distribution's version (setup.cfg's), as `kubectl version --client` reports its own."""
-    from importlib import metadata
-
-    try:
-        return metadata.version("kubenet-lab")
-    except metadata.PackageNotFoundError:
-        return "unknown (not installed: run ./install.sh)"
-
-
-class _VersionAction(argparse.Action):
-    """`--version`, with the version looked up only when asked (importlib.metadata: 40 ms of every command)."""
-
-    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS, **kwargs) -> None:
-        super().__init__(option_strings, dest=dest, default=argparse.SUPPRESS, nargs=0,
-                         help="show the version and exit")
-
-    def __call__(self, parser, namespace, values, option_string=None) -> None:  # type: ignore[no-untyped-def]
-        print(f"lab {version()}")
-        parser.exit()
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lab", description="Real, running emulations of Kubernetes networking.")
-    parser.add_argument("--version", action=_VersionAction)
+    parser.add_argument("--version", action=VersionAction)
     sub = parser.add_subparsers(dest="command_name", required=True, metavar="COMMAND")
 
     p = sub.add_parser("up", help="build a lab from a spec (default: labs/00-seed) and return; it keeps running")
