@@ -29,6 +29,7 @@ import struct
 from observe.flow import DROPPED, FORWARDED, TRANSLATED, TYPE_DROP, TYPE_TRACE, Flow
 from observe.flows import Names, now, tcp_flag_names
 from topo import netns
+from topo.rtnl import parse_attrs
 
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_CTNETLINK, NFNL_SUBSYS_ULOG = 1, 4
@@ -57,19 +58,6 @@ _NLMSG = struct.Struct("=IHHII")
 _NFGEN = struct.Struct("=BBH")
 
 
-def attrs(data: bytes, offset: int = 0, end: int | None = None) -> dict[int, bytes]:
-    """Netlink attributes (type without the nested/byte-order bits -> payload)."""
-    out: dict[int, bytes] = {}
-    end = len(data) if end is None else end
-    while offset + 4 <= end:
-        length, kind = struct.unpack_from("=HH", data, offset)
-        if length < 4:
-            break
-        out[kind & 0x3FFF] = data[offset + 4:offset + length]
-        offset += (length + 3) & ~3
-    return out
-
-
 def messages(data: bytes):
     """(type, flags, payload after nlmsghdr) of each netlink message in one datagram."""
     offset = 0
@@ -82,8 +70,8 @@ def messages(data: bytes):
 
 
 def _tuple(raw: bytes) -> tuple[str, str, int, int, int]:
-    top = attrs(raw)
-    ip, proto = attrs(top.get(CTA_TUPLE_IP, b"")), attrs(top.get(CTA_TUPLE_PROTO, b""))
+    top = parse_attrs(raw)
+    ip, proto = parse_attrs(top.get(CTA_TUPLE_IP, b"")), parse_attrs(top.get(CTA_TUPLE_PROTO, b""))
     src = socket.inet_ntoa(ip[CTA_IP_V4_SRC]) if len(ip.get(CTA_IP_V4_SRC, b"")) == 4 else ""
     dst = socket.inet_ntoa(ip[CTA_IP_V4_DST]) if len(ip.get(CTA_IP_V4_DST, b"")) == 4 else ""
     num = proto.get(CTA_PROTO_NUM, b"\0")[0]
@@ -96,7 +84,7 @@ def ct_flow(payload: bytes, node: str, names: Names) -> Flow | None:
     """A NEW conntrack event -> a flow (None: not IPv4 TCP/UDP/ICMP, or between nodes only)."""
     if len(payload) < _NFGEN.size or payload[0] != socket.AF_INET:
         return None
-    top = attrs(payload, _NFGEN.size)
+    top = parse_attrs(payload, _NFGEN.size)
     if CTA_TUPLE_ORIG not in top or CTA_TUPLE_REPLY not in top:
         return None
     src, dst, proto, sport, dport = _tuple(top[CTA_TUPLE_ORIG])
@@ -116,7 +104,7 @@ def ct_flow(payload: bytes, node: str, names: Names) -> Flow | None:
         verdict = TRANSLATED
     flags: tuple[str, ...] = ()
     if proto == 6:  # the state conntrack gave it: SYN_SENT for a connection's SYN (a mid-stream pickup is not)
-        info = attrs(attrs(top.get(CTA_PROTOINFO, b"")).get(CTA_PROTOINFO_TCP, b""))
+        info = parse_attrs(parse_attrs(top.get(CTA_PROTOINFO, b"")).get(CTA_PROTOINFO_TCP, b""))
         state = info.get(CTA_PROTOINFO_TCP_STATE, b"")
         flags = ("SYN",) if state[:1] == bytes([TCP_CONNTRACK_SYN_SENT]) else ()
     summary = f"conntrack new{' dnat to ' + backend + ':' + str(backend_port) if orig else ''}" \
@@ -131,7 +119,7 @@ def nflog_flow(payload: bytes, node: str, names: Names) -> Flow | None:
     """An NFLOG packet from a calico drop rule -> a DROPPED flow naming the policies (None: unreadable)."""
     if len(payload) < _NFGEN.size:
         return None
-    top = attrs(payload, _NFGEN.size)
+    top = parse_attrs(payload, _NFGEN.size)
     packet = top.get(NFULA_PAYLOAD, b"")
     prefix = top.get(NFULA_PREFIX, b"").split(b"\0", 1)[0].decode(errors="replace")
     if len(packet) < 20 or packet[0] >> 4 != 4:
