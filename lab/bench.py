@@ -24,10 +24,10 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from lab.bench_base import Case, Suite, _lab_cli, _ratio, _script, _spread, _table, remove_lab
-from lab.bench_suites import DNS_CLIENTS, SCALE_SIZES, DnsLoad, Ipam, Observe, Scale
+from lab.bench_suites import DNS_CLIENTS, SCALE_SIZES, DnsLoad, Ipam, Observe, Policy, Scale
 from topo.errors import FeatureMissing, StateError
 
-SUITES = ("dataplanes", "services", "dns", "dns-load", "updown", "ipam", "scale", "observe")  # `dns` also runs `dns-load`
+SUITES = ("dataplanes", "services", "dns", "dns-load", "updown", "ipam", "scale", "observe", "policy")  # `dns` also runs `dns-load`
 DNS_NAME = "api.example.com"
 
 
@@ -295,7 +295,8 @@ class Updown(Suite):
 
 
 SUITE_CLASSES = {"dataplanes": Dataplanes, "services": Services, "dns": Dns, "dns-load": DnsLoad, "updown": Updown,
-                 "ipam": Ipam, "scale": Scale, "observe": Observe}
+                 "ipam": Ipam, "scale": Scale, "observe": Observe,
+                 "policy": Policy}
 
 
 def machine(suites: list[Suite]) -> dict:
@@ -332,7 +333,7 @@ def run(selected: list[str], quick: bool, repeat: int | None, json_path: str | N
         selected = [*selected, "dns-load"]
     extra = {"scale": (sizes,), "dns-load": (clients,)}
     suites = [SUITE_CLASSES[name](quick, *extra.get(name, ()))
-              for name in dict.fromkeys(selected or [s for s in SUITES if s not in ("scale", "observe")])]
+              for name in dict.fromkeys(selected or [s for s in SUITES if s not in ("scale", "observe", "policy")])]
     total = sum(len(s.cases) for s in suites) * repeat
     done = 0
     with tempfile.TemporaryDirectory(prefix="lab-bench-") as tmp:

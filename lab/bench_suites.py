@@ -1,6 +1,7 @@
 """The `lab bench` suites that measure one gotcha each as a lab grows: `scale` (what one change costs at
 1,000 or 10,000 pods, bench/scale.py), `dns-load` (the ndots:5 storm and its fixes, bench/dnsload.py) and
-`ipam` (pods that fit in one VPC subnet per aws-vpc setting, bench/vpc_ipam.py).
+`ipam` (pods that fit in one VPC subnet per aws-vpc setting, bench/vpc_ipam.py), `observe` (what `lab
+observe` costs) and `policy` (what NetworkPolicy costs per profile, bench/policy.py).
 """
 from __future__ import annotations
 
@@ -233,6 +234,82 @@ class Observe(Suite):
         ax.bar([c.name for c in self.cases], [c.median()["gbps"] for c in self.cases], color="tab:blue")
         ax.set_ylabel("Gbit/s (iperf3, one TCP stream, pod to pod across nodes)")
         ax.set_title("lab observe --follow running vs none")
+        fig.tight_layout()
+        fig.savefig(path)
+        plt.close(fig)
+
+
+class Policy(Suite):
+    """What NetworkPolicy costs per profile (bench/policy.py): one new pod's update of a node, calico's nft
+    reload against cilium's map entries, and TCP throughput with a default-deny + allow policy against none
+    (ABBA inside each sample, one lab per profile serving both sides)."""
+    name = "policy"
+
+    def __init__(self, quick: bool) -> None:
+        super().__init__(quick)
+        self.pods = 200 if quick else 1000
+        self.seconds = 1 if quick else 3
+        self.profiles = ("calico", "cilium")
+        self.labs: dict[str, tuple[str, Path]] = {}
+        self.cases.append(Case(f"update: 1 new pod of {self.pods:,}, 100 policies", self._update,
+                               {"pods": self.pods, "policies": 100, "nodes": 2}))
+        for profile in self.profiles:
+            self.cases.append(Case(f"{profile} throughput", self._runner(profile), {"profile": profile}))
+
+    def _update(self) -> dict[str, float]:
+        return _script("policy").update_case(self.pods)
+
+    def _runner(self, profile: str) -> Callable[[], dict[str, float]]:
+        def run() -> dict[str, float]:
+            name, path = self.labs[profile]
+            return _script("policy").enforcement_case(name, path, self.seconds)
+        return run
+
+    def setup(self, stack: ExitStack, folder: Path) -> None:
+        import shutil
+
+        if shutil.which("iperf3") is None or shutil.which("nft") is None:
+            raise FeatureMissing("lab bench policy needs iperf3 and nft (./install.sh installs them)")
+        try:
+            from cilium import agent
+            agent.require()
+        except Exception as exc:  # the cilium side is half of every ratio: no suite rather than half of one
+            raise FeatureMissing(f"lab bench policy needs the cilium profile here: {exc}") from exc
+        for profile in self.profiles:
+            self.labs[profile] = _script("policy").up_lab(profile, folder)
+            stack.callback(remove_lab, self.labs[profile][0])
+
+    def table(self) -> str:
+        up = self.cases[0]
+        m = up.median() if up.samples else {}
+        rows = [["calico: render + nft -f of the node's table", _spread(up, "calico_s", ".3f") if m else "-",
+                 _spread(up, "calico_render_s", ".3f") if m else "-", "-"],
+                ["cilium: identities + policy maps, changed entries", _spread(up, "cilium_s", ".3f") if m else "-",
+                 _spread(up, "cilium_compute_s", ".3f") if m else "-",
+                 _spread(up, "cilium_entries_written", ".0f") if m else "-"]]
+        text = (f"one new pod among {up.info['pods']:,} pods (2 nodes) and 100 policies, one node brought in line\n"
+                + _table(["profile", "update s", "of which computing s", "map entries written"], rows))
+        if m and m["cilium_s"]:
+            text += f"\ncalico / cilium update time: {m['calico_s'] / m['cilium_s']:.1f}x"
+        rows = [[c.info["profile"], _spread(c, "gbps_none", ".2f"), _spread(c, "gbps_policy", ".2f"),
+                 _spread(c, "ratio", ".3f") + "x"] for c in self.cases[1:] if c.samples]
+        text += ("\n\none TCP stream pod a (node1) -> pod b (node2), iperf3, ABBA: none, policy, policy, none\n"
+                 + _table(["profile", "Gbit/s no policy", "Gbit/s deny + allow", "policy vs none"], rows))
+        return text + "\n(issue 19's target: cilium >= 0.95x of no policy)"
+
+    def plot(self, plt, path: Path) -> None:
+        fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+        up = self.cases[0].median()
+        left.bar(["calico (nft reload)", "cilium (map entries)"], [up["calico_s"], up["cilium_s"]], color="tab:blue")
+        left.set_ylabel("seconds per node")
+        left.set_title(f"1 new pod among {self.pods:,}, 100 policies")
+        cases = [c for c in self.cases[1:] if c.samples]
+        xs = range(len(cases))
+        right.bar([x - 0.2 for x in xs], [c.median()["gbps_none"] for c in cases], 0.4, label="no policy")
+        right.bar([x + 0.2 for x in xs], [c.median()["gbps_policy"] for c in cases], 0.4, label="deny + allow")
+        right.set_xticks(list(xs), [c.info["profile"] for c in cases])
+        right.set_ylabel("Gbit/s (iperf3, one TCP stream, across nodes)")
+        right.legend()
         fig.tight_layout()
         fig.savefig(path)
         plt.close(fig)
