@@ -469,7 +469,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="measure data planes, service rules, DNS queries, lab up/down and VPC subnet fit "
                                      "(needs root)")
     p.add_argument("suites", nargs="*", metavar="SUITE",
-                   help="dataplanes, services, dns, updown, ipam, scale, observe (default: all but scale and observe)")
+                   help="dataplanes, services, dns, updown, ipam, scale, observe, policy "
+                        "(default: all but scale, observe and policy)")
     p.add_argument("--sizes", help="scale: lab sizes in pods, e.g. 1000,10000 (default 1000)")
     p.add_argument("--clients", help="dns: storm client pod counts, e.g. 20,50,100,200 (the default)")
     p.add_argument("--quick", action="store_true", help="small sizes and 1 repetition: under a minute")
