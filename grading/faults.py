@@ -508,14 +508,18 @@ def new_seed() -> int:
 
 def choose(st: state.LabState, seed: int, count: int = 1, only: tuple[str, ...] = ()) -> list[dict[str, Any]]:
     """`count` different faults for this lab (of the kinds in `only`, when given), the same ones for the
-    same seed and lab."""
+    same seed and lab. A fault already in effect (the exercise's own, an earlier `lab break`) is no new
+    puzzle, and applying it again fails (a route deleted twice): it is left out."""
     lookup = lookup_of(st)
+    in_effect = {(a.fault, json.dumps(a.params, sort_keys=True)) for a in recorded(st.name)}
     pool = []
     for fault in FAULTS.values():
         if only and fault.name not in only:
             continue
         for params in fault.candidates(lookup.lab, st):
-            pool.append({"fault": fault.name, **params})
+            full = normalized({"fault": fault.name, **params})[1]
+            if (fault.name, json.dumps(full, sort_keys=True)) not in in_effect:
+                pool.append({"fault": fault.name, **params})
     if not pool:
         raise StateError(f"no fault applies to lab {st.name}")
     pool.sort(key=lambda item: json.dumps(item, sort_keys=True))

@@ -348,6 +348,19 @@ def test_fault_inputs_are_checked_like_a_spec() -> None:
     assert str(info.value) == "'node2' is not KEY=VALUE"  # the CLI adds the one "lab break:" prefix
 
 
+def test_a_fault_in_effect_is_not_drawn_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Exercise 04 deletes node1's route to 10.244.2.0/24 at `lab up`; `lab break --random` drew that same
+    route-delete for some seeds and failed with "RTNETLINK answers: No such process"."""
+    st = _seed_state()
+    deleted = {"fault": "route-delete", "in": "node1", "to": "10.244.2.0/24"}
+    everything = faults.choose(st, seed=1, count=1000)
+    assert deleted in everything
+    monkeypatch.setattr(faults, "recorded", lambda name: [
+        faults.Applied("route-delete", faults.normalized(deleted)[1], "deleted the route")])
+    left = faults.choose(st, seed=1, count=1000)
+    assert deleted not in left and len(left) == len(everything) - 1
+
+
 def test_the_capstone_can_draw_every_kind_its_test_repairs() -> None:
     """tests/integration/test_exercises_late.py applies one fault of each kind the capstone lab can draw;
     this pins that set, so a new kind of fault gets a repair in the reference solution too."""
