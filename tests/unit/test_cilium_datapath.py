@@ -9,6 +9,7 @@ no ingress device, so a translated packet ends in TC_ACT_SHOT here and in a redi
 (tests/integration/test_cilium.py and test_services.py show that end to end)."""
 from __future__ import annotations
 
+import contextlib
 import shutil
 import struct
 import time
@@ -97,22 +98,30 @@ class Node:
         return libbpf.test_run(self.obj.prog_fd(program), frame)
 
 
-@pytest.fixture
-def node() -> Iterator[Node]:
+@contextlib.contextmanager
+def host_object() -> Iterator[tuple[libbpf.BpfObject, Path]]:
+    """bpf_host's programs loaded with their maps pinned in a private bpffs folder (outside any lab's),
+    removed after, also when the test fails. Skips without root, clang or libbpf-dev."""
     require_root()
     require_tool("clang")
     require(Path("/usr/include/bpf/bpf_helpers.h").exists(), "needs libbpf-dev (./install.sh installs it)")
     agent.ensure_bpffs()
-    folder = agent.BPFFS / f"kubenet-lab-unit-{uuid.uuid4().hex[:8]}"  # outside any lab's folder
+    folder = agent.BPFFS / f"kubenet-lab-unit-{uuid.uuid4().hex[:8]}"
     folder.mkdir()
     try:
         with libbpf.BpfObject(str(build.object_path("bpf_host")), str(folder)) as obj:
-            cfg = maps.NODE_CONFIG.pack(IPv4Network("10.244.1.0/24").netmask.packed, NODE_IP.packed, 0)
-            libbpf.update(obj.map_fd(maps.CONFIG), maps.CONFIG_KEY.pack(0), cfg)
-            yield Node(obj)
+            yield obj, folder
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     assert not folder.exists()
+
+
+@pytest.fixture
+def node() -> Iterator[Node]:
+    with host_object() as (obj, _):
+        cfg = maps.NODE_CONFIG.pack(IPv4Network("10.244.1.0/24").netmask.packed, NODE_IP.packed, 0)
+        libbpf.update(obj.map_fd(maps.CONFIG), maps.CONFIG_KEY.pack(0), cfg)
+        yield Node(obj)
 
 
 def syn_through(node: Node, sport: int = 40000) -> tuple[dict, tuple[str, str, int]]:

@@ -13,19 +13,16 @@ each verdict leaves in the cilium_events ring (only for a connection's first pac
 from __future__ import annotations
 
 import ctypes
-import shutil
-import uuid
 from collections.abc import Iterator
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
 import pytest
 
-from cilium import agent, build, events, identity, libbpf
+from cilium import events, identity, libbpf
 from cilium import policy as cilium_policy
 from cni.network_policy import Workload
-from tests.conftest import require, require_root, require_tool
-from tests.unit.test_cilium_datapath import ACK, SYN, packet
+from tests.unit.test_cilium_datapath import ACK, SYN, host_object, packet
 from tests.unit.test_network_policy import _lab, _policy, _workloads
 
 TC_ACT_OK, TC_ACT_SHOT = 0, 2
@@ -168,22 +165,12 @@ class Node:
 
 @pytest.fixture
 def node() -> Iterator[Node]:
-    require_root()
-    require_tool("clang")
-    require(Path("/usr/include/bpf/bpf_helpers.h").exists(), "needs libbpf-dev (./install.sh installs it)")
-    agent.ensure_bpffs()
-    folder = agent.BPFFS / f"kubenet-lab-unit-{uuid.uuid4().hex[:8]}"  # outside any lab's folder
-    folder.mkdir()
-    try:
-        with libbpf.BpfObject(str(build.object_path("bpf_host")), str(folder)) as obj:
-            made = Node(obj, folder)
-            try:
-                yield made
-            finally:
-                made.ring.close()
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
-    assert not folder.exists()
+    with host_object() as (obj, folder):
+        made = Node(obj, folder)
+        try:
+            yield made
+        finally:
+            made.ring.close()
 
 
 X_A, X_C, Y_A, X_B, Y_B = (IPv4Address(a) for a in ("10.244.1.2", "10.244.1.3", "10.244.1.4", "10.244.2.2", "10.244.2.3"))
