@@ -11,7 +11,6 @@ Run alone: `python bench/observe.py` (see lab.bench_base.script_main), or `lab b
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import signal
 import subprocess
@@ -27,18 +26,10 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from lab.bench_base import bench_script  # noqa: E402  (bench/dataplanes.py, imported once)
+
 PROFILES = {"flannel": "host-gw", "calico": "bgp", "cilium": "vxlan"}
 CONNECTS = 1000
-
-
-def _dataplanes():
-    key = "_kubenet_bench_dataplanes"
-    if key not in sys.modules:
-        spec = importlib.util.spec_from_file_location(key, REPO / "bench" / "dataplanes.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[key] = module
-        spec.loader.exec_module(module)
-    return sys.modules[key]
 
 
 def lab_cli(*args: str, check: bool = True) -> str:
@@ -48,7 +39,7 @@ def lab_cli(*args: str, check: bool = True) -> str:
 
 def up_lab(profile: str, folder: Path) -> str:
     name = f"bench-obs{profile[:3]}-{uuid.uuid4().hex[:4]}"
-    data = _dataplanes().two_node_lab(name, PROFILES[profile])
+    data = bench_script("dataplanes").two_node_lab(name, PROFILES[profile])
     data["spec"]["cni"] = {"profile": profile}
     spec = folder / f"{name}.yaml"
     spec.write_text(yaml.safe_dump(data))
@@ -97,7 +88,7 @@ def measure(name: str, seconds: int, observed: bool) -> dict[str, float]:
     run = lambda *c: lab_cli("exec", "--lab", name, "a", "--", *c)  # noqa: E731
     follower = Following(name) if observed else None
     try:
-        gbps = _dataplanes().iperf_gbps(run("iperf3", "-c", "10.244.2.2", "-t", str(seconds), "-J",
+        gbps = bench_script("dataplanes").iperf_gbps(run("iperf3", "-c", "10.244.2.2", "-t", str(seconds), "-J",
                                             "--connect-timeout", "3000"))
         rate = float(run("python3", "-c", CONNECT_LOOP, vip, "8080", str(CONNECTS)).strip())
     finally:

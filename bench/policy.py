@@ -15,7 +15,6 @@ Run alone: `python bench/policy.py` (see lab.bench_base.script_main), or `lab be
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import statistics
 import subprocess
@@ -31,6 +30,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from lab.bench_base import bench_script  # noqa: E402  (bench/observe.py and dataplanes.py, imported once)
 from topo import names, netns  # noqa: E402
 
 POLICIES = 100
@@ -161,19 +161,9 @@ def _lab(*args: str) -> str:
     return proc.stdout
 
 
-def _observe():  # the two-node lab per profile is bench/observe.py's
-    key = "_kubenet_bench_observe"
-    if key not in sys.modules:
-        spec = importlib.util.spec_from_file_location(key, REPO / "bench" / "observe.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[key] = module
-        spec.loader.exec_module(module)
-    return sys.modules[key]
-
-
 def up_lab(profile: str, folder: Path) -> tuple[str, Path]:
     """The lab and the policy file that `lab apply` / `lab delete -f` switch on and off."""
-    name = _observe().up_lab(profile, folder)
+    name = bench_script("observe").up_lab(profile, folder)
     path = folder / f"{name}-policy.yaml"
     path.write_text(yaml.safe_dump_all(POLICY, sort_keys=False))
     return name, path
@@ -182,7 +172,7 @@ def up_lab(profile: str, folder: Path) -> tuple[str, Path]:
 def _gbps(name: str, seconds: int) -> float:
     out = _lab("exec", "--lab", name, "a", "--", "iperf3", "-c", "10.244.2.2", "-t", str(seconds), "-J",
                "--connect-timeout", "3000")
-    return _observe()._dataplanes().iperf_gbps(out)
+    return bench_script("dataplanes").iperf_gbps(out)
 
 
 def _reaches(name: str, pod: str) -> bool:

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 
-from lab.bench_base import Case, Suite, _lab_cli, _ratio, _script, _spread, _table, remove_lab
+from lab.bench_base import Case, Suite, _lab_cli, _ratio, bench_script, _spread, _table, remove_lab
 from lab.bench_suites import DNS_CLIENTS, SCALE_SIZES, DnsLoad, Ipam, Observe, Policy, Scale
 from topo.errors import FeatureMissing, StateError
 
@@ -51,7 +51,7 @@ class Dataplanes(Suite):
     def setup(self, stack: ExitStack, folder: Path) -> None:
         if shutil.which("iperf3") is None:
             raise FeatureMissing("lab bench dataplanes needs iperf3 (./install.sh installs it)")
-        dp = _script("dataplanes")
+        dp = bench_script("dataplanes")
         bare = dp.BareVeth()
         stack.callback(bare.close)
         self.cases[0].info.update(mtu=1500, path="bare veth pair between two namespaces")
@@ -144,7 +144,7 @@ class Services(Suite):
     @staticmethod
     def _runner(mode: str, count: int, connects: int) -> Callable[[], dict[str, float]]:
         def run() -> dict[str, float]:
-            row = _script("services").measure_case(mode, count, connects)
+            row = bench_script("services").measure_case(mode, count, connects)
             return {k: v for k, v in row.items() if k not in ("mode", "services")}
         return run
 
@@ -265,7 +265,7 @@ class Updown(Suite):
 
     def _runner(self, which: str) -> Callable[[], dict[str, float]]:
         def run() -> dict[str, float]:
-            ud = _script("lab_updown")
+            ud = bench_script("lab_updown")
             make = {"seed": ud.seed_spec, "cilium": ud.cilium_seed_spec}.get(which) or (lambda n: ud.scale_spec(n, 50, 20))
             up, down = ud.updown_once(make, self.folder)
             return {"up_s": up, "down_s": down}

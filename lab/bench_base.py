@@ -61,7 +61,7 @@ def remove_lab(name: str) -> None:
             apply.teardown(name)
             state.remove(name)
 
-def _script(name: str) -> ModuleType:
+def bench_script(name: str) -> ModuleType:
     """One of the bench/ scripts, imported from the source tree (bench/ is not an installed package)."""
     key = f"_kubenet_bench_{name}"
     if key in sys.modules:

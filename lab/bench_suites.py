@@ -12,7 +12,7 @@ from pathlib import Path
 
 from topo.errors import FeatureMissing
 
-from lab.bench_base import Case, Suite, _lab_cli, _script, _spread, _table, remove_lab
+from lab.bench_base import Case, Suite, _lab_cli, bench_script, _spread, _table, remove_lab
 
 DNS_CLIENTS = (20, 50, 100, 200)  # `lab bench dns` storm sizes without --clients
 SCALE_SIZES = (1000,)  # `lab bench scale` without --sizes; 10,000 takes minutes (issue 15 measured it)
@@ -28,12 +28,12 @@ class Scale(Suite):
         self.folder: Path | None = None
         self.cases.append(Case("seed lab (3 pods)", self._runner(None), {"pods": 3}))
         for size in () if quick else sizes:
-            nodes, per_node = _script("scale").shape(size)
+            nodes, per_node = bench_script("scale").shape(size)
             self.cases.append(Case(f"{nodes} nodes x {per_node} pods", self._runner(size), {"pods": nodes * per_node}))
 
     def _runner(self, size: int | None) -> Callable[[], dict[str, float]]:
         def run() -> dict[str, float]:
-            sc = _script("scale")
+            sc = bench_script("scale")
             return sc.measure(sc.seed_spec if size is None else (lambda n: sc.scale_spec(n, size)), self.folder)
         return run
 
@@ -71,7 +71,7 @@ class DnsLoad(Suite):
 
     def __init__(self, quick: bool, clients: tuple[int, ...] = DNS_CLIENTS) -> None:
         super().__init__(quick)
-        script = _script("dnsload")
+        script = bench_script("dnsload")
         self.clients = (4,) if quick else clients
         self.rate, self.seconds = (5.0, 2.0) if quick else (self.RATE, self.SECONDS)
         self.lab, self.folder = "", Path()
@@ -84,7 +84,7 @@ class DnsLoad(Suite):
                                         "dns_cpu": script.DNS_CPU}))
 
     def _runner(self, setting, count: int) -> Callable[[], dict[str, float]]:  # type: ignore[no-untyped-def]
-        return lambda: _script("dnsload").run_case(self.lab, setting, count, self.rate, self.seconds, self.folder)
+        return lambda: bench_script("dnsload").run_case(self.lab, setting, count, self.rate, self.seconds, self.folder)
 
     def setup(self, stack: ExitStack, folder: Path) -> None:
         import yaml
@@ -98,7 +98,7 @@ class DnsLoad(Suite):
             raise FeatureMissing(f"lab bench dns: {exc}") from exc
         self.lab, self.folder = f"bench-storm-{uuid.uuid4().hex[:4]}", folder
         path = folder / f"{self.lab}.yaml"
-        path.write_text(yaml.safe_dump(_script("dnsload").storm_spec(self.lab, max(self.clients)), sort_keys=False))
+        path.write_text(yaml.safe_dump(bench_script("dnsload").storm_spec(self.lab, max(self.clients)), sort_keys=False))
         stack.callback(remove_lab, self.lab)
         _lab_cli("up", str(path))
 
@@ -111,7 +111,7 @@ class DnsLoad(Suite):
                  _spread(c, "dns_throttled_periods", ".0f")]
                 for c in self.cases]
         return (f"{self.rate:g} lookups/s per client for {self.seconds:g} s; cluster DNS limited to "
-                f"{_script('dnsload').DNS_CPU} CPU; autopath: not available (dnsmasq cannot expand search paths "
+                f"{bench_script('dnsload').DNS_CPU} CPU; autopath: not available (dnsmasq cannot expand search paths "
                 "server-side)\n" + _table(["setting", "clients", "queries/lookup at DNS", "DNS q/s", "NXDOMAIN",
                                             "upstream q/s", "node cache q/s", "lookups/s", "p50 ms", "p99 ms",
                                             "failures", ">1 s", "insert_failed", "DNS throttled"], rows))
@@ -140,7 +140,7 @@ class Ipam(Suite):
     def __init__(self, quick: bool) -> None:
         super().__init__(quick)
         self.folder: Path | None = None
-        script = _script("vpc_ipam")
+        script = bench_script("vpc_ipam")
         for setting in (script.QUICK if quick else script.SETTINGS):
             self.cases.append(Case(setting, self._fits(setting), {"subnet": script.SUBNET, "nodes": script.NODES,
                                                                    "instanceType": script.INSTANCE}))
@@ -149,10 +149,10 @@ class Ipam(Suite):
                                    self._wait(warm), {"warm": warm}))
 
     def _fits(self, setting: str) -> Callable[[], dict[str, float]]:
-        return lambda: _script("vpc_ipam").observed(setting, self.folder)
+        return lambda: bench_script("vpc_ipam").observed(setting, self.folder)
 
     def _wait(self, warm: bool) -> Callable[[], dict[str, float]]:
-        return lambda: {"apply_s": _script("vpc_ipam").wait_for_address(self.folder, warm)}
+        return lambda: {"apply_s": bench_script("vpc_ipam").wait_for_address(self.folder, warm)}
 
     def setup(self, stack: ExitStack, folder: Path) -> None:
         self.folder = folder
@@ -200,7 +200,7 @@ class Observe(Suite):
 
     def _runner(self, profile: str, observed: bool) -> Callable[[], dict[str, float]]:
         def run() -> dict[str, float]:
-            return _script("observe").measure(self.labs[profile], self.seconds, observed)
+            return bench_script("observe").measure(self.labs[profile], self.seconds, observed)
         return run
 
     def setup(self, stack: ExitStack, folder: Path) -> None:
@@ -216,7 +216,7 @@ class Observe(Suite):
                 except Exception:  # no cgroup2/clang/libbpf here: measure the other profiles
                     self.cases = [c for c in self.cases if c.info["profile"] != "cilium"]
                     continue
-            self.labs[profile] = _script("observe").up_lab(profile, folder)
+            self.labs[profile] = bench_script("observe").up_lab(profile, folder)
             stack.callback(remove_lab, self.labs[profile])
 
     def table(self) -> str:
@@ -257,12 +257,12 @@ class Policy(Suite):
             self.cases.append(Case(f"{profile} throughput", self._runner(profile), {"profile": profile}))
 
     def _update(self) -> dict[str, float]:
-        return _script("policy").update_case(self.pods)
+        return bench_script("policy").update_case(self.pods)
 
     def _runner(self, profile: str) -> Callable[[], dict[str, float]]:
         def run() -> dict[str, float]:
             name, path = self.labs[profile]
-            return _script("policy").enforcement_case(name, path, self.seconds)
+            return bench_script("policy").enforcement_case(name, path, self.seconds)
         return run
 
     def setup(self, stack: ExitStack, folder: Path) -> None:
@@ -276,7 +276,7 @@ class Policy(Suite):
         except Exception as exc:  # the cilium side is half of every ratio: no suite rather than half of one
             raise FeatureMissing(f"lab bench policy needs the cilium profile here: {exc}") from exc
         for profile in self.profiles:
-            self.labs[profile] = _script("policy").up_lab(profile, folder)
+            self.labs[profile] = bench_script("policy").up_lab(profile, folder)
             stack.callback(remove_lab, self.labs[profile][0])
 
     def table(self) -> str:
