@@ -6,7 +6,11 @@ kube-proxy's nftables proxier writes, on a partial sync, only the changed servic
 - In the process that made the last sync (kube-proxy is a daemon; `lab bench services` measures that case)
   the node's rules are kept as the list of per-service-port contributions (services/kube_proxy_nftables.py
   `parts`, shared while a port is unchanged): the next sync compares the two lists by identity and renders
-  the difference of the changed ports alone (their elements, chains and affinity sets), as one `nft -f`.
+  the difference of the changed ports alone (their elements, chains and affinity sets). It goes to the
+  kernel as ONE nfnetlink batch from this process (services/nft_netlink.py: no `nft` process, whose cache
+  fill reads the whole table first, ~0.1 s at 10,000 services), carrying the generation id the sync read,
+  so the kernel refuses it whole if anything committed meanwhile; what the batch does not encode (ClientIP
+  affinity's sets, the egress table) goes as one `nft -f` of render_delta; any failure: a full load.
 - The kernel must hold what was loaded last: the namespace's nf_tables generation id (bumped by every commit
   to any table of the namespace, see kube_proxy_partial.nft_generation) is read after each load and kept;
   when it has moved (someone changed a table by hand, or another of the lab's tables was reloaded) the table
@@ -21,9 +25,11 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from itertools import compress
 from pathlib import Path
 
 from services import kube_proxy_nftables as nft
+from services import nft_netlink
 from services.endpoints import ServicePortEndpoints
 from services.kube_proxy_partial import journal_path, nft_generation, pending_path, saved_files
 from topo.errors import ApplyError
@@ -100,37 +106,40 @@ def sync(ns: str, node: Node, sps: list[ServicePortEndpoints], cluster: Cluster,
     now_parts = nft.parts(node, sps, cluster)
     generation = nft_generation(ns)
     fixed = (node, cluster)
-    script: str | None = None
+    delta: tuple[nft.Ruleset, nft.Ruleset] | None = None  # (old, new) the kernel must go from and to
     record = None
     whole: nft.Ruleset | None = None
     if interrupted or generation is None:
         pass  # a full load
     elif (memory is not None and memory.files == saved_files(saved) and memory.generation == generation
           and memory.fixed == fixed):
-        old_ids, new_ids = {id(p): p for p in memory.parts}, {id(p): p for p in now_parts}
-        gone = [old_ids[i] for i in old_ids.keys() - new_ids.keys()]
-        fresh = [new_ids[i] for i in new_ids.keys() - old_ids.keys()]
-        if not gone and not fresh:
+        old_ids, new_ids = set(map(id, memory.parts)), set(map(id, now_parts))
+        if old_ids == new_ids:
             _LOADED[key] = replace(memory, parts=now_parts)
             return "none"
-        old, new = nft.assemble(node, cluster, gone), nft.assemble(node, cluster, fresh)
-        script, record = nft.render_delta(old, new), (old, new)
+        gone = list(compress(memory.parts, map((old_ids - new_ids).__contains__, map(id, memory.parts))))
+        fresh = list(compress(now_parts, map((new_ids - old_ids).__contains__, map(id, now_parts))))
+        delta = record = (nft.assemble(node, cluster, gone), nft.assemble(node, cluster, fresh))
     else:
         whole = nft.assemble(node, cluster, now_parts)
         old, old_generation = read_saved(saved)
         if old is not None and old_generation == generation:
-            script = nft.render_delta(old, whole)
-            if not script:
+            delta = (old, whole)
+            if not nft.render_delta(old, whole):
                 _LOADED[key] = _Loaded(fixed, now_parts, saved_files(saved), generation)
                 return "none"
     saved.parent.mkdir(parents=True, exist_ok=True)
     pending.write_text("")
     how = "partial"
     try:
-        if script is None:
+        if delta is None:
             raise ApplyError("no saved state matching the kernel")
-        if script:
-            load(script)
+        try:  # one netlink batch from here, refused by the kernel if the generation moved
+            nft_netlink.apply_delta(ns, *delta, generation)
+        except nft_netlink.Unsupported:  # e.g. ClientIP affinity's sets: nft -f renders those
+            script = nft.render_delta(*delta)
+            if script:
+                load(script)
     except ApplyError:
         whole = whole if whole is not None else nft.assemble(node, cluster, now_parts)
         load(nft.render_full(whole))

@@ -34,10 +34,11 @@ per service; "+1" is one new service applied as a delta to the loaded table:
 
 This module's own output at 10,000 services x 2 endpoints: full load 1.66-1.80 s (Python build + render
 0.4 s more); deltas at 10,000: one service added 0.10-0.13 s, one endpoint changed 0.11-0.12 s, one
-service deleted 0.07 s (mostly nft reading the table back for its cache). ClientIP affinity keeps
-kube-proxy's shape, one dynamic set per endpoint, and named sets load like named maps: 10,000 services
-ALL with ClientIP took 37 s (1,000: 0.45 s; 4,000: 5.2 s), deltas 0.26 s. A real dataplane check
-(3,000 new UDP flows to a 3-endpoint service) counted 1030 / 999 / 971.
+service deleted 0.07 s (mostly nft reading the table back for its cache; the partial sync now sends its
+deltas over netlink instead, services/nft_netlink.py: one service added 0.03-0.05 s, the kernel's
+commit). ClientIP affinity keeps kube-proxy's shape, one dynamic set per endpoint, and named sets load
+like named maps: 10,000 services ALL with ClientIP took 37 s (1,000: 0.45 s; 4,000: 5.2 s), deltas
+0.26 s. A real dataplane check (3,000 new UDP flows to a 3-endpoint service) counted 1030 / 999 / 971.
 
 The pod egress NAT (Flannel's convention, which a CNI owns, not kube-proxy) is a separate small table,
 `ip kubenet-egress`, chain `postrouting` (nat, priority 100): pod to pod RETURN; pod to anything else but
@@ -55,6 +56,8 @@ import functools
 import hashlib
 from dataclasses import dataclass
 from ipaddress import IPv4Network
+from itertools import compress, repeat
+from operator import is_
 from typing import Any
 
 from services.endpoints import Endpoint, ServicePortEndpoints
@@ -287,25 +290,29 @@ def _port_rules(sp: ServicePortEndpoints, node_name: str, pods: IPv4Network) -> 
     return _PortRules(tuple(elements), tuple(chains.values()), tuple(sets.values()))
 
 
-_BY_ID: dict[tuple, tuple] = {}  # (node name, pods) -> (service ports, kept alive; their ids; their parts)
+_BY_ID: dict[tuple, tuple] = {}  # (node name, pods) -> (service ports, kept alive; {their id: their part})
+_NO_ADDRESS = _PortRules((), (), ())  # a service port without a ClusterIP (headless) contributes nothing
 
 
 def parts(node: Node, sps: list[ServicePortEndpoints], cluster: Cluster) -> list[_PortRules]:
     """Each service port's contribution, in order. The service port objects of the last call for this node
-    are looked up by identity (a pointer lookup, not hashing each one whole), the others in _port_rules'
-    cache: a long-running sync after one change computes that change only."""
-    live = [sp for sp in sps if sp.service.cluster_ip is not None]
+    are looked up by identity (a pointer lookup, not hashing each one whole; done with map() so 10,000
+    ports cost about a millisecond), the others in _port_rules' cache: a long-running sync after one change
+    computes that change only."""
     key = (node.name, cluster.pod_cidr)
-    ids = list(map(id, live))
+    kept = list(sps)
+    ids = list(map(id, kept))
     last = _BY_ID.get(key)
-    known = dict(zip(last[1], last[2])) if last is not None else {}
-    out: list = [known.get(i) for i in ids]
-    for n, part in enumerate(out):
-        if part is None:
-            out[n] = _port_rules(live[n], node.name, cluster.pod_cidr)
+    out: list = list(map(last[1].get, ids)) if last is not None else [None] * len(ids)
+    for n in compress(range(len(out)), map(is_, out, repeat(None))):  # identity tests at C speed
+        sp = kept[n]
+        out[n] = (_port_rules(sp, node.name, cluster.pod_cidr) if sp.service.cluster_ip is not None
+                  else _NO_ADDRESS)
     if len(_BY_ID) > 1024:  # nodes seen by this process
         _BY_ID.clear()
-    _BY_ID[key] = (live, ids, out)
+    _BY_ID[key] = (kept, dict(zip(ids, out)))
+    if any(map(is_, out, repeat(_NO_ADDRESS))):
+        return [p for p in out if p is not _NO_ADDRESS]
     return out
 
 
