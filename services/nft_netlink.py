@@ -14,7 +14,9 @@ commits the batch atomically, like one `nft -f`. The batch carries the generatio
 Only the rule shapes kube_proxy_nftables writes into per-service chains are encoded (payload/meta/fib/
 numgen matches, jump/goto/return/drop, dnat); anything else (ClientIP affinity's sets and their `@set`
 rules, the egress table, a changed base chain) raises Unsupported and the caller uses `nft -f`.
-The encodings follow the kernel's uapi (linux/netfilter/nf_tables.h); the netlink path's result is checked
+Hand-packed like kube_proxy_partial.nft_generation and topo/rtnl.py: pyroute2 0.9.7's NFTSocket has message
+classes for these, but its batch carries no NFNL_BATCH_GENID and the expressions would be spelled attribute
+by attribute all the same. The encodings follow the kernel's uapi (linux/netfilter/nf_tables.h); the netlink path's result is checked
 against `nft -f`'s by `nft list table` in tests/integration/test_nft_netlink.py.
 """
 from __future__ import annotations
@@ -271,9 +273,11 @@ def send_batch(ns: str, msgs: list[tuple[int, int, bytes]], generation: int | No
         return
     genid = _u32(NFNL_BATCH_GENID, generation) if generation else b""
     parts = [_message(NFNL_MSG_BATCH_BEGIN, 0, 1, socket.AF_UNSPEC, NFNL_SUBSYS_NFTABLES, genid)]
-    for seq, (kind, flags, attrs) in enumerate(msgs, start=2):
-        parts.append(_message(NFNL_SUBSYS_NFTABLES << 8 | kind, flags | NLM_F_ACK, seq, NFPROTO_IPV4, 0, attrs))
     end = len(msgs) + 2
+    for seq, (kind, flags, attrs) in enumerate(msgs, start=2):
+        # errors are always answered; the one ack asked for (the last message's) comes after them all
+        ack = NLM_F_ACK if seq == end - 1 else 0
+        parts.append(_message(NFNL_SUBSYS_NFTABLES << 8 | kind, flags | ack, seq, NFPROTO_IPV4, 0, attrs))
     parts.append(_message(NFNL_MSG_BATCH_END, 0, end, socket.AF_UNSPEC, NFNL_SUBSYS_NFTABLES, b""))
     batch = b"".join(parts)
     with netns.entered(ns):
@@ -283,7 +287,7 @@ def send_batch(ns: str, msgs: list[tuple[int, int, bytes]], generation: int | No
         sock.settimeout(5)
         sock.bind((0, 0))
         sock.sendto(batch, (0, 0))
-        pending, failures = set(range(2, end)), []
+        pending, failures = {end - 1}, []
         try:
             while pending:
                 data = sock.recv(1 << 16)

@@ -153,3 +153,17 @@ def test_the_sync_applies_one_service_by_netlink_and_repairs_a_race_with_a_full_
     _nft(reference, "-f", "-", script=kp.render_full(kp.build(NODE, sps, Cluster())))
     assert _listing(ns) == _listing(reference)
     assert not ks.pending_path(saved).exists()
+
+
+def test_a_batch_that_does_not_fit_the_kernel_fails_whole(two_ns: tuple[str, str]) -> None:
+    """The kernel holds 5 services, the batch believes 6 (their removal fails: no such element or chain):
+    the error comes back and nothing of the batch is applied."""
+    ns = two_ns[0]
+    sps = service_ports(7)
+    held = kp.build(NODE, sps[:5], Cluster())
+    _nft(ns, "-f", "-", script=kp.render_full(held))
+    before = _listing(ns)
+    believed, wanted = kp.build(NODE, sps[:6], Cluster()), kp.build(NODE, sps[:4] + sps[6:], Cluster())
+    with pytest.raises(ApplyError, match="No such file or directory"):
+        nft_netlink.apply_delta(ns, believed, wanted, nft_generation(ns))
+    assert _listing(ns) == before
