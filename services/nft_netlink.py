@@ -37,6 +37,8 @@ NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END = 0x10, 0x11
 NFNL_BATCH_GENID = 1
 NLM_F_REQUEST, NLM_F_ACK, NLM_F_EXCL, NLM_F_CREATE, NLM_F_APPEND = 0x1, 0x4, 0x200, 0x400, 0x800
 NLMSG_ERROR = 2
+SO_SNDBUFFORCE = 32
+ELEMENTS_MAX = 48 << 10  # bytes of set elements per message (a netlink attribute holds 64 KiB)
 NLA_F_NESTED = 0x8000
 NFPROTO_IPV4 = 2
 
@@ -216,15 +218,26 @@ def _key(map_type: str, key: str) -> bytes:
     return out
 
 
-def _elements(m: kp.Map, pairs: list[tuple[str, str | None]]) -> bytes:
-    elems = []
+def _elements(m: kp.Map, pairs: list[tuple[str, str | None]]) -> list[bytes]:
+    """The attributes of one or more set element messages (an attribute holds at most 64 KiB: as nft
+    does, a long list is split over several messages of the same transaction)."""
+    head = _str(SET_ELEM_LIST_TABLE, kp.TABLE) + _str(SET_ELEM_LIST_SET, m.name)
+    out: list[bytes] = []
+    elems: list[bytes] = []
+    size = 0
     for key, verdict in pairs:
         attrs = [_value(SET_ELEM_KEY, _key(m.type, key))]
         if verdict is not None:
             attrs.append(_verdict(SET_ELEM_DATA, verdict.split()))
-        elems.append(_nest(LIST_ELEM, *attrs))
-    return (_str(SET_ELEM_LIST_TABLE, kp.TABLE) + _str(SET_ELEM_LIST_SET, m.name)
-            + _nest(SET_ELEM_LIST_ELEMENTS, *elems))
+        elem = _nest(LIST_ELEM, *attrs)
+        if size + len(elem) > ELEMENTS_MAX:
+            out.append(head + _nest(SET_ELEM_LIST_ELEMENTS, *elems))
+            elems, size = [], 0
+        elems.append(elem)
+        size += len(elem)
+    if elems:
+        out.append(head + _nest(SET_ELEM_LIST_ELEMENTS, *elems))
+    return out
 
 
 # --- the batch -------------------------------------------------------------------------------------
@@ -248,10 +261,8 @@ def delta_messages(old: kp.Ruleset, new: kp.Ruleset) -> list[tuple[int, int, byt
         was, now = dict(om.elements), dict(nm.elements)
         drop = [(k, None) for k, v in was.items() if now.get(k) != v]
         put = [(k, v) for k, v in now.items() if was.get(k) != v]
-        if drop:
-            msgs.append((DELSETELEM, 0, _elements(om, drop)))
-        if put:
-            puts.append((NEWSETELEM, NLM_F_CREATE, _elements(nm, put)))
+        msgs += [(DELSETELEM, 0, attrs) for attrs in _elements(om, drop)]
+        puts += [(NEWSETELEM, NLM_F_CREATE, attrs) for attrs in _elements(nm, put)]
     msgs += [(NEWCHAIN, NLM_F_CREATE, table + _str(CHAIN_NAME, n)) for n in added]
     msgs += [(DELRULE, 0, table + _str(RULE_CHAIN, n)) for n in changed + deleted]
     for n in added + changed:
@@ -280,14 +291,32 @@ def send_batch(ns: str, msgs: list[tuple[int, int, bytes]], generation: int | No
         parts.append(_message(NFNL_SUBSYS_NFTABLES << 8 | kind, flags | ack, seq, NFPROTO_IPV4, 0, attrs))
     parts.append(_message(NFNL_MSG_BATCH_END, 0, end, socket.AF_UNSPEC, NFNL_SUBSYS_NFTABLES, b""))
     batch = b"".join(parts)
+    try:
+        failures = _talk(ns, batch, end - 1)
+    except OSError as exc:  # e.g. ENOBUFS: too many errors to hold
+        raise ApplyError(f"nf_tables batch in {ns}: {exc.strerror or exc}") from exc
+    if failures:
+        seq, code = failures[0]
+        what = "the batch" if seq == 1 else f"message {seq - 1} of {len(msgs)}"
+        raise ApplyError(f"nf_tables batch in {ns} failed at {what}: {os.strerror(code)}"
+                         + (" (the ruleset changed meanwhile)" if code == errno.ERESTART else ""))
+
+
+def _talk(ns: str, batch: bytes, last: int) -> list[tuple[int, int]]:
+    """Send the batch (one datagram: the kernel takes a batch whole) and collect (seq, errno) of the
+    failures, until the last message's ack."""
     with netns.entered(ns):
         sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_NETFILTER)
     with sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, max(len(batch) * 2, 1 << 16))
+        if len(batch) > 1 << 17:  # above the default send buffer: as nft does, force a larger one (root)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, len(batch) + 4096)
+            except PermissionError:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, len(batch) + 4096)
         sock.settimeout(5)
         sock.bind((0, 0))
         sock.sendto(batch, (0, 0))
-        pending, failures = {end - 1}, []
+        pending, failures = {last}, []
         try:
             while pending:
                 data = sock.recv(1 << 16)
@@ -308,11 +337,7 @@ def send_batch(ns: str, msgs: list[tuple[int, int, bytes]], generation: int | No
         except (TimeoutError, socket.timeout) as exc:
             if not failures:
                 raise ApplyError(f"nf_tables batch in {ns}: no answer from the kernel") from exc
-    if failures:
-        seq, code = failures[0]
-        what = "the batch" if seq == 1 else f"message {seq - 1} of {len(msgs)}"
-        raise ApplyError(f"nf_tables batch in {ns} failed at {what}: {os.strerror(code)}"
-                         + (" (the ruleset changed meanwhile)" if code == errno.ERESTART else ""))
+    return failures
 
 
 def apply_delta(ns: str, old: kp.Ruleset, new: kp.Ruleset, generation: int | None) -> None:

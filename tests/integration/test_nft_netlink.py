@@ -80,7 +80,9 @@ def _cases() -> dict[str, tuple[Cluster, list, list]]:
     return {"every shape added": (Cluster(), base, base + kinds),
             "every shape removed": (Cluster(), base + kinds, base),
             "endpoints changed, lost, service removed": (Cluster(), base, base[:3] + [fewer, none] + base[6:]),
-            "pod cidr not whole bytes": (ODD, base, base + kinds)}
+            "pod cidr not whole bytes": (ODD, base, base + kinds),
+            # a batch of megabytes, its elements split over several messages (an attribute holds 64 KiB)
+            "a thousand at once": (Cluster(), base, service_ports(1000))}
 
 
 @pytest.mark.parametrize("case", list(_cases()))
