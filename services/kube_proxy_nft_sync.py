@@ -9,8 +9,8 @@ kube-proxy's nftables proxier writes, on a partial sync, only the changed servic
   the difference of the changed ports alone (their elements, chains and affinity sets). It goes to the
   kernel as ONE nfnetlink batch from this process (services/nft_netlink.py: no `nft` process, whose cache
   fill reads the whole table first, ~0.1 s at 10,000 services), carrying the generation id the sync read,
-  so the kernel refuses it whole if anything committed meanwhile; what the batch does not encode (ClientIP
-  affinity's sets, the egress table) goes as one `nft -f` of render_delta; any failure: a full load.
+  so the kernel refuses it whole if anything committed meanwhile; what the batch does not encode (the
+  egress table, a changed base chain) goes as one `nft -f` of render_delta; any failure: a full load.
 - The kernel must hold what was loaded last: the namespace's nf_tables generation id (bumped by every commit
   to any table of the namespace, see kube_proxy_partial.nft_generation) is read after each load and kept;
   when it has moved (someone changed a table by hand, or another of the lab's tables was reloaded) the table
@@ -136,7 +136,7 @@ def sync(ns: str, node: Node, sps: list[ServicePortEndpoints], cluster: Cluster,
             raise ApplyError("no saved state matching the kernel")
         try:  # one netlink batch from here, refused by the kernel if the generation moved
             nft_netlink.apply_delta(ns, *delta, generation)
-        except nft_netlink.Unsupported:  # e.g. ClientIP affinity's sets: nft -f renders those
+        except nft_netlink.Unsupported:  # e.g. the egress table: nft -f renders those
             script = nft.render_delta(*delta)
             if script:
                 load(script)

@@ -6,23 +6,25 @@ namespace (`add chain` alone: 0.00 s; `add element` alone: 0.11-0.17 s; the +1 s
 which was most of a +1 sync. Here the delta (services/kube_proxy_nftables.render_delta's operations, in its
 order) is encoded as the very netlink messages nft would send: NFT_MSG_NEWCHAIN, NFT_MSG_DELRULE without a
 handle (a chain flush), NFT_MSG_NEWRULE with the expressions `nft --debug=netlink` shows for these rules,
-NFT_MSG_DELCHAIN, NFT_MSG_NEWSETELEM / NFT_MSG_DELSETELEM, between NFNL_MSG_BATCH_BEGIN / END. The kernel
-commits the batch atomically, like one `nft -f`. The batch carries the generation id the caller read
-(NFNL_BATCH_GENID): if anything committed to the namespace since, the kernel refuses the whole batch
-(ERESTART) and the caller replaces the table whole.
+NFT_MSG_DELCHAIN, NFT_MSG_NEWSET / DELSET, NFT_MSG_NEWSETELEM / DELSETELEM, between NFNL_MSG_BATCH_BEGIN
+and END. The kernel commits the batch atomically, like one `nft -f`. The batch carries the generation id
+the caller read (NFNL_BATCH_GENID): if anything committed to the namespace since, the kernel refuses the
+whole batch (ERESTART) and the caller replaces the table whole.
 
 Only the rule shapes kube_proxy_nftables writes into per-service chains are encoded (payload/meta/fib/
-numgen matches, jump/goto/return/drop, dnat); anything else (ClientIP affinity's sets and their `@set`
-rules, the egress table, a changed base chain) raises Unsupported and the caller uses `nft -f`.
-Hand-packed like kube_proxy_partial.nft_generation and topo/rtnl.py: pyroute2 0.9.7's NFTSocket has message
-classes for these, but its batch carries no NFNL_BATCH_GENID and the expressions would be spelled attribute
-by attribute all the same. The encodings follow the kernel's uapi (linux/netfilter/nf_tables.h); the netlink path's result is checked
-against `nft -f`'s by `nft list table` in tests/integration/test_nft_netlink.py.
+numgen matches, jump/goto/return/drop, dnat, ClientIP affinity's set lookup and `update`) and its
+affinity sets; anything else (the egress table, a changed base chain or map) raises Unsupported and the
+caller uses `nft -f`. Hand-packed like kube_proxy_partial.nft_generation and topo/rtnl.py: pyroute2
+0.9.7's NFTSocket has message classes for these, but its batch carries no NFNL_BATCH_GENID and the
+expressions would be spelled attribute by attribute all the same. The encodings follow the kernel's uapi
+(linux/netfilter/nf_tables.h); the result is checked against `nft -f`'s, as `nft list ruleset` prints
+both, in tests/integration/test_nft_netlink.py.
 """
 from __future__ import annotations
 
 import errno
 import os
+import re
 import socket
 import struct
 from ipaddress import IPv4Address, IPv4Network
@@ -43,7 +45,11 @@ NLA_F_NESTED = 0x8000
 NFPROTO_IPV4 = 2
 
 # message types (enum nf_tables_msg_types)
-NEWCHAIN, DELCHAIN, NEWRULE, DELRULE, NEWSETELEM, DELSETELEM = 3, 5, 6, 8, 12, 14
+NEWCHAIN, DELCHAIN, NEWRULE, DELRULE, NEWSET, DELSET, NEWSETELEM, DELSETELEM = 3, 5, 6, 8, 9, 11, 12, 14
+SET_NAME, SET_ID = 2, 10
+NFT_SET_TIMEOUT, NFT_SET_EVAL = 0x10, 0x20  # flags timeout, dynamic
+TYPE_IPADDR = 7  # nft's datatype id of ipv4_addr
+BYTEORDER_BIG_ENDIAN = 2  # NFTNL_UDATA_SET_KEYBYTEORDER's value
 # attributes
 CHAIN_TABLE, CHAIN_NAME = 1, 3
 RULE_TABLE, RULE_CHAIN, RULE_EXPRESSIONS = 1, 2, 4
@@ -122,6 +128,8 @@ def _l4proto(proto: str) -> list[bytes]:
 def _ip_match(field: str, op: int, text: str) -> list[bytes]:
     """`ip saddr|daddr [!=] ADDRESS[/PREFIX]` the way nft 1.0.6 compiles it: a whole-byte prefix loads only
     its bytes; any other prefix loads the address and masks it (bitwise)."""
+    if text.startswith("@") and op == 0:  # membership of a set (ClientIP affinity): NFTA_LOOKUP_SREG, _SET
+        return [_payload(1, IP_FIELDS[field], 4), _expr("lookup", _u32(2, REG_1), _str(1, text[1:]))]
     try:
         net = IPv4Network(text)
     except ValueError as exc:
@@ -168,6 +176,12 @@ def compile_rule(rule: str) -> bytes:
             exprs += [_expr("numgen", _u32(1, REG_1), _u32(2, int(rest[2])), _u32(3, 1), _u32(4, 0)),
                       _cmp(0, struct.pack("=I", int(rest[4])))]
             i += 6
+        elif w == "update" and len(rest) == 5 and rest[0].startswith("@") and rest[1:] in (
+                ["{", "ip", "saddr", "}"], ["{", "ip", "daddr", "}"]):
+            # ClientIP affinity: NFTA_DYNSET_SREG_KEY, _OP (NFT_DYNSET_OP_UPDATE), _SET_NAME
+            exprs += [_payload(1, IP_FIELDS[rest[3]], 4),
+                      _expr("dynset", _u32(4, REG_1), _u32(3, 1), _str(1, rest[0][1:]))]
+            i = len(words)
         elif w == "fib" and rest[:3] == ["saddr", "type", "local"]:
             # NFTA_FIB_DREG, NFTA_FIB_RESULT (NFT_FIB_RESULT_ADDRTYPE), NFTA_FIB_FLAGS (NFTA_FIB_F_SADDR)
             exprs += [_expr("fib", _u32(1, REG_1), _u32(2, 3), _u32(3, 1)), _cmp(0, struct.pack("=I", RTN_LOCAL))]
@@ -242,19 +256,34 @@ def _elements(m: kp.Map, pairs: list[tuple[str, str | None]]) -> list[bytes]:
 
 # --- the batch -------------------------------------------------------------------------------------
 
+def _set(declaration: str) -> bytes:
+    """An affinity set's NFTA_SET_FLAGS, _KEY_TYPE, _KEY_LEN, _TIMEOUT and _USERDATA, as nft 1.0.6 sends
+    them for `type ipv4_addr; flags dynamic,timeout; timeout Ns;` (the only declaration kp writes)."""
+    match = re.fullmatch(r"type ipv4_addr; flags dynamic,timeout; timeout (\d+)s;", declaration)
+    if match is None:
+        raise Unsupported(declaration)
+    return (_u32(3, NFT_SET_TIMEOUT | NFT_SET_EVAL) + _u32(4, TYPE_IPADDR) + _u32(5, 4)
+            + _attr(11, struct.pack(">Q", int(match[1]) * 1000))
+            + _attr(13, bytes([0, 4]) + struct.pack("=I", BYTEORDER_BIG_ENDIAN)))  # udata: key byte order
+
+
 def delta_messages(old: kp.Ruleset, new: kp.Ruleset) -> list[tuple[int, int, bytes]]:
     """render_delta's transaction as (message type, flags, attributes), in its order; Unsupported when
-    nft -f is needed (sets, the egress table, base chains or maps that differ)."""
+    nft -f is needed (the egress table, base chains or maps that differ)."""
     if kp._skeleton(old) != kp._skeleton(new) or old.egress != new.egress:
         raise Unsupported("table skeleton or egress changed")
     old_sets = {s.name: s.declaration for s in old.sets}
-    if old_sets != {s.name: s.declaration for s in new.sets}:
-        raise Unsupported("affinity sets changed")
+    new_sets = {s.name: s.declaration for s in new.sets}
+    gone_sets = [n for n in old_sets if n not in new_sets]
+    redone_sets = [n for n in new_sets if n in old_sets and old_sets[n] != new_sets[n]]
+    added_sets = [n for n in new_sets if n not in old_sets]
     old_chains, new_chains = old.chain_rules, new.chain_rules
     added = [n for n in new_chains if n not in old_chains]
     deleted = [n for n in old_chains if n not in new_chains]
-    changed = [n for n in new_chains if n in old_chains and old_chains[n] != new_chains[n]]
-    table = _str(CHAIN_TABLE, kp.TABLE)  # NFTA_CHAIN_TABLE == NFTA_RULE_TABLE == 1
+    refs = tuple(f"@{n} " for n in redone_sets)  # a chain naming a re-created set is rewritten too
+    changed = [n for n in new_chains if n in old_chains and (
+        old_chains[n] != new_chains[n] or (refs and any(r in rule + " " for rule in old_chains[n] for r in refs)))]
+    table = _str(CHAIN_TABLE, kp.TABLE)  # NFTA_CHAIN_TABLE == NFTA_RULE_TABLE == NFTA_SET_TABLE == 1
     msgs: list[tuple[int, int, bytes]] = []
     puts = []
     for om, nm in zip(old.maps, new.maps):
@@ -265,6 +294,9 @@ def delta_messages(old: kp.Ruleset, new: kp.Ruleset) -> list[tuple[int, int, byt
         puts += [(NEWSETELEM, NLM_F_CREATE, attrs) for attrs in _elements(nm, put)]
     msgs += [(NEWCHAIN, NLM_F_CREATE, table + _str(CHAIN_NAME, n)) for n in added]
     msgs += [(DELRULE, 0, table + _str(RULE_CHAIN, n)) for n in changed + deleted]
+    msgs += [(DELSET, 0, table + _str(SET_NAME, n)) for n in gone_sets + redone_sets]
+    msgs += [(NEWSET, NLM_F_CREATE, table + _str(SET_NAME, n) + _u32(SET_ID, set_id) + _set(new_sets[n]))
+             for set_id, n in enumerate(added_sets + redone_sets, start=1)]  # the kernel requires an id
     for n in added + changed:
         msgs += [(NEWRULE, NLM_F_CREATE | NLM_F_APPEND, table + _str(RULE_CHAIN, n) + compile_rule(rule))
                  for rule in new_chains[n]]

@@ -32,13 +32,15 @@ def _exprs(encoded: bytes) -> list[str]:
     ("numgen random mod 3 == 0 goto endpoint-X", ["numgen", "cmp", "immediate"]),
     ("fib saddr type local jump mark-for-masquerade", ["fib", "cmp", "immediate"]),
     ("goto endpoint-X", ["immediate"]),
+    ("ip saddr @affinity-X goto endpoint-X", ["payload", "lookup", "immediate"]),
+    ("update @affinity-X { ip saddr }", ["payload", "dynset"]),
 ])
 def test_rules_compile_to_the_expressions_nft_writes(rule: str, exprs: list[str]) -> None:
     """The expression lists are those `nft --debug=netlink` prints for these rules (nft 1.0.6)."""
     assert _exprs(nl.compile_rule(rule)) == exprs
 
 
-@pytest.mark.parametrize("rule", ["ip saddr @affinity-X goto endpoint-X", "update @affinity-X { ip saddr }",
+@pytest.mark.parametrize("rule", ["ip saddr != @affinity-X goto endpoint-X", "update @affinity-X { meta mark }",
                                   "masquerade fully-random", "ip saddr 0.0.0.0/0 return", "dnat to 1.2.3.4:80",
                                   "goto"])
 def test_other_rules_are_left_to_nft(rule: str) -> None:
@@ -60,11 +62,18 @@ def test_a_delta_is_render_deltas_operations_in_its_order() -> None:
     assert nl.delta_messages(new, new) == []
 
 
-def test_affinity_and_egress_changes_are_left_to_nft() -> None:
+def test_affinity_sets_are_created_before_the_rules_naming_them_and_egress_is_left_to_nft() -> None:
     sp = service_ports(1)[0]
     sticky = ServicePortEndpoints(replace(sp.service, session_affinity="ClientIP"), sp.port, sp.endpoints)
-    with pytest.raises(nl.Unsupported):
-        nl.delta_messages(kp.build(NODE, [], CLUSTER), kp.build(NODE, [sticky], CLUSTER))
+    kinds = [kind for kind, _, _ in nl.delta_messages(kp.build(NODE, [], CLUSTER), kp.build(NODE, [sticky], CLUSTER))]
+    assert kinds == [nl.NEWCHAIN] * 3 + [nl.NEWSET] * 2 + [nl.NEWRULE] * 11 + [nl.NEWSETELEM]
+    longer = ServicePortEndpoints(replace(sticky.service, affinity_timeout=60), sp.port, sp.endpoints)
+    kinds = [kind for kind, _, _ in nl.delta_messages(kp.build(NODE, [sticky], CLUSTER),
+                                                      kp.build(NODE, [longer], CLUSTER))]
+    # a set whose timeout changed is re-created while no rule names it: every chain naming it is rewritten
+    assert kinds == [nl.DELRULE] * 3 + [nl.DELSET] * 2 + [nl.NEWSET] * 2 + [nl.NEWRULE] * 11
     other = replace(NODE, pod_cidr=NODE.pod_cidr.supernet(new_prefix=23))
     with pytest.raises(nl.Unsupported):
         nl.delta_messages(kp.build(NODE, [sp], CLUSTER), kp.build(other, [sp], CLUSTER))
+    with pytest.raises(nl.Unsupported):
+        nl._set("type ipv4_addr; flags dynamic; size 1024;")
