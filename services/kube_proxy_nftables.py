@@ -46,7 +46,8 @@ multicast MASQUERADE; outside the cluster to this node's pods RETURN (a NodePort
 the client IP); outside the cluster to other nodes' pods MASQUERADE. `render_full` replaces both tables
 in one transaction; `render_delta` rewrites the egress table only if it changed.
 
-Apply with `nft -f -` inside the node's namespace (services/kube_proxy.py). Pure: nothing here touches
+Apply with `nft -f -` inside the node's namespace (services/kube_proxy.py); partial syncs send their
+delta as one netlink batch (services/nft_netlink.py, kube_proxy_nft_sync.py). Pure: nothing here touches
 the kernel.
 """
 from __future__ import annotations
