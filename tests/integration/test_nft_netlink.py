@@ -180,3 +180,38 @@ def test_a_batch_that_does_not_fit_the_kernel_fails_whole(two_ns: tuple[str, str
     with pytest.raises(ApplyError, match="No such file or directory"):
         nft_netlink.apply_delta(ns, believed, wanted, nft_generation(ns))
     assert _listing(ns) == before
+
+
+def test_a_sync_cut_after_its_batch_converges_on_the_next_run(
+        two_ns: tuple[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Killed between the batch and journaling it: the marker stays, and the next sync (a new process: no
+    memory) loads the table whole instead of trusting a saved state the kernel no longer matches."""
+    ns, reference = two_ns
+    sps = service_ports(12)
+    saved = tmp_path / "node.nft.json"
+
+    def load(script: str) -> None:
+        _nft(ns, "-f", "-", script=script)
+
+    assert ks.sync(ns, NODE, sps[:10], Cluster(), saved, load) == "full"
+    real = ks.nft_generation
+    calls: list[str] = []
+
+    def killed_after_the_batch(name: str) -> int | None:
+        calls.append(name)
+        if len(calls) == 2:  # the read right after the batch: the process dies here
+            raise KeyboardInterrupt
+        return real(name)
+
+    monkeypatch.setattr(ks, "nft_generation", killed_after_the_batch)
+    with pytest.raises(KeyboardInterrupt):
+        ks.sync(ns, NODE, sps[:11], Cluster(), saved, load)
+    monkeypatch.setattr(ks, "nft_generation", real)
+    assert ks.pending_path(saved).exists()
+    ks._LOADED.clear()  # a new process
+    kp._BY_ID.clear()
+    assert ks.sync(ns, NODE, sps, Cluster(), saved, load) == "full"
+    assert not ks.pending_path(saved).exists()
+    _nft(reference, "-f", "-", script=kp.render_full(kp.build(NODE, sps, Cluster())))
+    assert _listing(ns) == _listing(reference)
+    assert ks.sync(ns, NODE, sps[:11], Cluster(), saved, load) == "partial"  # and partial again after
