@@ -15,7 +15,7 @@ from ipaddress import IPv4Address
 from pathlib import Path
 
 from apiserver import state
-from apiserver.desired import object_key, current_lab, model_of, remember_spec
+from apiserver.desired import object_key, current_lab, model_of, remember_spec, spec_of
 from apiserver.files import read_manifest
 from apiserver.spec import parse_objects, pods_from_objects
 from cni import network_policy
@@ -146,8 +146,9 @@ def apply_file(name: str | None, file: str) -> list[str]:
         state.save(st)
         crash.point("resync")
         resync(st, alive)
-        warning = network_policy.not_enforced_warning(current_lab(st))
-    if warning and any(o.get("kind") == "NetworkPolicy" for o in objects):
+        policies = any(o.get("kind") == "NetworkPolicy" for o in objects)  # else the model is not derived again
+        warning = network_policy.not_enforced_warning(current_lab(st)) if policies else None
+    if warning:
         report.append(warning)  # "Warning: ..." lines go to stderr (lab/cli.py), as kubectl prints warnings
     root = root_warning(dataclasses.replace(lab, pods=tuple(new)))
     if root:
@@ -171,9 +172,9 @@ def _make(st: state.LabState, lab: Lab, pod: Pod, alive: dict[str, bool]) -> boo
 def converge_vpc(st: state.LabState, alive: dict[str, bool]) -> list[str]:
     """aws-vpc: ipamd's reconcile loop (every node's pool against the current settings, releasing or
     growing), then nodes waiting for a primary address, then pods waiting for one."""
-    lab = current_lab(st)
-    if lab.cni.profile != "aws-vpc":
+    if spec_of(st).cni.profile != "aws-vpc":  # the profile is the spec's: no need to derive the whole model
         return []
+    lab = current_lab(st)
     with kubelet.ipamd_file(lab).locked() as ipamd:
         for pool in ipamd.nodes.values():
             ipamd.top_up(pool)
