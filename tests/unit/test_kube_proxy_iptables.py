@@ -400,3 +400,38 @@ def test_partial_sync_restores_a_service_rule_deleted_by_hand() -> None:
 
 
     assert kp.render_delta(before, before.replace("-A PREROUTING ", "-A PREROUTING -i lo ", 1)) is None
+
+
+# ------------------------------------------------------------------------------ the shared text body
+
+
+def _reference_text(plan: kp.Plan) -> str:
+    """Plan.text() rendered the direct way, table by table, with nothing shared between nodes."""
+    filt, nat = kp._Table("filter", kp.FILTER_BUILTINS), kp._Table("nat", kp.NAT_BUILTINS)
+    kp._skeleton(filt, nat)
+    for part in plan.parts:
+        for table, chain, spec in part:
+            target = filt if table == "filter" else nat
+            target.chain(chain) if spec is None else target.add(chain, spec)
+    nat.add(kp.KUBE_SERVICES, kp.NODEPORTS_JUMP)
+    kp._forward_rules(filt)
+    if plan.egress is not None:
+        nat.chain(*{line.split(" ", 2)[1] for line in plan.egress} - set(kp.NAT_BUILTINS))
+    egress = plan.egress if plan.egress is not None else kp.egress_masquerade(plan.cluster.pod_cidr, plan.node.pod_cidr)
+    for line in egress:
+        nat.add_line(line)
+    header = f"# kubenet-lab: kube-proxy (iptables mode) and flannel egress NAT for node {plan.node.name}"
+    return "\n".join([header, *filt.lines(), *nat.lines()]) + "\n"
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_nodes_sharing_a_body_each_get_their_own_lines(case: str) -> None:
+    # Plan.text() renders what does not depend on the node once and shares it: the second and third nodes'
+    # texts must still be exactly their own (their header and egress NAT lines, nobody else's).
+    _node, sps = CASES[case]
+    other = Node("node9", IPv4Address("192.168.1.19"), IPv4Network("10.244.9.0/24"), 9)
+    aws = kp.aws_snat(IPv4Address("192.168.1.20"), [IPv4Network("192.168.0.0/16")], [IPv4Address("192.168.1.99")])
+    kp.forget()
+    for node, egress in ((NODE1, None), (other, None), (NODE1, aws), (other, []), (NODE1, None)):
+        plan = kp.plan(node, sps, CLUSTER, egress)
+        assert plan.text() == _reference_text(plan), (node.name, egress)
