@@ -435,3 +435,42 @@ def test_nodes_sharing_a_body_each_get_their_own_lines(case: str) -> None:
     for node, egress in ((NODE1, None), (other, None), (NODE1, aws), (other, []), (NODE1, None)):
         plan = kp.plan(node, sps, CLUSTER, egress)
         assert plan.text() == _reference_text(plan), (node.name, egress)
+
+
+def test_legacy_loads_lock_a_file_of_their_node(tmp_path: Path) -> None:
+    """The legacy loaders of one node lock a file of that node's own (XTABLES_LOCKFILE, next to its saved
+    rules) instead of the machine-wide /run/xtables.lock, so 100 nodes' loads run in parallel rather than
+    queueing on one lock (tables are per namespace). Held by someone else, that file makes the load wait and
+    give up (`-w 5`, twice: the partial load, then the full one); the machine-wide lock is left alone here."""
+    require_root()
+    require_tool("iptables-legacy-restore")
+    require_tool("flock")
+    import uuid
+
+    from bench.services import CLUSTER as C, NODE as N, service_ports
+    from services import kube_proxy
+    from topo import names, netns
+    from topo.errors import ApplyError
+
+    ns = names.node_netns(f"kpt{uuid.uuid4().hex[:6]}", "node1")  # lab-shaped: `lab clean` finds it after a crash
+    saved = tmp_path / "node1.iptables.rules"
+    lock = tmp_path / "node1.iptables.rules.xtables.lock"
+    netns.ensure_dir()
+    netns.create(ns)
+    try:
+        kube_proxy.sync_iptables(ns, kp.plan(N, service_ports(2), C), "legacy", saved)
+        with netns.entered(ns):
+            rules = subprocess.run(["iptables-legacy-save", "-t", "nat"], capture_output=True, text=True).stdout
+        assert "-A KUBE-SERVICES -d 10.96.0.100/32" in rules
+        assert lock.exists()
+        holder = subprocess.Popen(["flock", str(lock), "sleep", "60"])
+        try:
+            while subprocess.run(["flock", "-n", str(lock), "true"]).returncode == 0:
+                pass  # until the holder has it
+            with pytest.raises(ApplyError, match=r"lock .*node1\.iptables\.rules\.xtables\.lock"):
+                kube_proxy.sync_iptables(ns, kp.plan(N, service_ports(3), C), "legacy", saved)
+        finally:
+            holder.kill()
+            holder.wait()
+    finally:
+        netns.delete(ns)
