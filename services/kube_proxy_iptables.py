@@ -36,6 +36,7 @@ from __future__ import annotations
 import base64
 import functools
 import hashlib
+import threading
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 
@@ -342,25 +343,37 @@ def _service_port_rules(node: Node, sp: ServicePortEndpoints, cluster: Cluster, 
     once per node. The cache is dropped when it outgrows a large cluster's worth of service ports."""
     service = sp.service
     local_policy = service.type != "ClusterIP" and service.external_traffic_policy == "Local"
-    if not local_policy:  # the same for every node: found by identity, without hashing every endpoint again
-        hit = _SHARED.get(id(sp))
-        if hit is not None and hit[0] is sp and hit[1] is cluster and hit[2] == large:
-            return hit[3]
-    key = (sp, cluster, tuple(sp.local(node.name)) if local_policy else None, large)
-    found = _RULES_CACHE.get(key)
-    if found is None:
-        ops: list = []
-        _service_port(_Recorder("filter", ops), _Recorder("nat", ops), node, sp, cluster, large)  # type: ignore[arg-type]
-        if len(_RULES_CACHE) > 1 << 16:
-            _RULES_CACHE.clear()
-        found = _RULES_CACHE[key] = tuple(ops)
-    if not local_policy:
-        if len(_SHARED) > 1 << 16:
-            _SHARED.clear()
-        _SHARED[id(sp)] = (sp, cluster, large, found)  # holds sp: its id stays its own while the entry lives
+    found = None if local_policy else _shared(sp, cluster, large)
+    if found is not None:
+        return found
+    with _RENDERING:
+        found = None if local_policy else _shared(sp, cluster, large)  # rendered meanwhile by another node's thread
+        if found is not None:
+            return found
+        key = (sp, cluster, tuple(sp.local(node.name)) if local_policy else None, large)
+        found = _RULES_CACHE.get(key)
+        if found is None:
+            ops: list = []
+            _service_port(_Recorder("filter", ops), _Recorder("nat", ops), node, sp, cluster, large)  # type: ignore[arg-type]
+            if len(_RULES_CACHE) > 1 << 16:
+                _RULES_CACHE.clear()
+            found = _RULES_CACHE[key] = tuple(ops)
+        if not local_policy:
+            if len(_SHARED) > 1 << 16:
+                _SHARED.clear()
+            _SHARED[id(sp)] = (sp, cluster, large, found)  # holds sp: its id stays its own while the entry lives
     return found
 
 
+def _shared(sp: ServicePortEndpoints, cluster: Cluster, large: bool) -> tuple | None:
+    """The records of a service port whose rules are the same on every node, found by identity (no hashing)."""
+    hit = _SHARED.get(id(sp))
+    return hit[3] if hit is not None and hit[0] is sp and hit[1] is cluster and hit[2] == large else None
+
+
+# Nodes sync in parallel threads (services/kube_proxy.py): the first to miss a memo renders, the others wait for
+# it and share the result instead of each rendering the same 10,000-endpoint service port again.
+_RENDERING = threading.RLock()
 # id(service port) -> (it, cluster, large, its records): the first plan of each of 100 nodes hashed a
 # 10,000-endpoint service port whole (10-15 ms a node) to find records another node had already made.
 _SHARED: dict[int, tuple] = {}
@@ -439,6 +452,12 @@ def _body(parts: list[tuple], cluster: Cluster) -> tuple:
     found = _BODIES.get(key)
     if found is not None:
         return found[1]
+    with _RENDERING:
+        found = _BODIES.get(key)
+        return found[1] if found is not None else _render_body(key, parts, cluster)
+
+
+def _render_body(key: tuple, parts: list[tuple], cluster: Cluster) -> tuple:
     filt = _Table("filter", FILTER_BUILTINS)
     nat = _Table("nat", NAT_BUILTINS)
     _skeleton(filt, nat)

@@ -474,3 +474,31 @@ def test_legacy_loads_lock_a_file_of_their_node(tmp_path: Path) -> None:
             holder.wait()
     finally:
         netns.delete(ns)
+
+
+def test_nodes_planned_at_once_render_a_service_port_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    # services/kube_proxy.py syncs nodes in parallel threads: all of them missing the memo at once used to
+    # render the same big service port once each (4 renders of 10,000 endpoints for 4 workers).
+    import threading
+
+    calls = []
+    real = kp._service_port
+    monkeypatch.setattr(kp, "_service_port", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    eps = tuple(ep(f"10.244.{i // 200}.{i % 200 + 2}", 8080, "node1", f"p{i}") for i in range(2000))
+    big = [sp(WEB, 0, *eps)]
+    kp.forget()
+    start = threading.Barrier(4)
+    texts: list[str] = []
+
+    def one(i: int) -> None:
+        node = Node(f"node{i}", IPv4Address(f"192.168.1.{20 + i}"), IPv4Network(f"10.244.{20 + i}.0/24"), i)
+        start.wait()
+        texts.append(kp.plan(node, big, CLUSTER).text())
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1
+    assert len(texts) == 4 and len({t.split("\n", 1)[1] for t in texts}) == 4  # each node's own egress lines
