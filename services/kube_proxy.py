@@ -29,6 +29,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -59,6 +60,18 @@ def host_iptables_backend() -> str:
     except (OSError, subprocess.TimeoutExpired):
         return "legacy"
     return "nft" if "nf_tables" in out else "legacy"
+
+
+@functools.lru_cache(maxsize=1)
+def own_lockfile_ok() -> bool:
+    """Whether the legacy loaders honour XTABLES_LOCKFILE (iptables 1.8.5 and later): then each node's loads
+    lock a file of their own and nodes load in parallel; before, they share /run/xtables.lock and load in turn."""
+    try:
+        out = subprocess.run(["iptables-legacy", "--version"], capture_output=True, text=True, timeout=5).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    found = re.search(r"v(\d+)\.(\d+)\.(\d+)", out)
+    return found is not None and tuple(map(int, found.groups())) >= (1, 8, 5)
 
 
 def iptables_backend(proxy: KubeProxy) -> str:
@@ -254,9 +267,11 @@ PARALLEL_LOADS = 4  # rule loads under way at once (more only queue for the CPUs
 
 
 def _parallel_ok(lab: Lab) -> bool:
-    """Whether nodes' rules may be loaded at once: in nftables and iptables mode (either backend: the legacy
-    loaders lock a file of their node's own, see sync_iptables). Not in IPVS mode (its kernel feature probes
-    and its several loaders per node are not made to run side by side)."""
+    """Whether nodes' rules may be loaded at once: in nftables and iptables mode (the legacy backend when its
+    loaders lock a file of their node's own: sync_iptables, own_lockfile_ok). Not in IPVS mode (its kernel
+    feature probes and its several loaders per node are not made to run side by side)."""
+    if lab.kube_proxy.mode == "iptables" and iptables_backend(lab.kube_proxy) == "legacy":
+        return own_lockfile_ok()
     return lab.kube_proxy.mode != "ipvs"
 
 
