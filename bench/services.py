@@ -205,8 +205,7 @@ def measure_case(mode: str, count: int, connects: int) -> dict:
             backend = mode.split("-", 1)[1] if "-" in mode else kube_proxy.host_iptables_backend()
             with tempfile.TemporaryDirectory() as folder:
                 saved = Path(folder) / "node.iptables.rules"
-                kube_proxy_iptables._RULES_CACHE.clear()  # the full sync renders everything, as a fresh start
-                kube_proxy_iptables._BY_ID.clear()
+                kube_proxy_iptables.forget()  # the full sync renders everything, as a fresh start
                 started = time.perf_counter()
                 kube_proxy.sync_iptables(bed.node, kube_proxy_iptables.plan(NODE, sps, CLUSTER), backend, saved)
                 full = time.perf_counter() - started

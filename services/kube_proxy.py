@@ -28,6 +28,8 @@ import concurrent.futures
 import functools
 import hashlib
 import json
+import os
+import re
 import shutil
 import subprocess
 import time
@@ -58,6 +60,18 @@ def host_iptables_backend() -> str:
     except (OSError, subprocess.TimeoutExpired):
         return "legacy"
     return "nft" if "nf_tables" in out else "legacy"
+
+
+@functools.lru_cache(maxsize=1)
+def own_lockfile_ok() -> bool:
+    """Whether the legacy loaders honour XTABLES_LOCKFILE (iptables 1.8.5 and later): then each node's loads
+    lock a file of their own and nodes load in parallel; before, they share /run/xtables.lock and load in turn."""
+    try:
+        out = subprocess.run(["iptables-legacy", "--version"], capture_output=True, text=True, timeout=5).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    found = re.search(r"v(\d+)\.(\d+)\.(\d+)", out)
+    return found is not None and tuple(map(int, found.groups())) >= (1, 8, 5)
 
 
 def iptables_backend(proxy: KubeProxy) -> str:
@@ -113,12 +127,19 @@ def require_tools(lab: Lab) -> None:
             raise FeatureMissing(f"kubeProxy.mode {lab.kube_proxy.mode} needs {tool}: install it (./install.sh does)")
 
 
-def load(ns: str, argv: list[str], script: str) -> None:
-    """Feed a ruleset to a loader running inside a node's namespace."""
+def load(ns: str, argv: list[str], script: str | Path, env: dict[str, str] | None = None) -> None:
+    """Feed a ruleset to a loader running inside a node's namespace: a text, or a file the loader reads as its
+    standard input (a full restore of a big Service: no megabytes pumped through a pipe by a Python thread
+    while other nodes' loads run). `env`: added to the loader's environment."""
+    environ = {**os.environ, **env} if env else None
     with netns.entered(ns):
-        proc = subprocess.run(argv, input=script, capture_output=True, text=True)
+        if isinstance(script, Path):
+            with script.open("rb") as fh:
+                proc = subprocess.run(argv, stdin=fh, capture_output=True, env=environ)
+        else:
+            proc = subprocess.run(argv, input=script.encode(), capture_output=True, env=environ)
     if proc.returncode != 0:
-        first = (proc.stderr.strip().splitlines() or ["(no message)"])[0]
+        first = (proc.stderr.decode(errors="replace").strip().splitlines() or ["(no message)"])[0]
         raise ApplyError(f"{argv[0]} in {ns} failed: {first}")
 
 
@@ -176,8 +197,15 @@ def sync_iptables(ns: str, plan: ipt.Plan, backend: str, saved: Path) -> str:
     "partial" or "none"."""
     from services import kube_proxy_partial
 
-    def run(noflush: bool, script: str) -> None:
-        load(ns, iptables_restore(backend, noflush=noflush), script)
+    # The legacy loaders take an flock on a lock file around their read-modify-replace of a table. By
+    # default it is one file for the whole machine (/run/xtables.lock), so 100 nodes' loads queued on it
+    # although each replaces tables of its own namespace only. Ours is one file per node (XTABLES_LOCKFILE,
+    # iptables >= 1.8.5), next to its saved rules: the nodes load in parallel. The kernel still refuses a
+    # replace whose table changed under it (a rule added by hand meanwhile: EAGAIN, then a full restore).
+    env = {"XTABLES_LOCKFILE": str(saved.with_name(saved.name + ".xtables.lock"))} if backend == "legacy" else None
+
+    def run(noflush: bool, script: str | Path) -> None:
+        load(ns, iptables_restore(backend, noflush=noflush), script, env)
 
     return kube_proxy_partial.sync(ns, plan, backend, saved, run)
 
@@ -239,12 +267,12 @@ PARALLEL_LOADS = 4  # rule loads under way at once (more only queue for the CPUs
 
 
 def _parallel_ok(lab: Lab) -> bool:
-    """Whether nodes' rules may be loaded at once: in nftables mode and iptables mode on the nft backend.
-    Not when the loaders share the legacy xtables lock, and not in IPVS mode (its kernel feature probes and
-    its several loaders per node are not made to run side by side)."""
-    if lab.kube_proxy.mode == "ipvs":
-        return False
-    return lab.kube_proxy.mode == "nftables" or iptables_backend(lab.kube_proxy) == "nft"
+    """Whether nodes' rules may be loaded at once: in nftables and iptables mode (the legacy backend when its
+    loaders lock a file of their node's own: sync_iptables, own_lockfile_ok). Not in IPVS mode (its kernel
+    feature probes and its several loaders per node are not made to run side by side)."""
+    if lab.kube_proxy.mode == "iptables" and iptables_backend(lab.kube_proxy) == "legacy":
+        return own_lockfile_ok()
+    return lab.kube_proxy.mode != "ipvs"
 
 
 def sync(lab: Lab, pods: list[ep.RunningPod], folder: Path) -> SyncReport:
@@ -276,8 +304,9 @@ def sync(lab: Lab, pods: list[ep.RunningPod], folder: Path) -> SyncReport:
     # Nodes load in parallel: each load is a loader process working alone in its node's namespace (setns
     # is per thread, and a child is born in its parent thread's namespace), and the rendering between
     # loads overlaps them. `lab up` of 1,000 pods behind one Service spent 3.2 s loading 50 nodes one
-    # after another. Not with the legacy iptables backend: its loaders take one machine-wide lock
-    # (xtables.lock, waited on for at most 5 s), so parallel loads would only queue on it.
+    # after another. With a Service of 10,000 endpoints the loader is 90 % of a node's sync and sleeps about
+    # a quarter of its time in the kernel, so a few more loads than cores keep both cores busy
+    # (docs/benchmarks.md). The legacy backend too: each node's loaders lock a file of their own.
     workers = min(PARALLEL_LOADS, len(todo)) if _parallel_ok(lab) else 1
     if workers <= 1:
         for item in todo:

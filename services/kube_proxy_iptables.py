@@ -36,33 +36,23 @@ from __future__ import annotations
 import base64
 import functools
 import hashlib
-import shlex
+import threading
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 
 from services.endpoints import Endpoint, ServicePortEndpoints
+from services.iptables_text import (FILTER_BUILTINS, KUBE_EXTERNAL_SERVICES, KUBE_NODEPORTS, KUBE_SERVICES,  # noqa: F401
+                                    NAT_BUILTINS, TARGETS, chains, check_jumps, delta_tables, render_delta, tables)
 from topo.model import Cluster, Node
 
 MASQ_MARK = "0x4000"  # kube-proxy's default --iptables-masquerade-bit 14
 
-KUBE_SERVICES = "KUBE-SERVICES"
-KUBE_EXTERNAL_SERVICES = "KUBE-EXTERNAL-SERVICES"
-KUBE_NODEPORTS = "KUBE-NODEPORTS"
 KUBE_POSTROUTING = "KUBE-POSTROUTING"
 KUBE_MARK_MASQ = "KUBE-MARK-MASQ"
 KUBE_FORWARD = "KUBE-FORWARD"
 KUBE_PROXY_FIREWALL = "KUBE-PROXY-FIREWALL"
 KUBE_FIREWALL = "KUBE-FIREWALL"  # kubelet's chain; kube-proxy keeps a copy of its localnet rule
 EGRESS_CHAIN = "FLANNEL-POSTRTG"
-
-NAT_BUILTINS = ("PREROUTING", "INPUT", "OUTPUT", "POSTROUTING")
-FILTER_BUILTINS = ("INPUT", "FORWARD", "OUTPUT")
-
-# Targets that are kernel extensions, not chains: a jump to anything else must name a declared chain.
-TARGETS = frozenset({
-    "ACCEPT", "DROP", "RETURN", "REJECT", "QUEUE", "NFQUEUE", "DNAT", "SNAT", "MASQUERADE", "REDIRECT",
-    "MARK", "CONNMARK", "LOG", "NFLOG", "CT", "NOTRACK", "TPROXY", "TRACE", "CLASSIFY", "TCPMSS",
-})
 
 PROBABILITY_DIGITS = 10  # kube-proxy formats 1/n with %0.10f
 # kube-proxy's largeClusterEndpointsThreshold: above this many endpoints in all, it leaves the comments out of
@@ -353,15 +343,40 @@ def _service_port_rules(node: Node, sp: ServicePortEndpoints, cluster: Cluster, 
     once per node. The cache is dropped when it outgrows a large cluster's worth of service ports."""
     service = sp.service
     local_policy = service.type != "ClusterIP" and service.external_traffic_policy == "Local"
-    key = (sp, cluster, tuple(sp.local(node.name)) if local_policy else None, large)
-    found = _RULES_CACHE.get(key)
-    if found is None:
-        ops: list = []
-        _service_port(_Recorder("filter", ops), _Recorder("nat", ops), node, sp, cluster, large)  # type: ignore[arg-type]
-        if len(_RULES_CACHE) > 1 << 16:
-            _RULES_CACHE.clear()
-        found = _RULES_CACHE[key] = tuple(ops)
+    found = None if local_policy else _shared(sp, cluster, large)
+    if found is not None:
+        return found
+    with _RENDERING:
+        found = None if local_policy else _shared(sp, cluster, large)  # rendered meanwhile by another node's thread
+        if found is not None:
+            return found
+        key = (sp, cluster, tuple(sp.local(node.name)) if local_policy else None, large)
+        found = _RULES_CACHE.get(key)
+        if found is None:
+            ops: list = []
+            _service_port(_Recorder("filter", ops), _Recorder("nat", ops), node, sp, cluster, large)  # type: ignore[arg-type]
+            if len(_RULES_CACHE) > 1 << 16:
+                _RULES_CACHE.clear()
+            found = _RULES_CACHE[key] = tuple(ops)
+        if not local_policy:
+            if len(_SHARED) > 1 << 16:
+                _SHARED.clear()
+            _SHARED[id(sp)] = (sp, cluster, large, found)  # holds sp: its id stays its own while the entry lives
     return found
+
+
+def _shared(sp: ServicePortEndpoints, cluster: Cluster, large: bool) -> tuple | None:
+    """The records of a service port whose rules are the same on every node, found by identity (no hashing)."""
+    hit = _SHARED.get(id(sp))
+    return hit[3] if hit is not None and hit[0] is sp and hit[1] is cluster and hit[2] == large else None
+
+
+# Nodes sync in parallel threads (services/kube_proxy.py): the first to miss a memo renders, the others wait for
+# it and share the result instead of each rendering the same 10,000-endpoint service port again.
+_RENDERING = threading.RLock()
+# id(service port) -> (it, cluster, large, its records): the first plan of each of 100 nodes hashed a
+# 10,000-endpoint service port whole (10-15 ms a node) to find records another node had already made.
+_SHARED: dict[int, tuple] = {}
 
 
 def aws_snat(node_ip: IPv4Address, vpc_cidrs: list[IPv4Network], outside: list[IPv4Address]) -> list[str]:
@@ -399,30 +414,82 @@ class Plan:
         return (self.node, self.cluster, self.egress)
 
     def text(self) -> str:
-        filt = _Table("filter", FILTER_BUILTINS)
-        nat = _Table("nat", NAT_BUILTINS)
-        _skeleton(filt, nat)
-        for part in self.parts:
-            for table, chain, spec in part:
-                target = filt if table == "filter" else nat
-                if spec is None:
-                    target.chain(chain)
-                else:
-                    target.add(chain, spec)
-        nat.add(KUBE_SERVICES, NODEPORTS_JUMP)
-        _forward_rules(filt)
+        """The full restore input. What does not depend on the node (the skeleton, every service port's rules,
+        the filter table whole) is rendered once per set of records and cluster (_body) and shared by every
+        node's text; only the header and the egress NAT lines are the node's own. At 10,000 endpoints that
+        is 2-3 ms a node instead of 20-25 ms (services/kube_proxy.py loads 100 such nodes at `lab up`)."""
+        filt_text, nat_decls, nat_order, nat_blocks, nat_index = _body(self.parts, self.cluster)
         egress, node = self.egress, self.node
-        if egress is not None:  # another CNI's egress NAT (aws-vpc: aws_snat)
-            nat.chain(*{line.split(" ", 2)[1] for line in egress} - set(NAT_BUILTINS))
-        for line in egress if egress is not None else egress_masquerade(self.cluster.pod_cidr, node.pod_cidr):
-            nat.add_line(line)
-        header = f"# kubenet-lab: kube-proxy (iptables mode) and flannel egress NAT for node {node.name}"
-        return "\n".join([header, *filt.lines(), *nat.lines()]) + "\n"
+        lines = egress if egress is not None else egress_masquerade(self.cluster.pod_cidr, node.pod_cidr)
+        own: dict[str, list[str]] = {}
+        for line in lines:
+            chain = line.split(" ", 2)[1]
+            own.setdefault(chain, []).append(line)
+        fresh = sorted(c for c in own if c not in nat_index and c not in NAT_BUILTINS)
+        if fresh:  # another CNI's egress chains (aws-vpc): declared among the user chains, in name order
+            users = sorted({*nat_order[len(NAT_BUILTINS):], *fresh})
+            nat_order = [*NAT_BUILTINS, *users]
+            nat_decls = "".join(f":{c} ACCEPT [0:0]\n" for c in NAT_BUILTINS) + "".join(f":{c} - [0:0]\n" for c in users)
+            blocks = [nat_blocks[nat_index[c]] if c in nat_index else "" for c in nat_order]
+            index = {c: i for i, c in enumerate(nat_order)}
+        else:
+            blocks, index = list(nat_blocks), nat_index
+        for chain, extra in own.items():
+            blocks[index[chain]] += "".join(line + "\n" for line in extra)
+        header = f"# kubenet-lab: kube-proxy (iptables mode) and flannel egress NAT for node {node.name}\n"
+        return "".join([header, filt_text, "*nat\n", nat_decls, *blocks, "COMMIT\n"])
+
+
+_BODIES: dict[tuple, tuple] = {}  # (id(cluster), ids of the records) -> (what holds those ids alive, rendered body)
+
+
+def _body(parts: list[tuple], cluster: Cluster) -> tuple:
+    """The node-independent part of Plan.text(): the filter table's text, the nat table's chain declarations,
+    its chains in iptables-save order with their `-A` lines rendered one block per chain (the egress NAT lines
+    of a node are appended to their chains' blocks), and where each chain is. The key holds identities only;
+    the entry keeps those objects alive, so an id in a key cannot stand for another object."""
+    key = (id(cluster), *map(id, parts))
+    found = _BODIES.get(key)
+    if found is not None:
+        return found[1]
+    with _RENDERING:
+        found = _BODIES.get(key)
+        return found[1] if found is not None else _render_body(key, parts, cluster)
+
+
+def _render_body(key: tuple, parts: list[tuple], cluster: Cluster) -> tuple:
+    filt = _Table("filter", FILTER_BUILTINS)
+    nat = _Table("nat", NAT_BUILTINS)
+    _skeleton(filt, nat)
+    for part in parts:
+        for table, chain, spec in part:
+            target = filt if table == "filter" else nat
+            if spec is None:
+                target.chain(chain)
+            else:
+                target.add(chain, spec)
+    nat.add(KUBE_SERVICES, NODEPORTS_JUMP)
+    _forward_rules(filt)
+    users = sorted(c for c in nat.rules if c not in NAT_BUILTINS)
+    order = [*NAT_BUILTINS, *users]
+    decls = "".join(f":{c} ACCEPT [0:0]\n" for c in NAT_BUILTINS) + "".join(f":{c} - [0:0]\n" for c in users)
+    blocks = ["".join(f"-A {c} {spec}\n" for spec in nat.rules[c]) for c in order]
+    body = ("\n".join(filt.lines()) + "\n", decls, order, blocks, {c: i for i, c in enumerate(order)})
+    if len(_BODIES) > 8:  # the bodies of the last few syncs (one per cluster object and set of records)
+        _BODIES.clear()
+    _BODIES[key] = ((cluster, list(parts)), body)
+    return body
 
 
 NODEPORTS_JUMP = (f"{_c('kubernetes service nodeports; NOTE: this must be the last rule in this chain')} "
                   f"-m addrtype --dst-type LOCAL -j {KUBE_NODEPORTS}")
 _BY_ID: dict[tuple, tuple] = {}  # (node, id(cluster), large) -> (service ports, kept alive; their ids; records)
+
+
+def forget() -> None:
+    """Drop every memo of this module (a benchmark's cold start: the next plan and text render everything)."""
+    for memo in (_RULES_CACHE, _SHARED, _BODIES, _BY_ID):
+        memo.clear()
 
 
 def plan(node: Node, sps: list[ServicePortEndpoints], cluster: Cluster, egress: list[str] | None = None) -> Plan:
@@ -456,131 +523,3 @@ def render(node: Node, sps: list[ServicePortEndpoints], cluster: Cluster, egress
     LARGE_CLUSTER_ENDPOINTS endpoints in all, kube-proxy's large cluster mode drops the endpoint comments.
     """
     return plan(node, sps, cluster, egress).text()
-
-
-# --------------------------------------------------------------------------------- reading back
-
-
-def tables(text: str) -> dict[str, dict[str, list[str]]]:
-    """Parse restore/save text: table -> chain -> its rules (what follows `-A CHAIN `), declared chains
-    included even when empty. Counters, comments and COMMIT lines are dropped."""
-    out: dict[str, dict[str, list[str]]] = {}
-    current: dict[str, list[str]] | None = None
-    for raw in text.splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#") or line == "COMMIT":
-            continue
-        if line.startswith("*"):
-            current = out.setdefault(line[1:], {})
-        elif current is None:
-            raise ValueError(f"line outside any table: {line}")
-        elif line.startswith(":"):
-            current.setdefault(line[1:].split()[0], [])
-        elif line.startswith("-A "):
-            _, chain, *rest = line.split(" ", 2)
-            current.setdefault(chain, []).append(rest[0] if rest else "")
-        else:
-            raise ValueError(f"not a chain or -A line: {line}")
-    return out
-
-
-def render_delta(old: str, new: str) -> str | None:
-    """kube-proxy's partial sync (Kubernetes 1.28+): the `iptables-restore --noflush` input that turns the
-    rules loaded from `old` into `new`, writing only the chains whose rules changed (a chain declared with
-    `:CHAIN - [0:0]` is flushed, then its rules follow), flushing and deleting (`-X`) the chains that are
-    gone, leaving every other chain untouched. None when a partial load cannot express the change (a
-    built-in chain changed: --noflush would append to it; or the set of tables changed): load `new` whole."""
-    return delta_tables(tables(old), tables(new))
-
-
-def delta_tables(before: dict[str, dict[str, list[str]]], after: dict[str, dict[str, list[str]]]) -> str | None:
-    """render_delta on parsed tables (see tables())."""
-    if before.keys() != after.keys():
-        return None
-    builtins = {"filter": FILTER_BUILTINS, "nat": NAT_BUILTINS}
-    out: list[str] = []
-    for table, chains_now in after.items():
-        was = before[table]
-        fixed = builtins.get(table, ())
-        if any(was.get(chain) != chains_now.get(chain) for chain in fixed) or any(
-                chain not in chains_now for chain in fixed if chain in was):
-            return None
-        changed = [c for c, rules in chains_now.items()
-                   if c not in fixed and (was.get(c) != rules or (table, c) in _EVERY_SYNC)]
-        gone = [c for c in was if c not in chains_now and c not in fixed]
-        if not changed and not gone:
-            continue
-        out.append(f"*{table}")
-        out += [f":{chain} - [0:0]" for chain in (*changed, *gone)]
-        for chain in changed:
-            out += [f"-A {chain} {spec}" if spec else f"-A {chain}" for spec in chains_now[chain]]
-        out += [f"-X {chain}" for chain in gone]
-        out.append("COMMIT")
-    return "\n".join(out) + "\n" if out else ""
-
-
-# The chains holding one rule per service port. kube-proxy's partial sync writes them whole on every
-# sync, changed or not (only unchanged services' own KUBE-SVC/KUBE-SEP chains are left out), so a rule of
-# theirs deleted by hand comes back with the next change of any Service (what exercise 13's solution uses).
-_EVERY_SYNC = {("nat", KUBE_SERVICES), ("nat", KUBE_NODEPORTS), ("filter", KUBE_SERVICES),
-               ("filter", KUBE_EXTERNAL_SERVICES)}
-
-
-def chains(text: str, table: str = "nat") -> dict[str, list[str]]:
-    """One table's chains and rules (see tables())."""
-    return tables(text).get(table, {})
-
-
-def _jump(spec: str) -> str | None:
-    words = shlex.split(spec)
-    for flag in ("-j", "--jump", "-g", "--goto"):
-        if flag in words:
-            i = words.index(flag)
-            return words[i + 1] if i + 1 < len(words) else ""
-    return None
-
-
-def check_jumps(text: str) -> list[str]:
-    """Problems that would make iptables-restore refuse the text or leave a dead end: a rule appended to
-    a chain its table does not declare, a jump to a chain its table does not declare, a table without
-    COMMIT. Empty when all is well."""
-    problems: list[str] = []
-    table: str | None = None
-    declared: set[str] = set()
-    builtins = {"nat": set(NAT_BUILTINS), "filter": set(FILTER_BUILTINS),
-                "mangle": {"PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"},
-                "raw": {"PREROUTING", "OUTPUT"}}
-    for number, raw in enumerate(text.splitlines(), 1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        if line.startswith("*"):
-            if table is not None:
-                problems.append(f"line {number}: table {table} has no COMMIT before *{line[1:]}")
-            table, declared = line[1:], set()
-            continue
-        if table is None:
-            problems.append(f"line {number}: outside any table: {line}")
-            continue
-        if line == "COMMIT":
-            table = None
-            continue
-        if line.startswith(":"):
-            name = line[1:].split()[0]
-            if name in declared:
-                problems.append(f"line {number}: {table}: chain {name} declared twice")
-            declared.add(name)
-            continue
-        if line.startswith("-A "):
-            _, chain, *rest = line.split(" ", 2)
-            if chain not in declared and chain not in builtins.get(table, set()):
-                problems.append(f"line {number}: {table}: rule in undeclared chain {chain}")
-            target = _jump(rest[0] if rest else "")
-            if target is not None and target not in TARGETS and target not in declared:
-                kind = "built-in chain" if target in builtins.get(table, set()) else "undeclared chain"
-                problems.append(f"line {number}: {table}: {chain} jumps to {kind} {target}")
-            continue
-        problems.append(f"line {number}: {table}: not a chain or -A line: {line}")
-    if table is not None:
-        problems.append(f"table {table} has no COMMIT")
-    return problems

@@ -298,9 +298,10 @@ def _write(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-def sync(ns: str, plan: ipt.Plan, backend: str, saved: Path, load: Callable[[bool, str], None]) -> str:
-    """Bring one node's rules to `plan`; `load(noflush, text)` runs the loader. Returns "full", "partial" or
-    "none" (see the module's docstring)."""
+def sync(ns: str, plan: ipt.Plan, backend: str, saved: Path, load: Callable[[bool, str | Path], None]) -> str:
+    """Bring one node's rules to `plan`; `load(noflush, text)` runs the loader (a full restore's text comes as
+    the file holding it, which then becomes `saved`). Returns "full", "partial" or "none" (see the module's
+    docstring)."""
     key = str(saved)
     memory = _LOADED.pop(key, None)
     pending = pending_path(saved)
@@ -336,7 +337,9 @@ def sync(ns: str, plan: ipt.Plan, backend: str, saved: Path, load: Callable[[boo
         load(True, delta)
     except ApplyError:
         text = text if text is not None else plan.text()
-        load(False, text)
+        full = saved.with_name(saved.name + ".next")
+        full.write_text(text)  # the loader reads this file; once loaded it becomes the saved text (no 2nd write)
+        load(False, full)
         how = "full"
     generation = _generation(ns, backend)
     journal = journal_path(saved)
@@ -344,7 +347,10 @@ def sync(ns: str, plan: ipt.Plan, backend: str, saved: Path, load: Callable[[boo
         with journal.open("a") as fh:
             fh.write(delta)  # type: ignore[arg-type]
     else:
-        _write(saved, text if text is not None else plan.text())
+        if how == "full":
+            saved.with_name(saved.name + ".next").replace(saved)
+        else:
+            _write(saved, text if text is not None else plan.text())
         journal.unlink(missing_ok=True)
     pending.unlink()
     _LOADED[key] = _Loaded(plan, new_top, saved_files(saved), generation)

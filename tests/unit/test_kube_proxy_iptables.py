@@ -400,3 +400,105 @@ def test_partial_sync_restores_a_service_rule_deleted_by_hand() -> None:
 
 
     assert kp.render_delta(before, before.replace("-A PREROUTING ", "-A PREROUTING -i lo ", 1)) is None
+
+
+# ------------------------------------------------------------------------------ the shared text body
+
+
+def _reference_text(plan: kp.Plan) -> str:
+    """Plan.text() rendered the direct way, table by table, with nothing shared between nodes."""
+    filt, nat = kp._Table("filter", kp.FILTER_BUILTINS), kp._Table("nat", kp.NAT_BUILTINS)
+    kp._skeleton(filt, nat)
+    for part in plan.parts:
+        for table, chain, spec in part:
+            target = filt if table == "filter" else nat
+            target.chain(chain) if spec is None else target.add(chain, spec)
+    nat.add(kp.KUBE_SERVICES, kp.NODEPORTS_JUMP)
+    kp._forward_rules(filt)
+    if plan.egress is not None:
+        nat.chain(*{line.split(" ", 2)[1] for line in plan.egress} - set(kp.NAT_BUILTINS))
+    egress = plan.egress if plan.egress is not None else kp.egress_masquerade(plan.cluster.pod_cidr, plan.node.pod_cidr)
+    for line in egress:
+        nat.add_line(line)
+    header = f"# kubenet-lab: kube-proxy (iptables mode) and flannel egress NAT for node {plan.node.name}"
+    return "\n".join([header, *filt.lines(), *nat.lines()]) + "\n"
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_nodes_sharing_a_body_each_get_their_own_lines(case: str) -> None:
+    # Plan.text() renders what does not depend on the node once and shares it: the second and third nodes'
+    # texts must still be exactly their own (their header and egress NAT lines, nobody else's).
+    _node, sps = CASES[case]
+    other = Node("node9", IPv4Address("192.168.1.19"), IPv4Network("10.244.9.0/24"), 9)
+    aws = kp.aws_snat(IPv4Address("192.168.1.20"), [IPv4Network("192.168.0.0/16")], [IPv4Address("192.168.1.99")])
+    kp.forget()
+    for node, egress in ((NODE1, None), (other, None), (NODE1, aws), (other, []), (NODE1, None)):
+        plan = kp.plan(node, sps, CLUSTER, egress)
+        assert plan.text() == _reference_text(plan), (node.name, egress)
+
+
+def test_legacy_loads_lock_a_file_of_their_node(tmp_path: Path) -> None:
+    """The legacy loaders of one node lock a file of that node's own (XTABLES_LOCKFILE, next to its saved
+    rules) instead of the machine-wide /run/xtables.lock, so 100 nodes' loads run in parallel rather than
+    queueing on one lock (tables are per namespace). Held by someone else, that file makes the load wait and
+    give up (`-w 5`, twice: the partial load, then the full one); the machine-wide lock is left alone here."""
+    require_root()
+    require_tool("iptables-legacy-restore")
+    require_tool("flock")
+    import uuid
+
+    from bench.services import CLUSTER as C, NODE as N, service_ports
+    from services import kube_proxy
+    from topo import names, netns
+    from topo.errors import ApplyError
+
+    ns = names.node_netns(f"kpt{uuid.uuid4().hex[:6]}", "node1")  # lab-shaped: `lab clean` finds it after a crash
+    saved = tmp_path / "node1.iptables.rules"
+    lock = tmp_path / "node1.iptables.rules.xtables.lock"
+    netns.ensure_dir()
+    netns.create(ns)
+    try:
+        kube_proxy.sync_iptables(ns, kp.plan(N, service_ports(2), C), "legacy", saved)
+        with netns.entered(ns):
+            rules = subprocess.run(["iptables-legacy-save", "-t", "nat"], capture_output=True, text=True).stdout
+        assert "-A KUBE-SERVICES -d 10.96.0.100/32" in rules
+        assert lock.exists()
+        holder = subprocess.Popen(["flock", str(lock), "sleep", "60"])
+        try:
+            while subprocess.run(["flock", "-n", str(lock), "true"]).returncode == 0:
+                pass  # until the holder has it
+            with pytest.raises(ApplyError, match=r"lock .*node1\.iptables\.rules\.xtables\.lock"):
+                kube_proxy.sync_iptables(ns, kp.plan(N, service_ports(3), C), "legacy", saved)
+        finally:
+            holder.kill()
+            holder.wait()
+    finally:
+        netns.delete(ns)
+
+
+def test_nodes_planned_at_once_render_a_service_port_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    # services/kube_proxy.py syncs nodes in parallel threads: all of them missing the memo at once used to
+    # render the same big service port once each (4 renders of 10,000 endpoints for 4 workers).
+    import threading
+
+    calls = []
+    real = kp._service_port
+    monkeypatch.setattr(kp, "_service_port", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    eps = tuple(ep(f"10.244.{i // 200}.{i % 200 + 2}", 8080, "node1", f"p{i}") for i in range(2000))
+    big = [sp(WEB, 0, *eps)]
+    kp.forget()
+    start = threading.Barrier(4)
+    texts: list[str] = []
+
+    def one(i: int) -> None:
+        node = Node(f"node{i}", IPv4Address(f"192.168.1.{20 + i}"), IPv4Network(f"10.244.{20 + i}.0/24"), i)
+        start.wait()
+        texts.append(kp.plan(node, big, CLUSTER).text())
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1
+    assert len(texts) == 4 and len({t.split("\n", 1)[1] for t in texts}) == 4  # each node's own egress lines
