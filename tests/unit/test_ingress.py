@@ -260,7 +260,7 @@ def test_nginx_accepts_the_golden(case: str, tmp_path: Path) -> None:
 # Runs inside `unshare -n`: one HTTP backend per service on its loopback "ClusterIP" (each answers with its
 # name), nginx in the foreground, the requests, then nginx stopped.
 _SCENARIO = r"""
-import http.client, http.server, json, socket, subprocess, sys, threading, time
+import http.client, http.server, json, os, socket, subprocess, sys, threading, time
 argv, listen, backends, requests, reload = (json.loads(a) for a in sys.argv[1:6])
 subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
 
@@ -295,14 +295,28 @@ try:
         body = r.read().decode()
         return [host, path, r.status, json.loads(body)[0] if r.status == 200 else body]
 
+    def workers():
+        found = set()
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == nginx.pid:
+                        found.add(int(pid))
+            except (OSError, IndexError, ValueError):
+                pass
+        return found
+
     out = [get(host, path) for host, path in requests]
-    if reload:  # rewrite the configuration, reload, wait for the first request to change its answer
+    if reload:  # rewrite the configuration, reload, wait until every worker of the old configuration is gone
         reload_argv, conf, text = reload
+        old = workers()
         with open(conf, "w") as f:
             f.write(text)
         subprocess.run(reload_argv, check=True)
-        deadline = time.monotonic() + 30  # a wait, not a timing: nginx's workers restart slowly on a busy machine
-        while time.monotonic() < deadline and get(*requests[0]) == out[0]:
+        # A wait, not a timing: nginx's workers restart slowly on a busy machine. The first answer that changed
+        # is not enough: an old worker may still accept a connection until the master has told it to quit.
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and (get(*requests[0]) == out[0] or old & workers()):
             time.sleep(0.05)
         out = [get(host, path) for host, path in requests]
 finally:
