@@ -158,6 +158,10 @@ class BridgePlugin:
         self.ipam = ipam or conf.lease_file().locked
         self._bridge_index: int | None = None
         self._bridge: Link | None = None  # cached by _bridge_link once its MAC is known to be fixed
+        # Set by `lab up`, which makes each pod's namespace (and the node) moments before its ADD: no interface
+        # can exist there yet, so ADD skips looking (two lookups and a namespace switch a pod); should a name be
+        # taken after all, the veth's exclusive creation fails and ADD refuses as it would have.
+        self.new_sandboxes = False
 
     # ---- the bridge --------------------------------------------------------------------------
     def ensure_bridge(self) -> int:
@@ -190,13 +194,23 @@ class BridgePlugin:
         problem = ifname_problem(args.ifname)
         if problem:
             raise CniError(INVALID_ENV, f"invalid CNI_IFNAME: {problem}")
-        self._refuse_existing(args)
+        if not self.new_sandboxes:
+            self._refuse_existing(args)
         bridge = self.ensure_bridge()
         with self.ipam() as ipam:
+            leased_before = ipam.lookup(args.container_id, args.ifname) is not None
+            cursor = ipam.last_reserved
             address = ipam.allocate(args.container_id, args.ifname, args.pod)
         try:
             return self._wire(args, bridge, address)
         except Exception as exc:
+            if isinstance(exc, NetlinkError) and exc.errno == errno.EEXIST:  # only the veth is made exclusively
+                if not leased_before:  # a name is taken: nothing was made, and the links there are not ours
+                    with self.ipam() as ipam:  # as if never asked (a refusal before IPAM moves no cursor)
+                        ipam.release(args.container_id, args.ifname)
+                        ipam.last_reserved = cursor
+                self._refuse_existing(args)  # says which, as the reference plugin does
+                raise ApplyError(f"CNI ADD for {args.pod or args.container_id} failed: {exc}") from exc
             self._unwire(args)
             with self.ipam() as ipam:
                 ipam.release(args.container_id, args.ifname)

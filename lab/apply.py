@@ -199,6 +199,7 @@ def apply(plan: Plan, st: state.LabState) -> float | None:
             ipam = plan.ipam[node_name]
             if isinstance(plugin, BridgePlugin):
                 plugin.ipam = lambda ipam=ipam: memory_session(ipam)
+                plugin.new_sandboxes = True  # add_pods makes each pod's namespace right before its ADD
         for pod, message in plan.waiting:  # aws-vpc: no address left for these; the next reconcile retries
             st.pods[pod.key] = state.waiting_pod(pod, plan.lab.pod_netns(pod), message)
         running = [RunningPod(op.pod, op.address.ip) for op in plan.pods]
