@@ -8,6 +8,7 @@ executable like the reference plugins. It always runs in the node's namespace (t
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
@@ -19,7 +20,8 @@ from typing import Any
 from cni.ipam import LeaseFile, NodeIpam
 from topo import names, netns
 from topo.model import gateway_of
-from topo.rtnl import Link, NetlinkError, Rtnl
+from topo.rtnl import (LOOPBACK_IFINDEX, Link, NetlinkError, Rtnl, add_addr_msg, get_link_msg, parse_link_reply,
+                       replace_route_msg, set_link_msg)
 from topo.errors import ApplyError, LabError
 
 CNI_VERSION = "1.1.0"  # the newest version spoken: VERSION's cniVersion, error objects
@@ -155,6 +157,11 @@ class BridgePlugin:
         self.host = host
         self.ipam = ipam or conf.lease_file().locked
         self._bridge_index: int | None = None
+        self._bridge: Link | None = None  # cached by _bridge_link once its MAC is known to be fixed
+        # Set by `lab up`, which makes each pod's namespace (and the node) moments before its ADD: no interface
+        # can exist there yet, so ADD skips looking (two lookups and a namespace switch a pod); should a name be
+        # taken after all, the veth's exclusive creation fails and ADD refuses as it would have.
+        self.new_sandboxes = False
 
     # ---- the bridge --------------------------------------------------------------------------
     def ensure_bridge(self) -> int:
@@ -187,13 +194,23 @@ class BridgePlugin:
         problem = ifname_problem(args.ifname)
         if problem:
             raise CniError(INVALID_ENV, f"invalid CNI_IFNAME: {problem}")
-        self._refuse_existing(args)
+        if not self.new_sandboxes:
+            self._refuse_existing(args)
         bridge = self.ensure_bridge()
         with self.ipam() as ipam:
+            leased_before = ipam.lookup(args.container_id, args.ifname) is not None
+            cursor = ipam.last_reserved
             address = ipam.allocate(args.container_id, args.ifname, args.pod)
         try:
             return self._wire(args, bridge, address)
         except Exception as exc:
+            if isinstance(exc, NetlinkError) and exc.errno == errno.EEXIST:  # only the veth is made exclusively
+                if not leased_before:  # a name is taken: nothing was made, and the links there are not ours
+                    with self.ipam() as ipam:  # as if never asked (a refusal before IPAM moves no cursor)
+                        ipam.release(args.container_id, args.ifname)
+                        ipam.last_reserved = cursor
+                self._refuse_existing(args)  # says which, as the reference plugin does
+                raise ApplyError(f"CNI ADD for {args.pod or args.container_id} failed: {exc}") from exc
             self._unwire(args)
             with self.ipam() as ipam:
                 ipam.release(args.container_id, args.ifname)
@@ -215,29 +232,46 @@ class BridgePlugin:
                                          f"interface {args.ifname} already exists")
 
     def _wire(self, args: CniArgs, bridge: int, address: IPv4Interface) -> dict[str, Any]:
+        """The veth (node end up and on the bridge from the start, its index and MAC from the kernel's echo),
+        hairpin, then the pod's side in one batch: its end and lo up (lo is index 1 in every namespace), the
+        address, the default route, and a look at its end for the result. Three round trips a pod (five with
+        the checks in `add`) instead of sixteen (a thousand pods spent 1.2 s in 16,000 netlink requests)."""
         host_if = args.host_ifname
         fd = netns.open_fd(args.netns)
         try:
-            self.host.add_veth(host_if, args.ifname, fd, self.conf.mtu, master=bridge)
+            host_link = self.host.add_veth(host_if, args.ifname, fd, self.conf.mtu, master=bridge, up=True)
         finally:
             os.close(fd)
-        host_link = self.host.link(host_if)
-        assert host_link is not None
-        self.host.set_link(host_link.index, up=True)
         if self.conf.hairpin:
             self.host.set_hairpin(host_link.index)
+        peer = host_link.peer_index
         with netns.rtnl_in(args.netns) as pod:
-            pod_link = pod.link(args.ifname)
-            if pod_link is None:
+            if peer is None:  # no IFLA_LINK in the echo: look the pod's end up by name
+                found = pod.link(args.ifname)
+                peer = found.index if found is not None else 0
+            up, _lo, addr, route, got = pod.batch([
+                set_link_msg(peer, up=True), set_link_msg(LOOPBACK_IFINDEX, up=True), add_addr_msg(peer, address),
+                replace_route_msg(IPv4Network("0.0.0.0/0"), gateway=self.conf.gateway.ip), get_link_msg(index=peer)])
+            pod_link = None if isinstance(got, NetlinkError) else parse_link_reply(got)
+            if pod_link is None or pod_link.name != args.ifname:
                 raise ApplyError(f"{host_if} was made but {args.ifname} is not in {args.netns}")
-            if not pod_link.up:
-                pod.set_link(pod_link.index, up=True)
-            lo = pod.link("lo")
-            if lo is not None and not lo.up:
-                pod.set_link(lo.index, up=True)
-            pod.add_addr(pod_link.index, address)
-            pod.replace_route(IPv4Network("0.0.0.0/0"), gateway=self.conf.gateway.ip)
-        return self._result(args, address, self.host.link(self.conf.bridge), host_link, pod_link)
+            for result in (up, _lo, route):
+                if isinstance(result, NetlinkError):
+                    raise result
+            if isinstance(addr, NetlinkError) and addr.errno != errno.EEXIST:
+                raise addr
+        return self._result(args, address, self._bridge_link(), host_link, pod_link)
+
+    def _bridge_link(self) -> Link | None:
+        """The bridge as the result reports it. Its MAC is fixed when this plugin made it (or found it with the
+        address it would have given it), so it is looked up once; a bridge made elsewhere is looked up each time
+        (without a fixed MAC its address follows its ports)."""
+        if self._bridge is not None:
+            return self._bridge
+        bridge = self.host.link(self.conf.bridge)
+        if bridge is not None and bridge.mac == gateway_mac(self.conf.gateway.ip):
+            self._bridge = bridge
+        return bridge
 
     def _result(self, args: CniArgs, address: IPv4Interface, bridge: Link | None, host: Link, pod: Link
                 ) -> dict[str, Any]:

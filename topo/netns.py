@@ -32,6 +32,11 @@ _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True
 _home_fd: int | None = None
 
 
+def libc() -> ctypes.CDLL:
+    """The C library, for the few calls Python's os module lacks (prctl)."""
+    return _libc
+
+
 def _check(ret: int, what: str) -> None:
     if ret != 0:
         err = ctypes.get_errno()

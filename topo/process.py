@@ -7,10 +7,12 @@ that started it, and is later found by the namespace it lives in, never by its n
 from __future__ import annotations
 
 import os
+import pickle
 import shutil
 import signal
+import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from topo import netns
 from topo.errors import ApplyError
@@ -103,3 +105,84 @@ def _reap() -> None:
             pass
     except ChildProcessError:
         pass
+
+
+PR_SET_PDEATHSIG = 1
+
+
+class Forked:
+    """A function running in a forked copy of this process (`fork_call`): `wait` for its end, `stop` it."""
+
+    def __init__(self, pid: int, fd: int) -> None:
+        self.pid, self._fd = pid, fd
+
+    def wait(self) -> None:
+        """Return once the function has returned in the copy; raise what it raised (or an ApplyError saying
+        how it ended, when that cannot be carried over)."""
+        chunks = []
+        while chunk := os.read(self._fd, 1 << 16):
+            chunks.append(chunk)
+        os.close(self._fd)
+        status = self._reap()
+        data = b"".join(chunks)
+        if data == b"ok":
+            return
+        try:
+            exc = pickle.loads(data)
+        except Exception:  # noqa: BLE001 (no exception came through: the copy died, or its error will not unpickle)
+            text = data.split(b"\n", 1)[-1].decode(errors="replace") if data else f"ended with status {status}"
+            raise ApplyError(f"forked worker {self.pid}: {text}") from None
+        raise exc
+
+    def stop(self) -> None:
+        """End the copy now (the caller is failing, and will remove what the copy would have worked on)."""
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        os.close(self._fd)
+        self._reap()
+
+    def _reap(self) -> int | None:
+        try:
+            return os.waitpid(self.pid, 0)[1]
+        except ChildProcessError:  # reaped already (kill_all's _reap takes every child)
+            return None
+
+
+def fork_call(fn: Callable[[], object]) -> Forked:
+    """Run `fn` in a forked copy of this process, on the machine's other core, while this one goes on.
+
+    Not a thread: this process enters mount namespaces, which the kernel refuses to a process with a second
+    thread (topo/netns.py `_single_threaded`); call it only while single-threaded (a fork copies one thread).
+    The copy dies with this process (PR_SET_PDEATHSIG), so a crash of the command leaves no worker behind
+    writing into a lab that is being removed. What `fn` raises is re-raised by `Forked.wait`."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    parent = os.getpid()
+    read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:  # the copy: never return into the caller's code, never run its atexit handlers
+        code = 1
+        try:
+            os.close(read_fd)
+            netns.libc().prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+            if os.getppid() != parent:  # the parent died before prctl took effect
+                os._exit(1)
+            fn()
+            os.write(write_fd, b"ok")
+            code = 0
+        except BaseException as exc:  # noqa: BLE001 (everything goes back to the parent)
+            try:
+                data = pickle.dumps(exc)
+                pickle.loads(data)
+            except Exception:  # noqa: BLE001
+                data = b"\n" + f"{type(exc).__name__}: {exc}".encode()
+            try:
+                os.write(write_fd, data)
+            except OSError:
+                pass
+        finally:
+            os._exit(code)
+    os.close(write_fd)
+    return Forked(pid, read_fd)

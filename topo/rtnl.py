@@ -23,7 +23,7 @@ RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK, RTM_SETLINK = 16, 17, 18, 19
 RTM_NEWADDR, RTM_GETADDR = 20, 22
 RTM_NEWROUTE, RTM_DELROUTE, RTM_GETROUTE = 24, 25, 26
 RTM_NEWNEIGH, RTM_DELNEIGH, RTM_GETNEIGH = 28, 29, 30
-NLM_F_REQUEST, NLM_F_MULTI, NLM_F_ACK = 0x1, 0x2, 0x4
+NLM_F_REQUEST, NLM_F_MULTI, NLM_F_ACK, NLM_F_ECHO = 0x1, 0x2, 0x4, 0x8
 NLM_F_DUMP, NLM_F_REPLACE, NLM_F_EXCL, NLM_F_CREATE = 0x300, 0x100, 0x200, 0x400
 NLM_F_ACK_TLVS = 0x200  # on an error message: extended-ack attributes follow
 SOL_NETLINK, NETLINK_CAP_ACK, NETLINK_EXT_ACK = 270, 10, 11
@@ -31,7 +31,9 @@ NLMSGERR_ATTR_MSG = 1
 NLA_F_NESTED = 0x8000
 
 IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_LINK, IFLA_MASTER = 1, 3, 4, 5, 10
-IFLA_PROTINFO, IFLA_OPERSTATE, IFLA_LINKINFO, IFLA_NET_NS_FD = 12, 16, 18, 28
+IFLA_PROTINFO, IFLA_OPERSTATE, IFLA_LINKINFO, IFLA_NET_NS_FD, IFLA_EXT_MASK = 12, 16, 18, 28, 29
+RTEXT_FILTER_SKIP_STATS = 1 << 3  # a link lookup without its ~1 kB of counters (which the lab never reads)
+LOOPBACK_IFINDEX = 1  # the kernel registers lo first in every network namespace (include/net/flow.h)
 IFLA_INFO_KIND, IFLA_INFO_DATA = 1, 2
 VETH_INFO_PEER = 1
 IFLA_BRPORT_MODE = 4  # hairpin
@@ -106,6 +108,7 @@ class Link:
     master: int | None
     kind: str | None
     operstate: int | None
+    peer_index: int | None = None  # IFLA_LINK: a veth's peer's index (in the peer's namespace)
 
     @property
     def up(self) -> bool:
@@ -118,12 +121,62 @@ class Link:
         info = parse_attrs(attrs.get(IFLA_LINKINFO, b""))
         master = attrs.get(IFLA_MASTER)
         oper = attrs.get(IFLA_OPERSTATE)
+        lower = attrs.get(IFLA_LINK)
         return cls(index=index, name=_cstr(attrs.get(IFLA_IFNAME, b"")), flags=flags,
                    mac=":".join(f"{b:02x}" for b in attrs.get(IFLA_ADDRESS, b"")),
                    mtu=struct.unpack("=I", attrs[IFLA_MTU])[0] if IFLA_MTU in attrs else 0,
                    master=struct.unpack("=I", master)[0] if master else None,
                    kind=_cstr(info[IFLA_INFO_KIND]) if IFLA_INFO_KIND in info else None,
-                   operstate=oper[0] if oper else None)
+                   operstate=oper[0] if oper else None,
+                   peer_index=struct.unpack("=I", lower)[0] if lower else None)
+
+
+Message = tuple[int, bytes, int]  # (type, body, flags): one request, for `Rtnl.batch`
+
+
+def get_link_msg(name: str | None = None, index: int = 0) -> Message:
+    """Look a link up by name or index, without its statistics."""
+    return (RTM_GETLINK, IFINFO.pack(0, 0, index, 0, 0) + (_str(IFLA_IFNAME, name) if name is not None else b"") +
+            _u32(IFLA_EXT_MASK, RTEXT_FILTER_SKIP_STATS), 0)
+
+
+def set_link_msg(index: int, up: bool | None = None, master: int | None = None, mtu: int | None = None) -> Message:
+    flags = IFF_UP if up else 0
+    change = IFF_UP if up is not None else 0
+    body = IFINFO.pack(0, 0, index, flags, change) + \
+        (_u32(IFLA_MASTER, master) if master is not None else b"") + \
+        (_u32(IFLA_MTU, mtu) if mtu is not None else b"")
+    return (RTM_NEWLINK, body, 0)
+
+
+def add_addr_msg(index: int, address: IPv4Interface) -> Message:
+    packed = address.ip.packed
+    body = IFADDR.pack(socket.AF_INET, address.network.prefixlen, 0, RT_SCOPE_UNIVERSE, index) + \
+        _attr(IFA_LOCAL, packed) + _attr(IFA_ADDRESS, packed)
+    return (RTM_NEWADDR, body, NLM_F_CREATE | NLM_F_EXCL)
+
+
+def replace_route_msg(dst: IPv4Network, gateway: IPv4Address | None = None, oif: int | None = None,
+                      protocol: int = RTPROT_BOOT, onlink: bool = False) -> Message:
+    scope = RT_SCOPE_UNIVERSE if gateway is not None else RT_SCOPE_LINK
+    flags = RTNH_F_ONLINK if onlink else 0
+    body = RTMSG.pack(socket.AF_INET, dst.prefixlen, 0, 0, RT_TABLE_MAIN, protocol, scope, RTN_UNICAST, flags)
+    if dst.prefixlen:
+        body += _attr(RTA_DST, dst.network_address.packed)
+    if gateway is not None:
+        body += _attr(RTA_GATEWAY, gateway.packed)
+    if oif is not None:
+        body += _u32(RTA_OIF, oif)
+    return (RTM_NEWROUTE, body, NLM_F_CREATE | NLM_F_REPLACE)
+
+
+def hairpin_msg(index: int, on: bool = True) -> Message:
+    body = IFINFO.pack(AF_BRIDGE, 0, index, 0, 0) + _nest(IFLA_PROTINFO, _attr(IFLA_BRPORT_MODE, bytes([int(on)])))
+    return (RTM_SETLINK, body, 0)
+
+
+def parse_link_reply(replies: list[tuple[int, bytes]]) -> Link | None:
+    return next((Link.parse(p) for kind, p in replies if kind == RTM_NEWLINK), None)
 
 
 @dataclass(frozen=True)
@@ -158,28 +211,49 @@ class Rtnl:
     # ---- transport ---------------------------------------------------------------------------
     def request(self, mtype: int, body: bytes, flags: int = 0, dump: bool = False) -> list[tuple[int, bytes]]:
         """Send one request; return the reply messages. Raises NetlinkError on a kernel error."""
-        self.seq += 1
-        seq = self.seq
-        flags |= NLM_F_REQUEST | (NLM_F_DUMP if dump else NLM_F_ACK)
-        self.sock.send(NLHDR.pack(NLHDR.size + len(body), mtype, flags, seq, 0) + body)
-        replies: list[tuple[int, bytes]] = []
-        while True:
+        result = self.batch([(mtype, body, flags | (NLM_F_DUMP if dump else 0))])[0]
+        if isinstance(result, NetlinkError):
+            raise result
+        return result
+
+    def batch(self, requests: list[tuple[int, bytes, int]]) -> list[list[tuple[int, bytes]] | NetlinkError]:
+        """Send several requests (type, body, flags) in one datagram, then read every answer: one system call
+        each way instead of one round trip per request (the kernel still carries them out one by one, in
+        order, and a failed one does not stop the next). Returns, per request, its reply messages or the
+        NetlinkError the kernel answered it with. A get request with NLM_F_DUMP in its flags is a dump (at most
+        one a batch: the kernel runs one dump at a time per socket)."""
+        if not requests:
+            return []
+        datagram = []
+        pending: dict[int, int] = {}
+        for i, (mtype, body, flags) in enumerate(requests):
+            self.seq += 1
+            pending[self.seq] = i
+            dump = flags & NLM_F_DUMP == NLM_F_DUMP and mtype & 3 == 2  # RTM_GET*: 0x300 is REPLACE|EXCL elsewhere
+            flags |= NLM_F_REQUEST | (0 if dump else NLM_F_ACK)
+            datagram.append(NLHDR.pack(NLHDR.size + len(body), mtype, flags, self.seq, 0) + body)
+        self.sock.send(b"".join(datagram))
+        results: list[list[tuple[int, bytes]] | NetlinkError] = [[] for _ in requests]
+        while pending:
             data = self.sock.recv(1 << 20)
             offset = 0
             while offset + NLHDR.size <= len(data):
                 length, kind, mflags, mseq, _pid = NLHDR.unpack_from(data, offset)
                 payload = data[offset + NLHDR.size:offset + length]
                 offset += (length + 3) & ~3
-                if mseq != seq:
+                i = pending.get(mseq)
+                if i is None:
                     continue
                 if kind == NLMSG_DONE:
-                    return replies
-                if kind == NLMSG_ERROR:
+                    del pending[mseq]
+                elif kind == NLMSG_ERROR:
+                    del pending[mseq]
                     code = -struct.unpack_from("=i", payload)[0]
-                    if code == 0:
-                        return replies
-                    raise self._error(code, payload, mflags)
-                replies.append((kind, payload))
+                    if code != 0:
+                        results[i] = self._error(code, payload, mflags)
+                else:
+                    results[i].append((kind, payload))  # type: ignore[union-attr]
+        return results
 
     @staticmethod
     def _error(code: int, payload: bytes, flags: int) -> NetlinkError:
@@ -194,7 +268,7 @@ class Rtnl:
     def link(self, name: str) -> Link | None:
         """One link by name, looked up by the kernel (no dump)."""
         try:
-            replies = self.request(RTM_GETLINK, IFINFO.pack(0, 0, 0, 0, 0) + _str(IFLA_IFNAME, name))
+            replies = self.request(*get_link_msg(name=name))
         except NetlinkError as exc:
             if exc.errno in (errno.ENODEV, errno.ENOENT):
                 return None
@@ -205,27 +279,42 @@ class Rtnl:
         return [Link.parse(p) for kind, p in self.request(RTM_GETLINK, IFINFO.pack(0, 0, 0, 0, 0), dump=True)
                 if kind == RTM_NEWLINK]
 
-    def add_bridge(self, name: str, mtu: int, mac: str | None = None) -> None:
-        """A bridge; with `mac` its address is fixed (otherwise the kernel gives it the lowest MAC of its
-        ports, which changes as ports come and go)."""
-        body = IFINFO.pack(0, 0, 0, IFF_UP, IFF_UP) + _str(IFLA_IFNAME, name) + _u32(IFLA_MTU, mtu) + \
+    def add_bridge(self, name: str, mtu: int | None, mac: str | None = None) -> None:
+        """A bridge, up; with `mac` its address is fixed (otherwise the kernel gives it the lowest MAC of its
+        ports, which changes as ports come and go). `mtu` None: the kernel's default, following its ports."""
+        body = IFINFO.pack(0, 0, 0, IFF_UP, IFF_UP) + _str(IFLA_IFNAME, name) + \
+            (_u32(IFLA_MTU, mtu) if mtu is not None else b"") + \
             (_attr(IFLA_ADDRESS, _mac(mac)) if mac else b"") + \
             _nest(IFLA_LINKINFO, _str(IFLA_INFO_KIND, "bridge"))
         self.request(RTM_NEWLINK, body, NLM_F_CREATE | NLM_F_EXCL)
 
-    def add_veth(self, name: str, peer: str, peer_netns_fd: int | None, mtu: int, master: int | None = None) -> None:
-        """Create a veth pair, this end enslaved to `master`, the peer already in another namespace.
+    def add_veth(self, name: str, peer: str, peer_netns_fd: int | None, mtu: int | None, master: int | None = None,
+                 up: bool = False, mac: str | None = None, peer_mac: str | None = None) -> Link:
+        """Create a veth pair, this end enslaved to `master`, the peer already in another namespace; return this
+        end as the kernel echoes it (its index, its MAC, and in `peer_index` the peer's index), so no lookup
+        follows.
 
-        Neither end can be brought up in the same request (the kernel opens a veth before its peer is
-        attached: ENOTCONN), so `set_link(up=True)` on each end follows.
+        With `up`, this end is up from the start. The peer cannot be (the kernel opens the peer before the
+        pair is joined: ENOTCONN), so `set_link(up=True)` on it follows, in its namespace. `mtu` None: the
+        kernel's default (1500); `mac`, `peer_mac` None: random addresses, chosen by the kernel.
         """
-        peer_msg = IFINFO.pack(0, 0, 0, 0, 0) + _str(IFLA_IFNAME, peer) + _u32(IFLA_MTU, mtu) + \
+        peer_msg = IFINFO.pack(0, 0, 0, 0, 0) + _str(IFLA_IFNAME, peer) + \
+            (_u32(IFLA_MTU, mtu) if mtu is not None else b"") + \
+            (_attr(IFLA_ADDRESS, _mac(peer_mac)) if peer_mac else b"") + \
             (_u32(IFLA_NET_NS_FD, peer_netns_fd) if peer_netns_fd is not None else b"")  # None: this namespace
-        body = IFINFO.pack(0, 0, 0, 0, 0) + _str(IFLA_IFNAME, name) + _u32(IFLA_MTU, mtu) + \
+        flag = IFF_UP if up else 0
+        body = IFINFO.pack(0, 0, 0, flag, flag) + _str(IFLA_IFNAME, name) + \
+            (_u32(IFLA_MTU, mtu) if mtu is not None else b"") + \
+            (_attr(IFLA_ADDRESS, _mac(mac)) if mac else b"") + \
             (_u32(IFLA_MASTER, master) if master is not None else b"") + \
             _nest(IFLA_LINKINFO, _str(IFLA_INFO_KIND, "veth"),
                   _nest(IFLA_INFO_DATA, _attr(VETH_INFO_PEER, peer_msg)))
-        self.request(RTM_NEWLINK, body, NLM_F_CREATE | NLM_F_EXCL)
+        made = parse_link_reply(self.request(RTM_NEWLINK, body, NLM_F_CREATE | NLM_F_EXCL | NLM_F_ECHO))
+        if made is None:  # a kernel that does not echo (before 5.x): look it up
+            made = self.link(name)
+            if made is None:
+                raise NetlinkError(errno.ENODEV, f"veth {name} was made but is not there")
+        return made
 
     def add_vxlan(self, name: str, vni: int, local: IPv4Address, port: int, underlay_index: int, mtu: int,
                   mac: str, learning: bool = False) -> None:
@@ -240,17 +329,11 @@ class Rtnl:
 
     def set_link(self, index: int, up: bool | None = None, master: int | None = None,
                  mtu: int | None = None) -> None:
-        flags = IFF_UP if up else 0
-        change = IFF_UP if up is not None else 0
-        body = IFINFO.pack(0, 0, index, flags, change) + \
-            (_u32(IFLA_MASTER, master) if master is not None else b"") + \
-            (_u32(IFLA_MTU, mtu) if mtu is not None else b"")
-        self.request(RTM_NEWLINK, body)
+        self.request(*set_link_msg(index, up, master, mtu))
 
     def set_hairpin(self, index: int, on: bool = True) -> None:
         """Let a bridge port send a frame back out the port it came in on (what `bridge link set hairpin on` does)."""
-        body = IFINFO.pack(AF_BRIDGE, 0, index, 0, 0) + _nest(IFLA_PROTINFO, _attr(IFLA_BRPORT_MODE, bytes([int(on)])))
-        self.request(RTM_SETLINK, body)
+        self.request(*hairpin_msg(index, on))
 
     def del_link(self, index: int) -> None:
         self.request(RTM_DELLINK, IFINFO.pack(0, 0, index, 0, 0))
@@ -258,11 +341,8 @@ class Rtnl:
     # ---- addresses ---------------------------------------------------------------------------
     def add_addr(self, index: int, address: IPv4Interface) -> None:
         """Add an IPv4 address; an address already there is fine."""
-        packed = address.ip.packed
-        body = IFADDR.pack(socket.AF_INET, address.network.prefixlen, 0, RT_SCOPE_UNIVERSE, index) + \
-            _attr(IFA_LOCAL, packed) + _attr(IFA_ADDRESS, packed)
         try:
-            self.request(RTM_NEWADDR, body, NLM_F_CREATE | NLM_F_EXCL)
+            self.request(*add_addr_msg(index, address))
         except NetlinkError as exc:
             if exc.errno != errno.EEXIST:
                 raise
@@ -309,16 +389,7 @@ class Rtnl:
     # ---- routes ------------------------------------------------------------------------------
     def replace_route(self, dst: IPv4Network, gateway: IPv4Address | None = None, oif: int | None = None,
                       protocol: int = RTPROT_BOOT, onlink: bool = False) -> None:
-        scope = RT_SCOPE_UNIVERSE if gateway is not None else RT_SCOPE_LINK
-        flags = RTNH_F_ONLINK if onlink else 0
-        body = RTMSG.pack(socket.AF_INET, dst.prefixlen, 0, 0, RT_TABLE_MAIN, protocol, scope, RTN_UNICAST, flags)
-        if dst.prefixlen:
-            body += _attr(RTA_DST, dst.network_address.packed)
-        if gateway is not None:
-            body += _attr(RTA_GATEWAY, gateway.packed)
-        if oif is not None:
-            body += _u32(RTA_OIF, oif)
-        self.request(RTM_NEWROUTE, body, NLM_F_CREATE | NLM_F_REPLACE)
+        self.request(*replace_route_msg(dst, gateway, oif, protocol, onlink))
 
     def routes(self, table: int = RT_TABLE_MAIN) -> list[Route]:
         out = []

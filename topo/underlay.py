@@ -12,6 +12,7 @@ uplink, and the host's own firewall and bridge-netfilter settings never see lab 
 """
 from __future__ import annotations
 
+import os
 import shutil
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
@@ -19,6 +20,7 @@ from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from topo import names, netns
 from topo.errors import FeatureMissing
 from topo.model import NODE_IFNAME, SPINE, Lab, LinkSpec
+from topo.rtnl import Rtnl
 
 FLAT_SWITCH = "ul"  # Mininet's LinuxBridge only enslaves ports whose names contain the switch's name
 FABRIC = "fabric"
@@ -211,28 +213,70 @@ def build(up: UnderlayPlan) -> None:
     # never restores them; a lab must not touch the machine's own network settings, so skip it.
     Mininet.inited = True
     TCIntf.bwParamMax = 100_000  # Mininet silently ignores rates above 1 Gbit/s; the spec allows 100
-    net = Mininet(topo=None, switch=LinuxBridge, controller=None, build=False, autoSetMacs=False,
+    # Mininet configures what it builds through each node's shell, a command and a read per step (`ip link
+    # add`, `ifconfig up` of both ends and of lo, `brctl addif`: 250 of them, 1.1 s, at 50 nodes). The veths
+    # and bridge ports are made here by netlink from inside the nodes' namespaces instead; bringing links
+    # up is left to `configure`, which does it by netlink anyway. Mininet still makes the hosts and switches
+    # (its shells hold their namespaces until they are pinned) and shapes links with tc (TCLink).
+    handles = _ShellHandles()
+
+    class NetlinkPair:
+        @classmethod
+        def makeIntfPair(cls, intfname1, intfname2, addr1=None, addr2=None, node1=None, node2=None,  # noqa: N802
+                         deleteIntfs=True):  # noqa: N803 (Mininet's names)
+            if node1 is None or node2 is None:  # Mininet's slow path (links made outside any node): unused here
+                return super().makeIntfPair(intfname1, intfname2, addr1, addr2, node1, node2, deleteIntfs)
+            fd = netns.open_fd(f"/proc/{node2.pid}/ns/net")
+            try:
+                handles.get(node1).add_veth(intfname1, intfname2, fd, None, mac=addr1, peer_mac=addr2)
+            finally:
+                os.close(fd)
+            return None
+
+    class Link(NetlinkPair, MnLink):
+        pass
+
+    class ShapedLink(NetlinkPair, TCLink):
+        pass
+
+    class Bridge(LinuxBridge):
+        """LinuxBridge, started by netlink: the bridge made when the switch was (see below), its ports added."""
+
+        def start(self, controllers):
+            if self.stp:
+                return super().start(controllers)
+            rt = handles.get(self)
+            bridge = rt.link(self.name)
+            assert bridge is not None, self.name
+            for intf in self.intfList():
+                if self.name in intf.name:  # LinuxBridge's rule: its ports carry its name
+                    port = rt.link(intf.name)
+                    assert port is not None, intf.name
+                    rt.set_link(port.index, master=bridge.index)
+            return None
+
+    net = Mininet(topo=None, switch=Bridge, controller=None, build=False, autoSetMacs=False,
                   autoStaticArp=False, waitConnected=False)
+    net.configHosts = lambda: None  # only `ifconfig lo up` for hosts without addresses: `configure` does it
     try:
         switches = {}
         for i, seg in enumerate(up.segments):
             switches[seg.switch] = sw = net.addSwitch(seg.switch, inNamespace=True, dpid=str(i + 1))
             # A veth whose ifindex equals its peer's counts as a non-urgent link event, and the kernel
             # then reports its carrier up to a second late. Switch ports and hosts' eth0 would both be
-            # index 2 in their fresh namespaces; a placeholder taken first shifts the ports' indexes.
-            # (LinuxBridge.start deletes and re-creates the bridge.)
-            sw.cmd(f"ip link add {seg.switch} type bridge")
+            # index 2 in their fresh namespaces; the bridge, made first, takes index 2 and shifts the ports'.
+            handles.get(sw).add_bridge(seg.switch, None)
         hosts = {h.name: net.addHost(h.name, ip=None) for h in up.hosts}
         for link in up.links:
             params = tc_params(link.spec)
-            cls = TCLink if params else MnLink
+            cls = ShapedLink if params else Link
             if link.segment is not None:
                 net.addLink(hosts[link.host], switches[link.segment], intfName1=link.intf, intfName2=link.port,
-                            cls=cls, **params)
+                            cls=cls, up=None, **params)
             else:
                 assert link.peer is not None
                 net.addLink(hosts[link.host], hosts[link.peer], intfName1=link.intf, intfName2=link.peer_intf,
-                            cls=cls, **params)
+                            cls=cls, up=None, **params)
         net.build()
         net.start()
         for h in up.hosts:
@@ -240,5 +284,23 @@ def build(up: UnderlayPlan) -> None:
         for seg in up.segments:
             netns.pin_pid(seg.netns, switches[seg.switch].pid)
     finally:
+        handles.close()
         for node in net.hosts + net.switches:
             node.terminate()
+
+
+class _ShellHandles:
+    """Netlink handles in the namespaces of Mininet's node shells, one per node, closed together."""
+
+    def __init__(self) -> None:
+        self._open: dict[int, Rtnl] = {}
+
+    def get(self, node) -> Rtnl:  # node: a Mininet Node, whose shell (node.pid) holds its namespace
+        if node.pid not in self._open:
+            self._open[node.pid] = netns.rtnl_in(f"/proc/{node.pid}/ns/net")
+        return self._open[node.pid]
+
+    def close(self) -> None:
+        for handle in self._open.values():
+            handle.close()
+        self._open.clear()

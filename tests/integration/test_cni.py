@@ -126,6 +126,34 @@ def test_add_of_an_existing_attachment_fails_and_keeps_it(spaces: dict) -> None:
     assert cni(node, "CHECK", {**conf, "prevResult": first}, pod, "p0") == (0, None)
 
 
+
+def test_lab_ups_add_without_lookups_still_refuses_an_existing_interface(spaces: dict) -> None:
+    """`lab up` makes each pod's namespace right before its ADD and lets the plugin skip looking for an
+    interface of the same name (BridgePlugin.new_sandboxes). Should one exist after all, the exclusive veth
+    creation fails and ADD still refuses with the reference plugin's message, leaving the first attachment,
+    its veth and its lease alone."""
+    from cni.plugin import BridgePlugin, CniArgs, CniError, NetConf
+    from topo import netns
+
+    node, pod, conf = spaces["node"], spaces["pods"][0], spaces["conf"]
+    rc, first = cni(node, "ADD", conf, pod, "p0")
+    assert rc == 0, first
+    with netns.rtnl_in(node) as host:
+        plugin = BridgePlugin(NetConf.from_json(conf), host)
+        plugin.new_sandboxes = True
+        for container_id in ("test.p0", "other"):  # the same attachment, and another sandbox into the same eth0
+            with pytest.raises(CniError, match=r"container veth name provided \(eth0\) already exists"):
+                plugin.add(CniArgs(container_id, f"/run/netns/{pod}", pod_namespace="default", pod_name="p0"))
+        made = plugin.add(CniArgs("test.p1", f"/run/netns/{spaces['pods'][1]}", pod_namespace="default",
+                                  pod_name="p1"))
+    assert made["ips"][0]["address"] == "10.244.7.3/29" and made["interfaces"][2]["name"] == "eth0", made
+    leases = json.loads((spaces["dir"] / "node.json").read_text())["leases"]
+    assert sorted(v["containerID"] for v in leases.values()) == ["test.p0", "test.p1"]
+    assert names.host_veth("test.p0") in sh(node, "ip", "-o", "link")
+    assert "10.244.7.3/29" in sh(spaces["pods"][1], "ip", "-4", "-o", "addr", "show", "eth0")
+    assert cni(node, "CHECK", {**conf, "prevResult": first}, pod, "p0") == (0, None)
+
+
 @pytest.mark.parametrize("ifname", ["a" * 16, "eth/0", ".", "..", "eth 0", "eth:0", "eth\t0"])
 def test_invalid_ifname_is_code_4_naming_the_variable(spaces: dict, ifname: str) -> None:
     """CNI SPEC.md "Parameters": CNI_IFNAME is the interface name to create inside the container; error
