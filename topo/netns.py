@@ -63,12 +63,14 @@ def _single_threaded(call: Callable[[], int], what: str, wait: float = 2.0) -> N
     leaving the kernel for a moment (a pool of parallel loads just finished), so wait for it; a thread that
     stays is a bug of ours, told as such."""
     deadline = time.monotonic() + wait
+    alone = 0  # failed calls with no other thread listed: the first may have raced the thread's exit
     while True:
         if call() == 0:
             return
         err = ctypes.get_errno()
         others = len(os.listdir("/proc/self/task")) - 1
-        if err != errno.EINVAL or others == 0:
+        alone = alone + 1 if others == 0 else 0
+        if err != errno.EINVAL or alone > 1:
             raise OSError(err, f"{what}: {os.strerror(err)}")
         if time.monotonic() > deadline:
             raise OSError(err, f"{what} of a mount namespace: {others} other thread(s) of this process are still "
