@@ -8,7 +8,6 @@ import json
 import signal
 import sys
 
-from observe import flows, flows_run
 from topo.errors import StateError
 
 
@@ -35,6 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def command(args: argparse.Namespace) -> int:
+    from observe import flows, flows_run  # here, not at the top: every command builds this parser (80 ms)
+
     if args.since is not None:
         flows.parse_since(args.since)  # a malformed one is still told as such
         raise StateError("--since: lab observe keeps no history (it shows flows from now on, see "
