@@ -107,6 +107,7 @@ def sync(ns: str, node: Node, sps: list[ServicePortEndpoints], cluster: Cluster,
     generation = nft_generation(ns)
     fixed = (node, cluster)
     delta: tuple[nft.Ruleset, nft.Ruleset] | None = None  # (old, new) the kernel must go from and to
+    script: str | None = None  # the delta as `nft -f` text, once rendered (kept for the nft -f fallback)
     record = None
     whole: nft.Ruleset | None = None
     if interrupted or generation is None:
@@ -125,7 +126,8 @@ def sync(ns: str, node: Node, sps: list[ServicePortEndpoints], cluster: Cluster,
         old, old_generation = read_saved(saved)
         if old is not None and old_generation == generation:
             delta = (old, whole)
-            if not nft.render_delta(old, whole):
+            script = nft.render_delta(old, whole)
+            if not script:
                 _LOADED[key] = _Loaded(fixed, now_parts, saved_files(saved), generation)
                 return "none"
     saved.parent.mkdir(parents=True, exist_ok=True)
@@ -137,7 +139,7 @@ def sync(ns: str, node: Node, sps: list[ServicePortEndpoints], cluster: Cluster,
         try:  # one netlink batch from here, refused by the kernel if the generation moved
             nft_netlink.apply_delta(ns, *delta, generation)
         except nft_netlink.Unsupported:  # e.g. the egress table: nft -f renders those
-            script = nft.render_delta(*delta)
+            script = script if script is not None else nft.render_delta(*delta)
             if script:
                 load(script)
     except ApplyError:
