@@ -35,16 +35,24 @@ def running_pods(st: state.LabState, lab: Lab, alive: dict[str, bool] | None = N
     """The lab's pods with their IPs, ready while their sandbox lives (what the endpoints controller sees).
     A pod still being made or being removed is not an endpoint. `alive`: whether each pod's sandbox lives,
     when the caller has just looked (`alive_sandboxes`); a pod it does not name is looked at here."""
-    pods = [(pod, ps) for pod in lab.pods if (ps := st.pods.get(pod.key)) is not None and ps.phase == "Running"]
-    unknown = {pod.key: (ps.netns, ps.pause_pid) for pod, ps in pods if alive is None or pod.key not in alive}
-    looked = runtime.sandboxes_alive(unknown) if unknown else {}
-    out = []
-    for pod, ps in pods:
-        ready = alive[pod.key] if pod.key not in looked else looked[pod.key]
-        ip = _address(ps.ip)
-        seen = _running.get(pod.key)
+    states, known = st.pods, alive or {}
+    pods, unknown = [], {}
+    for pod in lab.pods:  # one pass, locals only: 10,000 pods are gathered by every change
+        key = pod.key
+        ps = states.get(key)
+        if ps is None or ps.phase != "Running":
+            continue
+        pods.append((key, pod, ps))
+        if key not in known:
+            unknown[key] = (ps.netns, ps.pause_pid)
+    if unknown:
+        known = {**known, **runtime.sandboxes_alive(unknown)}
+    out, cache, address = [], _running, _address
+    for key, pod, ps in pods:
+        ready, ip = known[key], address(ps.ip)
+        seen = cache.get(key)
         if seen is None or seen.pod is not pod or seen.ready != ready or seen.ip is not ip:
-            seen = _running[pod.key] = RunningPod(pod, ip, ready)
+            seen = cache[key] = RunningPod(pod, ip, ready)
         out.append(seen)
     return out
 

@@ -6,6 +6,7 @@ Exit codes: 0 success; 1 a kernel operation failed; 2 bad input (spec, arguments
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import shutil
@@ -549,8 +550,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Commands that may run for minutes or hours and allocate all the while: the cyclic garbage collector stays on
+# for them, with fewer passes.
+LONG_RUNNING = {"up", "ui", "observe", "bench"}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # A command reads a 10,000-pod lab's state and model (a few hundred thousand objects, kept until it exits),
+    # and the collector kept walking them: 290 passes, 2 of them over everything, 0.19 s of a one-pod
+    # `lab apply` (gc.callbacks). A short command's garbage is freed when it exits.
+    if args.command_name in LONG_RUNNING:
+        gc.set_threshold(100_000, 50, 100)
+    else:
+        gc.disable()
     from lab import progress
 
     progress.quiet = getattr(args, "quiet", False) or getattr(args, "json", False)

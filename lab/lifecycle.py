@@ -14,6 +14,7 @@ from apiserver.desired import remember_spec, resolve_spec
 from apiserver.spec import load_spec
 from cilium import agent
 from lab import apply, plan
+from reconcile.resync import mark_in_step
 from services import addons, kube_proxy
 from topo import kernel, names, netns
 from topo.errors import FeatureMissing, StateError
@@ -55,6 +56,7 @@ def up(spec: str | None, keep_on_failure: bool = False) -> UpResult:
             bgp_seconds = apply.apply(plan.build(lab, state.ipam_dir(lab.name)), st)
             st.phase = "up"
             state.save(st)
+            mark_in_step(st)  # every layer was built from this desired state: the next change may be a delta
             remember_spec(st)  # later commands read the validated model instead of validating the spec again
         except BaseException:
             if keep_on_failure:

@@ -23,7 +23,7 @@ from kubelet import pods as kubelet
 from kubelet.pods import running_pods
 from lab import nodes, progress
 from reconcile.recover import recover
-from reconcile.resync import resync, sync_policies
+from reconcile.resync import Delta, in_step, quick_alive, resync, sync_policies
 from services import addons, kube_proxy
 from services.endpoints import RunningPod
 from topo import crash
@@ -76,9 +76,13 @@ def apply_file(name: str | None, file: str) -> list[str]:
     with state.locked(name):
         st = state.load_running(name)
         remember_spec(st)
-        report = recover(st, current_lab(st)).lines()
-        before = current_lab(st)
-        alive = kubelet.alive_sandboxes(st)  # each pod's sandbox looked at once, for every endpoints pass below
+        base_in_step = in_step(st)
+        found = current_lab(st)
+        recovery = recover(st, found)
+        report = recovery.lines()
+        before = current_lab(st) if recovery.changed else found
+        # each pod's sandbox looked at once, for every endpoints pass below
+        alive = quick_alive(st) if base_in_step else kubelet.alive_sandboxes(st)
         existing = {p.key: p for p in before.pods}
         # Re-applying an object is not a name clash (kubectl reports it unchanged or configured): validate
         # the file against the lab without the objects it names, so capacity, placement and addresses
@@ -102,6 +106,9 @@ def apply_file(name: str | None, file: str) -> list[str]:
         moved = [p for p in wanted if p.key in existing and given.get(p.key) not in (None, existing[p.key].node)]
         new = [p for p in wanted if p.key not in existing or p in moved]
         report += _remember(st, objects, before)
+        touched = [(p.namespace, p.labels) for p in wanted] + [
+            (key.split("/", 1)[0], tuple(sorted(st.pods[key].labels.items())))
+            for key in {p.key for p in wanted} | set(_scaled_away(objects, wanted, st)) if key in st.pods]
         relabelled = [_relabel(st, p) for p in wanted if p.key in existing and p not in moved]
         report += relabelled
         after = current_lab(st)
@@ -145,7 +152,8 @@ def apply_file(name: str | None, file: str) -> list[str]:
         report += converge_vpc(st, alive)
         state.save(st)
         crash.point("resync")
-        resync(st, alive)
+        only_pods = all(o.get("kind") in ("Pod", "Deployment") for o in objects) and not enabled
+        resync(st, alive, Delta(tuple(touched), base_in_step) if only_pods else None)
         policies = any(o.get("kind") == "NetworkPolicy" for o in objects)  # else the model is not derived again
         warning = network_policy.not_enforced_warning(current_lab(st)) if policies else None
     if warning:
@@ -357,6 +365,7 @@ def _delete_objects(name: str | None, wanted: list[tuple[str, str, str]], missin
     with state.locked(name):
         st = state.load_running(name)
         remember_spec(st)
+        base_in_step = in_step(st)
         report = recover(st, current_lab(st)).lines()
         lab = current_lab(st)
         spec_keys = _spec_keys(st)
@@ -399,15 +408,17 @@ def _delete_objects(name: str | None, wanted: list[tuple[str, str, str]], missin
             st.pods[key].phase = "Terminating"
         st.record()
         crash.point("objects-recorded")
+        touched = [(key.split("/", 1)[0], tuple(sorted(st.pods[key].labels.items()))) for key in pods]
         with progress.bar("lab delete: pods", len(pods)) as advance:
             for key in pods:
                 _delete_pod(st, lab, key)
                 advance(1)
-        alive = kubelet.alive_sandboxes(st)
+        alive = quick_alive(st) if base_in_step else kubelet.alive_sandboxes(st)
         report += converge_vpc(st, alive)
         state.save(st)
         crash.point("resync")
-        resync(st, alive)
+        only_pods = all(kind in ("Pod", "Deployment") for kind, _namespace, _target in wanted)
+        resync(st, alive, Delta(tuple(touched), base_in_step) if only_pods else None)
     # Like `kubectl delete -f --ignore-not-found`: running the same delete again (after it was killed, or
     # after it succeeded) converges instead of failing on what is already gone.
     report += [f"{m} not found (nothing to delete)" for m in missing]

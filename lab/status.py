@@ -100,6 +100,19 @@ def table(rows: list[list[str]]) -> str:
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
 
 
+ENDPOINTS_SHOWN = 3  # kubectl get endpoints prints three, then "+ N more..." (its printers' endpoint column)
+
+
+def _endpoints(endpoints: list[str]) -> str:
+    """A service port's endpoints as `kubectl get endpoints` shows them: a 10,000-pod service is one short
+    cell, not 150 KB of one line (`lab status --json` keeps every one)."""
+    if not endpoints:
+        return "<none>"
+    shown = ",".join(endpoints[:ENDPOINTS_SHOWN])
+    more = len(endpoints) - ENDPOINTS_SHOWN
+    return f"{shown} + {more} more..." if more > 0 else shown
+
+
 def render(info: dict[str, Any]) -> str:
     head = (f"lab {info['name']} ({info['phase']}): backend {info['backend']}, MTU {info['mtu']}, "
             f"kube-proxy {info['kubeProxy']}, "
@@ -124,7 +137,7 @@ def render(info: dict[str, Any]) -> str:
         parts.append(table([["SERVICE", "NAMESPACE", "TYPE", "CLUSTER-IP", "PORT", "ENDPOINTS"]] + [
             [s["name"], s["namespace"], s["type"], s["clusterIP"],
              f"{s['port']}{':' + str(s['nodePort']) if s['nodePort'] else ''}/{s['protocol']}",
-             ", ".join(s["endpoints"]) or "<none>"] for s in info["services"]]))
+             _endpoints(s["endpoints"])] for s in info["services"]]))
     if info["external"]:
         parts.append(table([["EXTERNAL", "IP"]] + [[e["name"], e["ip"]] for e in info["external"]]))
     if info.get("faults"):  # `lab break` and an exercise's faults; random ones stay a puzzle

@@ -17,7 +17,7 @@ from ipaddress import IPv4Address
 from pathlib import Path
 
 from services import dns, ingress, nodelocal
-from services.endpoints import RunningPod, resolve
+from services.endpoints import RunningPod
 from topo.errors import SpecError, SpecIssue
 from topo.model import Container, ContainerPort, Lab, Pod, Service, ServicePort
 
@@ -152,7 +152,7 @@ def write_configs(lab: Lab, running: list[RunningPod], run_dir: Path) -> None:
     """
     if lab.dns.enabled:
         folder = dns_dir(run_dir)
-        records = dns.records(lab.services, resolve(lab.services, running), running, lab.dns.domain)
+        records = dns.records(lab.services, [], running, lab.dns.domain)  # the endpoints of ClusterIP services play no part
         conf = dns.dnsmasq_conf(records, upstream(lab), lab.dns.domain, folder / "queries.log", folder / "hosts")
         _write(folder, {"dnsmasq.conf": conf, "hosts": dns.hosts_file(records)})
     if ingress_enabled(lab):

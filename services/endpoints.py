@@ -67,11 +67,11 @@ def target_port(pod: Pod, port: ServicePort) -> int | None:
 def resolve(services: tuple[Service, ...] | list[Service], pods: list[RunningPod]) -> list[ServicePortEndpoints]:
     """Every port of every service with a cluster IP, with its ready endpoints in a stable order."""
     out = []
+    ready = [(rp, rp.pod.label_map) for rp in pods if rp.ready]  # each pod's labels as a dict once, not per service
     for service in services:
         if service.cluster_ip is None:
             continue  # headless: no virtual IP, nothing for kube-proxy to program
-        members = [rp for rp in pods if rp.ready and rp.pod.namespace == service.namespace
-                   and service.selects(rp.pod.label_map)]
+        members = [rp for rp, labels in ready if rp.pod.namespace == service.namespace and service.selects(labels)]
         for port in service.ports:
             eps = []
             for rp in members:

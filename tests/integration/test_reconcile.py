@@ -196,6 +196,36 @@ def test_two_labs_change_at_once(lab_up, tmp_path: Path) -> None:
     assert_converged(first, [f"default/c{i}" for i in range(4)])
 
 
+def _dnat(name: str, ip: str) -> bool:
+    """Whether node1's kernel sends service traffic to ip:8080 (a KUBE-SEP chain's DNAT)."""
+    return f"--to-destination {ip}:8080" in in_lab(name, "node1", "iptables-save", "-t", "nat")
+
+
+def test_a_one_pod_change_finishes_a_killed_resync_and_drops_a_dead_pod(lab_up, tmp_path: Path) -> None:
+    """A one-pod change syncs service rules only when a service selects the changed pod (reconcile/resync.py,
+    Delta), which is right only while everything else is in line. Twice it is not: the command before was
+    killed before its resync, and a pod's sandbox died by itself. The next one-pod change that no service
+    cares about must then bring every service's rules in line all the same."""
+    name = unique("delta")
+    lab_up(seed_spec(name))
+    lab("apply", "--lab", name, "-f", manifests(tmp_path, "svc", service("late", "late")))
+    killed = crashing(["apply", "--lab", name, "-f", manifests(tmp_path, "a", pause_pod("a", "node1", app="late"))],
+                      "resync")
+    assert killed.returncode == -signal.SIGKILL, (killed.returncode, killed.stderr)
+    ip = next(p["ip"] for p in status(name)["pods"] if p["name"] == "a")
+    assert not _dnat(name, ip)  # killed before the rules followed
+    lab("apply", "--lab", name, "-f", manifests(tmp_path, "b", pause_pod("b", "node2", app="other")))
+    assert _dnat(name, ip), "a later one-pod change left the killed command's service rules unsynced"
+
+    pid = json.loads((RUN / name / "state.json").read_text())["pods"]["default/a"]["pause_pid"]
+    os.kill(pid, signal.SIGKILL)  # the sandbox dies on its own: no endpoint any more, as the controller would see
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    lab("apply", "--lab", name, "-f", manifests(tmp_path, "c", pause_pod("c", "node2", app="other")))
+    assert not _dnat(name, ip), "a one-pod change kept a dead pod as a service endpoint"
+
+
 # ---------------------------------------------------------------------------- bounded state, kubectl habits
 
 def test_create_delete_cycles_leave_state_and_logs_as_they_were(lab_up, tmp_path: Path) -> None:

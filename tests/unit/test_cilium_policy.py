@@ -12,6 +12,8 @@ each verdict leaves in the cilium_events ring (only for a connection's first pac
 """
 from __future__ import annotations
 
+import dataclasses
+
 import ctypes
 from collections.abc import Iterator
 from ipaddress import IPv4Address, IPv4Network
@@ -59,7 +61,7 @@ def test_a_relabel_changes_that_pods_identity_only() -> None:
     lab, workloads, model = _model()
     before = dict(model.of_pod)
     pod = _me(workloads, "y/b").pod
-    moved = [Workload(type(pod)(**{**pod.__dict__, "labels": (("app", "special"),)}), w.ip) if w.pod.key == "y/b"
+    moved = [Workload(dataclasses.replace(pod, labels=(("app", "special"),)), w.ip) if w.pod.key == "y/b"
              else w for w in workloads]
     after = identity.build(lab, moved, model.alloc).of_pod
     assert after["y/b"] not in before.values()
