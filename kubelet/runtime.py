@@ -43,32 +43,14 @@ def pause_binary(bin_dir: Path) -> str:
 
 
 POD_FILES = ("resolv.conf", "hosts")  # what kubelet writes for each pod and mounts into its containers
-_template: int | None = None
 
 
 def _mount_template() -> int:
-    """A mount namespace to copy pod mount namespaces from: the machine's, minus /run/netns.
-
-    A new mount namespace copies every mount of the one it comes from, and each pinned network namespace
-    is a mount under /run/netns: with a thousand pods, copying the machine's table would cost
-    milliseconds per pod (quadratic overall). Pods never need those pins, so they copy this one.
-    """
-    global _template
-    if _template is None:
-        home = os.open("/proc/thread-self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            netns.unshare(netns.CLONE_NEWNS)
-            netns.make_slave("/")
-            netns.umount_detached(netns.NETNS_DIR)
-            # Each pod mounts a sysfs of its own on /sys (`remount_sys`): the machine's /sys and the mounts
-            # under it (a dozen cgroup hierarchies) go here once, instead of being copied into every pod's
-            # namespace and detached again there (1 ms a pod).
-            netns.umount_detached("/sys")
-            _template = os.open("/proc/thread-self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
-        finally:
-            netns.setns(home, netns.CLONE_NEWNS)
-            os.close(home)
-    return _template
+    """A mount namespace to copy pod mount namespaces from (topo/netns.py `mount_template`): the machine's,
+    minus /run/netns and /sys. A new mount namespace copies every mount of the one it comes from, and each
+    pinned network namespace is a mount under /run/netns: with a thousand pods, copying the machine's table
+    would cost milliseconds per pod (quadratic overall). Pods never need those pins, so they copy this one."""
+    return netns.mount_template()
 
 
 @contextlib.contextmanager
