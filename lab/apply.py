@@ -105,14 +105,16 @@ def setup_node(node: NodeOps, handles: NodeHandles, ipamd=None) -> BridgePlugin 
     return plugin
 
 
-POD_BATCH = 50  # pods whose namespaces are made before their sandboxes start (see make_sandboxes); 25-200 do as well
+POD_BATCH = 50  # pods whose namespaces are made before their sandboxes start (see add_pods); 25-200 do as well
 
 
-def make_sandboxes(lab: Lab, ops: tuple[PodOps, ...], pause: str, report: Callable[[int], None]) -> None:
-    """Each pod's files, network namespace and sandbox (pause), in batches, each step for a whole batch before
-    the next: a process started right after a network namespace was made costs twice as much or more
-    (measured, 400 pods: 4.5 ms a spawn alternating, 2.3-2.6 ms in batches of 25-50, 1.9 ms in batches of
-    200). `report` gets each sandbox's pause pid, in the order of `ops`."""
+def add_pods(lab: Lab, ops: tuple[PodOps, ...], plugins: dict[str, BridgePlugin | vpc_plugin.VpcPlugin], pause: str,
+             logs: Path) -> Iterator[state.PodState]:
+    """Make pods in batches, each step for a whole batch before the next: files and network namespaces,
+    then the pause processes, then CNI ADD and containers pod by pod. A process started right after a
+    network namespace was made costs twice as much or more (measured, 400 pods: 4.5 ms a spawn alternating,
+    2.3-2.6 ms in batches of 25-50, 1.9 ms in batches of 200), so `lab up` does not alternate them. Yields each pod's record once it is
+    made, in order; a failure leaves the rest to the caller's teardown (the lab is still building)."""
     if ops:
         runtime.make_pods_folder(state.pod_dir(lab.name, ops[0].pod).parent)
     for start in range(0, len(ops), POD_BATCH):
@@ -123,61 +125,14 @@ def make_sandboxes(lab: Lab, ops: tuple[PodOps, ...], pause: str, report: Callab
             runtime.write_pod_files(state.pod_dir(lab.name, op.pod), addons.pod_resolv_conf(lab, op.pod),
                                     addons.pod_hosts(op.pod, op.address.ip, lab.dns.domain))
             netns.create(op.netns)
+        sandboxes = {}
         for op in batch:
             with in_pod_cgroup(lab, op.node):
-                report(runtime.start_sandbox(op.netns, addons.pod_hostname(op.pod), pause,
-                                             state.pod_dir(lab.name, op.pod), runtime.needs_sysfs(op.pod)))
-
-
-class Sandboxes:
-    """The pods' sandboxes made by a forked copy of this process (`make_sandboxes`, on the other core) while
-    this one builds the nodes and wires the pods whose sandboxes are ready: kubelet's two halves, the
-    runtime's RunPodSandbox and the CNI ADD that follows it, as a pipeline (1,000 pods: 3.5 s of namespaces,
-    pause processes and files no longer in series with 2.7 s of CNI ADDs and the underlay). The copy reports
-    each pause pid on a pipe, in the plan's order; it dies with this process (topo/process.py fork_call), and
-    `stop` ends it before the caller removes a failed lab, so nothing is made behind the teardown."""
-
-    def __init__(self, lab: Lab, ops: tuple[PodOps, ...], pause: str) -> None:
-        read_fd, write_fd = os.pipe2(os.O_CLOEXEC)  # CLOEXEC: no pause process holds the pipe open
-
-        def work() -> None:
-            os.close(read_fd)
-            with os.fdopen(write_fd, "wb", buffering=0) as out:
-                make_sandboxes(lab, ops, pause, lambda pid: out.write(b"%d\n" % pid))
-
-        self._worker: process.Forked | None = process.fork_call(work)
-        os.close(write_fd)
-        self._pids = os.fdopen(read_fd, "rb")
-
-    def next_pid(self) -> int:
-        """The next pod's pause pid, once its sandbox runs; what the copy raised if it ended before."""
-        line = self._pids.readline()
-        if not line:
-            self.wait()  # raises what the copy raised
-            raise ApplyError("the sandbox worker ended before every pod had its sandbox")
-        return int(line)
-
-    def wait(self) -> None:
-        """Return once the copy has ended well (it has, once it reported the last pod); raise what it raised."""
-        self._pids.close()
-        worker, self._worker = self._worker, None
-        if worker is not None:
-            worker.wait()
-
-    def stop(self) -> None:
-        """End the copy now, unless it has been waited for (its pid may belong to another process since)."""
-        self._pids.close()
-        worker, self._worker = self._worker, None
-        if worker is not None:
-            worker.stop()
-
-
-def add_pods(lab: Lab, ops: tuple[PodOps, ...], plugins: dict[str, BridgePlugin | vpc_plugin.VpcPlugin],
-             sandboxes: Sandboxes, logs: Path) -> Iterator[state.PodState]:
-    """CNI ADD and the containers of each pod, in order, as its sandbox is ready. Yields each pod's record
-    once it is made; a failure leaves the rest to the caller's teardown (the lab is still building)."""
-    for op in ops:
-        yield finish_pod(lab, op, plugins[op.node], sandboxes.next_pid(), logs)
+                sandboxes[op.pod.key] = runtime.start_sandbox(op.netns, addons.pod_hostname(op.pod), pause,
+                                                              state.pod_dir(lab.name, op.pod),
+                                                              runtime.needs_sysfs(op.pod))
+        for op in batch:
+            yield finish_pod(lab, op, plugins[op.node], sandboxes[op.pod.key], logs)
 
 
 def finish_pod(lab: Lab, op: PodOps, plugin: BridgePlugin | vpc_plugin.VpcPlugin, pause_pid: int,
@@ -229,19 +184,6 @@ def apply(plan: Plan, st: state.LabState) -> float | None:
         frr.require_frr()
     load_br_netfilter()
     netns.ensure_dir()
-    pause = runtime.pause_binary(state.RUN_DIR / state.BIN)
-    # The cilium profile's sandboxes start in their node's cgroup, made with the node (agent.setup_node).
-    early = plan.lab.cni.profile != "cilium"
-    sandboxes = Sandboxes(plan.lab, plan.pods, pause) if early else None
-    try:
-        return _apply(plan, st, sandboxes)
-    except BaseException:
-        if sandboxes is not None:
-            sandboxes.stop()  # the caller removes the lab: nothing may be made behind its teardown
-        raise
-
-
-def _apply(plan: Plan, st: state.LabState, sandboxes: Sandboxes | None) -> float | None:
     underlay.build(plan.underlay)
     pause = runtime.pause_binary(state.RUN_DIR / state.BIN)
     logs = state.log_dir(plan.lab.name)
@@ -280,22 +222,11 @@ def _apply(plan: Plan, st: state.LabState, sandboxes: Sandboxes | None) -> float
             if plan.lab.cni.profile != "cilium" else None
         try:
             try:
-                if sandboxes is None:
-                    sandboxes = Sandboxes(plan.lab, plan.pods, pause)
-                    made_here = sandboxes
-                else:
-                    made_here = None
-                try:
-                    with progress.bar(f"lab up {plan.lab.name}: pods", len(plan.pods)) as advance:
-                        for op, record in zip(plan.pods, add_pods(plan.lab, plan.pods, plugins, sandboxes, logs)):
-                            st.pods[op.pod.key] = record
-                            crash.point("up-pod")
-                            advance(1)
-                    sandboxes.wait()
-                except BaseException:
-                    if made_here is not None:
-                        made_here.stop()
-                    raise
+                with progress.bar(f"lab up {plan.lab.name}: pods", len(plan.pods)) as advance:
+                    for op, record in zip(plan.pods, add_pods(plan.lab, plan.pods, plugins, pause, logs)):
+                        st.pods[op.pod.key] = record
+                        crash.point("up-pod")
+                        advance(1)
             finally:
                 for node in plan.nodes:
                     node.netconf.lease_file().write(plan.ipam[node.name])
