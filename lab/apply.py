@@ -115,6 +115,8 @@ def add_pods(lab: Lab, ops: tuple[PodOps, ...], plugins: dict[str, BridgePlugin 
     network namespace was made costs twice as much or more (measured, 400 pods: 4.5 ms a spawn alternating,
     2.3-2.6 ms in batches of 25-50, 1.9 ms in batches of 200), so `lab up` does not alternate them. Yields each pod's record once it is
     made, in order; a failure leaves the rest to the caller's teardown (the lab is still building)."""
+    if ops:
+        runtime.make_pods_folder(state.pod_dir(lab.name, ops[0].pod).parent)
     for start in range(0, len(ops), POD_BATCH):
         batch = ops[start:start + POD_BATCH]
         for op in batch:
