@@ -115,9 +115,9 @@ def make_pods_folder(folder: Path) -> None:
     except OSError:
         return
     try:
-        flags = struct.unpack("l", fcntl.ioctl(fd, FS_IOC_GETFLAGS, bytes(8)))[0]
+        flags = struct.unpack("i", fcntl.ioctl(fd, FS_IOC_GETFLAGS, bytes(4)))[0]  # an int, whatever the name says
         if not flags & FS_TOPDIR_FL:
-            fcntl.ioctl(fd, FS_IOC_SETFLAGS, struct.pack("l", flags | FS_TOPDIR_FL))
+            fcntl.ioctl(fd, FS_IOC_SETFLAGS, struct.pack("i", flags | FS_TOPDIR_FL))
     except OSError:
         pass  # no such flag here (tmpfs, overlayfs): the folders go where the file system puts them
     finally:
