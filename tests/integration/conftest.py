@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -89,6 +91,23 @@ def leftovers(name: str) -> dict[str, list]:
     if pids:
         found["processes"] = sorted(set(pids))
     return found
+
+
+def kill_up_mid_way(spec: Path, name: str, *extra: str) -> None:
+    """Start `lab up` of a spec big enough to take a while, and kill it (SIGKILL) once it has made 60 pod
+    namespaces: what a crash in the middle of a build leaves. The command has ended when this returns."""
+    proc = subprocess.Popen([sys.executable, "-m", "lab.cli", "up", *extra, str(spec)], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and len(leftovers(name)["netns"]) < 60:
+            time.sleep(0.005)
+        assert proc.poll() is None, "lab up finished before it could be killed: make the lab bigger"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
 
 
 @pytest.fixture

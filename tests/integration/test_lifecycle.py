@@ -3,17 +3,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from topo import process
 
-from tests.integration.conftest import (REPO, in_lab, lab, leftovers, pause_pod, unique,
+from tests.integration.conftest import (in_lab, kill_up_mid_way, lab, leftovers, pause_pod, unique,
                                         write_spec)
 
 pytestmark = pytest.mark.integration
@@ -83,15 +79,8 @@ def test_kill_9_mid_up_then_clean_leaves_nothing(tmp_path: Path) -> None:
     name = unique("crash")
     pods = [pause_pod(f"p{i}", node=f"node{i % 2 + 1}") for i in range(400)]
     spec = write_spec(tmp_path, two_node_spec(name, pods))
-    proc = subprocess.Popen([sys.executable, "-m", "lab.cli", "up", str(spec)], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and len(leftovers(name)["netns"]) < 60:
-            time.sleep(0.005)
-        assert proc.poll() is None, "lab up finished before it could be killed: make the lab bigger"
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
+        kill_up_mid_way(spec, name)
         made = leftovers(name)
         assert len(made["netns"]) >= 60
         pids = made.get("processes", [])
@@ -101,8 +90,6 @@ def test_kill_9_mid_up_then_clean_leaves_nothing(tmp_path: Path) -> None:
         assert leftovers(name) == {"netns": [], "state": []}
         assert not [p for p in pids if process.alive(p)]
     finally:
-        if proc.poll() is None:
-            proc.kill()
         lab("clean", check=False)
 
 

@@ -4,8 +4,6 @@ may run on every CPU again (spawns pin the spawning thread to its CPU, topo/proc
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -14,7 +12,7 @@ import pytest
 
 from topo import netns, process
 
-from tests.integration.conftest import REPO, in_lab, lab, leftovers, pause_pod, unique, write_spec
+from tests.integration.conftest import in_lab, kill_up_mid_way, lab, leftovers, pause_pod, unique, write_spec
 
 pytestmark = pytest.mark.integration
 
@@ -51,15 +49,8 @@ def test_every_pod_has_its_own_sandbox_and_address(tmp_path: Path) -> None:
 def test_up_killed_mid_way_then_down_leaves_nothing(tmp_path: Path) -> None:
     name = unique("sbxk")
     path = write_spec(tmp_path, spec(name, 400))
-    proc = subprocess.Popen([sys.executable, "-m", "lab.cli", "up", "-q", str(path)], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and len(leftovers(name)["netns"]) < 60:
-            time.sleep(0.005)
-        assert proc.poll() is None, "lab up finished before it could be killed: make the lab bigger"
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
+        kill_up_mid_way(path, name, "-q")
         time.sleep(0.2)  # forked helpers get their SIGKILL from the kernel (PR_SET_PDEATHSIG)
         helpers = [int(p) for p in filter(str.isdigit, os.listdir("/proc"))
                    if _cmdline(p).startswith(f"{sys.executable}\0-m\0lab.cli\0up\0-q\0{path}")]
@@ -70,8 +61,6 @@ def test_up_killed_mid_way_then_down_leaves_nothing(tmp_path: Path) -> None:
         assert leftovers(name) == {"netns": [], "state": []}
         assert not [p for p in made["processes"] if process.alive(p)]
     finally:
-        if proc.poll() is None:
-            proc.kill()
         lab("down", name, check=False)
 
 
