@@ -47,14 +47,6 @@ def pause_binary(bin_dir: Path) -> str:
 POD_FILES = ("resolv.conf", "hosts")  # what kubelet writes for each pod and mounts into its containers
 
 
-def _mount_template() -> int:
-    """A mount namespace to copy pod mount namespaces from (topo/netns.py `mount_template`): the machine's,
-    minus /run/netns and /sys. A new mount namespace copies every mount of the one it comes from, and each
-    pinned network namespace is a mount under /run/netns: with a thousand pods, copying the machine's table
-    would cost milliseconds per pod (quadratic overall). Pods never need those pins, so they copy this one."""
-    return netns.mount_template()
-
-
 @contextlib.contextmanager
 def _in_pod(pod_netns: str, pause_pid: int | None = None, hostname: str | None = None,
             files: Path | None = None, sysfs: bool = True) -> Iterator[None]:
@@ -76,7 +68,7 @@ def _in_pod(pod_netns: str, pause_pid: int | None = None, hostname: str | None =
                         joined.append(fd)
                         netns.setns(fd, flag)
                 else:
-                    netns.setns(_mount_template(), netns.CLONE_NEWNS)
+                    netns.setns(netns.mount_template(), netns.CLONE_NEWNS)  # the machine's, minus the pins
                     netns.unshare(netns.CLONE_NEWUTS | netns.CLONE_NEWNS)
                     if hostname is not None:
                         netns.sethostname(hostname)

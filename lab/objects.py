@@ -106,16 +106,17 @@ def apply_file(name: str | None, file: str) -> list[str]:
         moved = [p for p in wanted if p.key in existing and given.get(p.key) not in (None, existing[p.key].node)]
         new = [p for p in wanted if p.key not in existing or p in moved]
         report += _remember(st, objects, before)
+        scaled_away = _scaled_away(objects, wanted, st)
         touched = [(p.namespace, p.labels) for p in wanted] + [
             (key.split("/", 1)[0], tuple(sorted(st.pods[key].labels.items())))
-            for key in {p.key for p in wanted} | set(_scaled_away(objects, wanted, st)) if key in st.pods]
+            for key in {p.key for p in wanted} | set(scaled_away) if key in st.pods]
         relabelled = [_relabel(st, p) for p in wanted if p.key in existing and p not in moved]
         report += relabelled
         after = current_lab(st)
         enabled = [p for p in after.pods if p.key not in st.pods and p.key not in {n.key for n in new}]  # addons
         new += enabled
         lab = dataclasses.replace(after, pods=after.pods + tuple(p for p in new if p not in after.pods))
-        doomed = _scaled_away(objects, wanted, st) + [p.key for p in moved]
+        doomed = scaled_away + [p.key for p in moved]
         for key in doomed:
             st.pods[key].phase = "Terminating"
         for pod in new:
