@@ -11,6 +11,7 @@ import os
 import pickle
 import shutil
 import signal
+import struct
 import sys
 import threading
 import time
@@ -154,29 +155,60 @@ def _reap() -> None:
 PR_SET_PDEATHSIG = 1
 
 
+_FRAME = struct.Struct("<cI")  # kind (b"i" an item, b"o" returned, b"e" a pickled exception, b"t" its text), length
+
+
 class Forked:
-    """A function running in a forked copy of this process (`fork_call`): `wait` for its end, `stop` it."""
+    """A function running in a forked copy of this process (`fork_call`): what it yields as it goes
+    (`ready`), everything once it has returned (`wait`), or `stop` it. Items and the end come through a pipe as
+    frames, so the caller can take them between steps of its own work."""
 
     def __init__(self, pid: int, fd: int) -> None:
-        self.pid, self._fd = pid, fd
+        self.pid, self._fd, self._buffer, self._items = pid, fd, b"", []
+        self._end: tuple[bytes, bytes] | None = None
 
-    def wait(self) -> None:
-        """Return once the function has returned in the copy; raise what it raised (or an ApplyError saying
-        how it ended, when that cannot be carried over)."""
-        chunks = []
-        while chunk := os.read(self._fd, 1 << 16):
-            chunks.append(chunk)
-        os.close(self._fd)
-        status = self._reap()
-        data = b"".join(chunks)
-        if data == b"ok":
-            return
+    def ready(self) -> list:
+        """The items yielded since the last call, without waiting."""
+        os.set_blocking(self._fd, False)
         try:
-            exc = pickle.loads(data)
-        except Exception:  # noqa: BLE001 (no exception came through: the copy died, or its error will not unpickle)
-            text = data.split(b"\n", 1)[-1].decode(errors="replace") if data else f"ended with status {status}"
-            raise ApplyError(f"forked worker {self.pid}: {text}") from None
-        raise exc
+            while self._end is None and (chunk := os.read(self._fd, 1 << 16)):
+                self._take(chunk)
+        except BlockingIOError:
+            pass
+        finally:
+            os.set_blocking(self._fd, True)
+        items, self._items = self._items, []
+        return items
+
+    def wait(self) -> list:
+        """Return once the function has returned in the copy, with the items not taken by `ready`; raise what
+        it raised (or an ApplyError saying how it ended, when that cannot be carried over)."""
+        try:
+            while self._end is None and (chunk := os.read(self._fd, 1 << 16)):
+                self._take(chunk)
+        finally:
+            self._close()
+        status = self._reap()
+        kind, data = self._end or (b"", b"")
+        if kind == b"o":
+            items, self._items = self._items, []
+            return items
+        if kind == b"e":
+            raise pickle.loads(data)
+        text = data.decode(errors="replace") if kind == b"t" else f"ended with status {status}"
+        raise ApplyError(f"forked worker {self.pid}: {text}") from None
+
+    def _take(self, chunk: bytes) -> None:
+        self._buffer += chunk
+        while len(self._buffer) >= _FRAME.size:
+            kind, size = _FRAME.unpack_from(self._buffer)
+            if len(self._buffer) < _FRAME.size + size:
+                return
+            data, self._buffer = self._buffer[_FRAME.size:_FRAME.size + size], self._buffer[_FRAME.size + size:]
+            if kind == b"i":
+                self._items.append(pickle.loads(data))
+            else:
+                self._end = (kind, data)
 
     def stop(self) -> None:
         """End the copy now (the caller is failing, and will remove what the copy would have worked on)."""
@@ -184,8 +216,13 @@ class Forked:
             os.kill(self.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-        os.close(self._fd)
+        self._close()
         self._reap()
+
+    def _close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
     def _reap(self) -> int | None:
         try:
@@ -194,8 +231,9 @@ class Forked:
             return None
 
 
-def fork_call(fn: Callable[[], object]) -> Forked:
-    """Run `fn` in a forked copy of this process, on the machine's other core, while this one goes on.
+def fork_call(fn: Callable[[], Iterable[object] | None]) -> Forked:
+    """Run `fn` in a forked copy of this process, on the machine's other core, while this one goes on; what
+    it returns, if iterable, is iterated there and each item sent back (`Forked.ready`, `Forked.wait`).
 
     Not a thread: this process enters mount namespaces, which the kernel refuses to a process with a second
     thread (topo/netns.py `_single_threaded`); call it only while single-threaded (a fork copies one thread).
@@ -213,20 +251,28 @@ def fork_call(fn: Callable[[], object]) -> Forked:
             netns.libc().prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
             if os.getppid() != parent:  # the parent died before prctl took effect
                 os._exit(1)
-            fn()
-            os.write(write_fd, b"ok")
+            for item in fn() or ():
+                _send(write_fd, b"i", pickle.dumps(item))
+            _send(write_fd, b"o", b"")
             code = 0
         except BaseException as exc:  # noqa: BLE001 (everything goes back to the parent)
             try:
                 data = pickle.dumps(exc)
                 pickle.loads(data)
+                kind = b"e"
             except Exception:  # noqa: BLE001
-                data = b"\n" + f"{type(exc).__name__}: {exc}".encode()
+                data, kind = f"{type(exc).__name__}: {exc}".encode(), b"t"
             try:
-                os.write(write_fd, data)
+                _send(write_fd, kind, data)
             except OSError:
                 pass
         finally:
             os._exit(code)
     os.close(write_fd)
     return Forked(pid, read_fd)
+
+
+def _send(fd: int, kind: bytes, data: bytes) -> None:
+    frame = memoryview(_FRAME.pack(kind, len(data)) + data)
+    while frame:
+        frame = frame[os.write(fd, frame):]

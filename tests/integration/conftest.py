@@ -95,12 +95,14 @@ def leftovers(name: str) -> dict[str, list]:
 
 def kill_up_mid_way(spec: Path, name: str, *extra: str) -> None:
     """Start `lab up` of a spec big enough to take a while, and kill it (SIGKILL) once it has made 60 pod
-    namespaces: what a crash in the middle of a build leaves. The command has ended when this returns."""
+    namespaces and started pause processes in some: what a crash in the middle of a build leaves. The
+    command has ended when this returns."""
     proc = subprocess.Popen([sys.executable, "-m", "lab.cli", "up", *extra, str(spec)], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and len(leftovers(name)["netns"]) < 60:
+        while time.monotonic() < deadline and (len((made := leftovers(name))["netns"]) < 60
+                                               or "pause" not in map(_comm, made.get("processes", []))):
             time.sleep(0.005)
         assert proc.poll() is None, "lab up finished before it could be killed: make the lab bigger"
         os.kill(proc.pid, signal.SIGKILL)
@@ -108,6 +110,13 @@ def kill_up_mid_way(spec: Path, name: str, *extra: str) -> None:
         if proc.poll() is None:
             proc.kill()
         proc.wait()
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
 
 
 @pytest.fixture
