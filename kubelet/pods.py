@@ -18,7 +18,6 @@ from ipaddress import IPv4Address
 from pathlib import Path
 
 from apiserver import state
-from cilium import agent
 from cni.lxc import LXC_PREFIX, LxcPlugin
 from cni.plugin import BridgePlugin, CniArgs, NetConf
 from cni.vpc_ipamd import IPAMD_FILE, IpamdFile
@@ -117,7 +116,11 @@ def plugin_for(conf: NetConf, host: Rtnl) -> BridgePlugin:
 
 def in_pod_cgroup(lab: Lab, node: str) -> contextlib.AbstractContextManager[None]:
     """Where a pod's processes start: in the cilium profile, the node's cgroup (its socket LB)."""
-    return agent.spawning_in(lab.name, node) if lab.cni.profile == "cilium" else contextlib.nullcontext()
+    if lab.cni.profile != "cilium":
+        return contextlib.nullcontext()
+    from cilium import agent  # here, not at the top: libbpf's bindings are 20 ms of every other lab's command
+
+    return agent.spawning_in(lab.name, node)
 
 
 def add_pod(st: state.LabState, lab: Lab, pod: Pod,

@@ -11,8 +11,6 @@ from dataclasses import dataclass
 
 from apiserver import state
 from apiserver.desired import current_lab
-from cilium import agent
-from cilium import policy as cilium_policy
 from cni import network_policy
 from kubelet import runtime
 from kubelet.pods import running_pods
@@ -51,6 +49,8 @@ def resync(st: state.LabState, alive: dict[str, bool] | None = None,
     report = None
     if delta is None or not _delta_ok(lab, delta) or _selected(lab, delta):
         if lab.cni.profile == "cilium":  # no kube-proxy: the agent's service maps
+            from cilium import agent  # only here (kubelet/pods.py in_pod_cgroup says why)
+
             cilium_report = agent.sync(lab, running)
             report = kube_proxy.SyncReport(cilium_report.nodes, cilium_report.frontends, cilium_report.backends,
                                            cilium_report.seconds)
@@ -138,6 +138,8 @@ def sync_policies(lab: Lab, running: list[RunningPod], name: str) -> network_pol
     """Every node's NetworkPolicy rules for the pods running now (ready or not: a pod keeps its isolation
     while it starts, as Calico programs a workload's policy before it is ready)."""
     if lab.cni.profile == "cilium":  # identities, ipcache and endpoint policy maps (cilium/policy.py)
+        from cilium import policy as cilium_policy  # only here (kubelet/pods.py in_pod_cgroup says why)
+
         report = cilium_policy.sync(lab, running, state.lab_dir(name) / "cilium")
         return network_policy.SyncReport(report.nodes, len(lab.network_policies), report.seconds, True)
     workloads = [network_policy.Workload(r.pod, r.ip) for r in running]
