@@ -153,7 +153,8 @@ def write_pod_files(folder: Path, resolv_conf: str, hosts: str | None = None) ->
                 fh.write(text or "")
 
 
-def start_sandbox(pod_netns: str, hostname: str, pause: tuple[str, ...], files: Path | None = None, sysfs: bool = True) -> int:
+def start_sandbox(pod_netns: str, hostname: str, pause: tuple[str, ...], files: Path | None = None,
+                  sysfs: bool = True) -> int:
     """Start the pause process in the pod's network namespace and new UTS and mount namespaces.
 
     `sysfs` False: the pod's /sys is left unmounted until someone enters the pod (`ensure_sysfs`), for a pod

@@ -108,8 +108,8 @@ def setup_node(node: NodeOps, handles: NodeHandles, ipamd=None) -> BridgePlugin 
 POD_BATCH = 50  # pods whose namespaces are made before their sandboxes start (see add_pods); 25-200 do as well
 
 
-def add_pods(lab: Lab, ops: tuple[PodOps, ...], plugins: dict[str, BridgePlugin | vpc_plugin.VpcPlugin], pause: tuple[str, ...],
-             logs: Path) -> Iterator[state.PodState]:
+def add_pods(lab: Lab, ops: tuple[PodOps, ...], plugins: dict[str, BridgePlugin | vpc_plugin.VpcPlugin],
+             pause: tuple[str, ...], logs: Path) -> Iterator[state.PodState]:
     """Make pods in batches, each step for a whole batch before the next: files and network namespaces,
     then the pause processes, then CNI ADD and containers pod by pod. A process started right after a
     network namespace was made costs twice as much or more (measured, 400 pods: 4.5 ms a spawn alternating,
@@ -376,7 +376,6 @@ def _delete_watched(doomed: list[str], watchers: list[str], peer_mark: str, wait
     side = None
     try:
         if not doomed:
-            side = _in_thread(meanwhile)
             return
         with node_handles() as handles:
             before = {}
@@ -399,6 +398,8 @@ def _delete_watched(doomed: list[str], watchers: list[str], peer_mark: str, wait
                 if pending:
                     time.sleep(min(0.25, max(0.02, (time.monotonic() - started) / 10)))
     finally:
+        if side is None:  # nothing held, or a failure before: the files go all the same
+            side = _in_thread(meanwhile)
         if side is not None:
             side.join()
 

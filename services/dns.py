@@ -289,7 +289,7 @@ def records(services: Iterable[Service], sps: list[ServicePortEndpoints], runnin
                             number, 0, max(1, 100 // len(targets))))  # CoreDNS: floor(100/N), at least 1
     suffix = f".pod.{domain}"
     for rp in running:  # 2.6 pod records: every pod that exists with that address in that namespace
-        a.add((f"{str(rp.ip).replace('.', '-')}.{rp.pod.namespace}{suffix}", rp.ip))  # dashed(), inline: 10,000 a change
+        a.add((f"{str(rp.ip).replace('.', '-')}.{rp.pod.namespace}{suffix}", rp.ip))  # dashed(), inline
     return Records(tuple(sorted(a, key=lambda r: (r[0], int(r[1])))),
                    tuple(sorted(srv, key=lambda s: (s.name, s.target, s.port))),
                    tuple(sorted(ptr.items(), key=lambda r: int(r[0]))), tuple(sorted(cname)))

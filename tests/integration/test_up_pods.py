@@ -1,8 +1,9 @@
-"""`lab up`'s pods in bulk (lab/apply.py add_pods): every pod wired to its own sandbox, whose pause process
-may run on every CPU again (spawns pin the spawning thread to its CPU, topo/process.py on_this_cpu), and a
-`lab up` killed mid-way leaves nothing that `lab down` does not remove."""
+"""`lab up`'s pods in bulk (lab/apply.py add_pods, every other node's in a forked worker): every pod wired to
+its own sandbox, whose pause process may run on every CPU again (spawns pin the spawning thread to its CPU,
+topo/process.py on_this_cpu), and a `lab up` killed mid-way leaves nothing that `lab down` does not remove."""
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -41,6 +42,11 @@ def test_every_pod_has_its_own_sandbox_and_address(tmp_path: Path) -> None:
         ip = in_lab(name, "p119", "ip", "-4", "-o", "addr", "show", "eth0").split()[3].split("/")[0]
         assert " 0% packet loss" in in_lab(name, "p0", "ping", "-c", "1", "-W", "2", ip)  # node1 -> node2
         assert in_lab(name, "p7", "hostname").strip() == "p7"
+        # half of the pods were made by the forked worker (lab/apply.py add_pods_split): every one recorded
+        recorded = json.loads(lab("status", "--json", name).stdout)["pods"]
+        assert sorted(p["name"] for p in recorded) == sorted(f"p{i}" for i in range(120))
+        assert {p["status"] for p in recorded} == {"Running"} and len({p["ip"] for p in recorded}) == 120
+        assert {p["node"] for p in recorded} == {"node1", "node2"}
     finally:
         lab("down", name, check=False)
     assert leftovers(name) == {"netns": [], "state": []}
