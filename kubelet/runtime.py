@@ -45,11 +45,13 @@ def _pause_elf() -> bytes:
 
 
 def pause_binary(bin_dir: Path) -> tuple[str, ...]:
-    """The argv of a `pause` process: the ELF file above on x86-64, else coreutils sleep exec'd through a
-    link named pause. The kernel names a process after the file it executed, so `ps` shows `pause` as on a
-    real node, without a Python interpreter per pod (a thousand pods must stay cheap)."""
+    """The argv of a `pause` process: the ELF file above on x86-64 where `bin_dir` may hold programs (not on a
+    file system mounted noexec), else coreutils sleep exec'd through a link named pause. The kernel names a
+    process after the file it executed, so `ps` shows `pause` as on a real node, without a Python interpreter
+    per pod (a thousand pods must stay cheap)."""
     path = bin_dir / PAUSE_NAME
-    if os.uname().machine == "x86_64":
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    if os.uname().machine == "x86_64" and not os.statvfs(bin_dir).f_flag & os.ST_NOEXEC:
         elf = _pause_elf()
         if path.is_symlink() or not path.is_file() or path.read_bytes() != elf:  # new, or an older tool's link
             _replace(path, lambda tmp: (tmp.write_bytes(elf), tmp.chmod(0o755)))
@@ -65,7 +67,6 @@ def pause_binary(bin_dir: Path) -> tuple[str, ...]:
 def _replace(path: Path, make: Callable[[Path], object]) -> None:
     """Write the file at a temporary name and rename it over `path`: a pod starting meanwhile (another lab's
     command) sees the old file or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
     tmp.unlink(missing_ok=True)
     make(tmp)

@@ -85,3 +85,9 @@ def test_pause_replaces_an_older_tool_s_link_to_sleep(tmp_path: Path) -> None:
     argv = runtime.pause_binary(tmp_path)
     assert Path(argv[0]).is_symlink() == (os.uname().machine != "x86_64")
     assert runtime.pause_binary(tmp_path) == argv
+
+
+def test_pause_on_a_noexec_file_system_is_sleep(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(runtime.os, "statvfs", lambda _: type("Vfs", (), {"f_flag": os.ST_NOEXEC})())
+    argv = runtime.pause_binary(tmp_path)  # an ELF written there could not be executed
+    assert argv == (str(tmp_path / "pause"), "infinity") and Path(argv[0]).is_symlink()
