@@ -114,9 +114,8 @@ def add_pods(lab: Lab, ops: tuple[PodOps, ...], plugins: dict[str, BridgePlugin 
     then the pause processes, then CNI ADD and containers pod by pod. A process started right after a
     network namespace was made costs twice as much or more (measured, 400 pods: 4.5 ms a spawn alternating,
     2.3-2.6 ms in batches of 25-50, 1.9 ms in batches of 200), so `lab up` does not alternate them. Yields each pod's record once it is
-    made, in order; a failure leaves the rest to the caller's teardown (the lab is still building)."""
-    if ops:
-        runtime.make_pods_folder(state.pod_dir(lab.name, ops[0].pod).parent)
+    made, in order; a failure leaves the rest to the caller's teardown (the lab is still building). The
+    folder of the pods' folders is the caller's to make (`add_pods_split`, once for both processes)."""
     for start in range(0, len(ops), POD_BATCH):
         batch = ops[start:start + POD_BATCH]
         for op in batch:
@@ -146,18 +145,20 @@ def add_pods_split(lab: Lab, ops: tuple[PodOps, ...], plugins: dict[str, BridgeP
     of it): the rules loaded by the kube-proxy worker take the second core for the first half of `lab up`,
     and it stays idle after. Bridge plugins only: they keep nothing the parent needs (the addresses are
     the plan's, leased before), and each node's plugin and netlink handle are used by one process only."""
+    def keyed(part: tuple[PodOps, ...]) -> Iterator[tuple[str, state.PodState]]:
+        return ((op.pod.key, record) for op, record in zip(part, add_pods(lab, part, plugins, pause, logs)))
+
+    if ops:  # once, before any fork
+        runtime.make_pods_folder(state.pod_dir(lab.name, ops[0].pod).parent)
     nodes = sorted({op.node for op in ops})
     if len(ops) < SPLIT_MIN or len(nodes) < 2 or not all(isinstance(p, BridgePlugin) for p in plugins.values()):
-        yield from ((op.pod.key, record) for op, record in zip(ops, add_pods(lab, ops, plugins, pause, logs)))
+        yield from keyed(ops)
         return
     theirs = set(nodes[1::2])
-    mine = tuple(op for op in ops if op.node not in theirs)
-    other = tuple(op for op in ops if op.node in theirs)
-    worker = process.fork_call(
-        lambda: ((op.pod.key, record) for op, record in zip(other, add_pods(lab, other, plugins, pause, logs))))
+    worker = process.fork_call(lambda: keyed(tuple(op for op in ops if op.node in theirs)))
     try:
-        for op, record in zip(mine, add_pods(lab, mine, plugins, pause, logs)):
-            yield op.pod.key, record
+        for item in keyed(tuple(op for op in ops if op.node not in theirs)):
+            yield item
             yield from worker.ready()
         yield from worker.wait()
     except BaseException:
