@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import statistics
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -48,14 +49,44 @@ def _timed(*args: str) -> float:
     return timed(*args, *quiet)
 
 
+def namespaces_held() -> int | None:
+    """Network namespaces the kernel holds, freed by nobody yet or not: the `net_namespace` slab's active
+    objects in /proc/slabinfo (None where that cache is merged into another or the file is not readable)."""
+    try:
+        with open("/proc/slabinfo") as fh:
+            for line in fh:
+                if line.startswith("net_namespace "):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def kernel_freed(before: int | None, started: float, timeout: float = 300.0) -> float | None:
+    """Seconds from `started` until the kernel has freed the lab's namespaces (back to `before`): `lab down`
+    returns once the lab's links are gone, and the kernel's cleanup worker goes on freeing the emptied
+    namespaces. Waiting here keeps that work out of the next measurement, and the figure is reported."""
+    if before is None:
+        return None
+    deadline = started + timeout
+    while time.monotonic() < deadline:
+        held = namespaces_held()
+        if held is None or held <= before:
+            return time.monotonic() - started
+        time.sleep(0.05)
+    return None
+
+
 def measure(make: callable, folder: Path) -> dict[str, float]:
-    """One lab's life: up, CHANGES one-pod apply/delete pairs, status, down. If anything fails, the lab is
-    taken down anyway (`lab down`, or the crash-safe teardown)."""
+    """One lab's life: up, CHANGES one-pod apply/delete pairs, status, down (and how long the kernel took to
+    free the namespaces after it). If anything fails, the lab is taken down anyway (`lab down`, or the
+    crash-safe teardown)."""
     name = f"bench-{uuid.uuid4().hex[:6]}"
     spec, pod = folder / f"{name}.yaml", folder / f"{name}-pod.yaml"
     spec.write_text(yaml.safe_dump(make(name)))
     pod.write_text(json.dumps({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "one", "labels": {"app": "one"}},
                                "spec": {"nodeName": "node1", "containers": [{"name": "p", "image": "pause"}]}}))
+    before = namespaces_held()
     try:
         up = _timed("up", str(spec))
         applies, deletes = [], []
@@ -63,14 +94,16 @@ def measure(make: callable, folder: Path) -> dict[str, float]:
             applies.append(_timed("apply", "--lab", name, "-f", str(pod)))
             deletes.append(_timed("delete", "--lab", name, "-f", str(pod)))
         status = _timed("status", name)
+        started = time.monotonic()
         down = _timed("down", name)
+        freed = kernel_freed(before, started)
     except BaseException:
         from lab.bench_base import remove_lab
 
         remove_lab(name)
         raise
     return {"up_s": up, "apply_one_s": statistics.median(applies), "delete_one_s": statistics.median(deletes),
-            "status_s": status, "down_s": down}
+            "status_s": status, "down_s": down, **({"down_freed_s": freed} if freed is not None else {})}
 
 
 if __name__ == "__main__":

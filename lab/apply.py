@@ -327,8 +327,10 @@ def lab_namespaces(lab: str) -> list[str]:
 def teardown(lab: str, wait: bool = True) -> list[str]:
     """Remove every namespace, link and process of a lab, found by name and namespace (crash-safe).
 
-    With `wait`, return only once the kernel has destroyed the namespaces (seen as the veth peers of the
-    last ones let go disappearing), so a lab of the same name can be built again at once.
+    With `wait`, return only once the kernel has removed the lab's links (seen as the switch's ports to the
+    nodes disappearing: a node's veths, its pods' among them, go with it), so a lab of the same name can be
+    built again at once. The kernel goes on freeing the emptied pod namespaces for a while (at 10,000 pods,
+    a few seconds on one core), as after `ip netns delete`; nothing of the lab is left to see by then.
     """
     spaces = lab_namespaces(lab)
     inodes = [i for ns in spaces if (i := netns.inode(ns)) is not None]
@@ -339,16 +341,17 @@ def teardown(lab: str, wait: bool = True) -> list[str]:
     for ns in spaces:
         kind = ns[len(names.NETNS_PREFIX) + len(lab) + 1:].split(names.SEP, 1)[0]
         kinds.setdefault(kind, []).append(ns)
-    # Pods, nodes and every other namespace of the lab go in one batch, watched from the underlay switch (its
-    # ports, <switch>-eth<N>, vanish with the nodes; a pod's veth goes with its node or before it). One batch,
-    # because the kernel, for each namespace it destroys, looks for that namespace's id in every namespace still
-    # alive (net/core/net_namespace.c, unhash_nsid), and each node holds an id for each of its pods: pods
-    # destroyed while their nodes lived cost pods x pods (at 10,000 pods, ~8 of the kernel's ~16 s).
-    # Meanwhile (the kernel works alone: this process only waits) the pods' files go.
+    # Nodes, pods and every other namespace of the lab go together, watched from the underlay switch (its
+    # ports, <switch>-eth<N>, vanish with the nodes; a pod's veth goes with its node). Together, because the
+    # kernel, for each namespace it destroys, looks for that namespace's id in every namespace still alive
+    # (net/core/net_namespace.c, unhash_nsid), and each node holds an id for each of its pods: pods destroyed
+    # while their nodes lived cost pods x pods (at 10,000 pods, ~8 of the kernel's ~16 s). The nodes are let
+    # go a moment before the pods (`_held`). Meanwhile (the kernel works alone) the pods' files go.
     others = [ns for kind, spaces_of in kinds.items() if kind not in ("p", "n", "u") for ns in spaces_of]
     files = lambda: remove_tree(state.lab_dir(lab) / "pods")  # noqa: E731
     if kinds["u"]:
-        _delete_watched(kinds["p"] + kinds["n"] + others, kinds["u"], "-eth", wait, meanwhile=files)
+        _delete_watched(kinds["n"] + others + kinds["p"], kinds["u"], "-eth", wait, meanwhile=files,
+                        lead=len(kinds["n"]) + len(others))
     else:  # no switch to watch from: pods watched from their nodes, then the nodes gone unwatched
         _delete_watched(kinds["p"], kinds["n"], "veth", wait, meanwhile=files)
         _delete_watched(kinds["n"] + others, [], "-eth", wait)
@@ -366,9 +369,10 @@ REMOVE_THREADS = 4
 
 
 def _delete_watched(doomed: list[str], watchers: list[str], peer_mark: str, wait: bool,
-                    timeout: float = 30.0, meanwhile: Callable[[], None] | None = None) -> None:
+                    timeout: float = 30.0, meanwhile: Callable[[], None] | None = None, lead: int = 0) -> None:
     """Unpin `doomed` and wait until the links whose names hold `peer_mark` (their veth peers) vanish from
-    `watchers`; `meanwhile` runs in a thread alongside (it must not touch the kernel objects involved).
+    `watchers`; `meanwhile` runs in a thread alongside (it must not touch the kernel objects involved). The
+    first `lead` namespaces are let go a moment before the rest (`_held`).
 
     Each namespace is held open while all of them are unpinned, then all are let go together: the kernel
     destroys namespaces in batches (net/core/net_namespace.c, cleanup_net: one pass of every exit hook, one
@@ -384,7 +388,7 @@ def _delete_watched(doomed: list[str], watchers: list[str], peer_mark: str, wait
                 for ns in watchers:
                     with contextlib.suppress(OSError):
                         before[ns] = _peer_count(handles.get(ns), peer_mark)
-            with _held(doomed), progress.bar("removing namespaces", len(doomed)) as advance, \
+            with _held(doomed, lead), progress.bar("removing namespaces", len(doomed)) as advance, \
                     ThreadPoolExecutor(UNPIN_THREADS) as pool:
                 side = _in_thread(meanwhile)  # once the namespaces are held: their descriptors in one run
                 for _ in pool.map(_unpin, doomed):
@@ -410,8 +414,13 @@ def _unpin(ns: str) -> None:
     crash.point("down-namespace")
 
 
+# How long the kernel's cleanup worker is given to take the namespaces let go first as a batch of their own
+# before the rest follow (`_held`); it wakes within microseconds on an idle core.
+LEAD_SETTLE = 0.005
+
+
 @contextlib.contextmanager
-def _held(spaces: list[str]) -> Iterator[None]:
+def _held(spaces: list[str], lead: int = 0) -> Iterator[None]:
     """Each namespace held by an open descriptor until the block ends (as many as the open-files limit
     allows; the rest are freed as they are unpinned). A crash closes them all: the kernel frees them then.
 
@@ -420,22 +429,30 @@ def _held(spaces: list[str]) -> Iterator[None]:
     freed so far as its batch, and for each namespace of a batch it walks every namespace still alive
     (net/core/net_namespace.c, unhash_nsid). Closed one by one from Python, 10,000 namespaces went in many
     small batches (that walk: 7 % of a `lab down`'s CPU, in the one worker every other step waits for); a
-    close_range defers each release to the end of the call, and they follow each other in microseconds."""
+    close_range defers each release to the end of the call, and they follow each other in microseconds.
+
+    Even so, 10,000 releases take 80 ms, and a batch of a few namespaces 35 ms: the worker took the first
+    releases, then 45 % of the pods while 55 % still lived (each walked: 18 s instead of 16). So the first
+    `lead` (the nodes: destroying one removes its pods' veths, a batch far longer than the pods' releases) go
+    first, and the pods while the worker is busy with them: the pods then make one batch, walking nothing."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = min(hard, len(spaces) + 1024)
     if want > soft:
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
     room = resource.getrlimit(resource.RLIMIT_NOFILE)[0] - 512  # left for everything else of this process
-    fds = []
+    groups: tuple[list[int], list[int]] = ([], [])
     try:
-        for ns in spaces[:max(0, room)]:
+        for i, ns in enumerate(spaces[:max(0, room)]):
             with contextlib.suppress(OSError):
-                fds.append(os.open(netns.path(ns), os.O_RDONLY | os.O_CLOEXEC))
+                groups[i >= lead].append(os.open(netns.path(ns), os.O_RDONLY | os.O_CLOEXEC))
         yield
     finally:
-        for first, last in _runs(sorted(fds)):
-            os.closerange(first, last + 1)
+        for fds in groups:
+            if fds is groups[1] and groups[0] and fds:
+                time.sleep(LEAD_SETTLE)
+            for first, last in _runs(sorted(fds)):
+                os.closerange(first, last + 1)
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 

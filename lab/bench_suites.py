@@ -46,9 +46,10 @@ class Scale(Suite):
         for c in self.cases:
             ratio = f"{c.median()['apply_one_s'] / seed:.2f}x" if seed and c.samples else "-"
             rows.append([c.name, _spread(c, "up_s", ".2f"), _spread(c, "apply_one_s", ".3f"), ratio,
-                         _spread(c, "delete_one_s", ".3f"), _spread(c, "status_s", ".3f"), _spread(c, "down_s", ".2f")])
+                         _spread(c, "delete_one_s", ".3f"), _spread(c, "status_s", ".3f"), _spread(c, "down_s", ".2f"),
+                         _spread(c, "down_freed_s", ".2f") if "down_freed_s" in c.samples else "-"])
         return _table(["case", "lab up s", "apply 1 pod s", "vs seed", "delete 1 pod s", "lab status s",
-                       "lab down s"], rows)
+                       "lab down s", "kernel done s"], rows)
 
     def plot(self, plt, path: Path) -> None:
         fig, ax = plt.subplots(figsize=(8, 4))
