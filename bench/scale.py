@@ -62,7 +62,12 @@ def namespaces_held() -> int | None:
     return None
 
 
-def kernel_freed(before: int | None, started: float, timeout: float = 300.0) -> float | None:
+# The slab's count of active objects is not exact (objects cached per CPU count as used: it moved between
+# 29 and 35 on an idle machine here), so "back to where it was" allows a few slabs' worth.
+SLAB_SLACK = 32
+
+
+def kernel_freed(before: int | None, started: float, timeout: float = 120.0) -> float | None:
     """Seconds from `started` until the kernel has freed the lab's namespaces (back to `before`): `lab down`
     returns once the lab's links are gone, and the kernel's cleanup worker goes on freeing the emptied
     namespaces. Waiting here keeps that work out of the next measurement, and the figure is reported."""
@@ -71,7 +76,7 @@ def kernel_freed(before: int | None, started: float, timeout: float = 300.0) -> 
     deadline = started + timeout
     while time.monotonic() < deadline:
         held = namespaces_held()
-        if held is None or held <= before:
+        if held is None or held <= before + SLAB_SLACK:
             return time.monotonic() - started
         time.sleep(0.05)
     return None
