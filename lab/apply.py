@@ -432,7 +432,7 @@ def _held(spaces: list[str], lead: int = 0) -> Iterator[None]:
     close_range defers each release to the end of the call, and they follow each other in microseconds.
 
     Even so, 10,000 releases take 80 ms, and a batch of a few namespaces 35 ms: the worker took the first
-    releases, then 45 % of the pods while 55 % still lived (each walked: 18 s instead of 16). So the first
+    releases, then 45 % of the pods while 55 % still lived (each walked them: 18 s of work, not 14). So the first
     `lead` (the nodes: destroying one removes its pods' veths, a batch far longer than the pods' releases) go
     first, and the pods while the worker is busy with them: the pods then make one batch, walking nothing."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)

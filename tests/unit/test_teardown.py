@@ -53,7 +53,6 @@ def test_remove_tree_removes_every_folder_and_file(tmp_path: Path) -> None:
     apply.remove_tree(root)  # missing is fine
 
 
-
 def test_the_lead_namespaces_are_let_go_before_the_rest(monkeypatch) -> None:
     """The nodes go first, the pods a moment later, so the kernel takes the pods as one batch of their own
     (a batch taken while half the pods still lived walked every one of them for each: 10,000-pod `lab down`)."""
@@ -73,11 +72,11 @@ def test_the_lead_namespaces_are_let_go_before_the_rest(monkeypatch) -> None:
         closed.append((apply.time.monotonic(), low, high))
         real_close(low, high)
 
-    monkeypatch.setattr(apply.os, "open", record_open)
-    monkeypatch.setattr(apply.os, "closerange", record_close)
     try:
         for ns in spaces:
             netns.create(ns)
+        monkeypatch.setattr(apply.os, "open", record_open)  # from here on: only what `_held` opens and closes
+        monkeypatch.setattr(apply.os, "closerange", record_close)
         with apply._held(spaces, lead=3):
             for ns in spaces:
                 netns.delete(ns)
