@@ -75,6 +75,10 @@ echo "$here/.venv/mininet-only" > "$site/debian-mininet.pth"
 .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null
 .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]"
 .venv/bin/python -c 'import mininet.net, pyroute2, yaml, pydantic, starlette, uvicorn'
+# The project's own bytecode, written now: pip compiles what it installs, but an editable install leaves
+# the sources here, and a shell with PYTHONDONTWRITEBYTECODE set (common in containers) would otherwise
+# compile every module on every `lab` command (one-pod `lab apply`: 0.27 s with bytecode, 0.80 s without).
+.venv/bin/python -m compileall -q -j 0 -x '/(\.venv|\.git|\.vagrant|build)/' "$here"
 # the cilium profile's BPF objects, compiled once into the cache keyed by their sources' hash
 .venv/bin/python -c 'from cilium import build; build.compile_all()' 
 # The DNS clients `lab dns-count --resolver` and `lab bench dns` run in pods: musl-gcc (musl-tools) and gcc

@@ -10,6 +10,7 @@ lease, pod folder) is not an error, which is what lets a killed command be run a
 from __future__ import annotations
 
 import contextlib
+import itertools
 import shutil
 import socket
 import time
@@ -132,6 +133,8 @@ def add_pod(st: state.LabState, lab: Lab, pod: Pod,
     pause = runtime.pause_binary(state.RUN_DIR / state.BIN)
     files = state.pod_dir(lab.name, pod)
     runtime.write_pod_files(files, addons.pod_resolv_conf(lab, pod), addons.pod_hosts(pod, None))
+    runtime.template_from_sandboxes(itertools.islice(
+        ((ps.netns, ps.pause_pid) for ps in st.pods.values() if ps.phase == "Running"), 3))
     with netns.rtnl_in(lab.node_netns(pod.node)) as host:
         cni = plugin(lab, pod.node, host)
         netns.create(ns)

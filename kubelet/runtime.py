@@ -15,7 +15,7 @@ import fcntl
 import os
 import shutil
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from kubelet import cgroups
@@ -103,8 +103,7 @@ def _in_pod(pod_netns: str, pause_pid: int | None = None, hostname: str | None =
                         netns.sethostname(hostname)
                     if sysfs:
                         netns.remount_sys()
-                    for name in POD_FILES if files is not None else ():
-                        target = os.path.realpath(f"/etc/{name}")
+                    for name, target in _file_targets() if files is not None else ():
                         if os.path.isfile(target):
                             netns.bind_mount(str(files / name), target)  # type: ignore[operator]
                 yield
@@ -117,6 +116,22 @@ def _in_pod(pod_netns: str, pause_pid: int | None = None, hostname: str | None =
     finally:
         for fd in [*homes.values(), *joined, cwd]:
             os.close(fd)
+
+
+def _file_targets() -> list[tuple[str, str]]:
+    """Where each of POD_FILES is mounted in a pod: the machine's file, through its symbolic links."""
+    return [(name, os.path.realpath(f"/etc/{name}")) for name in POD_FILES]
+
+
+def template_from_sandboxes(sandboxes: Iterable[tuple[str, int]]) -> None:
+    """Before a pod is made in a lab that runs others: the template new pods' mount namespaces are copied
+    from, taken from a running pause process (`netns.template_from`, which drops what `_in_pod` mounted
+    there) rather than from the machine's table, which holds a mount per pinned namespace. The first pod
+    (netns, pause pid) still in its sandbox is used; none alive leaves it to the machine's."""
+    for pod_netns, pause_pid in sandboxes:
+        if sandbox_alive(pod_netns, pause_pid):
+            netns.template_from(pause_pid, [target for _, target in _file_targets()] + ["/sys"])
+            return
 
 
 FS_IOC_GETFLAGS, FS_IOC_SETFLAGS, FS_TOPDIR_FL = 0x80086601, 0x40086602, 0x00020000  # linux/fs.h

@@ -310,7 +310,7 @@ def machine(suites: list[Suite]) -> dict:
 
 def run(selected: list[str], quick: bool, repeat: int | None, json_path: str | None, plot_dir: str | None,
         sizes: tuple[int, ...] = SCALE_SIZES, clients: tuple[int, ...] = DNS_CLIENTS) -> int:
-    from lab.lifecycle import require_root
+    from topo.kernel import require_root
 
     unknown = [name for name in selected if name not in SUITES]
     if unknown:

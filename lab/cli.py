@@ -153,7 +153,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 def _cmd_exec(args: argparse.Namespace) -> int:
     from kubelet import execute
-    from lab.lifecycle import require_root
+    from topo.kernel import require_root
 
     require_root()
     command = list(args.command)
@@ -167,7 +167,7 @@ def _cmd_exec(args: argparse.Namespace) -> int:
 
 def _cmd_apply(args: argparse.Namespace) -> int:
     from lab import objects
-    from lab.lifecycle import require_root
+    from topo.kernel import require_root
 
     require_root()
     for line in objects.apply_file(args.lab, args.filename):
@@ -177,7 +177,7 @@ def _cmd_apply(args: argparse.Namespace) -> int:
 
 def _cmd_delete(args: argparse.Namespace) -> int:
     from lab import objects
-    from lab.lifecycle import require_root
+    from topo.kernel import require_root
 
     require_root()
     if args.filename is not None:
@@ -195,7 +195,7 @@ def _cmd_delete(args: argparse.Namespace) -> int:
 
 def _cmd_probe(args: argparse.Namespace) -> int:
     from apiserver import state
-    from lab.lifecycle import require_root
+    from topo.kernel import require_root
     from observe import probe
 
     require_root()
@@ -205,7 +205,7 @@ def _cmd_probe(args: argparse.Namespace) -> int:
 
 
 def _cmd_dns_count(args: argparse.Namespace) -> int:
-    from lab.lifecycle import require_root
+    from topo.kernel import require_root
     from observe import dnscount
 
     require_root()
@@ -217,7 +217,7 @@ def _cmd_dns_count(args: argparse.Namespace) -> int:
 def _cmd_graph(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from lab.lifecycle import require_root
+    from topo.kernel import require_root
     from observe import graph, graph_render
 
     require_root()
@@ -235,7 +235,7 @@ def _cmd_graph(args: argparse.Namespace) -> int:
 
 
 def _cmd_trace(args: argparse.Namespace) -> int:
-    from lab.lifecycle import require_root
+    from topo.kernel import require_root
     from observe import hops, trace
 
     require_root()
@@ -245,7 +245,7 @@ def _cmd_trace(args: argparse.Namespace) -> int:
 
 
 def _cmd_observe(args: argparse.Namespace) -> int:
-    from lab.lifecycle import require_root
+    from topo.kernel import require_root
     from observe import flows_cli
 
     require_root()
@@ -253,7 +253,7 @@ def _cmd_observe(args: argparse.Namespace) -> int:
 
 
 def _cmd_ui(args: argparse.Namespace) -> int:
-    from lab.lifecycle import require_root
+    from topo.kernel import require_root
     from ui import server
 
     if not args.port.isdigit() or not 0 <= int(args.port) <= 65535:
@@ -266,7 +266,7 @@ def _cmd_ui(args: argparse.Namespace) -> int:
 
 def _cmd_grade(args: argparse.Namespace) -> int:
     from grading import grade
-    from lab.lifecycle import require_root
+    from topo.kernel import require_root
 
     if args.junit:  # before grading: a report that cannot be written is a usage error, found early
         folder = os.path.dirname(os.path.abspath(args.junit))
@@ -289,7 +289,7 @@ def _cmd_grade(args: argparse.Namespace) -> int:
 def _cmd_break(args: argparse.Namespace) -> int:
     from apiserver import state
     from grading import faults
-    from lab.lifecycle import require_root
+    from topo.kernel import require_root
 
     if args.list:
         print(faults.describe())
@@ -320,7 +320,7 @@ def _cmd_link(args: argparse.Namespace) -> int:
     from apiserver import state
     from apiserver.desired import model_of
     from lab import link
-    from lab.lifecycle import require_root
+    from topo.kernel import require_root
     from topo.link_spec import link_option
 
     require_root()

@@ -21,11 +21,6 @@ from topo.errors import FeatureMissing, StateError
 from topo.model import Lab
 
 
-def require_root() -> None:
-    if os.geteuid() != 0:
-        raise FeatureMissing("building a lab needs root (network namespaces, netlink): run with sudo")
-
-
 @dataclass
 class UpResult:
     lab: Lab
@@ -39,7 +34,7 @@ def up(spec: str | None, keep_on_failure: bool = False) -> UpResult:
     started = time.monotonic()
     lab = load_spec(resolve_spec(spec))
     lab = addons.with_addons(lab, state.lab_dir(lab.name))
-    require_root()
+    kernel.require_root()
     require_kernel_features(lab)
     with state.locked(lab.name):
         existing = state.load(lab.name)
@@ -97,7 +92,7 @@ def down(name: str | None) -> tuple[str, float, str | None]:
     (then by what the kernel holds under its prefix, which is how everything of a lab is found anyway).
     Returns the lab's name, the seconds it took and, when the state could not be used, a note saying so."""
     started = time.monotonic()
-    require_root()
+    kernel.require_root()
     if name is None:
         name = state.resolve(None, any_phase=True).name
     state.check_name(name)
@@ -124,7 +119,7 @@ def clean(everything: bool = False) -> list[str]:
     Found by prefix (namespace names, state folders), never by guessing at process names. A lab whose lock
     is held is in use (being built or changed right now) and is never mistaken for a crash.
     """
-    require_root()
+    kernel.require_root()
     removed = []
     labs = {names.lab_of_netns(ns) for ns in netns.list_names(names.NETNS_PREFIX)}
     labs |= set(state.known_labs())

@@ -21,7 +21,7 @@ from apiserver.spec import parse_objects, pods_from_objects
 from cni import network_policy
 from kubelet import pods as kubelet
 from kubelet.pods import running_pods
-from lab import nodes, progress
+from lab import progress
 from reconcile.recover import recover
 from reconcile.resync import Delta, in_step, quick_alive, resync, sync_policies
 from services import addons, kube_proxy
@@ -187,6 +187,8 @@ def converge_vpc(st: state.LabState, alive: dict[str, bool]) -> list[str]:
     with kubelet.ipamd_file(lab).locked() as ipamd:
         for pool in ipamd.nodes.values():
             ipamd.top_up(pool)
+    from lab import nodes  # here: it imports how nodes are built (routing, tunnels), which no other change needs
+
     report = nodes.join(st)
     return report + retry_waiting(st, current_lab(st), alive)
 

@@ -59,9 +59,11 @@ Pure: nothing here touches the kernel or starts a process.
 """
 from __future__ import annotations
 
+import heapq
 import re
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
+from operator import itemgetter
 from pathlib import Path
 from typing import Iterable, NamedTuple
 
@@ -211,9 +213,10 @@ class Records:
     def hosts_lines(self) -> tuple[str, ...]:
         """`IP NAME` lines, each address's PTR name first (dnsmasq answers PTR with an address's first name)."""
         first = {(name, ip) for ip, name in self.ptr}
+        named = {name for _, name in self.ptr}  # a str's hash is kept: most names are looked up only here
         text = str  # not f"{ip}": IPv4Address.__format__ costs twice str() (10,000 pod records each change)
         return (tuple(f"{text(ip)} {name}" for ip, name in self.ptr)
-                + tuple(f"{text(ip)} {name}" for name, ip in self.a if (name, ip) not in first))
+                + tuple(f"{text(ip)} {name}" for name, ip in self.a if name not in named or (name, ip) not in first))
 
 
 def service_fqdn(service: Service, domain: str) -> str:
@@ -288,9 +291,13 @@ def records(services: Iterable[Service], sps: list[ServicePortEndpoints], runnin
                             f"{endpoint_hostname(service, rp.pod, rp.ip)}.{fqdn}",
                             number, 0, max(1, 100 // len(targets))))  # CoreDNS: floor(100/N), at least 1
     suffix = f".pod.{domain}"
-    for rp in running:  # 2.6 pod records: every pod that exists with that address in that namespace
-        a.add((f"{str(rp.ip).replace('.', '-')}.{rp.pod.namespace}{suffix}", rp.ip))  # dashed(), inline
-    return Records(tuple(sorted(a, key=lambda r: (r[0], int(r[1])))),
+    pods = {f"{str(rp.ip).replace('.', '-')}.{rp.pod.namespace}{suffix}": rp.ip  # dashed(), inline
+            for rp in running}  # 2.6 pod records: every pod that exists with that address in that namespace
+    # A pod record's name is its own (its address and namespace), and no other record's ends in .pod., so
+    # they sort by name alone and merge into the rest: 10,000 pods are 20 ms less of each change than one
+    # sort of them all by (name, address).
+    merged = heapq.merge(sorted(a, key=lambda r: (r[0], int(r[1]))), sorted(pods.items()), key=itemgetter(0))
+    return Records(tuple(merged),
                    tuple(sorted(srv, key=lambda s: (s.name, s.target, s.port))),
                    tuple(sorted(ptr.items(), key=lambda r: int(r[0]))), tuple(sorted(cname)))
 

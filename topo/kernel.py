@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from topo import names, netns
+from topo.errors import FeatureMissing
 
 # Where to get a kernel with everything: said at the end of every refusal.
 FULL_KERNEL = "a normal Linux host, the Vagrant VM (vagrant up) or the test VM (tests/vm/run)"
@@ -39,6 +40,13 @@ IPVS = Feature("IPVS", "CONFIG_IP_VS")
 DUMMY = Feature("dummy devices", "CONFIG_DUMMY")
 IPIP = Feature("IP-in-IP tunnels", "CONFIG_NET_IPIP")
 NETEM = Feature("the netem qdisc", "CONFIG_NET_SCH_NETEM")
+
+
+def require_root() -> None:
+    """Every command that changes or reads a lab's kernel objects; the CLI asks here, not in `lab.lifecycle`,
+    so a `lab apply` does not import how a whole lab is built."""
+    if os.geteuid() != 0:
+        raise FeatureMissing("building a lab needs root (network namespaces, netlink): run with sudo")
 
 
 def _run(argv: list[str]) -> bool:

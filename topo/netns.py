@@ -13,7 +13,7 @@ import ctypes.util
 import errno
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 from topo.rtnl import Rtnl
 
@@ -138,6 +138,35 @@ def mount_template() -> int:
             setns(home, CLONE_NEWNS)
             os.close(home)
     return _template
+
+
+def template_from(pid: int, drop: Sequence[str]) -> None:
+    """Make `mount_template` a copy of process `pid`'s mount namespace minus the mounts at `drop`, unless
+    there is one already: the caller knows `pid` started from a template and what it mounted since (a
+    pod's pause process). Its table is a few dozen mounts, so the copy costs well under a millisecond where
+    one of the machine's costs 27 ms with 10,000 pins (strace of a one-pod `lab apply`)."""
+    global _template
+    if _template is not None:
+        return
+    home = os.open("/proc/thread-self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+    cwd = os.open(".", os.O_RDONLY | os.O_CLOEXEC)  # entering a mount namespace moves us to its /
+    try:
+        source = os.open(f"/proc/{pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            setns(source, CLONE_NEWNS)
+        finally:
+            os.close(source)
+        try:
+            unshare(CLONE_NEWNS)
+            for target in drop:
+                umount_detached(target)
+            _template = os.open("/proc/thread-self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+        finally:
+            setns(home, CLONE_NEWNS)
+            os.fchdir(cwd)
+    finally:
+        os.close(home)
+        os.close(cwd)
 
 
 @contextlib.contextmanager

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
 import re
 import types
 import typing
@@ -27,7 +28,12 @@ from datetime import date
 from typing import Any, Callable
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+
+# The lab uses no pydantic plugin, and looking for one reads the metadata of every installed distribution
+# when the first model is built: 30 ms of every `lab` command (one-pod `lab apply` on the seed lab, best of
+# 8: 0.35 -> 0.31 s). PYDANTIC_DISABLE_PLUGINS is pydantic's documented switch; a value the user set wins.
+os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
+from pydantic import BaseModel, ConfigDict, ValidationError  # noqa: E402 (after the switch above)
 
 from topo.errors import SpecError, SpecIssue
 

@@ -92,3 +92,24 @@ def test_cni0_keeps_its_mac_when_pods_come_and_go(lab_up, tmp_path: Path) -> Non
         assert in_lab(name, "node1", "cat", "/sys/class/net/cni0/address").strip() == mac
     in_lab(name, "p3", "ping", "-c1", "-W1", "10.244.1.1")
     assert mac in in_lab(name, "p3", "ip", "neigh", "show", "10.244.1.1")
+
+
+def _mount_points(name: str, target: str) -> set[str]:
+    return {line.split()[4] for line in in_lab(name, target, "cat", "/proc/self/mountinfo").splitlines()}
+
+
+def test_an_applied_pod_has_the_mounts_of_one_made_at_up(lab_up, tmp_path: Path) -> None:
+    """`lab apply` copies a new pod's mount namespace from a running pod's (minus that pod's own mounts)
+    instead of the machine's: the new pod must see just what a pod made by `lab up` sees, its own files."""
+    name = unique("mnt")
+    data = seed_spec(name)
+    data["spec"]["objects"] = [pod("early")]
+    lab_up(data)
+    assert "pod default/late created" in lab("apply", "--lab", name, "-f", manifests(tmp_path, "late", pod("late"))).stdout
+    early, late = _mount_points(name, "early"), _mount_points(name, "late")
+    assert late == early
+    assert not any(p.startswith("/run/netns") for p in late), late  # no pin of any lab's namespaces
+    assert {"/sys", "/etc/resolv.conf", "/etc/hosts"} <= late
+    assert in_lab(name, "late", "hostname").strip() == "late"
+    assert "late" in in_lab(name, "late", "cat", "/etc/hosts")
+    assert in_lab(name, "late", "cat", "/etc/resolv.conf") == in_lab(name, "early", "cat", "/etc/resolv.conf")

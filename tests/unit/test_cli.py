@@ -39,7 +39,7 @@ def test_up_refuses_invalid_specs_before_touching_the_kernel(spec: Path, capsys:
     for target, attr in ((apply, "apply"), (apply, "teardown"), (lifecycle.state, "save"), (netns, "create"),
                          (netns, "ensure_dir")):
         monkeypatch.setattr(target, attr, forbidden)
-    monkeypatch.setattr(lifecycle, "require_root", lambda: None)
+    monkeypatch.setattr(lifecycle.kernel, "require_root", lambda: None)
     monkeypatch.chdir(spec.parent)
     assert main(["up", spec.name]) == 2
     assert capsys.readouterr().err.splitlines() == spec.with_suffix(".err").read_text().splitlines()
