@@ -12,6 +12,7 @@ import ctypes
 import ctypes.util
 import errno
 import os
+import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 
@@ -144,12 +145,17 @@ def template_from(pid: int, drop: Sequence[str]) -> None:
     """Make `mount_template` a copy of process `pid`'s mount namespace minus the mounts at `drop`, unless
     there is one already: the caller knows `pid` started from a template and what it mounted since (a
     pod's pause process). Its table is a few dozen mounts, so the copy costs well under a millisecond where
-    one of the machine's costs 27 ms with 10,000 pins (strace of a one-pod `lab apply`)."""
+    one of the machine's costs 27 ms with 10,000 pins (strace of a one-pod `lab apply`).
+
+    Anything else mounted there since (`mount` run in that pod through `lab exec`) would reach every pod
+    made from the copy: each mount the copy keeps must be the machine's own at that place (same device,
+    seen from both), else the copy is dropped and `mount_template` makes one from the machine's."""
     global _template
     if _template is not None:
         return
     home = os.open("/proc/thread-self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
     cwd = os.open(".", os.O_RDONLY | os.O_CLOEXEC)  # entering a mount namespace moves us to its /
+    copy, devices = None, {}
     try:
         source = os.open(f"/proc/{pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
         try:
@@ -160,13 +166,42 @@ def template_from(pid: int, drop: Sequence[str]) -> None:
             unshare(CLONE_NEWNS)
             for target in drop:
                 umount_detached(target)
-            _template = os.open("/proc/thread-self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+            copy = os.open("/proc/thread-self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+            devices = _mount_devices()
         finally:
             setns(home, CLONE_NEWNS)
             os.fchdir(cwd)
     finally:
         os.close(home)
         os.close(cwd)
+    if devices and devices == _devices_of(devices):
+        _template = copy
+    else:
+        os.close(copy)
+
+
+def _mount_devices() -> dict[str, int]:
+    """Each mount point of this thread's mount namespace and the device seen there."""
+    out = {}
+    with open("/proc/thread-self/mountinfo", encoding="utf-8", errors="surrogateescape") as fh:
+        for line in fh:
+            point = _MOUNTINFO_ESCAPE.sub(lambda m: chr(int(m[1], 8)), line.split(" ", 5)[4])
+            out[point] = _device(point)
+    return out
+
+
+def _devices_of(points: dict[str, int]) -> dict[str, int]:
+    return {point: _device(point) for point in points}
+
+
+def _device(point: str) -> int:
+    try:
+        return os.stat(point, follow_symlinks=False).st_dev
+    except OSError:
+        return -1
+
+
+_MOUNTINFO_ESCAPE = re.compile(r"\\([0-7]{3})")  # mountinfo writes space, tab, newline, backslash as \ooo
 
 
 @contextlib.contextmanager

@@ -105,9 +105,14 @@ def test_an_applied_pod_has_the_mounts_of_one_made_at_up(lab_up, tmp_path: Path)
     data = seed_spec(name)
     data["spec"]["objects"] = [pod("early")]
     lab_up(data)
+    early = _mount_points(name, "early")
+    # A mount made in a pod is that pod's: a later pod copied from it must not get it.
+    in_lab(name, "early", "mount", "-t", "tmpfs", "kubenet-lab-test", "/tmp")
+    assert "/tmp" in _mount_points(name, "early")
     assert "pod default/late created" in lab("apply", "--lab", name, "-f", manifests(tmp_path, "late", pod("late"))).stdout
-    early, late = _mount_points(name, "early"), _mount_points(name, "late")
+    late = _mount_points(name, "late")
     assert late == early
+    assert "kubenet-lab-test" not in in_lab(name, "late", "cat", "/proc/self/mountinfo")
     assert not any(p.startswith("/run/netns") for p in late), late  # no pin of any lab's namespaces
     assert {"/sys", "/etc/resolv.conf", "/etc/hosts"} <= late
     assert in_lab(name, "late", "hostname").strip() == "late"
