@@ -128,16 +128,12 @@ def mount_template() -> int:
     once, instead of being copied into every new namespace and detached again there (1 ms a pod)."""
     global _template
     if _template is None:
-        home = os.open("/proc/thread-self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
-        try:
+        with _coming_back():
             unshare(CLONE_NEWNS)
             make_slave("/")
             umount_detached(NETNS_DIR)
             umount_detached("/sys")
             _template = os.open("/proc/thread-self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
-        finally:
-            setns(home, CLONE_NEWNS)
-            os.close(home)
     return _template
 
 
@@ -153,28 +149,18 @@ def template_from(pid: int, drop: Sequence[str]) -> None:
     global _template
     if _template is not None:
         return
-    home = os.open("/proc/thread-self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
-    cwd = os.open(".", os.O_RDONLY | os.O_CLOEXEC)  # entering a mount namespace moves us to its /
-    copy, devices = None, {}
-    try:
+    with _coming_back():
         source = os.open(f"/proc/{pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
         try:
             setns(source, CLONE_NEWNS)
         finally:
             os.close(source)
-        try:
-            unshare(CLONE_NEWNS)
-            for target in drop:
-                umount_detached(target)
-            copy = os.open("/proc/thread-self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
-            devices = _mount_devices()
-        finally:
-            setns(home, CLONE_NEWNS)
-            os.fchdir(cwd)
-    finally:
-        os.close(home)
-        os.close(cwd)
-    if devices and devices == _devices_of(devices):
+        unshare(CLONE_NEWNS)
+        for target in drop:
+            umount_detached(target)
+        copy = os.open("/proc/thread-self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+        devices = _mount_devices()
+    if devices and devices == {point: _device(point) for point in devices}:  # the same, seen from here
         _template = copy
     else:
         os.close(copy)
@@ -188,10 +174,6 @@ def _mount_devices() -> dict[str, int]:
             point = _MOUNTINFO_ESCAPE.sub(lambda m: chr(int(m[1], 8)), line.split(" ", 5)[4])
             out[point] = _device(point)
     return out
-
-
-def _devices_of(points: dict[str, int]) -> dict[str, int]:
-    return {point: _device(point) for point in points}
 
 
 def _device(point: str) -> int:
@@ -209,10 +191,18 @@ def in_mount_template() -> Iterator[None]:
     """Run a block (single-threaded) in `mount_template`'s namespace: processes it starts copy the small
     table; it returns to this process's own mount namespace and working folder, whatever happens."""
     template = mount_template()
-    home = os.open("/proc/thread-self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
-    cwd = os.open(".", os.O_RDONLY | os.O_CLOEXEC)  # entering a mount namespace moves us to its /
-    try:
+    with _coming_back():
         setns(template, CLONE_NEWNS)
+        yield
+
+
+@contextlib.contextmanager
+def _coming_back() -> Iterator[None]:
+    """A block that enters or makes mount namespaces: the thread is back in its own, and in its working
+    folder (entering a mount namespace moves it to that namespace's /), whatever happens."""
+    home = os.open("/proc/thread-self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+    cwd = os.open(".", os.O_RDONLY | os.O_CLOEXEC)
+    try:
         try:
             yield
         finally:
