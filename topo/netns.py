@@ -13,6 +13,7 @@ import ctypes.util
 import errno
 import os
 import re
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 
@@ -22,6 +23,7 @@ NETNS_DIR = "/run/netns"
 CLONE_NEWNET = 0x40000000
 CLONE_NEWUTS = 0x04000000
 CLONE_NEWNS = 0x00020000
+CLONE_FS = 0x00000200
 MS_BIND = 0x1000
 MS_REC = 0x4000
 MS_PRIVATE = 1 << 18
@@ -42,6 +44,16 @@ def _check(ret: int, what: str) -> None:
     if ret != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def _other_threads() -> list[str]:
+    """The names the kernel shows for this process's other threads, for a message."""
+    out = []
+    for tid in os.listdir("/proc/self/task"):
+        if int(tid) != threading.get_native_id():
+            with contextlib.suppress(OSError), open(f"/proc/self/task/{tid}/comm") as fh:
+                out.append(fh.read().strip())
+    return out
 
 
 def setns(fd: int, nstype: int = 0) -> None:
@@ -75,7 +87,8 @@ def _single_threaded(call: Callable[[], int], what: str, wait: float = 2.0) -> N
             raise OSError(err, f"{what}: {os.strerror(err)}")
         if time.monotonic() > deadline:
             raise OSError(err, f"{what} of a mount namespace: {others} other thread(s) of this process are still "
-                               "running, and the kernel allows it only to a single-threaded process")
+                               f"running ({', '.join(_other_threads())}), and the kernel allows it only to a "
+                               "single-threaded process")
         time.sleep(0.001)
 
 
@@ -149,6 +162,10 @@ def template_from(pid: int, drop: Sequence[str]) -> None:
     global _template
     if _template is not None:
         return
+    # Entering a mount namespace needs filesystem attributes this thread does not share (a library's thread,
+    # OpenBLAS's under matplotlib, would otherwise refuse it): what unshare(CLONE_NEWNS) does implicitly in
+    # `mount_template`, done here first.
+    unshare(CLONE_FS)
     with _coming_back():
         source = os.open(f"/proc/{pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
         try:

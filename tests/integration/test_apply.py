@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import pytest
 
+from apiserver import state
+from kubelet import runtime
 from tests.integration.conftest import in_lab, lab, pause_pod, seed_spec, unique
+from topo import netns
 
 pytestmark = pytest.mark.integration
 
@@ -118,3 +122,24 @@ def test_an_applied_pod_has_the_mounts_of_one_made_at_up(lab_up, tmp_path: Path)
     assert in_lab(name, "late", "hostname").strip() == "late"
     assert "late" in in_lab(name, "late", "cat", "/etc/hosts")
     assert in_lab(name, "late", "cat", "/etc/resolv.conf") == in_lab(name, "early", "cat", "/etc/resolv.conf")
+
+
+def test_a_pods_mount_namespace_is_copied_while_another_thread_runs(lab_up, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The copy is made in processes that have other threads (a library's, as OpenBLAS's once matplotlib is
+    imported, in this very test process): entering a mount namespace failed there with EINVAL until the thread
+    stopped sharing its filesystem attributes first."""
+    name = unique("thr")
+    data = seed_spec(name)
+    data["spec"]["objects"] = [pod("early")]
+    lab_up(data)
+    record = state.load(name).pods["default/early"]
+    monkeypatch.setattr(netns, "_template", None)
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait)
+    other.start()
+    try:
+        runtime.template_from_sandboxes([(record.netns, record.pause_pid)])
+        assert netns._template is not None
+    finally:
+        stop.set()
+        other.join()
