@@ -127,7 +127,10 @@ def template_from_sandboxes(sandboxes: Iterable[tuple[str, int]]) -> None:
     """Before a pod is made in a lab that runs others: the template new pods' mount namespaces are copied
     from, taken from a running pause process (`netns.template_from`, which drops what `_in_pod` mounted
     there) rather than from the machine's table, which holds a mount per pinned namespace. The first pod
-    (netns, pause pid) still in its sandbox is used; none alive leaves it to the machine's."""
+    (netns, pause pid) still in its sandbox is used; none alive leaves it to the machine's. Once this process
+    has a template, nothing is looked at (a Deployment's pods are made one after the other)."""
+    if netns.has_template():
+        return
     for pod_netns, pause_pid in sandboxes:
         if sandbox_alive(pod_netns, pause_pid):
             netns.template_from(pause_pid, [target for _, target in _file_targets()] + ["/sys"])

@@ -150,6 +150,11 @@ def mount_template() -> int:
     return _template
 
 
+def has_template() -> bool:
+    """Whether this process has its mount template already (`mount_template` or `template_from`)."""
+    return _template is not None
+
+
 def template_from(pid: int, drop: Sequence[str]) -> None:
     """Make `mount_template` a copy of process `pid`'s mount namespace minus the mounts at `drop`, unless
     there is one already: the caller knows `pid` started from a template and what it mounted since (a
