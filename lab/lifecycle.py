@@ -16,7 +16,7 @@ from cilium import agent
 from lab import apply, plan
 from reconcile.resync import mark_in_step
 from services import addons, kube_proxy
-from topo import kernel, names, netns
+from topo import crash, kernel, names, netns
 from topo.errors import FeatureMissing, StateError
 from topo.model import Lab
 
@@ -36,6 +36,8 @@ def up(spec: str | None, keep_on_failure: bool = False) -> UpResult:
     lab = addons.with_addons(lab, state.lab_dir(lab.name))
     kernel.require_root()
     require_kernel_features(lab)
+    state.prepare_run_dir()
+    crash.point("up-run-dir")
     with state.locked(lab.name):
         existing = state.load(lab.name)
         if state.is_live(existing):
@@ -106,6 +108,7 @@ def down(name: str | None) -> tuple[str, float, str | None]:
         if st is None and note is None:
             if not apply.lab_namespaces(name) and not state.lab_dir(name).exists():
                 running = ", ".join(state.live_labs()) or "none"
+                state.remove(name)  # nothing of it but the lock this command took (and the run folder it made)
                 raise StateError(f"lab {name} is not running (running: {running})")
             note = f"lab {name} had no state: removed what the kernel holds of it"
         apply.teardown(name)
@@ -138,4 +141,5 @@ def clean(everything: bool = False) -> list[str]:
             apply.teardown(lab)
             state.remove(lab)
             removed.append(lab)
+    state.release_run_dir()  # also after a crash that left only a lock (or the run folder's tmpfs) behind
     return removed

@@ -128,6 +128,22 @@ def bind_mount(source: str, target: str) -> None:
 
 
 _template: int | None = None
+_template_seen: tuple[int, ...] = ()
+# Folders whose mount may change while a process lives (the run folder's tmpfs, apiserver/state.py): a
+# template copied before the change would show pods the folder as it was, so it is made afresh.
+TEMPLATE_WITNESSES: list[str] = []
+
+
+def _witnessed() -> tuple[int, ...]:
+    return tuple(_device(p) for p in TEMPLATE_WITNESSES)
+
+
+def forget_template() -> None:
+    """Drop this process's mount template: the next pod or shell copies the machine's table again."""
+    global _template
+    if _template is not None:
+        os.close(_template)
+        _template = None
 
 
 def mount_template() -> int:
@@ -139,14 +155,19 @@ def mount_template() -> int:
     namespaces are copied from this one. Each pod mounts a sysfs of its own on /sys (and Mininet's mnexec
     does the same for its shells): the machine's /sys and the dozen cgroup hierarchies under it go here
     once, instead of being copied into every new namespace and detached again there (1 ms a pod)."""
-    global _template
+    global _template, _template_seen
+    seen = _witnessed()
+    if seen != _template_seen:
+        forget_template()
     if _template is None:
         with _coming_back():
             unshare(CLONE_NEWNS)
             make_slave("/")
-            umount_detached(NETNS_DIR)
+            while _libc.umount2(NETNS_DIR.encode(), MNT_DETACH) == 0:
+                pass  # every mount there: `ip netns`'s bind of the folder may lie beneath a tmpfs (memfs.py)
             umount_detached("/sys")
             _template = os.open("/proc/thread-self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+        _template_seen = seen
     return _template
 
 
@@ -164,7 +185,7 @@ def template_from(pid: int, drop: Sequence[str]) -> None:
     Anything else mounted there since (`mount` run in that pod through `lab exec`) would reach every pod
     made from the copy: each mount the copy keeps must be the machine's own at that place (same device,
     seen from both), else the copy is dropped and `mount_template` makes one from the machine's."""
-    global _template
+    global _template, _template_seen
     if _template is not None:
         return
     # Entering a mount namespace needs filesystem attributes this thread does not share (a library's thread,
@@ -183,7 +204,7 @@ def template_from(pid: int, drop: Sequence[str]) -> None:
         copy = os.open("/proc/thread-self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
         devices = _mount_devices()
     if devices and devices == {point: _device(point) for point in devices}:  # the same, seen from here
-        _template = copy
+        _template, _template_seen = copy, _witnessed()
     else:
         os.close(copy)
 
@@ -193,9 +214,14 @@ def _mount_devices() -> dict[str, int]:
     out = {}
     with open("/proc/thread-self/mountinfo", encoding="utf-8", errors="surrogateescape") as fh:
         for line in fh:
-            point = _MOUNTINFO_ESCAPE.sub(lambda m: chr(int(m[1], 8)), line.split(" ", 5)[4])
+            point = unescape_mount_point(line.split(" ", 5)[4])
             out[point] = _device(point)
     return out
+
+
+def unescape_mount_point(field: str) -> str:
+    """A mount point as /proc/PID/mountinfo writes it, back to its path."""
+    return _MOUNTINFO_ESCAPE.sub(lambda m: chr(int(m[1], 8)), field)
 
 
 def _device(point: str) -> int:

@@ -12,8 +12,12 @@ uplink, and the host's own firewall and bridge-netfilter settings never see lab 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import sys
+import warnings
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
@@ -196,9 +200,30 @@ def require_mininet() -> None:
     if shutil.which("mnexec") is None:
         raise FeatureMissing("mnexec not found: install Debian's 'mininet' package (./install.sh does)")
     try:
-        import mininet.net  # noqa: F401
+        with _stdlib_distutils():
+            import mininet.net  # noqa: F401
     except ImportError as exc:
         raise FeatureMissing(f"the Mininet Python module is not importable ({exc}): run ./install.sh") from exc
+
+
+@contextlib.contextmanager
+def _stdlib_distutils() -> Iterator[None]:
+    """Mininet imports `distutils.version` (mininet/node.py). In an environment with setuptools (a venv of
+    Python 3.11 has it), setuptools' distutils shim, put on the import path by its .pth file at start-up,
+    answers that import with setuptools' own copy and imports all of setuptools and pkg_resources for it:
+    0.12 of Mininet's 0.14 s import, in every `lab up`. Python before 3.12 has distutils in its standard
+    library, which serves Mininet the same; the shim is set aside for that one import (setuptools' own
+    switch for it, SETUPTOOLS_USE_DISTUTILS=stdlib, is read only at interpreter start-up)."""
+    shims = [f for f in sys.meta_path if type(f).__module__ == "_distutils_hack"] \
+        if sys.version_info < (3, 12) and "distutils" not in sys.modules else []
+    for shim in shims:
+        sys.meta_path.remove(shim)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # distutils' own notice of its removal in 3.12
+            yield
+    finally:
+        sys.meta_path[0:0] = shims
 
 
 def build(up: UnderlayPlan) -> None:

@@ -15,7 +15,7 @@ import yaml
 
 from kubelet import cgroups
 from tests.conftest import require_root, require_tool
-from topo import netns, process
+from topo import memfs, netns, process
 
 REPO = Path(__file__).resolve().parents[2]
 SEED = REPO / "labs" / "00-seed" / "lab.yaml"
@@ -32,10 +32,11 @@ def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:6]}"
 
 
-def lab(*args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    """Run the `lab` CLI exactly as a user would (a separate process)."""
+def lab(*args: str, check: bool = True, timeout: float = 120,
+        env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the `lab` CLI exactly as a user would (a separate process); `env` adds to the environment."""
     proc = subprocess.run([sys.executable, "-m", "lab.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO)
+                          timeout=timeout, cwd=REPO, env={**os.environ, **env} if env else None)
     if check and proc.returncode != 0:
         raise AssertionError(f"lab {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -90,6 +91,12 @@ def leftovers(name: str) -> dict[str, list]:
         found["cgroups"] = groups
     if pids:
         found["processes"] = sorted(set(pids))
+    if not Path("/run/kubenet-lab").exists():  # no lab left: nor the tmpfs mounts held for labs (topo/memfs.py;
+        # /run/netns's stays while it holds someone else's pins, such as a test's scratch namespace)
+        held = [p for p in ("/run/kubenet-lab", netns.NETNS_DIR) if memfs.ours(p)
+                and not (p == netns.NETNS_DIR and netns.list_names())]
+        if held:
+            found["mounts"] = held
     return found
 
 

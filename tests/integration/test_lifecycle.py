@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
 
-from topo import process
+from topo import memfs, netns, process
 
 from tests.integration.conftest import (in_lab, kill_up_mid_way, lab, leftovers, pause_pod, unique,
                                         write_spec)
@@ -69,8 +70,10 @@ def test_up_twice_is_refused_and_down_of_unknown_lab_is_clear(lab_up, tmp_path: 
     in_lab(name, "p", "true")
     # a pod of only the pause image gets its /sys when first entered: its own interfaces, as for any pod
     assert sorted(in_lab(name, "p", "ls", "/sys/class/net").split()) == ["eth0", "lo"]
-    down = lab("down", unique("ghost"), check=False)
+    ghost = unique("ghost")
+    down = lab("down", ghost, check=False)
     assert down.returncode == 2 and "is not running" in down.stderr
+    assert not os.path.exists(f"{RUN}/.locks/{ghost}")  # its lock is not left behind
     bad = lab("down", "../../etc", check=False)
     assert bad.returncode == 2 and "not a lab name" in bad.stderr
 
@@ -155,3 +158,50 @@ def test_a_slash_24_node_takes_253_pods_and_refuses_the_254th(lab_up, tmp_path: 
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "10.244.1.0/24" in proc.stderr and "253" in proc.stderr and "node1" in proc.stderr
     assert leftovers(name)["netns"] == before
+
+
+RUN = "/run/kubenet-lab"
+
+
+@pytest.fixture
+def run_folder_on_disk() -> None:
+    """The tmpfs mounts of topo/memfs.py are made only where /run is a folder of a disk (this project's VM)
+    and only when no lab exists."""
+    if memfs.in_memory("/run"):
+        pytest.skip("/run is held in memory on this machine already: the lab mounts nothing there")
+    if os.path.exists(RUN):
+        pytest.skip(f"another lab or command uses {RUN} now")
+
+
+def test_a_run_folder_on_disk_is_held_in_memory_while_labs_exist(lab_up, run_folder_on_disk) -> None:
+    name = unique("memfs")
+    pins_before = netns.list_names()
+    lab_up(two_node_spec(name, [pause_pod("p", node="node1")]))
+    assert memfs.ours(RUN) and memfs.in_memory(f"{RUN}/{name}/state.json")
+    assert memfs.ours(netns.NETNS_DIR) == (not pins_before)  # never over someone's pins
+    assert "nameserver" in in_lab(name, "p", "cat", "/etc/resolv.conf")  # the pod's own file, from the tmpfs
+    lab("down", name)
+    assert not os.path.exists(RUN) and not memfs.ours(RUN) and not memfs.ours(netns.NETNS_DIR)
+
+
+def test_a_namespace_pinned_by_someone_else_stays_visible(lab_up, run_folder_on_disk) -> None:
+    name, theirs = unique("pins"), unique("theirs")
+    subprocess.run(["ip", "netns", "add", theirs], check=True)
+    try:
+        lab_up(two_node_spec(name, [pause_pod("p", node="node1")]))
+        assert not memfs.ours(netns.NETNS_DIR) and theirs in netns.list_names()
+        subprocess.run(["ip", "netns", "exec", theirs, "true"], check=True)
+        lab("down", name)
+        assert theirs in netns.list_names()
+    finally:
+        subprocess.run(["ip", "netns", "del", theirs], check=False)
+
+
+def test_kill_9_right_after_the_run_folder_is_held_then_clean_releases_it(tmp_path: Path,
+                                                                          run_folder_on_disk) -> None:
+    name = unique("held")
+    spec = write_spec(tmp_path, two_node_spec(name, [pause_pod("p", node="node1")]))
+    crashed = lab("up", str(spec), check=False, env={"KUBENET_LAB_CRASH_AT": "up-run-dir"})
+    assert crashed.returncode == -9 and memfs.ours(RUN)
+    lab("clean")
+    assert not os.path.exists(RUN) and not memfs.ours(RUN) and not memfs.ours(netns.NETNS_DIR)
