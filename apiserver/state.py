@@ -3,8 +3,8 @@
 `lab up` returns while the lab keeps running, so every later command (status, exec, apply, down) finds
 the lab from a small JSON file under /run (tmpfs: a reboot forgets labs exactly when it forgets their
 namespaces; where the machine's /run is on its disk, the lab mounts a tmpfs of its own there while labs
-exist, `prepare_run_dir`). The spec text is kept, not a copy of the model, so the model is always re-derived the one
-way it is ever derived.
+exist, `prepare_run_dir`). The spec text is kept, not a copy of the model, so the model is always
+re-derived the one way it is ever derived.
 
 The file is written first, then the kernel is changed (desired state first, as the API server records an
 object before any controller acts on it): a pod about to be made is recorded `Pending`, one about to go

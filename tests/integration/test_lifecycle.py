@@ -205,3 +205,23 @@ def test_kill_9_right_after_the_run_folder_is_held_then_clean_releases_it(tmp_pa
     assert crashed.returncode == -9 and memfs.ours(RUN)
     lab("clean")
     assert not os.path.exists(RUN) and not memfs.ours(RUN) and not memfs.ours(netns.NETNS_DIR)
+
+
+def test_a_mount_template_made_before_the_run_folder_was_held_is_made_again(run_folder_on_disk) -> None:
+    """A process that outlives labs (a test run, a benchmark) keeps its mount template: one copied before the
+    run folder's tmpfs came would show the pods it makes the folder beneath, without their files."""
+    from apiserver import state
+
+    os.makedirs(RUN)
+    try:
+        netns.forget_template()
+        netns.mount_template()  # copied while the run folder is on the disk
+        state.prepare_run_dir()
+        assert memfs.ours(RUN)
+        with netns.in_mount_template():
+            seen = os.stat(RUN).st_dev
+        assert seen == os.stat(RUN).st_dev  # the tmpfs, as the machine shows it
+    finally:
+        netns.forget_template()
+        state.release_run_dir()
+    assert not os.path.exists(RUN) and not memfs.ours(RUN) and not memfs.ours(netns.NETNS_DIR)
