@@ -40,8 +40,11 @@ def hold(path: str) -> bool:
     """Mount a tmpfs of the lab's on `path` if it is an empty folder on a disk; True if mounted now. Left
     as it is otherwise, and where mounting is refused (no root, a container without CAP_SYS_ADMIN)."""
     os.makedirs(path, exist_ok=True)
-    if in_memory(path) or any(os.scandir(path)):
+    if in_memory(path):
         return False
+    with os.scandir(path) as entries:
+        if next(entries, None) is not None:
+            return False
     ret = netns.libc().mount(SOURCE.encode(), os.fsencode(path), b"tmpfs", _MS_NOSUID | _MS_NODEV, b"mode=0755")
     return ret == 0
 
