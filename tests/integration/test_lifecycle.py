@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import require
 from topo import memfs, netns, process
 
 from tests.integration.conftest import (in_lab, kill_up_mid_way, lab, leftovers, pause_pod, unique,
@@ -169,8 +170,7 @@ def run_folder_on_disk() -> None:
     and only when no lab exists."""
     if memfs.in_memory("/run"):
         pytest.skip("/run is held in memory on this machine already: the lab mounts nothing there")
-    if os.path.exists(RUN):
-        pytest.skip(f"another lab or command uses {RUN} now")
+    require(not os.path.exists(RUN), f"another lab or command uses {RUN} now (under CI: a leftover)")
 
 
 def test_a_run_folder_on_disk_is_held_in_memory_while_labs_exist(lab_up, run_folder_on_disk) -> None:
