@@ -15,6 +15,7 @@ from tests.integration.conftest import (in_lab, kill_up_mid_way, lab, leftovers,
                                         write_spec)
 
 pytestmark = pytest.mark.integration
+RUN = "/run/kubenet-lab"
 
 
 def agnhost_pod(name: str, node: str, *ports: int) -> dict:
@@ -159,9 +160,6 @@ def test_a_slash_24_node_takes_253_pods_and_refuses_the_254th(lab_up, tmp_path: 
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "10.244.1.0/24" in proc.stderr and "253" in proc.stderr and "node1" in proc.stderr
     assert leftovers(name)["netns"] == before
-
-
-RUN = "/run/kubenet-lab"
 
 
 @pytest.fixture
