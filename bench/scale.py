@@ -10,6 +10,8 @@ select it and nothing else.
 from __future__ import annotations
 
 import json
+import os
+import resource
 import statistics
 import sys
 import time
@@ -47,6 +49,32 @@ def scale_spec(name: str, pods: int) -> dict:
 def _timed(*args: str) -> float:
     quiet = ["-q"] if args[0] in ("up", "down", "apply", "delete") else []  # no progress bar in the timing
     return timed(*args, *quiet)
+
+
+def _cpu_now() -> tuple[float, float, float]:
+    """CPU seconds used so far by this process's finished children (a timed command and what it waited for),
+    by the whole machine (busy time in /proc/stat), and by PID 1."""
+    tick = os.sysconf("SC_CLK_TCK")
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    with open("/proc/stat") as fh:
+        fields = [int(v) for v in fh.readline().split()[1:]]
+    busy = sum(fields) - fields[3] - fields[4]  # all but idle and iowait
+    with open("/proc/1/stat") as fh:
+        pid1 = fh.read().rsplit(")", 1)[1].split()
+    return children.ru_utime + children.ru_stime, busy / tick, (int(pid1[11]) + int(pid1[12])) / tick
+
+
+def _timed_cpu(prefix: str, *args: str) -> dict[str, float]:
+    """A command's wall time, and where the CPU went meanwhile: the command itself with the processes it ran
+    (`_cpu_s`), the whole machine (`_machine_cpu_s`: the kernel's work for the lab, softirqs, anything else)
+    and PID 1 (`_pid1_cpu_s`). On an ordinary machine PID 1 (systemd) is idle; on the VM these figures were
+    taken on, PID 1 is its supervisor, which was measured spending CPU on every process held in a network
+    namespace of its own: a lab's pause processes (docs/benchmarks.md, issue 15's tenth step)."""
+    before = _cpu_now()
+    wall = _timed(*args)
+    after = _cpu_now()
+    own, machine, pid1 = (b - a for a, b in zip(before, after))
+    return {f"{prefix}_s": wall, f"{prefix}_cpu_s": own, f"{prefix}_machine_cpu_s": machine, f"{prefix}_pid1_cpu_s": pid1}
 
 
 def namespaces_held() -> int | None:
@@ -93,10 +121,10 @@ def measure(make: callable, folder: Path) -> dict[str, float]:
                                "spec": {"nodeName": "node1", "containers": [{"name": "p", "image": "pause"}]}}))
     before = namespaces_held()
     try:
-        up = _timed("up", str(spec))
+        up = _timed_cpu("up", "up", str(spec))
         applies, deletes = [], []
         for _ in range(CHANGES):
-            applies.append(_timed("apply", "--lab", name, "-f", str(pod)))
+            applies.append(_timed_cpu("apply_one", "apply", "--lab", name, "-f", str(pod)))
             deletes.append(_timed("delete", "--lab", name, "-f", str(pod)))
         status = _timed("status", name)
         started = time.monotonic()
@@ -107,7 +135,8 @@ def measure(make: callable, folder: Path) -> dict[str, float]:
 
         remove_lab(name)
         raise
-    return {"up_s": up, "apply_one_s": statistics.median(applies), "delete_one_s": statistics.median(deletes),
+    apply_one = {key: statistics.median(a[key] for a in applies) for key in applies[0]}
+    return {**up, **apply_one, "delete_one_s": statistics.median(deletes),
             "status_s": status, "down_s": down, **({"down_freed_s": freed} if freed is not None else {})}
 
 

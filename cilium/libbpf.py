@@ -78,11 +78,13 @@ def _collect(level: int, fmt: bytes, args: int) -> int:  # libbpf's va_list cann
 
 @functools.lru_cache(maxsize=1)
 def lib() -> ctypes.CDLL:
-    path = ctypes.util.find_library("bpf") or "libbpf.so.1"
-    try:
-        so = ctypes.CDLL(path, use_errno=True)
-    except OSError as exc:
-        raise FeatureMissing("cni.profile cilium needs libbpf (libbpf1; ./install.sh installs it)") from exc
+    try:  # by its soname first: find_library runs `ldconfig -p` in a subprocess
+        so = ctypes.CDLL("libbpf.so.1", use_errno=True)
+    except OSError:
+        try:
+            so = ctypes.CDLL(ctypes.util.find_library("bpf") or "libbpf.so", use_errno=True)
+        except OSError as exc:
+            raise FeatureMissing("cni.profile cilium needs libbpf (libbpf1; ./install.sh installs it)") from exc
     vp, i, u32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32
     for name, res, args in (
             ("bpf_object__open_file", vp, [ctypes.c_char_p, ctypes.POINTER(_OpenOpts)]),

@@ -45,11 +45,14 @@ class Scale(Suite):
         rows = []
         for c in self.cases:
             ratio = f"{c.median()['apply_one_s'] / seed:.2f}x" if seed and c.samples else "-"
-            rows.append([c.name, _spread(c, "up_s", ".2f"), _spread(c, "apply_one_s", ".3f"), ratio,
+            rows.append([c.name, _spread(c, "up_s", ".2f"), _cpu(c, "up"), _spread(c, "apply_one_s", ".3f"), ratio,
+                         _cpu(c, "apply_one"),
                          _spread(c, "delete_one_s", ".3f"), _spread(c, "status_s", ".3f"), _spread(c, "down_s", ".2f"),
                          _spread(c, "down_freed_s", ".2f") if "down_freed_s" in c.samples else "-"])
-        return _table(["case", "lab up s", "apply 1 pod s", "vs seed", "delete 1 pod s", "lab status s",
-                       "lab down s", "kernel done s"], rows)
+        return _table(["case", "lab up s", "its CPU s", "apply 1 pod s", "vs seed", "its CPU s", "delete 1 pod s",
+                       "lab status s", "lab down s", "kernel done s"], rows) + (
+            "\nits CPU s: the command with what it ran / the whole machine / PID 1 (medians; PID 1 is idle on an"
+            "\nordinary machine, a VM's supervisor may not be: docs/benchmarks.md, issue 15's tenth step)")
 
     def plot(self, plt, path: Path) -> None:
         fig, ax = plt.subplots(figsize=(8, 4))
@@ -64,6 +67,15 @@ class Scale(Suite):
         fig.tight_layout()
         fig.savefig(path)
         plt.close(fig)
+
+def _cpu(case: Case, prefix: str) -> str:
+    """`command / machine / PID 1` CPU seconds of a scale case's step (medians), or "-" for older samples."""
+    keys = [f"{prefix}_cpu_s", f"{prefix}_machine_cpu_s", f"{prefix}_pid1_cpu_s"]
+    if not all(k in case.samples for k in keys):
+        return "-"
+    med = case.median()
+    return " / ".join(f"{med[k]:.1f}" if med[k] >= 10 else f"{med[k]:.2f}" for k in keys)
+
 
 class DnsLoad(Suite):
     """The ndots:5 storm and its fixes (bench/dnsload.py), side by side: every setting at every client count."""

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import errno
 import os
 import re
@@ -31,7 +30,9 @@ MS_SLAVE = 1 << 19
 MS_SHARED = 1 << 20
 MNT_DETACH = 2
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+# The C library the interpreter itself runs on (dlopen(NULL)): ctypes.util.find_library would run
+# `ldconfig -p` in a subprocess, a fork of this process in every command, only to name the same library.
+_libc = ctypes.CDLL(None, use_errno=True)
 _home_fd: int | None = None
 
 
