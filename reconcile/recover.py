@@ -17,6 +17,7 @@ Then the caller's own work, and `resync` (which is itself convergent), bring eve
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 
@@ -74,12 +75,64 @@ def recover(st: state.LabState, lab: Lab) -> Recovery:
         for key, ps in st.pods.items():
             if ps.ip:
                 by_node.setdefault(ps.node, {})[ps.ip] = key
+        unchanged = _unchanged_lease_files(st)
         for node in lab.nodes:
+            if f"{node.name}.json" in unchanged:
+                continue
             if _repair_leases(st, lab, node.name, by_node.get(node.name, {})):
                 done.leases.append(node.name)
     if done.changed:
         st.record()
     return done
+
+
+LEASE_STAMPS = "lease-stamps.json"  # in the lab's folder: each lease file as it was when the lab was last in step
+
+
+def _stat_key(info: os.stat_result) -> list[int]:
+    # a lease file is replaced whole (a new inode), and any write or rename moves its ctime
+    return [info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns]
+
+
+def stamp_leases(st: state.LabState) -> None:
+    """Remember each lease file as it is now, when every layer has just been brought in line with generation
+    `st.generation` (reconcile.resync.mark_in_step). The leases then agree with the recorded pods: every
+    command records its change (bumping the generation) before it allocates or frees an address, and one
+    killed before its end never marks the lab in step."""
+    files = {}
+    try:
+        with os.scandir(state.ipam_dir(st.name)) as entries:
+            for entry in entries:
+                if entry.name.endswith(".json") and entry.is_file(follow_symlinks=False):
+                    files[entry.name] = _stat_key(entry.stat(follow_symlinks=False))
+    except FileNotFoundError:
+        pass
+    path = state.lab_dir(st.name) / LEASE_STAMPS
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"generation": st.generation, "files": files}))
+    tmp.replace(path)
+
+
+def _unchanged_lease_files(st: state.LabState) -> set[str]:
+    """The lease files untouched since the lab was last in step at this very generation: they agree with the
+    recorded pods without being read. Each lease file costs a stat instead of parsing it and comparing it with
+    every pod of its node (25 ms at 10,000 pods). A file deleted, edited or replaced by hand since, or any
+    file after a command that recorded a change and did not finish, is read and compared in full."""
+    try:
+        stamps = json.loads((state.lab_dir(st.name) / LEASE_STAMPS).read_text())
+        if stamps["generation"] != st.generation:
+            return set()
+        files = stamps["files"]
+        unchanged = set()
+        for name, key in files.items():
+            try:
+                if _stat_key(os.stat(state.ipam_dir(st.name) / name, follow_symlinks=False)) == key:
+                    unchanged.add(name)
+            except OSError:
+                pass
+        return unchanged
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return set()
 
 
 def _repair_leases(st: state.LabState, lab: Lab, node: str, held: dict[str, str]) -> bool:

@@ -14,7 +14,7 @@ from apiserver.desired import current_lab
 from cni import network_policy
 from kubelet import runtime
 from kubelet.pods import running_pods
-from reconcile import nodelocal
+from reconcile import nodelocal, recover
 from services import addons, kube_proxy
 from services.endpoints import RunningPod
 from topo import process
@@ -83,6 +83,7 @@ def in_step(st: state.LabState) -> bool:
 
 
 def mark_in_step(st: state.LabState) -> None:
+    recover.stamp_leases(st)  # the lease files as this generation leaves them (the next recover's shortcut)
     path = state.lab_dir(st.name) / IN_STEP
     tmp = path.with_suffix(".tmp")
     tmp.write_text(str(st.generation))
