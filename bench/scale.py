@@ -2,7 +2,8 @@
 and `lab delete`, `lab status`, and `lab down`, each timed as the CLI runs it (a fresh process, as a user
 types it). The seed lab is the baseline: a one-pod change should cost about the same at 1,000 or 10,000
 pods (issue 15's targets), because the reconciler touches that pod, the rules of the services that
-select it and nothing else.
+select it and nothing else. For `lab up` and the one-pod apply it also says where the CPU went meanwhile
+(the command, the machine, PID 1), so a figure taken on a busy or shared machine can be read for what it is.
 
     python bench/scale.py [--sizes 1000,10000] [--repeat N] [--json FILE] [--plot DIR]
     (the same as: lab bench scale --sizes 1000,10000 ...)
