@@ -68,6 +68,7 @@ class Scale(Suite):
         fig.savefig(path)
         plt.close(fig)
 
+
 def _cpu(case: Case, prefix: str) -> str:
     """`command / machine / PID 1` CPU seconds of a scale case's step (medians), or "-" for older samples."""
     keys = [f"{prefix}_cpu_s", f"{prefix}_machine_cpu_s", f"{prefix}_pid1_cpu_s"]

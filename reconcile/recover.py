@@ -71,16 +71,16 @@ def recover(st: state.LabState, lab: Lab) -> Recovery:
     if lab.cni.profile == "aws-vpc":
         done.leases += _repair_ipamd(st, lab)
     else:
-        by_node: dict[str, dict[str, str]] = {}  # node -> {ip: pod key}, gathered in one pass over the pods
-        for key, ps in st.pods.items():
-            if ps.ip:
-                by_node.setdefault(ps.node, {})[ps.ip] = key
         unchanged = _unchanged_lease_files(st)
-        for node in lab.nodes:
-            if f"{node.name}.json" in unchanged:
-                continue
-            if _repair_leases(st, lab, node.name, by_node.get(node.name, {})):
-                done.leases.append(node.name)
+        looked_at = [node.name for node in lab.nodes if f"{node.name}.json" not in unchanged]
+        by_node: dict[str, dict[str, str]] = {}  # node -> {ip: pod key}, gathered in one pass over the pods
+        if looked_at:
+            for key, ps in st.pods.items():
+                if ps.ip:
+                    by_node.setdefault(ps.node, {})[ps.ip] = key
+        for node_name in looked_at:
+            if _repair_leases(st, lab, node_name, by_node.get(node_name, {})):
+                done.leases.append(node_name)
     if done.changed:
         st.record()
     return done
