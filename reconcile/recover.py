@@ -23,6 +23,7 @@ from ipaddress import IPv4Address
 
 from apiserver import state
 from cni.ipam import Lease, NodeIpam
+from cni.plugin import NetConf
 from kubelet import pods as kubelet
 from topo import names, netns
 from topo.model import POD_IFNAME, Lab
@@ -72,15 +73,16 @@ def recover(st: state.LabState, lab: Lab) -> Recovery:
         done.leases += _repair_ipamd(st, lab)
     else:
         unchanged = _unchanged_lease_files(st)
-        looked_at = [node.name for node in lab.nodes if f"{node.name}.json" not in unchanged]
+        confs = [kubelet.netconf(lab, node.name, state.ipam_dir(lab.name)) for node in lab.nodes]
+        looked_at = [conf for conf in confs if conf.lease_file().path.name not in unchanged]
         by_node: dict[str, dict[str, str]] = {}  # node -> {ip: pod key}, gathered in one pass over the pods
         if looked_at:
             for key, ps in st.pods.items():
                 if ps.ip:
                     by_node.setdefault(ps.node, {})[ps.ip] = key
-        for node_name in looked_at:
-            if _repair_leases(st, lab, node_name, by_node.get(node_name, {})):
-                done.leases.append(node_name)
+        for conf in looked_at:
+            if _repair_leases(lab, conf, by_node.get(conf.node, {})):
+                done.leases.append(conf.node)
     if done.changed:
         st.record()
     return done
@@ -122,11 +124,11 @@ def _unchanged_lease_files(st: state.LabState) -> set[str]:
         stamps = json.loads((state.lab_dir(st.name) / LEASE_STAMPS).read_text())
         if stamps["generation"] != st.generation:
             return set()
-        files = stamps["files"]
+        folder = state.ipam_dir(st.name)
         unchanged = set()
-        for name, key in files.items():
+        for name, key in stamps["files"].items():
             try:
-                if _stat_key(os.stat(state.ipam_dir(st.name) / name, follow_symlinks=False)) == key:
+                if _stat_key(os.stat(folder / name, follow_symlinks=False)) == key:
                     unchanged.add(name)
             except OSError:
                 pass
@@ -135,10 +137,9 @@ def _unchanged_lease_files(st: state.LabState) -> set[str]:
         return set()
 
 
-def _repair_leases(st: state.LabState, lab: Lab, node: str, held: dict[str, str]) -> bool:
-    """Rewrite `node`'s lease file when it does not hold exactly the recorded pods' addresses (`held`:
-    address -> pod key of the pods recorded on this node)."""
-    conf = kubelet.netconf(lab, node, state.ipam_dir(lab.name))
+def _repair_leases(lab: Lab, conf: NetConf, held: dict[str, str]) -> bool:
+    """Rewrite the lease file of `conf`'s node when it does not hold exactly the recorded pods' addresses
+    (`held`: address -> pod key of the pods recorded on this node)."""
     lease_file = conf.lease_file()
     try:
         data = json.loads(lease_file.path.read_text())
@@ -163,7 +164,7 @@ def _repair_leases(st: state.LabState, lab: Lab, node: str, held: dict[str, str]
     if current is None and not wanted and not lease_file.path.exists():
         return False  # nothing leased, nothing on file: in order
     last = current.last_reserved if current is not None else max(wanted, default=None)
-    lease_file.write(NodeIpam(node, conf.subnet, last, wanted))
+    lease_file.write(NodeIpam(conf.node, conf.subnet, last, wanted))
     return True
 
 
