@@ -159,6 +159,11 @@ def log_dir(name: str) -> Path:
     return lab_dir(name) / "logs"
 
 
+def kube_proxy_dir(name: str) -> Path:
+    """What each node's kube-proxy last loaded (services/kube_proxy.py keeps its files there)."""
+    return lab_dir(name) / "kube-proxy"
+
+
 def save(state: LabState) -> None:
     path = state_path(state.name)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,8 @@ and `lab delete`, `lab status`, and `lab down`, each timed as the CLI runs it (a
 types it). The seed lab is the baseline: a one-pod change should cost about the same at 1,000 or 10,000
 pods (issue 15's targets), because the reconciler touches that pod, the rules of the services that
 select it and nothing else. For `lab up` and the one-pod apply it also says where the CPU went meanwhile
-(the command, the machine, PID 1), so a figure taken on a busy or shared machine can be read for what it is.
+(the command, the machine, PID 1), so a figure taken on a busy or shared machine can be read for what it is,
+and what of `lab up`'s CPU is the kernel loading kube-proxy's rules into every node (estimated from three).
 
     python bench/scale.py [--sizes 1000,10000] [--repeat N] [--json FILE] [--plot DIR]
     (the same as: lab bench scale --sizes 1000,10000 ...)
@@ -78,6 +79,32 @@ def _timed_cpu(prefix: str, *args: str) -> dict[str, float]:
     return {f"{prefix}_s": wall, f"{prefix}_cpu_s": own, f"{prefix}_machine_cpu_s": machine, f"{prefix}_pid1_cpu_s": pid1}
 
 
+def rule_loads_cpu(name: str) -> float | None:
+    """CPU seconds that loading kube-proxy's rules costs in all of a running lab's nodes, estimated from three:
+    the saved restore input of its first, middle and last node (the full text `lab up` loaded) loaded again
+    into that node by the same loader; the median load times the number of nodes. Every node's rules hold
+    every endpoint of the Service (kube-proxy's layout), so the loads are alike, and at 10,000 pods they are
+    most of the build's CPU. The loader's CPU (user + sys), not its wall time, which a busy machine
+    stretches. None outside iptables mode. A node ends with the rules it had: a full restore replaces its
+    tables whole, as kube-proxy's own full syncs do."""
+    from apiserver import desired, state
+    from services import kube_proxy
+
+    lab = desired.current_lab(state.load_running(name))
+    if lab.kube_proxy.mode != "iptables" or not lab.nodes:
+        return None
+    backend = kube_proxy.iptables_backend(lab.kube_proxy)
+    samples = []
+    for node in sorted({lab.nodes[0].name, lab.nodes[len(lab.nodes) // 2].name, lab.nodes[-1].name}):
+        saved = kube_proxy.saved_rules(state.kube_proxy_dir(name), node)
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        kube_proxy.load(lab.node_netns(node), kube_proxy.iptables_restore(backend), saved,
+                        kube_proxy.loader_env(backend, saved))
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        samples.append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
+    return statistics.median(samples) * len(lab.nodes)
+
+
 def namespaces_held() -> int | None:
     """Network namespaces the kernel holds, freed by nobody yet or not: the `net_namespace` slab's active
     objects in /proc/slabinfo (None where that cache is merged into another or the file is not readable)."""
@@ -112,9 +139,9 @@ def kernel_freed(before: int | None, started: float, timeout: float = 120.0) -> 
 
 
 def measure(make: callable, folder: Path) -> dict[str, float]:
-    """One lab's life: up, CHANGES one-pod apply/delete pairs, status, down (and how long the kernel took to
-    free the namespaces after it). If anything fails, the lab is taken down anyway (`lab down`, or the
-    crash-safe teardown)."""
+    """One lab's life: up, CHANGES one-pod apply/delete pairs, status, kube-proxy's rule loads again
+    (`rule_loads_cpu`), down (and how long the kernel took to free the namespaces after it). If anything
+    fails, the lab is taken down anyway (`lab down`, or the crash-safe teardown)."""
     name = f"bench-{uuid.uuid4().hex[:6]}"
     spec, pod = folder / f"{name}.yaml", folder / f"{name}-pod.yaml"
     spec.write_text(yaml.safe_dump(make(name)))
@@ -128,6 +155,7 @@ def measure(make: callable, folder: Path) -> dict[str, float]:
             applies.append(_timed_cpu("apply_one", "apply", "--lab", name, "-f", str(pod)))
             deletes.append(_timed("delete", "--lab", name, "-f", str(pod)))
         status = _timed("status", name)
+        rules = rule_loads_cpu(name)
         started = time.monotonic()
         down = _timed("down", name)
         freed = kernel_freed(before, started)
@@ -137,7 +165,8 @@ def measure(make: callable, folder: Path) -> dict[str, float]:
         remove_lab(name)
         raise
     apply_one = {key: statistics.median(a[key] for a in applies) for key in applies[0]}
-    return {**up, **apply_one, "delete_one_s": statistics.median(deletes),
+    return {**up, **({"up_rule_loads_cpu_s": rules} if rules is not None else {}), **apply_one,
+            "delete_one_s": statistics.median(deletes),
             "status_s": status, "down_s": down, **({"down_freed_s": freed} if freed is not None else {})}
 
 

@@ -296,7 +296,7 @@ def sync_services(lab: Lab, running: list[RunningPod]) -> None:
         agent.sync(lab, running)
         cilium_policy.sync(lab, running, state.lab_dir(lab.name) / "cilium")  # endpoints just attached
     else:
-        kube_proxy.sync(lab, running, state.lab_dir(lab.name) / "kube-proxy")
+        kube_proxy.sync(lab, running, state.kube_proxy_dir(lab.name))
 
 
 BGP_TIMEOUT = 30.0  # a few seconds is normal here; thirty means something is broken

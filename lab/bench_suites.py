@@ -45,14 +45,18 @@ class Scale(Suite):
         rows = []
         for c in self.cases:
             ratio = f"{c.median()['apply_one_s'] / seed:.2f}x" if seed and c.samples else "-"
-            rows.append([c.name, _spread(c, "up_s", ".2f"), _cpu(c, "up"), _spread(c, "apply_one_s", ".3f"), ratio,
+            loads = c.median().get("up_rule_loads_cpu_s") if c.samples else None
+            rows.append([c.name, _spread(c, "up_s", ".2f"), _cpu(c, "up"), "-" if loads is None else f"{loads:.2f}",
+                         _spread(c, "apply_one_s", ".3f"), ratio,
                          _cpu(c, "apply_one"),
                          _spread(c, "delete_one_s", ".3f"), _spread(c, "status_s", ".3f"), _spread(c, "down_s", ".2f"),
                          _spread(c, "down_freed_s", ".2f") if "down_freed_s" in c.samples else "-"])
-        return _table(["case", "lab up s", "its CPU s", "apply 1 pod s", "vs seed", "its CPU s", "delete 1 pod s",
-                       "lab status s", "lab down s", "kernel done s"], rows) + (
+        return _table(["case", "lab up s", "its CPU s", "rule loads", "apply 1 pod s", "vs seed", "its CPU s",
+                       "delete 1 pod s", "lab status s", "lab down s", "kernel done s"], rows) + (
             "\nits CPU s: the command with what it ran / the whole machine / PID 1 (medians; PID 1 is idle on an"
-            "\nordinary machine, a VM's supervisor may not be: docs/benchmarks.md, issue 15's tenth step)")
+            "\nordinary machine, a VM's supervisor may not be: docs/benchmarks.md, issue 15's tenth step)"
+            "\nrule loads: CPU s of loading kube-proxy's rules into every node, estimated from three nodes' loads"
+            "\n(part of lab up's CPU; every node's rules hold every endpoint, as kube-proxy's do)")
 
     def plot(self, plt, path: Path) -> None:
         fig, ax = plt.subplots(figsize=(8, 4))

@@ -55,7 +55,7 @@ def resync(st: state.LabState, alive: dict[str, bool] | None = None,
             report = kube_proxy.SyncReport(cilium_report.nodes, cilium_report.frontends, cilium_report.backends,
                                            cilium_report.seconds)
         else:
-            report = kube_proxy.sync(lab, running, state.lab_dir(st.name) / "kube-proxy")
+            report = kube_proxy.sync(lab, running, state.kube_proxy_dir(st.name))
     sync_policies(lab, running, st.name)
     run_dir = state.lab_dir(st.name)
     addons.write_configs(lab, running, run_dir)

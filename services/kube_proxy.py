@@ -166,7 +166,7 @@ def sync_node(lab: Lab, node: Node, sps: list[ep.ServicePortEndpoints], folder: 
         elif lab.cni.profile == "aws-vpc":
             egress = []  # AWS_VPC_K8S_CNI_EXTERNALSNAT=true: an external NAT gateway translates, the node does not
         sync_iptables(ns, ipt.plan(node, sps, cluster_of(lab), egress), iptables_backend(lab.kube_proxy),
-                      folder / f"{node.name}.iptables.rules")
+                      saved_rules(folder, node.name))
     elif lab.kube_proxy.mode == "nftables":
         sync_nftables(ns, node, sps, lab.cluster, _state_file(folder, node.name))
     else:
@@ -190,6 +190,21 @@ def cluster_of(lab: Lab) -> Cluster:
     return replace(lab.cluster, pod_cidr=wide)
 
 
+def loader_env(backend: str, saved: Path) -> dict[str, str] | None:
+    """What a node's iptables loader adds to its environment. The legacy loaders take an flock on a lock
+    file around their read-modify-replace of a table. By default it is one file for the whole machine
+    (/run/xtables.lock), so 100 nodes' loads queued on it although each replaces tables of its own namespace
+    only. Ours is one file per node (XTABLES_LOCKFILE, iptables >= 1.8.5), next to its saved rules: the nodes
+    load in parallel. The kernel still refuses a replace whose table changed under it (a rule added by hand
+    meanwhile: EAGAIN, then a full restore)."""
+    return {"XTABLES_LOCKFILE": str(saved.with_name(saved.name + ".xtables.lock"))} if backend == "legacy" else None
+
+
+def saved_rules(folder: Path, node: str) -> Path:
+    """A node's iptables restore input as last loaded in full (partial loads since are in its journal)."""
+    return folder / f"{node}.iptables.rules"
+
+
 def sync_iptables(ns: str, plan: ipt.Plan, backend: str, saved: Path) -> str:
     """Bring one node's iptables rules to `plan` (services/kube_proxy_iptables.plan): the first time, and
     whenever a partial load is impossible or fails, by a full restore; else kube-proxy's partial sync, only
@@ -197,12 +212,7 @@ def sync_iptables(ns: str, plan: ipt.Plan, backend: str, saved: Path) -> str:
     "partial" or "none"."""
     from services import kube_proxy_partial
 
-    # The legacy loaders take an flock on a lock file around their read-modify-replace of a table. By
-    # default it is one file for the whole machine (/run/xtables.lock), so 100 nodes' loads queued on it
-    # although each replaces tables of its own namespace only. Ours is one file per node (XTABLES_LOCKFILE,
-    # iptables >= 1.8.5), next to its saved rules: the nodes load in parallel. The kernel still refuses a
-    # replace whose table changed under it (a rule added by hand meanwhile: EAGAIN, then a full restore).
-    env = {"XTABLES_LOCKFILE": str(saved.with_name(saved.name + ".xtables.lock"))} if backend == "legacy" else None
+    env = loader_env(backend, saved)
 
     def run(noflush: bool, script: str | Path) -> None:
         load(ns, iptables_restore(backend, noflush=noflush), script, env)

@@ -140,8 +140,11 @@ def test_scale_suite_quick(tmp_path: Path) -> None:
     cpu = {f"{step}_{what}" for step in ("up", "apply_one") for what in ("cpu_s", "machine_cpu_s", "pid1_cpu_s")}
     # and, where /proc/slabinfo shows the kernel's namespaces, how long it took to free them after `lab down`
     freed = {"down_freed_s"} if bench_script("scale").namespaces_held() is not None else set()
-    assert timed | cpu | freed == case["median"].keys()
+    # and what loading kube-proxy's rules into the seed lab's nodes costs (iptables mode: a node's load x nodes)
+    loads = {"up_rule_loads_cpu_s"}
+    assert timed | cpu | freed | loads == case["median"].keys()
     assert all(_positive(v) for k, v in case["median"].items() if k not in cpu)
+    assert "rule loads" in proc.stdout
     assert all(case["median"][k] >= 0 for k in cpu) and case["median"]["up_cpu_s"] > 0
     assert not freed or case["median"]["down_freed_s"] >= case["median"]["down_s"]
     assert _bench_namespaces() == before
