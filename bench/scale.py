@@ -81,14 +81,15 @@ def _timed_cpu(prefix: str, *args: str) -> dict[str, float]:
 
 def rule_loads_cpu(name: str) -> float | None:
     """CPU seconds that loading kube-proxy's rules costs in all of a running lab's nodes, estimated from three:
-    the saved restore input of its first, middle and last node (the full text `lab up` loaded) loaded again
-    into that node by the same loader; the median load times the number of nodes. Every node's rules hold
-    every endpoint of the Service (kube-proxy's layout), so the loads are alike, and at 10,000 pods they are
-    most of the build's CPU. The loader's CPU (user + sys), not its wall time, which a busy machine
-    stretches. None outside iptables mode. A node ends with the rules it had: a full restore replaces its
-    tables whole, as kube-proxy's own full syncs do."""
+    the saved restore input of its first, middle and last node (the full text `lab up` loaded there), each
+    loaded by the same loader into a fresh scratch namespace (empty tables, as at `lab up`; a lab-shaped
+    name that `lab clean` removes after a crash); the median load times the number of nodes. Every node's
+    rules hold every endpoint of the Service (kube-proxy's layout), so the loads are alike, and at 10,000
+    pods they are most of the build's CPU. The loader's CPU (user + sys), not its wall time, which a busy
+    machine stretches. None outside iptables mode. The lab itself is not touched."""
     from apiserver import desired, state
     from services import kube_proxy
+    from topo import names, netns
 
     lab = desired.current_lab(state.load_running(name))
     if lab.kube_proxy.mode != "iptables" or not lab.nodes:
@@ -97,10 +98,14 @@ def rule_loads_cpu(name: str) -> float | None:
     samples = []
     for node in sorted({lab.nodes[0].name, lab.nodes[len(lab.nodes) // 2].name, lab.nodes[-1].name}):
         saved = kube_proxy.saved_rules(state.kube_proxy_dir(name), node)
-        before = resource.getrusage(resource.RUSAGE_CHILDREN)
-        kube_proxy.load(lab.node_netns(node), kube_proxy.iptables_restore(backend), saved,
-                        kube_proxy.loader_env(backend, saved))
-        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        scratch = names.node_netns(f"kpload{uuid.uuid4().hex[:6]}", "node")
+        netns.create(scratch)
+        try:
+            before = resource.getrusage(resource.RUSAGE_CHILDREN)
+            kube_proxy.load(scratch, kube_proxy.iptables_restore(backend), saved, kube_proxy.loader_env(backend, saved))
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        finally:
+            netns.delete(scratch)
         samples.append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
     return statistics.median(samples) * len(lab.nodes)
 
@@ -139,8 +144,8 @@ def kernel_freed(before: int | None, started: float, timeout: float = 120.0) -> 
 
 
 def measure(make: callable, folder: Path) -> dict[str, float]:
-    """One lab's life: up, CHANGES one-pod apply/delete pairs, status, kube-proxy's rule loads again
-    (`rule_loads_cpu`), down (and how long the kernel took to free the namespaces after it). If anything
+    """One lab's life: up, CHANGES one-pod apply/delete pairs, status, kube-proxy's rule loads again outside
+    the lab (`rule_loads_cpu`), down (and how long the kernel took to free the namespaces after it). If anything
     fails, the lab is taken down anyway (`lab down`, or the crash-safe teardown)."""
     name = f"bench-{uuid.uuid4().hex[:6]}"
     spec, pod = folder / f"{name}.yaml", folder / f"{name}-pod.yaml"
