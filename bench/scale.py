@@ -57,13 +57,18 @@ def _cpu_now() -> tuple[float, float, float]:
     """CPU seconds used so far by this process's finished children (a timed command and what it waited for),
     by the whole machine (busy time in /proc/stat), and by PID 1."""
     tick = os.sysconf("SC_CLK_TCK")
-    children = resource.getrusage(resource.RUSAGE_CHILDREN)
     with open("/proc/stat") as fh:
         fields = [int(v) for v in fh.readline().split()[1:]]
     busy = sum(fields) - fields[3] - fields[4]  # all but idle and iowait
     with open("/proc/1/stat") as fh:
         pid1 = fh.read().rsplit(")", 1)[1].split()
-    return children.ru_utime + children.ru_stime, busy / tick, (int(pid1[11]) + int(pid1[12])) / tick
+    return _children_cpu(), busy / tick, (int(pid1[11]) + int(pid1[12])) / tick
+
+
+def _children_cpu() -> float:
+    """User + system CPU seconds of this process's finished children, so far."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return children.ru_utime + children.ru_stime
 
 
 def _timed_cpu(prefix: str, *args: str) -> dict[str, float]:
@@ -101,12 +106,11 @@ def rule_loads_cpu(name: str) -> float | None:
         scratch = names.node_netns(f"kpload{uuid.uuid4().hex[:6]}", "node")
         netns.create(scratch)
         try:
-            before = resource.getrusage(resource.RUSAGE_CHILDREN)
+            before = _children_cpu()
             kube_proxy.load(scratch, kube_proxy.iptables_restore(backend), saved, kube_proxy.loader_env(backend, saved))
-            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            samples.append(_children_cpu() - before)
         finally:
             netns.delete(scratch)
-        samples.append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
     return statistics.median(samples) * len(lab.nodes)
 
 
