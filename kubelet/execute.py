@@ -12,7 +12,7 @@ from apiserver import state
 from apiserver.desired import model_of
 from cilium import agent
 from kubelet import runtime
-from topo import netns
+from topo import names, netns
 from topo.errors import StateError
 
 
@@ -22,19 +22,19 @@ def find_target(st: state.LabState, target: str) -> tuple[str, int | None]:
     if "/" in target:
         pod = st.pods.get(target)
         if pod is None:
-            raise StateError(f"no pod {target} in lab {st.name}")
+            raise StateError(f"no pod {names.shown(target)} in lab {st.name}")
         return pod.netns, pod.pause_pid
     if any(n.name == target for n in lab.nodes) or target in lab.routers or \
             any(e.name == target for e in lab.external):
         return lab.node_netns(target), None
     matches = [key for key in st.pods if key.split("/", 1)[1] == target]
     if len(matches) > 1:
-        raise StateError(f"pod name {target} is in several namespaces ({', '.join(sorted(matches))}): "
+        raise StateError(f"pod name {names.shown(target)} is in several namespaces ({', '.join(sorted(matches))}): "
                          "give it as NAMESPACE/NAME")
     if not matches:
         known = ", ".join([n.name for n in lab.nodes] + lab.routers + [e.name for e in lab.external] +
                           sorted(k.split("/", 1)[1] for k in st.pods))
-        raise StateError(f"no node, router or pod named {target} in lab {st.name} (known: {known})")
+        raise StateError(f"no node, router or pod named {names.shown(target)} in lab {st.name} (known: {known})")
     pod = st.pods[matches[0]]
     return pod.netns, pod.pause_pid
 

@@ -26,7 +26,7 @@ from reconcile.recover import recover
 from reconcile.resync import Delta, in_step, quick_alive, resync, sync_policies
 from services import addons, kube_proxy
 from services.endpoints import RunningPod
-from topo import crash
+from topo import crash, names
 from topo.security_spec import root_warning
 from topo.errors import SpecError, SpecIssue, StateError
 from topo.model import Lab, Pod
@@ -394,7 +394,8 @@ def _delete_objects(name: str | None, wanted: list[tuple[str, str, str]], missin
                     raise StateError(f"service {namespace}/{target} is a backend of ingress {', '.join(users)}: "
                                      "delete or change the ingress first")
             if not found:
-                missing.append(f"{kind.lower()} {namespace}/{target}" if kind != "Namespace" else f"namespace {target}")
+                missing.append(f"{kind.lower()} {names.shown(namespace)}/{names.shown(target)}" if kind != "Namespace"
+                               else f"namespace {names.shown(target)}")
                 continue
             if kind in ("Pod", "Deployment"):
                 pods += found

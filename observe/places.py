@@ -119,7 +119,7 @@ class Lookup:
             raise StateError(f"{text}: a trace starts in a pod, node or external host, not in a service")
         found = self.names.pod(name) if kind == "pod" else self.names.host(name) or self.names.pod(name)
         if found is None or found.netns not in self.places:
-            raise StateError(f"no pod, node or external host named {name} in lab {self.st.name} "
+            raise StateError(f"no pod, node or external host named {names.shown(name)} in lab {self.st.name} "
                              f"(known: {self.known()})")
         self.names.require_alive(found)
         return self.places[found.netns]
@@ -141,7 +141,7 @@ class Lookup:
         if kind == "pod":
             pod = self.names.pod(rest)
             if pod is None:
-                raise StateError(f"no pod {rest} in lab {self.st.name}")
+                raise StateError(f"no pod {names.shown(rest)} in lab {self.st.name}")
             return self._place_target(self.pods[pod.key], port, protocol, name)
         try:
             return self._ip_target(IPv4Address(name), port, protocol)

@@ -54,7 +54,7 @@ from ipaddress import IPv4Address
 
 from apiserver import state
 from images.agnhost import format_peer, udp_answer
-from topo import netns
+from topo import names, netns
 from topo.errors import StateError
 
 PROTOCOLS = ("tcp", "udp")
@@ -133,9 +133,9 @@ def find_source(st: state.LabState, source: str) -> Endpoint:
     if len(matches) == 1:
         return by_name[matches[0]]
     if len(matches) > 1:
-        raise StateError(f"pod name {source} is in several namespaces ({', '.join(sorted(matches))}): give it as "
+        raise StateError(f"pod name {names.shown(source)} is in several namespaces ({', '.join(sorted(matches))}): give it as "
                          "NAMESPACE/NAME")
-    raise StateError(f"no pod, node or external host named {source} in lab {st.name}")
+    raise StateError(f"no pod, node or external host named {names.shown(source)} in lab {st.name}")
 
 
 def connect(st: state.LabState, source: str, dest_ip: str, port: int, protocol: str = "tcp",

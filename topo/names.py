@@ -41,6 +41,13 @@ def dns_label_problem(value: object, max_len: int = DNS1123_LABEL_MAX) -> str | 
     return None
 
 
+def shown(value: str) -> str:
+    """A name as the user typed it, for an error message: as it is when it is one printable word, else
+    quoted as Python shows strings. A name copied with its trailing newline (`lab exec "$(cat f)"`) or a
+    space would otherwise split the one-line message the CLI prints, or vanish from it when empty."""
+    return value if value.isprintable() and value and not any(c.isspace() for c in value) else repr(value)
+
+
 def short_hash(*parts: str, length: int = 8) -> str:
     digest = hashlib.sha256("\0".join(parts).encode()).hexdigest()
     return digest[:length]

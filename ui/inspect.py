@@ -46,8 +46,8 @@ def pod_key(st: state.LabState, given: str) -> str:
         return f"default/{given}"
     if len(found) == 1:
         return found[0]
-    raise StateError(f"no pod {given} in lab {st.name}" if not found else
-                     f"{given} names pods in several namespaces: {', '.join(sorted(found))}")
+    raise StateError(f"no pod {names.shown(given)} in lab {st.name}" if not found else
+                     f"{names.shown(given)} names pods in several namespaces: {', '.join(sorted(found))}")
 
 
 def pod(lab_name: str, given: str) -> dict[str, Any]:

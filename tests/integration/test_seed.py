@@ -113,5 +113,19 @@ def test_exec_names_an_unknown_target(seed: str) -> None:
     assert "Traceback" not in proc.stderr
 
 
+def test_a_name_with_a_trailing_newline_is_shown_quoted_on_one_line(seed: str) -> None:
+    """A name pasted with its newline (`lab exec "$(cat f)"`) split the one-line error in two, the second
+    half prefixed again ("lab exec:  in lab ..."), and an empty name vanished from `lab delete`'s message."""
+    for argv, wanted in ((("exec", "--lab", seed, "node1\n", "--", "true"), "named 'node1\\n' in lab"),
+                         (("trace", "--lab", seed, "node1-pod1\n", "node2-pod1"), "named 'node1-pod1\\n' in lab"),
+                         (("trace", "--lab", seed, "node1-pod1", "pod/x\n"), "no pod 'x\\n' in lab"),
+                         (("delete", "--lab", seed, "pod", "node1-pod1\n"), "no pod default/'node1-pod1\\n' in lab"),
+                         (("delete", "--lab", seed, "pod", ""), "no pod default/'' in lab")):
+        proc = lab(*argv, check=False)
+        assert proc.returncode != 0, argv
+        assert len(proc.stderr.strip().splitlines()) == 1 and wanted in proc.stderr, (argv, proc.stderr)
+    assert in_lab(seed, "node1-pod1", "hostname").strip() == "node1-pod1"  # nothing was deleted
+
+
 def test_exec_returns_the_commands_exit_code(seed: str) -> None:
     assert lab("exec", "--lab", seed, "node1", "--", "sh", "-c", "exit 7", check=False).returncode == 7

@@ -161,3 +161,14 @@ def test_no_validation_pattern_relies_on_a_dollar_anchor() -> None:
             if re.search(r"""re\.(compile|match|search|fullmatch)\(r?["'][^"']*\$["']""", line):
                 offenders.append(f"{rel}:{number}: {line.strip()}")
     assert offenders == []
+
+
+@pytest.mark.parametrize(("given", "shown"), [("node1", "node1"), ("default/web", "default/web"),
+                                              ("node1\n", "'node1\\n'"), ("", "''"), ("a b", "'a b'"),
+                                              ("x\x00", "'x\\x00'")])
+def test_a_name_typed_on_the_command_line_is_quoted_in_messages_when_not_one_printable_word(
+        given: str, shown: str) -> None:
+    """What the CLI's lookups ("no pod NAME in lab ...") print: a newline must not split the one-line error."""
+    from topo import names
+
+    assert names.shown(given) == shown
