@@ -133,8 +133,8 @@ def find_source(st: state.LabState, source: str) -> Endpoint:
     if len(matches) == 1:
         return by_name[matches[0]]
     if len(matches) > 1:
-        raise StateError(f"pod name {names.shown(source)} is in several namespaces ({', '.join(sorted(matches))}): give it as "
-                         "NAMESPACE/NAME")
+        raise StateError(f"pod name {names.shown(source)} is in several namespaces ({', '.join(sorted(matches))}): "
+                         "give it as NAMESPACE/NAME")
     raise StateError(f"no pod, node or external host named {names.shown(source)} in lab {st.name}")
 
 
