@@ -435,8 +435,8 @@ def normalized(item: dict[str, Any]) -> tuple[Fault, dict[str, Any]]:
     found = problems(item)
     if found:
         path, message = found[0]
-        if path == ("fault",):  # the name itself is wrong: the message quotes it ("unknown fault 'x' ...")
-            raise StateError(message if message.startswith("unknown fault") else f"fault: {message}")
+        if path == ("fault",):  # the name itself is wrong: an unknown one is quoted in the message already
+            raise StateError(message if isinstance(item.get("fault"), str) else f"fault: {message}")
         raise StateError(f"fault {item.get('fault')}: {'.'.join(map(str, path))}: {message}")
     fault = FAULTS[item["fault"]]
     params = {key: item.get(key, param.default) for key, param in fault.params.items()}
