@@ -116,7 +116,7 @@ class Lookup:
         a bare name no host has), alive."""
         kind, name = _form(text)
         if kind == "service":
-            raise StateError(f"{text}: a trace starts in a pod, node or external host, not in a service")
+            raise StateError(f"{names.shown(text)}: a trace starts in a pod, node or external host, not in a service")
         found = self.names.pod(name) if kind == "pod" else self.names.host(name) or self.names.pod(name)
         if found is None or found.netns not in self.places:
             raise StateError(f"no pod, node or external host named {names.shown(name)} in lab {self.st.name} "
@@ -160,7 +160,7 @@ class Lookup:
             return self._place_target(self.places[host.netns] if host else self.pods[pod.key], port, protocol, name)
         if services:
             return self._service_target(services, name, port, protocol)
-        raise StateError(f"no pod, node, external host or service named {name} in lab {self.st.name} "
+        raise StateError(f"no pod, node, external host or service named {names.shown(name)} in lab {self.st.name} "
                          f"(known: {self.known()})")
 
     def _place_target(self, place: Place, port: int | None, protocol: str | None, name: str) -> Target:

@@ -119,6 +119,8 @@ def test_a_name_with_a_trailing_newline_is_shown_quoted_on_one_line(seed: str) -
     for argv, wanted in ((("exec", "--lab", seed, "node1\n", "--", "true"), "named 'node1\\n' in lab"),
                          (("trace", "--lab", seed, "node1-pod1\n", "node2-pod1"), "named 'node1-pod1\\n' in lab"),
                          (("trace", "--lab", seed, "node1-pod1", "pod/x\n"), "no pod 'x\\n' in lab"),
+                         (("trace", "--lab", seed, "node1-pod1", "nosuch\n"), "service named 'nosuch\\n' in lab"),
+                         (("trace", "--lab", seed, "svc/web\n", "node1-pod1"), "'svc/web\\n': a trace starts in"),
                          (("delete", "--lab", seed, "pod", "node1-pod1\n"), "no pod default/'node1-pod1\\n' in lab"),
                          (("delete", "--lab", seed, "pod", ""), "no pod default/'' in lab")):
         proc = lab(*argv, check=False)
