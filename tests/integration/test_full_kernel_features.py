@@ -258,9 +258,18 @@ def min_rtt(ns: str, ip: str) -> float:
 
 
 def udp_lost_percent(ns: str, ip: str) -> float:
-    out = json.loads(in_ns(ns, "iperf3", "-c", ip, "-u", "-b", "2M", "-t", "3", "-J", timeout=90))
-    assert "sum" in out["end"], f"iperf3 gave no result: {out.get('error')}"
-    return out["end"]["sum"]["lost_percent"]
+    """iperf3's UDP loss. Its control connection is TCP over the same lossy link, and now and then its closing
+    exchange fails ("unable to read from stream socket: Resource temporarily unavailable", seen once in CI at
+    5 % loss) with no result at all: that run measured nothing, so it is run again, up to three times."""
+    errors = []
+    for _ in range(3):
+        text = in_ns(ns, "iperf3", "-c", ip, "-u", "-b", "2M", "-t", "3", "-J", timeout=90, check=False)
+        out = json.loads(text) if text.strip() else {}
+        if "sum" in out.get("end", {}):
+            return out["end"]["sum"]["lost_percent"]
+        errors.append(out.get("error", "no output"))
+        time.sleep(2)  # the server drops the broken test when it sees the control connection gone
+    raise AssertionError(f"iperf3 gave no result in three runs: {errors}")
 
 
 @pytest.mark.fullkernel
