@@ -26,6 +26,7 @@ import pytest
 from tests.integration.conftest import REPO, lab, leftovers, pause_pod, seed_spec, unique, write_spec
 
 webdriver = pytest.importorskip("selenium.webdriver")
+from selenium.common.exceptions import StaleElementReferenceException, TimeoutException  # noqa: E402
 from selenium.webdriver.chrome.options import Options  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
@@ -87,10 +88,25 @@ def browser(ui: Ui) -> Iterator:
 
 
 def wait(driver, condition, what: str, timeout: float = WAIT):
+    """`condition` polled until true. The page redraws its diagram on every live update, so an element a
+    condition found may be gone (stale) when it reads it: that try counts as not yet, like a missing one."""
     try:
-        return WebDriverWait(driver, timeout).until(condition)
-    except Exception as exc:
+        return WebDriverWait(driver, timeout, ignored_exceptions=(StaleElementReferenceException,)).until(condition)
+    except TimeoutException as exc:
         raise AssertionError(f"waited {timeout} s for {what}") from exc
+
+
+def attr(driver, css: str, name: str) -> str:
+    """The attribute of the first element `css` matches, found and read in one call (so never stale)."""
+    value = driver.execute_script("const e = document.querySelector(arguments[0]); "
+                                  "return e ? e.getAttribute(arguments[1]) : null", css, name)
+    assert value is not None, f"nothing drawn matches {css} (or it has no {name})"
+    return value
+
+
+def click(driver, css: str, what: str) -> None:
+    """Click what `css` matches, finding it again if a redraw replaced it between finding and clicking."""
+    wait(driver, lambda d: d.find_element(By.CSS_SELECTOR, css).click() or True, f"a click on {what}")
 
 
 def shot(driver, name: str) -> None:
@@ -100,8 +116,9 @@ def shot(driver, name: str) -> None:
 
 
 def drawn_text(driver, css: str) -> str:
-    found = driver.find_elements(By.CSS_SELECTOR, css)
-    return " ".join(e.get_attribute("textContent") for e in found)
+    """The text of everything `css` matches, read in one call (so never stale)."""
+    return driver.execute_script("return [...document.querySelectorAll(arguments[0])]"
+                                 ".map((e) => e.textContent).join(' ')", css)
 
 
 def test_every_node_and_pod_is_drawn_with_its_ip(ui: Ui, browser) -> None:
@@ -160,26 +177,26 @@ def test_a_pod_applied_broken_and_deleted_shows_without_reload(ui: Ui, browser, 
     assert ip in drawn_text(browser, css)
     assert browser.find_elements(By.CSS_SELECTOR, f'[data-node="node2"] {css}')
     # broken: its veth on the node is down -> red, with the reason, in the problems list
-    veth = browser.find_element(By.CSS_SELECTOR, css).get_attribute("data-veth").split(":", 1)[1]
+    veth = attr(browser, css, "data-veth").split(":", 1)[1]
     lab("exec", "--lab", ui.name, "node2", "--", "ip", "link", "set", veth, "down")
-    wait(browser, lambda d: "bad" in d.find_element(By.CSS_SELECTOR, css).get_attribute("class"), "the pod to turn red")
+    wait(browser, lambda d: "bad" in attr(d, css, "class"), "the pod to turn red")
     assert "ui-extra" in browser.find_element(By.ID, "problems").text
     shot(browser, "broken-pod")
     lab("exec", "--lab", ui.name, "node2", "--", "ip", "link", "set", veth, "up")
-    wait(browser, lambda d: "bad" not in d.find_element(By.CSS_SELECTOR, css).get_attribute("class"), "the pod to heal")
+    wait(browser, lambda d: "bad" not in attr(d, css, "class"), "the pod to heal")
     lab("delete", "--lab", ui.name, "pod", "ui-extra")
     wait(browser, lambda d: not d.find_elements(By.CSS_SELECTOR, css), "the deleted pod to disappear")
     assert browser.execute_script("return window.__sameDocument") == "yes"  # never reloaded
 
 
 def test_clicking_a_pod_and_a_node_inspects_them(browser) -> None:
-    browser.find_element(By.CSS_SELECTOR, '[data-pod="default/node1-pod1"] rect').click()
+    click(browser, '[data-pod="default/node1-pod1"] rect', "the pod")
     panel = browser.find_element(By.ID, "inspect")
     wait(browser, lambda d: "pod default/node1-pod1" in panel.text, "the pod's inspection")
     text = panel.text
     assert "10.244.1.2" in text and "eth0@if" in text and "master cni0" in text and "node1" in text
     assert "ndots:5" in text and "default/web" in text and "agnhost" in text
-    browser.find_element(By.CSS_SELECTOR, '[data-node="node1"] > rect.box').click()
+    click(browser, '[data-node="node1"] > rect.box', "the node")
     wait(browser, lambda d: "node node1" in panel.text and "KUBE-SVC-" in panel.text, "the node's rules")
     assert "10.244.2.0/24 via 192.168.1.11" in panel.text and "KUBE-SEP-" in panel.text
 
@@ -215,8 +232,7 @@ def test_a_trace_to_the_web_service_steps_through_the_dnat(browser) -> None:
     text = _step_to(browser, "dnat")
     assert "DNAT 10.96.0.100:80 -> 10.244." in text and "KUBE-SVC-" in text and "KUBE-SEP-" in text
     assert "chosen by" in text
-    here = browser.find_elements(By.CSS_SELECTOR, "#diagram .here")
-    assert here and here[0].get_attribute("data-node") == "node1"  # the DNAT happens in node1's kernel
+    assert attr(browser, "#diagram .here", "data-node") == "node1"  # the DNAT happens in node1's kernel
     shot(browser, "trace-dnat")
     browser.find_element(By.ID, "prev").click()
     assert browser.find_element(By.CSS_SELECTOR, "#step .kind").text != "dnat"
@@ -235,6 +251,25 @@ def test_a_dns_name_plays_its_queries_then_the_trace(browser) -> None:
     _step_to(browser, "nxdomain")
     assert browser.find_elements(By.CSS_SELECTOR, '#diagram .here[data-pod="kube-system/coredns"]')
     shot(browser, "dns-walk")
+
+
+def test_reading_the_diagram_survives_its_redraws(browser) -> None:
+    """The page redraws its whole diagram on every live update, so an element found in one WebDriver call may be
+    gone by the next (CI once failed `the pod to heal` so). Here it is redrawn every 50 ms, ten times as often
+    as live updates can come (ui/backend.py MIN_INTERVAL), while the helpers every test reads and clicks with
+    run against it: none may notice."""
+    css = '[data-pod="default/node1-pod1"]'
+    browser.execute_script("const svg = document.getElementById('diagram'); window.__churn = setInterval(() => "
+                           "{ for (const n of [...svg.children]) n.replaceWith(n.cloneNode(true)); }, 50)")
+    try:
+        for _ in range(100):
+            assert "pod" in attr(browser, css, "class")
+            assert "10.244.1.2" in drawn_text(browser, css)
+            wait(browser, lambda d: "bad" not in attr(d, css, "class"), "the pod to read as healthy")
+        click(browser, f"{css} rect", "the pod")
+        wait(browser, lambda d: "pod default/node1-pod1" in d.find_element(By.ID, "inspect").text, "its inspection")
+    finally:
+        browser.execute_script("clearInterval(window.__churn)")
 
 
 def test_ctrl_c_stops_the_server_and_leaves_nothing(ui: Ui) -> None:
