@@ -230,7 +230,7 @@ def resolve(name: str | None, any_phase: bool = False) -> LabState:
 
     `any_phase` also finds a lab whose build failed and was kept (`lab up --keep-on-failure`).
     """
-    if name:
+    if name is not None:  # an empty name is a wrong name (check_name), not "the only lab running"
         state = load(check_name(name))
         if state is None or (state.phase != "up" and not any_phase):
             running = ", ".join(live_labs()) or "none"
@@ -267,7 +267,7 @@ def peek_phase(name: str) -> str | None:
 def resolve_name(name: str | None) -> str:
     """The lab a changing command means (the one named, or the only one running), found as `resolve` finds it
     but without loading its state: the command loads it once, under the lab's lock (`load_running`)."""
-    if name:
+    if name is not None:  # an empty name is a wrong name (check_name), not "the only lab running"
         check_name(name)
         if peek_phase(name) != "up":
             running = ", ".join(live_labs()) or "none"

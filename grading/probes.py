@@ -28,6 +28,7 @@ from grading.fields import route_protocol
 from observe import targets
 from routing import frr
 from topo import netns
+from topo import schema as topo_schema
 from topo.errors import StateError
 
 assert schema.ROUTE_PROTOCOLS["bgp"] == frr.RTPROT_BGP  # the number zebra installs BGP routes with
@@ -407,11 +408,15 @@ def answer(ctx: Context, p: schema.AnswerIn) -> Result:
     if ctx.answers_file is None:
         return Result(False, "no answers file (write answers.yaml in the exercise folder, or give --answers)")
     try:
-        answers = yaml.safe_load(ctx.answers_file.read_text()) or {}
+        text = ctx.answers_file.read_text()
     except FileNotFoundError:
         return Result(False, f"{ctx.answers_file} does not exist yet: write `{p.key}: YOUR ANSWER` into it")
-    except (OSError, yaml.YAMLError) as exc:
-        return Result(False, f"{ctx.answers_file} cannot be read: {' '.join(str(exc).split())[:120]}")
+    except (OSError, UnicodeDecodeError) as exc:
+        return Result(False, f"{ctx.answers_file} cannot be read: {exc}")
+    try:
+        answers = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:  # file:line: what and a likely fix, as a spec's syntax errors are told
+        return Result(False, topo_schema.yaml_error(exc, text).format(str(ctx.answers_file)))
     if not isinstance(answers, dict) or p.key not in answers or answers[p.key] is None:
         return Result(False, f"{ctx.answers_file.name} has no answer {p.key}")
     given = _norm(answers[p.key])

@@ -13,7 +13,7 @@ from apiserver.desired import model_of
 from cilium import agent
 from kubelet import runtime
 from topo import names, netns
-from topo.errors import StateError
+from topo.errors import CommandNotRun, StateError
 
 
 def find_target(st: state.LabState, target: str) -> tuple[str, int | None]:
@@ -59,11 +59,14 @@ def exec_in(lab: str | None, target: str, command: list[str]) -> None:
     ns, pause_pid = find_target(st, target)
     exe = shutil.which(command[0])
     if exe is None:
-        raise StateError(f"command {command[0]!r} not found")
+        raise CommandNotRun(f"command {command[0]!r} not found", 127)
     if pause_pid is not None and not runtime.sandbox_alive(ns, pause_pid):
         raise StateError(f"pod {target} is not running (its pause process {pause_pid} is gone)")
     enter(st.name, target, ns, pause_pid)
-    os.execv(exe, command)
+    try:
+        os.execv(exe, command)
+    except OSError as exc:  # not a program (no #! line, another architecture), or a directory
+        raise CommandNotRun(f"command {command[0]!r} cannot run: {exc.strerror}", 126) from exc
 
 
 def enter(lab: str, target: str, ns: str, pause_pid: int | None) -> None:

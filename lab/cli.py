@@ -13,8 +13,9 @@ import shutil
 import sys
 from collections.abc import Sequence
 
+from lab.run import run
 from lab.version import VersionAction
-from topo.errors import LabError, SpecError, StateError
+from topo.errors import StateError
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
@@ -125,6 +126,9 @@ def _cmd_ipam(args: argparse.Namespace) -> int:
 def _cmd_status(args: argparse.Namespace) -> int:
     from apiserver import state
     from lab import status
+    from topo.kernel import require_root
+
+    require_root()  # without it every pod looks dead: another user's namespaces and processes cannot be read
 
     if args.name is None and not args.json and len(state.live_labs()) == 0:
         print("no lab is running")
@@ -391,6 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("down", help="remove every namespace, link and process of a lab")
     p.add_argument("name", nargs="?")
+    _lab_flag(p)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar on a terminal")
     p.set_defaults(func=_cmd_down)
 
@@ -400,6 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("status", help="nodes and pods of a running lab")
     p.add_argument("name", nargs="?")
+    _lab_flag(p)
     p.add_argument("--json", action="store_true")
     p.add_argument("--reveal", action="store_true", help="show what random faults (lab break --random, a "
                    "capstone) broke: the answer to the puzzle")
@@ -413,7 +419,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("exec", help="run a command (default: a shell) in a node or pod: lab exec POD -- CMD")
     p.add_argument("--lab", help="the lab, when more than one is running")
     p.add_argument("target", help="a node name, a pod name, or namespace/pod")
-    p.add_argument("command", nargs=argparse.REMAINDER)
+    # optional (a shell by default); argparse marks a REMAINDER positional required, and its "the following
+    # arguments are required: target, command" then named both when only the target was missing
+    p.add_argument("command", nargs=argparse.REMAINDER).required = False
     p.set_defaults(func=_cmd_exec)
 
     p = sub.add_parser("apply", help="add or change objects (Pod, Deployment, Namespace, Service, Ingress, "
@@ -423,11 +431,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar on a terminal")
     p.set_defaults(func=_cmd_apply)
 
-    p = sub.add_parser("delete", help="remove a pod, a deployment's pods, a service, an ingress or a network "
-                                      "policy (lab delete pod NAME), or what a file declares (lab delete -f FILE)")
+    p = sub.add_parser("delete", help="remove a pod, a deployment and its pods, a service, an ingress, a network "
+                                      "policy or an empty namespace (lab delete pod NAME), or what a file declares "
+                                      "(lab delete -f FILE)")
     p.add_argument("kind", nargs="?", choices=["pod", "pods", "po", "deployment", "deployments", "deploy", "service",
                                                "services", "svc", "ingress", "ingresses", "ing", "networkpolicy",
-                                               "networkpolicies", "netpol"])
+                                               "networkpolicies", "netpol", "namespace", "namespaces", "ns"])
     p.add_argument("name", nargs="?")
     p.add_argument("-f", "--filename", help="delete every object this YAML file declares, like kubectl delete -f")
     p.add_argument("-n", "--namespace", default="default")
@@ -482,6 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("graph", help="draw the running lab from what the kernel holds (SVG/PNG/DOT or text)")
     p.add_argument("name", nargs="?")
+    _lab_flag(p)
     p.add_argument("-o", "--output", metavar="FILE", help="write FILE.svg, FILE.png or FILE.dot (Graphviz)")
     p.add_argument("--text", action="store_true", help="print a terminal drawing (the default without -o)")
     p.add_argument("--json", action="store_true", help="print the compared model as JSON")
@@ -550,6 +560,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _lab_flag(p: argparse.ArgumentParser) -> None:
+    """`--lab NAME` beside a command's NAME argument: when several labs run, every command's hint is
+    "name one (--lab NAME)", so the commands that take the lab as an argument take the flag as well."""
+    p.add_argument("--lab", dest="lab_flag", metavar="NAME", help="the lab (the same as NAME)")
+
+
 # Commands that may run for minutes or hours and allocate all the while: the cyclic garbage collector stays on
 # for them, with fewer passes.
 LONG_RUNNING = {"up", "ui", "observe", "bench"}
@@ -567,29 +583,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from lab import progress
 
     progress.quiet = getattr(args, "quiet", False) or getattr(args, "json", False)
-    try:
-        return args.func(args)
-    except SpecError as exc:
-        for line in exc.lines():
-            print(line, file=sys.stderr)
-        return exc.exit_code
-    except LabError as exc:
-        for line in str(exc).splitlines() or [""]:  # several refusals (lab up): one line each
-            print(f"lab {args.command_name}: {line}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print(f"lab {args.command_name}: interrupted", file=sys.stderr)
-        return 130
-    except OSError as exc:
-        print(f"lab {args.command_name}: {exc}", file=sys.stderr)
-        return 1
-    except Exception as exc:  # a bug: still one line, and the traceback on request
-        if os.environ.get("KUBENET_LAB_DEBUG"):
-            raise
-        print(f"lab {args.command_name}: internal error: {type(exc).__name__}: {exc} "
-              "(set KUBENET_LAB_DEBUG=1 for the traceback, and please report it)", file=sys.stderr)
-        return 1
-
+    return run(args)
 
 if __name__ == "__main__":
     sys.exit(main())

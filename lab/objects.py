@@ -45,22 +45,26 @@ def _remember(st: state.LabState, objects: list[dict], before: Lab) -> list[str]
         key = object_key(obj)
         if key in st.deleted:
             st.deleted.remove(key)
+        same = False  # kubectl's "unchanged": the stored manifest (addresses pinned as on its first apply) is this one
         if key in known:
             if obj.get("kind") == "Node":  # a running instance keeps its address (and its waiting note)
                 obj["metadata"]["annotations"] = dict(st.objects[known[key]]["metadata"].get("annotations") or {})
+            same = st.objects[known[key]] == obj
             st.objects[known[key]] = obj
         else:
             known[key] = len(st.objects)
             st.objects.append(obj)
         kind, namespace, name = key.split("/", 2)
-        if kind == "Namespace" and name not in before.namespaces:
-            report.append(f"namespace {name} created")
+        if kind == "Namespace":
+            verb = "created" if name not in before.namespaces else "unchanged" if same else "configured"
+            report.append(f"namespace {name} {verb}")
         elif kind == "Node":
             report.append(f"node/{name} {'unchanged' if name in before_nodes else 'created'}")
         elif kind == "DaemonSet":
             report.append(f"daemonset.apps {namespace}/{name} configured (ipamd's warm pool settings)")
         elif kind in ("Service", "Ingress", "NetworkPolicy"):
-            report.append(f"{kind.lower()} {namespace}/{name} {'configured' if key in existing else 'created'}")
+            report.append(f"{kind.lower()} {namespace}/{name} "
+                          f"{'unchanged' if same else 'configured' if key in existing else 'created'}")
     return report
 
 
@@ -334,18 +338,20 @@ def _delete_pod(st: state.LabState, lab: Lab, key: str) -> None:
 
 ALIASES = {"pods": "pod", "po": "pod", "deployments": "deployment", "deploy": "deployment",
            "services": "service", "svc": "service", "ingresses": "ingress", "ing": "ingress",
-           "networkpolicies": "networkpolicy", "netpol": "networkpolicy"}
+           "networkpolicies": "networkpolicy", "netpol": "networkpolicy", "namespaces": "namespace", "ns": "namespace"}
 KIND_NAMES = {"pod": "Pod", "deployment": "Deployment", "service": "Service", "ingress": "Ingress",
               "networkpolicy": "NetworkPolicy", "namespace": "Namespace"}
 
 
 def delete(name: str | None, kind: str, target: str, namespace: str = "default") -> list[str]:
-    """`lab delete KIND NAME`: a pod, a deployment's pods, a service, an ingress or a network policy."""
+    """`lab delete KIND NAME`: a pod, a deployment and its pods, a service, an ingress, a network policy or an
+    applied namespace that holds no pods."""
     kind = ALIASES.get(kind.lower(), kind.lower())
-    if kind not in KIND_NAMES or kind == "namespace":
+    if kind not in KIND_NAMES:
         raise StateError(f"lab delete: kind {kind} is not supported (pod, deployment, service, ingress, "
-                         "networkpolicy)")
-    return _delete_objects(name, [(KIND_NAMES[kind], namespace, target)], missing_ok=False)
+                         "networkpolicy, namespace)")
+    return _delete_objects(name, [(KIND_NAMES[kind], "default" if kind == "namespace" else namespace, target)],
+                           missing_ok=False)
 
 
 def delete_file(name: str | None, file: str) -> list[str]:
@@ -381,7 +387,7 @@ def _delete_objects(name: str | None, wanted: list[tuple[str, str, str]], missin
                 found = [k for k, ps in st.pods.items() if ps.owner == target and k.startswith(f"{namespace}/")]
             elif kind == "Namespace":
                 found = [key] if any(object_key(o) == key for o in st.objects) else []
-                busy = [k for k in st.pods if k.startswith(f"{namespace}/") and k not in pods]
+                busy = [k for k in st.pods if k.startswith(f"{target}/") and k not in pods]
                 if found and busy:
                     raise StateError(f"namespace {target} still has pods ({', '.join(sorted(busy)[:3])}): "
                                      "delete them first")
@@ -393,13 +399,16 @@ def _delete_objects(name: str | None, wanted: list[tuple[str, str, str]], missin
                 if found and kind == "Service" and users:
                     raise StateError(f"service {namespace}/{target} is a backend of ingress {', '.join(users)}: "
                                      "delete or change the ingress first")
-            if not found:
+            applied = kind == "Deployment" and any(object_key(o) == key for o in st.objects)  # even with no pods
+            if not found and not applied:
                 missing.append(f"{kind.lower()} {names.shown(namespace)}/{names.shown(target)}" if kind != "Namespace"
                                else f"namespace {names.shown(target)}")
                 continue
             if kind in ("Pod", "Deployment"):
                 pods += found
                 report += [f"pod {k} deleted" for k in found]
+                if applied:
+                    report.append(f"deployment.apps {namespace}/{target} deleted")  # kubectl's name for the kind
             else:
                 report.append(f"{kind.lower()} {namespace}/{target} deleted" if kind != "Namespace"
                               else f"namespace {target} deleted")

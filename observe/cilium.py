@@ -16,10 +16,10 @@ from ipaddress import IPv4Address
 from typing import Any
 
 from apiserver import state
-from apiserver.desired import current_lab
+from apiserver.desired import current_lab, model_of
 from cilium import agent, identity, libbpf, maps
 from cilium import policy as cilium_policy
-from topo import netns
+from topo import names, netns
 from topo.errors import StateError
 
 COMMANDS = ("service list", "bpf lb list", "bpf ct list global", "endpoint list", "bpf tunnel list", "map list",
@@ -226,6 +226,13 @@ def map_list(lab: str, node: str) -> list[dict[str, Any]]:
 
 def run(lab_name: str | None, node: str, command: str) -> list[dict[str, Any]]:
     st = state.resolve(lab_name)
+    lab = model_of(st)
+    if lab.cni.profile != "cilium":
+        raise StateError(f"lab {st.name} plays {lab.cni.profile}: its services are kernel rules, not Cilium's maps "
+                         "(lab trace and lab graph show them); lab cilium reads a lab with cni.profile: cilium")
+    if node not in {n.name for n in lab.nodes}:
+        known = ", ".join(n.name for n in lab.nodes)
+        raise StateError(f"no node {names.shown(node)} in lab {st.name} (nodes: {known})")
     words = command.split()
     if words[:3] == ["bpf", "policy", "get"] and len(words) == 4:
         return policy_get(st.name, node, words[3])

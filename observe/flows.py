@@ -118,11 +118,11 @@ def _pod_filter(text: str | None, flag: str) -> tuple[str | None, str] | None:
     return m.group(1), m.group(3)
 
 
-def parse_since(text: str) -> float:
-    """`10s`, `500ms`, `2m`, `1h` -> seconds."""
+def parse_since(text: str, flag: str = "--since") -> float:
+    """`10s`, `500ms`, `2m`, `1h` -> seconds (`flag`: the option it came in, for the message)."""
     m = _SINCE_RE.fullmatch(text or "")
     if not m:
-        raise StateError(f"--since {text!r}: want a duration like 10s, 500ms, 2m or 1h")
+        raise StateError(f"{flag} {text!r}: want a duration like 10s, 500ms, 2m or 1h")
     return float(m.group(1)) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600}[m.group(2)]
 
 

@@ -42,7 +42,7 @@ def command(args: argparse.Namespace) -> int:
                          "docs/observing.md); use --follow, --last N or --duration")
     if args.last is not None and args.last < 1:
         raise StateError("--last must be at least 1")
-    duration = flows.parse_since(args.duration) if args.duration else None
+    duration = flows.parse_since(args.duration, "--duration") if args.duration else None
     filters = flows.Filters.parse(args.pod, args.from_pod, args.to_pod, args.namespace, args.to_service, args.port,
                                   args.protocol, args.verdict, args.type)
     last = None if args.follow else (args.last or 20)

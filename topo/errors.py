@@ -33,7 +33,9 @@ class SpecIssue:
     line: int | None = None
 
     def format(self, file: str | None) -> str:
-        where = file or "<spec>"
+        # a path with a space inside stays as it is ("my labs/lab.yaml"); one that starts or ends with a space,
+        # or holds a control character, is quoted
+        where = (file if file.isprintable() and file == file.strip() else repr(file)) if file else "<spec>"
         if self.line is not None:
             where = f"{where}:{self.line}"
         prefix = f"{self.path}: " if self.path else ""
@@ -62,6 +64,15 @@ class StateError(LabError):
     """The lab named on the command line is not running, or several are and none was named."""
 
     exit_code = 2
+
+
+class CommandNotRun(LabError):
+    """`lab exec`'s command could not be started. Its exit code is a POSIX shell's for the same case (127: not
+    found, 126: found but not executable), so a script tells it from the command's own exit codes."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 class ApplyError(LabError):

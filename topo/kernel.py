@@ -46,7 +46,8 @@ def require_root() -> None:
     """Every command that changes or reads a lab's kernel objects; the CLI asks here, not in `lab.lifecycle`,
     so a `lab apply` does not import how a whole lab is built."""
     if os.geteuid() != 0:
-        raise FeatureMissing("building a lab needs root (network namespaces, netlink): run with sudo")
+        raise FeatureMissing("needs root (it reads and changes network namespaces and processes of the lab): "
+                             "run with sudo")
 
 
 def _run(argv: list[str]) -> bool:

@@ -274,8 +274,9 @@ class _Walker:
         return None
 
 
-def _yaml_error(exc: yaml.YAMLError, text: str) -> SpecIssue:
-    """One issue for a YAML syntax error, at the line where the reader noticed it, with a likely fix."""
+def yaml_error(exc: yaml.YAMLError, text: str) -> SpecIssue:
+    """One issue for a YAML syntax error, at the line where the reader noticed it, with a likely fix (also for
+    the project's other YAML files: an exercise's answers)."""
     if isinstance(exc, yaml.reader.ReaderError):
         line = text[: max(exc.position, 0)].count("\n") + 1
         char = exc.character
@@ -301,7 +302,7 @@ def _yaml_hint(problem: str) -> str:
         return "an alias *name needs an anchor &name defined before it"
     if "expected <block end>" in problem:
         return "this line is indented differently from the entries around it; align it"
-    if "found unexpected end of stream" in problem or "found unexpected" in problem:
+    if "found unexpected end of stream" in problem or "found unexpected" in problem or "'<stream end>'" in problem:
         return "a quote or bracket is not closed; close it"
     return "check the indentation and quoting here"
 
@@ -319,7 +320,7 @@ def compose(text: str, source: Source, issues: Issues, prefix: Callable[[int, in
     try:
         loader = yaml.SafeLoader(text)  # the reader already rejects control characters here
     except yaml.YAMLError as exc:
-        issue = _yaml_error(exc, text)
+        issue = yaml_error(exc, text)
         issues.add((), issue.message, issue.line)
         return None
     try:
@@ -331,7 +332,7 @@ def compose(text: str, source: Source, issues: Issues, prefix: Callable[[int, in
                 while loader.check_node():
                     nodes.append(loader.get_node())
         except yaml.YAMLError as exc:
-            issue = _yaml_error(exc, text)
+            issue = yaml_error(exc, text)
             issues.add((), issue.message, issue.line)
             return None
         real = [n for n in nodes if n is not None and not _is_null(n)]

@@ -59,7 +59,8 @@ def test_services_ingresses_and_namespaces_applied_later(lab_up, tmp_path: Path)
     assert got == "api"
 
     ips = cluster_ips(name)
-    assert "configured" in lab("apply", "--lab", name, "-f", team).stdout
+    again = lab("apply", "--lab", name, "-f", team).stdout
+    assert "service team/api unchanged" in again and "ingress team/api unchanged" in again, again
     spec_web = manifests(tmp_path, "web", service("web"))
     lab("apply", "--lab", name, "-f", spec_web)  # re-applying a spec-defined service is fine
     assert cluster_ips(name) == ips  # and nobody's addresses moved

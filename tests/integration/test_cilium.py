@@ -218,6 +218,9 @@ def test_lab_cilium_mirrors_the_debug_cli(cil: dict) -> None:
     assert "cilium_lb4_services_v2" in maps_out and "Num entries" in maps_out
     eps = json.loads(lab("cilium", "--lab", cil["name"], "--json", "node1", "endpoint", "list").stdout)
     assert [e["ipv4"] for e in eps] == [cil["ips"]["web-1"]]
+    unknown = lab("cilium", "--lab", cil["name"], "node9", "service", "list", check=False)
+    assert unknown.returncode == 2 and unknown.stderr.strip() == (
+        f"lab cilium: no node node9 in lab {cil['name']} (nodes: node1, node2)"), unknown.stderr
 
 
 def test_lab_graph_draws_the_cilium_wiring_and_names_a_lost_tunnel_map_entry(cil: dict) -> None:

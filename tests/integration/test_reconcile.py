@@ -284,6 +284,62 @@ def test_version_and_delete_by_file(lab_up, tmp_path: Path) -> None:
     assert all(p["name"] != "gone" for p in info["pods"]) and all(s["name"] != "gone" for s in info["services"])
 
 
+def test_delete_by_file_removes_a_namespace_and_a_deployment_scaled_to_zero(lab_up, tmp_path: Path) -> None:
+    """`lab delete -f` of a file declaring a Namespace and what lives in it removes all of it (it was refused,
+    naming the pods of `default`), `lab delete namespace` works as kubectl's does, and a Deployment scaled to
+    zero is still an object to delete (it was "not found" by name and by file). Found on a new user's walk."""
+    name = unique("delns")
+    lab_up(seed_spec(name))
+    team = manifests(tmp_path, "team", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "team"}},
+                     pause_pod("member", "node1", "team"))
+    lab("apply", "--lab", name, "-f", team)
+    out = lab("delete", "--lab", name, "-f", team).stdout
+    assert "pod team/member deleted" in out and "namespace team deleted" in out, out
+    assert all(p["namespace"] != "team" for p in status(name)["pods"])
+    lab("apply", "--lab", name, "-f", team)
+    busy = lab("delete", "--lab", name, "namespace", "team", check=False)
+    assert busy.returncode == 2 and "team/member" in busy.stderr and "default/" not in busy.stderr, busy.stderr
+    lab("delete", "--lab", name, "pod", "member", "-n", "team")
+    assert "namespace team deleted" in lab("delete", "--lab", name, "namespace", "team").stdout
+
+    idle = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "idle"},
+            "spec": {"replicas": 0, "selector": {"matchLabels": {"app": "idle"}},
+                     "template": {"metadata": {"labels": {"app": "idle"}},
+                                  "spec": {"containers": [{"name": "pause", "image": "pause"}]}}}}
+    file = manifests(tmp_path, "idle", idle)
+    lab("apply", "--lab", name, "-f", file)
+    assert "deployment.apps default/idle deleted" in lab("delete", "--lab", name, "deployment", "idle").stdout
+    lab("apply", "--lab", name, "-f", file)
+    assert "deployment.apps default/idle deleted" in lab("delete", "--lab", name, "-f", file).stdout
+    assert "deployment default/idle not found" in lab("delete", "--lab", name, "-f", file).stdout
+
+
+def test_reapplying_an_unchanged_file_says_unchanged(lab_up, tmp_path: Path) -> None:
+    """As `kubectl apply` answers: an object applied again as it is is "unchanged", one that differs is
+    "configured" (every re-applied service, ingress and policy said "configured", a namespace nothing)."""
+    name = unique("same")
+    lab_up(seed_spec(name))
+    policy = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": {"name": "quiet"},
+              "spec": {"podSelector": {"matchLabels": {"app": "web2"}}, "policyTypes": ["Ingress"]}}
+    objs = [{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "team", "labels": {"tier": "a"}}},
+            service("web2", "web2"), ingress("web2", "web2.example.test", "web2"), policy]
+    file = manifests(tmp_path, "objs", *objs)
+    out = lab("apply", "--lab", name, "-f", file).stdout
+    for line in ("namespace team created", "service default/web2 created", "ingress default/web2 created",
+                 "networkpolicy default/quiet created"):
+        assert line in out, out
+    out = lab("apply", "--lab", name, "-f", file).stdout
+    for line in ("namespace team unchanged", "service default/web2 unchanged", "ingress default/web2 unchanged",
+                 "networkpolicy default/quiet unchanged"):
+        assert line in out, out
+    assert "configured" not in out, out
+    objs[0]["metadata"]["labels"] = {"tier": "b"}
+    objs[1] = service("web2", "web3")  # another selector
+    out = lab("apply", "--lab", name, "-f", manifests(tmp_path, "changed", *objs)).stdout
+    for line in ("namespace team configured", "service default/web2 configured", "ingress default/web2 unchanged"):
+        assert line in out, out
+
+
 # ---------------------------------------------------------------------------- lab up / lab down killed, progress
 
 def scale_spec(name: str, pods: int) -> dict:

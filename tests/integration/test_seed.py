@@ -131,3 +131,32 @@ def test_a_name_with_a_trailing_newline_is_shown_quoted_on_one_line(seed: str) -
 
 def test_exec_returns_the_commands_exit_code(seed: str) -> None:
     assert lab("exec", "--lab", seed, "node1", "--", "sh", "-c", "exit 7", check=False).returncode == 7
+
+
+def test_exec_of_a_command_that_cannot_run_exits_as_a_shell_would(seed: str, tmp_path) -> None:
+    """127 for a command that is not there and 126 for one that cannot be executed, as a POSIX shell answers,
+    so a script tells them from the command's own exit codes (they were 2 and 1, "[Errno 8] Exec format error")."""
+    proc = lab("exec", "--lab", seed, "node1-pod1", "--", "nosuchcmd", check=False)
+    assert proc.returncode == 127 and proc.stderr.strip() == "lab exec: command 'nosuchcmd' not found", proc.stderr
+    junk = tmp_path / "not-a-program"
+    junk.write_text("neither a script nor a binary\n")
+    junk.chmod(0o755)
+    proc = lab("exec", "--lab", seed, "node1", "--", str(junk), check=False)
+    assert proc.returncode == 126 and proc.stderr.strip() == f"lab exec: command '{junk}' cannot run: Exec format error"
+
+
+def test_lab_cilium_on_a_flannel_lab_says_so(seed: str) -> None:
+    """It said "/sys/fs/bpf/... is not pinned: is lab seed a cilium lab, and node1 one of its nodes?": the
+    tool knows both answers."""
+    proc = lab("cilium", "--lab", seed, "node1", "service", "list", check=False)
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        f"lab cilium: lab {seed} plays flannel: its services are kernel rules, not Cilium's maps (lab trace and "
+        "lab graph show them); lab cilium reads a lab with cni.profile: cilium"), proc.stderr
+
+
+def test_an_empty_lab_name_is_refused_while_a_lab_runs(seed: str) -> None:
+    """`lab status ''` showed the running lab as if no name were given, while `lab down ''` refused the name."""
+    for command in ("status", "down", "graph"):
+        proc = lab(command, "", check=False)
+        assert proc.returncode == 2 and proc.stderr.startswith(f"lab {command}: '' is not a lab name"), proc.stderr
+    assert lab("status", seed).returncode == 0  # still running

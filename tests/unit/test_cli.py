@@ -64,3 +64,60 @@ def test_status_with_no_lab_running_says_so(capsys: pytest.CaptureFixture[str], 
     assert main(["status"]) == 0
     assert "no lab is running" in capsys.readouterr().out
     assert main(["down"]) in (2, 3)
+
+
+@pytest.mark.parametrize("command", ["status", "down", "graph"])
+def test_commands_naming_the_lab_by_argument_take_lab_too(command: str, capsys: pytest.CaptureFixture[str],
+                                                          tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """"2 labs are running (a, b): name one (--lab NAME)" is what every command says when it cannot tell which
+    lab is meant, so `--lab NAME` works for these three as well as their NAME argument (it was refused as an
+    unrecognized argument); naming two different labs is refused in one line."""
+    from apiserver import state
+
+    monkeypatch.setattr(state, "RUN_DIR", tmp_path)
+    if command == "graph":
+        monkeypatch.setattr("topo.kernel.require_root", lambda: None)
+    assert main([command, "--lab", "nosuch"]) == 2
+    assert capsys.readouterr().err.strip() == f"lab {command}: lab nosuch is not running (running: none)"
+    assert main([command, "one", "--lab", "other"]) == 2
+    assert capsys.readouterr().err.strip() == f"lab {command}: name the lab once: one or --lab other, not both"
+
+
+def test_output_cut_short_by_a_closed_pipe_ends_quietly() -> None:
+    """`lab ... | head` closes the pipe early: the command stops without "[Errno 32] Broken pipe" or Python's
+    "Exception ignored" lines, and exits as a process killed by SIGPIPE would (141), as other CLIs do."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[2]
+    proc = subprocess.Popen([sys.executable, "-m", "lab.cli", "validate", "labs/00-seed"], cwd=repo,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # the reader is gone before the first line is written
+    err = proc.stderr.read()
+    assert proc.wait(30) == 141 and err == ""
+
+
+@pytest.mark.parametrize("command", ["status", "down"])
+def test_a_user_without_root_is_told_so(command: str, capsys: pytest.CaptureFixture[str],
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`lab status` without root showed every pod Dead and every service without endpoints (another user's
+    processes and namespaces cannot be looked into), and `lab down` said "building a lab needs root"."""
+    monkeypatch.setattr("os.geteuid", lambda: 1000)
+    assert main([command, "seed"]) == 3
+    assert capsys.readouterr().err.strip() == (f"lab {command}: needs root (it reads and changes network namespaces "
+                                               "and processes of the lab): run with sudo")
+
+
+def test_exec_without_a_target_names_only_the_target(capsys: pytest.CaptureFixture[str]) -> None:
+    """The command is optional (a shell by default), so the usage error must not call it required."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["exec"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == "lab exec: error: the following arguments are required: target"
+
+
+def test_a_file_name_with_a_trailing_space_is_quoted(capsys: pytest.CaptureFixture[str]) -> None:
+    """`lab up 'seed '` said "seed : no such file": the space was there but could not be seen."""
+    assert main(["validate", "nosuch "]) == 2
+    assert capsys.readouterr().err.startswith("'nosuch ': no such file: ")
+

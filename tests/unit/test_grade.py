@@ -387,3 +387,18 @@ def test_bad_break_and_grade_arguments_exit_2(capsys: pytest.CaptureFixture[str]
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and err.count(f"lab {argv[0]}:") == 1
+
+
+def test_a_broken_answers_file_is_told_as_a_spec_error_is(tmp_path) -> None:
+    """file:line, what YAML found and a likely fix, on one line (it was PyYAML's own multi-part message, with
+    `in "<unicode string>"` and a caret, cut at 120 characters)."""
+    from grading import probes
+    from grading.probe_base import Context
+
+    answers = tmp_path / "answers.yaml"
+    answers.write_text("web-1-host-veth: veth1\ndefault_queries: [\n")
+    check = schema.AnswerIn.model_validate({"key": "default_queries", "value": {"podIP": "x"}})
+    result = probes.answer(Context(None, answers), check)
+    assert not result.passed
+    assert result.detail == (f"{answers}:3: YAML syntax error: expected the node content, but found '<stream end>': "
+                             "a quote or bracket is not closed; close it")

@@ -89,6 +89,9 @@ def test_durations() -> None:
     assert flows.parse_since("10s") == 10 and flows.parse_since("500ms") == 0.5 and flows.parse_since("2m") == 120
     with pytest.raises(StateError, match="duration"):
         flows.parse_since("soon")
+    # the message names the flag the bad value came in (`lab observe --duration banana` said --since)
+    with pytest.raises(StateError, match=r"^--duration 'banana': want a duration"):
+        flows.parse_since("banana", "--duration")
 
 
 # ---- printing ----------------------------------------------------------------------------------
