@@ -585,5 +585,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     progress.quiet = getattr(args, "quiet", False) or getattr(args, "json", False)
     return run(args)
 
+
 if __name__ == "__main__":
     sys.exit(main())
