@@ -1,9 +1,10 @@
 """Pod IP address management with the semantics of the reference `host-local` IPAM plugin.
 
-Each node hands out addresses from its own PodCIDR: .1 is the gateway (cni0), pods get .2 upward, and,
-like host-local, allocation resumes after the last address handed out instead of reusing the lowest
-free one, so a deleted and recreated pod may come back with another IP. Leases are persisted per node,
-so every later command (`lab status`, `lab apply`, a CNI DEL from another process) sees the same state.
+Each node hands out addresses from its own PodCIDR: its first address is the gateway (cni0; .1 in a /24),
+pods get the ones after it, and, like host-local, allocation resumes after the last address handed out
+instead of reusing the lowest free one, so a deleted and recreated pod may come back with another IP.
+Leases are persisted per node, so every later command (`lab status`, `lab apply`, a CNI DEL from another
+process) sees the same state.
 """
 from __future__ import annotations
 

@@ -108,6 +108,7 @@ def apply_file(name: str | None, file: str) -> list[str]:
         # re-applying a Pod that names another node moves it: delete, then create there.
         given = _given_nodes(objects)
         moved = [p for p in wanted if p.key in existing and given.get(p.key) not in (None, existing[p.key].node)]
+        _refuse_new_specs(objects, st, {p.key for p in moved}, file)
         new = [p for p in wanted if p.key not in existing or p in moved]
         report += _remember(st, objects, before)
         scaled_away = _scaled_away(objects, wanted, st)
@@ -255,6 +256,32 @@ def _given_nodes(objects: list[dict]) -> dict[str, str]:
             meta = obj.get("metadata") or {}
             out[f"{meta.get('namespace', 'default')}/{meta.get('name')}"] = obj["spec"]["nodeName"]
     return out
+
+
+def _refuse_new_specs(objects: list[dict], st: state.LabState, moved: set[str], file: str) -> None:
+    """A running pod re-applied with another spec (a dnsConfig, a container's args) is refused, as the API
+    server refuses such a pod update ("pod updates may not change fields other than ..."): the pod runs as
+    it was made, and "unchanged" would say otherwise. Its labels may change (`_relabel`), its node moves it."""
+    stored = {object_key(o): o for o in st.objects if o.get("kind") == "Pod"}
+    issues = []
+    for i, obj in enumerate(objects):
+        key = object_key(obj)
+        old = stored.get(key)
+        pod_key = key.split("/", 1)[1]
+        if old is None or pod_key in moved or pod_key not in st.pods:
+            continue
+        if _spec_in_place(obj) != _spec_in_place(old):
+            namespace, name = pod_key.split("/", 1)
+            issues.append(SpecIssue(f"objects[{i}].spec", f"pod {pod_key} runs with another spec, and a pod's spec "
+                                    "cannot change in place (Kubernetes refuses the update): delete it first "
+                                    f"(lab delete pod {name} -n {namespace}), then apply"))
+    if issues:
+        raise SpecError(file, issues)
+
+
+def _spec_in_place(manifest: dict) -> dict:
+    """A Pod manifest's spec without its node (another node moves the pod: delete, then create there)."""
+    return {k: v for k, v in (manifest.get("spec") or {}).items() if k != "nodeName"}
 
 
 def _relabel(st: state.LabState, pod: Pod) -> str:

@@ -84,7 +84,7 @@ def _check_mask(pod: IPv4Network, mask: int, cluster_in: ClusterIn, issues: Issu
         issues.add(loc + ("nodeCIDRMaskSize",),
                    f"{show(mask)} is out of range: use {low}..{high}; each node gets a /nodeCIDRMaskSize block of "
                    f"podCIDR {pod}{default_note(cluster_in.pod_cidr)}, so it must be longer than /{pod.prefixlen}, "
-                   f"and /{high} is the smallest block that still holds a pod (.1 is the gateway)")
+                   f"and /{high} is the smallest block that still holds a pod (its first address is the gateway)")
         return False
     return True
 

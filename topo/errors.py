@@ -80,7 +80,7 @@ class ApplyError(LabError):
 
 
 class IpamExhausted(ApplyError):
-    """A node's PodCIDR has no free address left (host-local semantics: .1 is the gateway)."""
+    """A node's PodCIDR has no free address left (host-local semantics: its first address is the gateway)."""
 
 
 class FeatureMissing(LabError):

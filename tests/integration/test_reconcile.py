@@ -314,6 +314,25 @@ def test_delete_by_file_removes_a_namespace_and_a_deployment_scaled_to_zero(lab_
     assert "deployment default/idle not found" in lab("delete", "--lab", name, "-f", file).stdout
 
 
+def test_reapplying_a_running_pod_with_another_spec_is_refused(lab_up, tmp_path: Path) -> None:
+    """A running pod's spec cannot change in place (Kubernetes refuses the update); re-applying one with a new
+    dnsConfig said "pod default/app unchanged" and left it as it ran (found walking exercise 09-ndots)."""
+    name = unique("respec")
+    lab_up(seed_spec(name))
+    app = pause_pod("app", "node1")
+    lab("apply", "--lab", name, "-f", manifests(tmp_path, "a1", app))
+    app["spec"]["dnsConfig"] = {"options": [{"name": "ndots", "value": "1"}]}
+    proc = lab("apply", "--lab", name, "-f", manifests(tmp_path, "a2", app), check=False)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.strip().endswith(
+        "objects[0].spec: pod default/app runs with another spec, and a pod's spec cannot change in place "
+        "(Kubernetes refuses the update): delete it first (lab delete pod app -n default), then apply"), proc.stderr
+    assert "ndots:5" in in_lab(name, "app", "cat", "/etc/resolv.conf")  # as it was
+    app["metadata"]["labels"] = {"app": "y"}
+    del app["spec"]["dnsConfig"]
+    assert "pod default/app configured (labels)" in lab("apply", "--lab", name, "-f", manifests(tmp_path, "a3", app)).stdout
+
+
 def test_reapplying_an_unchanged_file_says_unchanged(lab_up, tmp_path: Path) -> None:
     """As `kubectl apply` answers: an object applied again as it is is "unchanged", one that differs is
     "configured" (every re-applied service, ingress and policy said "configured", a namespace nothing)."""
