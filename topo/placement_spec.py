@@ -211,7 +211,6 @@ def _capacity_message(lab: Lab, node: Node, count: int, addons: tuple[str, ...])
     bigger = ""
     if mask - 1 > lab.cluster.pod_cidr.prefixlen:
         bigger = f" ({mask - 1} holds {2 ** (32 - mask + 1) - 3})"
-    gateway = node.pod_cidr.network_address + 1  # the block's first address is cni0's (host-local)
     return (f"{node.name} would have {count} pods{counted} but its PodCIDR {node.pod_cidr} holds {node.pod_capacity} "
-            f"({gateway} is the gateway): give nodes larger PodCIDRs with a smaller cluster.nodeCIDRMaskSize{bigger}, "
+            f"({node.gateway.ip} is the gateway): give nodes larger PodCIDRs with a smaller cluster.nodeCIDRMaskSize{bigger}, "
             f"or put fewer pods on {node.name}")
