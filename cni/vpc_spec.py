@@ -158,6 +158,14 @@ def read_aws_node(obj: Any, loc: Loc, issues: Issues) -> Parsed | None:
         issues.add(loc + ("spec", "template", "spec", "containers", 0, "env"),
                    "env must be a list of {name: WARM_IP_TARGET, value: \"2\"}")
         return None
+    for i, item in enumerate(env_list):  # Kubernetes' EnvVar.value is a string: the API server refuses `value: 2`
+        value = item.get("value", "")
+        if not isinstance(value, str):
+            shown = str(value).lower() if isinstance(value, bool) else str(value)  # YAML's true, not Python's True
+            issues.add(loc + ("spec", "template", "spec", "containers", 0, "env", i, "value"),
+                       f"must be a string (Kubernetes refuses a number or boolean in an env value): write "
+                       f"\"{short(shown, 20)}\"")
+            return None
     env = {e["name"]: e.get("value", "") for e in env_list}
     read_env(env, loc + ("spec", "template", "spec", "containers", 0, "env"), issues, LIVE_ENV)
     manifest = {"apiVersion": "apps/v1", "kind": "DaemonSet",

@@ -61,7 +61,8 @@ def _remember(st: state.LabState, objects: list[dict], before: Lab) -> list[str]
         elif kind == "Node":
             report.append(f"node/{name} {'unchanged' if name in before_nodes else 'created'}")
         elif kind == "DaemonSet":
-            report.append(f"daemonset.apps {namespace}/{name} configured (ipamd's warm pool settings)")
+            report.append(f"daemonset.apps {namespace}/{name} unchanged" if same else
+                          f"daemonset.apps {namespace}/{name} configured (ipamd's warm pool settings)")
         elif kind in ("Service", "Ingress", "NetworkPolicy"):
             report.append(f"{kind.lower()} {namespace}/{name} "
                           f"{'unchanged' if same else 'configured' if key in existing else 'created'}")

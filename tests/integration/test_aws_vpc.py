@@ -149,6 +149,10 @@ def test_a_small_subnet_runs_dry_and_warm_ip_target_frees_it(lab_up, tmp_path) -
     # the fix, applied as on EKS: the aws-node DaemonSet's env
     out = apply(name, tmp_path, aws_node(WARM_IP_TARGET="1"))
     assert f"pod default/{waiting[0]['name']} got an address" in out, out
+    assert "daemonset.apps kube-system/aws-node configured" in out, out
+    # the same settings again: nothing to change, and kubectl says so
+    assert apply(name, tmp_path, aws_node(WARM_IP_TARGET="1")).splitlines() == [
+        "daemonset.apps kube-system/aws-node unchanged"]
     listed = pods(name)
     assert all(p["status"] == "Running" for p in listed) and len(listed) == 18
     late = next(p for p in listed if p["name"] == waiting[0]["name"])

@@ -162,6 +162,11 @@ def test_aws_node_and_node_objects_are_checked_against_the_lab():
     with pytest.raises(SpecError) as err:
         parse_objects(ds.replace("WARM_IP_TARGET", "ENABLE_PREFIX_DELEGATION"), vpc, "ds.yaml")
     assert "on a running lab" in str(err.value) and "spec.template.spec.containers[0].env" in str(err.value)
+    # EnvVar.value is a string in Kubernetes: an unquoted number is refused by the API server, so here too
+    with pytest.raises(SpecError) as err:
+        parse_objects(ds.replace('value: "2"', "value: 2"), vpc, "ds.yaml")
+    assert "ds.yaml:10: spec.template.spec.containers[0].env[0].value" in str(err.value), str(err.value)
+    assert 'write "2"' in str(err.value), str(err.value)
     node = "apiVersion: v1\nkind: Node\nmetadata:\n  name: NAME\n  labels: {node.kubernetes.io/instance-type: TYPE}\n"
     assert parse_objects(node.replace("NAME", "node2").replace("TYPE", "t3.small"), vpc, "n.yaml")
     for name, kind, needle in (("node1", "t3.small", "already a node"), ("node2", "t3.smal", "did you mean t3.small?"),
