@@ -35,7 +35,9 @@ order, and its text), observe/netfilter.py (rule counters, DNAT/SNAT, drops), ob
   (fragmentation needed: MTU; unreachable: no route or a REJECT), a DROP/REJECT rule whose counter moved
   in that namespace (its comment names, e.g., the NetworkPolicy; a NetworkPolicy chain only if it is one
   of the probe's own pods'), no route (`ip route get` fails there), a frame larger than the next link's
-  MTU (a switch drops it silently), a next hop that never answered ARP. A drop counter that moved
+  MTU (a switch drops it silently) or, seen leaving by a cable and never at its other end, larger than the
+  MTU there (a veth drops it silently: the size as captured, VXLAN's 50 bytes included, against the MTU
+  the kernel holds at that end), a next hop that never answered ARP. A drop counter that moved
   elsewhere (other traffic) is only a "possibly", and the route analysis still runs.
 - **The cilium profile** (observe/trace_cilium.py). The probe's socket is made in the source node's lab
   cgroup, so the socket-LB programs rewrite it as they rewrite a pod's own; the trace names the program,

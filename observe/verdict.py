@@ -1,7 +1,8 @@
 """`lab trace`'s verdict: delivered (where, and what came back) or dropped (where it was last seen, and why).
 
 The reasons, in order: an ICMP error on the wire, a DROP/REJECT rule whose counter moved where the packet
-was last seen, no route, a frame larger than the next link's MTU, a next hop that never answered ARP. A
+was last seen, no route, a next hop that never answered ARP, a frame (tunnel headers included) larger than the
+MTU at the other end of the cable it left by or than the next link's. A
 capture that lost frames, or a packet that left for a place nobody watched, is said so, never a drop.
 """
 from __future__ import annotations
@@ -151,6 +152,9 @@ def _path_problems(tracer: Tracer, last: Sighting) -> list[str]:
             reasons.append(f"no route in {last.place.name}: ip route get {p.dst} from {p.src} iif {last.dev}: {got}")
         else:
             reasons += _next_hop_problem(kernel, last.place, got, p, lookup.lab.cluster.service_cidr)
+    far = _too_big_for_far_end(tracer, last)
+    if far:
+        return reasons + [far]
     view = kernel.view(last.place.netns)
     if view is not None:
         size = last.packet.length
@@ -163,6 +167,51 @@ def _path_problems(tracer: Tracer, last: Sighting) -> list[str]:
             reasons.append(f"MTU: the {size}-byte packet does not fit {link.name}"
                            f"{' (' + peer + ')' if peer else ''}, MTU {link.mtu}{silent}")
     return reasons
+
+
+# What a tunnel's header is called in a verdict. The overhead itself is measured, never assumed: the captured
+# outer packet minus the inner one, which for VXLAN over IPv4 is 50 bytes (outer IP 20 + UDP 8 + VXLAN 8 + the
+# inner Ethernet header 14: Linux's VXLAN_HEADROOM, why Flannel gives flannel.1 the underlay's MTU minus 50,
+# topo.model.VXLAN_OVERHEAD) and for IP-in-IP 20 (the outer IPv4 header, topo.model.IPIP_OVERHEAD).
+_ENCAP_NAMES = {"vxlan": "VXLAN", "ipip": "IP-in-IP"}
+VLAN_HLEN = 4  # is_skb_forwardable admits MTU + the link header + one VLAN tag: 4 bytes over the MTU still pass
+
+
+def _too_big_for_far_end(tracer: Tracer, last: Sighting) -> str:
+    """A packet seen leaving by a cable and never at its other end, because it is larger than that end's MTU.
+
+    Every cable of a lab is a veth, and a veth hands its peer only a frame that fits the peer's MTU (the
+    kernel's is_skb_forwardable); a bigger one is dropped without an ICMP error, counted as TX dropped here
+    and RX dropped there: exercise 05's black hole. The size is the packet as captured on the wire (with its
+    tunnel headers), the MTUs are what the kernel holds on both ends. "": not this."""
+    if not last.outgoing:
+        return ""
+    lookup, kernel = tracer.lookup, tracer.kernel
+    peer = lookup.peers.get((last.place.netns, last.dev))
+    far_view = kernel.view(peer[0]) if peer is not None else None
+    far_link = far_view.links.get(peer[1]) if far_view is not None and peer is not None else None
+    size = last.packet.length
+    if peer is None or far_link is None or not far_link.mtu or size <= far_link.mtu + VLAN_HLEN:
+        return ""
+    far = lookup.places.get(peer[0]) or Place(peer[0], peer[0], "")
+    about = lookup.describe_dev(far, far_link.name)
+    near_view = kernel.view(last.place.netns)
+    near_link = near_view.links.get(last.dev) if near_view is not None else None
+    near = f" (MTU {near_link.mtu})" if near_link is not None else ""
+    inside, fix = "", f"send at most {far_link.mtu} bytes of IP"
+    if last.packet.encap and last.packet.inner is not None:
+        overhead = size - last.packet.inner.length
+        inside = f" ({last.packet.inner.length} bytes inside + {overhead} of " \
+                 f"{_ENCAP_NAMES.get(last.packet.encap, last.packet.encap)} encapsulation)"
+        fix = f"make the overlay's MTU (the tunnel device's and the pods') at most {far_link.mtu - overhead}"
+    if near_link is not None and near_link.mtu > far_link.mtu:
+        fix = f"give {far.name}'s {far_link.name} the MTU of the other end ({near_link.mtu}), or {fix}"
+    show = f"ip -n {far.netns} -s link show {far_link.name}" if far.kind in ("switch", "") else \
+        f"lab exec {far.name} -- ip -s link show {far_link.name}"
+    return (f"MTU: the {size}-byte packet{inside} does not fit {far.name}'s {far_link.name}"
+            f"{' (' + about + ')' if about else ''}, MTU {far_link.mtu}, at the other end of {last.dev}{near}: "
+            "a veth passes its peer no frame larger than the peer's MTU, and nobody sends an ICMP error (a black "
+            f"hole; `{show}` counts it as RX dropped); fix: {fix}")
 
 
 def _refused_at_source(tracer: Tracer) -> list[str]:

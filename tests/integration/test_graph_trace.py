@@ -246,6 +246,33 @@ def test_pinging_a_clusterip_is_dropped_for_want_of_an_arp_answer(labs: dict[str
     assert "nobody answers ARP for 10.96.0.100" in t["dropped_by"]
 
 
+def _mtu(ns: str, dev: str) -> int:
+    words = subprocess.run(["ip", "-n", ns, "-o", "link", "show", dev], capture_output=True, text=True,
+                           check=True).stdout.split()
+    return int(words[words.index("mtu") + 1])
+
+
+def test_a_frame_larger_than_the_next_links_mtu_is_named(labs: dict[str, str]) -> None:
+    """Exercise 05's fault (labs/05-vxlan-mtu: node2's eth0 at 1400 behind a 1500-byte switch port): the
+    1428-byte echo wrapped by VXLAN is 1478 bytes on the wire, leaves the switch, and node2's end of the
+    cable drops it without a word. The verdict names the MTU, not "dropped without a trace"."""
+    name, ns = labs["vxlan"], node_netns(labs["vxlan"], "node2")
+    was = _mtu(ns, "eth0")
+    subprocess.run(["ip", "-n", ns, "link", "set", "eth0", "mtu", "1400"], check=True)
+    try:
+        code, t = trace_json(name, "a", "b", "--size", "1400", "--timeout", "0.5")
+    finally:
+        subprocess.run(["ip", "-n", ns, "link", "set", "eth0", "mtu", str(was)], check=True)
+    assert code == 1 and not t["delivered"] and t["dropped_at"] == "switch ul after ul-eth1 out", t["verdict"]
+    assert "dropped without a trace" not in t["verdict"]
+    why = t["dropped_by"]
+    assert why.startswith("MTU: the 1478-byte packet (1428 bytes inside + 50 of VXLAN encapsulation)"), why
+    assert "node2's eth0 (underlay NIC), MTU 1400" in why and "ul-eth1 (MTU 1500)" in why, why
+    assert "lab exec node2 -- ip -s link show eth0" in why, why
+    code, t = trace_json(name, "a", "b", "--size", "1400")  # the MTU put back: delivered again
+    assert code == 0 and t["delivered"], t["verdict"]
+
+
 def test_commands_refuse_what_does_not_exist(labs: dict[str, str]) -> None:
     name = labs["host-gw"]
     for args, message in ((("trace", "--lab", name, "nosuchpod", "node2-pod1"), "no pod, node or external host"),

@@ -14,11 +14,11 @@ import yaml
 from apiserver import state
 from observe import capture, hops, packets, places, verdict
 from observe.capture import Probe, Sighting
-from observe.kernel import NeighEntry, NsView, RouteView, Rule
+from observe.kernel import LinkView, NeighEntry, NsView, RouteView, Rule
 from observe.places import Place
 from services import endpoints
 from tests.unit.test_graph import model, seed_text
-from tests.unit.test_graph_trace_parsing import FakeKernel, tcp
+from tests.unit.test_graph_trace_parsing import FakeKernel, icmp, tcp, vxlan_frame
 from topo.errors import StateError
 
 DECOY = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "web", "labels": {"app": "decoy"}},
@@ -143,6 +143,53 @@ def test_a_packet_that_left_for_an_unwatched_place_is_no_drop(lookup: places.Loo
     assert r.dropped_at == "" and not r.delivered
     assert r.verdict.startswith(f"NOT ANSWERED: last seen leaving node2 after {veth} out towards node2-pod1, "
                                 "which was not watched")
+
+
+def _too_big(lookup: places.Lookup, far_mtu: int, wrapped: bool) -> hops.TraceResult:
+    """A 1400-byte echo (1428 bytes of IP) from node1-pod1 to node2-pod1, VXLAN-wrapped between the nodes
+    or not, last seen leaving the switch by the port to node2, whose eth0 has MTU `far_mtu` (exercise 05)."""
+    src, dst = lookup.pods["default/node1-pod1"], lookup.pods["default/node2-pod1"]
+    node1, node2, switch = _place(lookup, "node1"), _place(lookup, "node2"), _place(lookup, "switch ul")
+    inner = icmp(str(src.ip), str(dst.ip), packets.ICMP_ECHO, 7, b"kubenet-trace tok".ljust(1400, b"."))
+    echo, wire = packets.parse_frame(inner), packets.parse_frame(vxlan_frame(inner) if wrapped else inner)
+    assert echo is not None and wire is not None and echo.length == 1428
+    assert wire.length == (1478 if wrapped else 1428)
+    forward = [Sighting(src, "eth0", True, echo), Sighting(node1, lookup.veth_of[src.netns], False, echo),
+               Sighting(node1, "eth0", True, wire), Sighting(switch, "ul-eth0", False, wire),
+               Sighting(switch, "ul-eth1", True, wire)]
+    kernel = FakeKernel()
+    kernel.views[switch.netns] = NsView(switch.netns, links={d: LinkView(d, "veth", True, True, 1500, "ul")
+                                                               for d in ("ul-eth0", "ul-eth1", "ul-eth2")})
+    kernel.views[node2.netns] = NsView(node2.netns, links={"eth0": LinkView("eth0", "veth", True, True, far_mtu)})
+    target = places.Target("pod", dst.name, dst.ip, None, "icmp", None, (dst,))
+    probe = Probe("icmp", dst.ip, None, 0, b"tok", 7)
+    tracer = hops.Tracer(lookup, kernel, src, target, probe, {})
+    result = hops.TraceResult("seed", src.name, dst.name, "icmp", None)
+    verdict.verdict(result, tracer, forward, [], kernel, {}, {p.netns for p in lookup.places.values()})
+    return result
+
+
+def test_a_frame_larger_than_the_mtu_at_the_far_end_of_its_cable_is_named(lookup: places.Lookup) -> None:
+    r = _too_big(lookup, 1400, wrapped=True)
+    assert r.dropped_at == "switch ul after ul-eth1 out" and not r.delivered
+    assert r.dropped_by == (
+        "MTU: the 1478-byte packet (1428 bytes inside + 50 of VXLAN encapsulation) does not fit node2's eth0 "
+        "(underlay NIC), MTU 1400, at the other end of ul-eth1 (MTU 1500): a veth passes its peer no frame "
+        "larger than the peer's MTU, and nobody sends an ICMP error (a black hole; "
+        "`lab exec node2 -- ip -s link show eth0` counts it as RX dropped); fix: give node2's eth0 the MTU of "
+        "the other end (1500), or make the overlay's MTU (the tunnel device's and the pods') at most 1350")
+    assert r.verdict == f"DROPPED at switch ul after ul-eth1 out: {r.dropped_by}"
+    # Not wrapped (host-gw), the same link: the packet's own size, nothing about an overlay.
+    r = _too_big(lookup, 1400, wrapped=False)
+    assert r.dropped_by.startswith("MTU: the 1428-byte packet does not fit node2's eth0 (underlay NIC), MTU 1400,")
+    assert r.dropped_by.endswith("fix: give node2's eth0 the MTU of the other end (1500), or send at most 1400 "
+                                 "bytes of IP")
+    # A far end that takes it is no reason: the drop stays unexplained, as before. A veth admits up to 4 bytes
+    # over its MTU (room for a VLAN tag), so 1478 bytes still pass a 1474-byte end.
+    for fits in (1500, 1474):
+        r = _too_big(lookup, fits, wrapped=True)
+        assert "MTU" not in r.dropped_by and r.dropped_by.endswith("dropped without a trace"), fits
+    assert _too_big(lookup, 1473, wrapped=True).dropped_by.startswith("MTU: the 1478-byte packet")
 
 
 def test_a_clusterip_is_only_a_rule_only_inside_the_service_cidr() -> None:
