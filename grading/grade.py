@@ -5,12 +5,13 @@ needs no argument. The report is a table for people (pass/fail per check, the hi
 score), JSON for scripts, and JUnit XML for autograders; the exit code says it all for CI systems such as
 GitHub Classroom: 0 every check passes, 1 some check fails, 2 the lab or the exercise cannot be graded
 (no lab running, a bad checks.yaml, a lab not built from an exercise, an --only naming no check or task,
-nothing left to count).
+an --answers file that is not there, nothing left to count).
 
-Checks run in file order; a check with `wait` is retried until it passes or its time is up (routing
-protocols take a moment to converge after a fix); a check that `needs` guards fails without running when
-one of them fails. Once every check passes, the report points to the exercise's AFTER.md. Grading never
-changes the lab.
+Checks run in file order; a check with `wait` is retried until it passes or `wait` seconds after grading
+started (routing protocols take a moment to converge after a fix; the lab converges for every check at
+once, so the waits of a fresh lab's failing checks overlap instead of adding up); a check that `needs`
+guards fails without running when one of them fails. Once every check passes, the report points to the
+exercise's AFTER.md. Grading never changes the lab.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from grading import checks, probes
 from grading.fields import FEATURES
 from grading.schema import ANSWERS_FILE
 from observe import targets
-from topo.errors import StateError
+from topo.errors import StateError, one_line
 from topo.schema import close_match
 
 RETRY_INTERVAL = 0.25  # seconds between attempts of a check with `wait`
@@ -116,13 +117,13 @@ def exercise_of(st: state.LabState, given: str | None) -> tuple[Path, str]:
 def grade(lab_name: str | None, exercise: str | None = None, answers: str | None = None,
           only: list[str] | None = None) -> Report:
     """Grade the running lab. Raises StateError/SpecError (exit 2) when it cannot be graded at all."""
+    given = given_answers(answers)
     st = state.resolve(lab_name)
     folder, shown = exercise_of(st, exercise)
     ex = checks.load(folder, shown)
     from apiserver.desired import current_lab
 
-    ctx = probes.Context(targets.Lookup(st, current_lab(st)),
-                         Path(answers) if answers is not None else folder / ANSWERS_FILE)
+    ctx = probes.Context(targets.Lookup(st, current_lab(st)), given or folder / ANSWERS_FILE)
     chosen = selected(ex, only)
     report = Report(ex, st.name)
     started = time.monotonic()
@@ -130,11 +131,26 @@ def grade(lab_name: str | None, exercise: str | None = None, answers: str | None
     for check in ex.checks:
         if check.name not in chosen:
             continue
-        outcome = _unmet(check, done) or run_check(ctx, check)
+        outcome = _unmet(check, done) or run_check(ctx, check, since=started)
         done[check.name] = outcome
         report.outcomes.append(outcome)
     report.seconds = time.monotonic() - started
     return report
+
+
+def given_answers(answers: str | None) -> Path | None:
+    """The answers file given with --answers, which must be a file: a missing one is a typo or a wrong
+    folder, a usage error (exit 2) found before anything is graded, not a row of "does not exist yet"
+    failures. The default, answers.yaml in the exercise folder, may be missing: nothing answered yet."""
+    if answers is None:
+        return None
+    path, shown = Path(answers), one_line(answers)
+    if not path.exists():
+        raise StateError(f"--answers {shown}: no such file (leave --answers out to use {ANSWERS_FILE} in the "
+                         "exercise folder)")
+    if not path.is_file():
+        raise StateError(f"--answers {shown}: not a file (give the answers file, e.g. {ANSWERS_FILE})")
+    return path
 
 
 def selected(ex: checks.Exercise, only: list[str] | None) -> set[str]:
@@ -174,7 +190,11 @@ def _unmet(check: checks.Check, done: dict[str, Outcome]) -> Outcome | None:
     return None
 
 
-def run_check(ctx: probes.Context, check: checks.Check) -> Outcome:
+def run_check(ctx: probes.Context, check: checks.Check, since: float | None = None) -> Outcome:
+    """Run one check, retrying a failing one with `wait` until `wait` seconds after `since` (when grading
+    started; this check's own start when not given). The clock is the run's, not the check's: grading never
+    changes the lab, so by the time a later check runs the lab has had the earlier checks' seconds to
+    converge as well; five failing checks with `wait: 2` on a fresh lab take 2 s together, not 10."""
     if check.requires:
         from topo import kernel
 
@@ -183,7 +203,7 @@ def run_check(ctx: probes.Context, check: checks.Check) -> Outcome:
             names = ", ".join(f"{f.name} ({f.config})" for f in lacking)
             return Outcome(check, False, f"skipped: this kernel lacks {names}", 0.0, 0, skipped=True)
     started = time.monotonic()
-    deadline = started + (check.wait or 0)
+    deadline = (started if since is None else since) + (check.wait or 0)  # one attempt at least, always
     attempts = 0
     while True:
         attempts += 1

@@ -17,6 +17,7 @@ import re
 import time
 from collections.abc import Callable
 from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -29,7 +30,7 @@ from observe import targets
 from routing import frr
 from topo import netns
 from topo import schema as topo_schema
-from topo.errors import StateError
+from topo.errors import SpecIssue, StateError
 
 assert schema.ROUTE_PROTOCOLS["bgp"] == frr.RTPROT_BGP  # the number zebra installs BGP routes with
 DROPPED, REFUSED = "timeout", "refused"  # observe.probe.connect's details for a silent drop and an active refusal
@@ -414,16 +415,29 @@ def answer(ctx: Context, p: schema.AnswerIn) -> Result:
     except (OSError, UnicodeDecodeError) as exc:
         return Result(False, f"{ctx.answers_file} cannot be read: {exc}")
     try:
-        answers = yaml.safe_load(text) or {}
+        answers = yaml.safe_load(text)
     except yaml.YAMLError as exc:  # file:line: what and a likely fix, as a spec's syntax errors are told
         return Result(False, topo_schema.yaml_error(exc, text).format(str(ctx.answers_file)))
-    if not isinstance(answers, dict) or p.key not in answers or answers[p.key] is None:
+    if answers is None:  # an empty file (or only comments): nothing answered yet
+        answers = {}
+    if not isinstance(answers, dict):  # a list or a scalar holds no names: say so, not "has no answer KEY"
+        return Result(False, _not_a_mapping(ctx.answers_file, text, answers, p.key))
+    if p.key not in answers or answers[p.key] is None:
         return Result(False, f"{ctx.answers_file.name} has no answer {p.key}")
     given = _norm(answers[p.key])
     truth = _norm(_true_value(ctx, p.value))
     if given == truth:
         return Result(True, f"{p.key}: {given} is right")
     return Result(False, f"{p.key}: {given} is not what the lab says")
+
+
+def _not_a_mapping(file: Path, text: str, answers: Any, key: str) -> str:
+    """`file:line: ...` for an answers file whose top level is not a mapping, at the line where it starts,
+    worded as a lab spec's top level is."""
+    node = yaml.compose(text, Loader=yaml.SafeLoader)  # parsed once already: this cannot fail
+    line = node.start_mark.line + 1 if node is not None else None
+    return SpecIssue("", f"the top level must be a mapping of answer names to values ({key}: YOUR ANSWER), "
+                     f"not {topo_schema.describe(answers)}", line).format(str(file))
 
 
 def _norm(value: Any) -> str:

@@ -104,6 +104,10 @@ def test_grading_a_lab_that_is_down_or_was_no_exercise_exits_2(tmp_path: Path, l
             "spec": {"dns": {"enabled": False}, "nodes": [{"name": "node1", "ip": "192.168.1.10"}]}})
     proc = lab("grade", "--lab", name, check=False)
     assert proc.returncode == 2 and "was not built from an exercise folder" in proc.stderr
+    missing = tmp_path / "answrs.yaml"  # named on the command line, not there: a usage error, nothing graded
+    proc = lab("grade", "--lab", name, str(REPO / "labs" / "04-host-gw"), "--answers", str(missing), check=False)
+    assert (proc.returncode, proc.stdout) == (2, "") and proc.stderr.startswith(f"lab grade: --answers {missing}: ")
+    assert len(proc.stderr.splitlines()) == 1 and "no such file" in proc.stderr
     bad = tmp_path / "bad"
     shutil.copytree(REPO / "labs" / "04-host-gw", bad)
     text = (bad / "checks.yaml").read_text().replace("via: node2", "via: node2, viaa: x")

@@ -115,6 +115,11 @@ def test_capstone_random_faults_are_reproducible_and_repairable(tmp_path: Path) 
         assert sorted(f["fault"] for f in info["faults"]) == CAPSTONE_DRAWN  # the same seed, the same faults
         for extra in CAPSTONE_EXTRA:
             lab("break", "--lab", name, *extra)
+        # node2's FDB is flushed already (a drawn fault): a second flush is refused with what it found, and
+        # neither blames the VXLAN backend nor names the hidden fault
+        again = lab("break", "--lab", name, "fdb-flush", "in=node2", check=False)
+        assert again.returncode == 2 and "deleted already" in again.stderr, again.stderr
+        assert "backend" not in again.stderr and len(again.stderr.splitlines()) == 1
         applied = {f["fault"] for f in json.loads(lab("status", name, "--json", "--reveal").stdout)["faults"]}
         assert applied == capstone_kinds(name), "every kind the capstone can draw is repaired here"
         ex = checks.load(folder)

@@ -156,6 +156,43 @@ def test_wait_retries_until_the_check_passes(monkeypatch: pytest.MonkeyPatch) ->
     assert (outcome.passed, outcome.attempts, outcome.detail) == (True, 3, "attempt 3")
 
 
+class _FakeClock:
+    """time.monotonic and time.sleep for grade.py: sleeping moves the clock, so waits are counted, not waited."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def test_a_fresh_lab_waits_once_for_convergence_not_once_per_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Exercise 10's five http checks have `wait: 2`; on the fresh lab each retried its refused connection
+    for its own 2 s, 8.8 s of a grade docs/grading.md says takes 0.2-3 s. Grading never changes the lab,
+    so the wait counts from the start of grading: the later checks get the one attempt they need."""
+    from apiserver import desired
+
+    folder = ROOT / "labs" / "10-nodeport-ingress"
+    st = state.LabState(name="unit-wait", phase="up", pid=1, spec_file=None, spec_text="", exercise=str(folder))
+    clock = _FakeClock()
+    monkeypatch.setattr(grade, "time", clock)
+    monkeypatch.setattr(grade.state, "resolve", lambda name: st)
+    monkeypatch.setattr(desired, "current_lab", lambda st: None)
+    monkeypatch.setattr(grade.targets, "Lookup", lambda st, lab: None)
+    refused = lambda ctx, probe: grade.probes.Result(False, "Connection refused")  # noqa: E731
+    for kind in ("http", "answer"):
+        monkeypatch.setitem(grade.probes.RUNNERS, kind, refused)
+    report = grade.grade("unit-wait")
+    waiting = [o for o in report.outcomes if o.check.wait]
+    assert len(waiting) == 5 and max(o.check.wait or 0 for o in waiting) == 2
+    assert waiting[0].attempts > 1  # the first still retries for the whole wait: a fix may be converging
+    assert [o.attempts for o in waiting[1:]] == [1, 1, 1, 1]
+    assert report.seconds <= 2 + grade.RETRY_INTERVAL  # on the fake clock: the longest wait, not their sum
+
+
 # ------------------------------------------------------------------ faults
 
 
@@ -201,6 +238,27 @@ def test_random_faults_are_reproducible_from_the_seed() -> None:
     assert not any("kube-system" in str(f.get("pod", "")) + str(f.get("in", "")) for f in pool)
     assert {"fault": "label", "pod": "default/node1-pod1", "key": "app", "value": "wbe"} in pool
     assert not any(f["fault"] in ("fdb-flush", "bgpd-stop") for f in pool)  # host-gw lab, no BGP
+
+
+@pytest.mark.parametrize("seed,told", [
+    (None, "an earlier fdb-flush there emptied it (lab status lists it)"),
+    (23, "they were deleted already (by a fault, or by hand)")])  # a random one stays a puzzle
+def test_a_second_fdb_flush_says_the_fdb_is_empty_not_that_the_backend_is_wrong(
+        monkeypatch: pytest.MonkeyPatch, seed: int | None, told: str) -> None:
+    """`lab break fdb-flush in=node1` run twice on a VXLAN lab answered "is the lab's backend vxlan, and does
+    it have another node?" the second time. Like a second route-delete it is refused (nothing is left to
+    break, nothing is recorded), with the state it found."""
+    from apiserver.spec import parse_spec_text
+
+    lookup = _FakeLookup()  # `bridge fdb show` prints nothing: the entries are gone
+    vxlan = parse_spec_text((ROOT / "labs" / "05-vxlan-mtu" / "lab.yaml").read_text())  # two nodes
+    lookup.lab = vxlan  # type: ignore[attr-defined]
+    fault, params = faults.normalized({"fault": "fdb-flush", "in": "node1"})
+    earlier = faults.Applied("fdb-flush", dict(params), "flushed 1 FDB entries of flannel.1 on node1", seed=seed)
+    monkeypatch.setattr(faults, "recorded", lambda name: [earlier])
+    with pytest.raises(StateError) as info:
+        fault.apply(lookup, params)  # type: ignore[arg-type]
+    assert str(info.value) == f"flannel.1 on node1 holds no FDB entries left to flush: {told}; nothing was done"
 
 
 def test_random_fault_items_are_validated() -> None:
@@ -402,3 +460,39 @@ def test_a_broken_answers_file_is_told_as_a_spec_error_is(tmp_path) -> None:
     assert not result.passed
     assert result.detail == (f"{answers}:3: YAML syntax error: expected the node content, but found '<stream end>': "
                              "a quote or bracket is not closed; close it")
+
+
+@pytest.mark.parametrize("text,line,what", [
+    ("- ingress_source: 10.244.1.5\n", 1, "a list"),
+    ("# my answers\n\n[10.244.1.5]\n", 3, "a list"),
+    ("10.244.1.5\n", 1, "the string '10.244.1.5'"),
+    ("false\n", 1, "a boolean")])
+def test_an_answers_file_that_is_no_mapping_says_so_on_one_line(tmp_path: Path, text: str, line: int,
+                                                                 what: str) -> None:
+    """A list (or a scalar) at the top level of answers.yaml was reported as "has no answer KEY" for every
+    answer: file:line and what the top level must be, as a spec's top level is told."""
+    from grading import probes
+    from grading.probe_base import Context
+
+    answers = tmp_path / "answers.yaml"
+    answers.write_text(text)
+    check = schema.AnswerIn.model_validate({"key": "ingress_source", "value": {"podIP": "x"}})
+    result = probes.answer(Context(None, answers), check)  # type: ignore[arg-type]
+    assert not result.passed
+    assert result.detail == (f"{answers}:{line}: the top level must be a mapping of answer names to values "
+                             f"(ingress_source: YOUR ANSWER), not {what}")
+
+
+def test_an_answers_file_given_but_missing_is_a_usage_error(tmp_path: Path) -> None:
+    """`lab grade --answers FILE` with no FILE graded every answer check as "does not exist yet" (exit 1): a
+    file named on the command line that is not there is a usage error (exit 2), before any grading. The
+    default answers.yaml may be missing: that is "not answered yet", a failing check."""
+    missing = tmp_path / "answrs.yaml"
+    with pytest.raises(StateError) as info:
+        grade.grade("unit-no-such-lab", answers=str(missing))
+    assert str(info.value) == (f"--answers {missing}: no such file (leave --answers out to use answers.yaml in "
+                               "the exercise folder)")
+    assert info.value.exit_code == 2
+    with pytest.raises(StateError, match=f"^--answers {tmp_path}: not a file"):
+        grade.grade("unit-no-such-lab", answers=str(tmp_path))
+    assert grade.given_answers(None) is None  # the default is the exercise's answers.yaml, checked by the probe
