@@ -91,16 +91,10 @@ class Lookup:
             self.by_ip.setdefault(str(node.gateway.ip), self.places[lab.node_netns(node.name)])
         # Both ends of every cable: a pod's eth0 and its veth on the node, a host's NIC and its switch port
         # (or the other end of a point-to-point link).
-        self.peers: Peers = {}
-        host_ns = {h.name: h.netns for h in self.plan.hosts}
+        self.peers: Peers = self.plan.cables()
         for veth, key in self.veths.items():
             ps = st.pods[key]
             self._cable((ps.netns, "eth0"), (lab.node_netns(ps.node), veth))
-        for link in self.plan.links:
-            if link.segment is not None and link.port is not None:
-                self._cable((host_ns[link.host], link.intf), (seg_ns[link.segment], link.port))
-            elif link.peer is not None and link.peer_intf is not None:
-                self._cable((host_ns[link.host], link.intf), (host_ns[link.peer], link.peer_intf))
 
     def _cable(self, a: tuple[str, str], b: tuple[str, str]) -> None:
         self.peers[a] = b

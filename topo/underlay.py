@@ -74,6 +74,23 @@ class UnderlayPlan:
     def switch_netns(self) -> tuple[str, ...]:
         return tuple(s.netns for s in self.segments)
 
+    def cables(self) -> dict[tuple[str, str], tuple[str, str]]:
+        """Both ends of every cable of the underlay, each way: (netns, device) of a host's NIC -> its switch
+        port or the other end of its point-to-point link, and back."""
+        seg_ns = {s.switch: s.netns for s in self.segments}
+        host_ns = {h.name: h.netns for h in self.hosts}
+        ends: dict[tuple[str, str], tuple[str, str]] = {}
+        for link in self.links:
+            if link.segment is not None and link.port is not None:
+                other = (seg_ns[link.segment], link.port)
+            elif link.peer is not None and link.peer_intf is not None:
+                other = (host_ns[link.peer], link.peer_intf)
+            else:
+                continue
+            ends[(host_ns[link.host], link.intf)] = other
+            ends[other] = (host_ns[link.host], link.intf)
+        return ends
+
 
 def plan(lab: Lab) -> UnderlayPlan:
     return _routed(lab) if lab.underlay.routed else _flat(lab)

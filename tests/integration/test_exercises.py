@@ -154,6 +154,36 @@ def test_lab_break_faults_are_recorded_and_the_random_choice_is_seeded(tmp_path:
         lab("down", name, check=False)
 
 
+def test_a_lowered_nic_mtu_drops_bulk_tcp_as_on_real_hardware(tmp_path: Path) -> None:
+    """Exercise 05's fault (node2's eth0 at 1400 behind a 1500-byte switch port) must black-hole a TCP request
+    larger than the MTU, as a NIC does: the request's segments cross the underlay in VXLAN frames of up to
+    1514 bytes. A veth passes a segmentation-offloaded packet whole to a peer of any MTU, so before the fault
+    made the other end of the cable cut such packets into wire-sized frames, curl printed 200 here. A pod's
+    veth is left alone (a pod's eth0 is a veth in a real cluster too)."""
+    require_tool("curl")
+    name = unique("ex")
+    folder = copy_exercise("05-vxlan-mtu", tmp_path, name)
+    big = "10.244.2.2:8080/echo?msg=" + "x" * 3000
+    curl = ["curl", "-s", "-m", "2", "-o", "/dev/null", "-w", "%{http_code}", big]
+    try:
+        lab("up", str(folder))
+        assert lab("exec", "--lab", name, "a", "--", *curl, check=False).stdout == "000"
+        lab("exec", "--lab", name, "node2", "--", "ip", "link", "set", "dev", "eth0", "mtu", "1500")
+        assert lab("exec", "--lab", name, "a", "--", *curl).stdout == "200"  # the fix, at full size
+        lab("break", "--lab", name, "link-mtu", "in=b", "mtu=1300")
+        node = names.node_netns(name, "node2")
+        host_side = [line for line in subprocess.run(["ip", "netns", "exec", node, "ip", "-o", "link"], text=True,
+                                                     capture_output=True, check=True).stdout.splitlines()
+                     if ": veth" in line]
+        veth = host_side[0].split(": ")[1].split("@")[0]
+        features = subprocess.run(["ip", "netns", "exec", node, "ethtool", "-k", veth], text=True,
+                                  capture_output=True, check=True).stdout
+        assert "generic-segmentation-offload: on" in features, features
+    finally:
+        lab("down", name, check=False)
+        assert leftovers(name) == {"netns": [], "state": []}
+
+
 # ------------------------------------------------------------------ no check passes vacuously on a live lab
 
 
