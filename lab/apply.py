@@ -34,7 +34,7 @@ from services.endpoints import RunningPod
 from topo import crash, names, netns, process, underlay
 from topo.errors import ApplyError
 from topo.model import NODE_IFNAME, Lab
-from topo.rtnl import IF_OPER_UNKNOWN, IF_OPER_UP, RTPROT_STATIC, NetlinkError, Rtnl, replace_route_msg
+from topo.rtnl import IF_OPER_UNKNOWN, IF_OPER_UP, RTPROT_STATIC, Link, NetlinkError, Rtnl, replace_route_msg
 
 
 class NodeHandles:
@@ -312,10 +312,18 @@ def wait_carrier(handles: list[Rtnl], timeout: float = 5.0) -> None:
     deadline = time.monotonic() + timeout
     pending = list(handles)
     while pending and time.monotonic() < deadline:
-        pending = [h for h in pending if any(l.operstate not in (IF_OPER_UP, IF_OPER_UNKNOWN) and l.name != "lo"
-                                             for l in h.links())]
+        pending = [h for h in pending if _awaiting_carrier(h.links())]
         if pending:
             time.sleep(0.01)
+
+
+def _awaiting_carrier(links: list[Link]) -> bool:
+    """Whether a namespace has a link whose carrier is still to come. Not: `lo`, a link set down (it stays
+    down), and a bridge without ports, whose carrier follows its ports' (a node without pods has a cni0
+    at NO-CARRIER until its first pod's veth joins it: waiting for it cost such a `lab up` the whole timeout)."""
+    masters = {link.master for link in links if link.master is not None}
+    return any(link.operstate not in (IF_OPER_UP, IF_OPER_UNKNOWN) and link.name != "lo" and link.up
+               and not (link.kind == "bridge" and link.index not in masters) for link in links)
 
 
 # ---- teardown -------------------------------------------------------------------------------
