@@ -64,6 +64,12 @@ class Applied:
     detail: str
     time: float = field(default_factory=time.time)
     seed: int | None = None
+    exercise: bool = False  # one of the exercise's own faults (checks.yaml): the puzzle, so told only with --reveal
+
+    @property
+    def secret(self) -> bool:
+        """What it broke is the learner's to find: drawn at random, or the exercise's own."""
+        return self.seed is not None or self.exercise
 
     def line(self) -> str:
         args = " ".join(f"{k}={v}" for k, v in self.params.items())
@@ -144,7 +150,7 @@ def _no_fdb_entries(lookup: targets.Lookup, p: dict[str, Any]) -> str:
     if len(lab.nodes) < 2:
         return f"{where}: lab {lookup.st.name} has one node, so there is no remote VTEP and no entry to flush"
     # A random fault stays a puzzle: only one applied by name (lab status lists it) is named here.
-    if any(a.fault == "fdb-flush" and a.params == p and a.seed is None for a in recorded(lookup.st.name)):
+    if any(a.fault == "fdb-flush" and a.params == p and not a.secret for a in recorded(lookup.st.name)):
         return f"{where} left to flush: an earlier fdb-flush there emptied it (lab status lists it); nothing was done"
     return f"{where} left to flush: they were deleted already (by a fault, or by hand); nothing was done"
 
@@ -532,13 +538,15 @@ def lookup_of(st: state.LabState) -> targets.Lookup:
     return targets.Lookup(st, current_lab(st))
 
 
-def apply(st: state.LabState, items: list[dict[str, Any]], seed: int | None = None) -> list[Applied]:
-    """Apply faults to a running lab, in order; each is recorded as soon as it is done."""
+def apply(st: state.LabState, items: list[dict[str, Any]], seed: int | None = None,
+          exercise: bool = False) -> list[Applied]:
+    """Apply faults to a running lab, in order; each is recorded as soon as it is done. `seed`: drawn at
+    random from it; `exercise`: the exercise's own (both kept secret by `lab status` unless --reveal)."""
     checked = [normalized(item) for item in items]  # all valid before any is applied
     done = []
     for fault, params in checked:
         lookup = lookup_of(state.load(st.name) or st)  # fresh: an earlier fault may have changed the state
-        applied = Applied(fault.name, params, fault.apply(lookup, params), seed=seed)
+        applied = Applied(fault.name, params, fault.apply(lookup, params), seed=seed, exercise=exercise)
         _record(st.name, applied)
         done.append(applied)
     return done

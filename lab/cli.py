@@ -78,7 +78,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
 
 def _apply_exercise_faults(st, items: list[dict], seed: int | None) -> None:
     """The exercise's faults after `lab up`. Random ones (the capstone) are drawn from the seed, which is
-    printed so the same puzzle can be rebuilt (`lab up --seed N`); what they broke is not printed."""
+    printed so the same puzzle can be rebuilt (`lab up --seed N`). What any of them broke is not printed:
+    finding it is the exercise (its README says where to look)."""
     from grading import faults
 
     if seed is None and os.environ.get("KUBENET_LAB_SEED", "").isdigit():
@@ -87,10 +88,12 @@ def _apply_exercise_faults(st, items: list[dict], seed: int | None) -> None:
         seed = faults.new_seed()
     expanded = faults.expand(st, items, seed)
     for (item, drawn) in expanded:
-        applied = faults.apply(st, [item], seed=seed if drawn else None)[0]
-        if not drawn:
-            print(f"fault: {applied.detail}", file=sys.stderr)
-    hidden = sum(drawn for _, drawn in expanded)
+        faults.apply(st, [item], seed=seed if drawn else None, exercise=not drawn)
+    own = len(expanded) - sum(drawn for _, drawn in expanded)
+    if own:
+        print(f"faults: the exercise broke {'something' if own == 1 else f'{own} things'} after the lab came up: "
+              f"find {'it' if own == 1 else 'them'} (`lab status --reveal` gives it away)", file=sys.stderr)
+    hidden = len(expanded) - own
     if hidden:
         print(f"faults: {hidden} random fault{'s' if hidden > 1 else ''} applied (seed {seed}): find "
               f"{'them' if hidden > 1 else 'it'}; `lab up --seed {seed}` rebuilds the same puzzle", file=sys.stderr)

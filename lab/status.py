@@ -9,24 +9,35 @@ from kubelet import runtime
 from kubelet.pods import alive_sandboxes, running_pods
 from services import endpoints, kube_proxy
 from topo import names
+from topo.model import Lab
 
 
-def pod_status(pod: state.PodState, alive: bool | None = None, running: bool | None = None) -> str:
+def pod_status(pod: state.PodState, alive: bool | None = None, running: int | None = None) -> str:
     """The STATUS column as `kubectl get pods` words it where the lab knows as much: Pending while its
-    command makes it, Terminating while one removes it, Running while a container (or, for a pod of only
-    the pause image, its sandbox) runs, Terminated once every container has exited (the lab does not keep
-    exit codes, so it cannot say Completed or Error), Dead when the sandbox itself is gone."""
+    command makes it, Terminating while one removes it, Running while its containers (or, for a pod of only
+    the pause image, its sandbox) run, NotReady while some of them have exited and others run (kubectl's
+    word for a running pod that is not ready), Terminated once every container has exited (the lab keeps no
+    exit codes, so it cannot say Completed or Error), Dead when the sandbox itself is gone. `running`: how
+    many of the pod's container processes live (looked at here when not given)."""
     if pod.waiting:  # Pending on purpose, e.g. no address left (aws-vpc): kubectl shows the waiting reason
         return pod.reason or "Pending"
     if pod.phase != "Running":
         return pod.phase
     if not (runtime.sandbox_alive(pod.netns, pod.pause_pid) if alive is None else alive):
         return "Dead"
+    if not pod.containers:
+        return "Running"
     if running is None:
-        running = not pod.containers or any(runtime.in_pod(pid, pod.netns) for pid in pod.containers.values())
-    if not running:
-        return "Terminated"
-    return "Running"
+        running = sum(runtime.in_pod(pid, pod.netns) for pid in pod.containers.values())
+    return "Terminated" if running == 0 else "NotReady" if running < len(pod.containers) else "Running"
+
+
+def ready(pod: state.PodState, alive: bool | None, running: int) -> str:
+    """kubectl's READY column: containers running of those the lab runs as processes (a pause-image container
+    has none: a pod of only the pause image counts its sandbox, 1/1)."""
+    if not pod.containers:
+        return f"{int(bool(alive) and pod.phase == 'Running' and not pod.waiting)}/1"
+    return f"{running if alive and pod.phase == 'Running' else 0}/{len(pod.containers)}"
 
 
 def kernel_view(name: str, problem: str) -> dict[str, Any]:
@@ -43,8 +54,9 @@ def kernel_view(name: str, problem: str) -> dict[str, Any]:
 
 
 def describe(st: state.LabState, reveal: bool = False) -> dict[str, Any]:
-    """The lab as JSON-able data. Random faults (`lab break --random`, a capstone's) are a puzzle: only
-    their seed is shown, unless `reveal` (the details stay in the lab's faults.json for graders)."""
+    """The lab as JSON-able data. Random faults (`lab break --random`, a capstone's) and an exercise's own
+    faults are a puzzle: only that they were applied (and the seed) is shown, unless `reveal` (the details
+    stay in the lab's faults.json for graders)."""
     lab = current_lab(st)  # the lab as it runs now (services too); its nodes are the spec's and those joined
     vpc = lab.cni.profile == "aws-vpc"  # no PodCIDR, no cni0: pods take subnet addresses (`lab ipam`)
     nodes = [{"name": n.name, "ip": str(n.ip), "podCIDR": "-" if vpc else str(n.pod_cidr),
@@ -56,12 +68,15 @@ def describe(st: state.LabState, reveal: bool = False) -> dict[str, Any]:
     alive = alive_sandboxes(st)
     containers = runtime.sandboxes_alive({(key, c): (pod.netns, pid) for key, pod in st.pods.items()
                                           if alive.get(key) for c, pid in pod.containers.items()})
-    running = {key for key, _ in (k for k, up in containers.items() if up)}
+    running: dict[str, int] = {}
+    for (key, _), up in containers.items():
+        running[key] = running.get(key, 0) + up
     for key, pod in sorted(st.pods.items(), key=lambda kv: (kv[1].node, kv[0])):
         namespace, name = key.split("/", 1)
-        status = pod_status(pod, alive.get(key), not pod.containers or key in running)
+        status = pod_status(pod, alive.get(key), running.get(key, 0))
         pods.append({"namespace": namespace, "name": name, "node": pod.node, "ip": pod.ip,
-                     "netns": pod.netns, "status": status, "containers": pod.containers,
+                     "netns": pod.netns, "ready": ready(pod, alive.get(key), running.get(key, 0)),
+                     "status": status, "containers": pod.containers,
                      "message": pod.message if pod.waiting else None})
     services = []
     if lab.services:
@@ -70,8 +85,9 @@ def describe(st: state.LabState, reveal: bool = False) -> dict[str, Any]:
                              "clusterIP": str(sp.service.cluster_ip), "port": sp.port.port,
                              "protocol": sp.port.protocol, "nodePort": sp.port.node_port,
                              "endpoints": [str(e) for e in sp.endpoints]})
-    faults = [{"fault": f.fault, "params": f.params, "detail": f.detail, "seed": f.seed}
-              if reveal or f.seed is None else {"fault": None, "params": None, "detail": None, "seed": f.seed}
+    faults = [{"fault": f.fault, "params": f.params, "detail": f.detail, "seed": f.seed, "exercise": f.exercise}
+              if reveal or not f.secret else
+              {"fault": None, "params": None, "detail": None, "seed": f.seed, "exercise": f.exercise}
               for f in _recorded_faults(st.name)]
     waiting_nodes = [{"name": o["metadata"]["name"], "message": (o["metadata"].get("annotations") or {}).get(
         "kubenet-lab.io/waiting", "")} for o in st.objects if o.get("kind") == "Node"
@@ -81,8 +97,15 @@ def describe(st: state.LabState, reveal: bool = False) -> dict[str, Any]:
             "backend": lab.network.backend, "mtu": lab.network.mtu, "kubeProxy": kube_proxy.mode_label(lab),
             "cni": lab.cni.profile,
             "services": services, "external": [{"name": e.name, "ip": str(e.ip)} for e in lab.external],
-            "underlay": str(lab.underlay.subnet), "podCIDR": str(lab.cluster.pod_cidr),
+            "underlay": _underlay(lab), "podCIDR": str(lab.cluster.pod_cidr),
             "serviceCIDR": str(lab.cluster.service_cidr), "nodes": nodes, "pods": pods}
+
+
+def _underlay(lab: Lab) -> str:
+    """The underlay's subnet, or with racks each rack's (a routed underlay has no one subnet)."""
+    if lab.underlay.subnet is not None:
+        return str(lab.underlay.subnet)
+    return ", ".join(f"{r.name} {r.subnet}" for r in lab.underlay.racks)
 
 
 def _recorded_faults(name: str) -> list:
@@ -124,8 +147,8 @@ def render(info: dict[str, Any]) -> str:
         gateway = "CILIUM_HOST" if info.get("cni") == "cilium" else "CNI0"
         nodes = [["NODE", "IP", "PODCIDR", gateway]] + [
             [n["name"], n["ip"], n["podCIDR"], n["gateway"]] for n in info["nodes"]]
-    pods = [["POD", "NAMESPACE", "NODE", "IP", "STATUS"]] + [
-        [p["name"], p["namespace"], p["node"], p["ip"], p["status"]] for p in info["pods"]]
+    pods = [["POD", "NAMESPACE", "NODE", "IP", "READY", "STATUS"]] + [
+        [p["name"], p["namespace"], p["node"], p["ip"], p["ready"], p["status"]] for p in info["pods"]]
     if info.get("waitingNodes"):  # Node objects the subnet had no address for (aws-vpc)
         nodes += [[n["name"], "<none>", "", "", "NotReady: cannot join: " + n["message"]] for n in info["waitingNodes"]]
     parts = [head, table(nodes), table(pods) if info["pods"] else "(no pods)"]
@@ -141,8 +164,10 @@ def render(info: dict[str, Any]) -> str:
     if info["external"]:
         parts.append(table([["EXTERNAL", "IP"]] + [[e["name"], e["ip"]] for e in info["external"]]))
     if info.get("faults"):  # `lab break` and an exercise's faults; random ones stay a puzzle
-        shown = [f"  a random fault (seed {f['seed']})" if f["detail"] is None else
-                 f"  {f['detail']}" + (f" (random, seed {f['seed']})" if f["seed"] is not None else "")
+        shown = [(f"  a random fault (seed {f['seed']})" if f["seed"] is not None else
+                  "  a fault of the exercise: find it") if f["detail"] is None else
+                 f"  {f['detail']}" + (f" (random, seed {f['seed']})" if f["seed"] is not None else
+                                       " (the exercise's)" if f.get("exercise") else "")
                  for f in info["faults"]]
         parts.append("FAULTS APPLIED\n" + "\n".join(shown))
     return "\n\n".join(parts)

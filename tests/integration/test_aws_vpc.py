@@ -122,6 +122,9 @@ def test_racks_are_subnets_and_pods_cross_them_by_the_routers(lab_up) -> None:
     books = ipam(name)
     assert [(s["subnet"], s["other"], s["nodes"], s["pods"]) for s in books["subnets"]] == [
         ("192.168.1.0/24", 0, 2, 1), ("192.168.2.0/24", 0, 2, 1)]  # the ToR at .1 is AWS's reserved router
+    # a routed underlay has no one subnet: `lab status` names the racks' (it printed "underlay None")
+    assert json.loads(lab("status", name, "--json").stdout)["underlay"] == "rack1 192.168.1.0/24, rack2 192.168.2.0/24"
+    assert "underlay rack1 192.168.1.0/24, rack2 192.168.2.0/24, pods" in lab("status", name).stdout
 
 
 # ---- running dry, and the fixes -----------------------------------------------------------------

@@ -66,8 +66,14 @@ def test_task_checks_fail_before_and_all_pass_after_the_solution(slug: str, tmp_
     try:
         up = lab("up", str(folder))
         ex = checks.load(folder)
-        for fault in ex.faults:
-            assert "fault: " in up.stderr, fault
+        # What the exercise broke is the puzzle: `lab up` and `lab status` say that it broke something, never
+        # what (02's README: "`lab status` looks fine"); --reveal does.
+        if ex.faults:
+            assert "faults: the exercise broke something after the lab came up: find it" in up.stderr, up.stderr
+        for fault in json.loads(lab("status", name, "--json", "--reveal").stdout)["faults"]:
+            assert fault["exercise"] and fault["detail"] and fault["detail"] not in up.stdout + up.stderr
+            assert fault["detail"] not in lab("status", name).stdout
+            assert "a fault of the exercise: find it" in lab("status", name).stdout
         code, before = graded(name)
         assert code == 1
         got = {c["name"]: c for c in before["checks"]}
@@ -132,7 +138,7 @@ def test_lab_break_faults_are_recorded_and_the_random_choice_is_seeded(tmp_path:
     folder = copy_exercise("04-host-gw", tmp_path, name)
     try:
         lab("up", str(folder))
-        assert "deleted the route to 10.244.2.0/24 on node1" in lab("status", name).stdout
+        assert "deleted the route to 10.244.2.0/24 on node1 (the exercise's)" in lab("status", name, "--reveal").stdout
         lab("break", "--lab", name, "link-mtu", "in=web-2", "mtu=1300")
         assert "mtu 1300" in lab("exec", "--lab", name, "web-2", "--", "ip", "link", "show", "eth0").stdout
         proc = lab("break", "--lab", name, "link-mtu", "in=web-2", "mtu=x", check=False)
@@ -140,7 +146,8 @@ def test_lab_break_faults_are_recorded_and_the_random_choice_is_seeded(tmp_path:
         first = lab("break", "--lab", name, "--random", "--seed", "11").stdout
         assert "random fault (seed 11)" in first and "route" not in first  # the puzzle stays a puzzle
         info = json.loads(lab("status", name, "--json").stdout)
-        assert [f["fault"] for f in info["faults"][:2]] == ["route-delete", "link-mtu"]
+        assert [f["fault"] for f in info["faults"][:2]] == [None, "link-mtu"]  # the exercise's own is its puzzle
+        assert info["faults"][0]["exercise"] and not info["faults"][1]["exercise"]
         assert (info["faults"][2]["seed"], info["faults"][2]["fault"], info["faults"][2]["detail"]) == (11, None, None)
         revealed = json.loads(lab("status", name, "--json", "--reveal").stdout)["faults"][2]
         assert revealed["seed"] == 11 and revealed["fault"] in faults.FAULTS and revealed["detail"]

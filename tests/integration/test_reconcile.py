@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -261,6 +262,20 @@ def test_pod_status_follows_its_containers_and_a_moved_pod_moves(lab_up, tmp_pat
             break
         time.sleep(0.2)
     assert pod["status"] == "Terminated", pod
+    # Two containers on one port: one of them cannot bind and exits, the other runs. kubectl shows such a pod
+    # not ready (READY 1/2); `lab status` said Running, as if nothing had happened (exercise 01's "Try also").
+    clash = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "clash"},
+             "spec": {"nodeName": "node1", "containers": [
+                 {"name": c, "image": "agnhost", "args": ["netexec", "--http-port=9000"]} for c in ("a", "b")]}}
+    lab("apply", "--lab", name, "-f", manifests(tmp_path, "clash", clash))
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        pod = next(p for p in status(name)["pods"] if p["name"] == "clash")
+        if pod["status"] != "Running":
+            break
+        time.sleep(0.2)
+    assert pod["status"] == "NotReady" and pod["ready"] == "1/2", pod
+    assert re.search(r"clash\s+default\s+node1\s+\S+\s+1/2\s+NotReady", lab("status", name).stdout)
 
     moved = pause_pod("mover", "node1")
     lab("apply", "--lab", name, "-f", manifests(tmp_path, "m1", moved))
