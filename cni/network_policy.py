@@ -329,12 +329,16 @@ def sync(lab: Lab, workloads: list[Workload], folder: Path) -> SyncReport:
     return SyncReport(loaded, len(lab.network_policies), time.monotonic() - started, True)
 
 
+def _policies(n: int) -> str:
+    return "1 policy is" if n == 1 else f"{n} policies are"
+
+
 def not_enforced_warning(lab: Lab) -> str | None:
     """What `lab apply` / `lab up` say when a lab holds NetworkPolicies its CNI does not enforce."""
     if lab.cni.enforces_policy or not lab.network_policies:
         return None
     how = "spec.cni.profile" if lab.cni.given else f"backend {lab.network.backend}, no spec.cni.profile"
     return (f"Warning: this lab plays Flannel ({how}), which does not enforce NetworkPolicy: "
-            f"{len(lab.network_policies)} policies are stored but nothing is blocked; use spec.cni.profile: "
+            f"{_policies(len(lab.network_policies))} stored but nothing is blocked; use spec.cni.profile: "
             "calico to enforce them")
 

@@ -210,25 +210,29 @@ def _settle(paths: list[Path], quiet: float = 0.15, timeout: float = 2.0) -> Non
             return
 
 
+def _n(count: int, one: str, many: str) -> str:
+    """"1 query", "0 queries": the output is read by people, and "1 steps" read as a mistake."""
+    return f"{count} {one if count == 1 else many}"
+
+
 def render(c: Count) -> str:
     options = " ".join(line for line in c.resolv_conf.splitlines() if line.startswith(("search", "options")))
     lines = [f"{c.pod} ({c.pod_ip}) resolved {c.name} with {c.resolver} -> {', '.join(c.answer) or 'no answer'}",
              f"  with: {options}"]
     if c.wire:
         steps = max(q.step for q in c.wire)
-        lines.append(f"{len(c.wire)} queries sent by the pod in {steps} steps, {c.duration_ms:.1f} ms "
-                     "(step: queries in flight together; ms sent -> answered):")
+        lines.append(f"{_n(len(c.wire), 'query', 'queries')} sent by the pod in {_n(steps, 'step', 'steps')}, "
+                     f"{c.duration_ms:.1f} ms (step: queries in flight together; ms sent -> answered):")
         for q in c.wire:
             got = (f"{q.answered * 1000:7.1f}  {q.rcode} {' '.join(q.answers)}".rstrip()
                    if q.answered is not None else "     no answer")
             lines.append(f"  {q.step:>2}  {q.sent * 1000:7.1f} -> {got:<24} {q.qtype:5} {q.name} "
                          f"({q.proto} :{q.port} -> {q.server})")
     if c.node_cache is not None:
-        lines.append(f"{len(c.node_cache)} queries at the node's cache (NodeLocal DNSCache), {c.cache_hits} answered "
-                     "from its cache")
-    lines += [
-              f"{len(c.cluster)} queries at the cluster DNS (dnsmasq, Kubernetes DNS specification "
-             f"{dns.DNS_SCHEMA_VERSION}: TXT dns-version.<zone>):"]
+        lines.append(f"{_n(len(c.node_cache), 'query', 'queries')} at the node's cache (NodeLocal DNSCache), "
+                     f"{c.cache_hits} answered from its cache")
+    lines += [f"{_n(len(c.cluster), 'query', 'queries')} at the cluster DNS (dnsmasq, Kubernetes DNS "
+              f"specification {dns.DNS_SCHEMA_VERSION}: TXT dns-version.<zone>):"]
     lines += [f"  {q.qtype:5} {q.name}" for q in c.cluster]
     if c.upstream:
         lines.append(f"{len(c.upstream)} forwarded to the upstream DNS:")

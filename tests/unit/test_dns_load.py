@@ -144,3 +144,20 @@ def test_wire_pairs_queries_with_answers_and_numbers_parallel_steps() -> None:
         ("A", "api.example.com", 2, "NOERROR"), ("AAAA", "api.example.com", 3, "NOERROR")]
     assert got[2].answers == ["192.168.1.200"] and got[0].sent == 0.0
     assert got[-1].answered == pytest.approx(0.0015)
+
+
+def test_dns_count_says_one_step_and_one_query_in_the_singular() -> None:
+    """`lab dns-count` printed "1 queries sent by the pod in 1 steps" for a lookup of one query."""
+    from observe import dnscount
+
+    wire = [dnswire.Exchange(0.0, "A", "web.default.svc.cluster.local", "10.96.0.10", 4000, answered=0.0004,
+                             rcode="NOERROR", answers=["10.96.0.100"], step=1)]
+    one = dns.Query("A", "web.default.svc.cluster.local", "10.244.1.2")
+    count = dnscount.Count("default/a", "10.244.1.2", "web.default.svc.cluster.local.", "search x\n",
+                           ["10.96.0.100"], cluster=[one], wire=wire)
+    text = dnscount.render(count)
+    assert "1 query sent by the pod in 1 step," in text and "1 query at the cluster DNS" in text, text
+    assert "1 steps" not in text and "1 queries" not in text
+    count.wire = wire + [dnswire.Exchange(0.001, "AAAA", "web.default.svc.cluster.local", "10.96.0.10", 4000,
+                                          step=2)]
+    assert "2 queries sent by the pod in 2 steps," in dnscount.render(count)

@@ -496,3 +496,104 @@ def test_an_answers_file_given_but_missing_is_a_usage_error(tmp_path: Path) -> N
     with pytest.raises(StateError, match=f"^--answers {tmp_path}: not a file"):
         grade.grade("unit-no-such-lab", answers=str(tmp_path))
     assert grade.given_answers(None) is None  # the default is the exercise's answers.yaml, checked by the probe
+
+
+# ------------------------------------------------------------------ what the why lines say
+
+
+@pytest.mark.parametrize("detail,word", [("Network is unreachable", "unreachable"), ("No route to host", "unreachable"),
+                                         ("Operation not permitted", "failed"), ("timeout", "blocked"),
+                                         ("refused", "refused")])
+def test_a_reach_that_is_not_dropped_is_not_called_blocked(monkeypatch: pytest.MonkeyPatch, detail: str,
+                                                          word: str) -> None:
+    """docs/exercises.md: "blocked" means dropped (a timeout). A source whose eth0 is down got
+    `... blocked (Network is unreachable)`: the why line must say what happened."""
+    from observe.probe import ProbeResult
+
+    monkeypatch.setattr(grade.probes, "_connect", lambda st, src, ip, port, proto, timeout:
+                        ProbeResult(src, ip, port, proto, False, detail))
+    ctx = grade.probes.Context(_FakeLookup(), None)  # type: ignore[arg-type]
+    result = grade.probes.reach(ctx, _probe("reach", **{"from": "a", "to": "b", "port": 80}))
+    assert not result.passed
+    assert f"/tcp: {word}" in result.detail and (word == "blocked") is ("blocked" in result.detail), result.detail
+    if detail not in ("timeout", "refused"):
+        assert f"{word} ({detail})" in result.detail
+
+
+class _FakeLink:
+    def __init__(self, index: int, name: str, master: int | None = None, kind: str = "veth", mac: str = "") -> None:
+        self.index, self.name, self.master, self.kind, self.mac = index, name, master, kind, mac
+        self.mtu, self.up = 1500, True
+
+
+class _FakeRtnl:
+    def __init__(self, links: list[_FakeLink]) -> None:
+        self._links = links
+
+    def __enter__(self) -> "_FakeRtnl":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def links(self) -> list[_FakeLink]:
+        return self._links
+
+    def link(self, name: str) -> _FakeLink | None:
+        return next((l for l in self._links if l.name == name), None)
+
+
+def test_a_link_without_master_says_none_not_python_none(monkeypatch: pytest.MonkeyPatch) -> None:
+    """02's grade said `master none, ...; wrong: master None (expected cni0), hairpin None (expected on)`."""
+    monkeypatch.setattr(grade.probes.netns, "rtnl_in", lambda ns: _FakeRtnl([_FakeLink(1, "veth1"),
+                                                                             _FakeLink(2, "cni0", kind="bridge")]))
+    ctx = grade.probes.Context(_FakeLookup(), None)  # type: ignore[arg-type]
+    result = grade.probes.link(ctx, _probe("link", **{"in": "node1", "dev": "veth1", "master": "cni0",
+                                                      "hairpin": True}))
+    assert not result.passed and "None" not in result.detail, result.detail
+    assert result.detail.endswith("wrong: master none (expected cni0), hairpin not a bridge port (expected on)")
+
+
+def _answer(tmp_path: Path, text: str, key: str, value: dict) -> grade.probes.Result:
+    answers = tmp_path / "answers.yaml"
+    answers.write_text(text)
+    ctx = grade.probes.Context(_FakeLookup(), answers)  # type: ignore[arg-type]
+    return grade.probes.answer(ctx, schema.AnswerIn.model_validate({"key": key, "value": value}))
+
+
+@pytest.mark.parametrize("given", ["0a:58:0a:f4:01:01", "0A-58-0A-F4-01-01", "0A:58:0a:F4:01:01",
+                                   "'0a-58-0a-f4-01-01'"])
+def test_a_mac_answer_is_compared_as_a_mac_whatever_its_case_and_separator(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, given: str) -> None:
+    """`web-1-gateway-mac: 0A-58-0A-F4-01-01` (the form Windows and many vendors print) was "not what the
+    lab says"; only the separator and the case differ (IEEE 802 writes hyphens, iproute2 colons)."""
+    monkeypatch.setattr(grade.probes.netns, "rtnl_in", lambda ns: _FakeRtnl(
+        [_FakeLink(3, "cni0", kind="bridge", mac="0a:58:0a:f4:01:01")]))
+    result = _answer(tmp_path, f"gw: {given}\n", "gw", {"mac": {"in": "node1", "dev": "cni0"}})
+    assert result.passed, result.detail
+
+
+@pytest.mark.parametrize("given", ["0a:58:0a:f4:01:02", "0a580af40101", "0a:58:0a:f4:01", "cni0"])
+def test_a_wrong_mac_answer_still_fails(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, given: str) -> None:
+    monkeypatch.setattr(grade.probes.netns, "rtnl_in", lambda ns: _FakeRtnl(
+        [_FakeLink(3, "cni0", kind="bridge", mac="0a:58:0a:f4:01:01")]))
+    result = _answer(tmp_path, f"gw: '{given}'\n", "gw", {"mac": {"in": "node1", "dev": "cni0"}})
+    assert not result.passed and "0a:58:0a:f4:01:01" not in result.detail, result.detail
+
+
+def test_a_veth_answer_written_as_ip_prints_it_says_to_drop_the_suffix(monkeypatch: pytest.MonkeyPatch,
+                                                                      tmp_path: Path) -> None:
+    """`web-1-host-veth: vethf3c2e917@if2` (as `ip link` prints it) was "not what the lab says": the @ifN is
+    iproute2's note of the peer's interface index, not part of the name."""
+    monkeypatch.setattr(grade.probes.targets, "host_veth", lambda look, pod: "vethf3c2e917")
+    result = _answer(tmp_path, "v: vethf3c2e917@if2\n", "v", {"hostVeth": "web-1"})
+    assert not result.passed
+    assert result.detail == "v: vethf3c2e917@if2: write the name without @if2 (ip link adds @ifN: the peer's index)"
+    assert _answer(tmp_path, "v: vethf3c2e917\n", "v", {"hostVeth": "web-1"}).passed
+    assert not _answer(tmp_path, "v: vethf3c2e91\n", "v", {"hostVeth": "web-1"}).passed
+
+
+def test_a_mac_answer_yaml_reads_as_a_number_says_to_quote_it(tmp_path: Path) -> None:
+    """YAML 1.1 reads an unquoted 12:34:56:10:20:30 as a base-60 integer: say so, not "not what the lab says"."""
+    result = _answer(tmp_path, "gw: 12:34:56:10:20:30\n", "gw", {"mac": {"in": "node1", "dev": "cni0"}})
+    assert result.detail == "gw: YAML read it as the number 9783973230: put the MAC address in quotes"

@@ -229,7 +229,13 @@ def test_without_a_profile_the_backend_says_which_cni_the_lab_plays() -> None:
 
 def test_flannel_warns_that_policies_are_not_enforced() -> None:
     lab = parse_spec_text(LAB.replace("calico", "flannel") + _policy("deny", "{podSelector: {}}"))
-    assert "does not enforce NetworkPolicy: 1 policies are stored" in (np.not_enforced_warning(lab) or "")
+    # "1 policies are stored": one policy is told in the singular
+    warning = np.not_enforced_warning(lab) or ""
+    assert "does not enforce NetworkPolicy: 1 policy is stored but nothing is blocked" in warning
+    two = parse_spec_text(LAB.replace("calico", "flannel") + _policy("deny", "{podSelector: {}}")
+                          + _policy("deny2", "{podSelector: {}}"))
+    warning = np.not_enforced_warning(two) or ""
+    assert "does not enforce NetworkPolicy: 2 policies are stored but nothing is blocked" in warning
     assert np.not_enforced_warning(_lab(CASES["default-deny-ingress"])) is None
 
 
