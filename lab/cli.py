@@ -28,8 +28,9 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     _warn_root(lab)
     exercise = _exercise_checks(args.spec)
     if exercise is not None:
+        faults = sum(item.get("random", 1) for item in exercise.faults)  # {random: 3} is three faults
         print(f"{exercise.file}: valid: {len(exercise.checks)} checks, {exercise.max_points} points, "
-              f"{len(exercise.faults)} faults")
+              f"{faults} fault{'' if faults == 1 else 's'}")
     return 0
 
 

@@ -50,6 +50,14 @@ def test_validate_the_default_lab_needs_no_root(capsys: pytest.CaptureFixture[st
     assert "lab seed, 2 nodes, 3 pods" in capsys.readouterr().out
 
 
+def test_validate_an_exercise_counts_its_faults_in_words(capsys: pytest.CaptureFixture[str]) -> None:
+    """"1 faults" read as a mistake; a capstone's {random: 3} is three faults, not one."""
+    repo = Path(__file__).resolve().parents[2]
+    for folder, words in (("05-vxlan-mtu", "1 fault\n"), ("13-capstone", "3 faults\n"), ("01-namespaces", "0 faults\n")):
+        assert main(["validate", str(repo / "labs" / folder)]) == 0
+        assert capsys.readouterr().out.endswith(words)
+
+
 def test_missing_file_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["validate", "/nonexistent/lab.yaml"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
