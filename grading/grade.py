@@ -27,7 +27,7 @@ from grading import checks, probes
 from grading.fields import FEATURES
 from grading.schema import ANSWERS_FILE
 from observe import targets
-from topo.errors import StateError, one_line
+from topo.errors import SpecError, StateError, one_line
 from topo.schema import close_match
 
 RETRY_INTERVAL = 0.25  # seconds between attempts of a check with `wait`
@@ -60,6 +60,7 @@ class Report:
     lab: str
     outcomes: list[Outcome] = field(default_factory=list)
     seconds: float = 0.0
+    warning: str | None = None  # said on stderr: e.g. graded against an exercise other than its own
 
     @property
     def score(self) -> int:
@@ -125,7 +126,7 @@ def grade(lab_name: str | None, exercise: str | None = None, answers: str | None
 
     ctx = probes.Context(targets.Lookup(st, current_lab(st)), given or folder / ANSWERS_FILE)
     chosen = selected(ex, only)
-    report = Report(ex, st.name)
+    report = Report(ex, st.name, warning=_another_exercise(st, folder, ex) if exercise is not None else None)
     started = time.monotonic()
     done: dict[str, Outcome] = {}
     for check in ex.checks:
@@ -136,6 +137,21 @@ def grade(lab_name: str | None, exercise: str | None = None, answers: str | None
         report.outcomes.append(outcome)
     report.seconds = time.monotonic() - started
     return report
+
+
+def _another_exercise(st: state.LabState, folder: Path, ex: checks.Exercise) -> str | None:
+    """A warning when the folder given is another exercise than the one the lab was built from (`lab grade
+    FOLDER` is meant for another copy of the same exercise): every check would fail for a reason of its own."""
+    if st.exercise is None or Path(st.exercise).resolve() == folder.resolve():
+        return None
+    try:
+        built = checks.load(Path(st.exercise), st.exercise)
+    except (SpecError, StateError, OSError):
+        return None  # its own folder is gone or changed: nothing to compare with
+    if built.title == ex.title:
+        return None
+    return (f"lab {st.name} was built from {st.exercise} ({built.title}), not from this exercise ({ex.title}): "
+            "its checks will fail for that reason")
 
 
 def given_answers(answers: str | None) -> Path | None:

@@ -282,6 +282,8 @@ def _cmd_grade(args: argparse.Namespace) -> int:
             raise StateError(f"--junit {args.junit}: cannot write there (no such folder, or not writable)")
     require_root()
     report = grade.grade(args.lab, args.exercise, args.answers, args.only)
+    if report.warning:
+        print(f"Warning: {report.warning}", file=sys.stderr)
     if args.junit:
         try:
             with open(args.junit, "w") as fh:

@@ -139,6 +139,11 @@ def test_lab_break_faults_are_recorded_and_the_random_choice_is_seeded(tmp_path:
     try:
         lab("up", str(folder))
         assert "deleted the route to 10.244.2.0/24 on node1 (the exercise's)" in lab("status", name, "--reveal").stdout
+        # graded against another exercise: said (every check fails for that reason); another copy of its own: not
+        other = lab("grade", "--lab", name, str(REPO / "labs" / "01-namespaces"), "--only", "pause-pid", check=False)
+        assert other.stderr.startswith(f"Warning: lab {name} was built from {folder} (host-gw, and why"), other.stderr
+        own = lab("grade", "--lab", name, str(REPO / "labs" / "04-host-gw"), "--only", "route-back", check=False)
+        assert "Warning" not in own.stderr, own.stderr
         lab("break", "--lab", name, "link-mtu", "in=web-2", "mtu=1300")
         assert "mtu 1300" in lab("exec", "--lab", name, "web-2", "--", "ip", "link", "show", "eth0").stdout
         proc = lab("break", "--lab", name, "link-mtu", "in=web-2", "mtu=x", check=False)
