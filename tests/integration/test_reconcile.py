@@ -248,6 +248,17 @@ def test_create_delete_cycles_leave_state_and_logs_as_they_were(lab_up, tmp_path
     assert sorted(os.listdir(RUN / name / "logs")) == logs
 
 
+def _once_not_running(name: str, pod_name: str, timeout: float = 10.0) -> dict:
+    """The pod's `lab status --json` entry once it is no longer Running (its container exits soon), or at the
+    timeout as it is then."""
+    deadline = time.monotonic() + timeout
+    while True:
+        pod = next(p for p in status(name)["pods"] if p["name"] == pod_name)
+        if pod["status"] != "Running" or time.monotonic() > deadline:
+            return pod
+        time.sleep(0.2)
+
+
 def test_pod_status_follows_its_containers_and_a_moved_pod_moves(lab_up, tmp_path: Path) -> None:
     name = unique("phase")
     lab_up(seed_spec(name))
@@ -255,12 +266,7 @@ def test_pod_status_follows_its_containers_and_a_moved_pod_moves(lab_up, tmp_pat
             "spec": {"nodeName": "node1", "restartPolicy": "Never",
                      "containers": [{"name": "once", "image": "busybox", "command": ["true"]}]}}
     lab("apply", "--lab", name, "-f", manifests(tmp_path, "done", done))
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        pod = next(p for p in status(name)["pods"] if p["name"] == "done")
-        if pod["status"] != "Running":
-            break
-        time.sleep(0.2)
+    pod = _once_not_running(name, "done")
     assert pod["status"] == "Terminated", pod
     # Two containers on one port: one of them cannot bind and exits, the other runs. kubectl shows such a pod
     # not ready (READY 1/2); `lab status` said Running, as if nothing had happened (exercise 01's "Try also").
@@ -268,12 +274,7 @@ def test_pod_status_follows_its_containers_and_a_moved_pod_moves(lab_up, tmp_pat
              "spec": {"nodeName": "node1", "containers": [
                  {"name": c, "image": "agnhost", "args": ["netexec", "--http-port=9000"]} for c in ("a", "b")]}}
     lab("apply", "--lab", name, "-f", manifests(tmp_path, "clash", clash))
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        pod = next(p for p in status(name)["pods"] if p["name"] == "clash")
-        if pod["status"] != "Running":
-            break
-        time.sleep(0.2)
+    pod = _once_not_running(name, "clash")
     assert pod["status"] == "NotReady" and pod["ready"] == "1/2", pod
     assert re.search(r"clash\s+default\s+node1\s+\S+\s+1/2\s+NotReady", lab("status", name).stdout)
 
