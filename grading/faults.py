@@ -20,7 +20,6 @@ import os
 import random
 import re
 import shlex
-import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -98,28 +97,15 @@ def _link_mtu(lookup: targets.Lookup, p: dict[str, Any]) -> str:
     return f"set the MTU of {p['dev']} on {p['in']} to {p['mtu']}"
 
 
-# What a host's NIC receives from its wire are frames no bigger than the sender's MTU: the sender's NIC cuts
-# what TCP handed down as one large packet (TSO). The lab's wires are veths, which pass such a packet whole
-# and check the MTU of their other end only for packets that are not one (the kernel's is_skb_forwardable):
-# with a NIC's MTU lowered, bulk TCP would still arrive (exercise 05's curl printed 200) where a NIC drops the
-# frames. So the other end of that NIC's cable takes no segmentation-offloaded packet any more: the kernel cuts
-# them into wire-sized frames before they cross, and those too big for the NIC are dropped as a NIC drops them.
-_SEGMENTATION = ("tso", "gso", "tx-udp_tnl-segmentation", "tx-udp_tnl-csum-segmentation")
-
-
 def _wire_sized(lookup: targets.Lookup, target: targets.Target, dev: str) -> None:
-    """Make the other end of `dev`'s cable send wire-sized frames (above), for a host's NIC on the underlay. A
-    pod's eth0 is left alone: it is a veth in a real cluster too, where such packets pass whole as here."""
+    """A host's NIC with a lowered MTU: the other end of its cable sends wire-sized frames from now on
+    (topo.underlay.wire_sized says why), so bulk TCP is black-holed there as on real hardware. A pod's eth0
+    is left alone: it is a veth in a real cluster too, where such packets pass whole as here."""
     if target.kind not in ("node", "router", "external"):
         return
     other = underlay.plan(lookup.lab).cables().get((target.netns, dev))
-    if other is None:
-        return  # not one of the lab's cables (a bridge, a tunnel device): no wire behind it
-    netns_name, port = other
-    argv = ["ip", "netns", "exec", netns_name, "ethtool", "-K", port, *(w for f in _SEGMENTATION for w in (f, "off"))]
-    proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=10)
-    if proc.returncode != 0:
-        raise ApplyError(f"{' '.join(argv)} failed: {proc.stdout.strip() or f'exit {proc.returncode}'}")
+    if other is not None:  # None: not one of the lab's cables (a bridge, a tunnel device): no wire behind it
+        underlay.wire_sized(*other)
 
 
 def _link_down(lookup: targets.Lookup, p: dict[str, Any]) -> str:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import subprocess
 import sys
 import warnings
 from collections.abc import Iterator
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 
 from topo import names, netns
-from topo.errors import FeatureMissing
+from topo.errors import ApplyError, FeatureMissing
 from topo.model import NODE_IFNAME, SPINE, Lab, LinkSpec
 from topo.rtnl import Rtnl
 
@@ -189,11 +190,39 @@ def configure(up: UnderlayPlan, handle_of) -> None:  # handle_of: netns name -> 
             if address is not None:
                 rt.add_addr(dev.index, address)
             rt.set_link(dev.index, up=True, mtu=link.spec.mtu)
+    widest: dict[str, int] = {}  # each switch's largest port MTU
+    for link in up.links:
+        if link.segment is not None:
+            widest[link.segment] = max(widest.get(link.segment, 0), link.spec.mtu or DEFAULT_PORT_MTU)
+    for link in up.links:
+        if link.segment is not None and (link.spec.mtu or DEFAULT_PORT_MTU) < widest[link.segment]:
+            wire_sized(seg_ns[link.segment], link.port)  # type: ignore[arg-type]
     for h in up.hosts:
         lo = handle_of(h.netns).link("lo")
         handle_of(h.netns).set_link(lo.index, up=True)
         if h.gateway is not None:
             handle_of(h.netns).replace_route(IPv4Network("0.0.0.0/0"), gateway=h.gateway)
+
+
+DEFAULT_PORT_MTU = 1500  # a veth's MTU when none is set (Mininet's links and the kernel's default)
+# What a host's NIC receives from its wire are frames no bigger than the sender's MTU: the sender's NIC cuts
+# what TCP handed down as one large packet (TSO). The lab's wires are veths, which pass such a packet whole
+# and check the MTU of their other end only for packets that are not one (the kernel's is_skb_forwardable),
+# and a bridge forwards it whole too: a host whose link has a smaller MTU than the rest of its segment would
+# still receive bulk TCP, where a NIC drops the frames (a black hole). So the cable's other end takes no
+# segmentation-offloaded packet: the kernel cuts them into wire-sized frames before they cross, and those
+# too big for the host are dropped as a NIC drops them.
+SEGMENTATION_OFFLOADS = ("tso", "gso", "tx-udp_tnl-segmentation", "tx-udp_tnl-csum-segmentation")
+
+
+def wire_sized(netns_name: str, dev: str) -> None:
+    """Make `dev` send only wire-sized frames (above). One ethtool a device, for the few cables with a smaller
+    MTU than their segment's (a spec's `link.mtu`, a `link-mtu` fault): not a hot path."""
+    argv = ["ip", "netns", "exec", netns_name, "ethtool", "-K", dev,
+            *(word for feature in SEGMENTATION_OFFLOADS for word in (feature, "off"))]
+    proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=10)
+    if proc.returncode != 0:
+        raise ApplyError(f"{' '.join(argv)} failed: {proc.stdout.strip() or f'exit {proc.returncode}'}")
 
 
 def tc_params(spec: LinkSpec) -> dict:
