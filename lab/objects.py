@@ -41,11 +41,13 @@ def _remember(st: state.LabState, objects: list[dict], before: Lab) -> list[str]
     report = []
     before_nodes = {n.name for n in before.nodes} | {object_key(o).rsplit("/", 1)[1] for o in st.objects
                                                      if o.get("kind") == "Node"}
+    owners = {f"Deployment/{p.namespace}/{p.owner}" for p in before.pods if p.owner}  # the spec's too
     for obj in objects:
         key = object_key(obj)
         if key in st.deleted:
             st.deleted.remove(key)
         same = False  # kubectl's "unchanged": the stored manifest (addresses pinned as on its first apply) is this one
+        existed = key in known or key in owners
         if key in known:
             if obj.get("kind") == "Node":  # a running instance keeps its address (and its waiting note)
                 obj["metadata"]["annotations"] = dict(st.objects[known[key]]["metadata"].get("annotations") or {})
@@ -66,6 +68,9 @@ def _remember(st: state.LabState, objects: list[dict], before: Lab) -> list[str]
         elif kind in ("Service", "Ingress", "NetworkPolicy"):
             report.append(f"{kind.lower()} {namespace}/{name} "
                           f"{'unchanged' if same else 'configured' if key in existing else 'created'}")
+        elif kind == "Deployment":  # kubectl's line for it; its pods' own lines follow
+            report.append(f"deployment.apps {namespace}/{name} "
+                          f"{'unchanged' if same else 'configured' if existed else 'created'}")
     return report
 
 

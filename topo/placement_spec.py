@@ -48,7 +48,7 @@ def pods_against_lab(parsed: list[Parsed], lab: Lab, namespaces: set[str], issue
             continue
         if not _object_ok(obj, lab, namespaces, owners, issues):
             continue
-        for draft in _drafts(obj, lab, issues, place, total):
+        for draft in _drafts(obj, lab, issues, place, total, sum(len(r) for r in (reserved or {}).values())):
             key = f"{draft.namespace}/{draft.name}"
             if key in taken:
                 issues.add(obj.loc + ("metadata", "name"), f"pod {key} clashes with {taken[key]}: rename one")
@@ -94,7 +94,9 @@ def capacity(node: Node) -> int:
     return min(node.pod_capacity, MAX_PODS_PER_NODE)
 
 
-def _drafts(obj: Parsed, lab: Lab, issues: Issues, place: bool, total: list[int]) -> list[_Draft]:
+def _drafts(obj: Parsed, lab: Lab, issues: Issues, place: bool, total: list[int], addons: int) -> list[_Draft]:
+    """A pod's draft, or a Deployment's replicas'. `total`: the pods counted so far (the lab's running ones
+    included); `addons`: the addon pods the nodes run besides them, which take room as well."""
     assert obj.template is not None and obj.namespace is not None
     if obj.replicas is None:
         total[0] += 1
@@ -102,11 +104,13 @@ def _drafts(obj: Parsed, lab: Lab, issues: Issues, place: bool, total: list[int]
     if not place:
         return []  # replica names only matter once the lab is otherwise valid
     room = sum(capacity(node) for node in lab.nodes)
-    if obj.replicas > room:
+    if obj.replicas > room:  # beyond every node's room at once: said here, before making any (the rest: _place)
         fix = ("larger instance types (max pods)" if any(n.max_pods is not None for n in lab.nodes) else
                "larger PodCIDRs with a smaller cluster.nodeCIDRMaskSize")
+        used = total[0] + addons
+        taken = f", {used} of them taken" if used else ""
         issues.add(obj.loc + ("spec", "replicas"), f"replicas {obj.replicas} is more than this lab's nodes can hold "
-                                                   f"({room} pods in all): lower replicas, or give nodes {fix}")
+                                                   f"({room} pods in all{taken}): lower replicas, or give nodes {fix}")
         return []
     total[0] += obj.replicas
     if total[0] > MAX_PODS:
@@ -162,8 +166,9 @@ def _place(drafts: list[_Draft], lab: Lab, issues: Issues, reserved: Reserved) -
             looked.add(node)
             veths.update({(node, veth_of(pod.namespace, pod.name)): pod.key for pod in on_node.get(node, ())})
         counts[node] += 1
-        if counts[node] + extra[node] == capacity(lab.node(node)) + 1:
-            overflow_at[node] = draft.obj.loc
+        if counts[node] + extra[node] == capacity(lab.node(node)) + 1:  # where it overflows: the field putting it there
+            overflow_at[node] = draft.obj.loc + (("spec", "replicas") if draft.replica is not None else
+                                                 ("spec", "nodeName") if draft.template.node_name else ())
         veth = veth_of(draft.namespace, draft.name)
         key = f"{draft.namespace}/{draft.name}"
         if (node, veth) in veths:
@@ -177,8 +182,9 @@ def _place(drafts: list[_Draft], lab: Lab, issues: Issues, reserved: Reserved) -
                         dns_policy=draft.template.dns_policy, dns_config=draft.template.dns_config,
                         hostname=draft.template.hostname, subdomain=draft.template.subdomain))
     for node_name, loc in overflow_at.items():
-        issues.add(loc, _capacity_message(lab, lab.node(node_name), counts[node_name] + extra[node_name],
-                                          reserved.get(node_name, ())))
+        before = running[node_name]  # `lab apply`: pods already there, the addons among them
+        counted = reserved.get(node_name, ()) + ((f"{before} already running",) if before else ())
+        issues.add(loc, _capacity_message(lab, lab.node(node_name), counts[node_name] + extra[node_name], counted))
     return pods
 
 

@@ -356,22 +356,28 @@ def test_reapplying_an_unchanged_file_says_unchanged(lab_up, tmp_path: Path) -> 
     lab_up(seed_spec(name))
     policy = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": {"name": "quiet"},
               "spec": {"podSelector": {"matchLabels": {"app": "web2"}}, "policyTypes": ["Ingress"]}}
+    deploy = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web2"},
+              "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "web2"}}, "template": {
+                  "metadata": {"labels": {"app": "web2"}}, "spec": {"containers": [{"name": "p", "image": "pause"}]}}}}
     objs = [{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "team", "labels": {"tier": "a"}}},
-            service("web2", "web2"), ingress("web2", "web2.example.test", "web2"), policy]
+            service("web2", "web2"), ingress("web2", "web2.example.test", "web2"), policy, deploy]
     file = manifests(tmp_path, "objs", *objs)
     out = lab("apply", "--lab", name, "-f", file).stdout
+    # the Deployment is reported itself, as kubectl does, not only through its pods (it said nothing of it)
     for line in ("namespace team created", "service default/web2 created", "ingress default/web2 created",
-                 "networkpolicy default/quiet created"):
+                 "networkpolicy default/quiet created", "deployment.apps default/web2 created"):
         assert line in out, out
     out = lab("apply", "--lab", name, "-f", file).stdout
     for line in ("namespace team unchanged", "service default/web2 unchanged", "ingress default/web2 unchanged",
-                 "networkpolicy default/quiet unchanged"):
+                 "networkpolicy default/quiet unchanged", "deployment.apps default/web2 unchanged"):
         assert line in out, out
     assert "configured" not in out, out
     objs[0]["metadata"]["labels"] = {"tier": "b"}
     objs[1] = service("web2", "web3")  # another selector
+    objs[4]["spec"]["replicas"] = 2
     out = lab("apply", "--lab", name, "-f", manifests(tmp_path, "changed", *objs)).stdout
-    for line in ("namespace team configured", "service default/web2 configured", "ingress default/web2 unchanged"):
+    for line in ("namespace team configured", "service default/web2 configured", "ingress default/web2 unchanged",
+                 "deployment.apps default/web2 configured"):
         assert line in out, out
 
 

@@ -721,7 +721,8 @@ def test_applied_pods_count_against_capacity_with_the_running_ones() -> None:
     with pytest.raises(SpecError) as info:
         pods_from_objects(two, lab, "apply.yaml")
     assert info.value.lines() == [
-        "apply.yaml: objects[1]: node1 would have 6 pods but its PodCIDR 10.244.0.8/29 holds 5 (10.244.0.9 is the gateway): "
+        "apply.yaml: objects[1]: node1 would have 6 pods (counting 4 already running) but its PodCIDR 10.244.0.8/29 "
+        "holds 5 (10.244.0.9 is the gateway): "
         "give nodes larger PodCIDRs with a smaller cluster.nodeCIDRMaskSize (28 holds 13), or put fewer pods on node1"]
 
 
