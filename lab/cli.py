@@ -13,7 +13,7 @@ import shutil
 import sys
 from collections.abc import Sequence
 
-from lab.run import run
+from lab.run import OneLineParser, run
 from lab.version import VersionAction
 from topo.errors import StateError
 
@@ -387,7 +387,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lab", description="Real, running emulations of Kubernetes networking.")
+    parser = OneLineParser(prog="lab", description="Real, running emulations of Kubernetes networking.")
     parser.add_argument("--version", action=VersionAction)
     sub = parser.add_subparsers(dest="command_name", required=True, metavar="COMMAND")
 

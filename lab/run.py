@@ -8,8 +8,18 @@ import argparse
 import os
 import select
 import sys
+from typing import NoReturn
 
 from topo.errors import LabError, SpecError, StateError
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """A usage mistake is one line, as every other error, with argparse's exit code 2: argparse printed its
+    whole usage block first (3 to 9 lines for a one-word slip); the usage stays one `--help` away.
+    Subcommands' parsers are made of this class too (add_subparsers takes the parent's class)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -121,7 +121,21 @@ def test_exec_without_a_target_names_only_the_target(capsys: pytest.CaptureFixtu
     with pytest.raises(SystemExit) as exit_:
         main(["exec"])
     assert exit_.value.code == 2
-    assert capsys.readouterr().err.splitlines()[-1] == "lab exec: error: the following arguments are required: target"
+    assert capsys.readouterr().err == "lab exec: the following arguments are required: target (see lab exec --help)\n"
+
+
+@pytest.mark.parametrize("argv, line", [
+    (["up", "--bogus"], "lab: unrecognized arguments: --bogus (see lab --help)"),
+    (["trace", "--lab", "x"], "lab trace: the following arguments are required: FROM, TO[:PORT] (see lab trace --help)"),
+    (["observe", "--verdict", "FOO"], "lab observe: argument --verdict: invalid choice: 'FOO' (choose from "),
+    ([], "lab: the following arguments are required: COMMAND (see lab --help)"),
+])
+def test_a_usage_error_is_one_line(argv: list[str], line: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """As every other error (docs/commands.md): argparse printed its usage block first, 3 to 9 lines of it."""
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and len(err.splitlines()) == 1 and err.startswith(line), err
 
 
 def test_a_file_name_with_a_trailing_space_is_quoted(capsys: pytest.CaptureFixture[str]) -> None:
