@@ -79,8 +79,8 @@ def load_spec(path: str | Path) -> Lab:
             given = given / SPEC_FILE
             file = str(given)
             if not given.is_file() and not given.is_symlink():
-                raise _file_error(file, f"{exercise} is a folder without {SPEC_FILE}: give a lab spec file or an "
-                                        f"exercise folder such as labs/00-seed")
+                raise _file_error(str(exercise), f"a folder without {SPEC_FILE}: give a lab spec file or an "
+                                                 f"exercise folder such as labs/00-seed")  # named as given
         text = read_manifest(given, SPEC_MISSING)
         lab = parse_spec_text(text, file)
         lab.source = str(given.resolve())

@@ -97,7 +97,7 @@ def describe(st: state.LabState, reveal: bool = False) -> dict[str, Any]:
             "backend": lab.network.backend, "mtu": lab.network.mtu, "kubeProxy": kube_proxy.mode_label(lab),
             "cni": lab.cni.profile,
             "services": services, "external": [{"name": e.name, "ip": str(e.ip)} for e in lab.external],
-            "underlay": _underlay(lab), "podCIDR": str(lab.cluster.pod_cidr),
+            "underlay": _underlay(lab), "podCIDR": _pod_addresses(lab),
             "serviceCIDR": str(lab.cluster.service_cidr), "nodes": nodes, "pods": pods}
 
 
@@ -106,6 +106,14 @@ def _underlay(lab: Lab) -> str:
     if lab.underlay.subnet is not None:
         return str(lab.underlay.subnet)
     return ", ".join(f"{r.name} {r.subnet}" for r in lab.underlay.racks)
+
+
+def _pod_addresses(lab: Lab) -> str:
+    """Where pods get addresses: the cluster's pod CIDR, or with the aws-vpc profile the VPC subnet(s) (custom
+    networking: the ENIConfig's subnet), as the Amazon VPC CNI gives pods addresses of the VPC."""
+    if lab.cni.profile != "aws-vpc":
+        return str(lab.cluster.pod_cidr)
+    return str(lab.vpc.custom_network) if lab.vpc.custom_network is not None else _underlay(lab)
 
 
 def _recorded_faults(name: str) -> list:

@@ -123,8 +123,9 @@ def test_racks_are_subnets_and_pods_cross_them_by_the_routers(lab_up) -> None:
     assert [(s["subnet"], s["other"], s["nodes"], s["pods"]) for s in books["subnets"]] == [
         ("192.168.1.0/24", 0, 2, 1), ("192.168.2.0/24", 0, 2, 1)]  # the ToR at .1 is AWS's reserved router
     # a routed underlay has no one subnet: `lab status` names the racks' (it printed "underlay None")
-    assert json.loads(lab("status", name, "--json").stdout)["underlay"] == "rack1 192.168.1.0/24, rack2 192.168.2.0/24"
-    assert "underlay rack1 192.168.1.0/24, rack2 192.168.2.0/24, pods" in lab("status", name).stdout
+    info = json.loads(lab("status", name, "--json").stdout)
+    assert info["underlay"] == info["podCIDR"] == "rack1 192.168.1.0/24, rack2 192.168.2.0/24"  # pods: subnet addresses
+    assert "underlay rack1 192.168.1.0/24, rack2 192.168.2.0/24, pods rack1 192.168.1.0/24" in lab("status", name).stdout
 
 
 # ---- running dry, and the fixes -----------------------------------------------------------------
@@ -143,7 +144,7 @@ def test_a_small_subnet_runs_dry_and_warm_ip_target_frees_it(lab_up, tmp_path) -
     assert (len(running), len(waiting)) == (17, 1), listed
     assert MESSAGE in waiting[0]["message"] and waiting[0]["ip"] == ""
     status = lab("status", name).stdout
-    assert re.search(rf"{waiting[0]['name']}\s+default\s+node3\s+ContainerCreating", status), status
+    assert re.search(rf"{waiting[0]['name']}\s+default\s+node3\s+0/1\s+ContainerCreating", status), status
     assert f"FailedCreatePodSandBox: {MESSAGE}" in status
     books = ipam(name)
     assert books["subnets"][0]["free"] == 0 and books["subnets"][0]["reserved"] == 5

@@ -58,6 +58,13 @@ def test_validate_an_exercise_counts_its_faults_in_words(capsys: pytest.CaptureF
         assert capsys.readouterr().out.endswith(words)
 
 
+def test_a_folder_without_a_spec_is_named_as_given(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """It said "FOLDER/lab.yaml: FOLDER is a folder without lab.yaml", naming a file that is not there."""
+    assert main(["validate", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == f"{tmp_path}: a folder without lab.yaml: give a lab spec file or an exercise " \
+                                      "folder such as labs/00-seed\n"
+
+
 def test_missing_file_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["validate", "/nonexistent/lab.yaml"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
