@@ -45,8 +45,9 @@ PROTO_NAMES = {6: "TCP", 17: "UDP", 1: "ICMPv4"}
 class RingReader:
     """Consumer of one pinned BPF ringbuf (its size from BPF_OBJ_GET_INFO_BY_FD)."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, consume: bool = True) -> None:
         self.fd = libbpf.obj_get(path)
+        self.consume = consume
         try:
             self.size = _map_info(self.fd)["max_entries"]
             self.cons = mmap.mmap(self.fd, PAGE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=0)
@@ -57,15 +58,24 @@ class RingReader:
         self.mask = self.size - 1
         # Live only (observe/flows_run.py): what the programs queued while nobody read is skipped, not shown
         # as if it were happening now (what they could not queue meanwhile is in cilium_events_lost).
-        struct.pack_into("=Q", self.cons, 0, struct.unpack_from("=Q", self.data, 0)[0])
+        self.pos = struct.unpack_from("=Q", self.data, 0)[0]
+        if consume:
+            struct.pack_into("=Q", self.cons, 0, self.pos)
 
     def fileno(self) -> int:
         return self.fd
 
     def drain(self, budget: int = 4096) -> list[bytes]:
-        """Records between our position and the producer's (at most `budget`); our position moves on."""
-        cons = struct.unpack_from("=Q", self.cons, 0)[0]
+        """Records between our position and the producer's (at most `budget`); our position moves on.
+
+        A reader that does not consume (`consume=False`: another reader holds the ring, see RingSource)
+        keeps its own position and never writes the shared one, so it takes no event from that reader.
+        The producer reuses only space that reader has consumed, a whole ring (256 KiB) behind the head:
+        a peek that fell that far behind has lost its place and starts again at the head."""
         prod = struct.unpack_from("=Q", self.data, 0)[0]
+        cons = struct.unpack_from("=Q", self.cons, 0)[0] if self.consume else self.pos
+        if not self.consume and prod - cons > self.size:
+            cons = prod
         out = []
         while cons < prod and len(out) < budget:
             at = PAGE + (cons & self.mask)
@@ -76,7 +86,9 @@ class RingReader:
             if not length & DISCARD:
                 out.append(bytes(self.data[at + HDR:at + HDR + size]))
             cons += (size + HDR + 7) & ~7
-        struct.pack_into("=Q", self.cons, 0, cons)
+        self.pos = cons
+        if self.consume:
+            struct.pack_into("=Q", self.cons, 0, cons)
         return out
 
     def close(self) -> None:
@@ -181,20 +193,28 @@ def to_flow(ev: events.RawEvent, node: str, names: Names, cookies: dict[int, str
 class RingSource:
     """One node's ring, turned into flows; `policy_names` maps the agent's policy ids to names when known."""
 
-    def __init__(self, node: str, folder: Path, lock_dir: Path, names: Names, cookies: dict[int, str]) -> None:
+    def __init__(self, node: str, folder: Path, lock_dir: Path, names: Names, cookies: dict[int, str],
+                 share: bool = False) -> None:
+        """`share`: when another reader holds the ring, read alongside it without consuming (lab trace, which
+        must not take a running `lab observe`'s events) instead of refusing; `self.shared` says so."""
         self.node, self.folder, self.names, self.cookies = node, folder, names, cookies
-        self.note, self.lost = "", 0
+        self.note, self.lost, self.shared = "", 0, False
         lock_dir.mkdir(parents=True, exist_ok=True)
-        self.lock = os.open(lock_dir / f"observe-{node}.lock", os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
+        self.lock: int | None = os.open(lock_dir / f"observe-{node}.lock",
+                                        os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             os.close(self.lock)
-            raise OSError(11, "another lab observe reads this node's ring")
+            self.lock = None
+            if not share:
+                raise OSError(11, "another lab observe reads this node's ring")
+            self.shared = True  # that reader consumes, so the ring has room: a peek sees every new event
         try:
-            self.ring = RingReader(str(folder / events.EVENTS))
+            self.ring = RingReader(str(folder / events.EVENTS), consume=not self.shared)
         except Exception:
-            os.close(self.lock)
+            if self.lock is not None:
+                os.close(self.lock)
             raise
         self.lost_at_start = self._kernel_lost()
         self.boot = boot_time()
@@ -225,8 +245,10 @@ class RingSource:
 
     def close(self) -> None:
         self.ring.close()
-        with contextlib.suppress(OSError):
-            os.close(self.lock)
+        if self.lock is not None:
+            with contextlib.suppress(OSError):
+                os.close(self.lock)
+            self.lock = None
 
 
 # Where the cilium agent records its numbering of NetworkPolicies and identities (issue 19's policy half:

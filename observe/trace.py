@@ -43,7 +43,9 @@ order, and its text), observe/netfilter.py (rule counters, DNAT/SNAT, drops), ob
   cgroup, so the socket-LB programs rewrite it as they rewrite a pod's own; the trace names the program,
   hook, frontend, slot and backend id from the reverse_sk entry of the socket's cookie, NodePort's tc
   programs with their cilium_ct4_global entries, and the cilium_tunnel_map entry at a VXLAN hop; a
-  connect() the socket LB refused is explained from the frontend's slots.
+  connect() the socket LB refused is explained from the frontend's slots; a drop (a NetworkPolicy's, which moves
+  no rule counter here) from the policy verdict and drop events the lxc programs put in the node's
+  cilium_events ring, read as `lab observe` reads them, naming the program and the deciding policy.
 - **Names.** Pods and hosts are resolved as checks name them (observe/targets.py); `svc/[NS/]NAME` and
   `pod/[NS/]NAME` say which is meant, an address in the service CIDR is its Service, and a bare name that
   is both a Service and a pod or host is refused.
@@ -94,13 +96,19 @@ def run(lab_name: str | None, source_text: str, target_text: str, protocol: str 
     socket_lb = ebpf.spawn if ebpf is not None and ebpf.socket_lb() else None
     captures = Captures(watch, target.protocol)
     try:
+        if ebpf is not None:  # the programs' own reports (a policy drop moves no rule counter), from now on
+            ebpf.listen([p.name for p in watch if p.kind == "node"])
         probe = send_probe(source, target, size, timeout, socket_lb, ebpf.read if ebpf is not None else None,
                            lab.dns.domain)
         if probe.answered_at is not None:
             time.sleep(GRACE)  # an unanswered probe already waited the whole timeout
         sightings = captures.read()
+        if ebpf is not None:
+            ebpf.collect()
     finally:
         captures.close()
+        if ebpf is not None:
+            ebpf.close()
     after = counters_in(counted)
     hits = {ns: moved for ns in counted if (moved := moved_rules(before[ns], after[ns]))}
     kernel = Kernel()

@@ -16,6 +16,11 @@ node's pinned maps (observe/cilium.py), never predicted:
   them): the backend and the SNAT address of the OUT entry.
 - **Tunnel**: the `cilium_tunnel_map` entry for the inner destination's PodCIDR (what `cil_to_overlay` set as
   the tunnel's remote).
+- **Drops**: no netfilter rule drops anything here, so a NetworkPolicy drop moves no rule counter. The
+  programs report it themselves in each node's `cilium_events` ring (a policy verdict and a drop, with the
+  deciding policy): the rings are opened before the probe and read after it with `lab observe`'s own reader
+  and decoder (observe/flows_cilium.py), and the events carrying one of the probe's tuples name the drop.
+  A ring a running `lab observe` holds is read alongside it without consuming (that observer loses nothing).
 """
 from __future__ import annotations
 
@@ -25,9 +30,12 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
-from cilium import agent, maps
+from apiserver import state
+from cilium import agent, events, maps
 from observe import cilium as debug
-from observe.capture import Probe
+from observe import flows, flows_cilium
+from observe.capture import Probe, Sighting
+from observe.flow import DROPPED, TYPE_DROP, TYPE_POLICY, Flow
 from observe.hops import Hop
 from observe.packets import Packet
 from observe.places import MAX_NODES, Lookup, Place, Target
@@ -60,6 +68,9 @@ class CiliumTrace:
         self.lab = lookup.st.name
         self.node = _socket_node(lookup, source)
         self.nodes: dict[str, NodeMaps] = {}
+        self.rings: list[flows_cilium.RingSource] = []  # open from before the probe until collect()
+        self.events: list[Flow] = []  # policy verdicts and drops the programs reported during the trace
+        self.lost: dict[str, int] = {}  # node -> events its ring could not queue during the trace
 
     def socket_lb(self) -> bool:
         """The source's sockets go through a node's socket LB (a pod or node of the lab)."""
@@ -252,3 +263,85 @@ class CiliumTrace:
                 return (f"cil_to_overlay (tc egress on {agent.VXLAN_DEVICE}) set the tunnel's remote from "
                         f"{maps.TUNNEL}[{prefix}] = {row['value'].split(':')[0]}")
         return f"cil_to_overlay found no {maps.TUNNEL} entry for {inner_dst}"
+
+    # ---- drops, as the programs report them (cilium_events) ------------------------------------------
+
+    def listen(self, nodes: list[str]) -> None:
+        """Open the `cilium_events` ring of each of `nodes` before the probe leaves: only what comes after
+        is read (the reader starts at the ring's head), and opening it frees a ring nobody read."""
+        names = flows.names_of(self.lookup.st, self.lookup.lab)
+        ids = flows_cilium.policy_names(state.lab_dir(self.lab))
+        for node in nodes:
+            folder = agent.pins(self.lab, node)
+            if not (folder / events.EVENTS).exists():
+                continue
+            try:
+                ring = flows_cilium.RingSource(node, folder, state.RUN_DIR / self.lab, names, {}, share=True)
+            except Exception:  # noqa: BLE001 - a ring that cannot be read leaves the drop unexplained, as before
+                continue
+            ring.policy_names = ids
+            self.rings.append(ring)
+
+    def collect(self) -> None:
+        """After the probe: the policy verdicts and drops the programs reported (one bounded drain per
+        ring), then every ring closed."""
+        try:
+            for ring in self.rings:
+                self.events += [f for f in ring.read() if f.type in (TYPE_POLICY, TYPE_DROP)]
+                if ring.lost:
+                    self.lost[ring.node] = ring.lost
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        for ring in self.rings:
+            ring.close()
+        self.rings = []
+
+    def _mine(self, forward: list[Sighting]) -> list[Flow]:
+        """The events about the probe's own packets: those carrying a tuple it was seen with (after the
+        socket LB's or a NodePort's translation too). ICMP events carry no ports, as the probe's echo."""
+        forms = {(flows.PROTOCOLS[s.eff.proto], s.eff.src, s.eff.sport or 0, s.eff.dst, s.eff.dport or 0)
+                 for s in forward if s.eff.proto in flows.PROTOCOLS}
+        return [f for f in self.events
+                if (f.protocol, f.source.ip, f.source_port, f.destination.ip, f.destination_port) in forms]
+
+    def drop_reason(self, forward: list[Sighting]) -> str:
+        """Why the probe went no further, as the program that dropped it reported it ("" when none did).
+
+        Worded as `hubble observe` shows the two events (`policy-verdict:none INGRESS DENIED`, then the drop
+        reason in Cilium's words, `Policy denied`, and the policy named `by`); the program is the lxc one
+        judging that direction: `cil_to_container` (tc egress on the pod's lxc veth) for its ingress
+        policy, `cil_from_container` (tc ingress) for its egress policy."""
+        mine = [f for f in self._mine(forward) if f.verdict == DROPPED]
+        drop = next((f for f in mine if f.type == TYPE_DROP), None)
+        denied = next((f for f in mine if f.type == TYPE_POLICY), None)
+        first = drop or denied
+        if first is None:
+            return ""
+        reason = first.drop_reason_desc or "dropped"
+        direction = (denied or first).traffic_direction
+        by = ", ".join(first.policies or (denied.policies if denied else ()))
+        where = first.node_name
+        if direction not in ("INGRESS", "EGRESS"):  # not a policy verdict: the datapath's own drop
+            return f"dropped by the eBPF datapath in {where}: {reason} ({where}'s {events.EVENTS})"
+        ingress = direction == "INGRESS"
+        endpoint = first.destination if ingress else first.source
+        who = endpoint.label()
+        pod = self.lookup.pods.get(f"{endpoint.namespace}/{endpoint.pod_name}")
+        veth = self.lookup.veth_of.get(pod.netns, "") if pod is not None else ""
+        program = "cil_to_container" if ingress else "cil_from_container"
+        hook = f"tc {'egress' if ingress else 'ingress'} on {veth or 'the lxc veth'}, {who}'s lxc veth"
+        verdict_text = f"policy-verdict:none {direction} DENIED" if denied is not None else f"{direction} DROPPED"
+        text = f"dropped by {program} ({hook}) in {where}: {reason}, {verdict_text}"
+        if by:
+            text += (f" by {by} (the first of the NetworkPolicies isolating {who} for {direction.lower()}: "
+                     "none of their rules admits it)")
+        return text + f"; reported in {where}'s {events.EVENTS}, as `lab observe` shows it"
+
+    def events_lost(self) -> str:
+        """Rings that could not queue every event during the trace: a drop event may be among those."""
+        if not self.lost:
+            return ""
+        return ", ".join(f"{events.EVENTS} on {node} lost {n} event{'s' if n != 1 else ''}"
+                         for node, n in sorted(self.lost.items()))

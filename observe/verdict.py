@@ -1,9 +1,10 @@
 """`lab trace`'s verdict: delivered (where, and what came back) or dropped (where it was last seen, and why).
 
 The reasons, in order: an ICMP error on the wire, a DROP/REJECT rule whose counter moved where the packet
-was last seen, no route, a next hop that never answered ARP, a frame (tunnel headers included) larger than the
-MTU at the other end of the cable it left by or than the next link's. A
-capture that lost frames, or a packet that left for a place nobody watched, is said so, never a drop.
+was last seen (in the cilium profile, a drop its programs reported for the probe's packet), no route, a next
+hop that never answered ARP, a frame (tunnel headers included) larger than the MTU at the other end of the
+cable it left by, than the switch port it would leave by, or than the next link's. A capture that lost
+frames, or a packet that left for a place nobody watched, is said so, never a drop.
 """
 from __future__ import annotations
 
@@ -118,19 +119,27 @@ def verdict(result: TraceResult, tracer: Tracer, forward: list[Sighting], reply:
             reasons.append(f"{who} answered '{what}'")
     sure, maybe = attribute_drops(hits, {last.place.netns if last else source.netns}, own)
     reasons += [f"dropped by {drop_text(lookup, [d])}" for d in sure]
-    if last is not None and not sure:
+    # The cilium profile drops in its programs, not by rules: the drop they reported for the probe's packet.
+    ebpf = tracer.cilium.drop_reason(forward) if tracer.cilium is not None else ""
+    if ebpf:
+        reasons.append(ebpf)
+    decided = bool(sure) or bool(ebpf)
+    if last is not None and not decided:
         reasons += _path_problems(tracer, last)
-    if maybe and not sure:
+    if maybe and not decided:
         reasons.append(f"possibly dropped by {drop_text(lookup, maybe)} (a drop counter moved during the "
                        "trace, for this packet or for other traffic)")
+    unread = tracer.cilium.events_lost() if tracer.cilium is not None and not decided else ""
+    if unread:
+        reasons.append(f"possibly a drop whose event was lost: {unread} during the trace (a full ring)")
     if not forward:
         reasons += _refused_at_source(tracer)
     dropped_by = "; ".join(reasons) or "no rule counter moved and the route exists: dropped without a trace"
-    if beyond and not errors and not sure:
+    if beyond and not errors and not decided:
         result.verdict = (f"NOT ANSWERED: last seen leaving {where} towards {beyond}, which was not watched "
                           f"(a trace watches at most {MAX_NODES} nodes and {MAX_PODS} pods)")
         return
-    if lost and not errors and not sure:
+    if lost and not errors and not decided:
         result.dropped_by = dropped_by
         result.verdict = (f"NOT ANSWERED: last seen at {where}, but the capture lost frames ({lost}), so it may "
                           f"have gone further; {dropped_by}")
@@ -155,17 +164,19 @@ def _path_problems(tracer: Tracer, last: Sighting) -> list[str]:
     far = _too_big_for_far_end(tracer, last)
     if far:
         return reasons + [far]
+    if last.place.kind == "switch" and not last.outgoing:
+        port = _too_big_for_a_port(tracer, last)
+        return reasons + ([port] if port else [])
     view = kernel.view(last.place.netns)
     if view is not None:
         size = last.packet.length
         small = [l for l in view.links.values() if l.name != last.dev and l.mtu and l.mtu < size
-                 and l.name != "lo" and (last.place.kind == "switch" or l.kind in ("vxlan", "ipip", "veth", "bridge"))]
+                 and l.name != "lo" and l.kind in ("vxlan", "ipip", "veth", "bridge")]
         if small:
             link = small[0]
             peer = lookup.describe_dev(last.place, link.name)
-            silent = " (a switch sends no ICMP: a black hole)" if last.place.kind == "switch" else ""
             reasons.append(f"MTU: the {size}-byte packet does not fit {link.name}"
-                           f"{' (' + peer + ')' if peer else ''}, MTU {link.mtu}{silent}")
+                           f"{' (' + peer + ')' if peer else ''}, MTU {link.mtu}")
     return reasons
 
 
@@ -198,12 +209,7 @@ def _too_big_for_far_end(tracer: Tracer, last: Sighting) -> str:
     near_view = kernel.view(last.place.netns)
     near_link = near_view.links.get(last.dev) if near_view is not None else None
     near = f" (MTU {near_link.mtu})" if near_link is not None else ""
-    inside, fix = "", f"send at most {far_link.mtu} bytes of IP"
-    if last.packet.encap and last.packet.inner is not None:
-        overhead = size - last.packet.inner.length
-        inside = f" ({last.packet.inner.length} bytes inside + {overhead} of " \
-                 f"{_ENCAP_NAMES.get(last.packet.encap, last.packet.encap)} encapsulation)"
-        fix = f"make the overlay's MTU (the tunnel device's and the pods') at most {far_link.mtu - overhead}"
+    inside, fix = _inside(last.packet, far_link.mtu)
     if near_link is not None and near_link.mtu > far_link.mtu:
         fix = f"give {far.name}'s {far_link.name} the MTU of the other end ({near_link.mtu}), or {fix}"
     show = f"ip -n {far.netns} -s link show {far_link.name}" if far.kind in ("switch", "") else \
@@ -212,6 +218,58 @@ def _too_big_for_far_end(tracer: Tracer, last: Sighting) -> str:
             f"{' (' + about + ')' if about else ''}, MTU {far_link.mtu}, at the other end of {last.dev}{near}: "
             "a veth passes its peer no frame larger than the peer's MTU, and nobody sends an ICMP error (a black "
             f"hole; `{show}` counts it as RX dropped); fix: {fix}")
+
+
+def _inside(packet: Packet, mtu: int) -> tuple[str, str]:
+    """What a packet too big for `mtu` carries (a tunnel's inner packet and header bytes, as captured) and the
+    sender-side fix: a smaller overlay MTU for a tunnel's packet, else a smaller packet."""
+    if not packet.encap or packet.inner is None:
+        return "", f"send at most {mtu} bytes of IP"
+    overhead = packet.length - packet.inner.length
+    return (f" ({packet.inner.length} bytes inside + {overhead} of {_ENCAP_NAMES.get(packet.encap, packet.encap)} "
+            f"encapsulation)", f"make the overlay's MTU (the tunnel device's and the pods') at most {mtu - overhead}")
+
+
+def _too_big_for_a_port(tracer: Tracer, last: Sighting) -> str:
+    """A frame that came into a switch and left by no port, because it is larger than the MTU of the port
+    the bridge forwards it by. The bridge's own MTU only follows its smallest port (a learner's `ip link`
+    shows it too, which is why naming it misled): the port is what drops (the kernel's br_dev_queue_push_xmit
+    asks is_skb_forwardable of the port, then frees the frame with no counter and no ICMP error), and the
+    cable from it, with the host at its other end, is what to fix. The port is the one cabled to the host
+    holding the destination address (the outer one, for a tunnel's packet); when no such host is cabled
+    here (a routed underlay), the first port too small for the frame. "": no port is too small for it."""
+    lookup, kernel, place = tracer.lookup, tracer.kernel, last.place
+    view = kernel.view(place.netns)
+    if view is None:
+        return ""
+    size = last.packet.length
+    ports = {l.name: l for l in view.links.values()
+             if l.name not in (last.dev, "lo") and l.kind != "bridge" and (place.netns, l.name) in lookup.peers}
+    owner = lookup.by_ip.get(last.packet.dst)
+    towards = next((n for n in ports if owner is not None and lookup.peers[(place.netns, n)][0] == owner.netns), None)
+    candidates = [towards] if towards else list(ports)
+    port = next((ports[n] for n in candidates if ports[n].mtu and size > ports[n].mtu + VLAN_HLEN), None)
+    if port is None:
+        return ""
+    far_ns, far_dev = lookup.peers[(place.netns, port.name)]
+    far = lookup.places.get(far_ns) or Place(far_ns, far_ns, "")
+    far_view = kernel.view(far_ns)
+    far_link = far_view.links.get(far_dev) if far_view is not None else None
+    about = [t for t in (lookup.describe_dev(far, far_dev), f"MTU {far_link.mtu}" if far_link else "") if t]
+    far_text = f"{far.name}'s {far_dev}" + (f" ({', '.join(about)})" if about else "")
+    desc = lookup.describe_dev(place, port.name)
+    bridge = next((l.name for l in view.links.values() if l.kind == "bridge"), "")
+    inside, fix = _inside(last.packet, port.mtu)
+    came = view.links.get(last.dev)
+    if came is not None and came.mtu > port.mtu:
+        ends = f"{place.name}'s {port.name}" + (f" and {far.name}'s {far_dev}" if far_link is None or
+                                                 far_link.mtu < came.mtu else "")
+        fix = f"give {ends} the MTU of {last.dev}, where it came in ({came.mtu}), or {fix}"
+    return (f"MTU: the {size}-byte packet{inside} does not fit {place.name}'s {port.name}"
+            f"{' (' + desc + ')' if desc else ''}, MTU {port.mtu}, the cable to {far_text}: the bridge "
+            f"{bridge or place.name} forwards no frame larger than the MTU of the port it leaves by, and drops it "
+            f"without a counter or an ICMP error (a black hole; `ip -n {place.netns} link show {port.name}` shows "
+            f"the port's MTU); fix: {fix}")
 
 
 def _refused_at_source(tracer: Tracer) -> list[str]:

@@ -273,6 +273,32 @@ def test_a_frame_larger_than_the_next_links_mtu_is_named(labs: dict[str, str]) -
     assert code == 0 and t["delivered"], t["verdict"]
 
 
+def test_a_frame_larger_than_the_switch_port_it_leaves_by_names_the_port(labs: dict[str, str]) -> None:
+    """labs/examples/mtu-black-hole: node2's link at 1400, so the switch's port to node2 (ul-eth1) and, following
+    its smallest port, the bridge ul are 1400 too. The frame comes in by ul-eth0 and the bridge forwards it by
+    no port. The verdict used to name the bridge ("does not fit ul (port)"); it names the port, the cable's
+    other end and the fix."""
+    name = labs["vxlan"]
+    switch, node2 = f"klab_{name}_u_ul", node_netns(name, "node2")
+    was = _mtu(switch, "ul-eth1"), _mtu(node2, "eth0")
+    for ns, dev in ((switch, "ul-eth1"), (node2, "eth0")):
+        subprocess.run(["ip", "-n", ns, "link", "set", dev, "mtu", "1400"], check=True)
+    try:
+        assert _mtu(switch, "ul") == 1400  # the bridge follows its smallest port: not what drops
+        code, t = trace_json(name, "a", "b", "--size", "1400", "--timeout", "0.5")
+    finally:
+        for (ns, dev), mtu in zip(((switch, "ul-eth1"), (node2, "eth0")), was):
+            subprocess.run(["ip", "-n", ns, "link", "set", dev, "mtu", str(mtu)], check=True)
+    assert code == 1 and not t["delivered"] and t["dropped_at"] == "switch ul after ul-eth0 in", t["verdict"]
+    why = t["dropped_by"]
+    assert why.startswith("MTU: the 1478-byte packet (1428 bytes inside + 50 of VXLAN encapsulation) does not fit "
+                          "switch ul's ul-eth1 (port to node2), MTU 1400, the cable to node2's eth0 (underlay NIC, "
+                          "MTU 1400)"), why
+    assert why.endswith("fix: give switch ul's ul-eth1 and node2's eth0 the MTU of ul-eth0, where it came in "
+                        "(1500), or make the overlay's MTU (the tunnel device's and the pods') at most 1350"), why
+    assert _mtu(switch, "ul") == 1500  # put back: the bridge follows
+
+
 def test_commands_refuse_what_does_not_exist(labs: dict[str, str]) -> None:
     name = labs["host-gw"]
     for args, message in ((("trace", "--lab", name, "nosuchpod", "node2-pod1"), "no pod, node or external host"),

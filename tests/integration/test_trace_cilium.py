@@ -6,7 +6,9 @@ names the program and hook (connect4 for TCP, sendmsg4 for a DNS query), the fro
 and slot, as the node's maps hold them; the client pod's eth0 (a real capture) only ever carries the
 backend's address; the VXLAN hop names the cilium_tunnel_map entry (remote PodCIDR -> node IP); NodePort
 from the external host names cil_from_netdev and its cilium_ct4_global entry; and a backend slot deleted
-by `lab break cilium-backend-delete` (exercise 14's fault) shows up as the socket LB refusing connect().
+by `lab break cilium-backend-delete` (exercise 14's fault) shows up as the socket LB refusing connect(); a
+NetworkPolicy drop (no rule counter moves in this profile) is named from the lxc program's own events, with
+the deciding policy, also while a `lab observe` reads the same ring (which then still gets every event).
 """
 from __future__ import annotations
 
@@ -37,15 +39,27 @@ def _service(name: str, **spec: object) -> dict:
             "spec": {"selector": {"app": "web"}, "ports": [port], **spec}}
 
 
+# `guarded` (node1) admits only app=web on its port: the client (node2) is denied, as shop/api is in
+# labs/examples/policy-cilium.yaml; its Service makes the trace go through the socket LB first.
+GUARDED = [_pod("guarded", "node1", "guarded"),
+           {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "guarded"},
+            "spec": {"selector": {"app": "guarded"}, "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}},
+           {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": {"name": "guarded-from-web"},
+            "spec": {"podSelector": {"matchLabels": {"app": "guarded"}},
+                     "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "web"}}}],
+                                  "ports": [{"port": 8080}]}]}}]
+
+
 def _spec(name: str) -> dict:
     """The backend web-1 on node1, the client on node2 (CoreDNS too: the last node), an external host;
-    `lone` is a second Service of the same backend for the fault, so `web` stays whole."""
+    `lone` is a second Service of the same backend for the fault, so `web` stays whole; `guarded` and its
+    policy for the drops."""
     return {"apiVersion": "kubenet-lab/v1alpha1", "kind": "Lab", "metadata": {"name": name},
             "spec": {"cni": {"profile": "cilium"},
                      "nodes": [{"name": n, "ip": ip} for n, ip in NODE_IPS.items()],
                      "external": [{"name": "ext", "ip": "192.168.1.200"}],
                      "objects": [_pod("web-1", "node1", "web"), _pod("client", "node2", "client"),
-                                 _service("web", type="NodePort", nodePort=30080), _service("lone")]}}
+                                 _service("web", type="NodePort", nodePort=30080), _service("lone"), *GUARDED]}}
 
 
 @pytest.fixture(scope="module")
@@ -164,3 +178,46 @@ def test_a_backend_slot_deleted_by_lab_break_shows_why_connect_failed(cil: dict)
     # node1's map is whole: the same service from node1's own processes still works.
     code, t = trace(name, "node1", "svc/lone")
     assert code == 0 and t["delivered"] and _socket_lb(t)["backend"] == f"{cil['ips']['web-1']}:8080", t["verdict"]
+
+
+POLICY_DROP = ("Policy denied, policy-verdict:none INGRESS DENIED by default/guarded-from-web (the first of the "
+               "NetworkPolicies isolating default/guarded for ingress: none of their rules admits it)")
+
+
+def _policy_drop(t: dict, lxc: str) -> None:
+    """The trace's verdict for the client's SYN to `guarded`, after the socket LB sent it to the pod's IP."""
+    assert not t["delivered"] and t["dropped_at"] == "node1 after cilium_vxlan in", t["verdict"]
+    assert t["dropped_by"].startswith(f"dropped by cil_to_container (tc egress on {lxc}, default/guarded's lxc "
+                                      f"veth) in node1: {POLICY_DROP}"), t["dropped_by"]
+    assert "dropped without a trace" not in t["verdict"]
+
+
+def _lxc(name: str, pod: str) -> str:
+    rows = json.loads(lab("cilium", "--lab", name, "node1", "endpoint", "list", "--json").stdout)
+    return next(r["interface"] for r in rows if r["pod"] == f"default/{pod}")
+
+
+def test_a_network_policy_drop_names_the_program_and_the_deciding_policy(cil: dict) -> None:
+    """The issue's repro: no rule counter moves in a cilium lab, so the verdict used to be "dropped without
+    a trace" while `lab observe` named the policy; the lxc program's own events name it now."""
+    name = cil["name"]
+    code, t = trace(name, "client", "svc/guarded", "--timeout", "0.5")
+    assert code == 1 and _socket_lb(t)["backend"] == f"{cil['ips']['guarded']}:8080", t["verdict"]
+    _policy_drop(t, _lxc(name, "guarded"))
+    code, t = trace(name, "web-1", "svc/guarded")  # the policy admits app=web: delivered, nothing to blame
+    assert code == 0 and t["delivered"] and t["reached"] == "guarded", t["verdict"]
+
+
+def test_a_policy_drop_is_named_while_lab_observe_reads_the_same_ring(cil: dict) -> None:
+    """One reader consumes a ring at a time: the trace reads alongside a running observer without taking
+    its events, so both name the same drop."""
+    from tests.integration.test_observe import Observer
+    name = cil["name"]
+    obs = Observer(name, "--verdict", "DROPPED", "--to-pod", "guarded")
+    try:
+        code, t = trace(name, "client", f"{cil['ips']['guarded']}:8080", "--timeout", "0.5")
+    finally:
+        seen = [f["flow"] for f in obs.stop() if "flow" in f]
+    assert code == 1
+    _policy_drop(t, _lxc(name, "guarded"))
+    assert any(f["source"]["pod_name"] == "client" and f["drop_reason_desc"] == "POLICY_DENIED" for f in seen), seen

@@ -5,6 +5,7 @@ sockets are stand-ins."""
 from __future__ import annotations
 
 import struct
+from datetime import datetime, timezone
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from pathlib import Path
 
@@ -12,8 +13,9 @@ import pytest
 import yaml
 
 from apiserver import state
-from observe import capture, hops, packets, places, verdict
+from observe import capture, flows, hops, packets, places, trace_cilium, verdict
 from observe.capture import Probe, Sighting
+from observe.flow import DROPPED, FORWARDED, TYPE_DROP, TYPE_POLICY, Flow
 from observe.kernel import LinkView, NeighEntry, NsView, RouteView, Rule
 from observe.places import Place
 from services import endpoints
@@ -76,8 +78,10 @@ def _place(lookup: places.Lookup, name: str) -> Place:
 
 
 def _setup(lookup: places.Lookup, hits: dict[str, list[Rule]], answer: str = "", lost: list[str] | None = None,
-           last_leaves: bool = False) -> hops.TraceResult:
-    """node1-pod1 -> node2-pod1:8080, last seen coming into node2 (or leaving it to the pod)."""
+           last_leaves: bool = False, reported: list[Flow] | None = None,
+           ring_lost: dict[str, int] | None = None) -> hops.TraceResult:
+    """node1-pod1 -> node2-pod1:8080, last seen coming into node2 (or leaving it to the pod). `reported`:
+    the flow events a cilium lab's rings gave during the trace (then the trace reads them, as in a cilium lab)."""
     src, dst = lookup.pods["default/node1-pod1"], lookup.pods["default/node2-pod1"]
     node1, node2, switch = _place(lookup, "node1"), _place(lookup, "node2"), _place(lookup, "switch ul")
     syn = packets.parse_frame(tcp(str(src.ip), 40000, str(dst.ip), 8080, 5))
@@ -93,6 +97,9 @@ def _setup(lookup: places.Lookup, hits: dict[str, list[Rule]], answer: str = "",
     target = places.Target("pod", dst.name, dst.ip, 8080, "tcp", None, (dst,))
     probe = Probe("tcp", dst.ip, 8080, 40000, b"tok", 0, answer=answer)
     tracer = hops.Tracer(lookup, kernel, src, target, probe, hits)
+    if reported is not None:
+        tracer.cilium = trace_cilium.CiliumTrace(lookup, src, target)
+        tracer.cilium.events, tracer.cilium.lost = reported, ring_lost or {}
     result = hops.TraceResult("seed", src.name, dst.name, "tcp", 8080)
     result.capture_lost = lost or []
     watched = {p.netns for p in lookup.places.values()} - ({dst.netns} if last_leaves else set())
@@ -190,6 +197,89 @@ def test_a_frame_larger_than_the_mtu_at_the_far_end_of_its_cable_is_named(lookup
         r = _too_big(lookup, fits, wrapped=True)
         assert "MTU" not in r.dropped_by and r.dropped_by.endswith("dropped without a trace"), fits
     assert _too_big(lookup, 1473, wrapped=True).dropped_by.startswith("MTU: the 1478-byte packet")
+
+
+def _switch_view(lookup: places.Lookup, port_mtu: int) -> NsView:
+    """Switch ul as the kernel lists it: the bridge first (its MTU follows its smallest port), then the ports;
+    ul-eth1 (to node2) at `port_mtu`, as `link: {mtu: ...}` on node2 makes it (labs/examples/mtu-black-hole)."""
+    ns = _place(lookup, "switch ul").netns
+    links = {"ul": LinkView("ul", "bridge", True, True, min(port_mtu, 1500))}
+    links.update({d: LinkView(d, "veth", True, True, port_mtu if d == "ul-eth1" else 1500, "ul")
+                  for d in ("ul-eth0", "ul-eth1", "ul-eth2")})
+    return NsView(ns, links=links)
+
+
+def test_a_frame_larger_than_the_switch_port_it_leaves_by_names_the_port_and_its_cable(lookup: places.Lookup) -> None:
+    """labs/examples/mtu-black-hole: node2's link at 1400 makes switch ul's ul-eth1 and its bridge ul 1400; the
+    1478-byte frame comes in by ul-eth0 and leaves by no port. The verdict used to name the bridge ("does not
+    fit ul (port)"); the port towards the destination, the cable and its other end are what drop and what to fix."""
+    src, dst = lookup.pods["default/node1-pod1"], lookup.pods["default/node2-pod1"]
+    node1, node2, switch = _place(lookup, "node1"), _place(lookup, "node2"), _place(lookup, "switch ul")
+    inner = icmp(str(src.ip), str(dst.ip), packets.ICMP_ECHO, 7, b"kubenet-trace tok".ljust(1400, b"."))
+    echo, wire = packets.parse_frame(inner), packets.parse_frame(vxlan_frame(inner))
+    assert echo is not None and wire is not None and wire.length == 1478 and wire.dst == str(node2.ip)
+    forward = [Sighting(src, "eth0", True, echo), Sighting(node1, lookup.veth_of[src.netns], False, echo),
+               Sighting(node1, "eth0", True, wire), Sighting(switch, "ul-eth0", False, wire)]
+
+    def judged(port_mtu: int, far_mtu: int) -> hops.TraceResult:
+        kernel = FakeKernel()
+        kernel.views[switch.netns] = _switch_view(lookup, port_mtu)
+        kernel.views[node2.netns] = NsView(node2.netns, links={"eth0": LinkView("eth0", "veth", True, True, far_mtu)})
+        target = places.Target("pod", dst.name, dst.ip, None, "icmp", None, (dst,))
+        tracer = hops.Tracer(lookup, kernel, src, target, Probe("icmp", dst.ip, None, 0, b"tok", 7), {})
+        result = hops.TraceResult("seed", src.name, dst.name, "icmp", None)
+        verdict.verdict(result, tracer, forward, [], kernel, {}, {p.netns for p in lookup.places.values()})
+        return result
+
+    r = judged(1400, 1400)
+    assert r.dropped_at == "switch ul after ul-eth0 in" and not r.delivered
+    assert r.dropped_by == (
+        "MTU: the 1478-byte packet (1428 bytes inside + 50 of VXLAN encapsulation) does not fit switch ul's "
+        "ul-eth1 (port to node2), MTU 1400, the cable to node2's eth0 (underlay NIC, MTU 1400): the bridge ul "
+        "forwards no frame larger than the MTU of the port it leaves by, and drops it without a counter or an "
+        f"ICMP error (a black hole; `ip -n {switch.netns} link show ul-eth1` shows the port's MTU); fix: give "
+        "switch ul's ul-eth1 and node2's eth0 the MTU of ul-eth0, where it came in (1500), or make the overlay's "
+        "MTU (the tunnel device's and the pods') at most 1350")
+    assert "does not fit ul " not in r.verdict and "(port)" not in r.verdict
+    # Only the switch's port is small: only it needs the MTU back.
+    assert "fix: give switch ul's ul-eth1 the MTU of ul-eth0, where it came in (1500), or" in \
+        judged(1400, 1500).dropped_by
+    # A port that takes it (a veth admits 4 bytes over its MTU, room for a VLAN tag) is no reason.
+    assert judged(1474, 1474).dropped_by.endswith("dropped without a trace")
+
+
+def _policy_events(lookup: places.Lookup, dport: int = 8080) -> list[Flow]:
+    """What node2's cil_to_container reports for node1-pod1's SYN to node2-pod1 when its ingress policy
+    denies it (cilium/bpf/policy.h: a policy verdict, then a drop), decoded as `lab observe` decodes them."""
+    names = flows.names_of(lookup.st, lookup.lab)
+    src, dst = names.endpoint(str(lookup.pods["default/node1-pod1"].ip)), \
+        names.endpoint(str(lookup.pods["default/node2-pod1"].ip))
+    common = dict(time=datetime.now(timezone.utc), node_name="node2", source=src, destination=dst, protocol="TCP",
+                  source_port=40000, destination_port=dport, tcp_flags=("SYN",), drop_reason_desc="Policy denied",
+                  policies=("default/deny-web",), traffic_direction="INGRESS")
+    return [Flow(verdict=FORWARDED, type=TYPE_POLICY, **{**common, "node_name": "node1", "drop_reason_desc": "",
+                                                          "traffic_direction": "EGRESS", "policies": ()}),
+            Flow(verdict=DROPPED, type=TYPE_POLICY, summary="policy-verdict", **common),
+            Flow(verdict=DROPPED, type=TYPE_DROP, summary="Policy denied", **common)]
+
+
+def test_a_cilium_policy_drop_is_named_from_the_programs_events(lookup: places.Lookup) -> None:
+    """No rule counter moves in the cilium profile: the drop is what cil_to_container reported in the ring,
+    matched to the probe by its tuple, with the deciding policy as `lab observe` names it."""
+    veth = lookup.veth_of[lookup.pods["default/node2-pod1"].netns]
+    r = _setup(lookup, {}, reported=_policy_events(lookup))
+    assert r.dropped_at == "node2 after eth0 in"
+    assert r.dropped_by == (
+        f"dropped by cil_to_container (tc egress on {veth}, default/node2-pod1's lxc veth) in node2: Policy denied, "
+        "policy-verdict:none INGRESS DENIED by default/deny-web (the first of the NetworkPolicies isolating "
+        "default/node2-pod1 for ingress: none of their rules admits it); reported in node2's cilium_events, "
+        "as `lab observe` shows it")
+    assert "nobody answers ARP" not in r.dropped_by  # the drop is known: no route analysis
+    # Another connection's drop is not the probe's; a ring that lost events makes it only a possibility.
+    r = _setup(lookup, {}, reported=_policy_events(lookup, dport=9090), ring_lost={"node2": 3})
+    assert "cil_to_container" not in r.dropped_by, r.dropped_by
+    assert "possibly a drop whose event was lost: cilium_events on node2 lost 3 events during the trace" \
+        in r.dropped_by
 
 
 def test_a_clusterip_is_only_a_rule_only_inside_the_service_cidr() -> None:
