@@ -92,8 +92,9 @@ def _apply_exercise_faults(st, items: list[dict], seed: int | None) -> None:
         faults.apply(st, [item], seed=seed if drawn else None, exercise=not drawn)
     own = len(expanded) - sum(drawn for _, drawn in expanded)
     if own:
+        it = "it" if own == 1 else "them"
         print(f"faults: the exercise broke {'something' if own == 1 else f'{own} things'} after the lab came up: "
-              f"find {'it' if own == 1 else 'them'} (`lab status --reveal` gives it away)", file=sys.stderr)
+              f"find {it} (`lab status --reveal` gives {it} away)", file=sys.stderr)
     hidden = len(expanded) - own
     if hidden:
         print(f"faults: {hidden} random fault{'s' if hidden > 1 else ''} applied (seed {seed}): find "
