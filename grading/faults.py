@@ -135,7 +135,7 @@ def _no_fdb_entries(lookup: targets.Lookup, p: dict[str, Any]) -> str:
         return f"{where}: lab {lookup.st.name}'s backend is {lab.network.backend}, not vxlan, so there is none to flush"
     if len(lab.nodes) < 2:
         return f"{where}: lab {lookup.st.name} has one node, so there is no remote VTEP and no entry to flush"
-    # A random fault stays a puzzle: only one applied by name (lab status lists it) is named here.
+    # A random fault or the exercise's own stays a puzzle: only one applied by name (lab status lists it) is named.
     if any(a.fault == "fdb-flush" and a.params == p and not a.secret for a in recorded(lookup.st.name)):
         return f"{where} left to flush: an earlier fdb-flush there emptied it (lab status lists it); nothing was done"
     return f"{where} left to flush: they were deleted already (by a fault, or by hand); nothing was done"
