@@ -48,8 +48,8 @@ from topo.link_spec import LinkIn, check_link
 from topo.model import CILIUM_ROUTING_MODES, CNI_PROFILES, Cni, Cluster, Ingress, KubeProxy, Lab, Network, NetworkPolicy, Pod, Service, Underlay
 from topo.object_spec import Parsed, Reader, lab_namespaces, read_namespace
 from topo.placement_spec import pods_against_lab
-from topo.schema import (MAX_NODES, MAX_OBJECTS, Issues, Loc, Source, StrictModel, compose, describe, short, validate,
-                         wrong_type)
+from topo.schema import (MAX_NODES, MAX_OBJECTS, Issues, Loc, Source, StrictModel, compose, describe, meant_field,
+                         short, unknown_field, validate, wrong_type)
 from topo.workload_spec import ArgsCheck, read_deployment, read_pod
 
 API_VERSION = "kubenet-lab/v1alpha1"
@@ -455,7 +455,11 @@ def _read_object(obj: Any, loc: Loc, issues: Issues) -> Parsed | None:
     ok = True
     for key, value, example in (("apiVersion", api_version, "apiVersion: v1"), ("kind", kind, "kind: Pod")):
         if key not in obj:
-            issues.add(loc + (key,), f"missing; every object needs apiVersion and kind, e.g. {example}")
+            typo = next((k for k in obj if isinstance(k, str) and meant_field(k, (key,))), None)
+            if typo is not None:  # one mistake, said where it is (not "missing" and then "unknown field")
+                issues.add(loc + (typo,), unknown_field(typo, (key,)))
+            else:
+                issues.add(loc + (key,), f"missing; every object needs apiVersion and kind, e.g. {example}")
             ok = False
         elif not isinstance(value, str):
             issues.add(loc + (key,), wrong_type("a string", value, issues.source.raw.get(loc + (key,))))

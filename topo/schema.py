@@ -407,10 +407,17 @@ def validate(model: type[_M], value: Any, loc: Loc, issues: Issues) -> _M | None
     try:
         return model.model_validate(value)
     except ValidationError as exc:
-        for err in exc.errors(include_url=False, include_context=False):
+        errors = exc.errors(include_url=False, include_context=False)
+        # A misspelt required field is one mistake: its unknown-field line names the field meant, so the
+        # field's "missing" line is left out (it said the same thing twice, the second time on no line of its own).
+        meant = {tuple(e["loc"][:-1]) + (close,) for e in errors if e["type"] == "extra_forbidden"
+                 and (close := meant_field(str(e["loc"][-1]), _allowed_fields(model, tuple(e["loc"][:-1]))))}
+        for err in errors:
             rel = tuple(err["loc"])
             if rel and rel[-1] == "[key]":
                 issues.add(loc + rel[:-1], "keys must be strings")
+                continue
+            if err["type"] == "missing" and rel in meant:
                 continue
             issues.add(loc + rel, _pydantic_message(model, rel, err, issues.source.raw.get(loc + rel)))
         return None
@@ -434,7 +441,7 @@ def _pydantic_message(model: type[BaseModel], rel: Loc, err: Any, raw: str | Non
         example = _field_example(model, rel)
         return f"missing; add it, e.g. {example}" if example else "missing; add it"
     if kind == "extra_forbidden":
-        return _unknown_field(str(rel[-1]), _allowed_fields(model, rel[:-1]))
+        return unknown_field(str(rel[-1]), _allowed_fields(model, rel[:-1]))
     if kind == "invalid_key":
         return "keys must be strings"
     if kind in _EXPECTED:
@@ -442,13 +449,20 @@ def _pydantic_message(model: type[BaseModel], rel: Loc, err: Any, raw: str | Non
     return str(err.get("msg", "invalid value"))
 
 
-def _unknown_field(key: str, allowed: list[str]) -> str:
-    """Unknown-key message with a suggestion; the match ignores case, the usual slip (podCidr)."""
+def meant_field(key: str, allowed: list[str] | tuple[str, ...]) -> str | None:
+    """The allowed field a misspelt key stands for, if one is close; the match ignores case, the usual slip
+    (podCidr)."""
     lowered = {a.lower(): a for a in allowed}
     close = difflib.get_close_matches(key.lower(), list(lowered), n=1, cutoff=0.75)
+    return lowered[close[0]] if close else None
+
+
+def unknown_field(key: str, allowed: list[str] | tuple[str, ...]) -> str:
+    """Unknown-key message with a suggestion (meant_field)."""
+    close = meant_field(key, allowed)
     shown = short(repr(key), 60)
     if close:
-        return f"unknown field {shown} (did you mean {lowered[close[0]]!r}?)"
+        return f"unknown field {shown} (did you mean {close!r}?)"
     if allowed:
         return f"unknown field {shown} (allowed here: {', '.join(allowed)})"
     return f"unknown field {shown}"

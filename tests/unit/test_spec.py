@@ -1192,3 +1192,17 @@ def test_an_ingress_to_a_service_with_its_own_problems_is_not_reported_twice() -
 """
     (line,) = _errors(text)
     assert line.startswith("t.yaml:7: spec.objects[0].spec.type: unknown type 'Bogus'")
+
+
+@pytest.mark.parametrize("wrong, right", [("container", "containers"), ("apiVersio", "apiVersion")])
+def test_a_misspelt_required_field_is_one_line_not_two(wrong: str, right: str) -> None:
+    """`container:` for `containers:` said both "containers: missing" and "unknown field 'container' (did you
+    mean 'containers'?)": the second line says it all, and says where."""
+    pod = ("  nodes: [{name: node1, ip: 192.168.1.10}]\n  objects:\n"
+           "    - apiVersion: v1\n      kind: Pod\n      metadata: {name: a}\n"
+           "      spec: {nodeName: node1, containers: [{name: c, image: pause}]}\n")
+    text = HEADER + pod.replace(right, wrong, 1)
+    with pytest.raises(SpecError) as info:
+        parse_spec_text(text, "t.yaml")
+    lines = info.value.lines()
+    assert len(lines) == 1 and f"unknown field '{wrong}' (did you mean '{right}'?)" in lines[0], lines
