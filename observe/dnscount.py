@@ -87,7 +87,11 @@ def log_tail(path: Path, offset: int) -> str:
         return fh.read().decode(errors="replace")
 
 
-def count(lab_name: str | None, target: str, name: str, family: str = "any", resolver: str = "glibc") -> Count:
+def count(lab_name: str | None, target: str, name: str, family: str = "any", resolver: str = "glibc",
+          timeout: float = 60.0) -> Count:
+    """One lookup of `name` from inside the pod, as its own resolver does it, and the queries it cost where.
+    `timeout`: how long the lookup may take; a resolver waiting out its timeouts (a DNS it cannot reach) is
+    stopped then, and that is an error saying so."""
     st = state.resolve(lab_name)
     _ns, pause_pid = find_target(st, target)
     if pause_pid is None:
@@ -117,10 +121,11 @@ def count(lab_name: str | None, target: str, name: str, family: str = "any", res
     capture = dnswire.Capture(st.pods[key].netns)
     try:
         proc = subprocess.run([sys.executable, "-m", "lab.cli", "exec", "--lab", st.name, key, "--", *argv],
-                              capture_output=True, text=True, cwd=REPO, timeout=60)
-    except subprocess.TimeoutExpired as exc:
+                              capture_output=True, text=True, cwd=REPO, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:  # `lab exec` is the resolver itself (exec): stopping it stops that
         capture.close()
-        raise StateError(f"resolving {name} in {key} took over 60 s (is the cluster DNS pod running?)") from exc
+        raise StateError(f"resolving {name} in {key} gave no answer within {timeout:g} s (its resolver was still "
+                         f"waiting: can {key} reach the cluster DNS, and is it running?)") from exc
     if proc.returncode not in (0, 2):  # getent and the C client: 2 = the name does not exist, an answer too
         capture.close()
         raise StateError(f"could not resolve in {key}: {proc.stderr.strip() or f'exit {proc.returncode}'}")

@@ -244,6 +244,35 @@ def test_checks_never_pass_because_their_source_is_broken(tmp_path: Path) -> Non
         lab("down", name, check=False)
 
 
+UNREACHABLE_DNS = """
+apiVersion: kubenet-lab/v1alpha1
+kind: Exercise
+title: a lookup from a pod cut off from the cluster DNS
+tasks: [{id: t, title: t}]
+checks:
+  - {name: lookup, task: t, description: d, dns: {from: a, name: api.example.com, resolves: false}}
+"""
+
+
+def test_a_lookup_that_gets_no_answer_fails_in_seconds_not_resolver_timeouts(tmp_path: Path, lab_up) -> None:
+    """A pod unplugged from cni0 (the capstone's veth-detach) reaches no DNS server: glibc's resolver waits its
+    timeout for every name of the search list (the capstone's first grade spent 20.6 s in one such check). The
+    check gives the lookup a few seconds, then fails saying why; a dead DNS still passes nothing."""
+    name = unique("dnsto")
+    lab_up({"apiVersion": "kubenet-lab/v1alpha1", "kind": "Lab", "metadata": {"name": name},
+            "spec": {"nodes": [{"name": "node1", "ip": "192.168.1.10"}, {"name": "node2", "ip": "192.168.1.11"}],
+                     "objects": [{"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "a"},
+                                  "spec": {"nodeName": "node1", "containers": [{"name": "p", "image": "pause"}]}}]}})
+    lab("break", "--lab", name, "veth-detach", "pod=a")
+    folder = tmp_path / "dns"
+    folder.mkdir()
+    (folder / schema.CHECKS_FILE).write_text(UNREACHABLE_DNS)
+    proc = lab("grade", "--lab", name, str(folder), "--json", check=False)
+    check = json.loads(proc.stdout)["checks"][0]
+    assert proc.returncode == 1 and not check["passed"], check
+    assert "gave no answer within 5 s" in check["detail"], check
+
+
 # ------------------------------------------------------------------ no check passes on an empty lab
 
 
