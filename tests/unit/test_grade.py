@@ -369,7 +369,7 @@ def test_blocked_means_dropped_and_refused_only_when_asked(monkeypatch: pytest.M
 def test_a_dns_check_fails_when_the_cluster_dns_saw_nothing(monkeypatch: pytest.MonkeyPatch, fields: dict) -> None:
     from observe import dnscount
 
-    monkeypatch.setattr(dnscount, "count", lambda lab, pod, name, family: dnscount.Count(
+    monkeypatch.setattr(dnscount, "count", lambda lab, pod, name, family, **_: dnscount.Count(
         pod, "10.244.1.2", name, "", answer=[], cluster=[], upstream=[]))
     ctx = grade.probes.Context(_FakeLookup(), None)  # type: ignore[arg-type]
     result = grade.probes.dns(ctx, _probe("dns", **{"from": "a", "name": "nothing.example.", **fields}))
