@@ -311,6 +311,7 @@ class Tracer:
     def hops(self, sightings: list[Sighting], reply: bool) -> list[Hop]:
         out: list[Hop] = []
         last_packet = ""
+        hairpins = _hairpins(sightings)
         for i, s in enumerate(sightings):
             prev = sightings[i - 1] if i else None
             same_place = prev is not None and prev.place == s.place
@@ -321,7 +322,8 @@ class Tracer:
                     src = str(self.source.ip) if self.source.kind == "pod" else \
                         self.kernel.source_address(self.source.netns, str(self.probe.dst))
                     sent = Packet(src or s.eff.src, str(self.probe.dst), s.eff.proto, s.eff.length,
-                                  self.probe.sport or s.eff.sport, self.probe.port if self.probe.protocol != "icmp" else None)
+                                  self.probe.sport or s.eff.sport,
+                                  self.probe.port if self.probe.protocol != "icmp" else None)
                     lb = self.cilium.rewrite(self.probe) if self.cilium is not None else None
                     if lb is not None:  # the socket LB rewrote the call: no packet ever carried the frontend
                         pre = [lb]
@@ -329,15 +331,16 @@ class Tracer:
                         pre, post = self._nat_hops(s.place, sent, s.eff, reply)
                     out += pre + [route] + post
             if same_place and prev is not None:
-                out += self._between(prev, s, reply)
+                out += self._between(prev, s, reply, hairpins[i])
             summary = s.packet.summary() + (s.eff.summary() if s.packet.encap else "")
             hop = self._capture_hop(s, summary != last_packet)
             last_packet = summary
             out.append(hop)
         return out
 
-    def _between(self, a: Sighting, b: Sighting, reply: bool) -> list[Hop]:
-        """What the kernel did inside one namespace between two sightings there."""
+    def _between(self, a: Sighting, b: Sighting, reply: bool, hairpin: str = "") -> list[Hop]:
+        """What the kernel did inside one namespace between two sightings there. `hairpin`: the bridge port
+        the packet came into this namespace by and leaves it by again, if it does."""
         place = a.place
         if a.packet.encap == "vxlan" and not a.outgoing and not b.outgoing:
             return [Hop(place.name, "decap", f"UDP {a.packet.dport} is the VXLAN socket: {b.dev} "
@@ -355,17 +358,28 @@ class Tracer:
         links = view.links if view else {}
         a_port, b_port = links.get(a.dev), links.get(b.dev)
         bridged = place.kind == "switch" or bool(a_port and b_port and a_port.master and a_port.master == b_port.master)
+        # Between two ports of a node's bridge, a frame for the node (its MAC or address, or translated by a
+        # DNAT there) was routed: br_netfilter may still show it bridged from port to port (it reuses the
+        # neighbour's cached header) or leaving by the bridge first (it did not), the same routing either way.
+        routed = bridged and place.kind != "switch" and not a.outgoing and b.outgoing and \
+            _for_the_node(a, b, reply, view, a_port.master if a_port else None)
         out: list[Hop] = []
-        if bridged and not a.outgoing and b.outgoing:
+        if bridged and not routed and not a.outgoing and b.outgoing:
             bridge = a_port.master if a_port and a_port.master else "the bridge"
             out.append(Hop(place.name, "bridge", f"{bridge} forwards the frame {a.dev} -> {b.dev} (layer 2, "
                                                  "no routing)", detail={"bridge": bridge}))
         pre, post = self._nat_hops(place, a.eff, b.eff, reply, a.dev)
         out += pre
-        if not bridged and not a.outgoing and b.outgoing and place.kind in ("node", "router", "external", "pod"):
+        if (routed or not bridged) and not a.outgoing and b.outgoing and \
+                place.kind in ("node", "router", "external", "pod"):
             # In transit through a tunnel (a router between racks), the kernel routes the outer packet.
             x, y = (a.packet, b.packet) if a.packet.encap and b.packet.encap else (a.eff, b.eff)
             route = self._route_hop(place, y.dst, x.src, a.dev)
+            if hairpin and hairpin == a.dev and a_port is not None and a_port.master:
+                # Routed out of the bridge it came from, to the very port it came in by: the port's hairpin
+                # mode lets the bridge send it back (a pod reaching itself through a Service).
+                route.text += f"; back out of {a_port.master} by {a.dev}, the port it came in by (hairpin)"
+                route.detail["hairpin"] = a.dev
             if self.cilium is not None and any(h.detail.get("program") in ("cil_from_netdev", "cil_from_container")
                                                for h in pre):
                 # The tc program sent it on itself (bpf_fib_lookup + bpf_redirect_neigh, or the tunnel).
@@ -373,6 +387,35 @@ class Tracer:
                              f"(the FIB it asked: {route.text})"
             out.append(route)
         return out + post
+
+
+def _hairpins(sightings: list[Sighting]) -> list[str]:
+    """For each sighting, the interface its namespace's stretch of the journey came in by, if that stretch
+    also leaves by it (a hairpin on a bridge port); else "". A stretch: consecutive sightings in one place."""
+    out = [""] * len(sightings)
+    start = 0
+    for i in range(1, len(sightings) + 1):
+        if i < len(sightings) and sightings[i].place == sightings[start].place:
+            continue
+        first, last = sightings[start], sightings[i - 1]
+        if i - 1 > start and not first.outgoing and last.outgoing and first.dev == last.dev:
+            out[start:i] = [first.dev] * (i - start)
+        start = i
+    return out
+
+
+def _for_the_node(a: Sighting, b: Sighting, reply: bool, view: NsView | None, bridge: str | None) -> bool:
+    """Was the frame that came in as `a` for the node itself, so routed, not bridged: sent to the bridge's
+    own MAC (a pod's gateway), to an address of the node, or given another destination by a DNAT there."""
+    if not reply and (a.eff.dst, a.eff.dport) != (b.eff.dst, b.eff.dport):
+        return True
+    if view is None:
+        return False
+    mac = view.links[bridge].mac if bridge and bridge in view.links else ""
+    if mac and a.packet.mac_dst and a.packet.mac_dst.lower() == mac.lower():
+        return True
+    dst = IPv4Address(a.eff.dst)
+    return any(addr.ip == dst for addrs in view.addrs.values() for addr in addrs)
 
 
 def _endpoint(ip: str, port: int | None) -> str:

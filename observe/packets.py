@@ -8,7 +8,7 @@ the unit tests feed them hand-built frames.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from ipaddress import IPv4Address
 
 from routing import vxlan
@@ -49,6 +49,7 @@ class Packet:
     vni: int | None = None
     inner_mac: str | None = None  # destination MAC of the frame inside VXLAN
     encap: str | None = None  # "vxlan" or "ipip": `inner` is the packet this one carries through a tunnel
+    mac_dst: str | None = None  # the Ethernet destination it was captured with (None: no Ethernet header, tunl0)
 
     @property
     def form(self) -> tuple:
@@ -103,7 +104,9 @@ def parse_frame(frame: bytes, depth: int = 0) -> Packet | None:
         ethertype = struct.unpack_from("!H", frame, offset)[0]
     if ethertype != ETH_P_IP:
         return None
-    return parse_ip(frame[offset + 2:], depth)
+    packet = parse_ip(frame[offset + 2:], depth)
+    # Whom the frame was for tells a bridge's forwarding (another port's MAC) from the node's routing (its own).
+    return replace(packet, mac_dst=_mac(frame[:6])) if packet is not None else None
 
 
 def parse_ip(data: bytes, depth: int = 0) -> Packet | None:

@@ -30,7 +30,9 @@ order, and its text), observe/netfilter.py (rule counters, DNAT/SNAT, drops), ob
   rules carry no counters; IPVS: the virtual server and real server from the node's IPVS table).
   kube-proxy's iptables mode runs on the machine's own iptables backend (iptables-nft on current
   distributions) unless spec.kubeProxy.iptables says legacy, which `nft monitor trace` cannot see;
-  counters work for both.
+  counters work for both. A frame sent to the node (its bridge's MAC or address, or DNATed there) is
+  routed, though br_netfilter may show it passing from one bridge port to another, never "layer 2"; one
+  routed back out of the bridge port it came in by (a pod reaching itself through a Service) is a hairpin.
 - **Drops.** The last place the packet was seen, then the reason, in order: an ICMP error on the wire
   (fragmentation needed: MTU; unreachable: no route or a REJECT), a DROP/REJECT rule whose counter moved
   in that namespace (its comment names, e.g., the NetworkPolicy; a NetworkPolicy chain only if it is one
