@@ -7,6 +7,7 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from apiserver import state
 from grading import schema
@@ -29,6 +30,13 @@ class Context:
     def st(self) -> state.LabState:
         return self.lookup.st
 
+
+
+def sent_queries(got: Any) -> list:
+    """The queries the pod sent for a lookup, each type and name once: what its node's cache received with
+    NodeLocal DNSCache (cache hits never reach the cluster DNS, whose log then shows none), else what the cluster
+    DNS received. Empty: the pod's DNS server logged nothing (it is down or unreachable)."""
+    return got.node_cache if got.node_cache is not None else got.cluster
 
 
 def get(ctx: Context, p: schema.HttpIn, src: targets.Target, dest: str) -> tuple[Result, str]:

@@ -17,20 +17,18 @@ import re
 import time
 from collections.abc import Callable
 from ipaddress import IPv4Address, IPv4Network
-from pathlib import Path
 from typing import Any
-
-import yaml
 
 from apiserver import state
 from grading import schema
-from grading.probe_base import Context, Result, get
+from grading.answers import answer
+from grading.probe_base import Context, Result, get, sent_queries
 from grading.fields import route_protocol
 from observe import targets
 from routing import frr
 from topo import netns
 from topo import schema as topo_schema
-from topo.errors import SpecIssue, StateError
+from topo.errors import StateError
 
 assert schema.ROUTE_PROTOCOLS["bgp"] == frr.RTPROT_BGP  # the number zebra installs BGP routes with
 DROPPED, REFUSED = "timeout", "refused"  # observe.probe.connect's details for a silent drop and an active refusal
@@ -118,7 +116,7 @@ def dns(ctx: Context, p: schema.DnsIn) -> Result:
     # A working DNS answers a pod's whole search list in well under a second; one it cannot reach makes glibc
     # wait 5 s a name (the capstone's first grade spent 20 s in one check), so the lookup gets a few seconds.
     got = dnscount.count(ctx.st.name, src.key, p.name, p.family, timeout=DNS_CHECK_TIMEOUT)
-    sent = _sent(got)
+    sent = sent_queries(got)
     cache = "" if got.node_cache is None else f"{len(sent)} sent to the node's cache, {got.cache_hits} answered from it, "
     where = (f"{src.key} resolved {p.name} -> {', '.join(got.answer) or 'nothing'} "
              f"({cache}{len(got.cluster)} queries at the cluster DNS)")
@@ -145,13 +143,6 @@ def dns(ctx: Context, p: schema.DnsIn) -> Result:
 
 
 DNS_CHECK_TIMEOUT = 5.0  # seconds a dns check's lookup may take
-
-
-def _sent(got: Any) -> list:
-    """The queries the pod sent for a lookup, each type and name once: what its node's cache received with
-    NodeLocal DNSCache (cache hits never reach the cluster DNS, whose log then shows none), else what the cluster
-    DNS received. Empty: the pod's DNS server logged nothing (it is down or unreachable)."""
-    return got.node_cache if got.node_cache is not None else got.cluster
 
 
 def _bounds(b: Any) -> str:
@@ -404,8 +395,11 @@ def command(ctx: Context, p: schema.CommandIn) -> Result:
         return Result(False, f"{where}; expected exit {expected_rc}")
     if p.match is not None and re.search(p.match, out, re.MULTILINE) is None:
         return Result(False, f"{where}; expected a match for {p.match!r}")
-    if p.not_match is not None and re.search(p.not_match, out, re.MULTILINE) is not None:
-        return Result(False, f"{where}; expected no match for {p.not_match!r}")
+    hit = re.search(p.not_match, out, re.MULTILINE) if p.not_match is not None else None
+    if hit is not None:  # the line that fails it, not the output's first 120 characters (another line, cut)
+        line = " ".join(out[out.rfind("\n", 0, hit.start()) + 1:].split("\n", 1)[0].split())
+        return Result(False, f"{target.name}: {' '.join(p.argv)}: the line {topo_schema.short(line, 240)!r} "
+                             f"matches {p.not_match!r}, which it must not")
     return Result(True, where)
 
 
@@ -432,155 +426,6 @@ def pods(ctx: Context, p: schema.PodsIn) -> Result:
         if short:
             return Result(False, f"{where}; fewer than {p.containers} running containers: {', '.join(short)}")
     return Result(True, where)
-
-
-# ---------------------------------------------------------------------------- answers
-
-
-def answer(ctx: Context, p: schema.AnswerIn) -> Result:
-    """The learner's answer (answers.yaml) against the value the running lab gives now. The detail never
-    shows the true value: the grade report must not become the answer key."""
-    if ctx.answers_file is None:
-        return Result(False, "no answers file (write answers.yaml in the exercise folder, or give --answers)")
-    try:
-        text = ctx.answers_file.read_text()
-    except FileNotFoundError:
-        return Result(False, f"{ctx.answers_file} does not exist yet: write `{p.key}: YOUR ANSWER` into it")
-    except (OSError, UnicodeDecodeError) as exc:
-        return Result(False, f"{ctx.answers_file} cannot be read: {exc}")
-    try:
-        answers = yaml.safe_load(text)
-    except yaml.YAMLError as exc:  # file:line: what and a likely fix, as a spec's syntax errors are told
-        return Result(False, topo_schema.yaml_error(exc, text).format(str(ctx.answers_file)))
-    if answers is None:  # an empty file (or only comments): nothing answered yet
-        answers = {}
-    if not isinstance(answers, dict):  # a list or a scalar holds no names: say so, not "has no answer KEY"
-        return Result(False, _not_a_mapping(ctx.answers_file, text, answers, p.key))
-    if p.key not in answers or answers[p.key] is None:
-        return Result(False, f"{ctx.answers_file.name} has no answer {p.key}")
-    given = _norm(answers[p.key])
-    if p.value.host_veth is not None and (suffix := IP_PEER_SUFFIX.search(given)):
-        # `ip link` prints a veth as NAME@ifN, N being its peer's index: a note of iproute2's, not the name
-        return Result(False, f"{p.key}: {given}: write the name without {suffix.group(0)} "
-                             "(ip link adds @ifN: the peer's index)")
-    if p.value.mac is not None and isinstance(answers[p.key], int):  # YAML 1.1 reads 12:34:56:10:20:30 in base 60
-        return Result(False, f"{p.key}: YAML read it as the number {given}: put the MAC address in quotes")
-    truth = _norm(_true_value(ctx, p.value))
-    if p.value.mac is not None:
-        given, truth = _mac(given), _mac(truth)
-    if given == truth:
-        return Result(True, f"{p.key}: {given} is right")
-    return Result(False, f"{p.key}: {given} is not what the lab says")
-
-
-def _not_a_mapping(file: Path, text: str, answers: Any, key: str) -> str:
-    """`file:line: ...` for an answers file whose top level is not a mapping, at the line where it starts,
-    worded as a lab spec's top level is."""
-    node = yaml.compose(text, Loader=yaml.SafeLoader)  # parsed once already: this cannot fail
-    line = node.start_mark.line + 1 if node is not None else None
-    return SpecIssue("", f"the top level must be a mapping of answer names to values ({key}: YOUR ANSWER), "
-                     f"not {topo_schema.describe(answers)}", line).format(str(file))
-
-
-def _norm(value: Any) -> str:
-    """Every answer is compared as trimmed, case-insensitive text; kinds with more than one spelling are
-    normalised further by their own rule (a MAC), never globally, so no wrong answer of another kind passes."""
-    return str(value).strip().lower()
-
-
-IP_PEER_SUFFIX = re.compile(r"@if\d+$")
-_MAC = re.compile(r"[0-9a-f]{2}([-:])[0-9a-f]{2}(\1[0-9a-f]{2}){4}")
-
-
-def _mac(text: str) -> str:
-    """A MAC address in iproute2's form (lower case, colons): IEEE 802 writes the same address with hyphens,
-    upper case (0A-58-0A-F4-01-01). Anything else is left as given, to be compared as text."""
-    return text.replace("-", ":") if _MAC.fullmatch(text) else text
-
-
-def _true_value(ctx: Context, v: schema.ValueIn) -> Any:
-    look = ctx.lookup
-    if v.pause_pid is not None:
-        return look.live(v.pause_pid).pause_pid
-    if v.pod_ip is not None:
-        return look.live(v.pod_ip).ip
-    if v.host_veth is not None:
-        return targets.host_veth(look, look.live(v.host_veth))
-    if v.node_of is not None:
-        return ctx.st.pods[look.live(v.node_of).key].node
-    if v.mac is not None or v.mtu is not None:
-        where = v.mac or v.mtu
-        assert where is not None
-        target = look.live(where.on)
-        with netns.rtnl_in(target.netns) as rt:
-            found = rt.link(where.dev)
-        if found is None:
-            raise StateError(f"{where.on} has no interface {where.dev}")
-        return found.mac if v.mac is not None else found.mtu
-    if v.pod_capacity is not None or v.free_pod_ips is not None:
-        name = v.pod_capacity or v.free_pod_ips
-        node = look.lab.node(look.live(name).name)  # type: ignore[arg-type]
-        if v.pod_capacity is not None:
-            return node.pod_capacity
-        return node.pod_capacity - sum(1 for ps in ctx.st.pods.values() if ps.node == node.name)
-    if v.max_pods is not None or v.subnet_free is not None:
-        node = look.lab.node(look.live(v.max_pods or v.subnet_free).name)  # type: ignore[arg-type]
-        if node.max_pods is None:
-            raise StateError(f"{node.name} has no max pods or VPC subnet: this lab does not play aws-vpc")
-        if v.max_pods is not None:
-            return node.max_pods
-        from kubelet.pods import ipamd_file
-
-        books = ipamd_file(look.lab).read()
-        return len(books.free(books.pod_subnet(books.nodes[node.name])))
-    if v.route_via is not None:
-        target = look.live(v.route_via.on)
-        with netns.rtnl_in(target.netns) as rt:
-            found = [r for r in rt.routes() if r.dst == IPv4Network(v.route_via.to) and r.gateway is not None]
-        if not found:
-            raise StateError(f"{v.route_via.on} has no route via a gateway to {v.route_via.to}")
-        return found[0].gateway
-    if v.dns_queries is not None:
-        from observe import dnscount
-
-        q = v.dns_queries
-        pod = look.live(q.source)
-        got = dnscount.count(ctx.st.name, pod.key, q.name, q.family)
-        if not _sent(got):  # a dead DNS costs 0 queries: no answer to compare with
-            raise StateError(f"the pod's DNS server logged no query from {pod.key}: is it reachable and running?")
-        if q.sent:
-            return len(_sent(got))
-        if not got.cluster:  # every query a cache hit: the cluster DNS's count of it is no stable answer
-            raise StateError(f"no query of {pod.key}'s lookup reached the cluster DNS (the node's cache answered)")
-        return len(got.upstream if q.upstream else got.cluster)
-    assert v.command is not None
-    return _command_value(look, v.command)
-
-
-def _command_value(look: targets.Lookup, cmd: schema.CommandValueIn) -> str | int:
-    """A command's output as the answer source says. A count or a whole output needs the command to
-    succeed (a failed command counts 0 lines, which is no answer); with `group`, the match is what counts
-    (ping's exit status is 1 when no reply came, and "0 received" is its answer)."""
-    target = look.live(cmd.on)
-    shown = " ".join(cmd.argv) if cmd.argv is not None else " | ".join(" ".join(a) for a in cmd.argvs or [])
-    failed = StateError(f"the lab's own answer could not be computed ({shown} in {cmd.on})")
-    if cmd.argvs is not None:
-        proc = next((pr for argv in cmd.argvs if (pr := look.run(target, argv)).returncode == 0), None)
-        if proc is None:
-            raise failed
-    else:
-        assert cmd.argv is not None
-        proc = look.run(target, cmd.argv)
-        if cmd.group is None and proc.returncode != 0:
-            raise failed
-    if cmd.count is not None:
-        return sum(1 for line in proc.stdout.splitlines() if re.search(cmd.count, line))
-    if cmd.group is None:
-        return proc.stdout.strip()
-    match = re.search(cmd.group, proc.stdout, re.MULTILINE)
-    if match is None:
-        raise failed
-    return match.group(1)
 
 
 RUNNERS: dict[str, Callable[[Context, Any], Result]] = {

@@ -20,7 +20,7 @@ import pytest
 
 from apiserver import state
 from apiserver.desired import current_lab
-from grading import checks, probes
+from grading import answers, checks, probes
 from observe import targets
 from tests.conftest import require_tool
 from tests.integration import test_exercises as base
@@ -34,7 +34,7 @@ def _truths(name: str, ex: checks.Exercise) -> dict[str, str]:
     st = state.load(name)
     assert st is not None
     ctx = probes.Context(targets.Lookup(st, current_lab(st)), None)
-    return {c.probe.key: str(probes._true_value(ctx, c.probe.value)) for c in ex.checks if c.kind == "answer"}
+    return {c.probe.key: str(answers.true_value(ctx, c.probe.value)) for c in ex.checks if c.kind == "answer"}
 
 
 def _number(value: str) -> re.Pattern[str]:

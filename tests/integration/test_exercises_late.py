@@ -128,6 +128,11 @@ def test_capstone_random_faults_are_reproducible_and_repairable(tmp_path: Path) 
         assert {c["task"] for c in before["checks"] if not c["passed"]} == {t.id for t in ex.tasks}
         solve("s13_capstone", name)
         all_pass_after(name, ex)
+        # A veth unplugged from cni0 is no bridge port at all: `bridge link` leaves it out, and the check that
+        # read only the ports listed passed with client-2 cut off
+        lab("break", "--lab", name, "veth-detach", "pod=client-2")
+        code, after = base.graded(name, "--only", "node2-ports-as-plugged")
+        assert code == 1 and not after["checks"][0]["passed"], after["checks"]
     finally:
         lab("down", name, check=False)
         assert leftovers(name) == {"netns": [], "state": []}

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from apiserver import state
-from grading import checks, faults, grade, schema
+from grading import answers, checks, faults, grade, schema
 from topo.errors import SpecError, StateError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -384,15 +384,27 @@ def test_a_command_that_fails_proves_nothing_even_with_only_notmatch() -> None:
     assert fine.passed
 
 
+def test_a_notmatch_failure_quotes_the_line_that_matched() -> None:
+    """The why line quoted the output's first 120 characters: a healthy port, cut at "hairpin", while the
+    port with hairpin off, further down, was not shown (the capstone's node2-ports-as-plugged)."""
+    out = ("5: veth03b78ecf@eth0: <BROADCAST,UP> mtu 1450 master cni0 state forwarding priority 32 cost 2 hairpin on\n"
+           "7: veth9e92a1bb@eth0: <BROADCAST,UP> mtu 1450 master cni0 state forwarding priority 32 cost 2 hairpin off\n")
+    ctx = grade.probes.Context(_FakeLookup({"bridge": (0, out)}), None)  # type: ignore[arg-type]
+    result = grade.probes.command(ctx, _probe("command", **{"in": "node2", "argv": ["bridge", "-d", "link"],
+                                                            "match": "master cni0", "notMatch": "hairpin off"}))
+    assert not result.passed and "veth9e92a1bb@eth0" in result.detail and "veth03b78ecf" not in result.detail
+    assert result.detail.endswith("hairpin off' matches 'hairpin off', which it must not"), result.detail
+
+
 def test_an_answer_from_alternative_commands_takes_the_first_that_succeeds() -> None:
     look = _FakeLookup({"nft": (1, "Error: No such file or directory"),
                         "iptables-legacy-save": (0, "-A KUBE-SERVICES x -j KUBE-SVC-A\n-A KUBE-SERVICES y -j KUBE-SVC-B\n")})
     value = schema.CommandValueIn.model_validate({"in": "node1", "argvs": [["nft", "list"], ["iptables-legacy-save"]],
                                                   "count": "-j KUBE-SVC-"})
-    assert grade.probes._command_value(look, value) == 2  # type: ignore[arg-type]
+    assert answers.command_value(look, value) == 2  # type: ignore[arg-type]
     failing = schema.CommandValueIn.model_validate({"in": "node1", "argv": ["nft", "list"], "count": "goto"})
     with pytest.raises(StateError, match="could not be computed"):
-        grade.probes._command_value(look, failing)  # type: ignore[arg-type]  # a failed command is no 0
+        answers.command_value(look, failing)  # type: ignore[arg-type]  # a failed command is no 0
 
 
 # ------------------------------------------------------------------ fault and CLI input
@@ -579,6 +591,16 @@ def test_a_wrong_mac_answer_still_fails(monkeypatch: pytest.MonkeyPatch, tmp_pat
         [_FakeLink(3, "cni0", kind="bridge", mac="0a:58:0a:f4:01:01")]))
     result = _answer(tmp_path, f"gw: '{given}'\n", "gw", {"mac": {"in": "node1", "dev": "cni0"}})
     assert not result.passed and "0a:58:0a:f4:01:01" not in result.detail, result.detail
+
+
+@pytest.mark.parametrize("given", ["10.244.1.2:39322", "10.244.1.9:39322"])
+def test_an_address_answer_written_with_a_port_says_to_drop_the_port(tmp_path: Path, given: str) -> None:
+    """`seen_source: 10.244.1.2:39322` (07: curl's /clientip prints ADDRESS:PORT) was only "not what the lab
+    says"; the port is the client's ephemeral one, not part of the answer. Said whether or not the address is
+    right, so the hint tells nothing about it."""
+    result = _answer(tmp_path, f"seen_source: {given}\n", "seen_source", {"podIP": "client"})
+    assert not result.passed and result.detail == (
+        f"seen_source: {given}: write the address without the port (:39322, the client's own)"), result.detail
 
 
 def test_a_veth_answer_written_as_ip_prints_it_says_to_drop_the_suffix(monkeypatch: pytest.MonkeyPatch,
