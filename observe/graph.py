@@ -328,6 +328,9 @@ def _pods(lab: Lab, node_name: str, view: NsView | None, running: list[RunningPo
             box.status, box.note = MISSING, "namespace gone"
         elif not pod_view.has_addr(POD_IFNAME, rp.ip):
             box.status, box.note = WRONG, f"{POD_IFNAME} lacks {rp.ip}"
+        elif POD_IFNAME in pod_view.links and not pod_view.links[POD_IFNAME].up:
+            # the cause, named: the node's veth losing its carrier is only its effect
+            box.status, box.note = DOWN, f"{POD_IFNAME} is down (in the pod)"
         elif cilium:
             box.status, box.note = graph_cilium.pod_state(view, veth)
         else:

@@ -39,7 +39,7 @@ class LabBackend:
             started = time.monotonic()
             drawn = graph.graph_of(self.lab).to_json()
             st = state.resolve(self.lab)
-            drawn["exercise"] = bool(st.exercise)
+            drawn["exercise"] = graded(st)
             self.build_seconds = time.monotonic() - started
             self._graph, self._graph_at = drawn, time.monotonic()
             return drawn
@@ -76,7 +76,7 @@ class LabBackend:
 
     def exercise(self) -> dict[str, Any] | None:
         st = state.resolve(self.lab)
-        if not st.exercise:
+        if not graded(st) or st.exercise is None:
             return None
         ex = checks.load(Path(st.exercise), st.exercise)
         return {"slug": ex.slug, "title": ex.title, "claim": ex.claim,
@@ -90,6 +90,12 @@ class LabBackend:
         data = report.to_json()
         data["tasks"] = [{"id": t.id, "title": t.title} for t in report.exercise.tasks]
         return data
+
+
+def graded(st: state.LabState) -> bool:
+    """Whether the lab is a graded exercise. `exercise` is recorded for any folder a lab was built from
+    (`lab up labs/00-seed` too); only a folder with checks.yaml has tasks to list and checks to grade."""
+    return bool(st.exercise) and checks.checks_file(Path(st.exercise or ".")).is_file()
 
 
 def gone(exc: StateError) -> dict[str, Any]:

@@ -7,6 +7,7 @@ is now. Needs root (it enters the lab's namespaces).
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
 from apiserver import state
@@ -18,7 +19,7 @@ from routing import ipip, vxlan
 from services import endpoints
 from topo import names
 from topo.errors import StateError
-from topo.model import BRIDGE, NODE_IFNAME, POD_IFNAME, Lab
+from topo.model import BRIDGE, NODE_IFNAME, POD_IFNAME, Lab, Pod
 
 
 def _context(lab_name: str) -> tuple[state.LabState, Lab, list, list]:
@@ -50,6 +51,36 @@ def pod_key(st: state.LabState, given: str) -> str:
                      f"{names.shown(given)} names pods in several namespaces: {', '.join(sorted(found))}")
 
 
+def _cmdline(pid: int) -> list[str] | None:
+    """The argv of process `pid` as the kernel holds it; None when it is gone."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    return [a.decode("utf-8", "replace") for a in raw.split(b"\0")[:-1]] if raw else None
+
+
+def containers(ps: state.PodState, spec: Pod | None) -> list[dict[str, Any]]:
+    """Each container the lab started for the pod (its state: name -> pid), with the command line that
+    actually runs (/proc/PID/cmdline), not the one a spec asks for: a pod applied later has no spec here
+    and a container may have died. The spec adds its image and ports, and its argv for a dead process."""
+    declared = {c.name: c for c in (spec.containers if spec else ())}
+    out = []
+    for name, pid in ps.containers.items():
+        c = declared.get(name)
+        argv = _cmdline(pid) if state.pid_alive(pid) else None
+        out.append({"name": name, "image": c.image if c else None,
+                    "argv": argv if argv is not None else list(c.argv) if c else [],
+                    "ports": [f"{p.container_port}/{p.protocol}" for p in c.ports] if c else [],
+                    "pid": pid, "running": argv is not None})
+    for name, c in declared.items():  # no process of its own: the pause image, which the sandbox's pause is
+        if name not in ps.containers:
+            out.append({"name": name, "image": c.image, "argv": list(c.argv),
+                        "ports": [f"{p.container_port}/{p.protocol}" for p in c.ports],
+                        "pid": ps.pause_pid, "running": state.pid_alive(ps.pause_pid)})
+    return out
+
+
 def pod(lab_name: str, given: str) -> dict[str, Any]:
     st, lab, running, sps = _context(lab_name)
     key = pod_key(st, given)
@@ -78,9 +109,7 @@ def pod(lab_name: str, given: str) -> dict[str, Any]:
                          f"{(outside or {}).get('master') or 'none'})"},
         "routes": [r.text() for r in pod_view.routes] if pod_view else [],
         "labels": dict(spec.labels) if spec else {},
-        "containers": [{"name": c.name, "image": c.image, "argv": list(c.argv),
-                        "ports": [f"{p.container_port}/{p.protocol}" for p in c.ports]}
-                       for c in (spec.containers if spec else ())],
+        "containers": containers(ps, spec),
         "resolvConf": resolv.read_text() if resolv.is_file() else "",
         "services": selecting,
     }

@@ -29,6 +29,7 @@ webdriver = pytest.importorskip("selenium.webdriver")
 from selenium.common.exceptions import StaleElementReferenceException, TimeoutException  # noqa: E402
 from selenium.webdriver.chrome.options import Options  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
+from selenium.webdriver.common.actions.action_builder import ActionBuilder  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
@@ -51,8 +52,11 @@ def ui(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ui]:
     if not (os.path.exists(CHROMIUM) and os.path.exists(DRIVER)):
         pytest.skip("needs Debian's chromium and chromium-driver (./install.sh --test)")
     name = unique("ui")
-    spec = write_spec(tmp_path_factory.mktemp("ui"), seed_spec(name))
-    lab("up", str(spec))
+    # Built from a folder holding lab.yaml and no checks.yaml, as `lab up labs/00-seed` is: a lab with an
+    # exercise folder that is no graded exercise (the page must not offer an Exercise tab for it).
+    folder = tmp_path_factory.mktemp("ui")
+    write_spec(folder, seed_spec(name)).rename(folder / "lab.yaml")
+    lab("up", str(folder))
     proc = subprocess.Popen([sys.executable, "-m", "lab.cli", "ui", "--lab", name], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=REPO)
     try:
@@ -105,8 +109,23 @@ def attr(driver, css: str, name: str) -> str:
 
 
 def click(driver, css: str, what: str) -> None:
-    """Click what `css` matches, finding it again if a redraw replaced it between finding and clicking."""
-    wait(driver, lambda d: d.find_element(By.CSS_SELECTOR, css).click() or True, f"a click on {what}")
+    """A real mouse click at the centre of what `css` matches. The element is found, scrolled to and located
+    in one call, and the click goes to that point: a WebDriver click of a found element fails as stale when a
+    redraw replaced it meanwhile, which on a busy machine (two cores, a lab, a browser) may be every time."""
+    def at_it(d) -> bool:
+        point = d.execute_script(
+            "const e = document.querySelector(arguments[0]); if (!e) return null; e.scrollIntoView({block: 'nearest'});"
+            "const r = e.getBoundingClientRect(), x = r.left + r.width / 2, y = r.top + r.height / 2;"
+            "const hit = document.elementFromPoint(x, y);"  # what a click there reaches: it, or inside it
+            "return hit && (hit === e || e.contains(hit)) ? [Math.round(x), Math.round(y)] : null", css)
+        if point is None:
+            return False
+        actions = ActionBuilder(d)
+        actions.pointer_action.move_to_location(*point).click()
+        actions.perform()
+        return True
+
+    wait(driver, at_it, f"a click on {what}")
 
 
 def shot(driver, name: str) -> None:
@@ -270,6 +289,138 @@ def test_reading_the_diagram_survives_its_redraws(browser) -> None:
         wait(browser, lambda d: "pod default/node1-pod1" in d.find_element(By.ID, "inspect").text, "its inspection")
     finally:
         browser.execute_script("clearInterval(window.__churn)")
+
+
+def _applied(ui: Ui, tmp_path: Path, *objects: dict) -> Path:
+    manifest = tmp_path / "objects.yaml"
+    manifest.write_text("---\n".join(json.dumps(o) + "\n" for o in objects))
+    lab("apply", "--lab", ui.name, "-f", str(manifest))
+    return manifest
+
+
+def _agnhost_pod(name: str, node: str, app: str) -> dict:
+    pod = pause_pod(name, node=node, app=app)
+    pod["spec"]["containers"] = [{"name": "app", "image": "agnhost", "args": ["netexec", "--http-port=8080"]}]
+    return pod
+
+
+OVERFLOWS = """
+const out = [];
+for (const box of document.querySelectorAll(arguments[0])) {
+  const rect = box.querySelector(':scope > rect');
+  if (!rect) continue;
+  const r = rect.getBoundingClientRect();
+  for (const t of box.querySelectorAll(':scope > text')) {
+    const b = t.getBoundingClientRect();
+    if (b.width && (b.right > r.right + 1 || b.left < r.left - 1)) out.push(t.textContent);
+  }
+}
+return out;"""
+
+
+def test_an_applied_pod_shows_the_containers_that_run(ui: Ui, browser, tmp_path: Path) -> None:
+    manifest = _applied(ui, tmp_path, _agnhost_pod("ui-agn", "node2", "agn"))
+    css = '[data-pod="default/ui-agn"]'
+    try:
+        wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, css), "the applied pod to be drawn")
+        browser.find_element(By.CSS_SELECTOR, 'nav [data-tab="inspect"]').click()
+        click(browser, f"{css} rect", "the applied pod")
+        panel = browser.find_element(By.ID, "inspect")
+        wait(browser, lambda d: "pod default/ui-agn" in panel.text, "the pod's inspection")
+        assert "netexec --http-port=8080" in panel.text, panel.text
+    finally:
+        lab("delete", "--lab", ui.name, "-f", str(manifest))
+
+
+def test_long_names_fit_their_boxes(ui: Ui, browser, tmp_path: Path) -> None:
+    long = "extra-pod-with-a-rather-long-name"
+    svc = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "extra"},
+           "spec": {"selector": {"app": "extra"}, "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}}
+    manifest = _applied(ui, tmp_path, pause_pod(long, node="node2", app="extra"), svc)
+    try:
+        wait(browser, lambda d: long in drawn_text(d, '[data-service="default/extra"]') or
+             "…" in drawn_text(d, '[data-service="default/extra"]'), "the Service's endpoint to be drawn")
+        boxes = "#diagram .pod, #diagram .service, #diagram .dev, #diagram .host"
+        assert browser.execute_script(OVERFLOWS, boxes) == []
+        assert long in drawn_text(browser, f'[data-pod="default/{long}"] > title')  # the full name on hover
+    finally:
+        lab("delete", "--lab", ui.name, "-f", str(manifest))
+
+
+def test_a_pod_whose_eth0_is_down_is_named_so_and_its_red_note_fits(ui: Ui, browser, tmp_path: Path) -> None:
+    manifest = _applied(ui, tmp_path, pause_pod("ui-down", node="node2", app="down"))
+    css = '[data-pod="default/ui-down"]'
+    try:
+        wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, css), "the applied pod to be drawn")
+        lab("exec", "--lab", ui.name, "ui-down", "--", "ip", "link", "set", "eth0", "down")
+        wait(browser, lambda d: "bad" in attr(d, css, "class"), "the pod to turn red")
+        problems = browser.find_element(By.ID, "problems").text
+        assert "pod default/ui-down: eth0 is down" in problems, problems
+        assert browser.execute_script(OVERFLOWS, f"#diagram {css}") == []
+    finally:
+        lab("delete", "--lab", ui.name, "-f", str(manifest))
+
+
+def test_a_lab_that_is_no_graded_exercise_has_no_exercise_tab(ui: Ui, browser) -> None:
+    assert json.loads(lab("status", ui.name, "--json").stdout)["exercise"]  # built from a folder: it names it
+    assert browser.find_element(By.ID, "exercise-tab").get_attribute("hidden") is not None
+    asked = browser.execute_script("return performance.getEntriesByType('resource').map((e) => e.name)"
+                                   ".filter((n) => n.includes('/api/exercise'))")
+    assert asked == []
+
+
+def test_the_dnat_arrow_ends_on_the_node_that_translates(browser) -> None:
+    _walk(browser, "svc/web")
+    _step_to(browser, "dnat")
+    assert attr(browser, "#diagram .here", "data-node") == "node1"
+    where = browser.execute_script("""
+const svg = document.getElementById('diagram');
+const a = svg.querySelector('.walk-arrow');
+const n = a.getAttribute('d').trim().split(/[\\s,]+/).map(Number);
+const p = new DOMPoint(n[n.length - 2], n[n.length - 1]).matrixTransform(svg.getScreenCTM());
+const margin = 10 * svg.getScreenCTM().a;  // the arrow's head is longer than the gap between two pods
+const near = (e) => { const r = e.getBoundingClientRect();
+  return p.x > r.left - margin && p.x < r.right + margin && p.y > r.top - margin && p.y < r.bottom + margin; };
+const inside = (e) => { const r = e.getBoundingClientRect();
+  return p.x >= r.left && p.x <= r.right && p.y >= r.top && p.y <= r.bottom; };
+return { node: [...svg.querySelectorAll('[data-node]')].filter(inside).map((e) => e.getAttribute('data-node')),
+         pods: [...svg.querySelectorAll('[data-pod]')].filter(near).map((e) => e.getAttribute('data-pod')) };""")
+    assert where["node"] == ["node1"] and where["pods"] == [], where
+
+
+def test_a_dns_walk_tells_nodata_from_nxdomain_and_steps_the_answer(browser) -> None:
+    steps = _walk(browser, "web.default.svc.cluster.local:80")
+    assert not [text for kind, text in steps if "NODATA" in text and kind == "nxdomain"], steps
+    assert any(kind == "answer" and "A web.default.svc.cluster.local" in text and "10.96.0.100" in text
+               and "resolves to" not in text for kind, text in steps), steps
+
+
+def test_a_small_window_keeps_the_controls_clear_and_zooms_on_the_lab(browser) -> None:
+    size = browser.get_window_size()
+    browser.set_window_size(900, 700)
+    try:
+        wait(browser, lambda d: d.execute_script("return document.getElementById('diagram')"
+                                                 ".getBoundingClientRect().width") < 700, "the smaller window")
+        browser.find_element(By.ID, "zoom-fit").click()
+        clash = browser.execute_script("""
+const z = document.getElementById('zoom').getBoundingClientRect();
+return [...document.querySelectorAll('#diagram text')].filter((t) => { const b = t.getBoundingClientRect();
+  return b.width && b.left < z.right && b.right > z.left && b.top < z.bottom && b.bottom > z.top; })
+  .map((t) => t.textContent);""")
+        assert clash == []
+        for _ in range(3):
+            browser.find_element(By.ID, "zoom-in").click()
+        off = browser.execute_script("""
+const svg = document.getElementById('diagram'), s = svg.getBoundingClientRect();
+const boxes = [...svg.querySelectorAll('[data-place]')].map((e) => e.getBoundingClientRect());
+const l = Math.min(...boxes.map((b) => b.left)), r = Math.max(...boxes.map((b) => b.right));
+const t = Math.min(...boxes.map((b) => b.top)), b = Math.max(...boxes.map((b) => b.bottom));
+return [Math.abs((l + r) / 2 - (s.left + s.right) / 2) / (r - l),
+        Math.abs((t + b) / 2 - (s.top + s.bottom) / 2) / (b - t)];""")
+        assert off[0] < 0.1 and off[1] < 0.1, off  # the view's centre is the lab's centre, not empty canvas
+    finally:
+        browser.set_window_size(size["width"], size["height"])
+        browser.find_element(By.ID, "zoom-fit").click()
 
 
 def test_ctrl_c_stops_the_server_and_leaves_nothing(ui: Ui) -> None:

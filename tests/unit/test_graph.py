@@ -355,3 +355,15 @@ def test_ipvs_mode_services_are_read_from_the_ipvs_table(tmp_path: Path) -> None
     assert all(e.status == "ok" for s in g.services for e in s.endpoints)
     obs.services["node2"] = {}  # node2's IPVS table is empty
     assert "service default/web:80/TCP: no rules on node2" in draw(lab, running, obs).problems
+
+
+def test_a_pod_whose_eth0_is_down_is_named_so_not_its_veth(seed) -> None:
+    """`ip link set eth0 down` in a pod (lab break link-down): the node's veth loses its carrier as a
+    consequence, but the fault, and what to fix, is the pod's own eth0."""
+    lab, running, obs = seed
+    pod = next(rp for rp in running if rp.pod.name == "node1-pod1")
+    obs.namespaces[lab.pod_netns(pod.pod)].links["eth0"] = LinkView("eth0", "veth", False, False, 1500)
+    veth = names.host_veth(names.sandbox_id(lab.name, "default", "node1-pod1"))
+    obs.namespaces[lab.node_netns("node1")].links[veth] = LinkView(veth, "veth", True, False, 1500, "cni0")
+    g = draw(lab, running, obs)
+    assert g.problems == ["node1: pod default/node1-pod1: eth0 is down (in the pod)"]

@@ -159,3 +159,45 @@ def test_dns_outcomes_follow_each_question() -> None:
         "A api.example.com": ["forwarded to 192.168.1.200", "reply is 192.168.1.200"],
         "AAAA api.example.com": ["forwarded to 192.168.1.200", "reply is NODATA-IPv6"],
     }
+
+
+def test_a_lab_from_a_folder_without_checks_is_no_exercise(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`lab up labs/00-seed` records the folder as the lab's exercise, but it has no checks.yaml: the page
+    must offer no Exercise tab (the graph says so) and /api/exercise must answer null, not an error."""
+    from apiserver import state
+    from ui import backend as ui_backend
+
+    st = state.LabState(name="fake", phase="up", pid=1, spec_file=None, spec_text="", exercise=str(tmp_path))
+
+    class Drawn:
+        def to_json(self) -> dict[str, Any]:
+            return {"lab": "fake", "nodes": []}
+
+    monkeypatch.setattr(ui_backend.state, "resolve", lambda name: st)
+    monkeypatch.setattr(ui_backend.graph, "graph_of", lambda name: Drawn())
+    lab = ui_backend.LabBackend("fake")
+    assert lab.graph()["exercise"] is False
+    assert lab.exercise() is None
+    app = TestClient(server.make_app(lab, TOKEN, PORT), base_url=BASE)
+    r = app.get("/api/exercise", headers=AUTH)
+    assert (r.status_code, r.json()) == (200, {"exercise": None})
+
+
+def test_an_inspected_pods_containers_are_the_processes_that_run(tmp_path: Path) -> None:
+    """The state knows each container's pid; what runs is /proc/PID/cmdline, whatever the spec says (a pod
+    applied later, a spec without the container, an addon)."""
+    from apiserver import state
+    from ui import inspect
+
+    argv = [sys.executable, "-c", "import sys; print('ready', flush=True); sys.stdin.read()"]
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "ready\n"  # past its exec: argv is its own
+        ps = state.PodState(node="node1", ip="10.244.1.9", netns="x", pause_pid=1, containers={"app": proc.pid})
+        shown = inspect.containers(ps, None)
+        assert shown == [{"name": "app", "image": None, "argv": argv, "ports": [], "pid": proc.pid,
+                          "running": True}]
+    finally:
+        proc.kill()
+        proc.communicate()
+    assert inspect.containers(ps, None)[0]["running"] is False

@@ -28,6 +28,25 @@ function zoom(factor, cx, cy) {
   applyView();
 }
 
+// The centre of what is shown of the lab: the part of the drawing inside the view (the view's own centre may
+// be empty canvas, below or beside a lab that does not fill the window), so + and − stay on the lab.
+function shownCentre() {
+  const c = view.content;
+  const l = Math.max(view.x, 0), r = Math.min(view.x + view.w, c.w);
+  const t = Math.max(view.y, 0), b = Math.min(view.y + view.h, c.h);
+  if (l >= r || t >= b) return [view.x + view.w / 2, view.y + view.h / 2];
+  return [(l + r) / 2, (t + b) / 2];
+}
+
+// Zoom by `factor` with the centre of what is shown moved to the middle of the view.
+function zoomCentred(factor) {
+  const [cx, cy] = shownCentre();
+  view.moved = true;
+  view.w *= factor; view.h *= factor;
+  view.x = cx - view.w / 2; view.y = cy - view.h / 2;
+  applyView();
+}
+
 function toSvg(evt) {
   const r = svg.getBoundingClientRect();
   return [view.x + (evt.clientX - r.left) / r.width * view.w, view.y + (evt.clientY - r.top) / r.height * view.h];
@@ -126,8 +145,8 @@ function setupCanvas() {
     markSelected();
     selectTab("inspect");
   });
-  document.getElementById("zoom-in").onclick = () => zoom(1 / 1.3, view.x + view.w / 2, view.y + view.h / 2);
-  document.getElementById("zoom-out").onclick = () => zoom(1.3, view.x + view.w / 2, view.y + view.h / 2);
+  document.getElementById("zoom-in").onclick = () => zoomCentred(1 / 1.3);
+  document.getElementById("zoom-out").onclick = () => zoomCentred(1.3);
   document.getElementById("zoom-fit").onclick = () => { view.moved = false; fit(); };
   window.addEventListener("resize", () => { if (view.fitted) fit(); });
 }

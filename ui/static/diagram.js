@@ -3,7 +3,7 @@
 // drawn grouped (one small square per pod, red when not ok) unless expanded; the view zooms and pans.
 const NS = "http://www.w3.org/2000/svg";
 export const GROUP = 12;          // more pods than this on a node: grouped, unless the node is expanded
-const POD_W = 158, POD_H = 46, GAP = 8, MINI = 14, MINI_COLS = 20;
+const POD_W = 176, POD_H = 46, GAP = 8, MINI = 14, MINI_COLS = 20;
 const HOST_W = 210, HOST_H = 54, SVC_W = 300;
 
 export function el(tag, attrs = {}, parent = null, text = null) {
@@ -18,6 +18,23 @@ const bad = (status) => status && status !== "ok";
 export const podLabel = (pod) => (pod.namespace === "default" ? pod.name : `${pod.namespace}/${pod.name}`);
 
 function tip(g, text) { el("title", {}, g, text); }
+
+// Shorten text `t` with an ellipsis until it is at most `width` wide, so no label runs past its box. The
+// full text stays in data-full, and every box's tooltip (its <title>) says it in full. Measured only when it
+// might not fit: a big lab's thousand short labels cost nothing.
+export function fitText(t, width) {
+  const full = t.textContent;
+  if (full.length * 11 <= width) return t;  // no character of these fonts is wider than 11 px: it fits
+  const length = t.getComputedTextLength();
+  if (!length || length <= width) return t;
+  let n = Math.max(1, Math.floor(full.length * width / length));
+  do {
+    t.textContent = full.slice(0, n).trimEnd() + "…";
+    n -= 1;
+  } while (n > 0 && t.getComputedTextLength() > width);
+  t.setAttribute("data-full", full);
+  return t;
+}
 
 function nodeSize(node, expanded) {
   const n = node.pods.length;
@@ -40,9 +57,9 @@ function drawPod(g, pod, x, y, node) {
                       "data-place": podLabel(pod), "data-pod": `${pod.namespace}/${pod.name}`,
                       "data-veth": `${node}:${pod.veth}`, transform: `translate(${x},${y})` }, g);
   el("rect", { width: POD_W, height: POD_H }, p);
-  el("text", { x: 8, y: 17 }, p, podLabel(pod));
+  fitText(el("text", { x: 8, y: 17 }, p, podLabel(pod)), POD_W - 14);
   const second = bad(pod.status) ? `${pod.ip} · ${pod.note}` : pod.role === "dns" ? `${pod.ip} · cluster DNS` : pod.ip;
-  el("text", { x: 8, y: 34, class: bad(pod.status) ? "bad" : "" }, p, second.length > 25 ? second.slice(0, 24) + "…" : second);
+  fitText(el("text", { x: 8, y: 34, class: bad(pod.status) ? "bad" : "" }, p, second), POD_W - 14);
   tip(p, `pod ${pod.namespace}/${pod.name}\nIP ${pod.ip}\nveth ${pod.veth} on ${node}${pod.note ? "\n" + pod.note : ""}`);
 }
 
@@ -51,7 +68,7 @@ function drawDev(g, node, dev, x, y, w, cls = "") {
                       transform: `translate(${x},${y})` }, g);
   el("rect", { width: w, height: 24 }, d);
   const text = `${dev.name} ${dev.address}${dev.detail ? " · " + dev.detail : ""}${bad(dev.status) ? " · " + dev.note : ""}`;
-  el("text", { x: 6, y: 16, class: bad(dev.status) ? "bad" : "" }, d, text);
+  fitText(el("text", { x: 6, y: 16, class: bad(dev.status) ? "bad" : "" }, d, text), w - 10);
   tip(d, text);
   return d;
 }
@@ -60,9 +77,9 @@ function drawNode(svg, node, x, y, size, expanded) {
   const g = el("g", { class: `node${bad(node.status) ? " bad" : ""}`, "data-place": node.name, "data-node": node.name,
                       transform: `translate(${x},${y})` }, svg);
   el("rect", { class: "box", width: size.w, height: size.h }, g);
-  el("text", { x: 12, y: 20, class: "title" }, g, `${node.name} (${node.ip})`);
-  el("text", { x: 12, y: 38, class: "small" }, g,
-     `PodCIDR ${node.pod_cidr}${node.rack ? " · rack " + node.rack : ""}${bad(node.status) ? " · " + node.note : ""}`);
+  fitText(el("text", { x: 12, y: 20, class: "title" }, g, `${node.name} (${node.ip})`), size.w - 20);
+  fitText(el("text", { x: 12, y: 38, class: "small" }, g,
+     `PodCIDR ${node.pod_cidr}${node.rack ? " · rack " + node.rack : ""}${bad(node.status) ? " · " + node.note : ""}`), size.w - 20);
   const top = 50;
   if (size.grouped) {
     const nbad = node.pods.filter((p) => bad(p.status)).length;
@@ -102,10 +119,11 @@ function drawHost(svg, host, x, y) {
   const g = el("g", { class: `host ${host.kind}${bad(host.status) ? " bad" : ""}`, "data-place": host.name,
                       "data-host": host.name, transform: `translate(${x},${y})` }, svg);
   el("rect", { width: HOST_W, height: HOST_H }, g);
-  el("text", { x: 10, y: 18, class: "title" }, g, `${host.name}${host.kind === "external" ? " (external)" : ""}`);
-  el("text", { x: 10, y: 34 }, g, host.ips.join(", "));
-  el("text", { x: 10, y: 48, class: bad(host.status) ? "bad" : "small" }, g, bad(host.status) ? host.note : host.detail);
-  tip(g, `${host.name}: ${host.ips.join(", ")}\n${host.detail}`);
+  const fit = (t) => fitText(t, HOST_W - 16);
+  fit(el("text", { x: 10, y: 18, class: "title" }, g, `${host.name}${host.kind === "external" ? " (external)" : ""}`));
+  fit(el("text", { x: 10, y: 34 }, g, host.ips.join(", ")));
+  fit(el("text", { x: 10, y: 48, class: bad(host.status) ? "bad" : "small" }, g, bad(host.status) ? host.note : host.detail));
+  tip(g, `${host.name}: ${host.ips.join(", ")}\n${host.detail}${bad(host.status) ? "\n" + host.note : ""}`);
   return { x, y, w: HOST_W, h: HOST_H, anchor: [x + HOST_W / 2, y] };
 }
 
@@ -116,14 +134,15 @@ function drawService(svg, svc, x, y) {
                       "data-place": `svc/${svc.namespace}/${svc.name}`, transform: `translate(${x},${y})` }, svg);
   el("rect", { width: SVC_W, height: h }, g);
   const title = `svc ${svc.namespace === "default" ? "" : svc.namespace + "/"}${svc.name}`;
-  el("text", { x: 10, y: 17, class: "title" }, g, title);
-  el("text", { x: 10, y: 34 }, g, `${svc.cluster_ip}:${svc.port}/${svc.protocol}${svc.node_port ? " · NodePort " + svc.node_port : ""}` +
-     `${svc.role === "dns" ? " · cluster DNS" : ""}`);
-  shown.forEach((ep, i) => el("text", { x: 18, y: 50 + i * 15, class: bad(ep.status) ? "bad" : "small" }, g,
-                              `→ ${ep.address}  ${ep.pod ? ep.pod.replace(/^default\//, "") : ""}${ep.note ? " · " + ep.note : ""}`));
+  fitText(el("text", { x: 10, y: 17, class: "title" }, g, title), SVC_W - 18);
+  fitText(el("text", { x: 10, y: 34 }, g, `${svc.cluster_ip}:${svc.port}/${svc.protocol}` +
+     `${svc.node_port ? " · NodePort " + svc.node_port : ""}${svc.role === "dns" ? " · cluster DNS" : ""}`), SVC_W - 18);
+  shown.forEach((ep, i) => fitText(el("text", { x: 18, y: 50 + i * 15, class: bad(ep.status) ? "bad" : "small" }, g,
+    `→ ${ep.address}  ${ep.pod ? ep.pod.replace(/^default\//, "") : ""}${ep.note ? " · " + ep.note : ""}`), SVC_W - 26));
   if (svc.endpoints.length > 8) el("text", { x: 18, y: 50 + 8 * 15, class: "small" }, g, `+ ${svc.endpoints.length - 8} more`);
-  if (bad(svc.status)) el("text", { x: 10, y: h - 4, class: "bad" }, g, svc.note);
-  tip(g, `${title}\n${svc.endpoints.map((e) => e.address + " " + e.pod).join("\n")}`);
+  if (bad(svc.status)) fitText(el("text", { x: 10, y: h - 4, class: "bad" }, g, svc.note), SVC_W - 18);
+  tip(g, `${title}\n${svc.endpoints.map((e) => `${e.address} ${e.pod || ""}${e.note ? " · " + e.note : ""}`).join("\n")}` +
+         `${bad(svc.status) ? "\n" + svc.note : ""}`);
   return h + (bad(svc.status) ? 12 : 0);
 }
 
@@ -204,7 +223,10 @@ export function render(svg, graph, expanded) {
   let sy = 50;
   const sx = Math.max(right, 20 + width + 40);
   const svcG = el("g", { class: "services" }, svg);
-  el("text", { x: sx, y: sy + 4, class: "small" }, svcG, `Services (kube-proxy ${graph.kube_proxy}, ${graph.service_cidr})`);
+  const heading = el("text", { x: sx, y: sy + 4, class: "small" }, svcG,
+                      `Services (kube-proxy ${graph.kube_proxy}, ${graph.service_cidr})`);
+  fitText(heading, SVC_W);
+  if (heading.hasAttribute("data-full")) tip(svcG, heading.getAttribute("data-full"));
   sy += 14;
   for (const svc of graph.services) sy += drawService(svcG, svc, sx, sy) + 10;
   return { w: sx + SVC_W + 20, h: Math.max(bottom, sy + 20) };

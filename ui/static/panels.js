@@ -29,8 +29,10 @@ export async function showPod(key) {
       h("p", { class: "veth-pair" }, p.veth.pair),
       table([["in the pod", linkText(p.veth.pod)], [`on ${p.node}`, linkText(p.veth.node)]]),
       h("h4", {}, "routes in the pod"), pre(p.routes.join("\n")),
-      h("h4", {}, "containers"),
-      table(p.containers.map((c) => [c.name, `${c.image || ""} ${c.argv.join(" ")}${c.ports.length ? " · ports " + c.ports.join(", ") : ""}`])),
+      h("h4", {}, "containers (what runs: /proc/PID/cmdline)"),
+      p.containers.length ? table(p.containers.map((c) => [c.name,
+        `${c.image ? c.image + ": " : ""}${c.argv.join(" ")}${c.ports.length ? " · ports " + c.ports.join(", ") : ""}` +
+        ` · pid ${c.pid}${c.running ? "" : " (not running)"}`])) : h("p", { class: "hint" }, "none"),
       h("h4", {}, "/etc/resolv.conf"), pre(p.resolvConf),
       h("h4", {}, "Services that select it"),
       p.services.length ? table(p.services.map((s) => [s.name, `${s.clusterIP}:${s.port}/${s.protocol} → ${s.endpoint}`]))

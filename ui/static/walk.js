@@ -59,9 +59,18 @@ function dnsSteps(g, r) {
         steps.push({ place: hostByIp(g, fwd[1]) || dns, from: dns, kind: "forward", phase: "dns",
                      text: `the cluster DNS forwards ${q.name} upstream to ${fwd[1]}` });
       } else {
-        steps.push({ place: dns || pod, kind: o.startsWith("NXDOMAIN") || o.startsWith("NODATA") ? "nxdomain" : "answer",
-                     phase: "dns", text: `${q.qtype} ${q.name}: ${o}` });
+        // NODATA (the name exists, without records of this type) is no NXDOMAIN (RFC 2308)
+        const kind = o.startsWith("NXDOMAIN") ? "nxdomain" : /^(reply is |is )?NODATA/.test(o) ? "nodata" : "answer";
+        steps.push({ place: dns || pod, kind, phase: "dns", text: `${q.qtype} ${q.name}: ${o}` });
       }
+    }
+    // dnsmasq logs a name it answers from its hosts file (a Service's) by no line the count reads: the
+    // answer the pod got is the last question of that type, with the addresses of that family.
+    const last = r.clusterQueries.filter((x) => x.qtype === q.qtype).pop() === q;
+    const family = r.answer.filter((a) => (q.qtype === "AAAA" ? a.includes(":") : IPV4.test(a)));
+    const said = (r.outcomes[`${q.qtype} ${q.name}`] || []).some((o) => !/^forwarded/.test(o));
+    if (last && family.length && !said && ["A", "AAAA"].includes(q.qtype)) {
+      steps.push({ place: dns || pod, kind: "answer", phase: "dns", text: `${q.qtype} ${q.name}: is ${family.join(", ")}` });
     }
   }
   steps.push({ place: pod, from: dns, kind: "answer", phase: "dns",
@@ -93,8 +102,11 @@ function find(step) {
   return svg.querySelector(`[data-place="${esc(step.place)}"]`);
 }
 
+// Where an arrow starts or ends on `e`: its centre, but a node's at its title: the centre of a node's box is
+// one of its pods (or the gap between two), and a step in the node's kernel (the DNAT) would seem to be there.
 function center(svg, e) {
-  const r = e.getBoundingClientRect();
+  const title = e.matches("[data-node]") ? e.querySelector(":scope > text.title") : null;
+  const r = (title || e).getBoundingClientRect();
   const m = svg.getScreenCTM().inverse();
   const p = new DOMPoint(r.left + r.width / 2, r.top + r.height / 2).matrixTransform(m);
   return [p.x, p.y];
