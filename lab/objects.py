@@ -41,7 +41,8 @@ def _remember(st: state.LabState, objects: list[dict], before: Lab) -> list[str]
     report = []
     before_nodes = {n.name for n in before.nodes} | {object_key(o).rsplit("/", 1)[1] for o in st.objects
                                                      if o.get("kind") == "Node"}
-    owners = {f"Deployment/{p.namespace}/{p.owner}" for p in before.pods if p.owner}  # the spec's too
+    owners = {f"Deployment/{p.namespace}/{p.owner}" for p in before.pods if p.owner} if any(
+        o.get("kind") == "Deployment" for o in objects) else set()  # the spec's too; a pass over every pod
     for obj in objects:
         key = object_key(obj)
         if key in st.deleted:
