@@ -93,17 +93,19 @@ def _route_delete(lookup: targets.Lookup, p: dict[str, Any]) -> str:
 
 def _link_mtu(lookup: targets.Lookup, p: dict[str, Any]) -> str:
     _run(lookup, p["in"], ["ip", "link", "set", "dev", p["dev"], "mtu", str(p["mtu"])])
-    _wire_sized(lookup, lookup.live(p["in"]), p["dev"])
+    _wire_sized(lookup, p["in"], p["dev"])
     return f"set the MTU of {p['dev']} on {p['in']} to {p['mtu']}"
 
 
-def _wire_sized(lookup: targets.Lookup, target: targets.Target, dev: str) -> None:
+def _wire_sized(lookup: targets.Lookup, on: str, dev: str) -> None:
     """A host's NIC with a lowered MTU: the other end of its cable sends wire-sized frames from now on
     (topo.underlay.wire_sized says why), so bulk TCP is black-holed there as on real hardware. A pod's eth0
-    is left alone: it is a veth in a real cluster too, where such packets pass whole as here."""
-    if target.kind not in ("node", "router", "external"):
+    is left alone (`lookup.host` names no pod): it is a veth in a real cluster too, where such packets pass
+    whole as here."""
+    host = lookup.host(on)  # `_run` found it alive a moment ago
+    if host is None:
         return
-    other = underlay.plan(lookup.lab).cables().get((target.netns, dev))
+    other = underlay.plan(lookup.lab).cables().get((host.netns, dev))
     if other is not None:  # None: not one of the lab's cables (a bridge, a tunnel device): no wire behind it
         underlay.wire_sized(*other)
 
