@@ -77,6 +77,12 @@ def checks_file(folder: str | Path) -> Path:
     return Path(folder) / CHECKS_FILE
 
 
+def is_exercise(folder: str | Path) -> bool:
+    """Whether a folder is a graded exercise: one holding checks.yaml (labs/00-seed holds only a lab.yaml). A
+    checks.yaml that is no file counts, so reading it says what is wrong with it."""
+    return checks_file(folder).exists()
+
+
 def load(folder: str | Path, shown: str | None = None) -> Exercise:
     """Read and check `folder`/checks.yaml (`shown`: the folder as the user gave it, for messages)."""
     path = checks_file(folder)

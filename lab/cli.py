@@ -49,7 +49,7 @@ def _exercise_checks(spec: str | None):
     from grading import checks
 
     folder = resolve_spec(spec)
-    if not folder.is_dir() or not checks.checks_file(folder).exists():
+    if not checks.is_exercise(folder):
         return None
     return checks.load(folder, spec if spec is not None else None)
 

@@ -95,7 +95,7 @@ class LabBackend:
 def graded(st: state.LabState) -> bool:
     """Whether the lab is a graded exercise. `exercise` is recorded for any folder a lab was built from
     (`lab up labs/00-seed` too); only a folder with checks.yaml has tasks to list and checks to grade."""
-    return bool(st.exercise) and checks.checks_file(Path(st.exercise or ".")).is_file()
+    return st.exercise is not None and checks.is_exercise(st.exercise)
 
 
 def gone(exc: StateError) -> dict[str, Any]:
